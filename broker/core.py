@@ -1,0 +1,378 @@
+"""The broker model: exchanges, queues, bindings and dispatch, as plain objects.
+
+Sessions (one per connection) call these methods; nothing here knows about sockets or
+event loops, so the whole routing and queue model is testable with direct calls. After
+handling a batch of input the transport layer calls :meth:`Broker.pump`, which dispatches
+every queue that changed and lets every session with output write it once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
+from broker.message import Message, QueuedMessage
+from broker.queue import Consumer, Queue
+from broker.store import MemoryStore, Record, Store
+from protocol import (
+    AccessRefused,
+    InvalidArgument,
+    NotFound,
+    PreconditionFailed,
+    ResourceLocked,
+)
+
+if TYPE_CHECKING:
+    from broker.session import Session
+
+BUILTIN_EXCHANGES = (("amq.direct", "direct"), ("amq.topic", "topic"), ("amq.fanout", "fanout"))
+# Arguments each object accepts; later features add keys here (and to spec/PROTOCOL.md).
+QUEUE_ARGUMENTS: frozenset[str] = frozenset()
+EXCHANGE_ARGUMENTS: frozenset[str] = frozenset()
+BINDING_ARGUMENTS: frozenset[str] = frozenset()
+
+
+def _check_arguments(arguments: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+    for key in arguments:
+        if key not in allowed:
+            raise InvalidArgument(f"unknown {what} argument {key!r}", {"argument": key})
+
+
+class Broker:
+    """All routing and queue state of one broker."""
+
+    def __init__(self, store: Store | None = None, *, max_message_size: int = 1 << 20) -> None:
+        self.store: Store = store or MemoryStore()
+        self.max_message_size = max_message_size
+        self.exchanges: dict[str, Exchange] = {}
+        self.queues: dict[str, Queue] = {}
+        self.sessions: dict[str, Session] = {}
+        self._dirty_queues: set[Queue] = set()
+        self._dirty_sessions: set[Session] = set()
+        self._ids = itertools.count(1)
+        self.started = time.time()
+        for name, etype in BUILTIN_EXCHANGES:
+            self.exchanges[name] = make_exchange(etype, name, builtin=True)
+
+    # ------------------------------------------------------------------ helpers
+    def new_session_id(self) -> str:
+        return f"c-{next(self._ids)}"
+
+    def mark_session(self, session: Session) -> None:
+        self._dirty_sessions.add(session)
+
+    def _log(self, records: Iterable[Record]) -> None:
+        self.store.append(records)
+
+    def get_queue(self, name: str, session_id: str | None) -> Queue:
+        """Look up a queue the session may use (not another connection's exclusive one)."""
+        q = self.queues.get(name)
+        if q is None:
+            raise NotFound(f"no queue {name!r}", {"queue": name})
+        if q.exclusive_owner is not None and q.exclusive_owner != session_id:
+            raise ResourceLocked(
+                f"queue {name!r} is exclusive to another connection", {"queue": name}
+            )
+        return q
+
+    def get_exchange(self, name: str) -> Exchange:
+        ex = self.exchanges.get(name)
+        if ex is None:
+            raise NotFound(f"no exchange {name!r}", {"exchange": name})
+        return ex
+
+    # ------------------------------------------------------------------ exchanges
+    def declare_exchange(
+        self,
+        name: str,
+        etype: str = "direct",
+        *,
+        durable: bool = True,
+        auto_delete: bool = False,
+        passive: bool = False,
+        arguments: dict[str, Any] | None = None,
+    ) -> Exchange:
+        arguments = arguments or {}
+        if not name:
+            raise AccessRefused("the default exchange cannot be declared", {"exchange": name})
+        existing = self.exchanges.get(name)
+        if passive:
+            if existing is None:
+                raise NotFound(f"no exchange {name!r}", {"exchange": name})
+            return existing
+        if etype not in EXCHANGE_TYPES:
+            raise InvalidArgument(
+                f"unknown exchange type {etype!r} (expected one of {', '.join(EXCHANGE_TYPES)})",
+                {"type": etype},
+            )
+        _check_arguments(arguments, EXCHANGE_ARGUMENTS, "exchange")
+        if existing is not None:
+            if (existing.type, existing.durable, existing.auto_delete, existing.arguments) != (
+                etype, durable, auto_delete, arguments
+            ):
+                raise PreconditionFailed(
+                    f"exchange {name!r} exists with different settings "
+                    f"(type={existing.type}, durable={existing.durable}, "
+                    f"auto_delete={existing.auto_delete})",
+                    {"exchange": name},
+                )
+            return existing
+        if name.startswith("amq."):
+            raise AccessRefused(f"exchange names starting 'amq.' are reserved: {name!r}",
+                                {"exchange": name})
+        ex = make_exchange(etype, name, durable=durable, auto_delete=auto_delete,
+                           arguments=arguments)
+        self.exchanges[name] = ex
+        if durable:
+            self._log([("exchange.declare", name, [etype, auto_delete, arguments])])
+        return ex
+
+    def delete_exchange(self, name: str, *, if_unused: bool = False) -> None:
+        if not name or name.startswith("amq."):
+            raise AccessRefused(f"exchange {name!r} cannot be deleted", {"exchange": name})
+        ex = self.get_exchange(name)
+        if if_unused and ex.bindings:
+            raise PreconditionFailed(f"exchange {name!r} has {len(ex.bindings)} bindings",
+                                     {"exchange": name})
+        self._remove_exchange(ex)
+
+    def _remove_exchange(self, ex: Exchange) -> None:
+        for key, qname in list(ex.bindings):
+            q = self.queues.get(qname)
+            if q is not None:
+                q.bindings.discard((ex.name, key))
+        del self.exchanges[ex.name]
+        if ex.durable:
+            self._log([("exchange.delete", ex.name, None)])
+
+    # ------------------------------------------------------------------ queues
+    def declare_queue(
+        self,
+        session_id: str | None,
+        name: str = "",
+        *,
+        durable: bool = True,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        passive: bool = False,
+        arguments: dict[str, Any] | None = None,
+    ) -> Queue:
+        arguments = arguments or {}
+        if passive:
+            return self.get_queue(name, session_id)
+        _check_arguments(arguments, QUEUE_ARGUMENTS, "queue")
+        if not name:
+            name = f"amq.gen-{secrets.token_urlsafe(12)}"
+        elif name.startswith("amq.") and name not in self.queues:
+            raise AccessRefused(f"queue names starting 'amq.' are reserved: {name!r}",
+                                {"queue": name})
+        existing = self.queues.get(name)
+        if existing is not None:
+            self.get_queue(name, session_id)  # exclusivity check
+            if (existing.durable, existing.exclusive_owner is not None, existing.auto_delete,
+                    existing.arguments) != (durable, exclusive, auto_delete, arguments):
+                raise PreconditionFailed(
+                    f"queue {name!r} exists with different settings (durable="
+                    f"{existing.durable}, exclusive={existing.exclusive_owner is not None}, "
+                    f"auto_delete={existing.auto_delete})",
+                    {"queue": name},
+                )
+            return existing
+        q = Queue(name, durable=durable and not exclusive,
+                  exclusive_owner=session_id if exclusive else None,
+                  auto_delete=auto_delete, arguments=arguments)
+        q.durable = durable  # reported as declared; exclusive queues never outlive their owner
+        self.queues[name] = q
+        if exclusive and session_id is not None:
+            s = self.sessions.get(session_id)
+            if s is not None:
+                s.exclusive_queues.add(name)
+        if durable and not exclusive:
+            self._log([("queue.declare", name, [auto_delete, arguments])])
+        return q
+
+    def delete_queue(
+        self, session_id: str | None, name: str, *, if_unused: bool = False,
+        if_empty: bool = False,
+    ) -> int:
+        q = self.get_queue(name, session_id)
+        if if_unused and q.consumers:
+            raise PreconditionFailed(f"queue {name!r} has {len(q.consumers)} consumers",
+                                     {"queue": name})
+        if if_empty and q.ready:
+            raise PreconditionFailed(f"queue {name!r} has {q.ready} messages", {"queue": name})
+        return self._remove_queue(q, f"queue {name!r} deleted")
+
+    def _remove_queue(self, q: Queue, reason: str) -> int:
+        n = q.purge()
+        q.deleted = True
+        for c in list(q.consumers):
+            c.session.consumer_cancelled(c, 404, reason)
+        q.consumers.clear()
+        for exname, key in list(q.bindings):
+            ex = self.exchanges.get(exname)
+            if ex is not None:
+                ex.unbind(key, q.name)
+                self._maybe_autodelete_exchange(ex)
+        q.bindings.clear()
+        self.queues.pop(q.name, None)
+        self._dirty_queues.discard(q)
+        if q.exclusive_owner is not None:
+            s = self.sessions.get(q.exclusive_owner)
+            if s is not None:
+                s.exclusive_queues.discard(q.name)
+        elif q.durable:
+            self._log([("queue.delete", q.name, None)])
+        return n
+
+    def purge_queue(self, session_id: str | None, name: str) -> int:
+        q = self.get_queue(name, session_id)
+        n = q.purge()
+        if q.durable:
+            self._log([("queue.purge", name, None)])
+        return n
+
+    # ------------------------------------------------------------------ bindings
+    def bind(self, session_id: str | None, exchange: str, queue: str, key: str = "",
+             arguments: dict[str, Any] | None = None) -> None:
+        if not exchange:
+            raise AccessRefused("the default exchange cannot be bound", {"exchange": exchange})
+        _check_arguments(arguments or {}, BINDING_ARGUMENTS, "binding")
+        ex = self.get_exchange(exchange)
+        q = self.get_queue(queue, session_id)
+        if ex.bind(key, queue):
+            q.bindings.add((exchange, key))
+            if ex.durable and q.durable and q.exclusive_owner is None:
+                self._log([("bind", exchange, [queue, key])])
+
+    def unbind(self, session_id: str | None, exchange: str, queue: str, key: str = "") -> None:
+        if not exchange:
+            raise AccessRefused("the default exchange cannot be unbound", {"exchange": exchange})
+        ex = self.get_exchange(exchange)
+        q = self.get_queue(queue, session_id)
+        if ex.unbind(key, queue):
+            q.bindings.discard((exchange, key))
+            if ex.durable and q.durable and q.exclusive_owner is None:
+                self._log([("unbind", exchange, [queue, key])])
+            self._maybe_autodelete_exchange(ex)
+
+    def _maybe_autodelete_exchange(self, ex: Exchange) -> None:
+        if ex.auto_delete and not ex.bindings and ex.name in self.exchanges:
+            self._remove_exchange(ex)
+
+    # ------------------------------------------------------------------ publish
+    def route(self, exchange: str, routing_key: str) -> Iterable[str]:
+        """Queue names a message goes to; raises NotFound for a missing exchange."""
+        if not exchange:
+            return (routing_key,) if routing_key in self.queues else ()
+        ex = self.exchanges.get(exchange)
+        if ex is None:
+            raise NotFound(f"no exchange {exchange!r}", {"exchange": exchange})
+        return ex.route(routing_key)
+
+    def enqueue(self, message: Message, queue_names: Iterable[str]) -> int:
+        """Put ``message`` on each named queue; returns how many took it."""
+        queues = self.queues
+        dirty = self._dirty_queues
+        n = 0
+        for qname in queue_names:
+            q = queues[qname]
+            q.enqueue(message)
+            if q.consumers:
+                dirty.add(q)
+            n += 1
+        return n
+
+    # ------------------------------------------------------------------ consumers
+    def add_consumer(self, consumer: Consumer) -> None:
+        q = consumer.queue
+        if consumer.exclusive and q.consumers:
+            raise ResourceLocked(f"queue {q.name!r} already has consumers", {"queue": q.name})
+        if any(c.exclusive for c in q.consumers):
+            raise ResourceLocked(f"queue {q.name!r} has an exclusive consumer", {"queue": q.name})
+        q.add_consumer(consumer)
+        self._dirty_queues.add(q)
+
+    def remove_consumer(self, consumer: Consumer) -> None:
+        q = consumer.queue
+        q.remove_consumer(consumer)
+        if q.auto_delete and q.had_consumer and not q.consumers and not q.deleted:
+            self._remove_queue(q, f"auto-delete queue {q.name!r} lost its last consumer")
+
+    def wake(self, queue: Queue) -> None:
+        """Something changed (credit, requeue): dispatch this queue at the next pump."""
+        if queue.consumers and not queue.deleted:
+            self._dirty_queues.add(queue)
+
+    def requeue(self, queue: Queue, qms: list[QueuedMessage]) -> None:
+        queue.requeue(qms)
+        self.wake(queue)
+
+    # ------------------------------------------------------------------ pump
+    def pump(self) -> None:
+        """Dispatch every changed queue, then let each session with output flush once."""
+        rounds = 0
+        while self._dirty_queues and rounds < 16:
+            rounds += 1
+            dirty = self._dirty_queues
+            self._dirty_queues = set()
+            for q in dirty:
+                if not q.deleted:
+                    q.dispatch(_deliver)
+        if self._dirty_sessions:
+            sessions = self._dirty_sessions
+            self._dirty_sessions = set()
+            for s in sessions:
+                s.flush()
+
+    # ------------------------------------------------------------------ sessions
+    def attach(self, session: Session) -> None:
+        self.sessions[session.id] = session
+
+    def detach(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        self._dirty_sessions.discard(session)
+        for name in list(session.exclusive_queues):
+            q = self.queues.get(name)
+            if q is not None:
+                self._remove_queue(q, f"exclusive queue {name!r}: owner connection closed")
+        session.exclusive_queues.clear()
+
+    # ------------------------------------------------------------------ listings
+    def list(self, kind: str) -> list[dict[str, Any]]:
+        if kind == "queues":
+            return [
+                {"name": q.name, "durable": q.durable,
+                 "exclusive": q.exclusive_owner is not None, "auto_delete": q.auto_delete,
+                 "messages": q.ready, "unacked": q.unacked, "consumers": len(q.consumers),
+                 "arguments": q.arguments, "published": q.published,
+                 "delivered": q.delivered, "acked": q.acked}
+                for q in sorted(self.queues.values(), key=lambda q: q.name)
+            ]
+        if kind == "exchanges":
+            return [
+                {"name": e.name, "type": e.type, "durable": e.durable,
+                 "auto_delete": e.auto_delete, "bindings": len(e.bindings)}
+                for e in sorted(self.exchanges.values(), key=lambda e: e.name)
+            ]
+        if kind == "bindings":
+            return [
+                {"exchange": e.name, "queue": q, "routing_key": k}
+                for e in sorted(self.exchanges.values(), key=lambda e: e.name)
+                for k, q in sorted(e.bindings)
+            ]
+        if kind == "consumers":
+            return [
+                {"queue": c.queue.name, "consumer_tag": c.tag, "connection": s.id,
+                 "credit": c.credit, "unacked": c.unacked, "no_ack": c.no_ack}
+                for s in self.sessions.values() for c in s.consumers.values()
+            ]
+        raise InvalidArgument(f"unknown list kind {kind!r}", {"kind": kind})
+
+
+def _deliver(consumer: Consumer, batch: list[QueuedMessage]) -> None:
+    consumer.session.deliver(consumer, batch)

@@ -1,0 +1,45 @@
+"""The broker's message record.
+
+One ``Message`` object is shared by every queue a publish routed to; per-queue state
+(redelivered flag, delivery count) lives in the ``QueuedMessage`` wrapper so fan-out does
+not copy bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Message:
+    """An immutable published message (body and properties are never copied)."""
+
+    __slots__ = ("body", "exchange", "persistent", "properties", "routing_key", "size")
+
+    def __init__(
+        self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes
+    ) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.properties = properties
+        self.body = body
+        self.size = len(body)
+        self.persistent: bool = properties.get("persistent", True)
+
+
+class QueuedMessage:
+    """A message's life inside one queue: its position, delivery count and flags.
+
+    ``seq`` is the queue-local enqueue number: requeued messages are ordered by it so
+    they return to their original place.
+    """
+
+    __slots__ = ("delivery_count", "message", "redelivered", "seq")
+
+    def __init__(self, seq: int, message: Message) -> None:
+        self.seq = seq
+        self.message = message
+        self.delivery_count = 0
+        self.redelivered = False
+
+    def __lt__(self, other: QueuedMessage) -> bool:  # heap order for requeues
+        return self.seq < other.seq

@@ -1,0 +1,455 @@
+"""Per-connection logic: frames in, model calls, frames out.
+
+A Session owns a connection's consumers, its unacked deliveries (keyed by delivery tag,
+in tag order) and its publish-confirm bookkeeping. It never touches a socket: it queues
+outgoing frames and the transport's ``write`` callback encodes and writes them when
+:meth:`flush` runs, once per batch of input, so a burst of deliveries or confirms costs
+one write.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from broker.core import Broker
+from broker.message import Message, QueuedMessage
+from broker.queue import Consumer, Queue
+from protocol import (
+    Ack,
+    Bind,
+    Cancel,
+    Cancelled,
+    Confirm,
+    ConsumeOk,
+    ConveyorError,
+    Credit,
+    Deliver,
+    DeliverBatch,
+    DeliveryEntry,
+    Error,
+    ExchangeDeclare,
+    ExchangeDelete,
+    Frame,
+    Get,
+    GetOk,
+    Heartbeat,
+    InternalError,
+    InvalidArgument,
+    List,
+    ListOk,
+    MessageCountOk,
+    MessageTooLarge,
+    Nack,
+    NotFound,
+    Ok,
+    PreconditionFailed,
+    Publish,
+    PublishBatch,
+    QueueDeclare,
+    QueueDeclareOk,
+    QueueDelete,
+    QueuePurge,
+    Reject,
+    RequestError,
+    Return,
+    Unbind,
+)
+from protocol import Consume as ConsumeFrame
+
+log = logging.getLogger("conveyor.session")
+
+U32_MAX = 0xFFFFFFFF
+GET_MAX = 10000
+# Bytes a delivery entry may add beyond body + headers (strings, other properties, tags).
+ENTRY_OVERHEAD = 4608
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def message_size(properties: dict[str, Any], body: bytes) -> int:
+    """Size counted against max_message_size: body plus encoded headers (the unbounded part)."""
+    headers = properties.get("headers")
+    return len(body) + (len(_packb(headers)) if headers else 0)
+
+
+class Unacked:
+    __slots__ = ("consumer", "qm", "queue")
+
+    def __init__(self, qm: QueuedMessage, queue: Queue, consumer: Consumer | None) -> None:
+        self.qm = qm
+        self.queue = queue
+        self.consumer = consumer
+
+
+class Session:
+    """State and frame handlers of one open connection."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        session_id: str,
+        write: Callable[[list[Frame]], None],
+        max_frame_size: int,
+    ) -> None:
+        self.broker = broker
+        self.id = session_id
+        self._write = write
+        self.max_frame_size = max_frame_size
+        self.out: list[Frame] = []
+        self._deliveries: list[tuple[Consumer, list[DeliveryEntry]]] = []
+        self.consumers: dict[str, Consumer] = {}
+        self.unacked: OrderedDict[int, Unacked] = OrderedDict()
+        self.exclusive_queues: set[str] = set()
+        self._next_tag = 0
+        self._ctag = 0
+        self._confirms: list[Confirm] = []
+        self._conf_first = 0
+        self._conf_last = 0
+        self.closed = False
+        self.published = 0
+        self._handlers: dict[int, Callable[[Any], None]] = {
+            Publish.TYPE: self._on_publish,
+            PublishBatch.TYPE: self._on_publish_batch,
+            Ack.TYPE: self._on_ack,
+            Nack.TYPE: self._on_nack,
+            Reject.TYPE: self._on_reject,
+            Credit.TYPE: self._on_credit,
+            Heartbeat.TYPE: _ignore,
+        }
+        self._requests: dict[int, Callable[[Any], Frame]] = {
+            ExchangeDeclare.TYPE: self._exchange_declare,
+            ExchangeDelete.TYPE: self._exchange_delete,
+            QueueDeclare.TYPE: self._queue_declare,
+            QueueDelete.TYPE: self._queue_delete,
+            QueuePurge.TYPE: self._queue_purge,
+            Bind.TYPE: self._bind,
+            Unbind.TYPE: self._unbind,
+            List.TYPE: self._list,
+            ConsumeFrame.TYPE: self._consume,
+            Cancel.TYPE: self._cancel,
+            Get.TYPE: self._get,
+        }
+        broker.attach(self)
+
+    # ------------------------------------------------------------------ input
+    def handle(self, frames: list[Frame]) -> None:
+        """Act on a batch of frames (connection frames are handled by the transport)."""
+        handlers = self._handlers
+        for frame in frames:
+            h = handlers.get(frame.TYPE)
+            if h is not None:
+                try:
+                    h(frame)
+                except RequestError as exc:
+                    self.send(Error(0, exc.code, exc.message, exc.details))
+                continue
+            req = self._requests.get(frame.TYPE)
+            if req is None:
+                continue  # CLOSE/CLOSE_OK are the transport's
+            rid: int = frame.rid  # type: ignore[attr-defined]
+            try:
+                reply = req(frame)
+            except RequestError as exc:
+                reply = Error(rid, exc.code, exc.message, exc.details)
+            except ConveyorError:
+                raise
+            except Exception:
+                log.exception("bug handling %s on %s", frame.NAME, self.id)
+                err = InternalError(f"internal error handling {frame.NAME}")
+                reply = Error(rid, err.code, err.message, {})
+            self.out.append(reply)
+        self._end_batch()
+        self.broker.mark_session(self)
+
+    def send(self, frame: Frame) -> None:
+        self.out.append(frame)
+        self.broker.mark_session(self)
+
+    # ------------------------------------------------------------------ output
+    def flush(self) -> None:
+        """Write everything queued (replies, confirms, deliveries) in one call."""
+        if self.closed:
+            return
+        if self._deliveries:
+            for consumer, entries in self._deliveries:
+                self.out.extend(self._delivery_frames(consumer.tag, entries))
+            self._deliveries = []
+        if self.out:
+            out = self.out
+            self.out = []
+            self._write(out)
+
+    def _delivery_frames(self, tag: str, entries: list[DeliveryEntry]) -> list[Frame]:
+        if len(entries) == 1:
+            e = entries[0]
+            return [Deliver(tag, e.delivery_tag, e.redelivered, e.exchange, e.routing_key,
+                            e.properties, e.body, e.delivery_count)]
+        frames: list[Frame] = []
+        budget = self.max_frame_size - 1024
+        chunk: list[DeliveryEntry] = []
+        size = 0
+        for e in entries:
+            esize = message_size(e.properties, e.body) + ENTRY_OVERHEAD
+            if chunk and size + esize > budget:
+                frames.append(DeliverBatch(tag, chunk))
+                chunk, size = [], 0
+            chunk.append(e)
+            size += esize
+        if chunk:
+            frames.append(DeliverBatch(tag, chunk))
+        return frames
+
+    # ------------------------------------------------------------------ publish
+    def _on_publish(self, f: Publish) -> None:
+        self._publish(f.seq, f.exchange, f.routing_key, f.properties, f.body, f.mandatory)
+
+    def _on_publish_batch(self, f: PublishBatch) -> None:
+        seq = f.first_seq
+        publish = self._publish
+        for e in f.entries:
+            publish(seq, e.exchange, e.routing_key, e.properties, e.body, e.mandatory)
+            if seq:
+                seq += 1
+
+    def _publish(self, seq: int, exchange: str, routing_key: str, properties: dict[str, Any],
+                 body: bytes, mandatory: bool) -> None:
+        broker = self.broker
+        self.published += 1
+        try:
+            if message_size(properties, body) > broker.max_message_size:
+                raise MessageTooLarge(
+                    f"message of {len(body)} bytes exceeds the maximum of "
+                    f"{broker.max_message_size}", {"max_message_size": broker.max_message_size})
+            targets = broker.route(exchange, routing_key)
+        except RequestError as exc:
+            if seq:
+                self._nack(seq, exc)
+            else:
+                self.send(Error(0, exc.code, exc.message, exc.details))
+            return
+        msg = Message(exchange, routing_key, properties, body)
+        if not broker.enqueue(msg, targets) and mandatory:
+            self.out.append(Return(seq, 312, "no route", exchange, routing_key, properties, body))
+        if seq:
+            if seq == self._conf_last + 1 and self._conf_first:
+                self._conf_last = seq
+            else:
+                self._close_range()
+                self._conf_first = self._conf_last = seq
+
+    def _close_range(self) -> None:
+        if self._conf_first:
+            self._confirms.append(Confirm(self._conf_first, self._conf_last, True, 0, ""))
+            self._conf_first = 0
+
+    def _nack(self, seq: int, exc: ConveyorError) -> None:
+        self._close_range()
+        self._confirms.append(Confirm(seq, seq, False, exc.code, exc.message))
+        self._conf_last = seq
+
+    def _end_batch(self) -> None:
+        self._close_range()
+        if self._confirms:
+            confirms = self._confirms
+            self._confirms = []
+            self.broker.store.commit(lambda: self._send_confirms(confirms))
+
+    def _send_confirms(self, confirms: list[Confirm]) -> None:
+        self.out.extend(confirms)
+        self.broker.mark_session(self)
+
+    # ------------------------------------------------------------------ delivery
+    def deliver(self, consumer: Consumer, batch: list[QueuedMessage]) -> None:
+        """Called by queue dispatch: assign tags, track unacked, queue the frames."""
+        entries: list[DeliveryEntry] = []
+        tag = self._next_tag
+        no_ack = consumer.no_ack
+        unacked = self.unacked
+        queue = consumer.queue
+        for qm in batch:
+            tag += 1
+            m = qm.message
+            entries.append(DeliveryEntry(tag, qm.redelivered, m.exchange, m.routing_key,
+                                         m.properties, m.body, qm.delivery_count))
+            if not no_ack:
+                unacked[tag] = Unacked(qm, queue, consumer)
+        self._next_tag = tag
+        if no_ack:
+            queue.ack(len(batch))
+        else:
+            consumer.unacked += len(batch)
+        self._deliveries.append((consumer, entries))
+        self.broker.mark_session(self)
+
+    def _settle(self, tag: int, multiple: bool) -> list[Unacked]:
+        """Remove and return the unacked deliveries an ack/nack/reject names."""
+        unacked = self.unacked
+        if not multiple:
+            u = unacked.pop(tag, None)
+            if u is None:
+                raise PreconditionFailed(f"unknown delivery tag {tag}", {"delivery_tag": tag})
+            out = [u]
+        else:
+            out = []
+            while unacked:
+                first = next(iter(unacked))
+                if tag and first > tag:
+                    break
+                out.append(unacked.popitem(last=False)[1])
+            if not out and tag:
+                raise PreconditionFailed(f"unknown delivery tag {tag}", {"delivery_tag": tag})
+        for u in out:
+            if u.consumer is not None:
+                u.consumer.unacked -= 1
+        return out
+
+    def _on_ack(self, f: Ack) -> None:
+        settled = self._settle(f.delivery_tag, f.multiple)
+        if len(settled) == 1:
+            settled[0].queue.ack(1)
+            return
+        counts: dict[Queue, int] = {}
+        for u in settled:
+            counts[u.queue] = counts.get(u.queue, 0) + 1
+        for q, n in counts.items():
+            q.ack(n)
+
+    def _refuse(self, settled: list[Unacked], requeue: bool) -> None:
+        by_queue: dict[Queue, list[QueuedMessage]] = {}
+        for u in settled:
+            by_queue.setdefault(u.queue, []).append(u.qm)
+        for q, qms in by_queue.items():
+            if requeue:
+                self.broker.requeue(q, qms)
+            else:
+                q.discard(len(qms))
+
+    def _on_nack(self, f: Nack) -> None:
+        self._refuse(self._settle(f.delivery_tag, f.multiple), f.requeue)
+
+    def _on_reject(self, f: Reject) -> None:
+        self._refuse(self._settle(f.delivery_tag, False), f.requeue)
+
+    def _on_credit(self, f: Credit) -> None:
+        c = self.consumers.get(f.consumer_tag)
+        if c is None:
+            raise NotFound(f"no consumer {f.consumer_tag!r}", {"consumer_tag": f.consumer_tag})
+        c.credit = min(c.credit + f.credit, U32_MAX)
+        self.broker.wake(c.queue)
+
+    # ------------------------------------------------------------------ requests
+    def _exchange_declare(self, f: ExchangeDeclare) -> Frame:
+        self.broker.declare_exchange(f.exchange, f.type, durable=f.durable,
+                                     auto_delete=f.auto_delete, passive=f.passive,
+                                     arguments=f.arguments)
+        return Ok(f.rid)
+
+    def _exchange_delete(self, f: ExchangeDelete) -> Frame:
+        self.broker.delete_exchange(f.exchange, if_unused=f.if_unused)
+        return Ok(f.rid)
+
+    def _queue_declare(self, f: QueueDeclare) -> Frame:
+        q = self.broker.declare_queue(self.id, f.queue, durable=f.durable, exclusive=f.exclusive,
+                                      auto_delete=f.auto_delete, passive=f.passive,
+                                      arguments=f.arguments)
+        return QueueDeclareOk(f.rid, q.name, q.ready, len(q.consumers))
+
+    def _queue_delete(self, f: QueueDelete) -> Frame:
+        n = self.broker.delete_queue(self.id, f.queue, if_unused=f.if_unused,
+                                     if_empty=f.if_empty)
+        return MessageCountOk(f.rid, n)
+
+    def _queue_purge(self, f: QueuePurge) -> Frame:
+        return MessageCountOk(f.rid, self.broker.purge_queue(self.id, f.queue))
+
+    def _bind(self, f: Bind) -> Frame:
+        self.broker.bind(self.id, f.exchange, f.queue, f.routing_key, f.arguments)
+        return Ok(f.rid)
+
+    def _unbind(self, f: Unbind) -> Frame:
+        self.broker.unbind(self.id, f.exchange, f.queue, f.routing_key)
+        return Ok(f.rid)
+
+    def _list(self, f: List) -> Frame:
+        return ListOk(f.rid, self.broker.list(f.kind))
+
+    def _consume(self, f: ConsumeFrame) -> Frame:
+        if f.arguments:
+            raise InvalidArgument(f"unknown consumer argument {next(iter(f.arguments))!r}")
+        q = self.broker.get_queue(f.queue, self.id)
+        tag = f.consumer_tag
+        if not tag:
+            self._ctag += 1
+            tag = f"ctag-{self._ctag}"
+            while tag in self.consumers:
+                self._ctag += 1
+                tag = f"ctag-{self._ctag}"
+        elif tag in self.consumers:
+            raise PreconditionFailed(f"consumer tag {tag!r} already in use on this connection",
+                                     {"consumer_tag": tag})
+        c = Consumer(tag, q, self, f.no_ack, f.exclusive, f.credit)
+        self.broker.add_consumer(c)
+        self.consumers[tag] = c
+        return ConsumeOk(f.rid, tag)
+
+    def _cancel(self, f: Cancel) -> Frame:
+        c = self.consumers.pop(f.consumer_tag, None)
+        if c is None:
+            raise NotFound(f"no consumer {f.consumer_tag!r}", {"consumer_tag": f.consumer_tag})
+        self.broker.remove_consumer(c)
+        return Ok(f.rid)
+
+    def _get(self, f: Get) -> Frame:
+        if not 1 <= f.max_messages <= GET_MAX:
+            raise InvalidArgument(f"max_messages must be 1..{GET_MAX}", {"max_messages": f.max_messages})
+        q = self.broker.get_queue(f.queue, self.id)
+        budget = self.max_frame_size - 1024
+        entries: list[DeliveryEntry] = []
+        size = 0
+        tag = self._next_tag
+        while len(entries) < f.max_messages:
+            head = q.peek()
+            if head is None:
+                break
+            esize = message_size(head.message.properties, head.message.body) + ENTRY_OVERHEAD
+            if entries and size + esize > budget:
+                break  # does not fit this reply; stays at the head
+            qm = q.take(1)[0]
+            m = qm.message
+            size += esize
+            tag += 1
+            entries.append(DeliveryEntry(tag, qm.redelivered, m.exchange, m.routing_key,
+                                         m.properties, m.body, qm.delivery_count))
+            if f.no_ack:
+                q.ack(1)
+            else:
+                self.unacked[tag] = Unacked(qm, q, None)
+        self._next_tag = tag
+        return GetOk(f.rid, entries, q.ready)
+
+    # ------------------------------------------------------------------ lifecycle
+    def consumer_cancelled(self, consumer: Consumer, code: int, message: str) -> None:
+        """The broker removed a consumer (its queue was deleted)."""
+        if self.consumers.pop(consumer.tag, None) is not None and not self.closed:
+            self.send(Cancelled(consumer.tag, code, message))
+
+    def close(self) -> None:
+        """Connection gone: requeue unacked deliveries, drop consumers and exclusive queues."""
+        if self.closed:
+            return
+        self.closed = True
+        settled = list(self.unacked.values())
+        self.unacked.clear()
+        self._refuse(settled, requeue=True)
+        for c in list(self.consumers.values()):
+            self.broker.remove_consumer(c)
+        self.consumers.clear()
+        self.broker.detach(self)
+
+
+def _ignore(_: Any) -> None:
+    return None

@@ -1,0 +1,50 @@
+"""Storage seam: the queue model emits commands, a Store makes them durable.
+
+Every state change of a durable queue is one of a small set of commands (declare,
+enqueue, ack, requeue, purge, delete ...). The model hands them to ``Store.append`` in
+order and asks ``Store.commit`` to call back once everything appended so far is durable;
+publisher confirms wait for that callback. Recovery replays the same commands, and a
+replicated deployment can ship them to followers unchanged.
+
+``MemoryStore`` keeps nothing durable and commits immediately: it is the store for
+transient deployments and for tests of the model. The write-ahead log implements the
+same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+# A command record: (op, queue-or-exchange name, payload). Ops are strings listed in
+# spec/PROTOCOL.md's storage appendix once the WAL lands.
+Record = tuple[str, str, Any]
+
+
+class Store(Protocol):
+    def append(self, records: Iterable[Record]) -> None:
+        """Queue records for durability, in order."""
+
+    def commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every record appended so far is durable."""
+
+    def close(self) -> None:
+        """Flush and release resources."""
+
+
+class MemoryStore:
+    """Non-durable store: commits immediately. ``keep=True`` records commands for tests."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self.keep = keep
+        self.records: list[Record] = []
+
+    def append(self, records: Iterable[Record]) -> None:
+        if self.keep:
+            self.records.extend(records)
+
+    def commit(self, callback: Callable[[], None]) -> None:
+        callback()
+
+    def close(self) -> None:
+        self.records.clear()

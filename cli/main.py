@@ -1,0 +1,388 @@
+"""``mq-cli``: run the broker and talk to it from the shell.
+
+Every client command takes ``--url`` (default ``mq://127.0.0.1:5680``, or $CONVEYOR_URL).
+Exit status 0 on success; otherwise one line on stderr and a non-zero status:
+1 = the broker refused (with its error name and code), 2 = usage, 3 = cannot connect /
+connection lost, 4 = timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from protocol import DEFAULT_PORT
+
+T = TypeVar("T")
+DEFAULT_URL = f"mq://127.0.0.1:{DEFAULT_PORT}"
+
+url_option = click.option(
+    "--url", envvar="CONVEYOR_URL", default=DEFAULT_URL, show_default=True,
+    help="Broker URL (env CONVEYOR_URL).",
+)
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a client coroutine, turning every failure into one line and an exit code."""
+    from client import ConnectionClosed, ConveyorError, PublishTimeout, RequestTimeout
+
+    async def main() -> T:
+        return await coro_fn()
+
+    try:
+        return asyncio.run(main())
+    except (PublishTimeout, RequestTimeout) as exc:
+        click.echo(f"mq-cli: timed out: {exc.message}", err=True)
+        sys.exit(4)
+    except ConnectionClosed as exc:
+        click.echo(f"mq-cli: {exc.message}", err=True)
+        sys.exit(3)
+    except ConveyorError as exc:
+        click.echo(f"mq-cli: {exc.name} ({exc.code}): {exc.message}", err=True)
+        sys.exit(1)
+    except ValueError as exc:
+        click.echo(f"mq-cli: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+async def _connect(url: str) -> Any:
+    from client import connect
+
+    return await connect(url, reconnect=False, timeout=10)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option("0.1.0", prog_name="mq-cli")
+def cli() -> None:
+    """Conveyor message broker: server and client commands."""
+
+
+# ---------------------------------------------------------------------- server
+@cli.command()
+@click.option("--host", default=None, help="Listen address [127.0.0.1].")
+@click.option("--port", type=int, default=None, help=f"Listen port [{DEFAULT_PORT}]; 0 = any free.")
+@click.option("--data-dir", default=None, help="Data directory [./conveyor-data].")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="TOML file with the same settings.")
+@click.option("--max-frame-size", type=int, default=None, help="Largest frame in bytes [1048576].")
+@click.option("--max-message-size", type=int, default=None,
+              help="Largest message body in bytes [max frame size - 8192].")
+@click.option("--heartbeat-ms", type=int, default=None, help="Heartbeat interval [10000]; 0 = off.")
+@click.option("--log-level", default=None,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="[info]")
+def server(host: str | None, port: int | None, data_dir: str | None, config_path: str | None,
+           max_frame_size: int | None, max_message_size: int | None, heartbeat_ms: int | None,
+           log_level: str | None) -> None:
+    """Run the broker in the foreground until SIGTERM / Ctrl-C."""
+    from broker import config as config_mod
+    from broker.app import run
+
+    try:
+        cfg = config_mod.load(config_path, host=host, port=port, data_dir=data_dir,
+                              max_frame_size=max_frame_size, max_message_size=max_message_size,
+                              heartbeat_ms=heartbeat_ms, log_level=log_level)
+    except config_mod.ConfigError as exc:
+        click.echo(f"mq-cli: {exc}", err=True)
+        sys.exit(2)
+    try:
+        run(cfg)
+    except OSError as exc:
+        click.echo(f"mq-cli: cannot start the broker: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+# ---------------------------------------------------------------------- topology
+@cli.command("declare-exchange")
+@click.argument("name")
+@click.option("--type", "etype", type=click.Choice(["direct", "topic", "fanout"]),
+              default="direct", show_default=True)
+@click.option("--durable/--transient", default=True, show_default=True)
+@click.option("--auto-delete", is_flag=True)
+@url_option
+def declare_exchange(name: str, etype: str, durable: bool, auto_delete: bool, url: str) -> None:
+    """Declare an exchange."""
+
+    async def go() -> None:
+        async with await _connect(url) as conn:
+            await conn.declare_exchange(name, etype, durable=durable, auto_delete=auto_delete)
+
+    _run(go)
+
+
+@cli.command("declare-queue")
+@click.argument("name")
+@click.option("--durable/--transient", default=True, show_default=True)
+@click.option("--exclusive", is_flag=True, help="Owned by this (short-lived) connection.")
+@click.option("--auto-delete", is_flag=True)
+@url_option
+def declare_queue(name: str, durable: bool, exclusive: bool, auto_delete: bool, url: str) -> None:
+    """Declare a queue; prints its name and depth."""
+
+    async def go() -> None:
+        async with await _connect(url) as conn:
+            info = await conn.declare_queue(name, durable=durable, exclusive=exclusive,
+                                            auto_delete=auto_delete)
+            click.echo(f"{info.name}\tmessages={info.message_count}\tconsumers={info.consumer_count}")
+
+    _run(go)
+
+
+def _binding_command(unbind: bool) -> Callable[..., None]:
+    @click.option("--exchange", "-e", required=True)
+    @click.option("--queue", "-q", required=True)
+    @click.option("--routing-key", "-k", default="", show_default=True)
+    @url_option
+    def command(exchange: str, queue: str, routing_key: str, url: str) -> None:
+        async def go() -> None:
+            async with await _connect(url) as conn:
+                if unbind:
+                    await conn.unbind(exchange, queue, routing_key)
+                else:
+                    await conn.bind(exchange, queue, routing_key)
+
+        _run(go)
+
+    return command
+
+
+cli.command("bind", help="Bind a queue to an exchange.")(_binding_command(False))
+cli.command("unbind", help="Remove a binding.")(_binding_command(True))
+
+
+@cli.command("delete-exchange")
+@click.argument("name")
+@click.option("--if-unused", is_flag=True)
+@url_option
+def delete_exchange(name: str, if_unused: bool, url: str) -> None:
+    """Delete an exchange and its bindings."""
+
+    async def go() -> None:
+        async with await _connect(url) as conn:
+            await conn.delete_exchange(name, if_unused=if_unused)
+
+    _run(go)
+
+
+@cli.command("delete-queue")
+@click.argument("name")
+@click.option("--if-unused", is_flag=True)
+@click.option("--if-empty", is_flag=True)
+@url_option
+def delete_queue(name: str, if_unused: bool, if_empty: bool, url: str) -> None:
+    """Delete a queue; prints how many messages it held."""
+
+    async def go() -> None:
+        async with await _connect(url) as conn:
+            n = await conn.delete_queue(name, if_unused=if_unused, if_empty=if_empty)
+            click.echo(f"deleted {name}: {n} messages")
+
+    _run(go)
+
+
+@cli.command()
+@click.argument("name")
+@url_option
+def purge(name: str, url: str) -> None:
+    """Remove every ready message from a queue."""
+
+    async def go() -> None:
+        async with await _connect(url) as conn:
+            n = await conn.purge(name)
+            click.echo(f"purged {name}: {n} messages")
+
+    _run(go)
+
+
+def _listing(kind: str, columns: Sequence[str]) -> Callable[..., None]:
+    @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+    @url_option
+    def command(as_json: bool, url: str) -> None:
+        async def go() -> list[dict[str, Any]]:
+            async with await _connect(url) as conn:
+                items: list[dict[str, Any]] = await conn.list(kind)
+                return items
+
+        items = _run(go)
+        if as_json:
+            click.echo(json.dumps(items, indent=1))
+            return
+        rows = [[str(it.get(c, "")) for c in columns] for it in items]
+        widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+        click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+        for r in rows:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+    return command
+
+
+cli.command("queues", help="List queues with depth, unacked and consumers.")(
+    _listing("queues", ["name", "messages", "unacked", "consumers", "durable", "exclusive",
+                        "auto_delete"]))
+cli.command("exchanges", help="List exchanges.")(
+    _listing("exchanges", ["name", "type", "durable", "auto_delete", "bindings"]))
+cli.command("bindings", help="List bindings.")(
+    _listing("bindings", ["exchange", "queue", "routing_key"]))
+
+
+# ---------------------------------------------------------------------- messaging
+def _properties(content_type: str | None, message_id: str | None, correlation_id: str | None,
+                reply_to: str | None, headers: Sequence[str], priority: int | None,
+                ttl: int | None, delay: int | None, persistent: bool) -> dict[str, Any]:
+    props: dict[str, Any] = {"persistent": persistent}
+    for k, v in (("content_type", content_type), ("message_id", message_id),
+                 ("correlation_id", correlation_id), ("reply_to", reply_to),
+                 ("priority", priority), ("ttl", ttl), ("delay", delay)):
+        if v is not None:
+            props[k] = v
+    if headers:
+        hdrs: dict[str, str] = {}
+        for h in headers:
+            if "=" not in h:
+                raise click.BadParameter(f"header {h!r} must be KEY=VALUE", param_hint="--header")
+            k, v = h.split("=", 1)
+            hdrs[k] = v
+        props["headers"] = hdrs
+    return props
+
+
+@cli.command()
+@click.argument("body", required=False)
+@click.option("--exchange", "-e", default="", help="Exchange; empty = default exchange.")
+@click.option("--routing-key", "-k", default="", help="Routing key (queue name for default).")
+@click.option("--count", "-n", type=int, default=1, show_default=True,
+              help="Publish BODY this many times.")
+@click.option("--persistent/--transient", default=True, show_default=True)
+@click.option("--mandatory", is_flag=True, help="Fail if no queue takes the message.")
+@click.option("--content-type")
+@click.option("--message-id")
+@click.option("--correlation-id")
+@click.option("--reply-to")
+@click.option("--header", "headers", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option("--priority", type=click.IntRange(0, 9))
+@click.option("--ttl", type=click.IntRange(0), help="Time to live in ms.")
+@click.option("--delay", type=click.IntRange(0), help="Delay in ms.")
+@click.option("--batch", type=click.IntRange(1, 10000), default=500, show_default=True,
+              help="Messages per pipelined batch.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for each batch's confirms.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [on a terminal].")
+@url_option
+def publish(body: str | None, exchange: str, routing_key: str, count: int, persistent: bool,
+            mandatory: bool, content_type: str | None, message_id: str | None,
+            correlation_id: str | None, reply_to: str | None, headers: tuple[str, ...],
+            priority: int | None, ttl: int | None, delay: int | None, batch: int,
+            timeout: float, progress: bool | None, url: str) -> None:
+    """Publish BODY, or one message per stdin line; exits 0 once every message is confirmed."""
+    props = _properties(content_type, message_id, correlation_id, reply_to, headers, priority,
+                        ttl, delay, persistent)
+    if count < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--count")
+    show = sys.stderr.isatty() if progress is None else progress
+
+    def bodies() -> Any:
+        if body is not None:
+            for _ in range(count):
+                yield body.encode()
+        else:
+            for line in sys.stdin.buffer:
+                yield line.rstrip(b"\n").removesuffix(b"\r")
+
+    async def go() -> int:
+        total = 0
+        async with await _connect(url) as conn:
+            chunk: list[bytes] = []
+            bar = click.progressbar(length=count if body is not None else 0,
+                                    label="publishing", file=sys.stderr) if show else None
+
+            async def send() -> None:
+                nonlocal total
+                await conn.publish_batch(chunk, exchange=exchange, routing_key=routing_key,
+                                         properties=props, mandatory=mandatory, timeout=timeout)
+                total += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+                chunk.clear()
+
+            for b in bodies():
+                chunk.append(b)
+                if len(chunk) >= batch:
+                    await send()
+            if chunk:
+                await send()
+            if bar is not None:
+                bar.render_finish()
+        return total
+
+    n = _run(go)
+    if show:
+        click.echo(f"published {n} messages (all confirmed)", err=True)
+
+
+@cli.command()
+@click.option("--queue", "-q", required=True)
+@click.option("--count", "-n", type=click.IntRange(1), default=None,
+              help="Stop after N messages.")
+@click.option("--timeout", type=float, default=None,
+              help="Stop after S seconds with no message (exit 0).")
+@click.option("--ack/--no-ack", default=True, show_default=True,
+              help="--no-ack: at-most-once, messages count as acked when sent.")
+@click.option("--prefetch", type=click.IntRange(1, 65535), default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line with properties.")
+@url_option
+def consume(queue: str, count: int | None, timeout: float | None, ack: bool, prefetch: int,
+            as_json: bool, url: str) -> None:
+    """Print message bodies, one per line (or --json lines), acking each after printing."""
+    if count is not None:
+        prefetch = min(prefetch, count)
+    out = sys.stdout.buffer
+
+    async def go() -> int:
+        got = 0
+        async with await _connect(url) as conn:
+            consumer = await conn.consume(queue, prefetch=prefetch, no_ack=not ack)
+            while count is None or got < count:
+                msg = await consumer.get(timeout)
+                if msg is None:
+                    break
+                if as_json:
+                    out.write(json.dumps(_as_json(msg)).encode() + b"\n")
+                else:
+                    out.write(msg.body + b"\n")
+                if ack:
+                    msg.ack()
+                got += 1
+            out.flush()
+            await consumer.cancel()
+        return got
+
+    _run(go)
+
+
+def _as_json(msg: Any) -> dict[str, Any]:
+    try:
+        body: str = msg.body.decode()
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        body = base64.b64encode(msg.body).decode()
+        encoding = "base64"
+    return {"body": body, "body_encoding": encoding, "exchange": msg.exchange,
+            "routing_key": msg.routing_key, "redelivered": msg.redelivered,
+            "delivery_count": msg.delivery_count, "properties": msg.properties}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="mq-cli")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Client exceptions.
+
+Every error the broker can send maps one-to-one to a class from the spec's error table
+(re-exported here: ``NotFound``, ``PreconditionFailed``, ``NoRoute`` ...). The classes
+below are the client's own conditions, which never travel on the wire.
+"""
+
+from __future__ import annotations
+
+from protocol import *  # noqa: F403  (the generated error classes)
+from protocol.errors import ConveyorError, FatalError, ProtocolError, RequestError
+
+
+class ClientError(ConveyorError):
+    """Base of client-side conditions (no wire code of their own)."""
+
+    code = 0
+    name = "client-error"
+
+
+class ConnectionClosed(ClientError):
+    """The connection is closed or was lost; the operation's outcome is unknown.
+
+    A publish that raises this was *not* confirmed: it may or may not have been stored.
+    Retry it (with a message_id, so deduplication can drop a copy).
+    """
+
+    name = "connection-closed"
+    retriable = True
+
+
+class PublishTimeout(ClientError, TimeoutError):
+    """No confirm arrived within the publish timeout (the broker may be blocked)."""
+
+    name = "publish-timeout"
+    retriable = True
+
+
+class RequestTimeout(ClientError, TimeoutError):
+    """No reply arrived within the request timeout."""
+
+    name = "request-timeout"
+    retriable = True
+
+
+class ConsumerCancelled(ClientError):
+    """The broker cancelled the consumer (for example its queue was deleted)."""
+
+    name = "consumer-cancelled"
+
+
+__all__ = [
+    "ClientError",
+    "ConnectionClosed",
+    "ConsumerCancelled",
+    "ConveyorError",
+    "FatalError",
+    "ProtocolError",
+    "PublishTimeout",
+    "RequestError",
+    "RequestTimeout",
+]

@@ -1,0 +1,36 @@
+"""Conveyor's wire protocol, sans-IO: frame classes, codec and connection state machine.
+
+Everything here is generated from or checked against ``spec/protocol.toml``; nothing
+here touches sockets or event loops.
+"""
+
+from protocol._generated import *  # noqa: F403
+from protocol._generated import (
+    DEFAULT_PORT,
+    ERROR_CODES,
+    FATAL_CODES,
+    FRAME_TYPES,
+    PREAMBLE,
+    Frame,
+)
+from protocol.codec import Decoder, encode, encode_fields, encode_many, parse_preamble
+from protocol.errors import ConveyorError, FatalError, ProtocolError, RequestError, error_for_code
+
+__all__ = [  # noqa: RUF022
+    "DEFAULT_PORT",
+    "ERROR_CODES",
+    "FATAL_CODES",
+    "FRAME_TYPES",
+    "PREAMBLE",
+    "ConveyorError",
+    "Decoder",
+    "FatalError",
+    "Frame",
+    "ProtocolError",
+    "RequestError",
+    "encode",
+    "encode_fields",
+    "encode_many",
+    "error_for_code",
+    "parse_preamble",
+]

@@ -1,0 +1,1270 @@
+"""Frame classes, codecs and error classes generated from spec/protocol.toml.
+
+DO NOT EDIT: run ``python tools/gen_protocol.py`` after changing the spec.
+"""
+
+# ruff: noqa
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from protocol._checks import (
+    NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_bool, check_bytes,
+    check_list, check_str, check_strlist, check_table, check_tablelist, check_uint, fail,
+)
+from protocol.errors import FatalError, ProtocolError, RequestError
+
+MAGIC = b'CNVYMQ'
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+PREAMBLE = MAGIC + bytes([VERSION_MAJOR, VERSION_MINOR])
+DEFAULT_PORT = 5680
+MAX_FRAME_SIZE_DEFAULT = 1048576
+MAX_FRAME_SIZE_FLOOR = 4096
+MAX_FRAME_SIZE_CEILING = 134217728
+HEARTBEAT_MS_DEFAULT = 10000
+
+
+# ------------------------------------------------------------------ errors
+
+
+class NoRoute(RequestError):
+    """A mandatory message matched no queue (RETURN)."""
+
+    code = 312
+    name = 'no-route'
+    fatal = False
+    retriable = False
+    origin = 'peer'
+
+
+class ConnectionForced(FatalError):
+    """The server is shutting down or an operator closed the connection."""
+
+    code = 320
+    name = 'connection-forced'
+    fatal = True
+    retriable = True
+    origin = 'server'
+
+
+class InvalidArgument(RequestError):
+    """A field value is well-formed but not acceptable (unknown exchange type, bad argument)."""
+
+    code = 400
+    name = 'invalid-argument'
+    fatal = False
+    retriable = False
+    origin = 'peer'
+
+
+class AuthenticationFailed(FatalError):
+    """AUTH was refused."""
+
+    code = 401
+    name = 'authentication-failed'
+    fatal = True
+    retriable = False
+    origin = 'peer'
+
+
+class AccessRefused(RequestError):
+    """The connection may not use that resource (reserved name, missing permission)."""
+
+    code = 403
+    name = 'access-refused'
+    fatal = False
+    retriable = False
+    origin = 'peer'
+
+
+class NotFound(RequestError):
+    """The named exchange, queue or consumer does not exist."""
+
+    code = 404
+    name = 'not-found'
+    fatal = False
+    retriable = False
+    origin = 'peer'
+
+
+class ResourceLocked(RequestError):
+    """Exclusive use by another connection or consumer."""
+
+    code = 405
+    name = 'resource-locked'
+    fatal = False
+    retriable = True
+    origin = 'peer'
+
+
+class PreconditionFailed(RequestError):
+    """Redeclare with different settings, if-unused/if-empty failed, unknown delivery tag."""
+
+    code = 406
+    name = 'precondition-failed'
+    fatal = False
+    retriable = False
+    origin = 'peer'
+
+
+class HeartbeatTimeout(FatalError):
+    """Nothing was received for two heartbeat intervals."""
+
+    code = 408
+    name = 'heartbeat-timeout'
+    fatal = True
+    retriable = True
+    origin = 'peer'
+
+
+class MessageTooLarge(RequestError):
+    """A message exceeds the broker's maximum message size."""
+
+    code = 413
+    name = 'message-too-large'
+    fatal = False
+    retriable = False
+    origin = 'peer'
+
+
+class RateLimited(RequestError):
+    """The publisher exceeded its rate; retry after a pause."""
+
+    code = 429
+    name = 'rate-limited'
+    fatal = False
+    retriable = True
+    origin = 'peer'
+
+
+class MalformedFrame(ProtocolError):
+    """Bad preamble, bad msgpack, wrong field count or field type, unknown frame type."""
+
+    code = 501
+    name = 'malformed-frame'
+    fatal = True
+    retriable = False
+    origin = 'peer'
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's length field exceeds the negotiated maximum frame size."""
+
+    code = 502
+    name = 'frame-too-large'
+    fatal = True
+    retriable = False
+    origin = 'peer'
+
+
+class UnexpectedFrame(ProtocolError):
+    """A valid frame not allowed in the current connection state or direction."""
+
+    code = 503
+    name = 'unexpected-frame'
+    fatal = True
+    retriable = False
+    origin = 'peer'
+
+
+class UnsupportedVersion(ProtocolError):
+    """The preamble asks for a protocol version the server does not speak."""
+
+    code = 505
+    name = 'unsupported-version'
+    fatal = True
+    retriable = False
+    origin = 'peer'
+
+
+class ResourceError(RequestError):
+    """The server lacks a resource (memory, disk, a limit was reached)."""
+
+    code = 506
+    name = 'resource-error'
+    fatal = False
+    retriable = True
+    origin = 'server'
+
+
+class NotImplementedByServer(RequestError):
+    """The request is valid but this server does not support it."""
+
+    code = 540
+    name = 'not-implemented'
+    fatal = False
+    retriable = False
+    origin = 'peer'
+
+
+class InternalError(RequestError):
+    """A bug in the server; the request failed, the connection stays open."""
+
+    code = 541
+    name = 'internal-error'
+    fatal = False
+    retriable = True
+    origin = 'server'
+
+
+ERROR_CODES: dict[str, int] = {
+    'ok': 200,
+    'no-route': 312,
+    'connection-forced': 320,
+    'invalid-argument': 400,
+    'authentication-failed': 401,
+    'access-refused': 403,
+    'not-found': 404,
+    'resource-locked': 405,
+    'precondition-failed': 406,
+    'heartbeat-timeout': 408,
+    'message-too-large': 413,
+    'rate-limited': 429,
+    'malformed-frame': 501,
+    'frame-too-large': 502,
+    'unexpected-frame': 503,
+    'unsupported-version': 505,
+    'resource-error': 506,
+    'not-implemented': 540,
+    'internal-error': 541,
+}
+
+FATAL_CODES: frozenset[int] = frozenset({320, 401, 408, 501, 502, 503, 505})
+
+
+# ------------------------------------------------------------------ properties
+PROPERTY_TYPES: dict[str, str] = {
+    'message_id': 'name',
+    'correlation_id': 'name',
+    'reply_to': 'name',
+    'content_type': 'name',
+    'content_encoding': 'name',
+    'type': 'name',
+    'app_id': 'name',
+    'headers': 'table',
+    'timestamp': 'u64',
+    'ttl': 'u64',
+    'priority': 'priority',
+    'persistent': 'bool',
+    'delay': 'u64',
+}
+
+
+def check_props(v: Any, where: str) -> dict[str, Any]:
+    """Validate a message properties map: known keys with their types only."""
+    check_table(v, where)
+    for k, x in v.items():
+        if k == 'message_id':
+            check_str(x, NAME_MAX, where + '.' + k)
+        elif k == 'correlation_id':
+            check_str(x, NAME_MAX, where + '.' + k)
+        elif k == 'reply_to':
+            check_str(x, NAME_MAX, where + '.' + k)
+        elif k == 'content_type':
+            check_str(x, NAME_MAX, where + '.' + k)
+        elif k == 'content_encoding':
+            check_str(x, NAME_MAX, where + '.' + k)
+        elif k == 'type':
+            check_str(x, NAME_MAX, where + '.' + k)
+        elif k == 'app_id':
+            check_str(x, NAME_MAX, where + '.' + k)
+        elif k == 'headers':
+            check_table(x, where + '.' + k)
+        elif k == 'timestamp':
+            check_uint(x, U64_MAX, where + '.' + k)
+        elif k == 'ttl':
+            check_uint(x, U64_MAX, where + '.' + k)
+        elif k == 'priority':
+            check_uint(x, 9, where + '.' + k)
+        elif k == 'persistent':
+            check_bool(x, where + '.' + k)
+        elif k == 'delay':
+            check_uint(x, U64_MAX, where + '.' + k)
+        else:
+            raise fail(where, f"unknown property {k!r}")
+    return v  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True, slots=True)
+class PublishEntry:
+    """One message of a PUBLISH_BATCH."""
+
+    exchange: str = ''
+    routing_key: str = ''
+    properties: dict[str, Any] = field(default_factory=dict)
+    body: bytes = b''
+    mandatory: bool = False
+
+    def to_wire(self) -> list[Any]:
+        return [self.exchange, self.routing_key, self.properties, self.body, self.mandatory]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'publish_entry') -> PublishEntry:
+        check_arity(f, 0, 5, where)
+        n = len(f)
+        a0 = check_str(f[0], NAME_MAX, where + ".exchange") if n > 0 else ''
+        a1 = check_str(f[1], NAME_MAX, where + ".routing_key") if n > 1 else ''
+        a2 = check_props(f[2], where + ".properties") if n > 2 else {}
+        a3 = check_bytes(f[3], where + ".body") if n > 3 else b''
+        a4 = check_bool(f[4], where + ".mandatory") if n > 4 else False
+        return cls(a0, a1, a2, a3, a4)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryEntry:
+    """One message of a DELIVER_BATCH or GET_OK."""
+
+    delivery_tag: int
+    redelivered: bool = False
+    exchange: str = ''
+    routing_key: str = ''
+    properties: dict[str, Any] = field(default_factory=dict)
+    body: bytes = b''
+    delivery_count: int = 1
+
+    def to_wire(self) -> list[Any]:
+        return [self.delivery_tag, self.redelivered, self.exchange, self.routing_key, self.properties, self.body, self.delivery_count]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'delivery_entry') -> DeliveryEntry:
+        check_arity(f, 1, 7, where)
+        n = len(f)
+        a0 = check_uint(f[0], U64_MAX, where + ".delivery_tag")
+        a1 = check_bool(f[1], where + ".redelivered") if n > 1 else False
+        a2 = check_str(f[2], NAME_MAX, where + ".exchange") if n > 2 else ''
+        a3 = check_str(f[3], NAME_MAX, where + ".routing_key") if n > 3 else ''
+        a4 = check_props(f[4], where + ".properties") if n > 4 else {}
+        a5 = check_bytes(f[5], where + ".body") if n > 5 else b''
+        a6 = check_uint(f[6], U32_MAX, where + ".delivery_count") if n > 6 else 1
+        return cls(a0, a1, a2, a3, a4, a5, a6)
+
+
+# ------------------------------------------------------------------ frames
+
+
+class Frame:
+    """Base of every frame: TYPE is the wire type byte, NAME the spec name."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int]
+    NAME: ClassVar[str]
+    DIRECTION: ClassVar[str]
+
+    def to_wire(self) -> list[Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = '') -> Frame:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Frame):
+    """First frame from the server after a valid preamble: what it speaks and its limits."""
+
+    TYPE: ClassVar[int] = 0x01
+    NAME: ClassVar[str] = 'hello'
+    DIRECTION: ClassVar[str] = 'server'
+    version: str
+    max_frame_size: int
+    heartbeat_ms: int
+    server_properties: dict[str, Any] = field(default_factory=dict)
+    auth_mechanisms: list[str] = field(default_factory=list)
+
+    def to_wire(self) -> list[Any]:
+        return [self.version, self.max_frame_size, self.heartbeat_ms, self.server_properties, self.auth_mechanisms]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'hello') -> Hello:
+        check_arity(f, 3, 5, where)
+        n = len(f)
+        a0 = check_str(f[0], NAME_MAX, where + ".version")
+        a1 = check_uint(f[1], U32_MAX, where + ".max_frame_size")
+        a2 = check_uint(f[2], U32_MAX, where + ".heartbeat_ms")
+        a3 = check_table(f[3], where + ".server_properties") if n > 3 else {}
+        a4 = check_strlist(f[4], where + ".auth_mechanisms") if n > 4 else []
+        return cls(a0, a1, a2, a3, a4)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth(Frame):
+    """Client's answer to HELLO: credentials and its own limits. Must be the first client frame."""
+
+    TYPE: ClassVar[int] = 0x02
+    NAME: ClassVar[str] = 'auth'
+    DIRECTION: ClassVar[str] = 'client'
+    mechanism: str = 'anonymous'
+    token: str = ''
+    client_properties: dict[str, Any] = field(default_factory=dict)
+    max_frame_size: int = 0
+    heartbeat_ms: int = 0
+
+    def to_wire(self) -> list[Any]:
+        return [self.mechanism, self.token, self.client_properties, self.max_frame_size, self.heartbeat_ms]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'auth') -> Auth:
+        check_arity(f, 0, 5, where)
+        n = len(f)
+        a0 = check_str(f[0], NAME_MAX, where + ".mechanism") if n > 0 else 'anonymous'
+        a1 = check_str(f[1], STR_MAX, where + ".token") if n > 1 else ''
+        a2 = check_table(f[2], where + ".client_properties") if n > 2 else {}
+        a3 = check_uint(f[3], U32_MAX, where + ".max_frame_size") if n > 3 else 0
+        a4 = check_uint(f[4], U32_MAX, where + ".heartbeat_ms") if n > 4 else 0
+        return cls(a0, a1, a2, a3, a4)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenOk(Frame):
+    """Authentication succeeded; the connection is open with the negotiated limits."""
+
+    TYPE: ClassVar[int] = 0x03
+    NAME: ClassVar[str] = 'open_ok'
+    DIRECTION: ClassVar[str] = 'server'
+    connection_id: str
+    max_frame_size: int
+    heartbeat_ms: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.connection_id, self.max_frame_size, self.heartbeat_ms]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'open_ok') -> OpenOk:
+        check_arity(f, 3, 3, where)
+        a0 = check_str(f[0], NAME_MAX, where + ".connection_id")
+        a1 = check_uint(f[1], U32_MAX, where + ".max_frame_size")
+        a2 = check_uint(f[2], U32_MAX, where + ".heartbeat_ms")
+        return cls(a0, a1, a2)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Frame):
+    """Keep-alive; sent when nothing else was sent for heartbeat_ms."""
+
+    TYPE: ClassVar[int] = 0x04
+    NAME: ClassVar[str] = 'heartbeat'
+    DIRECTION: ClassVar[str] = 'both'
+
+    def to_wire(self) -> list[Any]:
+        return []
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'heartbeat') -> Heartbeat:
+        check_arity(f, 0, 0, where)
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Frame):
+    """Orderly shutdown. The receiver answers CLOSE_OK and closes the transport."""
+
+    TYPE: ClassVar[int] = 0x05
+    NAME: ClassVar[str] = 'close'
+    DIRECTION: ClassVar[str] = 'both'
+    code: int = 200
+    message: str = ''
+
+    def to_wire(self) -> list[Any]:
+        return [self.code, self.message]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'close') -> Close:
+        check_arity(f, 0, 2, where)
+        n = len(f)
+        a0 = check_uint(f[0], U16_MAX, where + ".code") if n > 0 else 200
+        a1 = check_str(f[1], STR_MAX, where + ".message") if n > 1 else ''
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseOk(Frame):
+    """Acknowledges CLOSE; the transport is closed after it."""
+
+    TYPE: ClassVar[int] = 0x06
+    NAME: ClassVar[str] = 'close_ok'
+    DIRECTION: ClassVar[str] = 'both'
+
+    def to_wire(self) -> list[Any]:
+        return []
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'close_ok') -> CloseOk:
+        check_arity(f, 0, 0, where)
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Frame):
+    """A request failed (rid of that request) or the connection failed (rid 0). If the code is fatal the server closes the transport after this frame."""
+
+    TYPE: ClassVar[int] = 0x07
+    NAME: ClassVar[str] = 'error'
+    DIRECTION: ClassVar[str] = 'server'
+    rid: int
+    code: int
+    message: str = ''
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.code, self.message, self.details]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'error') -> Error:
+        check_arity(f, 2, 4, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid")
+        a1 = check_uint(f[1], U16_MAX, where + ".code")
+        a2 = check_str(f[2], STR_MAX, where + ".message") if n > 2 else ''
+        a3 = check_table(f[3], where + ".details") if n > 3 else {}
+        return cls(a0, a1, a2, a3)
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Frame):
+    """Generic success reply for requests that return nothing else."""
+
+    TYPE: ClassVar[int] = 0x08
+    NAME: ClassVar[str] = 'ok'
+    DIRECTION: ClassVar[str] = 'server'
+    rid: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'ok') -> Ok:
+        check_arity(f, 1, 1, where)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        return cls(a0)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeDeclare(Frame):
+    """Create an exchange, or check an existing one matches. Reply: OK."""
+
+    TYPE: ClassVar[int] = 0x10
+    NAME: ClassVar[str] = 'exchange_declare'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    exchange: str
+    type: str = 'direct'
+    durable: bool = True
+    auto_delete: bool = False
+    passive: bool = False
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.exchange, self.type, self.durable, self.auto_delete, self.passive, self.arguments]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'exchange_declare') -> ExchangeDeclare:
+        check_arity(f, 2, 7, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".exchange")
+        a2 = check_str(f[2], NAME_MAX, where + ".type") if n > 2 else 'direct'
+        a3 = check_bool(f[3], where + ".durable") if n > 3 else True
+        a4 = check_bool(f[4], where + ".auto_delete") if n > 4 else False
+        a5 = check_bool(f[5], where + ".passive") if n > 5 else False
+        a6 = check_table(f[6], where + ".arguments") if n > 6 else {}
+        return cls(a0, a1, a2, a3, a4, a5, a6)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeDelete(Frame):
+    """Delete an exchange and its bindings. Reply: OK."""
+
+    TYPE: ClassVar[int] = 0x11
+    NAME: ClassVar[str] = 'exchange_delete'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    exchange: str
+    if_unused: bool = False
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.exchange, self.if_unused]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'exchange_delete') -> ExchangeDelete:
+        check_arity(f, 2, 3, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".exchange")
+        a2 = check_bool(f[2], where + ".if_unused") if n > 2 else False
+        return cls(a0, a1, a2)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDeclare(Frame):
+    """Create a queue, or check an existing one matches. Reply: QUEUE_DECLARE_OK."""
+
+    TYPE: ClassVar[int] = 0x12
+    NAME: ClassVar[str] = 'queue_declare'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    queue: str = ''
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    passive: bool = False
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.queue, self.durable, self.exclusive, self.auto_delete, self.passive, self.arguments]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'queue_declare') -> QueueDeclare:
+        check_arity(f, 1, 7, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".queue") if n > 1 else ''
+        a2 = check_bool(f[2], where + ".durable") if n > 2 else True
+        a3 = check_bool(f[3], where + ".exclusive") if n > 3 else False
+        a4 = check_bool(f[4], where + ".auto_delete") if n > 4 else False
+        a5 = check_bool(f[5], where + ".passive") if n > 5 else False
+        a6 = check_table(f[6], where + ".arguments") if n > 6 else {}
+        return cls(a0, a1, a2, a3, a4, a5, a6)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDeclareOk(Frame):
+    """Reply to QUEUE_DECLARE."""
+
+    TYPE: ClassVar[int] = 0x13
+    NAME: ClassVar[str] = 'queue_declare_ok'
+    DIRECTION: ClassVar[str] = 'server'
+    rid: int
+    queue: str
+    message_count: int = 0
+    consumer_count: int = 0
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.queue, self.message_count, self.consumer_count]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'queue_declare_ok') -> QueueDeclareOk:
+        check_arity(f, 2, 4, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".queue")
+        a2 = check_uint(f[2], U64_MAX, where + ".message_count") if n > 2 else 0
+        a3 = check_uint(f[3], U32_MAX, where + ".consumer_count") if n > 3 else 0
+        return cls(a0, a1, a2, a3)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDelete(Frame):
+    """Delete a queue; its consumers are cancelled (CANCELLED). Reply: MESSAGE_COUNT_OK."""
+
+    TYPE: ClassVar[int] = 0x14
+    NAME: ClassVar[str] = 'queue_delete'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    queue: str
+    if_unused: bool = False
+    if_empty: bool = False
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.queue, self.if_unused, self.if_empty]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'queue_delete') -> QueueDelete:
+        check_arity(f, 2, 4, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".queue")
+        a2 = check_bool(f[2], where + ".if_unused") if n > 2 else False
+        a3 = check_bool(f[3], where + ".if_empty") if n > 3 else False
+        return cls(a0, a1, a2, a3)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePurge(Frame):
+    """Remove all ready messages (not unacked ones). Reply: MESSAGE_COUNT_OK."""
+
+    TYPE: ClassVar[int] = 0x15
+    NAME: ClassVar[str] = 'queue_purge'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    queue: str
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.queue]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'queue_purge') -> QueuePurge:
+        check_arity(f, 2, 2, where)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".queue")
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageCountOk(Frame):
+    """Reply to QUEUE_DELETE and QUEUE_PURGE: how many messages were removed."""
+
+    TYPE: ClassVar[int] = 0x16
+    NAME: ClassVar[str] = 'message_count_ok'
+    DIRECTION: ClassVar[str] = 'server'
+    rid: int
+    message_count: int = 0
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.message_count]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'message_count_ok') -> MessageCountOk:
+        check_arity(f, 1, 2, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_uint(f[1], U64_MAX, where + ".message_count") if n > 1 else 0
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class Bind(Frame):
+    """Route messages from an exchange to a queue. Idempotent. Reply: OK."""
+
+    TYPE: ClassVar[int] = 0x17
+    NAME: ClassVar[str] = 'bind'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    exchange: str
+    queue: str
+    routing_key: str = ''
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.exchange, self.queue, self.routing_key, self.arguments]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'bind') -> Bind:
+        check_arity(f, 3, 5, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".exchange")
+        a2 = check_str(f[2], NAME_MAX, where + ".queue")
+        a3 = check_str(f[3], NAME_MAX, where + ".routing_key") if n > 3 else ''
+        a4 = check_table(f[4], where + ".arguments") if n > 4 else {}
+        return cls(a0, a1, a2, a3, a4)
+
+
+@dataclass(frozen=True, slots=True)
+class Unbind(Frame):
+    """Remove a binding. Removing a binding that does not exist succeeds. Reply: OK."""
+
+    TYPE: ClassVar[int] = 0x18
+    NAME: ClassVar[str] = 'unbind'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    exchange: str
+    queue: str
+    routing_key: str = ''
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.exchange, self.queue, self.routing_key, self.arguments]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'unbind') -> Unbind:
+        check_arity(f, 3, 5, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".exchange")
+        a2 = check_str(f[2], NAME_MAX, where + ".queue")
+        a3 = check_str(f[3], NAME_MAX, where + ".routing_key") if n > 3 else ''
+        a4 = check_table(f[4], where + ".arguments") if n > 4 else {}
+        return cls(a0, a1, a2, a3, a4)
+
+
+@dataclass(frozen=True, slots=True)
+class List(Frame):
+    """List broker objects for tools. Reply: LIST_OK."""
+
+    TYPE: ClassVar[int] = 0x19
+    NAME: ClassVar[str] = 'list'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    kind: str
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.kind]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'list') -> List:
+        check_arity(f, 2, 2, where)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".kind")
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class ListOk(Frame):
+    """Reply to LIST: one table per object (fields listed in PROTOCOL.md)."""
+
+    TYPE: ClassVar[int] = 0x1a
+    NAME: ClassVar[str] = 'list_ok'
+    DIRECTION: ClassVar[str] = 'server'
+    rid: int
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.items]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'list_ok') -> ListOk:
+        check_arity(f, 1, 2, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_tablelist(f[1], where + ".items") if n > 1 else []
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class Publish(Frame):
+    """Publish one message. Confirmed with CONFIRM when seq > 0."""
+
+    TYPE: ClassVar[int] = 0x20
+    NAME: ClassVar[str] = 'publish'
+    DIRECTION: ClassVar[str] = 'client'
+    seq: int
+    exchange: str = ''
+    routing_key: str = ''
+    properties: dict[str, Any] = field(default_factory=dict)
+    body: bytes = b''
+    mandatory: bool = False
+
+    def to_wire(self) -> list[Any]:
+        return [self.seq, self.exchange, self.routing_key, self.properties, self.body, self.mandatory]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'publish') -> Publish:
+        check_arity(f, 1, 6, where)
+        n = len(f)
+        a0 = check_uint(f[0], U64_MAX, where + ".seq")
+        a1 = check_str(f[1], NAME_MAX, where + ".exchange") if n > 1 else ''
+        a2 = check_str(f[2], NAME_MAX, where + ".routing_key") if n > 2 else ''
+        a3 = check_props(f[3], where + ".properties") if n > 3 else {}
+        a4 = check_bytes(f[4], where + ".body") if n > 4 else b''
+        a5 = check_bool(f[5], where + ".mandatory") if n > 5 else False
+        return cls(a0, a1, a2, a3, a4, a5)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishBatch(Frame):
+    """Publish many messages in one frame; entry i has sequence number first_seq + i."""
+
+    TYPE: ClassVar[int] = 0x21
+    NAME: ClassVar[str] = 'publish_batch'
+    DIRECTION: ClassVar[str] = 'client'
+    first_seq: int
+    entries: list[PublishEntry]
+
+    def to_wire(self) -> list[Any]:
+        return [self.first_seq, [e.to_wire() for e in self.entries]]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'publish_batch') -> PublishBatch:
+        check_arity(f, 2, 2, where)
+        a0 = check_uint(f[0], U64_MAX, where + ".first_seq")
+        a1 = [PublishEntry.from_wire(e, where + ".entries") for e in check_list(f[1], where + ".entries")]
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm(Frame):
+    """Confirms (ack = true) or refuses (ack = false) every publish with first_seq <= seq <= last_seq."""
+
+    TYPE: ClassVar[int] = 0x22
+    NAME: ClassVar[str] = 'confirm'
+    DIRECTION: ClassVar[str] = 'server'
+    first_seq: int
+    last_seq: int
+    ack: bool = True
+    code: int = 0
+    message: str = ''
+
+    def to_wire(self) -> list[Any]:
+        return [self.first_seq, self.last_seq, self.ack, self.code, self.message]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'confirm') -> Confirm:
+        check_arity(f, 2, 5, where)
+        n = len(f)
+        a0 = check_uint(f[0], U64_MAX, where + ".first_seq")
+        a1 = check_uint(f[1], U64_MAX, where + ".last_seq")
+        a2 = check_bool(f[2], where + ".ack") if n > 2 else True
+        a3 = check_uint(f[3], U16_MAX, where + ".code") if n > 3 else 0
+        a4 = check_str(f[4], STR_MAX, where + ".message") if n > 4 else ''
+        return cls(a0, a1, a2, a3, a4)
+
+
+@dataclass(frozen=True, slots=True)
+class Return(Frame):
+    """A mandatory message no queue took. Sent before that message's CONFIRM."""
+
+    TYPE: ClassVar[int] = 0x23
+    NAME: ClassVar[str] = 'return'
+    DIRECTION: ClassVar[str] = 'server'
+    seq: int = 0
+    code: int = 312
+    message: str = ''
+    exchange: str = ''
+    routing_key: str = ''
+    properties: dict[str, Any] = field(default_factory=dict)
+    body: bytes = b''
+
+    def to_wire(self) -> list[Any]:
+        return [self.seq, self.code, self.message, self.exchange, self.routing_key, self.properties, self.body]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'return') -> Return:
+        check_arity(f, 0, 7, where)
+        n = len(f)
+        a0 = check_uint(f[0], U64_MAX, where + ".seq") if n > 0 else 0
+        a1 = check_uint(f[1], U16_MAX, where + ".code") if n > 1 else 312
+        a2 = check_str(f[2], STR_MAX, where + ".message") if n > 2 else ''
+        a3 = check_str(f[3], NAME_MAX, where + ".exchange") if n > 3 else ''
+        a4 = check_str(f[4], NAME_MAX, where + ".routing_key") if n > 4 else ''
+        a5 = check_props(f[5], where + ".properties") if n > 5 else {}
+        a6 = check_bytes(f[6], where + ".body") if n > 6 else b''
+        return cls(a0, a1, a2, a3, a4, a5, a6)
+
+
+@dataclass(frozen=True, slots=True)
+class Consume(Frame):
+    """Start a push consumer on a queue. Reply: CONSUME_OK. Deliveries need credit (CREDIT)."""
+
+    TYPE: ClassVar[int] = 0x30
+    NAME: ClassVar[str] = 'consume'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    queue: str
+    consumer_tag: str = ''
+    no_ack: bool = False
+    exclusive: bool = False
+    credit: int = 0
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.queue, self.consumer_tag, self.no_ack, self.exclusive, self.credit, self.arguments]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'consume') -> Consume:
+        check_arity(f, 2, 7, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".queue")
+        a2 = check_str(f[2], NAME_MAX, where + ".consumer_tag") if n > 2 else ''
+        a3 = check_bool(f[3], where + ".no_ack") if n > 3 else False
+        a4 = check_bool(f[4], where + ".exclusive") if n > 4 else False
+        a5 = check_uint(f[5], U32_MAX, where + ".credit") if n > 5 else 0
+        a6 = check_table(f[6], where + ".arguments") if n > 6 else {}
+        return cls(a0, a1, a2, a3, a4, a5, a6)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeOk(Frame):
+    """Reply to CONSUME."""
+
+    TYPE: ClassVar[int] = 0x31
+    NAME: ClassVar[str] = 'consume_ok'
+    DIRECTION: ClassVar[str] = 'server'
+    rid: int
+    consumer_tag: str
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.consumer_tag]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'consume_ok') -> ConsumeOk:
+        check_arity(f, 2, 2, where)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".consumer_tag")
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Frame):
+    """Stop a consumer; its unacked deliveries stay unacked until acked or the connection closes. Reply: OK."""
+
+    TYPE: ClassVar[int] = 0x32
+    NAME: ClassVar[str] = 'cancel'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    consumer_tag: str
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.consumer_tag]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'cancel') -> Cancel:
+        check_arity(f, 2, 2, where)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".consumer_tag")
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled(Frame):
+    """The server stopped a consumer (its queue was deleted)."""
+
+    TYPE: ClassVar[int] = 0x33
+    NAME: ClassVar[str] = 'cancelled'
+    DIRECTION: ClassVar[str] = 'server'
+    consumer_tag: str
+    code: int = 404
+    message: str = ''
+
+    def to_wire(self) -> list[Any]:
+        return [self.consumer_tag, self.code, self.message]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'cancelled') -> Cancelled:
+        check_arity(f, 1, 3, where)
+        n = len(f)
+        a0 = check_str(f[0], NAME_MAX, where + ".consumer_tag")
+        a1 = check_uint(f[1], U16_MAX, where + ".code") if n > 1 else 404
+        a2 = check_str(f[2], STR_MAX, where + ".message") if n > 2 else ''
+        return cls(a0, a1, a2)
+
+
+@dataclass(frozen=True, slots=True)
+class Credit(Frame):
+    """Grant a consumer more credit (added to what it has). No reply; an unknown tag gets ERROR rid 0."""
+
+    TYPE: ClassVar[int] = 0x34
+    NAME: ClassVar[str] = 'credit'
+    DIRECTION: ClassVar[str] = 'client'
+    consumer_tag: str
+    credit: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.consumer_tag, self.credit]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'credit') -> Credit:
+        check_arity(f, 2, 2, where)
+        a0 = check_str(f[0], NAME_MAX, where + ".consumer_tag")
+        a1 = check_uint(f[1], U32_MAX, where + ".credit")
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver(Frame):
+    """One message pushed to a consumer; uses one credit."""
+
+    TYPE: ClassVar[int] = 0x35
+    NAME: ClassVar[str] = 'deliver'
+    DIRECTION: ClassVar[str] = 'server'
+    consumer_tag: str
+    delivery_tag: int
+    redelivered: bool = False
+    exchange: str = ''
+    routing_key: str = ''
+    properties: dict[str, Any] = field(default_factory=dict)
+    body: bytes = b''
+    delivery_count: int = 1
+
+    def to_wire(self) -> list[Any]:
+        return [self.consumer_tag, self.delivery_tag, self.redelivered, self.exchange, self.routing_key, self.properties, self.body, self.delivery_count]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'deliver') -> Deliver:
+        check_arity(f, 2, 8, where)
+        n = len(f)
+        a0 = check_str(f[0], NAME_MAX, where + ".consumer_tag")
+        a1 = check_uint(f[1], U64_MAX, where + ".delivery_tag")
+        a2 = check_bool(f[2], where + ".redelivered") if n > 2 else False
+        a3 = check_str(f[3], NAME_MAX, where + ".exchange") if n > 3 else ''
+        a4 = check_str(f[4], NAME_MAX, where + ".routing_key") if n > 4 else ''
+        a5 = check_props(f[5], where + ".properties") if n > 5 else {}
+        a6 = check_bytes(f[6], where + ".body") if n > 6 else b''
+        a7 = check_uint(f[7], U32_MAX, where + ".delivery_count") if n > 7 else 1
+        return cls(a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverBatch(Frame):
+    """Several messages pushed to one consumer; uses one credit per entry."""
+
+    TYPE: ClassVar[int] = 0x36
+    NAME: ClassVar[str] = 'deliver_batch'
+    DIRECTION: ClassVar[str] = 'server'
+    consumer_tag: str
+    entries: list[DeliveryEntry]
+
+    def to_wire(self) -> list[Any]:
+        return [self.consumer_tag, [e.to_wire() for e in self.entries]]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'deliver_batch') -> DeliverBatch:
+        check_arity(f, 2, 2, where)
+        a0 = check_str(f[0], NAME_MAX, where + ".consumer_tag")
+        a1 = [DeliveryEntry.from_wire(e, where + ".entries") for e in check_list(f[1], where + ".entries")]
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Frame):
+    """Acknowledge a delivery (or, with multiple, every unacked one up to it; tag 0 + multiple = all)."""
+
+    TYPE: ClassVar[int] = 0x37
+    NAME: ClassVar[str] = 'ack'
+    DIRECTION: ClassVar[str] = 'client'
+    delivery_tag: int
+    multiple: bool = False
+
+    def to_wire(self) -> list[Any]:
+        return [self.delivery_tag, self.multiple]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'ack') -> Ack:
+        check_arity(f, 1, 2, where)
+        n = len(f)
+        a0 = check_uint(f[0], U64_MAX, where + ".delivery_tag")
+        a1 = check_bool(f[1], where + ".multiple") if n > 1 else False
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class Nack(Frame):
+    """Refuse deliveries; requeue puts them back in their original order, flagged redelivered."""
+
+    TYPE: ClassVar[int] = 0x38
+    NAME: ClassVar[str] = 'nack'
+    DIRECTION: ClassVar[str] = 'client'
+    delivery_tag: int
+    multiple: bool = False
+    requeue: bool = True
+
+    def to_wire(self) -> list[Any]:
+        return [self.delivery_tag, self.multiple, self.requeue]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'nack') -> Nack:
+        check_arity(f, 1, 3, where)
+        n = len(f)
+        a0 = check_uint(f[0], U64_MAX, where + ".delivery_tag")
+        a1 = check_bool(f[1], where + ".multiple") if n > 1 else False
+        a2 = check_bool(f[2], where + ".requeue") if n > 2 else True
+        return cls(a0, a1, a2)
+
+
+@dataclass(frozen=True, slots=True)
+class Reject(Frame):
+    """Refuse one delivery; by default it is discarded (dead-lettered once configured)."""
+
+    TYPE: ClassVar[int] = 0x39
+    NAME: ClassVar[str] = 'reject'
+    DIRECTION: ClassVar[str] = 'client'
+    delivery_tag: int
+    requeue: bool = False
+
+    def to_wire(self) -> list[Any]:
+        return [self.delivery_tag, self.requeue]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'reject') -> Reject:
+        check_arity(f, 1, 2, where)
+        n = len(f)
+        a0 = check_uint(f[0], U64_MAX, where + ".delivery_tag")
+        a1 = check_bool(f[1], where + ".requeue") if n > 1 else False
+        return cls(a0, a1)
+
+
+@dataclass(frozen=True, slots=True)
+class Get(Frame):
+    """Pull up to max_messages ready messages. Reply: GET_OK (possibly empty)."""
+
+    TYPE: ClassVar[int] = 0x3a
+    NAME: ClassVar[str] = 'get'
+    DIRECTION: ClassVar[str] = 'client'
+    rid: int
+    queue: str
+    max_messages: int = 1
+    no_ack: bool = False
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, self.queue, self.max_messages, self.no_ack]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'get') -> Get:
+        check_arity(f, 2, 4, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = check_str(f[1], NAME_MAX, where + ".queue")
+        a2 = check_uint(f[2], U32_MAX, where + ".max_messages") if n > 2 else 1
+        a3 = check_bool(f[3], where + ".no_ack") if n > 3 else False
+        return cls(a0, a1, a2, a3)
+
+
+@dataclass(frozen=True, slots=True)
+class GetOk(Frame):
+    """Reply to GET."""
+
+    TYPE: ClassVar[int] = 0x3b
+    NAME: ClassVar[str] = 'get_ok'
+    DIRECTION: ClassVar[str] = 'server'
+    rid: int
+    entries: list[DeliveryEntry] = field(default_factory=list)
+    message_count: int = 0
+
+    def to_wire(self) -> list[Any]:
+        return [self.rid, [e.to_wire() for e in self.entries], self.message_count]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'get_ok') -> GetOk:
+        check_arity(f, 1, 3, where)
+        n = len(f)
+        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a1 = [DeliveryEntry.from_wire(e, where + ".entries") for e in check_list(f[1], where + ".entries")] if n > 1 else []
+        a2 = check_uint(f[2], U64_MAX, where + ".message_count") if n > 2 else 0
+        return cls(a0, a1, a2)
+
+
+FRAME_TYPES: dict[int, type[Frame]] = {
+    0x01: Hello,
+    0x02: Auth,
+    0x03: OpenOk,
+    0x04: Heartbeat,
+    0x05: Close,
+    0x06: CloseOk,
+    0x07: Error,
+    0x08: Ok,
+    0x10: ExchangeDeclare,
+    0x11: ExchangeDelete,
+    0x12: QueueDeclare,
+    0x13: QueueDeclareOk,
+    0x14: QueueDelete,
+    0x15: QueuePurge,
+    0x16: MessageCountOk,
+    0x17: Bind,
+    0x18: Unbind,
+    0x19: List,
+    0x1a: ListOk,
+    0x20: Publish,
+    0x21: PublishBatch,
+    0x22: Confirm,
+    0x23: Return,
+    0x30: Consume,
+    0x31: ConsumeOk,
+    0x32: Cancel,
+    0x33: Cancelled,
+    0x34: Credit,
+    0x35: Deliver,
+    0x36: DeliverBatch,
+    0x37: Ack,
+    0x38: Nack,
+    0x39: Reject,
+    0x3a: Get,
+    0x3b: GetOk,
+}
+
+CLIENT_FRAMES: frozenset[int] = frozenset({0x02, 0x04, 0x05, 0x06, 0x10, 0x11, 0x12, 0x14, 0x15, 0x17, 0x18, 0x19, 0x20, 0x21, 0x30, 0x32, 0x34, 0x37, 0x38, 0x39, 0x3a})
+SERVER_FRAMES: frozenset[int] = frozenset({0x01, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x13, 0x16, 0x1a, 0x22, 0x23, 0x31, 0x33, 0x35, 0x36, 0x3b})

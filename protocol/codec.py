@@ -1,0 +1,162 @@
+"""Sans-IO framing: bytes in, frames out; frames in, bytes out.
+
+Wire layout (spec/PROTOCOL.md, "Framing")::
+
+    +----------------+-----------+------------------------------+
+    | length: uint32 | type: u8  | body: msgpack array          |
+    +----------------+-----------+------------------------------+
+      big-endian; length counts type + body (so >= 1)
+
+The decoder is incremental: feed it any fragmentation of the stream and it yields the
+same frames. It checks the length against the negotiated cap *before* buffering the
+body, so an oversized frame is refused after 5 bytes, not after the peer has filled our
+memory. No sockets, no asyncio: broker and client both drive it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import msgpack
+
+from protocol._generated import (
+    FRAME_TYPES,
+    MAGIC,
+    MAX_FRAME_SIZE_CEILING,
+    PREAMBLE,
+    VERSION_MAJOR,
+    Frame,
+    FrameTooLarge,
+    MalformedFrame,
+    UnexpectedFrame,
+    UnsupportedVersion,
+)
+
+HEADER = struct.Struct(">IB")
+HEADER_SIZE = HEADER.size
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+__all__ = [
+    "HEADER_SIZE",
+    "PREAMBLE",
+    "Decoder",
+    "encode",
+    "encode_fields",
+    "encode_many",
+    "parse_preamble",
+]
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode one frame to its wire bytes."""
+    body = _packb(frame.to_wire())
+    return _pack_header(len(body) + 1, frame.TYPE) + body
+
+
+def encode_fields(ftype: int, fields: list[Any]) -> bytes:
+    """Encode a frame straight from its field list (hot paths skip the frame object)."""
+    body = _packb(fields)
+    return _pack_header(len(body) + 1, ftype) + body
+
+
+def encode_many(frames: Iterable[Frame]) -> bytes:
+    """Encode many frames into one buffer, so a burst costs one write."""
+    parts: list[bytes] = []
+    append = parts.append
+    for frame in frames:
+        body = _packb(frame.to_wire())
+        append(_pack_header(len(body) + 1, frame.TYPE))
+        append(body)
+    return b"".join(parts)
+
+
+def parse_preamble(data: bytes) -> tuple[int, int]:
+    """Check the 8-byte preamble; return (major, minor) or raise.
+
+    Raises MalformedFrame if the magic is wrong (not our protocol) and
+    UnsupportedVersion if the major version differs from ours.
+    """
+    if len(data) != len(PREAMBLE) or data[: len(MAGIC)] != MAGIC:
+        raise MalformedFrame(f"bad preamble {bytes(data[:8])!r}: expected {PREAMBLE!r}")
+    major, minor = data[len(MAGIC)], data[len(MAGIC) + 1]
+    if major != VERSION_MAJOR:
+        raise UnsupportedVersion(
+            f"client asked for protocol {major}.{minor}; this server speaks {VERSION_MAJOR}.x",
+            {"server_major": VERSION_MAJOR},
+        )
+    return major, minor
+
+
+def _unpack_body(body: bytes | bytearray, where: str) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:
+        # ExtraData: trailing bytes after the array; ValueError covers bad UTF-8.
+        raise MalformedFrame(f"{where}: body is not one msgpack value ({exc})") from None
+
+
+class Decoder:
+    """Incremental frame decoder with a hard size cap.
+
+    ``accept`` is the set of frame types this side may receive (the spec's direction
+    column); anything else is unexpected-frame, because a server never accepts a
+    DELIVER and a client never accepts a PUBLISH.
+    """
+
+    __slots__ = ("_buf", "_pos", "accept", "max_frame_size")
+
+    def __init__(self, max_frame_size: int, accept: frozenset[int]) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self.max_frame_size = min(max_frame_size, MAX_FRAME_SIZE_CEILING)
+        self.accept = accept
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Append ``data`` and return every complete frame (possibly none: need more data)."""
+        buf = self._buf
+        if self._pos and self._pos == len(buf):
+            buf.clear()
+            self._pos = 0
+        buf += data
+        frames: list[Frame] = []
+        pos = self._pos
+        end = len(buf)
+        cap = self.max_frame_size
+        types = FRAME_TYPES
+        accept = self.accept
+        try:
+            while end - pos >= HEADER_SIZE:
+                length, ftype = _unpack_header(buf, pos)
+                if length > cap:
+                    raise FrameTooLarge(
+                        f"frame of {length} bytes exceeds the maximum of {cap}",
+                        {"length": length, "max_frame_size": cap},
+                    )
+                if length == 0:
+                    raise MalformedFrame("frame length 0 (must count the type byte)")
+                if end - pos < 4 + length:
+                    break
+                cls = types.get(ftype)
+                if cls is None:
+                    raise MalformedFrame(f"unknown frame type {ftype:#04x}")
+                if ftype not in accept:
+                    raise UnexpectedFrame(f"{cls.NAME.upper()} may not be sent by this peer")
+                body = _unpack_body(buf[pos + HEADER_SIZE : pos + 4 + length], cls.NAME)
+                frames.append(cls.from_wire(body))
+                pos += 4 + length
+        finally:
+            self._pos = pos
+            # Compact once the consumed prefix dominates, so the buffer stays O(frame).
+            if pos > 65536 and pos * 2 > end:
+                del buf[:pos]
+                self._pos = 0
+        return frames

@@ -1,0 +1,86 @@
+"""Error hierarchy shared by broker and client.
+
+Every error that can cross the wire is a :class:`ConveyorError` subclass carrying the
+stable numeric ``code`` from ``spec/protocol.toml``. The concrete classes (``NotFound``,
+``MalformedFrame`` ...) are generated into :mod:`protocol._generated`; this module holds
+the base classes and the code -> class registry so both sides map codes one-to-one.
+
+Two axes, as the spec's error table says:
+
+* ``fatal``: the connection is closed after the error (:class:`FatalError`) versus only
+  the request fails (:class:`RequestError`).
+* ``origin``: ``"peer"`` (the sender of the request made a mistake) or ``"server"``
+  (ours); ``retriable`` says whether the same request may later succeed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "ConveyorError",
+    "FatalError",
+    "ProtocolError",
+    "RequestError",
+    "error_for_code",
+]
+
+
+class ConveyorError(Exception):
+    """Base of every error with a wire code."""
+
+    code: ClassVar[int] = 541
+    name: ClassVar[str] = "internal-error"
+    fatal: ClassVar[bool] = False
+    retriable: ClassVar[bool] = False
+    origin: ClassVar[str] = "server"
+
+    _registry: ClassVar[dict[int, type[ConveyorError]]] = {}
+
+    def __init__(self, message: str = "", details: dict[str, Any] | None = None) -> None:
+        super().__init__(message or self.name)
+        self.message = message or self.name
+        self.details: dict[str, Any] = details or {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Only leaf classes that declare their own code register themselves.
+        if "code" in cls.__dict__ and cls.code > 0:
+            ConveyorError._registry.setdefault(cls.code, cls)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.code}): {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class RequestError(ConveyorError):
+    """Fails one request; the connection stays usable."""
+
+
+class FatalError(ConveyorError):
+    """Closes the connection."""
+
+    fatal = True
+
+
+class ProtocolError(FatalError):
+    """The byte stream broke the protocol (bad frame, size, state or version).
+
+    Raised by the sans-IO decoder; the receiving side answers with an ERROR frame
+    carrying ``code`` and closes the connection.
+    """
+
+
+def error_for_code(code: int, message: str = "", details: dict[str, Any] | None = None) -> ConveyorError:
+    """Build the exception class registered for ``code`` (unknown codes -> base class)."""
+    # Importing here guarantees the generated subclasses have registered.
+    from protocol import _generated  # noqa: F401
+
+    cls = ConveyorError._registry.get(code)
+    if cls is None:
+        err = ConveyorError(message or f"error code {code}", details)
+        err.code = code  # type: ignore[misc]
+        return err
+    return cls(message, details)

@@ -1,0 +1,364 @@
+"""Generate protocol tables from ``spec/protocol.toml`` (the one source of truth).
+
+Writes ``protocol/_generated.py`` (frame classes, codecs, error classes),
+``spec/vectors/frames.json`` (one vector per frame type, built with msgpack directly,
+not with ``protocol/``) and the tables between GENERATED markers in ``spec/PROTOCOL.md``.
+
+Usage: ``python tools/gen_protocol.py`` (write) or ``--check`` (exit 1 if stale).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "spec" / "protocol.toml"
+GEN_PY = ROOT / "protocol" / "_generated.py"
+VECTORS = ROOT / "spec" / "vectors" / "frames.json"
+DOC = ROOT / "spec" / "PROTOCOL.md"
+
+PY_TYPES = {
+    "rid": "int", "u16": "int", "u32": "int", "u64": "int", "priority": "int",
+    "bool": "bool", "name": "str", "str": "str", "bytes": "bytes",
+    "table": "dict[str, Any]", "props": "dict[str, Any]", "strlist": "list[str]",
+    "tablelist": "list[dict[str, Any]]",
+}
+WIRE_TYPES = {
+    "rid": "uint32 (1..2^32-1)", "u16": "uint16", "u32": "uint32", "u64": "uint64",
+    "priority": "uint 0..9", "bool": "bool", "name": "string <= 255 bytes",
+    "str": "string <= 65535 bytes", "bytes": "bin", "table": "map string -> any",
+    "props": "properties map", "strlist": "array of name", "tablelist": "array of table",
+}
+
+
+def camel(name: str) -> str:
+    return "".join(p.capitalize() for p in re.split(r"[_-]", name))
+
+
+def check_expr(ftype: str, val: str, where: str) -> str:
+    w = repr(where)
+    simple = {
+        "rid": f"check_uint({val}, U32_MAX, {w}, 1)",
+        "u16": f"check_uint({val}, U16_MAX, {w})",
+        "u32": f"check_uint({val}, U32_MAX, {w})",
+        "u64": f"check_uint({val}, U64_MAX, {w})",
+        "priority": f"check_uint({val}, 9, {w})",
+        "bool": f"check_bool({val}, {w})",
+        "name": f"check_str({val}, NAME_MAX, {w})",
+        "str": f"check_str({val}, STR_MAX, {w})",
+        "bytes": f"check_bytes({val}, {w})",
+        "table": f"check_table({val}, {w})",
+        "props": f"check_props({val}, {w})",
+        "strlist": f"check_strlist({val}, {w})",
+        "tablelist": f"check_tablelist({val}, {w})",
+    }
+    if ftype in simple:
+        return simple[ftype]
+    if ftype.startswith("list:"):
+        rec = camel(ftype[5:])
+        return f"[{rec}.from_wire(e, {w}) for e in check_list({val}, {w})]"
+    raise SystemExit(f"unknown field type {ftype}")
+
+
+def py_type(ftype: str) -> str:
+    if ftype.startswith("list:"):
+        return f"list[{camel(ftype[5:])}]"
+    return PY_TYPES[ftype]
+
+
+def default_src(default: Any, ftype: str = "") -> str:
+    if ftype == "bytes":
+        return repr(default.encode())
+    if isinstance(default, dict):
+        return "{}"
+    if isinstance(default, list):
+        return "[]"
+    return repr(default)
+
+
+def dataclass_default(default: Any, ftype: str = "") -> str:
+    if ftype == "bytes":
+        return f" = {default.encode()!r}"
+    if isinstance(default, dict):
+        return " = field(default_factory=dict)"
+    if isinstance(default, list):
+        return " = field(default_factory=list)"
+    return f" = {default!r}"
+
+
+def gen_class(cls: str, base: str, fields: list[list[Any]], doc: str, classvars: list[str],
+              where_prefix: str) -> list[str]:
+    seen_default = False
+    for fname, _t, default, _d in fields:
+        if default == "REQUIRED" and seen_default:
+            raise SystemExit(f"{where_prefix}.{fname}: required field after a defaulted one")
+        seen_default = seen_default or default != "REQUIRED"
+    out = ["", "", "@dataclass(frozen=True, slots=True)", f"class {cls}({base}):" if base else f"class {cls}:"]
+    out.append(f'    """{doc}"""')
+    out.append("")
+    out.extend(f"    {cv}" for cv in classvars)
+    for fname, ftype, default, _desc in fields:
+        dflt = "" if default == "REQUIRED" else dataclass_default(default, ftype)
+        out.append(f"    {fname}: {py_type(ftype)}{dflt}")
+    required = sum(1 for f in fields if f[2] == "REQUIRED")
+    # to_wire
+    out.append("")
+    out.append("    def to_wire(self) -> list[Any]:")
+    parts = []
+    for fname, ftype, _d, _ in fields:
+        if ftype.startswith("list:"):
+            parts.append(f"[e.to_wire() for e in self.{fname}]")
+        else:
+            parts.append(f"self.{fname}")
+    out.append(f"        return [{', '.join(parts)}]")
+    # from_wire
+    out.append("")
+    out.append("    @classmethod")
+    out.append(f"    def from_wire(cls, f: Any, where: str = {where_prefix!r}) -> {cls}:")
+    out.append(f"        check_arity(f, {required}, {len(fields)}, where)")
+    if any(f[2] != "REQUIRED" for f in fields):
+        out.append("        n = len(f)")
+    args = []
+    for i, (fname, ftype, default, _) in enumerate(fields):
+        expr = check_expr(ftype, f"f[{i}]", f"{where_prefix}.{fname}")
+        expr = expr.replace(repr(f"{where_prefix}.{fname}"), f'where + ".{fname}"')
+        if default == "REQUIRED":
+            out.append(f"        a{i} = {expr}")
+        else:
+            out.append(f"        a{i} = {expr} if n > {i} else {default_src(default, ftype)}")
+        args.append(f"a{i}")
+    out.append(f"        return cls({', '.join(args)})")
+    return out
+
+
+def gen_python(spec: dict[str, Any]) -> str:
+    p = spec["protocol"]
+    lines = [
+        '"""Frame classes, codecs and error classes generated from spec/protocol.toml.',
+        "",
+        "DO NOT EDIT: run ``python tools/gen_protocol.py`` after changing the spec.",
+        '"""',
+        "",
+        "# ruff: noqa",
+        "from __future__ import annotations",
+        "",
+        "from dataclasses import dataclass, field",
+        "from typing import Any, ClassVar",
+        "",
+        "from protocol._checks import (",
+        "    NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_bool, check_bytes,",
+        "    check_list, check_str, check_strlist, check_table, check_tablelist, check_uint, fail,",
+        ")",
+        "from protocol.errors import FatalError, ProtocolError, RequestError",
+        "",
+        f"MAGIC = {p['magic'].encode()!r}",
+        f"VERSION_MAJOR = {p['major']}",
+        f"VERSION_MINOR = {p['minor']}",
+        f"PREAMBLE = MAGIC + bytes([VERSION_MAJOR, VERSION_MINOR])",
+        f"DEFAULT_PORT = {p['default_port']}",
+        f"MAX_FRAME_SIZE_DEFAULT = {p['max_frame_size_default']}",
+        f"MAX_FRAME_SIZE_FLOOR = {p['max_frame_size_floor']}",
+        f"MAX_FRAME_SIZE_CEILING = {p['max_frame_size_ceiling']}",
+        f"HEARTBEAT_MS_DEFAULT = {p['heartbeat_ms_default']}",
+        "",
+        "",
+        "# ------------------------------------------------------------------ errors",
+    ]
+    for e in spec["error"]:
+        if not e["fatal"] and e["code"] < 300:
+            continue  # 200 "ok" is a CLOSE reason, not an error: no exception class
+        cls = camel(e["name"])
+        if cls == "NotImplemented":
+            cls = "NotImplementedByServer"
+        if e.get("protocol_error"):
+            base = "ProtocolError"
+        elif e["fatal"]:
+            base = "FatalError"
+        else:
+            base = "RequestError"
+        lines += [
+            "",
+            "",
+            f"class {cls}({base}):",
+            f'    """{e["doc"]}"""',
+            "",
+            f"    code = {e['code']}",
+            f"    name = {e['name']!r}",
+            f"    fatal = {e['fatal']!r}",
+            f"    retriable = {e['retriable']!r}",
+            f"    origin = {e['origin']!r}",
+        ]
+    lines += ["", "", "ERROR_CODES: dict[str, int] = {"]
+    lines += [f"    {e['name']!r}: {e['code']}," for e in spec["error"]]
+    lines += ["}", ""]
+    lines += ["FATAL_CODES: frozenset[int] = frozenset({" +
+              ", ".join(str(e["code"]) for e in spec["error"] if e["fatal"]) + "})"]
+    # properties
+    lines += ["", "", "# ------------------------------------------------------------------ properties",
+              "PROPERTY_TYPES: dict[str, str] = {"]
+    lines += [f"    {k!r}: {v[0]!r}," for k, v in spec["properties"].items()]
+    lines += ["}", "", "", "def check_props(v: Any, where: str) -> dict[str, Any]:",
+              '    """Validate a message properties map: known keys with their types only."""',
+              "    check_table(v, where)",
+              "    for k, x in v.items():"]
+    first = True
+    for k, (t, _d) in spec["properties"].items():
+        kw = "if" if first else "elif"
+        first = False
+        lines.append(f"        {kw} k == {k!r}:")
+        lines.append(f"            {check_expr(t, 'x', 'x')}".replace("'x')", "where + '.' + k)"))
+    lines += ["        else:", '            raise fail(where, f"unknown property {k!r}")', "    return v  # type: ignore[no-any-return]"]
+    # records
+    lines += ["", "", "# ------------------------------------------------------------------ records"]
+    for rname, rec in spec["record"].items():
+        lines += gen_class(camel(rname), "", rec["fields"], rec["doc"], [], rname)
+    # frames
+    lines += ["", "", "# ------------------------------------------------------------------ frames", "",
+              "", "class Frame:",
+              '    """Base of every frame: TYPE is the wire type byte, NAME the spec name."""',
+              "",
+              "    __slots__ = ()",
+              "    TYPE: ClassVar[int]",
+              "    NAME: ClassVar[str]",
+              "    DIRECTION: ClassVar[str]",
+              "",
+              "    def to_wire(self) -> list[Any]:",
+              "        raise NotImplementedError",
+              "",
+              "    @classmethod",
+              "    def from_wire(cls, f: Any, where: str = '') -> Frame:",
+              "        raise NotImplementedError"]
+    for fr in spec["frame"]:
+        cv = [f"TYPE: ClassVar[int] = {fr['code']:#04x}", f"NAME: ClassVar[str] = {fr['name']!r}",
+              f"DIRECTION: ClassVar[str] = {fr['direction']!r}"]
+        lines += gen_class(camel(fr["name"]), "Frame", fr["fields"], fr["doc"], cv, fr["name"])
+    lines += ["", "", "FRAME_TYPES: dict[int, type[Frame]] = {"]
+    lines += [f"    {fr['code']:#04x}: {camel(fr['name'])}," for fr in spec["frame"]]
+    lines += ["}", ""]
+    lines += ["CLIENT_FRAMES: frozenset[int] = frozenset({" + ", ".join(
+        f"{fr['code']:#04x}" for fr in spec["frame"] if fr["direction"] in ("client", "both")) + "})"]
+    lines += ["SERVER_FRAMES: frozenset[int] = frozenset({" + ", ".join(
+        f"{fr['code']:#04x}" for fr in spec["frame"] if fr["direction"] in ("server", "both")) + "})"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- vectors
+
+
+def to_wire_value(ftype: str, v: Any, spec: dict[str, Any]) -> Any:
+    if ftype == "bytes":
+        return v.encode() if isinstance(v, str) else bytes(v)
+    if ftype.startswith("list:"):
+        rec = spec["record"][ftype[5:]]
+        return [[to_wire_value(f[1], x, spec) for f, x in zip(rec["fields"], e, strict=False)] for e in v]
+    return v
+
+
+def to_json_value(ftype: str, v: Any, spec: dict[str, Any]) -> Any:
+    if ftype == "bytes":
+        return {"$bin": (v.encode() if isinstance(v, str) else bytes(v)).hex()}
+    if ftype.startswith("list:"):
+        rec = spec["record"][ftype[5:]]
+        return [{f[0]: to_json_value(f[1], x, spec) for f, x in zip(rec["fields"], e, strict=False)} for e in v]
+    return v
+
+
+def gen_vectors(spec: dict[str, Any]) -> str:
+    vecs = []
+    for fr in spec["frame"]:
+        ex = fr["example"]
+        wire = [to_wire_value(f[1], v, spec) for f, v in zip(fr["fields"], ex, strict=True)]
+        body = msgpack.packb(wire, use_bin_type=True)
+        frame = struct.pack(">IB", len(body) + 1, fr["code"]) + body
+        decoded = {f[0]: to_json_value(f[1], v, spec) for f, v in zip(fr["fields"], ex, strict=True)}
+        vecs.append({"type": fr["name"], "code": fr["code"], "hex": frame.hex(), "decoded": decoded})
+    doc = {
+        "description": "Valid frames: hex bytes on the wire <-> decoded fields. Bytes values are {\"$bin\": hex}. Generated from spec/protocol.toml.",
+        "vectors": vecs,
+    }
+    return json.dumps(doc, indent=1, sort_keys=False) + "\n"
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def fmt_default(d: Any) -> str:
+    if d == "REQUIRED":
+        return "required"
+    return "`" + json.dumps(d) + "`"
+
+
+def md_tables(spec: dict[str, Any]) -> dict[str, str]:
+    t: dict[str, str] = {}
+    rows = ["| type | name | direction | purpose |", "|---|---|---|---|"]
+    for fr in spec["frame"]:
+        rows.append(f"| `{fr['code']:#04x}` | {fr['name'].upper()} | {fr['direction']} | {fr['doc']} |")
+    t["frame-types"] = "\n".join(rows)
+    parts = []
+    for fr in spec["frame"]:
+        parts.append(f"#### {fr['name'].upper()} (`{fr['code']:#04x}`, {fr['direction']})\n\n{fr['doc']}\n")
+        if fr["fields"]:
+            parts.append("| # | field | type | default | meaning |\n|---|---|---|---|---|")
+            for i, (n, ty, d, desc) in enumerate(fr["fields"]):
+                tyd = f"array of {ty[5:]} records" if ty.startswith("list:") else WIRE_TYPES[ty]
+                parts.append(f"| {i} | `{n}` | {tyd} | {fmt_default(d)} | {desc} |")
+        else:
+            parts.append("Empty body: the msgpack empty array `0x90`.")
+        parts.append("")
+    for rname, rec in spec["record"].items():
+        parts.append(f"#### Record `{rname}`\n\n{rec['doc']}\n")
+        parts.append("| # | field | type | default | meaning |\n|---|---|---|---|---|")
+        for i, (n, ty, d, desc) in enumerate(rec["fields"]):
+            parts.append(f"| {i} | `{n}` | {WIRE_TYPES[ty]} | {fmt_default(d)} | {desc} |")
+        parts.append("")
+    t["frames"] = "\n".join(parts).rstrip()
+    rows = ["| code | name | fatal | retriable | origin | meaning |", "|---|---|---|---|---|---|"]
+    for e in spec["error"]:
+        rows.append(f"| {e['code']} | `{e['name']}` | {'yes' if e['fatal'] else 'no'} | "
+                    f"{'yes' if e['retriable'] else 'no'} | {e['origin']} | {e['doc']} |")
+    t["errors"] = "\n".join(rows)
+    rows = ["| key | type | meaning |", "|---|---|---|"]
+    for k, (ty, desc) in spec["properties"].items():
+        rows.append(f"| `{k}` | {WIRE_TYPES[ty]} | {desc} |")
+    t["properties"] = "\n".join(rows)
+    return t
+
+
+def render_doc(current: str, tables: dict[str, str]) -> str:
+    for name, body in tables.items():
+        pat = re.compile(rf"(<!-- BEGIN GENERATED: {name} -->\n).*?(<!-- END GENERATED: {name} -->)", re.S)
+        if not pat.search(current):
+            raise SystemExit(f"spec/PROTOCOL.md lacks the GENERATED markers for {name}")
+        current = pat.sub(lambda m, b=body: m.group(1) + b + "\n" + m.group(2), current)
+    return current
+
+
+def main() -> int:
+    check = "--check" in sys.argv
+    spec = tomllib.loads(SPEC.read_text())
+    outputs = {GEN_PY: gen_python(spec), VECTORS: gen_vectors(spec)}
+    if DOC.exists():
+        outputs[DOC] = render_doc(DOC.read_text(), md_tables(spec))
+    stale = [p for p, text in outputs.items() if not p.exists() or p.read_text() != text]
+    if check:
+        for p in stale:
+            print(f"stale: {p.relative_to(ROOT)} (run python tools/gen_protocol.py)")
+        return 1 if stale else 0
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(outputs[p])
+        print(f"wrote {p.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
