@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -24,16 +25,14 @@ def setup_logging(level: str) -> None:
 
 async def serve(config: Config, ready: asyncio.Future[int] | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT, then shut down gracefully."""
-    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before serving
     server = BrokerServer(config)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # non-main thread
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
-            pass
     # Machine-readable line so scripts and tests can find the port when --port 0 is used.
     print(f"conveyor listening on {config.host}:{server.port}", flush=True)
     if ready is not None and not ready.done():

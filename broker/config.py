@@ -82,6 +82,8 @@ def load(path: str | None = None, **overrides: Any) -> Config:
             values[key] = value
     for name, value in values.items():
         want = FIELDS[name].type
-        if (want == "int" and (type(value) is not int)) or (want == "str" and type(value) is not str):
+        if (want == "int" and type(value) is not int) or (
+            want == "str" and type(value) is not str
+        ):
             raise ConfigError(f"setting {name!r} must be {want}, got {value!r}")
     return Config(**values).validate()

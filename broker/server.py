@@ -10,6 +10,7 @@ reading from it too, so it cannot make us buffer its confirms without bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import platform
 import socket
@@ -65,15 +66,15 @@ class BrokerProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.server.protocols.add(self)
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.config.handshake_timeout_ms / 1000, self._handshake_expired)
+        self._timer = loop.call_later(
+            self.config.handshake_timeout_ms / 1000, self._handshake_expired
+        )
 
     def data_received(self, data: bytes) -> None:
         self._last_recv = time.monotonic()
@@ -149,7 +150,8 @@ class BrokerProtocol(asyncio.Protocol):
             f"{VERSION_MAJOR}.{VERSION_MINOR}",
             self.config.max_frame_size,
             self.config.heartbeat_ms,
-            {"product": "conveyor", "version": VERSION, "platform": platform.python_implementation()},
+            {"product": "conveyor", "version": VERSION,
+             "platform": platform.python_implementation()},
             ["anonymous"],
         )])
 
@@ -272,7 +274,7 @@ class BrokerServer:
             p.begin_close(err.code, err.message)
         waiters: list[Any] = [p._close_ok for p in protos]
         if waiters:
-            _done, pending = await asyncio.wait(waiters, timeout=self.config.shutdown_grace_ms / 1000)
+            await asyncio.wait(waiters, timeout=self.config.shutdown_grace_ms / 1000)
             for p in protos:
                 if p.transport is not None and not p._close_ok.done():
                     p.transport.abort()

@@ -405,7 +405,8 @@ class Session:
 
     def _get(self, f: Get) -> Frame:
         if not 1 <= f.max_messages <= GET_MAX:
-            raise InvalidArgument(f"max_messages must be 1..{GET_MAX}", {"max_messages": f.max_messages})
+            raise InvalidArgument(f"max_messages must be 1..{GET_MAX}",
+                                  {"max_messages": f.max_messages})
         q = self.broker.get_queue(f.queue, self.id)
         budget = self.max_frame_size - 1024
         entries: list[DeliveryEntry] = []

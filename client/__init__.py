@@ -33,8 +33,8 @@ from protocol import (
 __all__ = [
     "AccessRefused",
     "ClientError",
-    "ConnectionClosed",
     "Connection",
+    "ConnectionClosed",
     "Consumer",
     "ConsumerCancelled",
     "ConveyorError",

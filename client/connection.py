@@ -15,6 +15,7 @@ timeout.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import itertools
 import logging
@@ -29,6 +30,7 @@ from client.consumer import Consumer
 from client.errors import ConnectionClosed, PublishTimeout, RequestTimeout
 from client.message import PROPERTY_NAMES, Message
 from client.url import URL, parse_url
+from protocol import Ack as AckFrame
 from protocol import (
     Auth,
     Bind,
@@ -54,7 +56,6 @@ from protocol import (
     ListOk,
     MessageCountOk,
     NoRoute,
-    Ok,
     OpenOk,
     Publish,
     PublishBatch,
@@ -68,7 +69,6 @@ from protocol import (
     encode_fields,
     error_for_code,
 )
-from protocol import Ack as AckFrame
 from protocol import Heartbeat as HeartbeatFrame
 from protocol import Nack as NackFrame
 from protocol import Reject as RejectFrame
@@ -105,7 +105,7 @@ class OutgoingMessage:
 class _Pending:
     """Confirm tracking for one publish call (one or many sequence numbers)."""
 
-    __slots__ = ("future", "remaining", "returned", "nacked")
+    __slots__ = ("future", "nacked", "remaining", "returned")
 
     def __init__(self, future: asyncio.Future[None], count: int) -> None:
         self.future = future
@@ -153,7 +153,7 @@ class _Protocol(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.write(self.wire.preamble())
+        self.transport.write(self.wire.preamble())
 
     def data_received(self, data: bytes) -> None:
         self.last_recv = time.monotonic()
@@ -205,7 +205,8 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.handshake.done():
-            self.handshake.set_exception(ConnectionClosed(f"connection lost during handshake: {exc}"))
+            self.handshake.set_exception(
+                ConnectionClosed(f"connection lost during handshake: {exc}"))
         if not self.closed.done():
             self.closed.set_result(None)
         self.drained.set()
@@ -491,7 +492,8 @@ class Connection:
         self.restore_errors = []
         for kind, kwargs in list(self._topology.values()):
             try:
-                await self._request(_TOPOLOGY_FRAMES[kind](next(self._rids), **kwargs), self.timeout)
+                frame = _TOPOLOGY_FRAMES[kind](next(self._rids), **kwargs)
+                await self._request(frame, self.timeout)
             except ConveyorError as exc:
                 self.restore_errors.append(f"{kind} {kwargs}: {exc}")
                 log.warning("could not restore %s %s: %s", kind, kwargs, exc)
@@ -569,8 +571,9 @@ class Connection:
                                auto_delete: bool = False, passive: bool = False,
                                arguments: dict[str, Any] | None = None) -> None:
         """Declare an exchange (direct, topic or fanout); idempotent for equal settings."""
-        kw = {"exchange": name, "type": type, "durable": durable, "auto_delete": auto_delete,
-              "passive": passive, "arguments": arguments or {}}
+        kw: dict[str, Any] = {
+            "exchange": name, "type": type, "durable": durable, "auto_delete": auto_delete,
+            "passive": passive, "arguments": arguments or {}}
         await self._request(ExchangeDeclare(next(self._rids), **kw))
         if not passive:
             self._topology[("exchange", name)] = ("exchange", kw)
@@ -586,7 +589,7 @@ class Connection:
                             passive: bool = False,
                             arguments: dict[str, Any] | None = None) -> QueueInfo:
         """Declare a queue; an empty name asks the broker to pick a unique one."""
-        kw = {"queue": name, "durable": durable, "exclusive": exclusive,
+        kw: dict[str, Any] = {"queue": name, "durable": durable, "exclusive": exclusive,
               "auto_delete": auto_delete, "passive": passive, "arguments": arguments or {}}
         ok = await self._request(QueueDeclare(next(self._rids), **kw))
         assert isinstance(ok, QueueDeclareOk)
@@ -612,7 +615,7 @@ class Connection:
 
     async def bind(self, exchange: str, queue: str, routing_key: str = "",
                    arguments: dict[str, Any] | None = None) -> None:
-        kw = {"exchange": exchange, "queue": queue, "routing_key": routing_key,
+        kw: dict[str, Any] = {"exchange": exchange, "queue": queue, "routing_key": routing_key,
               "arguments": arguments or {}}
         await self._request(Bind(next(self._rids), **kw))
         self._topology[("bind", exchange, queue, routing_key)] = ("bind", kw)
@@ -621,7 +624,7 @@ class Connection:
         await self._request(Unbind(next(self._rids), exchange, queue, routing_key))
         self._topology.pop(("bind", exchange, queue, routing_key), None)
 
-    async def list(self, kind: str) -> list[dict[str, Any]]:
+    async def list(self, kind: str) -> builtins.list[dict[str, Any]]:
         """``queues``, ``exchanges``, ``bindings`` or ``consumers`` as dicts."""
         ok = await self._request(List(next(self._rids), kind))
         assert isinstance(ok, ListOk)
@@ -775,7 +778,7 @@ class Connection:
             self._send(encode_fields(RejectFrame.TYPE, [msg.delivery_tag, requeue]))
 
     async def get(self, queue: str, max_messages: int = 1, *, no_ack: bool = False,
-                  timeout: float | None = None) -> list[Message]:
+                  timeout: float | None = None) -> builtins.list[Message]:
         """Pull up to ``max_messages`` ready messages (an empty list if none)."""
         ok = await self._request(Get(next(self._rids), queue, max_messages, no_ack), timeout)
         assert isinstance(ok, GetOk)

@@ -16,7 +16,7 @@ from protocol._generated import (
 from protocol.codec import Decoder, encode, encode_fields, encode_many, parse_preamble
 from protocol.errors import ConveyorError, FatalError, ProtocolError, RequestError, error_for_code
 
-__all__ = [  # noqa: RUF022
+__all__ = [
     "DEFAULT_PORT",
     "ERROR_CODES",
     "FATAL_CODES",

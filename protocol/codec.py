@@ -53,13 +53,13 @@ __all__ = [
 
 def encode(frame: Frame) -> bytes:
     """Encode one frame to its wire bytes."""
-    body = _packb(frame.to_wire())
+    body: bytes = _packb(frame.to_wire())
     return _pack_header(len(body) + 1, frame.TYPE) + body
 
 
 def encode_fields(ftype: int, fields: list[Any]) -> bytes:
     """Encode a frame straight from its field list (hot paths skip the frame object)."""
-    body = _packb(fields)
+    body: bytes = _packb(fields)
     return _pack_header(len(body) + 1, ftype) + body
 
 

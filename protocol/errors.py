@@ -73,7 +73,9 @@ class ProtocolError(FatalError):
     """
 
 
-def error_for_code(code: int, message: str = "", details: dict[str, Any] | None = None) -> ConveyorError:
+def error_for_code(
+    code: int, message: str = "", details: dict[str, Any] | None = None
+) -> ConveyorError:
     """Build the exception class registered for ``code`` (unknown codes -> base class)."""
     # Importing here guarantees the generated subclasses have registered.
     from protocol import _generated  # noqa: F401

@@ -162,7 +162,7 @@ def gen_python(spec: dict[str, Any]) -> str:
         f"MAGIC = {p['magic'].encode()!r}",
         f"VERSION_MAJOR = {p['major']}",
         f"VERSION_MINOR = {p['minor']}",
-        f"PREAMBLE = MAGIC + bytes([VERSION_MAJOR, VERSION_MINOR])",
+        "PREAMBLE = MAGIC + bytes([VERSION_MAJOR, VERSION_MINOR])",
         f"DEFAULT_PORT = {p['default_port']}",
         f"MAX_FRAME_SIZE_DEFAULT = {p['max_frame_size_default']}",
         f"MAX_FRAME_SIZE_FLOOR = {p['max_frame_size_floor']}",
