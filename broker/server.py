@@ -22,6 +22,7 @@ from broker.core import Broker
 from broker.session import Session
 from protocol import (
     Auth,
+    AuthenticationFailed,
     Close,
     CloseOk,
     ConnectionForced,
@@ -36,11 +37,17 @@ from protocol import (
     encode_many,
 )
 from protocol import Heartbeat as HeartbeatFrame
-from protocol._generated import MAX_FRAME_SIZE_FLOOR, VERSION_MAJOR, VERSION_MINOR
+from protocol._generated import (
+    HEARTBEAT_MS_FLOOR,
+    MAX_FRAME_SIZE_FLOOR,
+    VERSION_MAJOR,
+    VERSION_MINOR,
+)
 from protocol.connection import Connection, Role, State
 
 log = logging.getLogger("conveyor.server")
 VERSION = "0.1.0"
+AUTH_MECHANISMS = ("anonymous",)  # offered in HELLO; AUTH with any other is 401
 
 
 class BrokerProtocol(asyncio.Protocol):
@@ -131,9 +138,11 @@ class BrokerProtocol(asyncio.Protocol):
             if isinstance(f, Auth):
                 self._on_auth(f)
             elif isinstance(f, Close):
-                if self.session is not None and batch:
-                    self.session.handle(batch)
-                    batch = []
+                if self.session is not None:
+                    if batch:
+                        self.session.handle(batch)
+                        batch = []
+                    self.session.flush()  # replies to earlier requests go before CLOSE_OK
                 self._write([CloseOk()])
                 self._shutdown_transport()
                 return
@@ -152,11 +161,15 @@ class BrokerProtocol(asyncio.Protocol):
             self.config.heartbeat_ms,
             {"product": "conveyor", "version": VERSION,
              "platform": platform.python_implementation()},
-            ["anonymous"],
+            list(AUTH_MECHANISMS),
         )])
 
     def _on_auth(self, f: Auth) -> None:
         # Auth hook: token verification and permissions plug in here.
+        if f.mechanism not in AUTH_MECHANISMS:
+            raise AuthenticationFailed(
+                f"mechanism {f.mechanism!r} not offered; use one of {list(AUTH_MECHANISMS)}",
+                {"mechanism": f.mechanism})
         cfg = self.config
         frame_max = cfg.max_frame_size
         if f.max_frame_size:
@@ -164,7 +177,7 @@ class BrokerProtocol(asyncio.Protocol):
         hb = cfg.heartbeat_ms
         if f.heartbeat_ms and hb:
             hb = min(hb, f.heartbeat_ms)
-        hb = max(hb, 200) if hb else 0
+        hb = max(hb, HEARTBEAT_MS_FLOOR) if hb else 0
         self.heartbeat_ms = hb
         self.conn.max_frame_size = frame_max
         sid = self.broker.new_session_id()

@@ -7,13 +7,17 @@ DO NOT EDIT: run ``python tools/gen_protocol.py`` after changing the spec.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from protocol._checks import (
     NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_bool, check_bytes,
     check_list, check_str, check_strlist, check_table, check_tablelist, check_uint, fail,
 )
 from protocol.errors import FatalError, ProtocolError, RequestError
+
+_tuple_new = tuple.__new__
+NAME_FAST = NAME_MAX // 4  # strings this short cannot exceed the byte limit
+STR_FAST = STR_MAX // 4
 
 MAGIC = b'CNVYMQ'
 VERSION_MAJOR = 1
@@ -24,6 +28,7 @@ MAX_FRAME_SIZE_DEFAULT = 1048576
 MAX_FRAME_SIZE_FLOOR = 4096
 MAX_FRAME_SIZE_CEILING = 134217728
 HEARTBEAT_MS_DEFAULT = 10000
+HEARTBEAT_MS_FLOOR = 200
 
 
 # ------------------------------------------------------------------ errors
@@ -290,58 +295,175 @@ def check_props(v: Any, where: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ records
 
 
-@dataclass(frozen=True, slots=True)
-class PublishEntry:
-    """One message of a PUBLISH_BATCH."""
+class PublishEntry(NamedTuple):
+    """One message of a PUBLISH_BATCH. (treat field values as read-only)"""
 
     exchange: str = ''
     routing_key: str = ''
-    properties: dict[str, Any] = field(default_factory=dict)
+    properties: dict[str, Any] = {}
     body: bytes = b''
     mandatory: bool = False
 
     def to_wire(self) -> list[Any]:
-        return [self.exchange, self.routing_key, self.properties, self.body, self.mandatory]
+        return list(self)
 
     @classmethod
     def from_wire(cls, f: Any, where: str = 'publish_entry') -> PublishEntry:
         check_arity(f, 0, 5, where)
         n = len(f)
-        a0 = check_str(f[0], NAME_MAX, where + ".exchange") if n > 0 else ''
-        a1 = check_str(f[1], NAME_MAX, where + ".routing_key") if n > 1 else ''
-        a2 = check_props(f[2], where + ".properties") if n > 2 else {}
-        a3 = check_bytes(f[3], where + ".body") if n > 3 else b''
-        a4 = check_bool(f[4], where + ".mandatory") if n > 4 else False
-        return cls(a0, a1, a2, a3, a4)
+        if n > 0:
+            a0 = f[0]
+            if type(a0) is not str or len(a0) > NAME_FAST:
+                check_str(a0, NAME_MAX, where + ".exchange")
+        else:
+            a0 = ''
+        if n > 1:
+            a1 = f[1]
+            if type(a1) is not str or len(a1) > NAME_FAST:
+                check_str(a1, NAME_MAX, where + ".routing_key")
+        else:
+            a1 = ''
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not dict or a2:
+                check_props(a2, where + ".properties")
+        else:
+            a2 = {}
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not bytes:
+                check_bytes(a3, where + ".body")
+        else:
+            a3 = b''
+        if n > 4:
+            a4 = f[4]
+            if a4 is not True and a4 is not False:
+                check_bool(a4, where + ".mandatory")
+        else:
+            a4 = False
+        return _tuple_new(cls, (a0, a1, a2, a3, a4,))
+
+    @classmethod
+    def list_from_wire(cls, v: Any, where: str) -> list[PublishEntry]:
+        if type(v) is not list:
+            check_list(v, where)
+        out: list[PublishEntry] = []
+        append = out.append
+        for f in v:
+            if type(f) is not list or len(f) != 5:
+                append(cls.from_wire(f, where))
+                continue
+            a0 = f[0]
+            if type(a0) is not str or len(a0) > NAME_FAST:
+                check_str(a0, NAME_MAX, where + ".exchange")
+            a1 = f[1]
+            if type(a1) is not str or len(a1) > NAME_FAST:
+                check_str(a1, NAME_MAX, where + ".routing_key")
+            a2 = f[2]
+            if type(a2) is not dict or a2:
+                check_props(a2, where + ".properties")
+            a3 = f[3]
+            if type(a3) is not bytes:
+                check_bytes(a3, where + ".body")
+            a4 = f[4]
+            if a4 is not True and a4 is not False:
+                check_bool(a4, where + ".mandatory")
+            append(_tuple_new(cls, f))
+        return out
 
 
-@dataclass(frozen=True, slots=True)
-class DeliveryEntry:
-    """One message of a DELIVER_BATCH or GET_OK."""
+class DeliveryEntry(NamedTuple):
+    """One message of a DELIVER_BATCH or GET_OK. (treat field values as read-only)"""
 
     delivery_tag: int
     redelivered: bool = False
     exchange: str = ''
     routing_key: str = ''
-    properties: dict[str, Any] = field(default_factory=dict)
+    properties: dict[str, Any] = {}
     body: bytes = b''
     delivery_count: int = 1
 
     def to_wire(self) -> list[Any]:
-        return [self.delivery_tag, self.redelivered, self.exchange, self.routing_key, self.properties, self.body, self.delivery_count]
+        return list(self)
 
     @classmethod
     def from_wire(cls, f: Any, where: str = 'delivery_entry') -> DeliveryEntry:
         check_arity(f, 1, 7, where)
         n = len(f)
-        a0 = check_uint(f[0], U64_MAX, where + ".delivery_tag")
-        a1 = check_bool(f[1], where + ".redelivered") if n > 1 else False
-        a2 = check_str(f[2], NAME_MAX, where + ".exchange") if n > 2 else ''
-        a3 = check_str(f[3], NAME_MAX, where + ".routing_key") if n > 3 else ''
-        a4 = check_props(f[4], where + ".properties") if n > 4 else {}
-        a5 = check_bytes(f[5], where + ".body") if n > 5 else b''
-        a6 = check_uint(f[6], U32_MAX, where + ".delivery_count") if n > 6 else 1
-        return cls(a0, a1, a2, a3, a4, a5, a6)
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+            check_uint(a0, U64_MAX, where + ".delivery_tag")
+        if n > 1:
+            a1 = f[1]
+            if a1 is not True and a1 is not False:
+                check_bool(a1, where + ".redelivered")
+        else:
+            a1 = False
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not str or len(a2) > NAME_FAST:
+                check_str(a2, NAME_MAX, where + ".exchange")
+        else:
+            a2 = ''
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not str or len(a3) > NAME_FAST:
+                check_str(a3, NAME_MAX, where + ".routing_key")
+        else:
+            a3 = ''
+        if n > 4:
+            a4 = f[4]
+            if type(a4) is not dict or a4:
+                check_props(a4, where + ".properties")
+        else:
+            a4 = {}
+        if n > 5:
+            a5 = f[5]
+            if type(a5) is not bytes:
+                check_bytes(a5, where + ".body")
+        else:
+            a5 = b''
+        if n > 6:
+            a6 = f[6]
+            if type(a6) is not int or not 0 <= a6 <= U32_MAX:
+                check_uint(a6, U32_MAX, where + ".delivery_count")
+        else:
+            a6 = 1
+        return _tuple_new(cls, (a0, a1, a2, a3, a4, a5, a6,))
+
+    @classmethod
+    def list_from_wire(cls, v: Any, where: str) -> list[DeliveryEntry]:
+        if type(v) is not list:
+            check_list(v, where)
+        out: list[DeliveryEntry] = []
+        append = out.append
+        for f in v:
+            if type(f) is not list or len(f) != 7:
+                append(cls.from_wire(f, where))
+                continue
+            a0 = f[0]
+            if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+                check_uint(a0, U64_MAX, where + ".delivery_tag")
+            a1 = f[1]
+            if a1 is not True and a1 is not False:
+                check_bool(a1, where + ".redelivered")
+            a2 = f[2]
+            if type(a2) is not str or len(a2) > NAME_FAST:
+                check_str(a2, NAME_MAX, where + ".exchange")
+            a3 = f[3]
+            if type(a3) is not str or len(a3) > NAME_FAST:
+                check_str(a3, NAME_MAX, where + ".routing_key")
+            a4 = f[4]
+            if type(a4) is not dict or a4:
+                check_props(a4, where + ".properties")
+            a5 = f[5]
+            if type(a5) is not bytes:
+                check_bytes(a5, where + ".body")
+            a6 = f[6]
+            if type(a6) is not int or not 0 <= a6 <= U32_MAX:
+                check_uint(a6, U32_MAX, where + ".delivery_count")
+            append(_tuple_new(cls, f))
+        return out
 
 
 # ------------------------------------------------------------------ frames
@@ -383,11 +505,25 @@ class Hello(Frame):
     def from_wire(cls, f: Any, where: str = 'hello') -> Hello:
         check_arity(f, 3, 5, where)
         n = len(f)
-        a0 = check_str(f[0], NAME_MAX, where + ".version")
-        a1 = check_uint(f[1], U32_MAX, where + ".max_frame_size")
-        a2 = check_uint(f[2], U32_MAX, where + ".heartbeat_ms")
-        a3 = check_table(f[3], where + ".server_properties") if n > 3 else {}
-        a4 = check_strlist(f[4], where + ".auth_mechanisms") if n > 4 else []
+        a0 = f[0]
+        if type(a0) is not str or len(a0) > NAME_FAST:
+            check_str(a0, NAME_MAX, where + ".version")
+        a1 = f[1]
+        if type(a1) is not int or not 0 <= a1 <= U32_MAX:
+            check_uint(a1, U32_MAX, where + ".max_frame_size")
+        a2 = f[2]
+        if type(a2) is not int or not 0 <= a2 <= U32_MAX:
+            check_uint(a2, U32_MAX, where + ".heartbeat_ms")
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not dict or a3:
+                check_table(a3, where + ".server_properties")
+        else:
+            a3 = {}
+        if n > 4:
+            a4 = check_strlist(f[4], where + ".auth_mechanisms")
+        else:
+            a4 = []
         return cls(a0, a1, a2, a3, a4)
 
 
@@ -411,11 +547,36 @@ class Auth(Frame):
     def from_wire(cls, f: Any, where: str = 'auth') -> Auth:
         check_arity(f, 0, 5, where)
         n = len(f)
-        a0 = check_str(f[0], NAME_MAX, where + ".mechanism") if n > 0 else 'anonymous'
-        a1 = check_str(f[1], STR_MAX, where + ".token") if n > 1 else ''
-        a2 = check_table(f[2], where + ".client_properties") if n > 2 else {}
-        a3 = check_uint(f[3], U32_MAX, where + ".max_frame_size") if n > 3 else 0
-        a4 = check_uint(f[4], U32_MAX, where + ".heartbeat_ms") if n > 4 else 0
+        if n > 0:
+            a0 = f[0]
+            if type(a0) is not str or len(a0) > NAME_FAST:
+                check_str(a0, NAME_MAX, where + ".mechanism")
+        else:
+            a0 = 'anonymous'
+        if n > 1:
+            a1 = f[1]
+            if type(a1) is not str or len(a1) > STR_FAST:
+                check_str(a1, STR_MAX, where + ".token")
+        else:
+            a1 = ''
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not dict or a2:
+                check_table(a2, where + ".client_properties")
+        else:
+            a2 = {}
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not int or not 0 <= a3 <= U32_MAX:
+                check_uint(a3, U32_MAX, where + ".max_frame_size")
+        else:
+            a3 = 0
+        if n > 4:
+            a4 = f[4]
+            if type(a4) is not int or not 0 <= a4 <= U32_MAX:
+                check_uint(a4, U32_MAX, where + ".heartbeat_ms")
+        else:
+            a4 = 0
         return cls(a0, a1, a2, a3, a4)
 
 
@@ -436,9 +597,15 @@ class OpenOk(Frame):
     @classmethod
     def from_wire(cls, f: Any, where: str = 'open_ok') -> OpenOk:
         check_arity(f, 3, 3, where)
-        a0 = check_str(f[0], NAME_MAX, where + ".connection_id")
-        a1 = check_uint(f[1], U32_MAX, where + ".max_frame_size")
-        a2 = check_uint(f[2], U32_MAX, where + ".heartbeat_ms")
+        a0 = f[0]
+        if type(a0) is not str or len(a0) > NAME_FAST:
+            check_str(a0, NAME_MAX, where + ".connection_id")
+        a1 = f[1]
+        if type(a1) is not int or not 0 <= a1 <= U32_MAX:
+            check_uint(a1, U32_MAX, where + ".max_frame_size")
+        a2 = f[2]
+        if type(a2) is not int or not 0 <= a2 <= U32_MAX:
+            check_uint(a2, U32_MAX, where + ".heartbeat_ms")
         return cls(a0, a1, a2)
 
 
@@ -476,8 +643,18 @@ class Close(Frame):
     def from_wire(cls, f: Any, where: str = 'close') -> Close:
         check_arity(f, 0, 2, where)
         n = len(f)
-        a0 = check_uint(f[0], U16_MAX, where + ".code") if n > 0 else 200
-        a1 = check_str(f[1], STR_MAX, where + ".message") if n > 1 else ''
+        if n > 0:
+            a0 = f[0]
+            if type(a0) is not int or not 0 <= a0 <= U16_MAX:
+                check_uint(a0, U16_MAX, where + ".code")
+        else:
+            a0 = 200
+        if n > 1:
+            a1 = f[1]
+            if type(a1) is not str or len(a1) > STR_FAST:
+                check_str(a1, STR_MAX, where + ".message")
+        else:
+            a1 = ''
         return cls(a0, a1)
 
 
@@ -517,10 +694,24 @@ class Error(Frame):
     def from_wire(cls, f: Any, where: str = 'error') -> Error:
         check_arity(f, 2, 4, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid")
-        a1 = check_uint(f[1], U16_MAX, where + ".code")
-        a2 = check_str(f[2], STR_MAX, where + ".message") if n > 2 else ''
-        a3 = check_table(f[3], where + ".details") if n > 3 else {}
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid")
+        a1 = f[1]
+        if type(a1) is not int or not 0 <= a1 <= U16_MAX:
+            check_uint(a1, U16_MAX, where + ".code")
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not str or len(a2) > STR_FAST:
+                check_str(a2, STR_MAX, where + ".message")
+        else:
+            a2 = ''
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not dict or a3:
+                check_table(a3, where + ".details")
+        else:
+            a3 = {}
         return cls(a0, a1, a2, a3)
 
 
@@ -539,7 +730,9 @@ class Ok(Frame):
     @classmethod
     def from_wire(cls, f: Any, where: str = 'ok') -> Ok:
         check_arity(f, 1, 1, where)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
         return cls(a0)
 
 
@@ -565,13 +758,42 @@ class ExchangeDeclare(Frame):
     def from_wire(cls, f: Any, where: str = 'exchange_declare') -> ExchangeDeclare:
         check_arity(f, 2, 7, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".exchange")
-        a2 = check_str(f[2], NAME_MAX, where + ".type") if n > 2 else 'direct'
-        a3 = check_bool(f[3], where + ".durable") if n > 3 else True
-        a4 = check_bool(f[4], where + ".auto_delete") if n > 4 else False
-        a5 = check_bool(f[5], where + ".passive") if n > 5 else False
-        a6 = check_table(f[6], where + ".arguments") if n > 6 else {}
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".exchange")
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not str or len(a2) > NAME_FAST:
+                check_str(a2, NAME_MAX, where + ".type")
+        else:
+            a2 = 'direct'
+        if n > 3:
+            a3 = f[3]
+            if a3 is not True and a3 is not False:
+                check_bool(a3, where + ".durable")
+        else:
+            a3 = True
+        if n > 4:
+            a4 = f[4]
+            if a4 is not True and a4 is not False:
+                check_bool(a4, where + ".auto_delete")
+        else:
+            a4 = False
+        if n > 5:
+            a5 = f[5]
+            if a5 is not True and a5 is not False:
+                check_bool(a5, where + ".passive")
+        else:
+            a5 = False
+        if n > 6:
+            a6 = f[6]
+            if type(a6) is not dict or a6:
+                check_table(a6, where + ".arguments")
+        else:
+            a6 = {}
         return cls(a0, a1, a2, a3, a4, a5, a6)
 
 
@@ -593,9 +815,18 @@ class ExchangeDelete(Frame):
     def from_wire(cls, f: Any, where: str = 'exchange_delete') -> ExchangeDelete:
         check_arity(f, 2, 3, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".exchange")
-        a2 = check_bool(f[2], where + ".if_unused") if n > 2 else False
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".exchange")
+        if n > 2:
+            a2 = f[2]
+            if a2 is not True and a2 is not False:
+                check_bool(a2, where + ".if_unused")
+        else:
+            a2 = False
         return cls(a0, a1, a2)
 
 
@@ -621,13 +852,45 @@ class QueueDeclare(Frame):
     def from_wire(cls, f: Any, where: str = 'queue_declare') -> QueueDeclare:
         check_arity(f, 1, 7, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".queue") if n > 1 else ''
-        a2 = check_bool(f[2], where + ".durable") if n > 2 else True
-        a3 = check_bool(f[3], where + ".exclusive") if n > 3 else False
-        a4 = check_bool(f[4], where + ".auto_delete") if n > 4 else False
-        a5 = check_bool(f[5], where + ".passive") if n > 5 else False
-        a6 = check_table(f[6], where + ".arguments") if n > 6 else {}
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        if n > 1:
+            a1 = f[1]
+            if type(a1) is not str or len(a1) > NAME_FAST:
+                check_str(a1, NAME_MAX, where + ".queue")
+        else:
+            a1 = ''
+        if n > 2:
+            a2 = f[2]
+            if a2 is not True and a2 is not False:
+                check_bool(a2, where + ".durable")
+        else:
+            a2 = True
+        if n > 3:
+            a3 = f[3]
+            if a3 is not True and a3 is not False:
+                check_bool(a3, where + ".exclusive")
+        else:
+            a3 = False
+        if n > 4:
+            a4 = f[4]
+            if a4 is not True and a4 is not False:
+                check_bool(a4, where + ".auto_delete")
+        else:
+            a4 = False
+        if n > 5:
+            a5 = f[5]
+            if a5 is not True and a5 is not False:
+                check_bool(a5, where + ".passive")
+        else:
+            a5 = False
+        if n > 6:
+            a6 = f[6]
+            if type(a6) is not dict or a6:
+                check_table(a6, where + ".arguments")
+        else:
+            a6 = {}
         return cls(a0, a1, a2, a3, a4, a5, a6)
 
 
@@ -650,10 +913,24 @@ class QueueDeclareOk(Frame):
     def from_wire(cls, f: Any, where: str = 'queue_declare_ok') -> QueueDeclareOk:
         check_arity(f, 2, 4, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".queue")
-        a2 = check_uint(f[2], U64_MAX, where + ".message_count") if n > 2 else 0
-        a3 = check_uint(f[3], U32_MAX, where + ".consumer_count") if n > 3 else 0
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".queue")
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not int or not 0 <= a2 <= U64_MAX:
+                check_uint(a2, U64_MAX, where + ".message_count")
+        else:
+            a2 = 0
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not int or not 0 <= a3 <= U32_MAX:
+                check_uint(a3, U32_MAX, where + ".consumer_count")
+        else:
+            a3 = 0
         return cls(a0, a1, a2, a3)
 
 
@@ -676,10 +953,24 @@ class QueueDelete(Frame):
     def from_wire(cls, f: Any, where: str = 'queue_delete') -> QueueDelete:
         check_arity(f, 2, 4, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".queue")
-        a2 = check_bool(f[2], where + ".if_unused") if n > 2 else False
-        a3 = check_bool(f[3], where + ".if_empty") if n > 3 else False
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".queue")
+        if n > 2:
+            a2 = f[2]
+            if a2 is not True and a2 is not False:
+                check_bool(a2, where + ".if_unused")
+        else:
+            a2 = False
+        if n > 3:
+            a3 = f[3]
+            if a3 is not True and a3 is not False:
+                check_bool(a3, where + ".if_empty")
+        else:
+            a3 = False
         return cls(a0, a1, a2, a3)
 
 
@@ -699,8 +990,12 @@ class QueuePurge(Frame):
     @classmethod
     def from_wire(cls, f: Any, where: str = 'queue_purge') -> QueuePurge:
         check_arity(f, 2, 2, where)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".queue")
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".queue")
         return cls(a0, a1)
 
 
@@ -721,8 +1016,15 @@ class MessageCountOk(Frame):
     def from_wire(cls, f: Any, where: str = 'message_count_ok') -> MessageCountOk:
         check_arity(f, 1, 2, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_uint(f[1], U64_MAX, where + ".message_count") if n > 1 else 0
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        if n > 1:
+            a1 = f[1]
+            if type(a1) is not int or not 0 <= a1 <= U64_MAX:
+                check_uint(a1, U64_MAX, where + ".message_count")
+        else:
+            a1 = 0
         return cls(a0, a1)
 
 
@@ -746,11 +1048,27 @@ class Bind(Frame):
     def from_wire(cls, f: Any, where: str = 'bind') -> Bind:
         check_arity(f, 3, 5, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".exchange")
-        a2 = check_str(f[2], NAME_MAX, where + ".queue")
-        a3 = check_str(f[3], NAME_MAX, where + ".routing_key") if n > 3 else ''
-        a4 = check_table(f[4], where + ".arguments") if n > 4 else {}
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".exchange")
+        a2 = f[2]
+        if type(a2) is not str or len(a2) > NAME_FAST:
+            check_str(a2, NAME_MAX, where + ".queue")
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not str or len(a3) > NAME_FAST:
+                check_str(a3, NAME_MAX, where + ".routing_key")
+        else:
+            a3 = ''
+        if n > 4:
+            a4 = f[4]
+            if type(a4) is not dict or a4:
+                check_table(a4, where + ".arguments")
+        else:
+            a4 = {}
         return cls(a0, a1, a2, a3, a4)
 
 
@@ -774,11 +1092,27 @@ class Unbind(Frame):
     def from_wire(cls, f: Any, where: str = 'unbind') -> Unbind:
         check_arity(f, 3, 5, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".exchange")
-        a2 = check_str(f[2], NAME_MAX, where + ".queue")
-        a3 = check_str(f[3], NAME_MAX, where + ".routing_key") if n > 3 else ''
-        a4 = check_table(f[4], where + ".arguments") if n > 4 else {}
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".exchange")
+        a2 = f[2]
+        if type(a2) is not str or len(a2) > NAME_FAST:
+            check_str(a2, NAME_MAX, where + ".queue")
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not str or len(a3) > NAME_FAST:
+                check_str(a3, NAME_MAX, where + ".routing_key")
+        else:
+            a3 = ''
+        if n > 4:
+            a4 = f[4]
+            if type(a4) is not dict or a4:
+                check_table(a4, where + ".arguments")
+        else:
+            a4 = {}
         return cls(a0, a1, a2, a3, a4)
 
 
@@ -798,8 +1132,12 @@ class List(Frame):
     @classmethod
     def from_wire(cls, f: Any, where: str = 'list') -> List:
         check_arity(f, 2, 2, where)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".kind")
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".kind")
         return cls(a0, a1)
 
 
@@ -820,8 +1158,13 @@ class ListOk(Frame):
     def from_wire(cls, f: Any, where: str = 'list_ok') -> ListOk:
         check_arity(f, 1, 2, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_tablelist(f[1], where + ".items") if n > 1 else []
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        if n > 1:
+            a1 = check_tablelist(f[1], where + ".items")
+        else:
+            a1 = []
         return cls(a0, a1)
 
 
@@ -846,12 +1189,39 @@ class Publish(Frame):
     def from_wire(cls, f: Any, where: str = 'publish') -> Publish:
         check_arity(f, 1, 6, where)
         n = len(f)
-        a0 = check_uint(f[0], U64_MAX, where + ".seq")
-        a1 = check_str(f[1], NAME_MAX, where + ".exchange") if n > 1 else ''
-        a2 = check_str(f[2], NAME_MAX, where + ".routing_key") if n > 2 else ''
-        a3 = check_props(f[3], where + ".properties") if n > 3 else {}
-        a4 = check_bytes(f[4], where + ".body") if n > 4 else b''
-        a5 = check_bool(f[5], where + ".mandatory") if n > 5 else False
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+            check_uint(a0, U64_MAX, where + ".seq")
+        if n > 1:
+            a1 = f[1]
+            if type(a1) is not str or len(a1) > NAME_FAST:
+                check_str(a1, NAME_MAX, where + ".exchange")
+        else:
+            a1 = ''
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not str or len(a2) > NAME_FAST:
+                check_str(a2, NAME_MAX, where + ".routing_key")
+        else:
+            a2 = ''
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not dict or a3:
+                check_props(a3, where + ".properties")
+        else:
+            a3 = {}
+        if n > 4:
+            a4 = f[4]
+            if type(a4) is not bytes:
+                check_bytes(a4, where + ".body")
+        else:
+            a4 = b''
+        if n > 5:
+            a5 = f[5]
+            if a5 is not True and a5 is not False:
+                check_bool(a5, where + ".mandatory")
+        else:
+            a5 = False
         return cls(a0, a1, a2, a3, a4, a5)
 
 
@@ -866,13 +1236,15 @@ class PublishBatch(Frame):
     entries: list[PublishEntry]
 
     def to_wire(self) -> list[Any]:
-        return [self.first_seq, [e.to_wire() for e in self.entries]]
+        return [self.first_seq, [list(e) for e in self.entries]]
 
     @classmethod
     def from_wire(cls, f: Any, where: str = 'publish_batch') -> PublishBatch:
         check_arity(f, 2, 2, where)
-        a0 = check_uint(f[0], U64_MAX, where + ".first_seq")
-        a1 = [PublishEntry.from_wire(e, where + ".entries") for e in check_list(f[1], where + ".entries")]
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+            check_uint(a0, U64_MAX, where + ".first_seq")
+        a1 = PublishEntry.list_from_wire(f[1], where + ".entries")
         return cls(a0, a1)
 
 
@@ -896,11 +1268,30 @@ class Confirm(Frame):
     def from_wire(cls, f: Any, where: str = 'confirm') -> Confirm:
         check_arity(f, 2, 5, where)
         n = len(f)
-        a0 = check_uint(f[0], U64_MAX, where + ".first_seq")
-        a1 = check_uint(f[1], U64_MAX, where + ".last_seq")
-        a2 = check_bool(f[2], where + ".ack") if n > 2 else True
-        a3 = check_uint(f[3], U16_MAX, where + ".code") if n > 3 else 0
-        a4 = check_str(f[4], STR_MAX, where + ".message") if n > 4 else ''
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+            check_uint(a0, U64_MAX, where + ".first_seq")
+        a1 = f[1]
+        if type(a1) is not int or not 0 <= a1 <= U64_MAX:
+            check_uint(a1, U64_MAX, where + ".last_seq")
+        if n > 2:
+            a2 = f[2]
+            if a2 is not True and a2 is not False:
+                check_bool(a2, where + ".ack")
+        else:
+            a2 = True
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not int or not 0 <= a3 <= U16_MAX:
+                check_uint(a3, U16_MAX, where + ".code")
+        else:
+            a3 = 0
+        if n > 4:
+            a4 = f[4]
+            if type(a4) is not str or len(a4) > STR_FAST:
+                check_str(a4, STR_MAX, where + ".message")
+        else:
+            a4 = ''
         return cls(a0, a1, a2, a3, a4)
 
 
@@ -926,13 +1317,48 @@ class Return(Frame):
     def from_wire(cls, f: Any, where: str = 'return') -> Return:
         check_arity(f, 0, 7, where)
         n = len(f)
-        a0 = check_uint(f[0], U64_MAX, where + ".seq") if n > 0 else 0
-        a1 = check_uint(f[1], U16_MAX, where + ".code") if n > 1 else 312
-        a2 = check_str(f[2], STR_MAX, where + ".message") if n > 2 else ''
-        a3 = check_str(f[3], NAME_MAX, where + ".exchange") if n > 3 else ''
-        a4 = check_str(f[4], NAME_MAX, where + ".routing_key") if n > 4 else ''
-        a5 = check_props(f[5], where + ".properties") if n > 5 else {}
-        a6 = check_bytes(f[6], where + ".body") if n > 6 else b''
+        if n > 0:
+            a0 = f[0]
+            if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+                check_uint(a0, U64_MAX, where + ".seq")
+        else:
+            a0 = 0
+        if n > 1:
+            a1 = f[1]
+            if type(a1) is not int or not 0 <= a1 <= U16_MAX:
+                check_uint(a1, U16_MAX, where + ".code")
+        else:
+            a1 = 312
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not str or len(a2) > STR_FAST:
+                check_str(a2, STR_MAX, where + ".message")
+        else:
+            a2 = ''
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not str or len(a3) > NAME_FAST:
+                check_str(a3, NAME_MAX, where + ".exchange")
+        else:
+            a3 = ''
+        if n > 4:
+            a4 = f[4]
+            if type(a4) is not str or len(a4) > NAME_FAST:
+                check_str(a4, NAME_MAX, where + ".routing_key")
+        else:
+            a4 = ''
+        if n > 5:
+            a5 = f[5]
+            if type(a5) is not dict or a5:
+                check_props(a5, where + ".properties")
+        else:
+            a5 = {}
+        if n > 6:
+            a6 = f[6]
+            if type(a6) is not bytes:
+                check_bytes(a6, where + ".body")
+        else:
+            a6 = b''
         return cls(a0, a1, a2, a3, a4, a5, a6)
 
 
@@ -958,13 +1384,42 @@ class Consume(Frame):
     def from_wire(cls, f: Any, where: str = 'consume') -> Consume:
         check_arity(f, 2, 7, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".queue")
-        a2 = check_str(f[2], NAME_MAX, where + ".consumer_tag") if n > 2 else ''
-        a3 = check_bool(f[3], where + ".no_ack") if n > 3 else False
-        a4 = check_bool(f[4], where + ".exclusive") if n > 4 else False
-        a5 = check_uint(f[5], U32_MAX, where + ".credit") if n > 5 else 0
-        a6 = check_table(f[6], where + ".arguments") if n > 6 else {}
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".queue")
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not str or len(a2) > NAME_FAST:
+                check_str(a2, NAME_MAX, where + ".consumer_tag")
+        else:
+            a2 = ''
+        if n > 3:
+            a3 = f[3]
+            if a3 is not True and a3 is not False:
+                check_bool(a3, where + ".no_ack")
+        else:
+            a3 = False
+        if n > 4:
+            a4 = f[4]
+            if a4 is not True and a4 is not False:
+                check_bool(a4, where + ".exclusive")
+        else:
+            a4 = False
+        if n > 5:
+            a5 = f[5]
+            if type(a5) is not int or not 0 <= a5 <= U32_MAX:
+                check_uint(a5, U32_MAX, where + ".credit")
+        else:
+            a5 = 0
+        if n > 6:
+            a6 = f[6]
+            if type(a6) is not dict or a6:
+                check_table(a6, where + ".arguments")
+        else:
+            a6 = {}
         return cls(a0, a1, a2, a3, a4, a5, a6)
 
 
@@ -984,8 +1439,12 @@ class ConsumeOk(Frame):
     @classmethod
     def from_wire(cls, f: Any, where: str = 'consume_ok') -> ConsumeOk:
         check_arity(f, 2, 2, where)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".consumer_tag")
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".consumer_tag")
         return cls(a0, a1)
 
 
@@ -1005,8 +1464,12 @@ class Cancel(Frame):
     @classmethod
     def from_wire(cls, f: Any, where: str = 'cancel') -> Cancel:
         check_arity(f, 2, 2, where)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".consumer_tag")
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".consumer_tag")
         return cls(a0, a1)
 
 
@@ -1028,9 +1491,21 @@ class Cancelled(Frame):
     def from_wire(cls, f: Any, where: str = 'cancelled') -> Cancelled:
         check_arity(f, 1, 3, where)
         n = len(f)
-        a0 = check_str(f[0], NAME_MAX, where + ".consumer_tag")
-        a1 = check_uint(f[1], U16_MAX, where + ".code") if n > 1 else 404
-        a2 = check_str(f[2], STR_MAX, where + ".message") if n > 2 else ''
+        a0 = f[0]
+        if type(a0) is not str or len(a0) > NAME_FAST:
+            check_str(a0, NAME_MAX, where + ".consumer_tag")
+        if n > 1:
+            a1 = f[1]
+            if type(a1) is not int or not 0 <= a1 <= U16_MAX:
+                check_uint(a1, U16_MAX, where + ".code")
+        else:
+            a1 = 404
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not str or len(a2) > STR_FAST:
+                check_str(a2, STR_MAX, where + ".message")
+        else:
+            a2 = ''
         return cls(a0, a1, a2)
 
 
@@ -1050,8 +1525,12 @@ class Credit(Frame):
     @classmethod
     def from_wire(cls, f: Any, where: str = 'credit') -> Credit:
         check_arity(f, 2, 2, where)
-        a0 = check_str(f[0], NAME_MAX, where + ".consumer_tag")
-        a1 = check_uint(f[1], U32_MAX, where + ".credit")
+        a0 = f[0]
+        if type(a0) is not str or len(a0) > NAME_FAST:
+            check_str(a0, NAME_MAX, where + ".consumer_tag")
+        a1 = f[1]
+        if type(a1) is not int or not 0 <= a1 <= U32_MAX:
+            check_uint(a1, U32_MAX, where + ".credit")
         return cls(a0, a1)
 
 
@@ -1078,14 +1557,48 @@ class Deliver(Frame):
     def from_wire(cls, f: Any, where: str = 'deliver') -> Deliver:
         check_arity(f, 2, 8, where)
         n = len(f)
-        a0 = check_str(f[0], NAME_MAX, where + ".consumer_tag")
-        a1 = check_uint(f[1], U64_MAX, where + ".delivery_tag")
-        a2 = check_bool(f[2], where + ".redelivered") if n > 2 else False
-        a3 = check_str(f[3], NAME_MAX, where + ".exchange") if n > 3 else ''
-        a4 = check_str(f[4], NAME_MAX, where + ".routing_key") if n > 4 else ''
-        a5 = check_props(f[5], where + ".properties") if n > 5 else {}
-        a6 = check_bytes(f[6], where + ".body") if n > 6 else b''
-        a7 = check_uint(f[7], U32_MAX, where + ".delivery_count") if n > 7 else 1
+        a0 = f[0]
+        if type(a0) is not str or len(a0) > NAME_FAST:
+            check_str(a0, NAME_MAX, where + ".consumer_tag")
+        a1 = f[1]
+        if type(a1) is not int or not 0 <= a1 <= U64_MAX:
+            check_uint(a1, U64_MAX, where + ".delivery_tag")
+        if n > 2:
+            a2 = f[2]
+            if a2 is not True and a2 is not False:
+                check_bool(a2, where + ".redelivered")
+        else:
+            a2 = False
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not str or len(a3) > NAME_FAST:
+                check_str(a3, NAME_MAX, where + ".exchange")
+        else:
+            a3 = ''
+        if n > 4:
+            a4 = f[4]
+            if type(a4) is not str or len(a4) > NAME_FAST:
+                check_str(a4, NAME_MAX, where + ".routing_key")
+        else:
+            a4 = ''
+        if n > 5:
+            a5 = f[5]
+            if type(a5) is not dict or a5:
+                check_props(a5, where + ".properties")
+        else:
+            a5 = {}
+        if n > 6:
+            a6 = f[6]
+            if type(a6) is not bytes:
+                check_bytes(a6, where + ".body")
+        else:
+            a6 = b''
+        if n > 7:
+            a7 = f[7]
+            if type(a7) is not int or not 0 <= a7 <= U32_MAX:
+                check_uint(a7, U32_MAX, where + ".delivery_count")
+        else:
+            a7 = 1
         return cls(a0, a1, a2, a3, a4, a5, a6, a7)
 
 
@@ -1100,13 +1613,15 @@ class DeliverBatch(Frame):
     entries: list[DeliveryEntry]
 
     def to_wire(self) -> list[Any]:
-        return [self.consumer_tag, [e.to_wire() for e in self.entries]]
+        return [self.consumer_tag, [list(e) for e in self.entries]]
 
     @classmethod
     def from_wire(cls, f: Any, where: str = 'deliver_batch') -> DeliverBatch:
         check_arity(f, 2, 2, where)
-        a0 = check_str(f[0], NAME_MAX, where + ".consumer_tag")
-        a1 = [DeliveryEntry.from_wire(e, where + ".entries") for e in check_list(f[1], where + ".entries")]
+        a0 = f[0]
+        if type(a0) is not str or len(a0) > NAME_FAST:
+            check_str(a0, NAME_MAX, where + ".consumer_tag")
+        a1 = DeliveryEntry.list_from_wire(f[1], where + ".entries")
         return cls(a0, a1)
 
 
@@ -1127,8 +1642,15 @@ class Ack(Frame):
     def from_wire(cls, f: Any, where: str = 'ack') -> Ack:
         check_arity(f, 1, 2, where)
         n = len(f)
-        a0 = check_uint(f[0], U64_MAX, where + ".delivery_tag")
-        a1 = check_bool(f[1], where + ".multiple") if n > 1 else False
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+            check_uint(a0, U64_MAX, where + ".delivery_tag")
+        if n > 1:
+            a1 = f[1]
+            if a1 is not True and a1 is not False:
+                check_bool(a1, where + ".multiple")
+        else:
+            a1 = False
         return cls(a0, a1)
 
 
@@ -1150,9 +1672,21 @@ class Nack(Frame):
     def from_wire(cls, f: Any, where: str = 'nack') -> Nack:
         check_arity(f, 1, 3, where)
         n = len(f)
-        a0 = check_uint(f[0], U64_MAX, where + ".delivery_tag")
-        a1 = check_bool(f[1], where + ".multiple") if n > 1 else False
-        a2 = check_bool(f[2], where + ".requeue") if n > 2 else True
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+            check_uint(a0, U64_MAX, where + ".delivery_tag")
+        if n > 1:
+            a1 = f[1]
+            if a1 is not True and a1 is not False:
+                check_bool(a1, where + ".multiple")
+        else:
+            a1 = False
+        if n > 2:
+            a2 = f[2]
+            if a2 is not True and a2 is not False:
+                check_bool(a2, where + ".requeue")
+        else:
+            a2 = True
         return cls(a0, a1, a2)
 
 
@@ -1173,8 +1707,15 @@ class Reject(Frame):
     def from_wire(cls, f: Any, where: str = 'reject') -> Reject:
         check_arity(f, 1, 2, where)
         n = len(f)
-        a0 = check_uint(f[0], U64_MAX, where + ".delivery_tag")
-        a1 = check_bool(f[1], where + ".requeue") if n > 1 else False
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+            check_uint(a0, U64_MAX, where + ".delivery_tag")
+        if n > 1:
+            a1 = f[1]
+            if a1 is not True and a1 is not False:
+                check_bool(a1, where + ".requeue")
+        else:
+            a1 = False
         return cls(a0, a1)
 
 
@@ -1197,10 +1738,24 @@ class Get(Frame):
     def from_wire(cls, f: Any, where: str = 'get') -> Get:
         check_arity(f, 2, 4, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = check_str(f[1], NAME_MAX, where + ".queue")
-        a2 = check_uint(f[2], U32_MAX, where + ".max_messages") if n > 2 else 1
-        a3 = check_bool(f[3], where + ".no_ack") if n > 3 else False
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".queue")
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not int or not 0 <= a2 <= U32_MAX:
+                check_uint(a2, U32_MAX, where + ".max_messages")
+        else:
+            a2 = 1
+        if n > 3:
+            a3 = f[3]
+            if a3 is not True and a3 is not False:
+                check_bool(a3, where + ".no_ack")
+        else:
+            a3 = False
         return cls(a0, a1, a2, a3)
 
 
@@ -1216,15 +1771,25 @@ class GetOk(Frame):
     message_count: int = 0
 
     def to_wire(self) -> list[Any]:
-        return [self.rid, [e.to_wire() for e in self.entries], self.message_count]
+        return [self.rid, [list(e) for e in self.entries], self.message_count]
 
     @classmethod
     def from_wire(cls, f: Any, where: str = 'get_ok') -> GetOk:
         check_arity(f, 1, 3, where)
         n = len(f)
-        a0 = check_uint(f[0], U32_MAX, where + ".rid", 1)
-        a1 = [DeliveryEntry.from_wire(e, where + ".entries") for e in check_list(f[1], where + ".entries")] if n > 1 else []
-        a2 = check_uint(f[2], U64_MAX, where + ".message_count") if n > 2 else 0
+        a0 = f[0]
+        if type(a0) is not int or not 0 < a0 <= U32_MAX:
+            check_uint(a0, U32_MAX, where + ".rid", 1)
+        if n > 1:
+            a1 = DeliveryEntry.list_from_wire(f[1], where + ".entries")
+        else:
+            a1 = []
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not int or not 0 <= a2 <= U64_MAX:
+                check_uint(a2, U64_MAX, where + ".message_count")
+        else:
+            a2 = 0
         return cls(a0, a1, a2)
 
 

@@ -94,6 +94,73 @@ def dataclass_default(default: Any, ftype: str = "") -> str:
     return f" = {default!r}"
 
 
+# Fast-path guards: the common valid case costs one or two comparisons inline; anything
+# else goes to the checker, which raises a precise MalformedFrame (or returns if valid).
+FAST_GUARD = {
+    "rid": "type({v}) is not int or not 0 < {v} <= U32_MAX",
+    "u16": "type({v}) is not int or not 0 <= {v} <= U16_MAX",
+    "u32": "type({v}) is not int or not 0 <= {v} <= U32_MAX",
+    "u64": "type({v}) is not int or not 0 <= {v} <= U64_MAX",
+    "bool": "{v} is not True and {v} is not False",
+    "name": "type({v}) is not str or len({v}) > NAME_FAST",
+    "str": "type({v}) is not str or len({v}) > STR_FAST",
+    "bytes": "type({v}) is not bytes",
+    "table": "type({v}) is not dict or {v}",
+    "props": "type({v}) is not dict or {v}",
+}
+
+
+def field_stmts(i: int, fname: str, ftype: str, default: Any, src: str, indent: str) -> list[str]:
+    """Statements that bind a{i} to the validated field value (or its default)."""
+    where = f'where + ".{fname}"'
+    v = f"a{i}"
+    body: list[str] = []
+    if ftype in FAST_GUARD:
+        check = check_expr(ftype, v, "W").replace("'W'", where)
+        body = [f"{v} = {src}", f"if {FAST_GUARD[ftype].format(v=v)}:", f"    {check}"]
+    elif ftype.startswith("list:"):
+        rec = camel(ftype[5:])
+        body = [f"{v} = {rec}.list_from_wire({src}, {where})"]
+    else:
+        body = [f"{v} = " + check_expr(ftype, src, "W").replace("'W'", where)]
+    if default == "REQUIRED":
+        return [indent + b for b in body]
+    out = [f"{indent}if n > {i}:"] + [indent + "    " + b for b in body]
+    out += [f"{indent}else:", f"{indent}    {v} = {default_src(default, ftype)}"]
+    return out
+
+
+def gen_record(cls: str, fields: list[list[Any]], doc: str, where_prefix: str) -> list[str]:
+    """Records (entries of batch frames) are NamedTuples: immutable and cheap to build."""
+    out = ["", "", f"class {cls}(NamedTuple):", f'    """{doc} (treat field values as read-only)"""', ""]
+    for fname, ftype, default, _desc in fields:
+        dflt = "" if default == "REQUIRED" else f" = {default_src(default, ftype)}"
+        out.append(f"    {fname}: {py_type(ftype)}{dflt}")
+    required = sum(1 for f in fields if f[2] == "REQUIRED")
+    total = len(fields)
+    out += ["", "    def to_wire(self) -> list[Any]:", "        return list(self)", ""]
+    out += ["    @classmethod", f"    def from_wire(cls, f: Any, where: str = {where_prefix!r}) -> {cls}:",
+            f"        check_arity(f, {required}, {total}, where)", "        n = len(f)"]
+    for i, (fname, ftype, default, _) in enumerate(fields):
+        out += field_stmts(i, fname, ftype, default, f"f[{i}]", "        ")
+    out.append(f"        return _tuple_new(cls, ({', '.join(f'a{i}' for i in range(total))},))")
+    # list decoder: full-arity entries are validated inline and become tuples directly
+    out += ["", "    @classmethod",
+            f"    def list_from_wire(cls, v: Any, where: str) -> list[{cls}]:",
+            "        if type(v) is not list:",
+            "            check_list(v, where)",
+            f"        out: list[{cls}] = []",
+            "        append = out.append",
+            "        for f in v:",
+            f"            if type(f) is not list or len(f) != {total}:",
+            "                append(cls.from_wire(f, where))",
+            "                continue"]
+    for i, (fname, ftype, _default, _) in enumerate(fields):
+        out += field_stmts(i, fname, ftype, "REQUIRED", f"f[{i}]", "            ")
+    out += ["            append(_tuple_new(cls, f))", "        return out"]
+    return out
+
+
 def gen_class(cls: str, base: str, fields: list[list[Any]], doc: str, classvars: list[str],
               where_prefix: str) -> list[str]:
     seen_default = False
@@ -101,7 +168,7 @@ def gen_class(cls: str, base: str, fields: list[list[Any]], doc: str, classvars:
         if default == "REQUIRED" and seen_default:
             raise SystemExit(f"{where_prefix}.{fname}: required field after a defaulted one")
         seen_default = seen_default or default != "REQUIRED"
-    out = ["", "", "@dataclass(frozen=True, slots=True)", f"class {cls}({base}):" if base else f"class {cls}:"]
+    out = ["", "", "@dataclass(frozen=True, slots=True)", f"class {cls}({base}):"]
     out.append(f'    """{doc}"""')
     out.append("")
     out.extend(f"    {cv}" for cv in classvars)
@@ -109,33 +176,24 @@ def gen_class(cls: str, base: str, fields: list[list[Any]], doc: str, classvars:
         dflt = "" if default == "REQUIRED" else dataclass_default(default, ftype)
         out.append(f"    {fname}: {py_type(ftype)}{dflt}")
     required = sum(1 for f in fields if f[2] == "REQUIRED")
-    # to_wire
     out.append("")
     out.append("    def to_wire(self) -> list[Any]:")
     parts = []
     for fname, ftype, _d, _ in fields:
         if ftype.startswith("list:"):
-            parts.append(f"[e.to_wire() for e in self.{fname}]")
+            parts.append(f"[list(e) for e in self.{fname}]")
         else:
             parts.append(f"self.{fname}")
     out.append(f"        return [{', '.join(parts)}]")
-    # from_wire
     out.append("")
     out.append("    @classmethod")
     out.append(f"    def from_wire(cls, f: Any, where: str = {where_prefix!r}) -> {cls}:")
     out.append(f"        check_arity(f, {required}, {len(fields)}, where)")
     if any(f[2] != "REQUIRED" for f in fields):
         out.append("        n = len(f)")
-    args = []
     for i, (fname, ftype, default, _) in enumerate(fields):
-        expr = check_expr(ftype, f"f[{i}]", f"{where_prefix}.{fname}")
-        expr = expr.replace(repr(f"{where_prefix}.{fname}"), f'where + ".{fname}"')
-        if default == "REQUIRED":
-            out.append(f"        a{i} = {expr}")
-        else:
-            out.append(f"        a{i} = {expr} if n > {i} else {default_src(default, ftype)}")
-        args.append(f"a{i}")
-    out.append(f"        return cls({', '.join(args)})")
+        out += field_stmts(i, fname, ftype, default, f"f[{i}]", "        ")
+    out.append(f"        return cls({', '.join(f'a{i}' for i in range(len(fields)))})")
     return out
 
 
@@ -151,13 +209,17 @@ def gen_python(spec: dict[str, Any]) -> str:
         "from __future__ import annotations",
         "",
         "from dataclasses import dataclass, field",
-        "from typing import Any, ClassVar",
+        "from typing import Any, ClassVar, NamedTuple",
         "",
         "from protocol._checks import (",
         "    NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_bool, check_bytes,",
         "    check_list, check_str, check_strlist, check_table, check_tablelist, check_uint, fail,",
         ")",
         "from protocol.errors import FatalError, ProtocolError, RequestError",
+        "",
+        "_tuple_new = tuple.__new__",
+        "NAME_FAST = NAME_MAX // 4  # strings this short cannot exceed the byte limit",
+        "STR_FAST = STR_MAX // 4",
         "",
         f"MAGIC = {p['magic'].encode()!r}",
         f"VERSION_MAJOR = {p['major']}",
@@ -168,6 +230,7 @@ def gen_python(spec: dict[str, Any]) -> str:
         f"MAX_FRAME_SIZE_FLOOR = {p['max_frame_size_floor']}",
         f"MAX_FRAME_SIZE_CEILING = {p['max_frame_size_ceiling']}",
         f"HEARTBEAT_MS_DEFAULT = {p['heartbeat_ms_default']}",
+        f"HEARTBEAT_MS_FLOOR = {p['heartbeat_ms_floor']}",
         "",
         "",
         "# ------------------------------------------------------------------ errors",
@@ -219,7 +282,7 @@ def gen_python(spec: dict[str, Any]) -> str:
     # records
     lines += ["", "", "# ------------------------------------------------------------------ records"]
     for rname, rec in spec["record"].items():
-        lines += gen_class(camel(rname), "", rec["fields"], rec["doc"], [], rname)
+        lines += gen_record(camel(rname), rec["fields"], rec["doc"], rname)
     # frames
     lines += ["", "", "# ------------------------------------------------------------------ frames", "",
               "", "class Frame:",

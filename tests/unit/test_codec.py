@@ -72,7 +72,7 @@ def from_json(v: Any) -> Any:
 
 
 def record_as_dict(rec: Any) -> dict[str, Any]:
-    return {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)}
+    return dict(rec._asdict())
 
 
 def frame_from_vector(vec: dict[str, Any]) -> protocol.Frame:
