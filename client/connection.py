@@ -73,13 +73,14 @@ from protocol import Heartbeat as HeartbeatFrame
 from protocol import Nack as NackFrame
 from protocol import Reject as RejectFrame
 from protocol.connection import Connection as WireConnection
-from protocol.connection import Role, State
+from protocol.connection import Role
 
 log = logging.getLogger("conveyor.client")
 
 Body = bytes | str
 _PUBLISH = Publish.TYPE
 _PUBLISH_BATCH = PublishBatch.TYPE
+_U64_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,23 @@ def _body(body: Body) -> bytes:
     return bytes(body)
 
 
+def _check_fits(entries: Sequence[tuple[str, str, dict[str, Any], bytes, bool]],
+                max_frame: int) -> None:
+    """Refuse (413) a message that cannot fit in one frame: a sender must never exceed the
+    negotiated max_frame_size, or the broker closes the connection (502)."""
+    for ex, rk, props, body, mandatory in entries:
+        if not max_frame or len(body) + 4096 <= max_frame:
+            continue  # names and properties other than headers are small
+        # Measure exactly, as sent (alone in a PUBLISH or PUBLISH_BATCH, worst-case seq).
+        entry = [ex, rk, props, body, mandatory]
+        frame = (encode_fields(_PUBLISH, [_U64_MAX, *entry]) if len(entries) == 1
+                 else encode_fields(_PUBLISH_BATCH, [_U64_MAX, [entry]]))
+        if len(frame) - 4 > max_frame:
+            raise error_for_code(413, f"message of {len(body)} bytes does not fit the negotiated "
+                                 f"maximum frame size of {max_frame} bytes",
+                                 {"max_frame_size": max_frame})
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, owner: Connection) -> None:
         self.owner = owner
@@ -165,7 +183,7 @@ class _Protocol(asyncio.Protocol):
             return
         if not frames:
             return
-        if self.wire.state is not State.OPEN or not self.handshake.done():
+        if not self.handshake.done():
             frames = self._handshake(frames)
         if frames:
             self.owner._on_frames(self, frames)
@@ -700,6 +718,7 @@ class Connection:
             except TimeoutError:
                 raise PublishTimeout("broker is not accepting publishes (flow control)") from None
             proto = await self._ready(deadline)
+        _check_fits(entries, proto.max_frame_size)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending = _Pending(fut, len(entries))
         first = self._seq + 1
