@@ -181,7 +181,7 @@ class BrokerProtocol(asyncio.Protocol):
         self.heartbeat_ms = hb
         self.conn.max_frame_size = frame_max
         sid = self.broker.new_session_id()
-        self.session = Session(self.broker, sid, self._write, frame_max)
+        self.session = Session(self.broker, sid, self._write_chunks, frame_max)
         ok = OpenOk(sid, frame_max, hb)
         self.conn.send(ok)  # advances the state machine to OPEN
         self._write([ok])
@@ -194,10 +194,14 @@ class BrokerProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ output
     def _write(self, frames: list[Frame]) -> None:
+        self._write_chunks([encode_many(frames)])
+
+    def _write_chunks(self, chunks: list[bytes]) -> None:
+        """One transport write for everything a flush produced."""
         t = self.transport
         if t is None or t.is_closing():
             return
-        t.write(encode_many(frames))
+        t.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
         self._last_send = time.monotonic()
 
     def _fatal(self, exc: ConveyorError) -> None:

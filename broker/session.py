@@ -2,9 +2,9 @@
 
 A Session owns a connection's consumers, its unacked deliveries (keyed by delivery tag,
 in tag order) and its publish-confirm bookkeeping. It never touches a socket: it queues
-outgoing frames and the transport's ``write`` callback encodes and writes them when
-:meth:`flush` runs, once per batch of input, so a burst of deliveries or confirms costs
-one write.
+encoded frames and hands them to the transport's ``write`` callback when :meth:`flush`
+runs, once per batch of input, so a burst of deliveries or confirms costs one write.
+Deliveries are encoded straight from field lists (no frame object per message).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ from protocol import (
     RequestError,
     Return,
     Unbind,
+    encode,
+    encode_fields,
 )
 from protocol import Consume as ConsumeFrame
 
@@ -76,13 +78,11 @@ def message_size(properties: dict[str, Any], body: bytes) -> int:
     return len(body) + (len(_packb(headers)) if headers else 0)
 
 
-class Unacked:
-    __slots__ = ("consumer", "qm", "queue")
-
-    def __init__(self, qm: QueuedMessage, queue: Queue, consumer: Consumer | None) -> None:
-        self.qm = qm
-        self.queue = queue
-        self.consumer = consumer
+# An unacked delivery: (message in its queue, the queue, the consumer or None for GET).
+Unacked = tuple[QueuedMessage, Queue, "Consumer | None"]
+_DELIVER = Deliver.TYPE
+_DELIVER_BATCH = DeliverBatch.TYPE
+_CONFIRM = Confirm.TYPE
 
 
 class Session:
@@ -92,21 +92,21 @@ class Session:
         self,
         broker: Broker,
         session_id: str,
-        write: Callable[[list[Frame]], None],
+        write: Callable[[list[bytes]], None],
         max_frame_size: int,
     ) -> None:
         self.broker = broker
         self.id = session_id
         self._write = write
         self.max_frame_size = max_frame_size
-        self.out: list[Frame] = []
-        self._deliveries: list[tuple[Consumer, list[DeliveryEntry]]] = []
+        self.out: list[bytes] = []
+        self._deliveries: list[tuple[Consumer, list[list[Any]]]] = []
         self.consumers: dict[str, Consumer] = {}
         self.unacked: OrderedDict[int, Unacked] = OrderedDict()
         self.exclusive_queues: set[str] = set()
         self._next_tag = 0
         self._ctag = 0
-        self._confirms: list[Confirm] = []
+        self._confirms: list[list[Any]] = []
         self._conf_first = 0
         self._conf_last = 0
         self.closed = False
@@ -145,7 +145,7 @@ class Session:
                 try:
                     h(frame)
                 except RequestError as exc:
-                    self.send(Error(0, exc.code, exc.message, exc.details))
+                    self.out.append(encode(Error(0, exc.code, exc.message, exc.details)))
                 continue
             req = self._requests.get(frame.TYPE)
             if req is None:
@@ -161,12 +161,12 @@ class Session:
                 log.exception("bug handling %s on %s", frame.NAME, self.id)
                 err = InternalError(f"internal error handling {frame.NAME}")
                 reply = Error(rid, err.code, err.message, {})
-            self.out.append(reply)
+            self.out.append(encode(reply))
         self._end_batch()
         self.broker.mark_session(self)
 
     def send(self, frame: Frame) -> None:
-        self.out.append(frame)
+        self.out.append(encode(frame))
         self.broker.mark_session(self)
 
     # ------------------------------------------------------------------ output
@@ -176,32 +176,31 @@ class Session:
             return
         if self._deliveries:
             for consumer, entries in self._deliveries:
-                self.out.extend(self._delivery_frames(consumer.tag, entries))
+                self._encode_deliveries(consumer.tag, entries)
             self._deliveries = []
         if self.out:
             out = self.out
             self.out = []
             self._write(out)
 
-    def _delivery_frames(self, tag: str, entries: list[DeliveryEntry]) -> list[Frame]:
+    def _encode_deliveries(self, tag: str, entries: list[list[Any]]) -> None:
+        """DELIVER for one message, else DELIVER_BATCH frames that each fit the frame cap."""
+        out = self.out
         if len(entries) == 1:
-            e = entries[0]
-            return [Deliver(tag, e.delivery_tag, e.redelivered, e.exchange, e.routing_key,
-                            e.properties, e.body, e.delivery_count)]
-        frames: list[Frame] = []
+            out.append(encode_fields(_DELIVER, [tag, *entries[0]]))
+            return
         budget = self.max_frame_size - 1024
-        chunk: list[DeliveryEntry] = []
+        chunk: list[list[Any]] = []
         size = 0
         for e in entries:
-            esize = message_size(e.properties, e.body) + ENTRY_OVERHEAD
+            esize = message_size(e[4], e[5]) + ENTRY_OVERHEAD
             if chunk and size + esize > budget:
-                frames.append(DeliverBatch(tag, chunk))
+                out.append(encode_fields(_DELIVER_BATCH, [tag, chunk]))
                 chunk, size = [], 0
             chunk.append(e)
             size += esize
         if chunk:
-            frames.append(DeliverBatch(tag, chunk))
-        return frames
+            out.append(encode_fields(_DELIVER_BATCH, [tag, chunk]))
 
     # ------------------------------------------------------------------ publish
     def _on_publish(self, f: Publish) -> None:
@@ -233,7 +232,8 @@ class Session:
             return
         msg = Message(exchange, routing_key, properties, body)
         if not broker.enqueue(msg, targets) and mandatory:
-            self.out.append(Return(seq, 312, "no route", exchange, routing_key, properties, body))
+            self.out.append(encode(
+                Return(seq, 312, "no route", exchange, routing_key, properties, body)))
         if seq:
             if seq == self._conf_last + 1 and self._conf_first:
                 self._conf_last = seq
@@ -243,12 +243,12 @@ class Session:
 
     def _close_range(self) -> None:
         if self._conf_first:
-            self._confirms.append(Confirm(self._conf_first, self._conf_last, True, 0, ""))
+            self._confirms.append([self._conf_first, self._conf_last, True, 0, ""])
             self._conf_first = 0
 
     def _nack(self, seq: int, exc: ConveyorError) -> None:
         self._close_range()
-        self._confirms.append(Confirm(seq, seq, False, exc.code, exc.message))
+        self._confirms.append([seq, seq, False, exc.code, exc.message])
         self._conf_last = seq
 
     def _end_batch(self) -> None:
@@ -258,14 +258,15 @@ class Session:
             self._confirms = []
             self.broker.store.commit(lambda: self._send_confirms(confirms))
 
-    def _send_confirms(self, confirms: list[Confirm]) -> None:
-        self.out.extend(confirms)
+    def _send_confirms(self, confirms: list[list[Any]]) -> None:
+        self.out.extend([encode_fields(_CONFIRM, c) for c in confirms])
         self.broker.mark_session(self)
 
     # ------------------------------------------------------------------ delivery
     def deliver(self, consumer: Consumer, batch: list[QueuedMessage]) -> None:
         """Called by queue dispatch: assign tags, track unacked, queue the frames."""
-        entries: list[DeliveryEntry] = []
+        entries: list[list[Any]] = []
+        append = entries.append
         tag = self._next_tag
         no_ack = consumer.no_ack
         unacked = self.unacked
@@ -273,10 +274,10 @@ class Session:
         for qm in batch:
             tag += 1
             m = qm.message
-            entries.append(DeliveryEntry(tag, qm.redelivered, m.exchange, m.routing_key,
-                                         m.properties, m.body, qm.delivery_count))
+            append([tag, qm.redelivered, m.exchange, m.routing_key, m.properties, m.body,
+                    qm.delivery_count])
             if not no_ack:
-                unacked[tag] = Unacked(qm, queue, consumer)
+                unacked[tag] = (qm, queue, consumer)
         self._next_tag = tag
         if no_ack:
             queue.ack(len(batch))
@@ -303,25 +304,25 @@ class Session:
             if not out and tag:
                 raise PreconditionFailed(f"unknown delivery tag {tag}", {"delivery_tag": tag})
         for u in out:
-            if u.consumer is not None:
-                u.consumer.unacked -= 1
+            if u[2] is not None:
+                u[2].unacked -= 1
         return out
 
     def _on_ack(self, f: Ack) -> None:
         settled = self._settle(f.delivery_tag, f.multiple)
         if len(settled) == 1:
-            settled[0].queue.ack(1)
+            settled[0][1].ack(1)
             return
         counts: dict[Queue, int] = {}
         for u in settled:
-            counts[u.queue] = counts.get(u.queue, 0) + 1
+            counts[u[1]] = counts.get(u[1], 0) + 1
         for q, n in counts.items():
             q.ack(n)
 
     def _refuse(self, settled: list[Unacked], requeue: bool) -> None:
         by_queue: dict[Queue, list[QueuedMessage]] = {}
         for u in settled:
-            by_queue.setdefault(u.queue, []).append(u.qm)
+            by_queue.setdefault(u[1], []).append(u[0])
         for q, qms in by_queue.items():
             if requeue:
                 self.broker.requeue(q, qms)
@@ -428,7 +429,7 @@ class Session:
             if f.no_ack:
                 q.ack(1)
             else:
-                self.unacked[tag] = Unacked(qm, q, None)
+                self.unacked[tag] = (qm, q, None)
         self._next_tag = tag
         return GetOk(f.rid, entries, q.ready)
 

@@ -12,6 +12,7 @@
 from client.connection import Connection, OutgoingMessage, QueueInfo, connect
 from client.consumer import Consumer
 from client.errors import (
+    Backpressure,
     ClientError,
     ConnectionClosed,
     ConsumerCancelled,
@@ -32,6 +33,7 @@ from protocol import (
 
 __all__ = [
     "AccessRefused",
+    "Backpressure",
     "ClientError",
     "Connection",
     "ConnectionClosed",

@@ -22,12 +22,15 @@ import logging
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import msgpack
+
 from client.consumer import Consumer
-from client.errors import ConnectionClosed, PublishTimeout, RequestTimeout
+from client.errors import Backpressure, ConnectionClosed, PublishTimeout, RequestTimeout
 from client.message import PROPERTY_NAMES, Message
 from client.url import URL, parse_url
 from protocol import Ack as AckFrame
@@ -76,10 +79,24 @@ from protocol.connection import Connection as WireConnection
 from protocol.connection import Role
 
 log = logging.getLogger("conveyor.client")
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 Body = bytes | str
 _PUBLISH = Publish.TYPE
 _PUBLISH_BATCH = PublishBatch.TYPE
+_ACK = AckFrame.TYPE
+_NACK = NackFrame.TYPE
+_REJECT = RejectFrame.TYPE
+Entry = tuple[str, str, dict[str, Any], bytes, bool]
+
+
+def _entry_size(e: Entry) -> int:
+    """Upper estimate of an entry's encoded size (headers are the only unbounded property)."""
+    props = e[2]
+    extra = 0
+    if props:
+        extra = 64 * len(props) + (len(_packb(props["headers"])) if "headers" in props else 0)
+    return len(e[3]) + len(e[0]) + len(e[1]) + 32 + extra
 _U64_MAX = 2**64 - 1
 
 
@@ -286,6 +303,16 @@ class Connection:
         self._topology: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
         self._wbuf: list[bytes] = []
         self._flush_scheduled = False
+        # Publishes queued this loop turn; sent as one PUBLISH_BATCH (seqs are contiguous).
+        self._pub: list[tuple[str, str, dict[str, Any], bytes, bool]] = []
+        self._pub_first = 0
+        self._pub_size = 0
+        # Settlement: tags delivered and not yet settled, in order; settled tags -> whether
+        # the broker already knows (NACK/REJECT/individual ACK sent). The settled prefix of
+        # ``_unsettled`` goes out as one cumulative ACK per loop turn.
+        self._unsettled: deque[int] = deque()
+        self._done: dict[int, bool] = {}
+        self._ack_pending: list[int] = []
         self._connected = asyncio.Event()
         self._closing = False
         self._closed_error: ConveyorError | None = None
@@ -297,7 +324,9 @@ class Connection:
         self._rpc_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    async def _open(self, timeout: float) -> None:
+    async def _open(self, timeout: float, announce: bool = True) -> None:
+        """Connect and handshake. ``announce=False`` (reconnects) leaves the connection
+        closed to applications until the topology has been restored."""
         loop = asyncio.get_running_loop()
         try:
             _t, proto = await asyncio.wait_for(
@@ -310,7 +339,8 @@ class Connection:
         self._epoch += 1
         self.connection_id = ok.connection_id
         self.server_heartbeat_ms = ok.heartbeat_ms
-        self._connected.set()
+        if announce:
+            self._connected.set()
         if ok.heartbeat_ms and (self._hb_task is None or self._hb_task.done()):
             self._hb_task = asyncio.create_task(self._heartbeat(ok.heartbeat_ms / 1000))
 
@@ -419,27 +449,26 @@ class Connection:
         if len(unconfirmed) < self.max_unconfirmed:
             self._slots.set()
 
-    def _make_message(self, c: Consumer | None, tag: int, redelivered: bool, exchange: str,
-                      rk: str, props: dict[str, Any], body: bytes, count: int,
-                      no_ack: bool) -> Message:
-        return Message(self, c, self._epoch, tag, redelivered, exchange, rk, props, body, count,
-                       settled=no_ack)
-
     def _on_deliver(self, f: Deliver) -> None:
         c = self._consumers.get(f.consumer_tag)
         if c is None:
             return
-        c._push([self._make_message(c, f.delivery_tag, f.redelivered, f.exchange, f.routing_key,
-                                    f.properties, f.body, f.delivery_count, c.no_ack)])
+        if not c.no_ack:
+            self._unsettled.append(f.delivery_tag)
+        c._push([Message(self, c, self._epoch, f.delivery_tag, f.redelivered, f.exchange,
+                         f.routing_key, f.properties, f.body, f.delivery_count, c.no_ack)])
 
     def _on_deliver_batch(self, f: DeliverBatch) -> None:
         c = self._consumers.get(f.consumer_tag)
         if c is None:
             return
         no_ack = c.no_ack
-        mk = self._make_message
-        c._push([mk(c, e.delivery_tag, e.redelivered, e.exchange, e.routing_key, e.properties,
-                    e.body, e.delivery_count, no_ack) for e in f.entries])
+        epoch = self._epoch
+        msgs = [Message(self, c, epoch, e[0], e[1], e[2], e[3], e[4], e[5], e[6], no_ack)
+                for e in f.entries]
+        if not no_ack:
+            self._unsettled.extend([e[0] for e in f.entries])
+        c._push(msgs)
 
     def _on_error(self, f: Error) -> None:
         exc = error_for_code(f.code, f.message, f.details)
@@ -460,6 +489,11 @@ class Connection:
         self._proto = None
         self._connected.clear()
         self._wbuf.clear()
+        self._pub.clear()
+        self._pub_size = 0
+        self._unsettled.clear()
+        self._done.clear()
+        self._ack_pending.clear()
         reason = self._closed_error or ConnectionClosed(
             f"connection to {self.url} lost" + (f": {exc}" if exc else ""))
         self._closed_error = None
@@ -496,32 +530,48 @@ class Connection:
         while not self._closing:
             await asyncio.sleep(delay)
             try:
-                await self._open(self.timeout)
+                await self._open(self.timeout, announce=False)
+                restored = await self._restore()
             except ConveyorError as exc:
                 log.info("reconnect to %s failed: %s", self.url, exc)
                 delay = min(delay * 2, self.reconnect_max_delay)
                 continue
+            if not restored:
+                return  # lost again while restoring: that loss started a new loop
             self.reconnects += 1
-            await self._restore()
+            self._connected.set()
             return
 
-    async def _restore(self) -> None:
-        """Re-declare remembered topology, then restart consumers."""
+    async def _restore(self) -> bool:
+        """Re-declare remembered topology, then restart consumers, before applications
+        see the connection again (so nothing is published into a half-restored broker).
+        Returns False if the connection was lost again meanwhile."""
         self.restore_errors = []
-        for kind, kwargs in list(self._topology.values()):
-            try:
-                frame = _TOPOLOGY_FRAMES[kind](next(self._rids), **kwargs)
-                await self._request(frame, self.timeout)
-            except ConveyorError as exc:
-                self.restore_errors.append(f"{kind} {kwargs}: {exc}")
-                log.warning("could not restore %s %s: %s", kind, kwargs, exc)
-        for c in list(self._consumers.values()):
-            try:
-                await self._start_consumer(c)
-            except ConveyorError as exc:
-                self._consumers.pop(c.tag, None)
-                self.restore_errors.append(f"consumer {c.tag} on {c.queue}: {exc}")
-                c._fail(exc)
+        proto = self._proto
+        try:
+            for kind, kwargs in list(self._topology.values()):
+                try:
+                    frame = _TOPOLOGY_FRAMES[kind](next(self._rids), **kwargs)
+                    await self._request(frame, self.timeout, internal=True)
+                except (ConnectionClosed, RequestTimeout):
+                    raise
+                except ConveyorError as exc:
+                    self.restore_errors.append(f"{kind} {kwargs}: {exc}")
+                    log.warning("could not restore %s %s: %s", kind, kwargs, exc)
+            for c in list(self._consumers.values()):
+                try:
+                    await self._start_consumer(c, internal=True)
+                except (ConnectionClosed, RequestTimeout):
+                    raise
+                except ConveyorError as exc:
+                    self._consumers.pop(c.tag, None)
+                    self.restore_errors.append(f"consumer {c.tag} on {c.queue}: {exc}")
+                    c._fail(exc)
+        except (ConnectionClosed, RequestTimeout):
+            if self._proto is proto and proto is not None and proto.transport is not None:
+                proto.transport.abort()  # a timeout: start over from a fresh connection
+            return False
+        return self._proto is proto
 
     async def _heartbeat(self, interval: float) -> None:
         while not self._closing:
@@ -537,13 +587,28 @@ class Connection:
 
     # ------------------------------------------------------------------ output
     def _send(self, data: bytes) -> None:
+        # Queued publishes and acks precede any later frame, so causality holds on the wire.
+        if self._pub:
+            self._emit_publishes()
+        if self._ack_pending:
+            self._emit_acks()
         self._wbuf.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
+        """Write everything queued this loop turn in one transport call."""
         self._flush_scheduled = False
+        if self._pub:
+            self._emit_publishes()
+        if self._ack_pending:
+            self._emit_acks()
         proto = self._proto
         if not self._wbuf:
             return
@@ -554,13 +619,55 @@ class Connection:
         self._wbuf.clear()
         proto.transport.write(data)
 
-    async def _ready(self, deadline: float) -> _Protocol:
+    def _emit_publishes(self) -> None:
+        pub = self._pub
+        self._pub = []
+        self._pub_size = 0
+        first = self._pub_first
+        if len(pub) == 1:
+            self._wbuf.append(encode_fields(_PUBLISH, [first, *pub[0]]))
+            return
+        proto = self._proto
+        budget = (proto.max_frame_size if proto is not None else 1 << 20) - 4096
+        chunk: list[Any] = []
+        size = 0
+        for e in pub:
+            esize = _entry_size(e)
+            if chunk and size + esize > budget:
+                self._wbuf.append(encode_fields(_PUBLISH_BATCH, [first, chunk]))
+                first += len(chunk)
+                chunk, size = [], 0
+            chunk.append(e)
+            size += esize
+        self._wbuf.append(encode_fields(_PUBLISH_BATCH, [first, chunk]))
+
+    def _emit_acks(self) -> None:
+        """One cumulative ACK for the settled prefix; single ACKs for acks past a gap."""
+        pending = self._ack_pending
+        self._ack_pending = []
+        done = self._done
+        unsettled = self._unsettled
+        hi = 0
+        need = False
+        while unsettled and unsettled[0] in done:
+            hi = unsettled.popleft()
+            if not done.pop(hi):
+                need = True
+        wbuf = self._wbuf
+        if need:
+            wbuf.append(encode_fields(_ACK, [hi, True]))
+        for tag in pending:
+            if done.get(tag) is False:
+                wbuf.append(encode_fields(_ACK, [tag, False]))
+                done[tag] = True
+
+    async def _ready(self, deadline: float, internal: bool = False) -> _Protocol:
         """The live protocol, waiting for a reconnect (until ``deadline``) if needed."""
         while True:
             if self._closing:
                 raise ConnectionClosed("connection is closed")
             proto = self._proto
-            if proto is not None and self._connected.is_set():
+            if proto is not None and (internal or self._connected.is_set()):
                 return proto
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.reconnect:
@@ -570,10 +677,11 @@ class Connection:
             except TimeoutError:
                 raise ConnectionClosed(f"not connected to {self.url}") from None
 
-    async def _request(self, frame: Frame, timeout: float | None = None) -> Frame:
+    async def _request(self, frame: Frame, timeout: float | None = None,
+                       internal: bool = False) -> Frame:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        await self._ready(deadline)
+        await self._ready(deadline, internal)
         rid: int = frame.rid  # type: ignore[attr-defined]
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._requests[rid] = fut
@@ -698,12 +806,12 @@ class Connection:
         except TimeoutError:
             raise PublishTimeout(f"no confirm within {timeout}s") from None
 
-    async def _publish_many(self, entries: Sequence[tuple[str, str, dict[str, Any], bytes, bool]],
-                            timeout: float | None) -> asyncio.Future[None]:
+    async def wait_for_capacity(self, timeout: float | None = None) -> None:
+        """Wait until a publish can be queued: connected, fewer than ``max_unconfirmed``
+        publishes in flight, and the socket not backed up. Raises PublishTimeout."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         proto = await self._ready(deadline)
-        # Bounded: wait while too many publishes are unconfirmed or the socket is backed up.
         while len(self._unconfirmed) >= self.max_unconfirmed or proto.paused:
             if len(self._unconfirmed) >= self.max_unconfirmed:
                 self._slots.clear()
@@ -718,37 +826,58 @@ class Connection:
             except TimeoutError:
                 raise PublishTimeout("broker is not accepting publishes (flow control)") from None
             proto = await self._ready(deadline)
-        _check_fits(entries, proto.max_frame_size)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        pending = _Pending(fut, len(entries))
-        first = self._seq + 1
-        self._seq += len(entries)
-        unconfirmed = self._unconfirmed
-        for seq in range(first, first + len(entries)):
-            unconfirmed[seq] = pending
-        if len(entries) == 1:
-            ex, rk, props, body, mandatory = entries[0]
-            self._send(encode_fields(_PUBLISH, [first, ex, rk, props, body, mandatory]))
-        else:
-            self._send_batches(first, entries, proto.max_frame_size)
-        return fut
 
-    def _send_batches(self, first: int, entries: Sequence[tuple[str, str, dict[str, Any],
-                      bytes, bool]], max_frame: int) -> None:
-        budget = max_frame - 4096
-        chunk: list[list[Any]] = []
-        size = 0
-        seq = first
-        for ex, rk, props, body, mandatory in entries:
-            esize = len(body) + len(ex) + len(rk) + 64 + (len(props) * 64 if props else 0)
-            if chunk and size + esize > budget:
-                self._send(encode_fields(_PUBLISH_BATCH, [seq, chunk]))
-                seq += len(chunk)
-                chunk, size = [], 0
-            chunk.append([ex, rk, props, body, mandatory])
-            size += esize
-        if chunk:
-            self._send(encode_fields(_PUBLISH_BATCH, [seq, chunk]))
+    def publish_nowait(self, exchange: str, routing_key: str, body: Body, *,
+                       properties: dict[str, Any] | None = None, mandatory: bool = False,
+                       **props: Any) -> asyncio.Future[None]:
+        """Queue one message without waiting; the returned future resolves on its confirm.
+
+        This is the pipelined form of :meth:`publish`: frames queued in one loop turn go
+        out as one PUBLISH_BATCH. The future fails like :meth:`publish` does. Raises
+        ``Backpressure`` (nothing queued) when ``max_unconfirmed`` publishes are in flight
+        or the socket is backed up: ``await conn.wait_for_capacity()`` and retry.
+        """
+        proto = self._proto
+        if proto is None or self._closing or not self._connected.is_set():
+            raise ConnectionClosed(f"not connected to {self.url}")
+        if len(self._unconfirmed) >= self.max_unconfirmed or proto.paused:
+            raise Backpressure("too many unconfirmed publishes or socket backed up")
+        p = _props(properties, props) if props or properties else {}
+        return self._enqueue([(exchange, routing_key, p,
+                               body if type(body) is bytes else _body(body), mandatory)],
+                             proto.max_frame_size)
+
+    async def _publish_many(self, entries: Sequence[Entry],
+                            timeout: float | None) -> asyncio.Future[None]:
+        await self.wait_for_capacity(timeout)
+        assert self._proto is not None
+        return self._enqueue(entries, self._proto.max_frame_size)
+
+    def _enqueue(self, entries: Sequence[Entry], max_frame: int) -> asyncio.Future[None]:
+        """Assign sequence numbers, register the confirm future, queue the frames."""
+        _check_fits(entries, max_frame)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        n = len(entries)
+        pending = _Pending(fut, n)
+        first = self._seq + 1
+        self._seq += n
+        unconfirmed = self._unconfirmed
+        if n == 1:
+            unconfirmed[first] = pending
+        else:
+            for seq in range(first, first + n):
+                unconfirmed[seq] = pending
+        if not self._pub:
+            self._pub_first = first
+        self._pub.extend(entries)
+        if n == 1:
+            self._pub_size += _entry_size(entries[0])
+        else:
+            self._pub_size += sum(_entry_size(e) for e in entries)
+        if self._pub_size > (1 << 20):
+            self._emit_publishes()  # bound what one loop turn can accumulate
+        self._schedule_flush()
+        return fut
 
     # ------------------------------------------------------------------ consume
     async def consume(self, queue: str, *, prefetch: int = 256, no_ack: bool = False,
@@ -764,12 +893,12 @@ class Connection:
         await self._start_consumer(c)
         return c
 
-    async def _start_consumer(self, c: Consumer) -> None:
+    async def _start_consumer(self, c: Consumer, internal: bool = False) -> None:
         rid = next(self._rids)
         self._pending_consumers[rid] = c
         try:
             ok = await self._request(Consume(rid, c.queue, c.tag, c.no_ack, c.exclusive,
-                                             c.prefetch, c.arguments))
+                                             c.prefetch, c.arguments), internal=internal)
         finally:
             self._pending_consumers.pop(rid, None)
         assert isinstance(ok, ConsumeOk) and c.active
@@ -783,27 +912,32 @@ class Connection:
 
     def _grant(self, c: Consumer, n: int) -> None:
         if self._proto is not None and c.tag in self._consumers:
-            self._send(encode(Credit(c.tag, n)))
+            self._send(encode(Credit(c.tag, n)))  # after the acks that freed it
 
     def _settle(self, msg: Message, how: str, requeue: bool) -> None:
         if msg._epoch != self._epoch or self._proto is None:
             raise ConnectionClosed(
                 "the connection this message came on is gone; the broker will redeliver it")
+        tag = msg.delivery_tag
         if how == "ack":
-            self._send(encode_fields(AckFrame.TYPE, [msg.delivery_tag, False]))
-        elif how == "nack":
-            self._send(encode_fields(NackFrame.TYPE, [msg.delivery_tag, False, requeue]))
+            self._done[tag] = False  # acks are coalesced at flush time
+            self._ack_pending.append(tag)
+            self._schedule_flush()
+            return
+        self._done[tag] = True
+        if how == "nack":
+            self._send(encode_fields(_NACK, [tag, False, requeue]))
         else:
-            self._send(encode_fields(RejectFrame.TYPE, [msg.delivery_tag, requeue]))
+            self._send(encode_fields(_REJECT, [tag, requeue]))
 
     async def get(self, queue: str, max_messages: int = 1, *, no_ack: bool = False,
                   timeout: float | None = None) -> builtins.list[Message]:
         """Pull up to ``max_messages`` ready messages (an empty list if none)."""
         ok = await self._request(Get(next(self._rids), queue, max_messages, no_ack), timeout)
         assert isinstance(ok, GetOk)
-        return [self._make_message(None, e.delivery_tag, e.redelivered, e.exchange,
-                                   e.routing_key, e.properties, e.body, e.delivery_count, no_ack)
-                for e in ok.entries]
+        if not no_ack:
+            self._unsettled.extend([e[0] for e in ok.entries])
+        return [Message(self, None, self._epoch, *e, settled=no_ack) for e in ok.entries]
 
     # ------------------------------------------------------------------ request/reply
     async def rpc(self, exchange: str, routing_key: str, body: Body, *,

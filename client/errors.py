@@ -36,6 +36,14 @@ class PublishTimeout(ClientError, TimeoutError):
     retriable = True
 
 
+class Backpressure(ClientError):
+    """``publish_nowait`` could not queue: too many unconfirmed publishes, or the socket is
+    backed up. Nothing was queued; ``await conn.wait_for_capacity()`` and retry."""
+
+    name = "backpressure"
+    retriable = True
+
+
 class RequestTimeout(ClientError, TimeoutError):
     """No reply arrived within the request timeout."""
 
@@ -50,6 +58,7 @@ class ConsumerCancelled(ClientError):
 
 
 __all__ = [
+    "Backpressure",
     "ClientError",
     "ConnectionClosed",
     "ConsumerCancelled",

@@ -12,6 +12,7 @@ import pytest
 from broker.core import Broker
 from broker.session import Session
 from protocol import (
+    SERVER_FRAMES,
     Ack,
     Bind,
     Cancel,
@@ -20,6 +21,7 @@ from protocol import (
     Consume,
     ConsumeOk,
     Credit,
+    Decoder,
     Deliver,
     DeliverBatch,
     DeliveryEntry,
@@ -56,8 +58,16 @@ class Conn:
     def __init__(self, broker: Broker, max_frame_size: int = 1 << 20) -> None:
         self.broker = broker
         self.writes: list[list[Frame]] = []
-        self.session = Session(broker, broker.new_session_id(), self.writes.append,
-                               max_frame_size)
+        # The session writes encoded bytes; decode them as a client would.
+        decoder = Decoder(max_frame_size, SERVER_FRAMES)
+        self.raw: list[bytes] = []
+
+        def write(chunks: list[bytes]) -> None:
+            data = b"".join(chunks)
+            self.raw.append(data)
+            self.writes.append(decoder.feed(data))
+
+        self.session = Session(broker, broker.new_session_id(), write, max_frame_size)
         self._rid = itertools.count(1)
 
     @property
