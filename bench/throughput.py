@@ -255,9 +255,18 @@ class ConveyorConn:
 
     def publish(self, exchange: str, key: str, body: bytes, persistent: bool,
                 timeout: float) -> Awaitable[Any]:
-        """One message; the awaitable completes when the broker confirmed it."""
-        return self.conn.publish(exchange, key, body, properties=self._PROPS[persistent],
-                                 timeout=timeout)
+        """One message; the awaitable completes when the broker confirmed it.
+
+        Uses the pipelined ``publish_nowait`` (a future, no task per message); only when
+        the client reports back-pressure does it fall back to the awaiting ``publish``.
+        """
+        from client import Backpressure
+
+        props = self._PROPS[persistent]
+        try:
+            return self.conn.publish_nowait(exchange, key, body, properties=props)
+        except Backpressure:
+            return self.conn.publish(exchange, key, body, properties=props, timeout=timeout)
 
     def publish_batch(self, exchange: str, keys: str | list[str], bodies: list[bytes],
                       persistent: bool, timeout: float) -> Awaitable[Any]:
