@@ -7,9 +7,9 @@ import contextlib
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from broker.config import Config
+from broker.durability import Durability
 from broker.server import BrokerServer
 
 log = logging.getLogger("conveyor")
@@ -25,11 +25,18 @@ def setup_logging(level: str) -> None:
 
 async def serve(config: Config, ready: asyncio.Future[int] | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT, then shut down gracefully."""
-    Path(config.data_dir).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before serving
-    server = BrokerServer(config)
-    await server.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    durability = Durability(config)
+    broker = durability.open()  # recovery runs before the listener opens
+    broker.scheduler = loop.call_soon
+    server = BrokerServer(config, broker)
+    try:
+        await server.start()
+    except BaseException:
+        durability.close()
+        raise
+    durability.start()
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # non-main thread
             loop.add_signal_handler(sig, stop.set)
@@ -42,6 +49,7 @@ async def serve(config: Config, ready: asyncio.Future[int] | None = None) -> Non
     finally:
         log.info("shutting down")
         await server.stop()
+        durability.close()
 
 
 def run(config: Config) -> None:

@@ -40,6 +40,13 @@ class Config:
     handshake_timeout_ms: int = 10000
     shutdown_grace_ms: int = 5000
     log_level: str = "info"
+    # durability (broker.wal)
+    fsync: str = "always"
+    fsync_interval_ms: int = 100
+    segment_bytes: int = 64 << 20
+    snapshot_bytes: int = 64 << 20
+    snapshot_interval_ms: int = 300000
+    repair: bool = False
 
     def effective_max_message_size(self) -> int:
         limit = self.max_frame_size - 8192
@@ -57,6 +64,10 @@ class Config:
             raise ConfigError("max_message_size must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
+        if self.fsync not in ("always", "interval", "never"):
+            raise ConfigError("fsync must be always, interval or never")
+        if self.fsync_interval_ms < 1 or self.segment_bytes < 4096 or self.snapshot_bytes < 4096:
+            raise ConfigError("fsync_interval_ms >= 1, segment_bytes and snapshot_bytes >= 4096")
         return self
 
 
@@ -83,7 +94,8 @@ def load(path: str | None = None, **overrides: Any) -> Config:
     for name, value in values.items():
         want = FIELDS[name].type
         if (want == "int" and type(value) is not int) or (
-            want == "str" and type(value) is not str
+            want == "str" and type(value) is not str) or (
+            want == "bool" and type(value) is not bool
         ):
             raise ConfigError(f"setting {name!r} must be {want}, got {value!r}")
     return Config(**values).validate()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
@@ -45,8 +45,16 @@ def _check_arguments(arguments: dict[str, Any], allowed: frozenset[str], what: s
 class Broker:
     """All routing and queue state of one broker."""
 
-    def __init__(self, store: Store | None = None, *, max_message_size: int = 1 << 20) -> None:
+    def __init__(self, store: Store | None = None, *, max_message_size: int = 1 << 20,
+                 durable: bool = False) -> None:
         self.store: Store = store or MemoryStore()
+        # With a durable store, durable queues log their commands (broker.journal).
+        self.durable = durable
+        self.journal: list[Record] = []
+        self.next_message_id = 1
+        # Set by the transport (loop.call_soon): lets store callbacks trigger a pump.
+        self.scheduler: Callable[[Callable[[], None]], Any] | None = None
+        self._pump_handle: Any = None
         self.max_message_size = max_message_size
         self.exchanges: dict[str, Exchange] = {}
         self.queues: dict[str, Queue] = {}
@@ -66,7 +74,19 @@ class Broker:
         self._dirty_sessions.add(session)
 
     def _log(self, records: Iterable[Record]) -> None:
-        self.store.append(records)
+        if self.durable:
+            self.journal.extend(records)
+
+    def flush_journal(self) -> None:
+        """Hand the commands gathered since the last call to the store, as one batch."""
+        if self.journal:
+            batch = self.journal
+            self.journal = []
+            self.store.append(batch)
+
+    def store_failed(self) -> BaseException | None:
+        """The store's write error while it cannot write (publishes are refused)."""
+        return getattr(self.store, "failed", None)
 
     def get_queue(self, name: str, session_id: str | None) -> Queue:
         """Look up a queue the session may use (not another connection's exclusive one)."""
@@ -128,7 +148,7 @@ class Broker:
                            arguments=arguments)
         self.exchanges[name] = ex
         if durable:
-            self._log([("exchange.declare", name, [etype, auto_delete, arguments])])
+            self._log([("xd", name, etype, auto_delete, arguments)])
         return ex
 
     def delete_exchange(self, name: str, *, if_unused: bool = False) -> None:
@@ -147,7 +167,7 @@ class Broker:
                 q.bindings.discard((ex.name, key))
         del self.exchanges[ex.name]
         if ex.durable:
-            self._log([("exchange.delete", ex.name, None)])
+            self._log([("xr", ex.name)])
 
     # ------------------------------------------------------------------ queues
     def declare_queue(
@@ -191,8 +211,9 @@ class Broker:
             s = self.sessions.get(session_id)
             if s is not None:
                 s.exclusive_queues.add(name)
-        if durable and not exclusive:
-            self._log([("queue.declare", name, [auto_delete, arguments])])
+        if durable and not exclusive and self.durable:
+            q.logged = True
+            self._log([("qd", name, auto_delete, arguments)])
         return q
 
     def delete_queue(
@@ -225,15 +246,15 @@ class Broker:
             s = self.sessions.get(q.exclusive_owner)
             if s is not None:
                 s.exclusive_queues.discard(q.name)
-        elif q.durable:
-            self._log([("queue.delete", q.name, None)])
+        elif q.logged:
+            self._log([("qr", q.name)])
         return n
 
     def purge_queue(self, session_id: str | None, name: str) -> int:
         q = self.get_queue(name, session_id)
         n = q.purge()
-        if q.durable:
-            self._log([("queue.purge", name, None)])
+        if q.logged:
+            self._log([("qp", name)])
         return n
 
     # ------------------------------------------------------------------ bindings
@@ -246,8 +267,8 @@ class Broker:
         q = self.get_queue(queue, session_id)
         if ex.bind(key, queue):
             q.bindings.add((exchange, key))
-            if ex.durable and q.durable and q.exclusive_owner is None:
-                self._log([("bind", exchange, [queue, key])])
+            if ex.durable and q.logged:
+                self._log([("b", exchange, queue, key)])
 
     def unbind(self, session_id: str | None, exchange: str, queue: str, key: str = "") -> None:
         if not exchange:
@@ -256,8 +277,8 @@ class Broker:
         q = self.get_queue(queue, session_id)
         if ex.unbind(key, queue):
             q.bindings.discard((exchange, key))
-            if ex.durable and q.durable and q.exclusive_owner is None:
-                self._log([("unbind", exchange, [queue, key])])
+            if ex.durable and q.logged:
+                self._log([("u", exchange, queue, key)])
             self._maybe_autodelete_exchange(ex)
 
     def _maybe_autodelete_exchange(self, ex: Exchange) -> None:
@@ -279,12 +300,24 @@ class Broker:
         queues = self.queues
         dirty = self._dirty_queues
         n = 0
+        logged: list[str] | None = None
         for qname in queue_names:
             q = queues[qname]
             q.enqueue(message)
             if q.consumers:
                 dirty.add(q)
+            if q.logged and message.persistent:
+                if logged is None:
+                    logged = [qname]
+                else:
+                    logged.append(qname)
             n += 1
+        if logged is not None:
+            mid = self.next_message_id
+            self.next_message_id = mid + 1
+            message.id = mid
+            self.journal.append(("p", mid, logged, message.exchange, message.routing_key,
+                                 message.properties, message.body))
         return n
 
     # ------------------------------------------------------------------ consumers
@@ -311,8 +344,25 @@ class Broker:
     def requeue(self, queue: Queue, qms: list[QueuedMessage]) -> None:
         queue.requeue(qms)
         self.wake(queue)
+        if queue.logged:
+            self.log_ids("r", queue, qms)
+
+    def log_ids(self, op: str, queue: Queue, qms: list[QueuedMessage]) -> None:
+        """Log delivered ('d'), acked ('a') or requeued ('r') messages of a logged queue."""
+        ids = [qm.message.id for qm in qms if qm.message.id]
+        if ids and not queue.deleted:
+            self.journal.append((op, queue.name, ids))
 
     # ------------------------------------------------------------------ pump
+    def pump_soon(self) -> None:
+        """Run :meth:`pump` on the next loop turn (for events outside data_received)."""
+        if self._pump_handle is None and self.scheduler is not None:
+            self._pump_handle = self.scheduler(self._pump_later)
+
+    def _pump_later(self) -> None:
+        self._pump_handle = None
+        self.pump()
+
     def pump(self) -> None:
         """Dispatch every changed queue, then let each session with output flush once."""
         rounds = 0
@@ -323,6 +373,8 @@ class Broker:
             for q in dirty:
                 if not q.deleted:
                     q.dispatch(_deliver)
+        if self.journal:
+            self.flush_journal()
         if self._dirty_sessions:
             sessions = self._dirty_sessions
             self._dirty_sessions = set()

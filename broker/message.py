@@ -13,7 +13,7 @@ from typing import Any
 class Message:
     """An immutable published message (body and properties are never copied)."""
 
-    __slots__ = ("body", "exchange", "persistent", "properties", "routing_key", "size")
+    __slots__ = ("body", "exchange", "id", "persistent", "properties", "routing_key", "size")
 
     def __init__(
         self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes
@@ -24,6 +24,7 @@ class Message:
         self.body = body
         self.size = len(body)
         self.persistent: bool = properties.get("persistent", True)
+        self.id = 0  # broker-wide id, assigned when the message is logged
 
 
 class QueuedMessage:

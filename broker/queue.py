@@ -64,6 +64,9 @@ class Queue:
         self.unacked = 0
         self.had_consumer = False
         self.deleted = False
+        # True when this queue's commands go to the write-ahead log (durable, not
+        # exclusive, and the broker has a durable store).
+        self.logged = False
         # (exchange, binding key) pairs pointing at this queue, so deletion is O(bindings).
         self.bindings: set[tuple[str, str]] = set()
         # counters for listings/metrics
@@ -81,6 +84,10 @@ class Queue:
         if self._requeued:
             return self._requeued[0]
         return self._ready[0] if self._ready else None
+
+    def iter_messages(self) -> list[QueuedMessage]:
+        """Ready messages in delivery order (for snapshots and listings)."""
+        return sorted(self._requeued) + list(self._ready)
 
     def has_ready(self) -> bool:
         return bool(self._ready) or bool(self._requeued)

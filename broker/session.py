@@ -56,6 +56,7 @@ from protocol import (
     QueuePurge,
     Reject,
     RequestError,
+    ResourceError,
     Return,
     Unbind,
     encode,
@@ -219,6 +220,9 @@ class Session:
         broker = self.broker
         self.published += 1
         try:
+            if broker.durable and broker.store_failed() is not None:
+                raise ResourceError(f"the broker cannot write its log "
+                                    f"({broker.store_failed()}); retry later")
             if message_size(properties, body) > broker.max_message_size:
                 raise MessageTooLarge(
                     f"message of {len(body)} bytes exceeds the maximum of "
@@ -252,15 +256,25 @@ class Session:
         self._conf_last = seq
 
     def _end_batch(self) -> None:
+        """Confirms wait until the batch's log records are durable (group commit)."""
         self._close_range()
+        self.broker.flush_journal()
         if self._confirms:
             confirms = self._confirms
             self._confirms = []
-            self.broker.store.commit(lambda: self._send_confirms(confirms))
+            self.broker.store.commit(lambda err: self._send_confirms(confirms, err))
 
-    def _send_confirms(self, confirms: list[list[Any]]) -> None:
+    def _send_confirms(self, confirms: list[list[Any]], err: BaseException | None) -> None:
+        if self.closed:
+            return
+        if err is not None:
+            # Not on disk: every ack in this batch becomes a nack the publisher can retry.
+            why = f"could not store the message: {err}"
+            confirms = [[c[0], c[1], False, ResourceError.code, why] if c[2] else c
+                        for c in confirms]
         self.out.extend([encode_fields(_CONFIRM, c) for c in confirms])
         self.broker.mark_session(self)
+        self.broker.pump_soon()
 
     # ------------------------------------------------------------------ delivery
     def deliver(self, consumer: Consumer, batch: list[QueuedMessage]) -> None:
@@ -283,6 +297,8 @@ class Session:
             queue.ack(len(batch))
         else:
             consumer.unacked += len(batch)
+        if queue.logged:
+            self.broker.log_ids("a" if no_ack else "d", queue, batch)
         self._deliveries.append((consumer, entries))
         self.broker.mark_session(self)
 
@@ -311,13 +327,22 @@ class Session:
     def _on_ack(self, f: Ack) -> None:
         settled = self._settle(f.delivery_tag, f.multiple)
         if len(settled) == 1:
-            settled[0][1].ack(1)
+            qm, q, _c = settled[0]
+            q.ack(1)
+            if q.logged:
+                self.broker.log_ids("a", q, [qm])
             return
-        counts: dict[Queue, int] = {}
+        by_queue: dict[Queue, list[QueuedMessage]] = {}
         for u in settled:
-            counts[u[1]] = counts.get(u[1], 0) + 1
-        for q, n in counts.items():
-            q.ack(n)
+            lst = by_queue.get(u[1])
+            if lst is None:
+                by_queue[u[1]] = [u[0]]
+            else:
+                lst.append(u[0])
+        for q, qms in by_queue.items():
+            q.ack(len(qms))
+            if q.logged:
+                self.broker.log_ids("a", q, qms)
 
     def _refuse(self, settled: list[Unacked], requeue: bool) -> None:
         by_queue: dict[Queue, list[QueuedMessage]] = {}
@@ -328,6 +353,8 @@ class Session:
                 self.broker.requeue(q, qms)
             else:
                 q.discard(len(qms))
+                if q.logged:
+                    self.broker.log_ids("a", q, qms)
 
     def _on_nack(self, f: Nack) -> None:
         self._refuse(self._settle(f.delivery_tag, f.multiple), f.requeue)
@@ -411,6 +438,7 @@ class Session:
         q = self.broker.get_queue(f.queue, self.id)
         budget = self.max_frame_size - 1024
         entries: list[DeliveryEntry] = []
+        taken: list[QueuedMessage] = []
         size = 0
         tag = self._next_tag
         while len(entries) < f.max_messages:
@@ -430,7 +458,10 @@ class Session:
                 q.ack(1)
             else:
                 self.unacked[tag] = (qm, q, None)
+            taken.append(qm)
         self._next_tag = tag
+        if q.logged and taken:
+            self.broker.log_ids("a" if f.no_ack else "d", q, taken)
         return GetOk(f.rid, entries, q.ready)
 
     # ------------------------------------------------------------------ lifecycle

@@ -16,17 +16,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-# A command record: (op, queue-or-exchange name, payload). Ops are strings listed in
-# spec/PROTOCOL.md's storage appendix once the WAL lands.
-Record = tuple[str, str, Any]
+# A command record: a tuple whose first element names the command (broker.journal).
+Record = tuple[Any, ...]
 
 
 class Store(Protocol):
     def append(self, records: Iterable[Record]) -> None:
         """Queue records for durability, in order."""
 
-    def commit(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once every record appended so far is durable."""
+    def commit(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(None)`` once every record appended so far is durable, or
+        ``callback(error)`` if it could not be written."""
 
     def close(self) -> None:
         """Flush and release resources."""
@@ -43,8 +43,8 @@ class MemoryStore:
         if self.keep:
             self.records.extend(records)
 
-    def commit(self, callback: Callable[[], None]) -> None:
-        callback()
+    def commit(self, callback: Callable[[BaseException | None], None]) -> None:
+        callback(None)
 
     def close(self) -> None:
         self.records.clear()

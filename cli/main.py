@@ -78,22 +78,42 @@ def cli() -> None:
 @click.option("--heartbeat-ms", type=int, default=None, help="Heartbeat interval [10000]; 0 = off.")
 @click.option("--log-level", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]), help="[info]")
+@click.option("--fsync", default=None, type=click.Choice(["always", "interval", "never"]),
+              help="When confirmed messages reach the disk [always]; see README.")
+@click.option("--fsync-interval-ms", type=int, default=None, help="For --fsync interval [100].")
+@click.option("--snapshot-bytes", type=int, default=None,
+              help="Snapshot after this much log [64 MiB].")
+@click.option("--segment-bytes", type=int, default=None, help="Log segment size [64 MiB].")
+@click.option("--repair", is_flag=True, default=None,
+              help="Start even if the log is damaged mid-file: replay up to the damage and "
+                   "set the damaged segment aside as *.corrupt.")
 def server(host: str | None, port: int | None, data_dir: str | None, config_path: str | None,
            max_frame_size: int | None, max_message_size: int | None, heartbeat_ms: int | None,
-           log_level: str | None) -> None:
+           log_level: str | None, fsync: str | None, fsync_interval_ms: int | None,
+           snapshot_bytes: int | None, segment_bytes: int | None, repair: bool | None) -> None:
     """Run the broker in the foreground until SIGTERM / Ctrl-C."""
     from broker import config as config_mod
     from broker.app import run
+    from broker.durability import CorruptLog, DataDirLocked
 
     try:
         cfg = config_mod.load(config_path, host=host, port=port, data_dir=data_dir,
                               max_frame_size=max_frame_size, max_message_size=max_message_size,
-                              heartbeat_ms=heartbeat_ms, log_level=log_level)
+                              heartbeat_ms=heartbeat_ms, log_level=log_level, fsync=fsync,
+                              fsync_interval_ms=fsync_interval_ms, snapshot_bytes=snapshot_bytes,
+                              segment_bytes=segment_bytes, repair=repair)
     except config_mod.ConfigError as exc:
         click.echo(f"mq-cli: {exc}", err=True)
         sys.exit(2)
     try:
         run(cfg)
+    except CorruptLog as exc:
+        click.echo(f"mq-cli: refusing to start: {exc}. Nothing was changed; start with "
+                   "--repair to replay up to the damage and set the segment aside.", err=True)
+        sys.exit(1)
+    except DataDirLocked as exc:
+        click.echo(f"mq-cli: {exc}", err=True)
+        sys.exit(1)
     except OSError as exc:
         click.echo(f"mq-cli: cannot start the broker: {exc}", err=True)
         sys.exit(1)

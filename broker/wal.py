@@ -1,0 +1,459 @@
+"""Write-ahead log: append-only segment files, group commit, snapshots, recovery reads.
+
+Layout of ``<data-dir>/wal/``::
+
+    seg-00000000000000000001.log   segments, in order; one is open for appends
+    snap-00000000000000000007.snap snapshot covering every segment numbered < 7
+    *.corrupt                      segments set aside by --repair (never deleted)
+
+Every record on disk is framed ``[u32 length][u32 crc32][u8 type][payload]`` (big-endian;
+length counts type + payload; the CRC covers type + payload). A record's payload is one
+msgpack array of commands (see ``broker.journal``): a batch, so a burst of publishes
+costs one CRC and one write.
+
+Group commit (``fsync="always"``): appends go to an in-memory buffer; a single writer
+thread writes and fdatasyncs everything buffered so far while new appends accumulate, and
+the commit callbacks of that batch (publisher confirms) run when it is on disk. So many
+concurrent publishers share one fsync, and the event loop never blocks on the disk.
+``interval`` writes at once (safe against a process crash) and fdatasyncs every N ms;
+``never`` leaves flushing to the OS.
+
+A write error (disk full, I/O error) truncates the segment back to its last good size,
+fails that batch's callbacks, keeps its records and retries them every second; the broker
+refuses new publishes meanwhile (resource-error) and resumes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+log = logging.getLogger("conveyor.wal")
+
+HEADER = struct.Struct(">IIB")
+HEADER_SIZE = HEADER.size  # 9
+REC_COMMANDS = 1
+SNAP_MAGIC = b"CNVYSNP1"
+MAX_RECORD = 1 << 31
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+Callback = Callable[[BaseException | None], None]
+
+
+class CorruptLog(Exception):
+    """Damage in the middle of the log: startup refuses unless --repair is given."""
+
+    def __init__(self, path: Path, offset: int, why: str) -> None:
+        super().__init__(f"{path}: damaged record at byte offset {offset}: {why}")
+        self.path = path
+        self.offset = offset
+
+
+def frame_record(payload: bytes, rtype: int = REC_COMMANDS) -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(bytes([rtype])))
+    return HEADER.pack(len(payload) + 1, crc, rtype) + payload
+
+
+def seg_name(index: int) -> str:
+    return f"seg-{index:020d}.log"
+
+
+def snap_name(index: int) -> str:
+    return f"snap-{index:020d}.snap"
+
+
+def _index(name: str) -> int:
+    return int(name.split("-", 1)[1].split(".", 1)[0])
+
+
+# ---------------------------------------------------------------------- reading
+
+
+@dataclass
+class SegmentScan:
+    path: Path
+    good_size: int  # bytes of valid records from the start
+    torn: bool  # an incomplete / bad record at the very end
+
+
+def iter_segment(path: Path, *, last: bool) -> Iterator[tuple[int, list[Any]]]:
+    """Yield (offset, commands) per valid record.
+
+    A damaged record at the end of the *last* segment is a torn tail (a crash mid-write):
+    the iteration stops there and ``scan.torn`` is set (the caller truncates). Damage
+    anywhere else raises CorruptLog naming the file and offset.
+    """
+    data = path.read_bytes()
+    end = len(data)
+    pos = 0
+    while pos < end:
+        why = ""
+        if end - pos < HEADER_SIZE:
+            why = "incomplete header"
+        else:
+            length, crc, rtype = HEADER.unpack_from(data, pos)
+            if length == 0 and not any(data[pos:]):
+                why = "zero-filled tail"
+            elif length < 1 or length > MAX_RECORD:
+                why = f"impossible length {length}"
+            elif pos + 4 + 4 + length > end:
+                why = "record runs past end of file"
+            else:
+                body = data[pos + 8 : pos + 8 + length]
+                if zlib.crc32(body) != crc:
+                    why = "checksum mismatch"
+                elif rtype != REC_COMMANDS:
+                    why = f"unknown record type {rtype}"
+        if why:
+            tail_only = why in ("incomplete header", "zero-filled tail",
+                                "record runs past end of file") or (
+                why == "checksum mismatch" and pos + 8 + length >= end)
+            if last and tail_only:
+                raise _TornTail(pos, why)
+            raise CorruptLog(path, pos, why)
+        try:
+            commands = msgpack.unpackb(data[pos + 9 : pos + 8 + length], raw=False,
+                                       strict_map_key=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise CorruptLog(path, pos, f"undecodable payload ({exc})") from None
+        yield pos, commands
+        pos += 8 + length
+
+
+class _TornTail(Exception):
+    def __init__(self, offset: int, why: str) -> None:
+        super().__init__(why)
+        self.offset = offset
+        self.why = why
+
+
+def read_snapshot(path: Path) -> Any:
+    """Decode a snapshot file, or raise ValueError if it is damaged."""
+    data = path.read_bytes()
+    if len(data) < 12 or data[:8] != SNAP_MAGIC:
+        raise ValueError("bad magic")
+    (crc,) = struct.unpack_from(">I", data, 8)
+    body = data[12:]
+    if zlib.crc32(body) != crc:
+        raise ValueError("checksum mismatch")
+    return msgpack.unpackb(body, raw=False, strict_map_key=False)
+
+
+@dataclass
+class Recovered:
+    snapshot: Any | None
+    records: list[list[Any]]  # command batches after the snapshot, in order
+    next_segment: int
+    truncated: list[str]
+    quarantined: list[str]
+    bytes_replayed: int
+
+
+def recover(wal_dir: Path, *, repair: bool = False) -> Recovered:
+    """Read the newest valid snapshot and every later segment; fix a torn tail."""
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    segs = sorted((p for p in wal_dir.glob("seg-*.log")), key=lambda p: _index(p.name))
+    snaps = sorted((p for p in wal_dir.glob("snap-*.snap")), key=lambda p: _index(p.name))
+    for p in wal_dir.glob("*.tmp"):
+        p.unlink()  # an interrupted snapshot
+    snapshot = None
+    start = 1
+    for sp in reversed(snaps):
+        try:
+            snapshot = read_snapshot(sp)
+            start = _index(sp.name)
+            break
+        except (OSError, ValueError) as exc:
+            log.error("snapshot %s is unreadable (%s); trying an older one", sp, exc)
+    if snapshot is None and snaps and segs and _index(segs[0].name) > 1:
+        raise CorruptLog(snaps[-1], 0, "no readable snapshot and the log it covered is gone")
+    live = [p for p in segs if _index(p.name) >= start]
+    if snapshot is not None and live and _index(live[0].name) != start:
+        raise CorruptLog(live[0], 0, f"segment {start} (first after the snapshot) is missing")
+    records: list[list[Any]] = []
+    truncated: list[str] = []
+    quarantined: list[str] = []
+    total = 0
+    for i, path in enumerate(live):
+        last = i == len(live) - 1
+        try:
+            for _off, commands in iter_segment(path, last=last):
+                records.append(commands)
+            total += path.stat().st_size
+        except _TornTail as torn:
+            size = path.stat().st_size
+            with open(path, "r+b") as f:
+                f.truncate(torn.offset)
+                os.fsync(f.fileno())
+            msg = (f"{path.name}: torn tail at byte {torn.offset} ({torn.why}); truncated "
+                   f"{size - torn.offset} bytes")
+            log.warning(msg)
+            truncated.append(msg)
+            total += torn.offset
+        except CorruptLog as exc:
+            if not repair:
+                raise
+            # Replay what came before the damage, set the segment aside, carry on.
+            good = [c for off, c in _valid_prefix(path) if off < exc.offset]
+            records.extend(good)
+            dest = path.with_suffix(".corrupt")
+            path.rename(dest)
+            msg = (f"{path.name}: damaged at byte {exc.offset}; replayed the "
+                   f"{len(good)} records before it and quarantined the file as {dest.name}")
+            log.error(msg)
+            quarantined.append(msg)
+    next_seg = max([_index(p.name) for p in segs] + [start - 1, 0]) + 1
+    return Recovered(snapshot, records, next_seg, truncated, quarantined, total)
+
+
+def _valid_prefix(path: Path) -> list[tuple[int, list[Any]]]:
+    out = []
+    try:
+        for off, c in iter_segment(path, last=False):
+            out.append((off, c))
+    except (CorruptLog, _TornTail):
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------- writing
+
+
+class WalStore:
+    """The durable Store: see the module docstring."""
+
+    def __init__(self, wal_dir: Path, next_segment: int, *, fsync: str = "always",
+                 interval_ms: int = 100, segment_bytes: int = 64 << 20) -> None:
+        if fsync not in ("always", "interval", "never"):
+            raise ValueError(f"unknown fsync policy {fsync!r}")
+        self.dir = wal_dir
+        self.fsync = fsync
+        self.interval_ms = interval_ms
+        self.segment_bytes = segment_bytes
+        self.seg_index = next_segment
+        self._file_index = next_segment
+        self._fd = self._open(next_segment)
+        self._size = 0
+        self._pending: list[tuple[int, bytes]] = []  # (segment index, framed record)
+        self._callbacks: list[Callback] = []
+        self._busy = False
+        self._kick_scheduled = False
+        self.failed: BaseException | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.bytes_since_snapshot = 0
+        self.closed = False
+        # counters for operations and tests
+        self.fsyncs = 0
+        self.records_written = 0
+        self.fsync_seconds = 0.0
+        self.on_rotate: Callable[[], None] | None = None
+
+    def _open(self, index: int) -> int:
+        path = self.dir / seg_name(index)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _fsync_dir(self.dir)
+        return fd
+
+    # ------------------------------------------------------------------ Store API
+    def append(self, records: Iterable[Any]) -> None:
+        batch = list(records)
+        if not batch or self.closed:
+            return
+        data = frame_record(_packb(batch))
+        self._pending.append((self.seg_index, data))
+        self.bytes_since_snapshot += len(data)
+        self._schedule()
+
+    def commit(self, callback: Callback) -> None:
+        if self.closed:
+            callback(ConnectionError("store closed"))
+            return
+        self._callbacks.append(callback)
+        self._schedule()
+
+    def close(self) -> None:
+        """Write and fsync everything pending (synchronously), then close."""
+        if self.closed:
+            return
+        for h in (self._retry, self._timer):
+            if h is not None:
+                h.cancel()
+        if not self._busy and self._pending:
+            try:
+                self._write_batch(self._pending, sync=True)
+                self._pending = []
+            except OSError as exc:
+                log.error("could not write the log on shutdown: %s", exc)
+        cbs, self._callbacks = self._callbacks, []
+        for cb in cbs:
+            cb(None if not self._pending else ConnectionError("store closed"))
+        self.closed = True
+        with contextlib.suppress(OSError):
+            os.fsync(self._fd)
+        os.close(self._fd)
+
+    # ------------------------------------------------------------------ rotation
+    def rotate(self) -> int:
+        """Start a new segment for records appended from now on; returns its index."""
+        self.seg_index += 1
+        self.bytes_since_snapshot = 0
+        return self.seg_index
+
+    def delete_segments_before(self, index: int) -> int:
+        n = 0
+        for p in self.dir.glob("seg-*.log"):
+            if _index(p.name) < index and _index(p.name) < self._file_index:
+                p.unlink()
+                n += 1
+        for p in self.dir.glob("snap-*.snap"):
+            if _index(p.name) < index:
+                p.unlink()
+        _fsync_dir(self.dir)
+        return n
+
+    # ------------------------------------------------------------------ writer
+    def _schedule(self) -> None:
+        if not self._kick_scheduled and not self._busy:
+            self._kick_scheduled = True
+            asyncio.get_running_loop().call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        if self._busy or self.closed or (not self._pending and not self._callbacks):
+            return
+        if self.failed is not None and self._retry is not None:
+            return  # waiting for the retry timer
+        batch, self._pending = self._pending, []
+        cbs, self._callbacks = self._callbacks, []
+        if self.fsync == "always":
+            self._busy = True
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(None, self._write_batch, batch, True)
+            fut.add_done_callback(lambda f: self._done(f, batch, cbs))
+            return
+        try:
+            self._write_batch(batch, sync=False)
+        except OSError as exc:
+            self._failed(exc, batch, cbs)
+            return
+        self._ok(cbs)
+        if self.fsync == "interval" and self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.interval_ms / 1000, self._interval_sync)
+
+    def _done(self, fut: asyncio.Future[None], batch: list[tuple[int, bytes]],
+              cbs: list[Callback]) -> None:
+        self._busy = False
+        exc = fut.exception()
+        if exc is not None:
+            self._failed(exc, batch, cbs)
+        else:
+            self._ok(cbs)
+        if self._pending or self._callbacks:
+            self._schedule()
+
+    def _ok(self, cbs: list[Callback]) -> None:
+        if self.failed is not None:
+            log.warning("the log is writable again; accepting publishes")
+            self.failed = None
+        for cb in cbs:
+            cb(None)
+
+    def _failed(self, exc: BaseException, batch: list[tuple[int, bytes]],
+                cbs: list[Callback]) -> None:
+        if self.failed is None:
+            log.error("write to the log failed (%s); refusing publishes until it succeeds", exc)
+        self.failed = exc
+        self._pending[:0] = batch  # keep the records; retried in order
+        for cb in cbs:
+            cb(exc)
+        loop = asyncio.get_running_loop()
+        self._retry = loop.call_later(1.0, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._schedule()
+
+    def _interval_sync(self) -> None:
+        self._timer = None
+        if not self.closed:
+            t = time.monotonic()
+            try:
+                os.fdatasync(self._fd)
+                self.fsyncs += 1
+            except OSError as exc:
+                log.error("fdatasync failed: %s", exc)
+            self.fsync_seconds += time.monotonic() - t
+
+    def _write_batch(self, batch: list[tuple[int, bytes]], sync: bool) -> None:
+        """Write (and optionally fdatasync) a batch; runs in the writer thread for 'always'."""
+        i = 0
+        while i < len(batch):
+            index = batch[i][0]
+            j = i
+            while j < len(batch) and batch[j][0] == index:
+                j += 1
+            if index != self._file_index:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = self._open(index)
+                self._file_index = index
+                self._size = 0
+            data = b"".join(d for _, d in batch[i:j])
+            try:
+                _write_all(self._fd, data)
+            except OSError:
+                # Leave no torn record behind: cut back to the last good size.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+                raise
+            self._size += len(data)
+            self.records_written += j - i
+            i = j
+        if sync:
+            t = time.monotonic()
+            os.fdatasync(self._fd)
+            self.fsync_seconds += time.monotonic() - t
+            self.fsyncs += 1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_snapshot(wal_dir: Path, index: int, state: Any) -> tuple[Path, int]:
+    """Atomically write a snapshot (temp file, fsync, rename, fsync the directory);
+    returns its path and size."""
+    body = _packb(state)
+    final = wal_dir / snap_name(index)
+    tmp = final.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(SNAP_MAGIC + struct.pack(">I", zlib.crc32(body)) + body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)
+    _fsync_dir(wal_dir)
+    return final, len(body) + 12
