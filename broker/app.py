@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -26,6 +27,11 @@ def setup_logging(level: str) -> None:
 async def serve(config: Config, ready: asyncio.Future[int] | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT, then shut down gracefully."""
     loop = asyncio.get_running_loop()
+    # A file-size limit must surface as a write error (EFBIG), handled like a full disk,
+    # not kill the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # Messages and deliveries are short-lived acyclic objects: collect cycles less often.
+    gc.set_threshold(50_000, 50, 100)
     durability = Durability(config)
     broker = durability.open()  # recovery runs before the listener opens
     broker.scheduler = loop.call_soon
