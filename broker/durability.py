@@ -82,8 +82,17 @@ class Durability:
         broker = Broker(store, durable=True,
                         max_message_size=cfg.effective_max_message_size())
         self.recovered_messages = replay.build(broker)
-        self.recovery_seconds = time.monotonic() - t0
         store.bytes_since_snapshot = rec.bytes_replayed
+        if rec.quarantined:
+            # What was replayed from a quarantined segment now exists only in memory (the
+            # next start skips the *.corrupt file): snapshot it before anything new is
+            # logged, so the repaired state survives the next restart.
+            path, size = write_snapshot(self.wal_dir, store.seg_index,
+                                        snapshot_state(broker))
+            store.bytes_since_snapshot = 0
+            self._last_snapshot_size = size
+            log.warning("after the repair: snapshot %s holds the recovered state", path.name)
+        self.recovery_seconds = time.monotonic() - t0
         log.info("recovered %d messages in %d queues from %s (%s snapshot, %d log batches, "
                  "%.1f MB) in %.2fs", self.recovered_messages, len(replay.queues),
                  self.wal_dir, "with" if rec.snapshot is not None else "no",

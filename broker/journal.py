@@ -75,8 +75,9 @@ class Replay:
             bodies[mid] = m
         for qname, entries in snap["queue_messages"].items():
             table = self.messages.setdefault(qname, {})
-            for mid, count in entries:
-                table[mid] = _Entry(bodies[mid], count)
+            for mid, count, *held in entries:
+                # held: a consumer had it unacked (a later purge must keep it)
+                table[mid] = _Entry(bodies[mid], count, bool(held and held[0]))
 
     # ------------------------------------------------------------------ commands
     def apply(self, batch: list[list[Any]]) -> None:
@@ -171,19 +172,20 @@ def snapshot_state(broker: Broker) -> dict[str, Any]:
     restart they come back redelivered, exactly as replaying the log would give.
     """
     logged = {name: q for name, q in broker.queues.items() if q.logged}
-    per_queue: dict[str, list[tuple[int, int]]] = {name: [] for name in logged}
+    # (id, delivery count, held unacked by a session: 1/0)
+    per_queue: dict[str, list[tuple[int, int, int]]] = {name: [] for name in logged}
     bodies: dict[int, Message] = {}
     for name, q in logged.items():
         for qm in q.iter_messages():
             m = qm.message
             if m.id:
-                per_queue[name].append((m.id, qm.delivery_count))
+                per_queue[name].append((m.id, qm.delivery_count, 0))
                 bodies[m.id] = m
     for s in broker.sessions.values():
         for qm, q, _c in s.unacked.values():
             m = qm.message
             if q.logged and m.id and q.name in per_queue and not q.deleted:
-                per_queue[q.name].append((m.id, qm.delivery_count))
+                per_queue[q.name].append((m.id, qm.delivery_count, 1))
                 bodies[m.id] = m
     for entries in per_queue.values():
         entries.sort()

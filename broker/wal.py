@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -176,7 +177,7 @@ def recover(wal_dir: Path, *, repair: bool = False) -> Recovered:
             break
         except (OSError, ValueError) as exc:
             log.error("snapshot %s is unreadable (%s); trying an older one", sp, exc)
-    if snapshot is None and snaps and segs and _index(segs[0].name) > 1:
+    if snapshot is None and snaps and (not segs or _index(segs[0].name) > 1):
         raise CorruptLog(snaps[-1], 0, "no readable snapshot and the log it covered is gone")
     live = [p for p in segs if _index(p.name) >= start]
     if snapshot is not None and live and _index(live[0].name) != start:
@@ -187,6 +188,7 @@ def recover(wal_dir: Path, *, repair: bool = False) -> Recovered:
     total = 0
     for i, path in enumerate(live):
         last = i == len(live) - 1
+        before = len(records)
         try:
             for _off, commands in iter_segment(path, last=last):
                 records.append(commands)
@@ -204,9 +206,9 @@ def recover(wal_dir: Path, *, repair: bool = False) -> Recovered:
         except CorruptLog as exc:
             if not repair:
                 raise
-            # Replay what came before the damage, set the segment aside, carry on.
-            good = [c for off, c in _valid_prefix(path) if off < exc.offset]
-            records.extend(good)
+            # Replay what came before the damage (already in ``records``: iter_segment
+            # yielded it), set the segment aside, carry on.
+            good = records[before:]
             dest = path.with_suffix(".corrupt")
             path.rename(dest)
             msg = (f"{path.name}: damaged at byte {exc.offset}; replayed the "
@@ -215,16 +217,6 @@ def recover(wal_dir: Path, *, repair: bool = False) -> Recovered:
             quarantined.append(msg)
     next_seg = max([_index(p.name) for p in segs] + [start - 1, 0]) + 1
     return Recovered(snapshot, records, next_seg, truncated, quarantined, total)
-
-
-def _valid_prefix(path: Path) -> list[tuple[int, list[Any]]]:
-    out = []
-    try:
-        for off, c in iter_segment(path, last=False):
-            out.append((off, c))
-    except (CorruptLog, _TornTail):
-        pass
-    return out
 
 
 # ---------------------------------------------------------------------- writing
@@ -248,6 +240,8 @@ class WalStore:
         self._pending: list[tuple[int, bytes]] = []  # (segment index, framed record)
         self._callbacks: list[Callback] = []
         self._busy = False
+        # Held while a batch is written: close() waits for the writer thread with it.
+        self._io_lock = threading.RLock()
         self._kick_scheduled = False
         self.failed: BaseException | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -290,19 +284,20 @@ class WalStore:
         for h in (self._retry, self._timer):
             if h is not None:
                 h.cancel()
-        if not self._busy and self._pending:
-            try:
-                self._write_batch(self._pending, sync=True)
-                self._pending = []
-            except OSError as exc:
-                log.error("could not write the log on shutdown: %s", exc)
-        cbs, self._callbacks = self._callbacks, []
-        for cb in cbs:
-            cb(None if not self._pending else ConnectionError("store closed"))
-        self.closed = True
-        with contextlib.suppress(OSError):
-            os.fsync(self._fd)
-        os.close(self._fd)
+        with self._io_lock:  # a batch in flight in the writer thread finishes first
+            if self._pending:
+                try:
+                    self._write_batch(self._pending, sync=True)
+                    self._pending = []
+                except OSError as exc:
+                    log.error("could not write the log on shutdown: %s", exc)
+            cbs, self._callbacks = self._callbacks, []
+            for cb in cbs:
+                cb(None if not self._pending else ConnectionError("store closed"))
+            self.closed = True
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+            os.close(self._fd)
 
     # ------------------------------------------------------------------ rotation
     def rotate(self) -> int:
@@ -399,25 +394,38 @@ class WalStore:
 
     def _write_batch(self, batch: list[tuple[int, bytes]], sync: bool) -> None:
         """Write (and optionally fdatasync) a batch; runs in the writer thread for 'always'."""
+        with self._io_lock:
+            if self.closed:
+                raise ConnectionError("store closed")
+            self._write_locked(batch, sync)
+
+    def _write_locked(self, batch: list[tuple[int, bytes]], sync: bool) -> None:
         i = 0
         while i < len(batch):
             index = batch[i][0]
             j = i
             while j < len(batch) and batch[j][0] == index:
                 j += 1
-            if index != self._file_index:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = self._open(index)
-                self._file_index = index
-                self._size = 0
             data = b"".join(d for _, d in batch[i:j])
             try:
-                _write_all(self._fd, data)
+                if index != self._file_index:
+                    os.fsync(self._fd)
+                    fd = self._open(index)  # before closing the old one: a failure here
+                    os.close(self._fd)  # leaves the store on a valid fd for the retry
+                    self._fd = fd
+                    self._file_index = index
+                    self._size = 0
+                try:
+                    _write_all(self._fd, data)
+                except OSError:
+                    # Leave no torn record behind: cut back to the last good size.
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, self._size)
+                    raise
             except OSError:
-                # Leave no torn record behind: cut back to the last good size.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
+                # The earlier segments' records are written: the retry must not write
+                # them again (the caller re-queues what is left in ``batch``).
+                del batch[:i]
                 raise
             self._size += len(data)
             self.records_written += j - i

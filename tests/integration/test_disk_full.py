@@ -33,8 +33,9 @@ async def test_write_errors_refuse_publishes_then_recover(
     await conn.publish_batch([f"ok-{i}" for i in range(100)], routing_key="df")
     seg = _segments(b.data_dir)[-1]
     size = seg.stat().st_size
-    try:
-        resource.prlimit(b.proc.pid, resource.RLIMIT_FSIZE, (size + 200, size + 200))
+    inf = resource.RLIM_INFINITY
+    try:  # lower the soft limit only, so it can be raised again without privileges
+        resource.prlimit(b.proc.pid, resource.RLIMIT_FSIZE, (size + 200, inf))
     except (PermissionError, OSError) as exc:
         pytest.skip(f"cannot set the broker's file-size limit: {exc}")
     try:
@@ -47,7 +48,6 @@ async def test_write_errors_refuse_publishes_then_recover(
         assert info2.value.code == 506
         assert "cannot write" in info2.value.message or "could not store" in info2.value.message
     finally:
-        inf = resource.RLIM_INFINITY
         resource.prlimit(b.proc.pid, resource.RLIMIT_FSIZE, (inf, inf))
     # resumes by itself (the store retries every second)
     deadline = time.monotonic() + 10

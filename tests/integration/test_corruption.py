@@ -1,0 +1,276 @@
+"""Damaged logs with real broker processes: a torn tail after kill -9 is cut off and the
+broker starts; damage in the middle of the log makes the broker refuse to start (naming
+the segment and the byte offset) until it is started with --repair, which replays up to
+the damage and sets the segment aside; graceful restarts keep everything; acks made
+durable by a later confirmed publish stay acked after kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+import client
+from broker.wal import HEADER_SIZE, frame_record, iter_segment
+from tests.broker_process import BrokerProcess
+from tests.integration.helpers import WAIT, connect, take
+
+N_BATCHES = 6
+PER_BATCH = 20
+
+# --------------------------------------------------------------------------- helpers
+
+
+def segments(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "wal").glob("seg-*.log"))
+
+
+def wal_files(data_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((data_dir / "wal").iterdir())}
+
+
+def bodies_for(batch: int) -> list[bytes]:
+    return [f"b{batch}-m{i:03d}".encode() for i in range(PER_BATCH)]
+
+
+ALL = [b for k in range(N_BATCHES) for b in bodies_for(k)]
+
+
+async def publish_confirmed(b: BrokerProcess, queue: str = "q") -> None:
+    """Declare ``queue`` and publish N_BATCHES confirmed batches of persistent messages
+    (each awaited, so each lands in its own log records)."""
+    conn = await connect(b.url)
+    try:
+        await conn.declare_queue(queue)
+        for k in range(N_BATCHES):
+            assert await conn.publish_batch(bodies_for(k), routing_key=queue) == PER_BATCH
+    finally:
+        await asyncio.wait_for(conn.close(), WAIT)
+
+
+async def queue_bodies(b: BrokerProcess, queue: str = "q") -> list[bytes]:
+    """Every message in ``queue``, in order (taken with no-ack: the queue is drained)."""
+    conn = await connect(b.url)
+    try:
+        out: list[bytes] = []
+        while True:
+            got = await conn.get(queue, 1000, no_ack=True)
+            if not got:
+                return out
+            out.extend(m.body for m in got)
+    finally:
+        await asyncio.wait_for(conn.close(), WAIT)
+
+
+def published_in(commands: list[Any]) -> list[bytes]:
+    return [cmd[6] for cmd in commands if cmd[0] == "p"]
+
+
+def restart(data_dir: Path, *extra: str) -> tuple[BrokerProcess, str]:
+    """Start a broker on ``data_dir``; returns it and the log text this start wrote."""
+    b = BrokerProcess(data_dir, *extra)
+    offset = len(b.log_text())
+    b.start()
+    return b, b.log_text()[offset:]
+
+
+# --------------------------------------------------------------------------- torn tail
+
+TAILS = {
+    # an unconfirmed publish whose write was cut short by the crash
+    "partial-record": frame_record(msgpack.packb(
+        [["p", 10**6, ["q"], "", "q", {}, b"never confirmed"]], use_bin_type=True))[:-7],
+    "partial-header": b"\x00\x00\x01",
+    # blocks allocated by the file system but never written
+    "zero-filled": bytes(8192),
+}
+
+
+@pytest.mark.parametrize("tail", TAILS.values(), ids=TAILS.keys())
+async def test_torn_tail_is_truncated_and_confirmed_messages_survive(
+        broker_factory: Callable[..., BrokerProcess], tail: bytes) -> None:
+    b = broker_factory()
+    await publish_confirmed(b)
+    b.kill()
+    seg = segments(b.data_dir)[-1]
+    good_size = seg.stat().st_size
+    with open(seg, "ab") as f:
+        f.write(tail)
+
+    b2, log = restart(b.data_dir)
+    try:
+        assert "torn tail" in log, log
+        assert seg.name in log and f"truncated {len(tail)} bytes" in log, log
+        assert seg.stat().st_size == good_size  # exactly the bytes that were not confirmed
+        assert not list((b.data_dir / "wal").glob("*.corrupt"))
+        assert await queue_bodies(b2) == ALL
+    finally:
+        b2.stop()
+    # the repaired log is clean: the next start reports nothing (and the queue was drained)
+    b3, log3 = restart(b.data_dir)
+    try:
+        assert "torn tail" not in log3
+        assert await queue_bodies(b3) == []
+    finally:
+        b3.stop()
+
+
+# --------------------------------------------------------------------------- mid-log damage
+
+
+async def test_damage_mid_log_refuses_to_start_then_repair_quarantines(
+        broker_factory: Callable[..., BrokerProcess]) -> None:
+    b = broker_factory()
+    await publish_confirmed(b)
+    b.kill()
+    (seg,) = segments(b.data_dir)
+    records = list(iter_segment(seg, last=True))
+    # an early record holding publishes, with valid records after it
+    with_publishes = [i for i, (_off, cmds) in enumerate(records) if published_in(cmds)]
+    victim = with_publishes[1]
+    assert victim < len(records) - 2
+    before = [body for _off, cmds in records[:victim] for body in published_in(cmds)]
+    assert 0 < len(before) < len(ALL)
+    assert ALL[:len(before)] == before
+    off = records[victim][0]
+    end = records[victim + 1][0]
+    data = bytearray(seg.read_bytes())
+    data[(off + HEADER_SIZE + end) // 2] ^= 0x5A  # the middle of the record's payload
+    seg.write_bytes(bytes(data))
+    damaged = wal_files(b.data_dir)
+
+    b2 = BrokerProcess(b.data_dir)
+    offset = len(b2.log_text())
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="broker did not start"):
+        b2.start()
+    assert time.monotonic() - t0 < 10
+    assert b2.proc is not None and b2.proc.returncode not in (0, None)
+    log = b2.log_text()[offset:]
+    assert "refusing to start" in log, log
+    assert str(seg) in log, log
+    assert f"byte offset {off}" in log, log
+    assert "--repair" in log
+    assert wal_files(b.data_dir) == damaged  # nothing was changed
+
+    b3, log3 = restart(b.data_dir, "--repair")
+    try:
+        assert "quarantined" in log3, log3
+        assert seg.name in log3 and f"byte {off}" in log3, log3
+        corrupt = seg.with_suffix(".corrupt")
+        assert corrupt.read_bytes() == damaged[seg.name]  # set aside as it was
+        assert not seg.exists()
+        assert await queue_bodies(b3) == before
+        # the repaired broker keeps working and its new log is clean
+        conn = await connect(b3.url)
+        await conn.publish_batch([b"after-repair"], routing_key="q")
+        await conn.close()
+    finally:
+        b3.stop()
+    b4, log4 = restart(b.data_dir)
+    try:
+        assert "quarantined" not in log4 and "torn tail" not in log4
+        assert await queue_bodies(b4) == [b"after-repair"]
+        assert corrupt.exists()  # never deleted
+    finally:
+        b4.stop()
+
+
+async def test_damage_in_an_earlier_segment_refuses_to_start(
+        broker_factory: Callable[..., BrokerProcess]) -> None:
+    """A damaged record at the end of a segment that is not the last one is not a torn
+    tail (later segments were written after it)."""
+    b = broker_factory()
+    await publish_confirmed(b)
+    b.stop()  # graceful: the next start opens a new segment
+    b2, _ = restart(b.data_dir)
+    conn = await connect(b2.url)
+    await conn.publish_batch([b"later"], routing_key="q")
+    await conn.close()
+    b2.kill()
+    first, last = segments(b.data_dir)
+    size = first.stat().st_size
+    with open(first, "r+b") as f:
+        f.truncate(size - 3)
+    b3 = BrokerProcess(b.data_dir)
+    offset = len(b3.log_text())
+    with pytest.raises(RuntimeError):
+        b3.start()
+    log = b3.log_text()[offset:]
+    assert str(first) in log and "damaged record at byte offset" in log, log
+    assert first.stat().st_size == size - 3 and last.exists()
+
+
+# --------------------------------------------------------------------------- graceful
+
+
+async def test_graceful_restart_keeps_everything(
+        broker_factory: Callable[..., BrokerProcess]) -> None:
+    b = broker_factory()
+    conn = await connect(b.url)
+    await conn.declare_exchange("events", "topic")
+    await conn.declare_queue("q")
+    await conn.bind("events", "q", "order.*")
+    for k in range(N_BATCHES):
+        await conn.publish_batch(bodies_for(k), exchange="events", routing_key="order.new")
+    consumer = await conn.consume("q", prefetch=10)
+    got = await take(consumer, 10)
+    conn.ack_all(got[:5])  # 5 acked, 5 held unacked when the broker stops
+    await asyncio.sleep(0.2)
+    assert b.stop() == 0  # SIGTERM: a clean exit
+    with pytest.raises(client.ConnectionClosed):
+        await asyncio.wait_for(conn.publish("", "q", b"x"), 2)
+    await asyncio.wait_for(conn.close(), WAIT)
+
+    b2, log = restart(b.data_dir)
+    try:
+        assert "torn tail" not in log and "quarantined" not in log
+        conn2 = await connect(b2.url)
+        bindings = await conn2.list("bindings")
+        assert {"exchange": "events", "queue": "q", "routing_key": "order.*"} in bindings
+        await conn2.publish("events", "order.paid", b"routed")
+        await conn2.close()
+        bodies = await queue_bodies(b2)
+        assert bodies == [*ALL[5:], b"routed"]
+    finally:
+        b2.stop()
+
+
+# --------------------------------------------------------------------------- acks
+
+
+async def test_acks_followed_by_a_confirmed_publish_survive_kill9(
+        broker_factory: Callable[..., BrokerProcess]) -> None:
+    b = broker_factory()
+    await publish_confirmed(b)
+    conn = await connect(b.url)
+    got = await conn.get("q", 50)  # pulled: nothing else gets delivered meanwhile
+    assert [m.body for m in got] == ALL[:50]
+    for m in got[:30]:
+        m.ack()
+    # a confirmed publish issued after the acks on the same connection: once it is
+    # confirmed, the acks before it are on disk too
+    await conn.publish("", "q", b"marker")
+    b.kill()
+    with pytest.raises(client.ConnectionClosed):
+        await asyncio.wait_for(conn.publish("", "q", b"lost"), 2)
+    await asyncio.wait_for(conn.close(), WAIT)
+
+    b2, _ = restart(b.data_dir)
+    try:
+        conn2 = await connect(b2.url)
+        c2 = await conn2.consume("q", prefetch=1000)
+        msgs = await take(c2, len(ALL) - 30 + 1, ack=True)
+        bodies = [m.body for m in msgs]
+        assert bodies == [*ALL[30:], b"marker"]
+        # the 20 delivered-but-unacked ones come back flagged, with their count
+        assert [(m.redelivered, m.delivery_count) for m in msgs[:20]] == [(True, 2)] * 20
+        assert all(not m.redelivered for m in msgs[20:])
+        await conn2.close()
+    finally:
+        b2.stop()
