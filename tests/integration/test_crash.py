@@ -7,7 +7,7 @@ broker with SIGKILL at a random moment. A final round drains the queue. Checks:
 * every confirmed message is delivered at least once;
 * no durably acked message comes back: an ack is durable once a publish issued after it
   on the same connection was confirmed (the log is ordered and group-committed);
-* per-queue order holds for messages that were not redelivered.
+* per-queue order holds for first deliveries (redeliveries may repeat earlier messages).
 """
 
 from __future__ import annotations
@@ -101,6 +101,9 @@ async def _round(b: BrokerProcess, ledger: Ledger, rnd: int, rng: random.Random,
             t.cancel()
         await asyncio.gather(t, return_exceptions=True)
     await conn.close()
+    # Only a confirm on the same connection vouches for an ack: acks this connection had
+    # not had vouched for by now may have died with the broker.
+    ledger.acks.clear()
 
 
 async def test_kill9_during_publish_and_consume_loses_nothing(tmp_path: Path) -> None:
@@ -127,8 +130,15 @@ async def test_kill9_during_publish_and_consume_loses_nothing(tmp_path: Path) ->
         last_seen[body] = i
     for body, ack_pos in ledger.durable_acked.items():
         assert last_seen[body] < ack_pos, f"seed {SEED}: {body} came back after a durable ack"
-    # order: first deliveries (not redelivered) arrive in publish order
-    firsts = [body for body, redelivered in ledger.received if not redelivered]
+    # order: the first delivery of each message arrives in publish order. (A message
+    # delivered just before a kill may come back without the redelivered flag when its
+    # delivery record had not reached the disk, so "first" is judged by what we received.)
+    firsts: list[str] = []
+    got_before: set[str] = set()
+    for body, _redelivered in ledger.received:
+        if body not in got_before:
+            got_before.add(body)
+            firsts.append(body)
     keys = [(int(r), int(i)) for r, i in (b.split(":") for b in firsts)]
     assert keys == sorted(keys), f"seed {SEED}: order broken among first deliveries"
     # the final round drained the queue: nothing confirmed is left behind
