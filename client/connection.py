@@ -22,16 +22,18 @@ import logging
 import socket
 import time
 import uuid
+from asyncio import InvalidStateError
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice, repeat
 from typing import Any, cast
 
 import msgpack
 
 from client.consumer import Consumer
 from client.errors import Backpressure, ConnectionClosed, PublishTimeout, RequestTimeout
-from client.message import PROPERTY_NAMES, Message
+from client.message import PROPERTY_NAMES, Message, Origin
 from client.url import URL, parse_url
 from protocol import Ack as AckFrame
 from protocol import (
@@ -75,8 +77,11 @@ from protocol import (
 from protocol import Heartbeat as HeartbeatFrame
 from protocol import Nack as NackFrame
 from protocol import Reject as RejectFrame
+from protocol._checks import U16_MAX, U32_MAX, U64_MAX
+from protocol._generated import NAME_FAST, STR_FAST, check_props
+from protocol.codec import HEADER, _unpack_body
 from protocol.connection import Connection as WireConnection
-from protocol.connection import Role
+from protocol.connection import Role, State
 
 log = logging.getLogger("conveyor.client")
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -87,17 +92,43 @@ _PUBLISH_BATCH = PublishBatch.TYPE
 _ACK = AckFrame.TYPE
 _NACK = NackFrame.TYPE
 _REJECT = RejectFrame.TYPE
+_CREDIT = Credit.TYPE
+_OPEN = State.OPEN
+_unpack_header = HEADER.unpack_from
 Entry = tuple[str, str, dict[str, Any], bytes, bool]
+_NO_PROPS: dict[str, Any] = {}  # shared by publishes without properties; never mutated
+# Publishes queued in one loop turn are written as soon as they weigh this much (see
+# _enqueue): large enough to keep frames and writes few, small enough that the broker
+# starts on a burst while the client is still producing it.
+_WRITE_AHEAD = 32 << 10
+
+
+def _no_loop() -> asyncio.Future[Any]:
+    raise ConnectionClosed("not connected")
 
 
 def _entry_size(e: Entry) -> int:
-    """Upper estimate of an entry's encoded size (headers are the only unbounded property)."""
+    """Upper estimate of an entry's encoded size (headers are the only unbounded
+    property)."""
     props = e[2]
     extra = 0
     if props:
         extra = 64 * len(props) + (len(_packb(props["headers"])) if "headers" in props else 0)
     return len(e[3]) + len(e[0]) + len(e[1]) + 32 + extra
-_U64_MAX = 2**64 - 1
+
+
+# What a queued publish counts towards _WRITE_AHEAD: its body, its headers and a flat
+# allowance for the rest (only a pacing weight; frame limits are measured, not estimated).
+_ENTRY_WEIGHT = 128
+
+
+def _entry_weight(e: Entry) -> int:
+    props = e[2]
+    return len(e[3]) + _ENTRY_WEIGHT + (
+        len(_packb(props["headers"])) if props and "headers" in props else 0)
+
+
+_U64_MAX = U64_MAX
 
 
 @dataclass(frozen=True)
@@ -120,8 +151,18 @@ class OutgoingMessage:
     mandatory: bool = False
 
 
+class _Sized(list[Entry]):
+    """Entries that share exchange, routing key and properties, with their total weight
+    (see ``_ENTRY_WEIGHT``) and the size of the largest body plus headers."""
+
+    __slots__ = ("largest", "size")
+    size: int
+    largest: int
+
+
 class _Pending:
-    """Confirm tracking for one publish call (one or many sequence numbers)."""
+    """Confirm tracking for one publish call of many messages, or of one message that
+    came back in a RETURN. (A lone message is tracked by its bare future.)"""
 
     __slots__ = ("future", "nacked", "remaining", "returned")
 
@@ -157,7 +198,11 @@ def _check_fits(entries: Sequence[tuple[str, str, dict[str, Any], bytes, bool]],
     """Refuse (413) a message that cannot fit in one frame: a sender must never exceed the
     negotiated max_frame_size, or the broker closes the connection (502)."""
     for ex, rk, props, body, mandatory in entries:
-        if not max_frame or len(body) + 4096 <= max_frame:
+        if not max_frame:
+            continue
+        size = len(body) + (len(_packb(props["headers"])) if props and "headers" in props
+                            else 0)
+        if size + 4096 <= max_frame:
             continue  # names and properties other than headers are small
         # Measure exactly, as sent (alone in a PUBLISH or PUBLISH_BATCH, worst-case seq).
         entry = [ex, rk, props, body, mandatory]
@@ -169,10 +214,123 @@ def _check_fits(entries: Sequence[tuple[str, str, dict[str, Any], bytes, bool]],
                                  {"max_frame_size": max_frame})
 
 
+class _Deliveries:
+    """A DELIVER_BATCH decoded on the client's fast path, straight into messages (no
+    frame or record objects). ``origin.consumer`` is filled in when it is dispatched."""
+
+    __slots__ = ("consumer_tag", "messages", "origin", "tags")
+
+    def __init__(self, consumer_tag: str, origin: Origin, messages: list[Message],
+                 tags: list[int]) -> None:
+        self.consumer_tag = consumer_tag
+        self.origin = origin
+        self.messages = messages
+        self.tags = tags
+
+
+class _PropsCheck:
+    """``check_props`` with a one-entry memo: a delivery's properties that equal the last
+    validated ones *and* have the same value types (``==`` alone would let ``1`` pass for
+    ``True``) are valid too. Properties with headers (nested, so mutable through a
+    message the application holds) are always checked in full.
+
+    ``key``/``kind``: when at most one value is not a string (``simple``), that key and
+    its type, so the common case is checked inline by :func:`_messages`."""
+
+    __slots__ = ("key", "kind", "last", "simple", "typed")
+
+    def __init__(self) -> None:
+        self.last: dict[str, Any] | None = None
+        self.typed: tuple[tuple[str, type], ...] = ()
+        self.simple = False
+        self.key: str | None = None
+        self.kind: type = type(None)
+
+    def ok(self, p: dict[str, Any]) -> bool:
+        if p == self.last:
+            for k, t in self.typed:
+                if type(p[k]) is not t:
+                    break
+            else:
+                return True
+        try:
+            check_props(p, "deliver_batch.entries.properties")
+        except ConveyorError:
+            return False
+        if "headers" not in p:
+            self.last = dict(p)  # a copy: p itself is handed to the application
+            self.typed = tuple((k, type(v)) for k, v in p.items() if type(v) is not str)
+            self.simple = len(self.typed) <= 1
+            self.key, self.kind = self.typed[0] if self.typed else (None, type(None))
+        return True
+
+
+_new = object.__new__
+
+
+def _messages(entries: list[Any], origin: Origin,
+              memo: _PropsCheck) -> tuple[list[Message], list[int]] | None:
+    """Messages (and their tags) for DELIVER_BATCH entries that are all full 7-item
+    records the generated ``DeliveryEntry`` checks accept on their fast path; None means
+    "not sure": the caller then runs the generated decoder, which raises the precise
+    error (or accepts what this stricter check left out, such as omitted trailing
+    fields). Validation and construction share one loop: this runs once per message."""
+    msgs: list[Message] = []
+    tags: list[int] = []
+    append = msgs.append
+    append_tag = tags.append
+    last, simple, key, kind = memo.last, memo.simple, memo.key, memo.kind
+    for f in entries:
+        if type(f) is not list or len(f) != 7:
+            return None
+        a0, a1, a2, a3, a4, a5, a6 = f
+        if (type(a0) is not int or a0 < 0 or a0 > _U64_MAX
+                or (a1 is not True and a1 is not False)
+                or type(a2) is not str or len(a2) > NAME_FAST
+                or type(a3) is not str or len(a3) > NAME_FAST
+                or type(a4) is not dict or type(a5) is not bytes
+                or type(a6) is not int or a6 < 0 or a6 > U32_MAX):
+            return None
+        if a4 and not (a4 == last and simple and (key is None or type(a4[key]) is kind)):
+            if not memo.ok(a4):
+                return None
+            last, simple, key, kind = memo.last, memo.simple, memo.key, memo.kind
+        m = _new(Message)  # Message.__init__, inlined
+        m._origin = origin
+        m.delivery_tag = a0
+        m.redelivered = a1
+        m.exchange = a2
+        m.routing_key = a3
+        m.properties = a4
+        m.body = a5
+        m.delivery_count = a6
+        m.settled = False
+        append(m)
+        append_tag(a0)
+    return msgs, tags
+
+
+class _Confirmed:
+    """A CONFIRM decoded on the fast path (the fields of :class:`Confirm`)."""
+
+    __slots__ = ("ack", "code", "first_seq", "last_seq", "message")
+
+    def __init__(self, first_seq: int, last_seq: int, ack: bool, code: int,
+                 message: str) -> None:
+        self.first_seq = first_seq
+        self.last_seq = last_seq
+        self.ack = ack
+        self.code = code
+        self.message = message
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, owner: Connection) -> None:
         self.owner = owner
         self.wire = WireConnection(Role.CLIENT, 1 << 30)
+        self._cap = self.wire.max_frame_size
+        self._rbuf = bytearray()  # an incomplete frame
+        self._props = _PropsCheck()
         self.transport: asyncio.Transport | None = None
         self.handshake: asyncio.Future[OpenOk] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -181,6 +339,7 @@ class _Protocol(asyncio.Protocol):
         self.drained.set()
         self.last_recv = time.monotonic()
         self.max_frame_size = 0
+        self.fit_limit = 1 << 62  # estimated sizes above this are measured by _check_fits
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -193,7 +352,7 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_recv = time.monotonic()
         try:
-            frames = self.wire.receive_data(data)
+            frames = self._decode(data)
         except ConveyorError as exc:
             log.warning("protocol error from broker: %s", exc)
             self._abort(exc)
@@ -204,6 +363,84 @@ class _Protocol(asyncio.Protocol):
             frames = self._handshake(frames)
         if frames:
             self.owner._on_frames(self, frames)
+
+    def _decode(self, data: bytes) -> list[Any]:
+        """Split the stream into frames; every frame of this read is decoded (and any
+        protocol error raised) before any is acted on.
+
+        The frames of the hot path in the OPEN state (DELIVER_BATCH, DELIVER, CONFIRM)
+        are decoded here, straight into messages (:class:`_Deliveries`) or a
+        :class:`_Confirmed`; whatever the fast checks do not accept outright goes to the
+        generated decoder. Every other frame goes to the sans-IO connection one whole
+        frame at a time, so its checks, errors and state machine apply unchanged; a
+        header it must refuse (size) goes to it at once. (In OPEN, that state machine
+        passes these three frame types through untouched.)
+        """
+        rbuf = self._rbuf
+        buf: bytes | bytearray
+        if rbuf:
+            rbuf += data
+            buf = rbuf
+        else:
+            buf = data
+        out: list[Any] = []
+        pos = 0
+        end = len(buf)
+        wire = self.wire
+        try:
+            while end - pos >= 5:
+                length, ftype = _unpack_header(buf, pos)
+                if length > self._cap or not length:
+                    out.extend(wire.receive_data(buf[pos:]))  # raises, unless CLOSED
+                    pos = end
+                    break
+                stop = pos + 4 + length
+                if stop > end:
+                    break
+                if ftype in _FAST and wire.state is _OPEN:
+                    out.append(_FAST[ftype](self, buf[pos + 5:stop]))
+                else:
+                    out.extend(wire.receive_data(buf[pos:stop]))
+                pos = stop
+        finally:
+            if buf is rbuf:
+                del rbuf[:pos]
+            elif pos < end:
+                rbuf += buf[pos:]
+        return out
+
+    def _deliver_batch(self, body: bytes | bytearray) -> _Deliveries | DeliverBatch:
+        f = _unpack_body(body, DeliverBatch.NAME)
+        if type(f) is list and len(f) == 2:
+            tag, entries = f
+            if type(tag) is str and len(tag) <= NAME_FAST and type(entries) is list:
+                origin = Origin(self.owner, None, self.owner._epoch)
+                decoded = _messages(entries, origin, self._props)
+                if decoded is not None:
+                    return _Deliveries(tag, origin, *decoded)
+        return DeliverBatch.from_wire(f)
+
+    def _deliver(self, body: bytes | bytearray) -> _Deliveries | Deliver:
+        f = _unpack_body(body, Deliver.NAME)
+        if type(f) is list and len(f) == 8:
+            tag = f[0]
+            if type(tag) is str and len(tag) <= NAME_FAST:
+                origin = Origin(self.owner, None, self.owner._epoch)
+                decoded = _messages([f[1:]], origin, self._props)
+                if decoded is not None:
+                    return _Deliveries(tag, origin, *decoded)
+        return Deliver.from_wire(f)
+
+    def _confirm(self, body: bytes | bytearray) -> _Confirmed | Confirm:
+        f = _unpack_body(body, Confirm.NAME)
+        if type(f) is list and len(f) == 5:
+            a0, a1, a2, a3, a4 = f
+            if (type(a0) is int and 0 <= a0 <= U64_MAX and type(a1) is int
+                    and 0 <= a1 <= U64_MAX and (a2 is True or a2 is False)
+                    and type(a3) is int and 0 <= a3 <= U16_MAX
+                    and type(a4) is str and len(a4) <= STR_FAST):
+                return _Confirmed(a0, a1, a2, a3, a4)
+        return Confirm.from_wire(f)
 
     def _handshake(self, frames: list[Frame]) -> list[Frame]:
         rest: list[Frame] = []
@@ -217,6 +454,8 @@ class _Protocol(asyncio.Protocol):
                 self.transport.write(self.wire.send(auth))
             elif isinstance(f, OpenOk):
                 self.max_frame_size = f.max_frame_size
+                if f.max_frame_size:
+                    self.fit_limit = f.max_frame_size - 4096
                 if not self.handshake.done():
                     self.handshake.set_result(f)
                 rest = frames[i + 1:]
@@ -256,6 +495,14 @@ class _Protocol(asyncio.Protocol):
         self.drained.set()
 
 
+# Frame types _Protocol._decode decodes itself in the OPEN state.
+_FAST: dict[int, Callable[[_Protocol, bytes | bytearray], Any]] = {
+    DeliverBatch.TYPE: _Protocol._deliver_batch,
+    Deliver.TYPE: _Protocol._deliver,
+    Confirm.TYPE: _Protocol._confirm,
+}
+
+
 class Connection:
     """A connection to a Conveyor broker. Create with :func:`connect`.
 
@@ -291,11 +538,14 @@ class Connection:
         self.reconnects = 0
         self.restore_errors: list[str] = []
         self._proto: _Protocol | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._new_future: Callable[[], asyncio.Future[Any]] = _no_loop
         self._epoch = 0
         self._rids = itertools.count(1)
         self._requests: dict[int, asyncio.Future[Frame]] = {}
         self._seq = 0
-        self._unconfirmed: dict[int, _Pending] = {}
+        # seq -> the future of a one-message publish, or the _Pending of a larger call.
+        self._unconfirmed: dict[int, asyncio.Future[None] | _Pending] = {}
         self._slots = asyncio.Event()
         self._slots.set()
         self._consumers: dict[str, Consumer] = {}
@@ -303,17 +553,21 @@ class Connection:
         self._topology: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
         self._wbuf: list[bytes] = []
         self._flush_scheduled = False
-        # Publishes queued this loop turn; sent as one PUBLISH_BATCH (seqs are contiguous).
+        # Publishes queued this loop turn; sent as one PUBLISH_BATCH. Their seqs are
+        # contiguous and the last one is ``_seq``; ``_pub_size`` is their weight.
         self._pub: list[tuple[str, str, dict[str, Any], bytes, bool]] = []
-        self._pub_first = 0
         self._pub_size = 0
         # Settlement: tags delivered and not yet settled, in order; settled tags -> whether
         # the broker already knows (NACK/REJECT/individual ACK sent). The settled prefix of
-        # ``_unsettled`` goes out as one cumulative ACK per loop turn.
+        # ``_unsettled`` goes out as one cumulative ACK per loop turn. Fast path: an ack of
+        # the oldest unsettled tag while nothing is settled out of order (``_done`` empty)
+        # leaves ``_unsettled`` at once and only raises ``_ack_hi``, the cumulative ACK due.
         self._unsettled: deque[int] = deque()
         self._done: dict[int, bool] = {}
         self._ack_pending: list[int] = []
+        self._ack_hi = 0
         self._connected = asyncio.Event()
+        self._accepting = False  # _connected is set and not _closing: publish_nowait's test
         self._closing = False
         self._closed_error: ConveyorError | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -327,7 +581,8 @@ class Connection:
     async def _open(self, timeout: float, announce: bool = True) -> None:
         """Connect and handshake. ``announce=False`` (reconnects) leaves the connection
         closed to applications until the topology has been restored."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        self._new_future = loop.create_future
         try:
             _t, proto = await asyncio.wait_for(
                 loop.create_connection(lambda: _Protocol(self), self.url.host, self.url.port),
@@ -341,6 +596,7 @@ class Connection:
         self.server_heartbeat_ms = ok.heartbeat_ms
         if announce:
             self._connected.set()
+            self._accepting = not self._closing
         if ok.heartbeat_ms and (self._hb_task is None or self._hb_task.done()):
             self._hb_task = asyncio.create_task(self._heartbeat(ok.heartbeat_ms / 1000))
 
@@ -349,6 +605,7 @@ class Connection:
         if self._closing:
             return
         self._closing = True
+        self._accepting = False
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
         proto = self._proto
@@ -380,31 +637,33 @@ class Connection:
         return self._connected.is_set() and not self._closing
 
     # ------------------------------------------------------------------ frame input
-    def _on_frames(self, proto: _Protocol, frames: list[Frame]) -> None:
+    def _on_frames(self, proto: _Protocol, frames: list[Any]) -> None:
         if proto is not self._proto:
             return
         for f in frames:
             t = type(f)
-            if t is Confirm:
-                self._on_confirm(f)  # type: ignore[arg-type]
-            elif t is Deliver:
-                self._on_deliver(f)  # type: ignore[arg-type]
+            if t is _Deliveries:
+                self._on_messages(f)
+            elif t is _Confirmed or t is Confirm:
+                self._on_confirm(f)
             elif t is DeliverBatch:
-                self._on_deliver_batch(f)  # type: ignore[arg-type]
+                self._on_deliveries(f.consumer_tag, f.entries)
+            elif t is Deliver:
+                self._on_deliveries(f.consumer_tag, [(
+                    f.delivery_tag, f.redelivered, f.exchange, f.routing_key, f.properties,
+                    f.body, f.delivery_count)])
             elif t is Error:
-                self._on_error(f)  # type: ignore[arg-type]
+                self._on_error(f)
             elif t is Return:
-                p = self._unconfirmed.get(f.seq)  # type: ignore[attr-defined]
-                if p is not None:
-                    p.returned.append(f.seq)  # type: ignore[attr-defined]
+                self._on_return(f.seq)
             elif t is Cancelled:
-                c = self._consumers.pop(f.consumer_tag, None)  # type: ignore[attr-defined]
+                c = self._consumers.pop(f.consumer_tag, None)
                 if c is not None:
-                    c._cancelled_by_server(f.code, f.message)  # type: ignore[attr-defined]
+                    c._cancelled_by_server(f.code, f.message)
             elif t is Close:
                 assert proto.transport is not None
                 proto.transport.write(proto.wire.send(CloseOk()))
-                self._closed_error = error_for_code(f.code, f.message)  # type: ignore[attr-defined]
+                self._closed_error = error_for_code(f.code, f.message)
                 proto.transport.close()
             elif t is CloseOk:
                 if proto.transport is not None:
@@ -416,59 +675,79 @@ class Connection:
                 if t is ConsumeOk:
                     # Register before anything else in this batch: deliveries may follow
                     # CONSUME_OK in the same read, before the awaiting task resumes.
-                    c = self._pending_consumers.pop(f.rid, None)  # type: ignore[attr-defined]
+                    c = self._pending_consumers.pop(f.rid, None)
                     if c is not None:
-                        c.tag = f.consumer_tag  # type: ignore[attr-defined]
+                        c.tag = f.consumer_tag
                         c.active = True
                         self._consumers[c.tag] = c
                 fut = self._requests.pop(rid, None) if rid is not None else None
                 if fut is not None and not fut.done():
                     fut.set_result(f)
 
-    def _on_confirm(self, f: Confirm) -> None:
+    def _on_return(self, seq: int) -> None:
+        p = self._unconfirmed.get(seq)
+        if p is None:
+            return
+        if type(p) is not _Pending:  # a lone publish: track it in full from now on
+            p = self._unconfirmed[seq] = _Pending(cast("asyncio.Future[None]", p), 1)
+        p.returned.append(seq)
+
+    def _on_confirm(self, f: Confirm | _Confirmed) -> None:
         unconfirmed = self._unconfirmed
+        pop = unconfirmed.pop
         exc: ConveyorError | None = None
         if not f.ack:
             exc = error_for_code(f.code, f.message or "publish refused")
         for seq in range(f.first_seq, f.last_seq + 1):
-            p = unconfirmed.pop(seq, None)
+            p = pop(seq, None)
             if p is None:
+                continue
+            if type(p) is not _Pending:  # a lone publish's future
+                try:
+                    if exc is None:
+                        p.set_result(None)  # type: ignore[union-attr]
+                    else:
+                        p.set_exception(exc)  # type: ignore[union-attr]
+                except InvalidStateError:  # cancelled by the application
+                    pass
                 continue
             if exc is not None and p.nacked is None:
                 p.nacked = exc
             p.remaining -= 1
             if p.remaining == 0 and not p.future.done():
-                if p.nacked is not None:
-                    p.future.set_exception(p.nacked)
-                elif p.returned:
-                    p.future.set_exception(NoRoute(
-                        f"{len(p.returned)} mandatory message(s) matched no queue",
-                        {"returned_seqs": p.returned}))
-                else:
-                    p.future.set_result(None)
+                self._settle_pending(p)
         if len(unconfirmed) < self.max_unconfirmed:
             self._slots.set()
 
-    def _on_deliver(self, f: Deliver) -> None:
-        c = self._consumers.get(f.consumer_tag)
-        if c is None:
-            return
-        if not c.no_ack:
-            self._unsettled.append(f.delivery_tag)
-        c._push([Message(self, c, self._epoch, f.delivery_tag, f.redelivered, f.exchange,
-                         f.routing_key, f.properties, f.body, f.delivery_count, c.no_ack)])
+    @staticmethod
+    def _settle_pending(p: _Pending) -> None:
+        if p.nacked is not None:
+            p.future.set_exception(p.nacked)
+        elif p.returned:
+            p.future.set_exception(NoRoute(
+                f"{len(p.returned)} mandatory message(s) matched no queue",
+                {"returned_seqs": p.returned}))
+        else:
+            p.future.set_result(None)
 
-    def _on_deliver_batch(self, f: DeliverBatch) -> None:
-        c = self._consumers.get(f.consumer_tag)
+    def _on_deliveries(self, consumer_tag: str, entries: Sequence[Sequence[Any]]) -> None:
+        """Messages for a consumer; ``entries`` are validated 7-item delivery records."""
+        origin = Origin(self, None, self._epoch)
+        self._on_messages(_Deliveries(consumer_tag, origin,
+                                      [Message(origin, e) for e in entries],
+                                      [e[0] for e in entries]))
+
+    def _on_messages(self, d: _Deliveries) -> None:
+        c = self._consumers.get(d.consumer_tag)
         if c is None:
             return
-        no_ack = c.no_ack
-        epoch = self._epoch
-        msgs = [Message(self, c, epoch, e[0], e[1], e[2], e[3], e[4], e[5], e[6], no_ack)
-                for e in f.entries]
-        if not no_ack:
-            self._unsettled.extend([e[0] for e in f.entries])
-        c._push(msgs)
+        d.origin.consumer = c
+        if c.no_ack:
+            for m in d.messages:
+                m.settled = True
+        else:
+            self._unsettled.extend(d.tags)
+        c._push(d.messages)
 
     def _on_error(self, f: Error) -> None:
         exc = error_for_code(f.code, f.message, f.details)
@@ -487,13 +766,16 @@ class Connection:
         if proto is not self._proto:
             return
         self._proto = None
+        self._epoch += 1  # messages delivered on it can no longer be settled
         self._connected.clear()
+        self._accepting = False
         self._wbuf.clear()
         self._pub.clear()
         self._pub_size = 0
         self._unsettled.clear()
         self._done.clear()
         self._ack_pending.clear()
+        self._ack_hi = 0
         reason = self._closed_error or ConnectionClosed(
             f"connection to {self.url} lost" + (f": {exc}" if exc else ""))
         self._closed_error = None
@@ -521,8 +803,9 @@ class Connection:
                 fut.set_exception(err)
         unconfirmed, self._unconfirmed = self._unconfirmed, {}
         for p in unconfirmed.values():
-            if not p.future.done():
-                p.future.set_exception(err)
+            pf = p.future if type(p) is _Pending else cast("asyncio.Future[None]", p)
+            if not pf.done():
+                pf.set_exception(err)
         self._slots.set()
 
     async def _reconnect_loop(self) -> None:
@@ -540,6 +823,7 @@ class Connection:
                 return  # lost again while restoring: that loss started a new loop
             self.reconnects += 1
             self._connected.set()
+            self._accepting = not self._closing
             return
 
     async def _restore(self) -> bool:
@@ -590,24 +874,26 @@ class Connection:
         # Queued publishes and acks precede any later frame, so causality holds on the wire.
         if self._pub:
             self._emit_publishes()
-        if self._ack_pending:
+        if self._ack_hi or self._ack_pending:
             self._emit_acks()
         self._wbuf.append(data)
         if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Write everything queued this loop turn in one transport call."""
         self._flush_scheduled = False
         if self._pub:
             self._emit_publishes()
-        if self._ack_pending:
+        if self._ack_hi or self._ack_pending:
             self._emit_acks()
         proto = self._proto
         if not self._wbuf:
@@ -619,16 +905,39 @@ class Connection:
         self._wbuf.clear()
         proto.transport.write(data)
 
+    def _write_out(self) -> None:
+        """Write what is queued now, in the middle of a loop turn: a burst of publishes
+        reaches the broker in pieces it can work on while the rest is being produced
+        (and what one turn accumulates stays bounded). Same order as :meth:`_flush`."""
+        if self._pub:
+            self._emit_publishes()
+        if self._ack_hi or self._ack_pending:
+            self._emit_acks()
+        proto = self._proto
+        if self._wbuf and proto is not None and proto.transport is not None \
+                and not proto.transport.is_closing():
+            data = b"".join(self._wbuf)
+            self._wbuf.clear()
+            proto.transport.write(data)
+
     def _emit_publishes(self) -> None:
+        # The queued publishes hold the last len(pub) sequence numbers: call this only
+        # while that is so (never between assigning a seq and queueing its entry).
         pub = self._pub
         self._pub = []
         self._pub_size = 0
-        first = self._pub_first
+        first = self._seq - len(pub) + 1
         if len(pub) == 1:
             self._wbuf.append(encode_fields(_PUBLISH, [first, *pub[0]]))
             return
+        frame = encode_fields(_PUBLISH_BATCH, [first, pub])
         proto = self._proto
-        budget = (proto.max_frame_size if proto is not None else 1 << 20) - 4096
+        limit = proto.max_frame_size if proto is not None else 1 << 20
+        if len(frame) - 4 <= limit:  # measured: fits the negotiated frame size
+            self._wbuf.append(frame)
+            return
+        # Too large for one frame: split by upper estimates of each entry's size.
+        budget = limit - 4096
         chunk: list[Any] = []
         size = 0
         for e in pub:
@@ -643,17 +952,22 @@ class Connection:
 
     def _emit_acks(self) -> None:
         """One cumulative ACK for the settled prefix; single ACKs for acks past a gap."""
+        hi = self._ack_hi
+        self._ack_hi = 0
+        need = hi != 0
+        wbuf = self._wbuf
+        if not self._ack_pending:
+            if need:
+                wbuf.append(encode_fields(_ACK, [hi, True]))
+            return
         pending = self._ack_pending
         self._ack_pending = []
         done = self._done
         unsettled = self._unsettled
-        hi = 0
-        need = False
         while unsettled and unsettled[0] in done:
             hi = unsettled.popleft()
             if not done.pop(hi):
                 need = True
-        wbuf = self._wbuf
         if need:
             wbuf.append(encode_fields(_ACK, [hi, True]))
         for tag in pending:
@@ -783,16 +1097,26 @@ class Connection:
         ``routing_key``, ``properties`` and ``mandatory`` given here). Returns the count.
         Raises like :meth:`publish` if any message was refused or returned.
         """
-        base = properties or {}
-        entries: list[tuple[str, str, dict[str, Any], bytes, bool]] = []
-        for m in messages:
-            if isinstance(m, OutgoingMessage):
-                entries.append((exchange if m.exchange is None else m.exchange,
-                                m.routing_key or routing_key,
-                                m.properties if m.properties is not None else base,
-                                _body(m.body), m.mandatory or mandatory))
-            else:
-                entries.append((exchange, routing_key, base, _body(m), mandatory))
+        base = properties or _NO_PROPS
+        entries: list[tuple[str, str, dict[str, Any], bytes, bool]]
+        if type(messages) is list and set(map(type, messages)) == {bytes}:
+            # The common shape, all bodies with the shared settings: no Python-level loop.
+            n = len(messages)
+            entries = _Sized(zip(repeat(exchange, n), repeat(routing_key, n), repeat(base, n),
+                                 messages, repeat(mandatory, n), strict=True))
+            headers = len(_packb(base["headers"])) if "headers" in base else 0
+            entries.size = sum(map(len, messages)) + n * (_ENTRY_WEIGHT + headers)
+            entries.largest = max(map(len, messages), default=0) + headers
+        else:
+            entries = []
+            for m in messages:
+                if isinstance(m, OutgoingMessage):
+                    entries.append((exchange if m.exchange is None else m.exchange,
+                                    m.routing_key or routing_key,
+                                    m.properties if m.properties is not None else base,
+                                    _body(m.body), m.mandatory or mandatory))
+                else:
+                    entries.append((exchange, routing_key, base, _body(m), mandatory))
         if not entries:
             return 0
         fut = await self._publish_many(entries, timeout)
@@ -800,9 +1124,13 @@ class Connection:
         return len(entries)
 
     async def _await_confirm(self, fut: asyncio.Future[None], timeout: float | None) -> None:
+        # ``fut`` belongs to this call alone, so it is awaited directly (one wakeup, no
+        # shield): if the timeout or the caller cancels it, the confirm that may still
+        # come finds it done and is ignored.
         timeout = self.timeout if timeout is None else timeout
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         except TimeoutError:
             raise PublishTimeout(f"no confirm within {timeout}s") from None
 
@@ -838,45 +1166,88 @@ class Connection:
         or the socket is backed up: ``await conn.wait_for_capacity()`` and retry.
         """
         proto = self._proto
-        if proto is None or self._closing or not self._connected.is_set():
+        if proto is None or not self._accepting:
             raise ConnectionClosed(f"not connected to {self.url}")
-        if len(self._unconfirmed) >= self.max_unconfirmed or proto.paused:
+        unconfirmed = self._unconfirmed
+        if len(unconfirmed) >= self.max_unconfirmed or proto.paused:
             raise Backpressure("too many unconfirmed publishes or socket backed up")
-        p = _props(properties, props) if props or properties else {}
-        return self._enqueue([(exchange, routing_key, p,
-                               body if type(body) is bytes else _body(body), mandatory)],
-                             proto.max_frame_size)
+        if props:
+            properties = _props(properties, props)
+        if type(body) is not bytes:
+            body = _body(body)
+        size = len(body)
+        if properties:
+            if "headers" in properties:  # the only property of unbounded size
+                size += len(_packb(properties["headers"]))
+        else:
+            properties = _NO_PROPS
+        entry = (exchange, routing_key, properties, body, mandatory)
+        if size > proto.fit_limit:
+            _check_fits([entry], proto.max_frame_size)  # only large messages are measured
+        size += _ENTRY_WEIGHT
+        # _enqueue inlined for one message: its bare future is its confirm tracking.
+        if self._ack_hi or self._ack_pending:
+            # Acks issued before this publish must reach the broker before it (see
+            # _enqueue).
+            if self._pub:
+                self._emit_publishes()
+            self._emit_acks()
+        fut: asyncio.Future[None] = self._new_future()
+        idle = not unconfirmed
+        self._seq = seq = self._seq + 1
+        unconfirmed[seq] = fut
+        self._pub.append(entry)
+        size += self._pub_size
+        self._pub_size = size
+        if size > _WRITE_AHEAD or idle:
+            self._write_out()  # see _enqueue
+        elif not self._flush_scheduled:
+            self._schedule_flush()
+        return fut
 
     async def _publish_many(self, entries: Sequence[Entry],
                             timeout: float | None) -> asyncio.Future[None]:
-        await self.wait_for_capacity(timeout)
-        assert self._proto is not None
-        return self._enqueue(entries, self._proto.max_frame_size)
+        proto = self._proto
+        if (proto is None or not self._accepting or proto.paused
+                or len(self._unconfirmed) >= self.max_unconfirmed):
+            await self.wait_for_capacity(timeout)
+            proto = self._proto
+            assert proto is not None
+        return self._enqueue(entries, proto.max_frame_size)
 
     def _enqueue(self, entries: Sequence[Entry], max_frame: int) -> asyncio.Future[None]:
         """Assign sequence numbers, register the confirm future, queue the frames."""
-        _check_fits(entries, max_frame)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if type(entries) is not _Sized or entries.largest + 4096 > max_frame:
+            _check_fits(entries, max_frame)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        if self._ack_hi or self._ack_pending:
+            # Acks issued before this publish must reach the broker before it: a confirm
+            # then also vouches for the acks (the broker logs in arrival order).
+            if self._pub:
+                self._emit_publishes()  # (before _seq moves on: see _emit_publishes)
+            self._emit_acks()
         n = len(entries)
-        pending = _Pending(fut, n)
         first = self._seq + 1
         self._seq += n
         unconfirmed = self._unconfirmed
+        idle = not unconfirmed
         if n == 1:
-            unconfirmed[first] = pending
+            unconfirmed[first] = fut
         else:
-            for seq in range(first, first + n):
-                unconfirmed[seq] = pending
-        if not self._pub:
-            self._pub_first = first
+            unconfirmed.update(zip(range(first, first + n), repeat(_Pending(fut, n))))
         self._pub.extend(entries)
-        if n == 1:
-            self._pub_size += _entry_size(entries[0])
-        else:
-            self._pub_size += sum(_entry_size(e) for e in entries)
-        if self._pub_size > (1 << 20):
-            self._emit_publishes()  # bound what one loop turn can accumulate
-        self._schedule_flush()
+        self._pub_size += entries.size if type(entries) is _Sized else \
+            sum(map(_entry_weight, entries))
+        if self._pub_size > _WRITE_AHEAD or idle:
+            # Written now rather than at the end of the loop turn: a burst goes out in
+            # pieces the broker can start on while the rest is produced, and a publish
+            # with nothing else in flight (a latency-bound caller) does not wait a turn.
+            self._write_out()
+        elif not self._flush_scheduled:
+            self._schedule_flush()
         return fut
 
     # ------------------------------------------------------------------ consume
@@ -912,23 +1283,78 @@ class Connection:
 
     def _grant(self, c: Consumer, n: int) -> None:
         if self._proto is not None and c.tag in self._consumers:
-            self._send(encode(Credit(c.tag, n)))  # after the acks that freed it
+            self._send(encode_fields(_CREDIT, [c.tag, n]))  # after the acks that freed it
 
-    def _settle(self, msg: Message, how: str, requeue: bool) -> None:
-        if msg._epoch != self._epoch or self._proto is None:
-            raise ConnectionClosed(
-                "the connection this message came on is gone; the broker will redeliver it")
-        tag = msg.delivery_tag
-        if how == "ack":
-            self._done[tag] = False  # acks are coalesced at flush time
-            self._ack_pending.append(tag)
-            self._schedule_flush()
-            return
+    def _stale(self) -> ConnectionClosed:
+        return ConnectionClosed(
+            "the connection this message came on is gone; the broker will redeliver it")
+
+    def _refuse(self, tag: int, epoch: int, how: str, requeue: bool) -> None:
+        if epoch != self._epoch or self._proto is None:
+            raise self._stale()
         self._done[tag] = True
         if how == "nack":
             self._send(encode_fields(_NACK, [tag, False, requeue]))
         else:
             self._send(encode_fields(_REJECT, [tag, requeue]))
+
+    def ack_all(self, messages: Iterable[Message]) -> None:
+        """Acknowledge every message of ``messages`` in one call: like ``msg.ack()`` for
+        each, but all or nothing. Raises (acking none) ``RuntimeError`` if one is already
+        settled or listed twice, ``ConnectionClosed`` if one came on a connection that is
+        gone (the broker redelivers those), ``ValueError`` if one came on another
+        connection."""
+        msgs = messages if isinstance(messages, (builtins.list, tuple)) else \
+            builtins.list(messages)
+        if not msgs:
+            return
+        epoch = self._epoch
+        live = self._proto is not None
+        tags: builtins.list[int] = []
+        append = tags.append
+        first_origin = msgs[0]._origin
+        same_origin = True
+        for m in msgs:
+            o = m._origin
+            if o is not first_origin or o.conn is not self:
+                if o.conn is not self:
+                    raise ValueError(f"message {m.delivery_tag} came on another connection")
+                same_origin = False
+            if m.settled:
+                raise RuntimeError(f"message {m.delivery_tag} already settled")
+            if o.epoch != epoch or not live:
+                raise self._stale()
+            append(m.delivery_tag)
+        n = len(tags)
+        if len(set(tags)) != n:
+            raise RuntimeError("a message is listed twice")
+        unsettled = self._unsettled
+        if not self._done and builtins.list(islice(unsettled, n)) == tags:
+            pop = unsettled.popleft
+            for _ in repeat(None, n):
+                pop()
+            self._ack_hi = tags[-1]
+        else:
+            done = self._done
+            pending = self._ack_pending
+            for tag in tags:
+                done[tag] = False
+                pending.append(tag)
+        for m in msgs:
+            m.settled = True
+        if same_origin:
+            if first_origin.consumer is not None:
+                first_origin.consumer._settled(n)
+        else:
+            counts: dict[Consumer, int] = {}
+            for m in msgs:
+                c = m._origin.consumer
+                if c is not None:
+                    counts[c] = counts.get(c, 0) + 1
+            for c, k in counts.items():
+                c._settled(k)
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     async def get(self, queue: str, max_messages: int = 1, *, no_ack: bool = False,
                   timeout: float | None = None) -> builtins.list[Message]:
@@ -937,7 +1363,12 @@ class Connection:
         assert isinstance(ok, GetOk)
         if not no_ack:
             self._unsettled.extend([e[0] for e in ok.entries])
-        return [Message(self, None, self._epoch, *e, settled=no_ack) for e in ok.entries]
+        origin = Origin(self, None, self._epoch)
+        msgs = [Message(origin, e) for e in ok.entries]
+        if no_ack:
+            for m in msgs:
+                m.settled = True
+        return msgs
 
     # ------------------------------------------------------------------ request/reply
     async def rpc(self, exchange: str, routing_key: str, body: Body, *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from client.errors import ConsumerCancelled
@@ -23,7 +24,9 @@ class Consumer:
     window has been settled, so there is no per-message round trip.
 
     Use as ``async for msg in consumer`` and/or ``async with consumer``; leaving the
-    ``async with`` block cancels it.
+    ``async with`` block cancels it. ``async for batch in consumer.batches()`` yields
+    lists of the messages buffered so far instead (cheaper per message), and
+    :meth:`ack_all` settles such a list in one call.
     """
 
     def __init__(self, conn: Connection, queue: str, prefetch: int, no_ack: bool,
@@ -38,6 +41,7 @@ class Consumer:
         self._buffer: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._to_grant = 0
+        self._grant_at = (prefetch + 1) // 2  # to_grant * 2 >= prefetch
         self._error: BaseException | None = None
         self.active = False
 
@@ -46,21 +50,52 @@ class Consumer:
         return self
 
     async def __anext__(self) -> Message:
+        buf = self._buffer
+        if not buf:
+            await self._wait()
+        msg = buf.popleft()
+        if self.no_ack:
+            self._settled(1)
+        return msg
+
+    async def _wait(self) -> None:
+        """Until a message is buffered; StopAsyncIteration once cancelled by the
+        application, the consumer's error once it failed."""
         while not self._buffer:
             if self._error is not None:
                 if isinstance(self._error, _Stop):
                     raise StopAsyncIteration
                 raise self._error
-            loop = asyncio.get_running_loop()
-            self._waiter = loop.create_future()
+            self._waiter = self._conn._new_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        msg = self._buffer.popleft()
+
+    async def _next_batch(self, max_messages: int | None) -> list[Message]:
+        buf = self._buffer
+        if not buf:
+            await self._wait()
+        if max_messages is None or len(buf) <= max_messages:
+            msgs = list(buf)
+            buf.clear()
+        else:
+            pop = buf.popleft
+            msgs = [pop() for _ in range(max_messages)]
         if self.no_ack:
-            self._settled_one()
-        return msg
+            self._settled(len(msgs))
+        return msgs
+
+    def batches(self, max_messages: int | None = None) -> AsyncIterator[list[Message]]:
+        """Iterate over lists of messages: each ``async for`` step waits for at least one
+        message and yields every message buffered by then (at most ``max_messages``),
+        in delivery order. Ends and fails exactly like ``async for msg in consumer``;
+        both forms may be mixed. Settle the messages as usual, or all at once with
+        :meth:`ack_all`.
+        """
+        if max_messages is not None and max_messages < 1:
+            raise ValueError("max_messages must be >= 1")
+        return _Batches(self, max_messages)
 
     async def get(self, timeout: float | None = None) -> Message | None:
         """Next message, or None if none arrives within ``timeout`` seconds."""
@@ -70,6 +105,26 @@ class Consumer:
             return None
         except StopAsyncIteration:
             return None
+
+    async def get_batch(self, max_messages: int | None = None,
+                        timeout: float | None = None) -> list[Message]:
+        """The buffered messages (at least one, at most ``max_messages``), or an empty list
+        if none arrives within ``timeout`` seconds or the consumer was cancelled."""
+        if max_messages is not None and max_messages < 1:
+            raise ValueError("max_messages must be >= 1")
+        try:
+            return await asyncio.wait_for(self._next_batch(max_messages), timeout)
+        except TimeoutError:
+            return []
+        except StopAsyncIteration:
+            return []
+
+    def ack_all(self, messages: Iterable[Message]) -> None:
+        """Acknowledge every message of ``messages`` (for example a batch from
+        :meth:`batches`) in one call; equivalent to ``msg.ack()`` for each, but all or
+        nothing: if one of them is already settled or came on a lost connection, none
+        is acked and the error of its ``ack()`` is raised."""
+        self._conn.ack_all(messages)
 
     async def __aenter__(self) -> Consumer:
         return self
@@ -92,12 +147,14 @@ class Consumer:
         if w is not None and not w.done():
             w.set_result(None)
 
-    def _settled_one(self) -> None:
-        self._to_grant += 1
-        if self._to_grant * 2 >= self.prefetch and self.active:
-            n = self._to_grant
+    def _settled(self, n: int) -> None:
+        """``n`` deliveries were settled (or, no-ack, taken): their credit can go back."""
+        n += self._to_grant
+        if n >= self._grant_at and self.active:
             self._to_grant = 0
             self._conn._grant(self, n)
+        else:
+            self._to_grant = n
 
     def _finish(self, error: BaseException) -> None:
         if self._error is None:
@@ -114,6 +171,22 @@ class Consumer:
     def _fail(self, error: ConveyorError) -> None:
         self.active = False
         self._finish(error)
+
+
+class _Batches:
+    """``Consumer.batches()``: an async iterator without a generator frame."""
+
+    __slots__ = ("_consumer", "_max")
+
+    def __init__(self, consumer: Consumer, max_messages: int | None) -> None:
+        self._consumer = consumer
+        self._max = max_messages
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    def __anext__(self) -> Awaitable[list[Message]]:  # StopAsyncIteration ends it
+        return self._consumer._next_batch(self._max)
 
 
 class _Stop(Exception):

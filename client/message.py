@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -14,6 +15,18 @@ PROPERTY_NAMES = (
 )
 
 
+class Origin:
+    """Where a group of messages came from: shared by every message of one delivery
+    (one object per frame instead of three attributes per message)."""
+
+    __slots__ = ("conn", "consumer", "epoch")
+
+    def __init__(self, conn: Connection, consumer: Consumer | None, epoch: int) -> None:
+        self.conn = conn
+        self.consumer = consumer
+        self.epoch = epoch
+
+
 class Message:
     """A delivered message. Settle it exactly once with :meth:`ack`, :meth:`nack` or
     :meth:`reject` (unless it came from a no-ack consumer or get).
@@ -23,35 +36,25 @@ class Message:
     """
 
     __slots__ = (
-        "_conn", "_consumer", "_epoch", "body", "delivery_count", "delivery_tag", "exchange",
-        "properties", "redelivered", "routing_key", "settled",
+        "_origin", "body", "delivery_count", "delivery_tag", "exchange", "properties",
+        "redelivered", "routing_key", "settled",
     )
 
-    def __init__(
-        self,
-        conn: Connection,
-        consumer: Consumer | None,
-        epoch: int,
-        delivery_tag: int,
-        redelivered: bool,
-        exchange: str,
-        routing_key: str,
-        properties: dict[str, Any],
-        body: bytes,
-        delivery_count: int,
-        settled: bool = False,
-    ) -> None:
-        self._conn = conn
-        self._consumer = consumer
-        self._epoch = epoch
-        self.delivery_tag = delivery_tag
-        self.redelivered = redelivered
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.properties = properties
-        self.body = body
-        self.delivery_count = delivery_count
-        self.settled = settled
+    delivery_tag: int
+    redelivered: bool
+    exchange: str
+    routing_key: str
+    properties: dict[str, Any]
+    body: bytes
+    delivery_count: int
+
+    def __init__(self, origin: Origin, entry: Sequence[Any]) -> None:
+        """``entry`` is a validated delivery record: (delivery_tag, redelivered, exchange,
+        routing_key, properties, body, delivery_count)."""
+        self._origin = origin
+        (self.delivery_tag, self.redelivered, self.exchange, self.routing_key,
+         self.properties, self.body, self.delivery_count) = entry
+        self.settled = False
 
     # Convenience accessors for the common properties.
     @property
@@ -76,23 +79,51 @@ class Message:
 
     def ack(self) -> None:
         """Acknowledge: the broker forgets the message."""
-        self._settle("ack", False)
+        if self.settled:
+            raise RuntimeError(f"message {self.delivery_tag} already settled")
+        origin = self._origin
+        conn = origin.conn
+        if origin.epoch != conn._epoch:  # the epoch moves on when the connection is lost
+            raise conn._stale()
+        # Queue the ack on the connection (acks are coalesced at flush time: see
+        # Connection._emit_acks) and return the credit (Consumer._settled(1)). Inlined:
+        # this runs once per message.
+        tag = self.delivery_tag
+        unsettled = conn._unsettled
+        if not conn._done and unsettled and unsettled[0] == tag:
+            unsettled.popleft()  # in order: extends the cumulative ACK
+            conn._ack_hi = tag
+        else:
+            conn._done[tag] = False
+            conn._ack_pending.append(tag)
+        if not conn._flush_scheduled:
+            conn._schedule_flush()
+        self.settled = True
+        c = origin.consumer
+        if c is not None:
+            n = c._to_grant + 1
+            if n >= c._grant_at and c.active:
+                c._to_grant = 0
+                conn._grant(c, n)
+            else:
+                c._to_grant = n
 
     def nack(self, requeue: bool = True) -> None:
         """Refuse; by default the message goes back to its original place in the queue."""
-        self._settle("nack", requeue)
+        self._refuse("nack", requeue)
 
     def reject(self, requeue: bool = False) -> None:
         """Refuse; by default the message is discarded."""
-        self._settle("reject", requeue)
+        self._refuse("reject", requeue)
 
-    def _settle(self, how: str, requeue: bool) -> None:
+    def _refuse(self, how: str, requeue: bool) -> None:
         if self.settled:
             raise RuntimeError(f"message {self.delivery_tag} already settled")
-        self._conn._settle(self, how, requeue)
+        origin = self._origin
+        origin.conn._refuse(self.delivery_tag, origin.epoch, how, requeue)
         self.settled = True
-        if self._consumer is not None:
-            self._consumer._settled_one()
+        if origin.consumer is not None:
+            origin.consumer._settled(1)
 
     def __repr__(self) -> str:
         return (f"Message(tag={self.delivery_tag}, exchange={self.exchange!r}, "
