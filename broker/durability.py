@@ -70,12 +70,9 @@ class Durability:
         return broker
 
     def _recover(self, t0: float) -> Broker:
-        rec = recover(self.wal_dir, repair=self.config.repair)
         replay = Replay()
-        if rec.snapshot is not None:
-            replay.load_snapshot(rec.snapshot)
-        for batch in rec.records:
-            replay.apply(batch)
+        rec = recover(self.wal_dir, repair=self.config.repair,
+                      on_snapshot=replay.load_snapshot, on_batch=replay.apply)
         cfg = self.config
         store = WalStore(self.wal_dir, rec.next_segment, fsync=cfg.fsync,
                          interval_ms=cfg.fsync_interval_ms, segment_bytes=cfg.segment_bytes)
@@ -95,8 +92,8 @@ class Durability:
         self.recovery_seconds = time.monotonic() - t0
         log.info("recovered %d messages in %d queues from %s (%s snapshot, %d log batches, "
                  "%.1f MB) in %.2fs", self.recovered_messages, len(replay.queues),
-                 self.wal_dir, "with" if rec.snapshot is not None else "no",
-                 len(rec.records), rec.bytes_replayed / 1e6, self.recovery_seconds)
+                 self.wal_dir, "with" if rec.had_snapshot else "no",
+                 rec.batches, rec.bytes_replayed / 1e6, self.recovery_seconds)
         self.store = store
         self.broker = broker
         return broker

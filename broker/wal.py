@@ -153,16 +153,25 @@ def read_snapshot(path: Path) -> Any:
 
 @dataclass
 class Recovered:
-    snapshot: Any | None
-    records: list[list[Any]]  # command batches after the snapshot, in order
+    snapshot: Any | None  # None also when it was handed to ``on_snapshot``
+    records: list[list[Any]]  # command batches after the snapshot (empty with on_batch)
     next_segment: int
     truncated: list[str]
     quarantined: list[str]
     bytes_replayed: int
+    batches: int = 0
+    had_snapshot: bool = False
 
 
-def recover(wal_dir: Path, *, repair: bool = False) -> Recovered:
-    """Read the newest valid snapshot and every later segment; fix a torn tail."""
+def recover(wal_dir: Path, *, repair: bool = False,
+            on_snapshot: Callable[[Any], None] | None = None,
+            on_batch: Callable[[list[Any]], None] | None = None) -> Recovered:
+    """Read the newest valid snapshot and every later segment; fix a torn tail.
+
+    With ``on_snapshot`` / ``on_batch`` the snapshot and each command batch are handed
+    over as they are read (in order, snapshot first) instead of being collected, so
+    recovery holds one segment in memory at a time rather than the whole log.
+    """
     wal_dir.mkdir(parents=True, exist_ok=True)
     segs = sorted((p for p in wal_dir.glob("seg-*.log")), key=lambda p: _index(p.name))
     snaps = sorted((p for p in wal_dir.glob("snap-*.snap")), key=lambda p: _index(p.name))
@@ -182,16 +191,23 @@ def recover(wal_dir: Path, *, repair: bool = False) -> Recovered:
     live = [p for p in segs if _index(p.name) >= start]
     if snapshot is not None and live and _index(live[0].name) != start:
         raise CorruptLog(live[0], 0, f"segment {start} (first after the snapshot) is missing")
+    had_snapshot = snapshot is not None
+    if on_snapshot is not None and snapshot is not None:
+        on_snapshot(snapshot)
+        snapshot = None
     records: list[list[Any]] = []
+    sink = records.append if on_batch is None else on_batch
+    batches = 0
     truncated: list[str] = []
     quarantined: list[str] = []
     total = 0
     for i, path in enumerate(live):
         last = i == len(live) - 1
-        before = len(records)
+        in_segment = 0
         try:
             for _off, commands in iter_segment(path, last=last):
-                records.append(commands)
+                sink(commands)
+                in_segment += 1
             total += path.stat().st_size
         except _TornTail as torn:
             size = path.stat().st_size
@@ -206,17 +222,19 @@ def recover(wal_dir: Path, *, repair: bool = False) -> Recovered:
         except CorruptLog as exc:
             if not repair:
                 raise
-            # Replay what came before the damage (already in ``records``: iter_segment
-            # yielded it), set the segment aside, carry on.
-            good = records[before:]
+            # What came before the damage was already handed over (iter_segment yielded
+            # it); set the segment aside and carry on.
             dest = path.with_suffix(".corrupt")
             path.rename(dest)
             msg = (f"{path.name}: damaged at byte {exc.offset}; replayed the "
-                   f"{len(good)} records before it and quarantined the file as {dest.name}")
+                   f"{in_segment} records before it and quarantined the file as {dest.name}")
             log.error(msg)
             quarantined.append(msg)
+        finally:
+            batches += in_segment
     next_seg = max([_index(p.name) for p in segs] + [start - 1, 0]) + 1
-    return Recovered(snapshot, records, next_seg, truncated, quarantined, total)
+    return Recovered(snapshot, records, next_seg, truncated, quarantined, total, batches,
+                     had_snapshot)
 
 
 # ---------------------------------------------------------------------- writing
@@ -247,6 +265,7 @@ class WalStore:
         self._retry: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.bytes_since_snapshot = 0
+        self._seg_bytes = 0  # bytes appended to segment ``seg_index``
         self.closed = False
         # counters for operations and tests
         self.fsyncs = 0
@@ -266,7 +285,11 @@ class WalStore:
         if not batch or self.closed:
             return
         data = frame_record(_packb(batch))
+        if self._seg_bytes >= self.segment_bytes:
+            self.seg_index += 1  # segments stay bounded: recovery reads one at a time
+            self._seg_bytes = 0
         self._pending.append((self.seg_index, data))
+        self._seg_bytes += len(data)
         self.bytes_since_snapshot += len(data)
         self._schedule()
 
@@ -309,6 +332,7 @@ class WalStore:
     def rotate(self) -> int:
         """Start a new segment for records appended from now on; returns its index."""
         self.seg_index += 1
+        self._seg_bytes = 0
         self.bytes_since_snapshot = 0
         return self.seg_index
 

@@ -743,3 +743,25 @@ def test_repaired_state_survives_the_next_restart(tmp_path: Path) -> None:
     assert (wal_dir / (seg1.stem + ".corrupt")).exists()
     assert queue_bodies(repair=False) == [b"m1", b"m4"]
     assert queue_bodies(repair=False) == [b"m1", b"m4"]
+
+
+@pytest.mark.parametrize("fsync", ["always", "never"])
+async def test_segments_rotate_by_size_and_recover_in_order(tmp_path: Path, fsync: str) -> None:
+    store = WalStore(tmp_path, 1, fsync=fsync, segment_bytes=4096)
+    try:
+        for i in range(1, 201):
+            store.append([["p", i, ["q"], "", "q", {}, b"x" * 100]])
+            if i % 7 == 0:
+                assert await commit(store) is None
+        assert await commit(store) is None
+    finally:
+        store.close()
+    segs = sorted(tmp_path.glob("seg-*.log"))
+    assert len(segs) > 3
+    # every segment but the last is only slightly over the limit (one record past it)
+    assert all(s.stat().st_size < 4096 + 200 for s in segs)
+    streamed: list[list[object]] = []
+    rec = recover(tmp_path, on_batch=streamed.append)
+    assert rec.records == [] and rec.batches == 200
+    assert [b[0][1] for b in streamed] == list(range(1, 201))
+    assert rec.next_segment == len(segs) + 1
