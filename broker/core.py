@@ -84,10 +84,6 @@ class Broker:
             self.journal = []
             self.store.append(batch)
 
-    def store_failed(self) -> BaseException | None:
-        """The store's write error while it cannot write (publishes are refused)."""
-        return getattr(self.store, "failed", None)
-
     def get_queue(self, name: str, session_id: str | None) -> Queue:
         """Look up a queue the session may use (not another connection's exclusive one)."""
         q = self.queues.get(name)

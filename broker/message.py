@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def message_size(properties: dict[str, Any], body: bytes) -> int:
+    """Size counted against max_message_size: body plus encoded headers (the unbounded part)."""
+    headers = properties.get("headers")
+    return len(body) + (len(_packb(headers)) if headers else 0)
+
 
 class Message:
     """An immutable published message (body and properties are never copied)."""
@@ -16,13 +26,15 @@ class Message:
     __slots__ = ("body", "exchange", "id", "persistent", "properties", "routing_key", "size")
 
     def __init__(
-        self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes
+        self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes,
+        size: int = -1,
     ) -> None:
         self.exchange = exchange
         self.routing_key = routing_key
         self.properties = properties
         self.body = body
-        self.size = len(body)
+        # Computed once: frame-size budgets for every later delivery read it.
+        self.size = size if size >= 0 else message_size(properties, body)
         self.persistent: bool = properties.get("persistent", True)
         self.id = 0  # broker-wide id, assigned when the message is logged
 

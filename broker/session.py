@@ -14,10 +14,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
 from broker.core import Broker
-from broker.message import Message, QueuedMessage
+from broker.message import Message, QueuedMessage, message_size
 from broker.queue import Consumer, Queue
 from protocol import (
     Ack,
@@ -70,13 +68,6 @@ U32_MAX = 0xFFFFFFFF
 GET_MAX = 10000
 # Bytes a delivery entry may add beyond body + headers (strings, other properties, tags).
 ENTRY_OVERHEAD = 4608
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-
-
-def message_size(properties: dict[str, Any], body: bytes) -> int:
-    """Size counted against max_message_size: body plus encoded headers (the unbounded part)."""
-    headers = properties.get("headers")
-    return len(body) + (len(_packb(headers)) if headers else 0)
 
 
 # An unacked delivery: (message in its queue, the queue, the consumer or None for GET).
@@ -101,7 +92,8 @@ class Session:
         self._write = write
         self.max_frame_size = max_frame_size
         self.out: list[bytes] = []
-        self._deliveries: list[tuple[Consumer, list[list[Any]]]] = []
+        # (consumer, entries, Message.size of each entry) awaiting the next flush
+        self._deliveries: list[tuple[Consumer, list[list[Any]], list[int]]] = []
         self.consumers: dict[str, Consumer] = {}
         self.unacked: OrderedDict[int, Unacked] = OrderedDict()
         self.exclusive_queues: set[str] = set()
@@ -176,25 +168,28 @@ class Session:
         if self.closed:
             return
         if self._deliveries:
-            for consumer, entries in self._deliveries:
-                self._encode_deliveries(consumer.tag, entries)
+            for consumer, entries, sizes in self._deliveries:
+                self._encode_deliveries(consumer.tag, entries, sizes)
             self._deliveries = []
         if self.out:
             out = self.out
             self.out = []
             self._write(out)
 
-    def _encode_deliveries(self, tag: str, entries: list[list[Any]]) -> None:
+    def _encode_deliveries(self, tag: str, entries: list[list[Any]], sizes: list[int]) -> None:
         """DELIVER for one message, else DELIVER_BATCH frames that each fit the frame cap."""
         out = self.out
         if len(entries) == 1:
             out.append(encode_fields(_DELIVER, [tag, *entries[0]]))
             return
         budget = self.max_frame_size - 1024
+        if sum(sizes) + ENTRY_OVERHEAD * len(entries) <= budget:
+            out.append(encode_fields(_DELIVER_BATCH, [tag, entries]))
+            return
         chunk: list[list[Any]] = []
         size = 0
-        for e in entries:
-            esize = message_size(e[4], e[5]) + ENTRY_OVERHEAD
+        for e, msize in zip(entries, sizes, strict=True):
+            esize = msize + ENTRY_OVERHEAD
             if chunk and size + esize > budget:
                 out.append(encode_fields(_DELIVER_BATCH, [tag, chunk]))
                 chunk, size = [], 0
@@ -220,10 +215,11 @@ class Session:
         broker = self.broker
         self.published += 1
         try:
-            if broker.durable and broker.store_failed() is not None:
-                raise ResourceError(f"the broker cannot write its log "
-                                    f"({broker.store_failed()}); retry later")
-            if message_size(properties, body) > broker.max_message_size:
+            failed = broker.store.failed
+            if failed is not None:
+                raise ResourceError(f"the broker cannot write its log ({failed}); retry later")
+            size = message_size(properties, body)
+            if size > broker.max_message_size:
                 raise MessageTooLarge(
                     f"message of {len(body)} bytes exceeds the maximum of "
                     f"{broker.max_message_size}", {"max_message_size": broker.max_message_size})
@@ -234,7 +230,7 @@ class Session:
             else:
                 self.send(Error(0, exc.code, exc.message, exc.details))
             return
-        msg = Message(exchange, routing_key, properties, body)
+        msg = Message(exchange, routing_key, properties, body, size)
         if not broker.enqueue(msg, targets) and mandatory:
             self.out.append(encode(
                 Return(seq, 312, "no route", exchange, routing_key, properties, body)))
@@ -280,6 +276,7 @@ class Session:
     def deliver(self, consumer: Consumer, batch: list[QueuedMessage]) -> None:
         """Called by queue dispatch: assign tags, track unacked, queue the frames."""
         entries: list[list[Any]] = []
+        sizes: list[int] = []
         append = entries.append
         tag = self._next_tag
         no_ack = consumer.no_ack
@@ -290,6 +287,7 @@ class Session:
             m = qm.message
             append([tag, qm.redelivered, m.exchange, m.routing_key, m.properties, m.body,
                     qm.delivery_count])
+            sizes.append(m.size)
             if not no_ack:
                 unacked[tag] = (qm, queue, consumer)
         self._next_tag = tag
@@ -299,7 +297,7 @@ class Session:
             consumer.unacked += len(batch)
         if queue.logged:
             self.broker.log_ids("a" if no_ack else "d", queue, batch)
-        self._deliveries.append((consumer, entries))
+        self._deliveries.append((consumer, entries, sizes))
         self.broker.mark_session(self)
 
     def _settle(self, tag: int, multiple: bool) -> list[Unacked]:
@@ -445,7 +443,7 @@ class Session:
             head = q.peek()
             if head is None:
                 break
-            esize = message_size(head.message.properties, head.message.body) + ENTRY_OVERHEAD
+            esize = head.message.size + ENTRY_OVERHEAD
             if entries and size + esize > budget:
                 break  # does not fit this reply; stays at the head
             qm = q.take(1)[0]

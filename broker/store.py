@@ -21,6 +21,9 @@ Record = tuple[Any, ...]
 
 
 class Store(Protocol):
+    # The write error while the store cannot write (the broker refuses publishes), else None.
+    failed: BaseException | None
+
     def append(self, records: Iterable[Record]) -> None:
         """Queue records for durability, in order."""
 
@@ -38,6 +41,7 @@ class MemoryStore:
     def __init__(self, keep: bool = False) -> None:
         self.keep = keep
         self.records: list[Record] = []
+        self.failed: BaseException | None = None
 
     def append(self, records: Iterable[Record]) -> None:
         if self.keep:

@@ -62,6 +62,7 @@ class LogStore:
     def __init__(self) -> None:
         self.batches: list[list[list[Any]]] = []
         self.commits = 0
+        self.failed: BaseException | None = None  # Store protocol: never fails
 
     def append(self, records: Iterable[Any]) -> None:
         batch = list(records)
