@@ -1,5 +1,7 @@
 """``python -m broker`` = ``mq-cli server``."""
 
+import sys
+
 from cli.main import main
 
-main(["server", *__import__("sys").argv[1:]])
+main(["server", *sys.argv[1:]])

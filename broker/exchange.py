@@ -51,13 +51,6 @@ class Exchange:
         self._remove(key, queue)
         return True
 
-    def unbind_queue(self, queue: str) -> int:
-        """Remove every binding to ``queue`` (the queue was deleted)."""
-        gone = [b for b in self.bindings if b[1] == queue]
-        for key, q in gone:
-            self.unbind(key, q)
-        return len(gone)
-
     def route(self, routing_key: str) -> set[str] | frozenset[str]:
         raise NotImplementedError
 

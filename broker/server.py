@@ -34,6 +34,7 @@ from protocol import (
     Hello,
     InternalError,
     OpenOk,
+    UnexpectedFrame,
     encode_many,
 )
 from protocol import Heartbeat as HeartbeatFrame
@@ -225,8 +226,6 @@ class BrokerProtocol(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         self._timer = None
         if self.session is None and not self._closing:
-            from protocol import UnexpectedFrame
-
             self._fatal(UnexpectedFrame("handshake not completed in time"))
 
     def _heartbeat_tick(self) -> None:

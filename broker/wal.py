@@ -81,19 +81,12 @@ def _index(name: str) -> int:
 # ---------------------------------------------------------------------- reading
 
 
-@dataclass
-class SegmentScan:
-    path: Path
-    good_size: int  # bytes of valid records from the start
-    torn: bool  # an incomplete / bad record at the very end
-
-
 def iter_segment(path: Path, *, last: bool) -> Iterator[tuple[int, list[Any]]]:
     """Yield (offset, commands) per valid record.
 
     A damaged record at the end of the *last* segment is a torn tail (a crash mid-write):
-    the iteration stops there and ``scan.torn`` is set (the caller truncates). Damage
-    anywhere else raises CorruptLog naming the file and offset.
+    iteration stops by raising _TornTail with its offset (recover() truncates there).
+    Damage anywhere else raises CorruptLog naming the file and offset.
     """
     data = path.read_bytes()
     end = len(data)
@@ -271,7 +264,6 @@ class WalStore:
         self.fsyncs = 0
         self.records_written = 0
         self.fsync_seconds = 0.0
-        self.on_rotate: Callable[[], None] | None = None
 
     def _open(self, index: int) -> int:
         path = self.dir / seg_name(index)
