@@ -409,26 +409,29 @@ class _Protocol(asyncio.Protocol):
                 rbuf += buf[pos:]
         return out
 
+    def _fast_deliveries(self, tag: Any, entries: list[Any]) -> _Deliveries | None:
+        """Messages straight from delivery entries, or None to take the checked path."""
+        if type(tag) is str and len(tag) <= NAME_FAST:
+            origin = Origin(self.owner, None, self.owner._epoch)
+            decoded = _messages(entries, origin, self._props)
+            if decoded is not None:
+                return _Deliveries(tag, origin, *decoded)
+        return None
+
     def _deliver_batch(self, body: bytes | bytearray) -> _Deliveries | DeliverBatch:
         f = _unpack_body(body, DeliverBatch.NAME)
-        if type(f) is list and len(f) == 2:
-            tag, entries = f
-            if type(tag) is str and len(tag) <= NAME_FAST and type(entries) is list:
-                origin = Origin(self.owner, None, self.owner._epoch)
-                decoded = _messages(entries, origin, self._props)
-                if decoded is not None:
-                    return _Deliveries(tag, origin, *decoded)
+        if type(f) is list and len(f) == 2 and type(f[1]) is list:
+            fast = self._fast_deliveries(f[0], f[1])
+            if fast is not None:
+                return fast
         return DeliverBatch.from_wire(f)
 
     def _deliver(self, body: bytes | bytearray) -> _Deliveries | Deliver:
         f = _unpack_body(body, Deliver.NAME)
         if type(f) is list and len(f) == 8:
-            tag = f[0]
-            if type(tag) is str and len(tag) <= NAME_FAST:
-                origin = Origin(self.owner, None, self.owner._epoch)
-                decoded = _messages([f[1:]], origin, self._props)
-                if decoded is not None:
-                    return _Deliveries(tag, origin, *decoded)
+            fast = self._fast_deliveries(f[0], [f[1:]])
+            if fast is not None:
+                return fast
         return Deliver.from_wire(f)
 
     def _confirm(self, body: bytes | bytearray) -> _Confirmed | Confirm:
