@@ -227,7 +227,10 @@ class ConveyorConn:
     _PROPS = {True: {"persistent": True}, False: {"persistent": False}}
 
     def __init__(self, conn: Any) -> None:
+        from client import Backpressure  # imported here: RabbitMQ-only runs never need it
+
         self.conn = conn
+        self._backpressure = Backpressure
 
     @classmethod
     async def connect(cls, url: str, name: str, timeout: float) -> ConveyorConn:
@@ -260,12 +263,10 @@ class ConveyorConn:
         Uses the pipelined ``publish_nowait`` (a future, no task per message); only when
         the client reports back-pressure does it fall back to the awaiting ``publish``.
         """
-        from client import Backpressure
-
         props = self._PROPS[persistent]
         try:
             return self.conn.publish_nowait(exchange, key, body, properties=props)
-        except Backpressure:
+        except self._backpressure:
             return self.conn.publish(exchange, key, body, properties=props, timeout=timeout)
 
     def publish_batch(self, exchange: str, keys: str | list[str], bodies: list[bytes],
