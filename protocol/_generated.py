@@ -124,6 +124,16 @@ class HeartbeatTimeout(FatalError):
     origin = 'peer'
 
 
+class QueueFull(RequestError):
+    """A queue with overflow reject-publish is at max_length or max_length_bytes; the publish is nacked. Retry once consumers drain it."""
+
+    code = 409
+    name = 'queue-full'
+    fatal = False
+    retriable = True
+    origin = 'server'
+
+
 class MessageTooLarge(RequestError):
     """A message exceeds the broker's maximum message size."""
 
@@ -225,6 +235,7 @@ ERROR_CODES: dict[str, int] = {
     'resource-locked': 405,
     'precondition-failed': 406,
     'heartbeat-timeout': 408,
+    'queue-full': 409,
     'message-too-large': 413,
     'rate-limited': 429,
     'malformed-frame': 501,
@@ -290,6 +301,23 @@ def check_props(v: Any, where: str) -> dict[str, Any]:
         else:
             raise fail(where, f"unknown property {k!r}")
     return v  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------ queue arguments
+QUEUE_ARGUMENT_TYPES: dict[str, str] = {
+    'ack_timeout_ms': 'u64',
+    'delivery_limit': 'u32',
+    'dead_letter_exchange': 'name',
+    'dead_letter_routing_key': 'name',
+    'message_ttl_ms': 'u64',
+    'expires_ms': 'u64',
+    'max_priority': 'priority',
+    'max_length': 'u64',
+    'max_length_bytes': 'u64',
+    'overflow': 'name',
+    'dedup_window_ms': 'u64',
+    'single_active_consumer': 'bool',
+}
 
 
 # ------------------------------------------------------------------ records
@@ -1793,6 +1821,35 @@ class GetOk(Frame):
         return cls(a0, a1, a2)
 
 
+@dataclass(frozen=True, slots=True)
+class Extend(Frame):
+    """Push back the ack deadline of an unacked delivery (the consumer is still working on it). No reply; 406 if the tag is unknown."""
+
+    TYPE: ClassVar[int] = 0x3c
+    NAME: ClassVar[str] = 'extend'
+    DIRECTION: ClassVar[str] = 'client'
+    delivery_tag: int
+    timeout_ms: int = 0
+
+    def to_wire(self) -> list[Any]:
+        return [self.delivery_tag, self.timeout_ms]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'extend') -> Extend:
+        check_arity(f, 1, 2, where)
+        n = len(f)
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+            check_uint(a0, U64_MAX, where + ".delivery_tag")
+        if n > 1:
+            a1 = f[1]
+            if type(a1) is not int or not 0 <= a1 <= U64_MAX:
+                check_uint(a1, U64_MAX, where + ".timeout_ms")
+        else:
+            a1 = 0
+        return cls(a0, a1)
+
+
 FRAME_TYPES: dict[int, type[Frame]] = {
     0x01: Hello,
     0x02: Auth,
@@ -1829,7 +1886,8 @@ FRAME_TYPES: dict[int, type[Frame]] = {
     0x39: Reject,
     0x3a: Get,
     0x3b: GetOk,
+    0x3c: Extend,
 }
 
-CLIENT_FRAMES: frozenset[int] = frozenset({0x02, 0x04, 0x05, 0x06, 0x10, 0x11, 0x12, 0x14, 0x15, 0x17, 0x18, 0x19, 0x20, 0x21, 0x30, 0x32, 0x34, 0x37, 0x38, 0x39, 0x3a})
+CLIENT_FRAMES: frozenset[int] = frozenset({0x02, 0x04, 0x05, 0x06, 0x10, 0x11, 0x12, 0x14, 0x15, 0x17, 0x18, 0x19, 0x20, 0x21, 0x30, 0x32, 0x34, 0x37, 0x38, 0x39, 0x3a, 0x3c})
 SERVER_FRAMES: frozenset[int] = frozenset({0x01, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x13, 0x16, 0x1a, 0x22, 0x23, 0x31, 0x33, 0x35, 0x36, 0x3b})

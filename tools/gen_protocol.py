@@ -279,6 +279,11 @@ def gen_python(spec: dict[str, Any]) -> str:
         lines.append(f"        {kw} k == {k!r}:")
         lines.append(f"            {check_expr(t, 'x', 'x')}".replace("'x')", "where + '.' + k)"))
     lines += ["        else:", '            raise fail(where, f"unknown property {k!r}")', "    return v  # type: ignore[no-any-return]"]
+    # queue arguments: validated by the broker (a bad one is 400, not a malformed frame)
+    lines += ["", "", "# ------------------------------------------------------------------ queue arguments",
+              "QUEUE_ARGUMENT_TYPES: dict[str, str] = {"]
+    lines += [f"    {k!r}: {v[0]!r}," for k, v in spec["queue_arguments"].items()]
+    lines += ["}"]
     # records
     lines += ["", "", "# ------------------------------------------------------------------ records"]
     for rname, rec in spec["record"].items():
@@ -393,6 +398,10 @@ def md_tables(spec: dict[str, Any]) -> dict[str, str]:
     for k, (ty, desc) in spec["properties"].items():
         rows.append(f"| `{k}` | {WIRE_TYPES[ty]} | {desc} |")
     t["properties"] = "\n".join(rows)
+    rows = ["| key | type | meaning |", "|---|---|---|"]
+    for k, (ty, desc) in spec["queue_arguments"].items():
+        rows.append(f"| `{k}` | {WIRE_TYPES[ty]} | {desc} |")
+    t["queue-arguments"] = "\n".join(rows)
     return t
 
 
