@@ -47,6 +47,8 @@ class Config:
     snapshot_bytes: int = 64 << 20
     snapshot_interval_ms: int = 300000
     repair: bool = False
+    # Bytes of ready message bodies kept in memory; the rest wait in page files.
+    memory_budget: int = 256 << 20
 
     def effective_max_message_size(self) -> int:
         limit = self.max_frame_size - 8192
@@ -68,6 +70,8 @@ class Config:
             raise ConfigError("fsync must be always, interval or never")
         if self.fsync_interval_ms < 1 or self.segment_bytes < 4096 or self.snapshot_bytes < 4096:
             raise ConfigError("fsync_interval_ms >= 1, segment_bytes and snapshot_bytes >= 4096")
+        if self.memory_budget < 1 << 20:
+            raise ConfigError("memory_budget must be >= 1048576 (1 MiB)")
         return self
 
 

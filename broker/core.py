@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
 from broker.message import Message, QueuedMessage
+from broker.pager import Pager
 from broker.queue import Consumer, Queue
 from broker.store import MemoryStore, Record, Store
 from protocol import (
@@ -46,8 +47,10 @@ class Broker:
     """All routing and queue state of one broker."""
 
     def __init__(self, store: Store | None = None, *, max_message_size: int = 1 << 20,
-                 durable: bool = False) -> None:
+                 durable: bool = False, pager: Pager | None = None) -> None:
         self.store: Store = store or MemoryStore()
+        # Keeps ready bodies within a memory budget by paging queue tails to disk.
+        self.pager = pager
         # With a durable store, durable queues log their commands (broker.journal).
         self.durable = durable
         self.journal: list[Record] = []
@@ -202,6 +205,7 @@ class Broker:
                   exclusive_owner=session_id if exclusive else None,
                   auto_delete=auto_delete, arguments=arguments)
         q.durable = durable  # reported as declared; exclusive queues never outlive their owner
+        q.pager = self.pager
         self.queues[name] = q
         if exclusive and session_id is not None:
             s = self.sessions.get(session_id)
@@ -371,11 +375,29 @@ class Broker:
                     q.dispatch(_deliver)
         if self.journal:
             self.flush_journal()
+        pager = self.pager
+        if pager is not None:
+            if pager.resident > pager.budget:
+                self.page_out()
+            pager.flush()
         if self._dirty_sessions:
             sessions = self._dirty_sessions
             self._dirty_sessions = set()
             for s in sessions:
                 s.flush()
+
+    def page_out(self) -> None:
+        """Bring ready bodies in memory down to 3/4 of the budget, largest queues first
+        (hysteresis: paging does not restart on every publish once over)."""
+        pager = self.pager
+        assert pager is not None
+        want = pager.resident - pager.budget * 3 // 4
+        out: list[Message] = []
+        for q in sorted(self.queues.values(), key=lambda q: q.mem_bytes, reverse=True):
+            if want <= 0 or q.mem_bytes <= 0:
+                break
+            want -= q.page_out(want, out)
+        pager.write(out)
 
     # ------------------------------------------------------------------ sessions
     def attach(self, session: Session) -> None:

@@ -19,7 +19,8 @@ from typing import IO
 
 from broker.config import Config
 from broker.core import Broker
-from broker.journal import Replay, snapshot_state
+from broker.journal import Replay, snapshot_entries, snapshot_state
+from broker.pager import Pager
 from broker.wal import CorruptLog, WalStore, recover, write_snapshot
 
 log = logging.getLogger("conveyor.durability")
@@ -70,13 +71,14 @@ class Durability:
         return broker
 
     def _recover(self, t0: float) -> Broker:
-        replay = Replay()
+        cfg = self.config
+        pager = Pager(self.data_dir / "pages", cfg.memory_budget)
+        replay = Replay(pager=pager)
         rec = recover(self.wal_dir, repair=self.config.repair,
                       on_snapshot=replay.load_snapshot, on_batch=replay.apply)
-        cfg = self.config
         store = WalStore(self.wal_dir, rec.next_segment, fsync=cfg.fsync,
                          interval_ms=cfg.fsync_interval_ms, segment_bytes=cfg.segment_bytes)
-        broker = Broker(store, durable=True,
+        broker = Broker(store, durable=True, pager=pager,
                         max_message_size=cfg.effective_max_message_size())
         self.recovered_messages = replay.build(broker)
         store.bytes_since_snapshot = rec.bytes_replayed
@@ -84,8 +86,9 @@ class Durability:
             # What was replayed from a quarantined segment now exists only in memory (the
             # next start skips the *.corrupt file): snapshot it before anything new is
             # logged, so the repaired state survives the next restart.
-            path, size = write_snapshot(self.wal_dir, store.seg_index,
-                                        snapshot_state(broker))
+            head, messages = snapshot_state(broker)
+            path, size = write_snapshot(self.wal_dir, store.seg_index, head,
+                                        snapshot_entries(messages))
             store.bytes_since_snapshot = 0
             self._last_snapshot_size = size
             log.warning("after the repair: snapshot %s holds the recovered state", path.name)
@@ -124,10 +127,11 @@ class Durability:
             t0 = time.monotonic()
             self.broker.flush_journal()
             index = self.store.rotate()  # records from now on go to the new segment
-            state = snapshot_state(self.broker)
+            head, messages = snapshot_state(self.broker)
             loop = asyncio.get_running_loop()
             path, size = await loop.run_in_executor(None, write_snapshot, self.wal_dir, index,
-                                                    state)
+                                                    head, snapshot_entries(messages))
+            del messages
             deleted = self.store.delete_segments_before(index)
             self._last_snapshot_size = size
             self._last_snapshot = time.monotonic()

@@ -27,11 +27,13 @@ with their delivery count.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from broker.exchange import make_exchange
 from broker.message import Message
+from broker.pager import Pager
 from broker.queue import Queue
 
 if TYPE_CHECKING:
@@ -57,9 +59,33 @@ class Replay:
     messages: dict[str, dict[int, _Entry]] = field(default_factory=dict)
     next_id: int = 1
     commands: int = 0
+    # With a pager, bodies past its budget go to page files as they are read, so
+    # recovering a backlog larger than memory does not need that memory.
+    pager: Pager | None = None
+    _resident: int = 0
+    _pending_bytes: int = 0
+
+    def _new_message(self, mid: int, exchange: str, rk: str, props: dict[str, Any],
+                     body: bytes) -> Message:
+        m = Message(exchange, rk, props, body)
+        m.id = mid
+        pager = self.pager
+        if pager is not None:
+            if self._resident + m.size <= pager.budget // 2:
+                self._resident += m.size
+            else:
+                pager.pending.append(m)
+                self._pending_bytes += len(body)
+                if self._pending_bytes >= 1 << 20:
+                    pager.flush()
+                    self._pending_bytes = 0
+        return m
 
     # ------------------------------------------------------------------ snapshot
-    def load_snapshot(self, snap: dict[str, Any]) -> None:
+    def load_snapshot(self, snap: dict[str, Any],
+                      entries: Iterable[list[Any]] | None = None) -> None:
+        """Load a snapshot's head and its message entries ([id, exchange, routing key,
+        properties, body]); ``entries`` defaults to the head's own "entries" list."""
         self.next_id = snap["next_id"]
         for name, etype, auto_delete, args in snap["exchanges"]:
             self.exchanges[name] = (etype, auto_delete, args)
@@ -69,10 +95,8 @@ class Replay:
         for ex, q, key in snap["bindings"]:
             self.bindings.add((ex, q, key))
         bodies: dict[int, Message] = {}
-        for mid, exchange, rk, props, body in snap["messages"]:
-            m = Message(exchange, rk, props, body)
-            m.id = mid
-            bodies[mid] = m
+        for e in (snap.get("entries", ()) if entries is None else entries):
+            bodies[e[0]] = self._new_message(e[0], e[1], e[2], e[3], e[-1])
         for qname, entries in snap["queue_messages"].items():
             table = self.messages.setdefault(qname, {})
             for mid, count, *held in entries:
@@ -86,8 +110,7 @@ class Replay:
             op = cmd[0]
             if op == "p":
                 _, mid, queues, exchange, rk, props, body = cmd
-                m = Message(exchange, rk, props, body)
-                m.id = mid
+                m = self._new_message(mid, exchange, rk, props, body)
                 if mid >= self.next_id:
                     self.next_id = mid + 1
                 for q in queues:
@@ -145,10 +168,13 @@ class Replay:
             if name not in broker.exchanges:
                 broker.exchanges[name] = make_exchange(etype, name, durable=True,
                                                        auto_delete=auto_delete, arguments=args)
+        if self.pager is not None:
+            self.pager.flush()
         total = 0
         for name, (auto_delete, args) in self.queues.items():
             q = Queue(name, durable=True, auto_delete=auto_delete, arguments=args)
             q.logged = True
+            q.pager = broker.pager
             broker.queues[name] = q
             for _mid, e in self.messages.get(name, {}).items():
                 qm = q.enqueue(e.message)
@@ -165,8 +191,10 @@ class Replay:
         return total
 
 
-def snapshot_state(broker: Broker) -> dict[str, Any]:
-    """Everything a restart needs, as plain data (durable objects, persistent messages).
+def snapshot_state(broker: Broker) -> tuple[dict[str, Any], list[Message]]:
+    """Everything a restart needs: a head of plain data (durable objects, per-queue
+    message indexes) and the persistent messages, whose entries ``snapshot_entries``
+    produces later (off the event loop: bodies may have to come from page files).
 
     Messages a consumer holds unacked are included with their delivery count, so after a
     restart they come back redelivered, exactly as replaying the log would give.
@@ -189,16 +217,29 @@ def snapshot_state(broker: Broker) -> dict[str, Any]:
                 bodies[m.id] = m
     for entries in per_queue.values():
         entries.sort()
-    return {
-        "version": 1,
+    head = {
+        "version": 2,
         "next_id": broker.next_message_id,
         "exchanges": [[e.name, e.type, e.auto_delete, e.arguments]
                       for e in broker.exchanges.values() if e.durable and not e.builtin],
         "queues": [[q.name, q.auto_delete, q.arguments] for q in logged.values()],
         "bindings": [[e.name, q, k] for e in broker.exchanges.values() if e.durable
                      for k, q in e.bindings if q in logged],
-        "messages": [[m.id, m.exchange, m.routing_key, m.properties, m.body]
-                     for m in bodies.values()],
         "queue_messages": {name: [list(x) for x in entries]
                            for name, entries in per_queue.items()},
     }
+    return head, list(bodies.values())
+
+
+def snapshot_entries(messages: list[Message]) -> Iterator[list[Any]]:
+    """Snapshot entries for ``messages``: [id, exchange, routing key, properties, body]
+    (the body last, as write_snapshot expects). Safe to run in a worker thread."""
+    read = Pager.read
+    for m in messages:
+        yield [m.id, m.exchange, m.routing_key, m.properties, read(m)]
+
+
+def snapshot_dict(broker: Broker) -> dict[str, Any]:
+    """The whole snapshot as one value (the head plus "entries"): for tests and tools."""
+    head, messages = snapshot_state(broker)
+    return dict(head, entries=list(snapshot_entries(messages)))

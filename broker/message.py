@@ -7,9 +7,12 @@ not copy bodies.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
+
+if TYPE_CHECKING:
+    from broker.pager import PageFile
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
@@ -21,9 +24,10 @@ def message_size(properties: dict[str, Any], body: bytes) -> int:
 
 
 class Message:
-    """An immutable published message (body and properties are never copied)."""
+    """A published message (body and properties are never copied; the body may be paged)."""
 
-    __slots__ = ("body", "exchange", "id", "persistent", "properties", "routing_key", "size")
+    __slots__ = ("body", "exchange", "id", "page", "persistent", "properties", "routing_key",
+                 "size")
 
     def __init__(
         self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes,
@@ -32,7 +36,10 @@ class Message:
         self.exchange = exchange
         self.routing_key = routing_key
         self.properties = properties
-        self.body = body
+        # None while the body lives only in a page file (broker.pager): read it back with
+        # Pager.read / Pager.load.
+        self.body: bytes | None = body
+        self.page: tuple[PageFile, int, int] | None = None
         # Computed once: frame-size budgets for every later delivery read it.
         self.size = size if size >= 0 else message_size(properties, body)
         self.persistent: bool = properties.get("persistent", True)

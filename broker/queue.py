@@ -2,7 +2,9 @@
 
 A queue holds ready messages in publish order plus a heap of requeued ones; since a
 requeued message was at the head when it was delivered, every requeued message precedes
-every never-delivered one, so "heap first, then deque" restores original order.
+every never-delivered one, so "heap first, then deque" restores original order. Ready
+messages are a resident head (``_ready``) and, under memory pressure, a paged tail
+(``_paged``, bodies on disk: broker.pager) that follows it in order.
 
 Commands that change state: enqueue, take (deliver), ack, requeue, discard (reject),
 purge. Each returns what changed so the caller (the broker core) can log it to the store
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from broker.message import Message, QueuedMessage
 
 if TYPE_CHECKING:
+    from broker.pager import Pager
     from broker.session import Session
 
 
@@ -57,7 +60,10 @@ class Queue:
         self.auto_delete = auto_delete
         self.arguments: dict[str, Any] = arguments or {}
         self._ready: deque[QueuedMessage] = deque()
+        self._paged: deque[QueuedMessage] = deque()
         self._requeued: list[QueuedMessage] = []
+        self.pager: Pager | None = None
+        self.mem_bytes = 0  # bodies of ``_ready`` (counted in pager.resident too)
         self._next_seq = 0
         self.consumers: list[Consumer] = []
         self._rr = 0
@@ -77,26 +83,42 @@ class Queue:
     # ------------------------------------------------------------------ queries
     @property
     def ready(self) -> int:
-        return len(self._ready) + len(self._requeued)
+        return len(self._ready) + len(self._paged) + len(self._requeued)
+
+    @property
+    def paged(self) -> int:
+        return len(self._paged)
 
     def peek(self) -> QueuedMessage | None:
         """The message ``take`` would return next, without removing it."""
         if self._requeued:
             return self._requeued[0]
-        return self._ready[0] if self._ready else None
+        if self._ready:
+            return self._ready[0]
+        return self._paged[0] if self._paged else None
 
     def iter_messages(self) -> list[QueuedMessage]:
         """Ready messages in delivery order (for snapshots and listings)."""
-        return sorted(self._requeued) + list(self._ready)
+        return sorted(self._requeued) + list(self._ready) + list(self._paged)
 
     def has_ready(self) -> bool:
-        return bool(self._ready) or bool(self._requeued)
+        return bool(self._ready) or bool(self._requeued) or bool(self._paged)
 
     # ------------------------------------------------------------------ commands
     def enqueue(self, message: Message) -> QueuedMessage:
         self._next_seq += 1
         qm = QueuedMessage(self._next_seq, message)
-        self._ready.append(qm)
+        pager = self.pager
+        if pager is not None and (self._paged or message.body is None):
+            # Behind a paged tail a message is paged too (order), at the next flush.
+            self._paged.append(qm)
+            if message.body is not None:
+                pager.pending.append(message)
+        else:
+            self._ready.append(qm)
+            if pager is not None:
+                self.mem_bytes += message.size
+                pager.resident += message.size
         self.published += 1
         return qm
 
@@ -105,15 +127,25 @@ class Queue:
         out: list[QueuedMessage] = []
         requeued = self._requeued
         ready = self._ready
+        freed = 0
         while len(out) < limit:
             if requeued:
                 qm = heapq.heappop(requeued)
             elif ready:
                 qm = ready.popleft()
+                freed += qm.message.size
+            elif self._paged:
+                qm = self._paged.popleft()
             else:
                 break
             qm.delivery_count += 1
             out.append(qm)
+        pager = self.pager
+        if pager is not None:
+            if freed:
+                self.mem_bytes -= freed
+                pager.resident -= freed
+            pager.load([qm.message for qm in out if qm.message.body is None])
         n = len(out)
         self.unacked += n
         self.delivered += n
@@ -140,8 +172,27 @@ class Queue:
     def purge(self) -> int:
         n = self.ready
         self._ready.clear()
+        self._paged.clear()
         self._requeued.clear()
+        if self.pager is not None:
+            self.pager.resident -= self.mem_bytes
+            self.mem_bytes = 0
         return n
+
+    def page_out(self, want: int, out: list[Message]) -> int:
+        """Move messages from the resident head's tail to the paged tail until ``want``
+        bytes are freed; their messages go to ``out`` (for one Pager.write). Returns bytes."""
+        freed = 0
+        ready, paged = self._ready, self._paged
+        while ready and freed < want:
+            qm = ready.pop()
+            paged.appendleft(qm)
+            freed += qm.message.size
+            out.append(qm.message)
+        self.mem_bytes -= freed
+        if self.pager is not None:
+            self.pager.resident -= freed
+        return freed
 
     # ------------------------------------------------------------------ consumers
     def add_consumer(self, consumer: Consumer) -> None:

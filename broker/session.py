@@ -16,6 +16,7 @@ from typing import Any
 
 from broker.core import Broker
 from broker.message import Message, QueuedMessage, message_size
+from broker.pager import Pager
 from broker.queue import Consumer, Queue
 from protocol import (
     Ack,
@@ -451,7 +452,7 @@ class Session:
             size += esize
             tag += 1
             entries.append(DeliveryEntry(tag, qm.redelivered, m.exchange, m.routing_key,
-                                         m.properties, m.body, qm.delivery_count))
+                                         m.properties, Pager.read(m), qm.delivery_count))
             if f.no_ack:
                 q.ack(1)
             else:

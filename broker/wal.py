@@ -45,7 +45,15 @@ log = logging.getLogger("conveyor.wal")
 HEADER = struct.Struct(">IIB")
 HEADER_SIZE = HEADER.size  # 9
 REC_COMMANDS = 1
-SNAP_MAGIC = b"CNVYSNP1"
+SNAP_MAGIC = b"CNVYSNP2"
+SNAP_MAGIC_V1 = b"CNVYSNP1"  # still read
+# Snapshot records (same framing as the log): the head (topology and per-queue indexes),
+# message entries in chunks, and an end record holding the entry count; a snapshot
+# without its end record is incomplete and ignored.
+REC_SNAP_HEAD = 2
+REC_SNAP_ENTRIES = 3
+REC_SNAP_END = 4
+SNAP_CHUNK_BYTES = 1 << 20
 MAX_RECORD = 1 << 31
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
@@ -132,16 +140,86 @@ class _TornTail(Exception):
         self.why = why
 
 
-def read_snapshot(path: Path) -> Any:
-    """Decode a snapshot file, or raise ValueError if it is damaged."""
+def _snapshot_records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Yield (type, payload) of each record of a snapshot file; ValueError if damaged."""
+    with open(path, "rb") as f:
+        if f.read(len(SNAP_MAGIC)) != SNAP_MAGIC:
+            raise ValueError("bad magic")
+        while True:
+            header = f.read(HEADER_SIZE)
+            if not header:
+                raise ValueError("no end record (truncated)")
+            if len(header) < HEADER_SIZE:
+                raise ValueError("incomplete header")
+            length, crc, rtype = HEADER.unpack(header)
+            if not 1 <= length <= MAX_RECORD:
+                raise ValueError(f"impossible length {length}")
+            payload = f.read(length - 1)
+            if len(payload) != length - 1:
+                raise ValueError("record runs past end of file")
+            if zlib.crc32(payload, zlib.crc32(bytes([rtype]))) != crc:
+                raise ValueError("checksum mismatch")
+            yield rtype, payload
+            if rtype == REC_SNAP_END:
+                return
+
+
+def _unpack(payload: bytes) -> Any:
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+
+
+def iter_snapshot(path: Path) -> tuple[Any, Iterator[list[Any]]]:
+    """Verify a snapshot (every checksum and the end record), then return its head and an
+    iterator over its message entries, read a chunk at a time (a backlog larger than
+    memory stays on disk). Raises ValueError if the file is damaged."""
+    with open(path, "rb") as f:
+        magic = f.read(len(SNAP_MAGIC))
+    if magic == SNAP_MAGIC_V1:
+        return _read_v1(path)
+    head: Any = None
+    count = 0
+    for rtype, payload in _snapshot_records(path):
+        if rtype == REC_SNAP_HEAD:
+            head = _unpack(payload)
+        elif rtype == REC_SNAP_END:
+            count = _unpack(payload)
+        elif rtype != REC_SNAP_ENTRIES:
+            raise ValueError(f"unknown record type {rtype}")
+    if head is None:
+        raise ValueError("no head record")
+
+    def entries() -> Iterator[list[Any]]:
+        seen = 0
+        for rtype, payload in _snapshot_records(path):
+            if rtype == REC_SNAP_ENTRIES:
+                chunk = _unpack(payload)
+                seen += len(chunk)
+                yield from chunk
+        if seen != count:
+            raise ValueError(f"snapshot changed while read ({seen} of {count} entries)")
+
+    return head, entries()
+
+
+def _read_v1(path: Path) -> tuple[Any, Iterator[list[Any]]]:
+    """Snapshots before format 2: one checksummed msgpack map holding "messages"."""
     data = path.read_bytes()
-    if len(data) < 12 or data[:8] != SNAP_MAGIC:
+    if len(data) < 12:
         raise ValueError("bad magic")
     (crc,) = struct.unpack_from(">I", data, 8)
-    body = data[12:]
-    if zlib.crc32(body) != crc:
+    if zlib.crc32(data[12:]) != crc:
         raise ValueError("checksum mismatch")
-    return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    head = _unpack(data[12:])
+    return head, iter(head.pop("messages", []))
+
+
+def read_snapshot(path: Path) -> Any:
+    """Decode a whole snapshot: its head, with the entries (if any) under "entries"."""
+    head, entries = iter_snapshot(path)
+    rest = list(entries)
+    if rest:
+        head = dict(head, entries=rest)
+    return head
 
 
 @dataclass
@@ -157,7 +235,7 @@ class Recovered:
 
 
 def recover(wal_dir: Path, *, repair: bool = False,
-            on_snapshot: Callable[[Any], None] | None = None,
+            on_snapshot: Callable[[Any, Iterator[list[Any]]], None] | None = None,
             on_batch: Callable[[list[Any]], None] | None = None) -> Recovered:
     """Read the newest valid snapshot and every later segment; fix a torn tail.
 
@@ -171,10 +249,14 @@ def recover(wal_dir: Path, *, repair: bool = False,
     for p in wal_dir.glob("*.tmp"):
         p.unlink()  # an interrupted snapshot
     snapshot = None
+    entries: Iterator[list[Any]] = iter(())
     start = 1
     for sp in reversed(snaps):
         try:
-            snapshot = read_snapshot(sp)
+            if on_snapshot is None:
+                snapshot = read_snapshot(sp)
+            else:
+                snapshot, entries = iter_snapshot(sp)
             start = _index(sp.name)
             break
         except (OSError, ValueError) as exc:
@@ -186,7 +268,10 @@ def recover(wal_dir: Path, *, repair: bool = False,
         raise CorruptLog(live[0], 0, f"segment {start} (first after the snapshot) is missing")
     had_snapshot = snapshot is not None
     if on_snapshot is not None and snapshot is not None:
-        on_snapshot(snapshot)
+        try:
+            on_snapshot(snapshot, entries)
+        except ValueError as exc:  # the file changed under us after it was verified
+            raise CorruptLog(wal_dir / snap_name(start), 0, str(exc)) from None
         snapshot = None
     records: list[list[Any]] = []
     sink = records.append if on_batch is None else on_batch
@@ -479,16 +564,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_snapshot(wal_dir: Path, index: int, state: Any) -> tuple[Path, int]:
+def write_snapshot(wal_dir: Path, index: int, head: Any,
+                   entries: Iterable[Any] = ()) -> tuple[Path, int]:
     """Atomically write a snapshot (temp file, fsync, rename, fsync the directory);
-    returns its path and size."""
-    body = _packb(state)
+    returns its path and size.
+
+    ``entries`` (message records: sequences whose last element is the body) are
+    consumed and written a chunk at a time, so a
+    snapshot of a backlog larger than memory never holds it all (bodies come from page
+    files as the iterator reads them)."""
     final = wal_dir / snap_name(index)
     tmp = final.with_suffix(".tmp")
+    size = 0
     with open(tmp, "wb") as f:
-        f.write(SNAP_MAGIC + struct.pack(">I", zlib.crc32(body)) + body)
+        def put(rtype: int, obj: Any) -> None:
+            nonlocal size
+            data = frame_record(_packb(obj), rtype)
+            f.write(data)
+            size += len(data)
+
+        f.write(SNAP_MAGIC)
+        size += len(SNAP_MAGIC)
+        put(REC_SNAP_HEAD, head)
+        chunk: list[Any] = []
+        chunk_bytes = count = 0
+        for e in entries:
+            chunk.append(e)
+            chunk_bytes += len(e[-1]) + 64
+            if chunk_bytes >= SNAP_CHUNK_BYTES:
+                put(REC_SNAP_ENTRIES, chunk)
+                count += len(chunk)
+                chunk, chunk_bytes = [], 0
+        if chunk:
+            put(REC_SNAP_ENTRIES, chunk)
+            count += len(chunk)
+        put(REC_SNAP_END, count)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, final)
     _fsync_dir(wal_dir)
-    return final, len(body) + 12
+    return final, size

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from broker.core import Broker
-from broker.journal import Replay, snapshot_state
+from broker.journal import Replay, snapshot_dict
 from broker.session import Session
 from broker.store import MemoryStore
 from protocol import (
@@ -466,8 +466,8 @@ def test_transient_messages_are_never_logged(c: Client, store: LogStore) -> None
                                                                      ["a", "q", [p1]]]
     c.publish("q", b"t3", props={"persistent": False})
     assert messages(replay(store.batches), "q") == []
-    snap = snapshot_state(c.broker)
-    assert snap["messages"] == [] and snap["queue_messages"] == {"q": []}
+    snap = snapshot_dict(c.broker)
+    assert snap["entries"] == [] and snap["queue_messages"] == {"q": []}
 
 
 def test_non_durable_and_exclusive_queues_are_never_logged(c: Client,
@@ -499,7 +499,7 @@ def test_non_durable_and_exclusive_queues_are_never_logged(c: Client,
     b2 = replay(store.batches)
     assert set(b2.queues) == {"durable"}
     assert messages(b2, "durable") == [(b"m", 0, False)]
-    assert set(snapshot_state(c.broker)["queue_messages"]) == {"durable"}
+    assert set(snapshot_dict(c.broker)["queue_messages"]) == {"durable"}
 
 
 def test_a_broker_without_a_durable_store_logs_nothing() -> None:
@@ -510,7 +510,7 @@ def test_a_broker_without_a_durable_store_logs_nothing() -> None:
     c.publish("q", b"x")
     c.ack(c.get("q")[0].delivery_tag)
     assert store.batches == []
-    assert snapshot_state(b)["queues"] == []
+    assert snapshot_dict(b)["queues"] == []
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -570,7 +570,7 @@ def test_snapshot_of_a_live_broker_equals_replaying_the_log(broker: Broker,
     drive(broker)
     broker.flush_journal()
     from_log = summary(replay(store.batches))
-    snap = roundtrip(snapshot_state(broker))
+    snap = roundtrip(snapshot_dict(broker))
     from_snap = summary(replay([], snap))
     assert from_snap == from_log
     assert from_log == restart_view(broker)
@@ -591,7 +591,7 @@ def test_snapshot_then_more_commands_equals_full_replay(broker: Broker,
                                                         store: LogStore) -> None:
     clients = drive(broker)
     broker.flush_journal()
-    snap = roundtrip(snapshot_state(broker))
+    snap = roundtrip(snapshot_dict(broker))
     mark = len(store.batches)
     a, b, _t = clients
     # after the snapshot: new publishes, acks of messages held at snapshot time, requeues
@@ -618,8 +618,8 @@ def test_snapshot_lists_unacked_messages_with_their_delivery_counts(
     _tag, held = c.consume("q", 2)  # "a" (second delivery) and "b", both unacked
     assert [(e.body, e.delivery_count) for e in held] == [(b"a", 2), (b"b", 1)]
     assert c.broker.queues["q"].ready == 1
-    snap = snapshot_state(c.broker)
-    ids = {m[4]: m[0] for m in snap["messages"]}
+    snap = snapshot_dict(c.broker)
+    ids = {m[4]: m[0] for m in snap["entries"]}
     # id, delivery count, held unacked by a session
     assert snap["queue_messages"]["q"] == [[ids[b"a"], 2, 1], [ids[b"b"], 1, 1],
                                            [ids[b"c"], 0, 0]]
@@ -636,8 +636,8 @@ def test_snapshot_of_a_message_held_on_a_deleted_and_redeclared_queue(
     c.request(QueueDelete(c.rid(), "q"))
     c.declare_queue("q")
     c.publish("q", b"new")
-    snap = snapshot_state(c.broker)
-    assert [m[4] for m in snap["messages"]] == [b"new"]
+    snap = snapshot_dict(c.broker)
+    assert [m[4] for m in snap["entries"]] == [b"new"]
     assert messages(replay([], roundtrip(snap)), "q") == [(b"new", 0, False)]
     assert summary(replay([], roundtrip(snap))) == summary(replay(store.batches))
 
@@ -651,7 +651,7 @@ def test_purge_after_a_snapshot_keeps_messages_held_at_snapshot_time(
     c.publish("q", b"held", b"ready")
     (e,) = c.get("q")
     c.broker.flush_journal()
-    snap = roundtrip(snapshot_state(c.broker))
+    snap = roundtrip(snapshot_dict(c.broker))
     mark = len(store.batches)
     c.request(QueuePurge(c.rid(), "q"))
     assert messages(replay(store.batches[mark:], snap), "q") == [(b"held", 1, True)]
@@ -666,7 +666,7 @@ def test_snapshot_entries_without_the_held_flag_still_load() -> None:
     """Snapshots written before entries carried the held flag ([id, count])."""
     snap = {"version": 1, "next_id": 3, "exchanges": [], "queues": [["q", False, {}]],
             "bindings": [["amq.direct", "q", "k"]],
-            "messages": [[1, "", "q", {}, b"a"], [2, "", "q", {}, b"b"]],
+            "entries": [[1, "", "q", {}, b"a"], [2, "", "q", {}, b"b"]],
             "queue_messages": {"q": [[1, 1], [2, 0]]}}
     b = replay([], snap)
     assert messages(b, "q") == [(b"a", 1, True), (b"b", 0, False)]
