@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -144,14 +145,37 @@ def declare_exchange(name: str, etype: str, durable: bool, auto_delete: bool, ur
 @click.option("--durable/--transient", default=True, show_default=True)
 @click.option("--exclusive", is_flag=True, help="Owned by this (short-lived) connection.")
 @click.option("--auto-delete", is_flag=True)
+@click.option("--ack-timeout-ms", type=click.IntRange(0),
+              help="Unacked this long, a delivery returns to the queue; 0 = never.")
+@click.option("--delivery-limit", type=click.IntRange(0, 2**32 - 1),
+              help="Dead-letter a message after this many deliveries; 0 = unlimited.")
+@click.option("--dead-letter-exchange", help="Exchange that receives dead letters.")
+@click.option("--dead-letter-routing-key", help="Their routing key [the message's own].")
+@click.option("--message-ttl-ms", type=click.IntRange(0), help="Messages expire after; 0 = never.")
+@click.option("--expires-ms", type=click.IntRange(0),
+              help="Delete the queue after this long unused; 0 = never.")
+@click.option("--max-priority", type=click.IntRange(0, 9), help="Priority order; 0 = FIFO.")
+@click.option("--max-length", type=click.IntRange(0), help="At most this many ready messages.")
+@click.option("--max-length-bytes", type=click.IntRange(0),
+              help="At most this many bytes of ready bodies.")
+@click.option("--overflow", type=click.Choice(["drop-head", "reject-publish"]),
+              help="At the length limit: dead-letter the oldest, or refuse the publish.")
+@click.option("--dedup-window-ms", type=click.IntRange(0),
+              help="Drop a message_id seen within this window; 0 = off.")
+@click.option("--single-active-consumer/--no-single-active-consumer", default=None,
+              help="Deliver to one consumer at a time.")
 @url_option
-def declare_queue(name: str, durable: bool, exclusive: bool, auto_delete: bool, url: str) -> None:
-    """Declare a queue; prints its name and depth."""
+def declare_queue(name: str, durable: bool, exclusive: bool, auto_delete: bool, url: str,
+                  **queue_arguments: Any) -> None:
+    """Declare a queue; prints its name and depth.
+
+    Options left out are not sent (the broker's default applies); redeclaring an existing
+    queue with different ones fails with precondition-failed."""
 
     async def go() -> None:
         async with await _connect(url) as conn:
             info = await conn.declare_queue(name, durable=durable, exclusive=exclusive,
-                                            auto_delete=auto_delete)
+                                            auto_delete=auto_delete, **queue_arguments)
             click.echo(f"{info.name}\tmessages={info.message_count}\tconsumers={info.consumer_count}")
 
     _run(go)
@@ -395,9 +419,95 @@ def _as_json(msg: Any) -> dict[str, Any]:
     except UnicodeDecodeError:
         body = base64.b64encode(msg.body).decode()
         encoding = "base64"
-    return {"body": body, "body_encoding": encoding, "exchange": msg.exchange,
-            "routing_key": msg.routing_key, "redelivered": msg.redelivered,
-            "delivery_count": msg.delivery_count, "properties": msg.properties}
+    out = {"body": body, "body_encoding": encoding, "exchange": msg.exchange,
+           "routing_key": msg.routing_key, "redelivered": msg.redelivered,
+           "delivery_count": msg.delivery_count, "properties": msg.properties}
+    if msg.deaths:  # also in properties.headers; lifted out so scripts need not dig
+        out["x_death"] = msg.deaths
+    return out
+
+
+@cli.command("dlq-move")
+@click.option("--from", "source", required=True, help="The dead-letter queue to empty.")
+@click.option("--to", "target", default=None,
+              help="Queue to move to [each message's original queue, from its x-death].")
+@click.option("--count", "-n", type=click.IntRange(1), default=None,
+              help="Take at most N messages from the DLQ.")
+@click.option("--timeout", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Stop once the DLQ has had no ready message for S seconds.")
+@url_option
+def dlq_move(source: str, target: str | None, count: int | None, timeout: float,
+             url: str) -> None:
+    """Move dead letters back: republish each message (same body and properties) to --to,
+    or to the queue it died in, via the default exchange; prints "moved N, skipped M".
+
+    A message leaves the DLQ only once its republish is confirmed, so a failure at any
+    point leaves it in the DLQ (at worst also in the target). Messages with no x-death
+    record (without --to), whose target is the DLQ itself, or that the broker refuses go
+    back to the DLQ and count as skipped; then the exit status is 1.
+    """
+    if target == source:
+        raise click.BadParameter("must differ from --from", param_hint="--to")
+
+    async def go() -> tuple[int, int, str]:
+        from client import RequestError
+
+        moved = skipped = 0
+        why = ""
+        # Skipped messages stay unacked until the end: requeued at once, the next GET
+        # would hand them straight back.
+        held: list[Any] = []
+        async with await _connect(url) as conn:
+            idle_since = time.monotonic()
+            while count is None or moved + skipped < count:
+                want = 100 if count is None else min(100, count - moved - skipped)
+                msgs = await conn.get(source, want)  # pull: nothing taken goes unhandled
+                if not msgs:
+                    if time.monotonic() - idle_since >= timeout:
+                        break
+                    await asyncio.sleep(min(0.05, timeout))
+                    continue
+                idle_since = time.monotonic()
+                sends: list[tuple[Any, str]] = []
+                for m in msgs:
+                    dest = target or _death_queue(m)
+                    if dest is None or dest == source:
+                        held.append(m)
+                        skipped += 1
+                        why = why or "no x-death record naming another queue (use --to)"
+                    else:
+                        sends.append((m, dest))
+                # mandatory: a target queue that does not exist is a refusal (no-route),
+                # not a message silently dropped after its ack.
+                results = await asyncio.gather(
+                    *(conn.publish("", dest, m.body, properties=m.properties, mandatory=True)
+                      for m, dest in sends), return_exceptions=True)
+                for (m, _), r in zip(sends, results, strict=True):
+                    if r is None:
+                        m.ack()
+                        moved += 1
+                    elif isinstance(r, RequestError):
+                        held.append(m)
+                        skipped += 1
+                        why = why or f"{r.name} ({r.code}): {r.message}"
+                    else:
+                        raise r  # timeout or lost connection: the unacked stay in the DLQ
+            for m in held:
+                m.nack(requeue=True)
+        return moved, skipped, why
+
+    moved, skipped, why = _run(go)
+    click.echo(f"moved {moved}, skipped {skipped}")
+    if skipped:
+        click.echo(f"mq-cli: {skipped} message(s) left in {source}: {why}", err=True)
+        sys.exit(1)
+
+
+def _death_queue(msg: Any) -> str | None:
+    """The queue named by the message's newest x-death record, if any."""
+    deaths = msg.deaths
+    queue = deaths[0].get("queue") if deaths else None
+    return queue if isinstance(queue, str) and queue else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

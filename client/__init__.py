@@ -7,6 +7,11 @@
         async with await conn.consume("tasks", prefetch=100) as consumer:
             async for msg in consumer:
                 msg.ack()
+
+Queue features are declare_queue keywords, e.g. ``declare_queue("work", delivery_limit=5,
+dead_letter_exchange="dlx")``; ``msg.extend()`` holds a slow delivery past its ack timeout,
+``msg.deaths`` is its dead-letter history, and a publish to a full reject-publish queue
+raises ``QueueFull``.
 """
 
 from client.connection import Connection, OutgoingMessage, QueueInfo, connect
@@ -19,7 +24,7 @@ from client.errors import (
     PublishTimeout,
     RequestTimeout,
 )
-from client.message import Message
+from client.message import Death, Message
 from protocol import (
     AccessRefused,
     ConveyorError,
@@ -28,6 +33,8 @@ from protocol import (
     NoRoute,
     NotFound,
     PreconditionFailed,
+    QueueFull,
+    RequestError,
     ResourceLocked,
 )
 
@@ -40,6 +47,7 @@ __all__ = [
     "Consumer",
     "ConsumerCancelled",
     "ConveyorError",
+    "Death",
     "InvalidArgument",
     "Message",
     "MessageTooLarge",
@@ -48,7 +56,9 @@ __all__ = [
     "OutgoingMessage",
     "PreconditionFailed",
     "PublishTimeout",
+    "QueueFull",
     "QueueInfo",
+    "RequestError",
     "RequestTimeout",
     "ResourceLocked",
     "connect",

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice, repeat
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgpack
 
@@ -53,6 +53,7 @@ from protocol import (
     Error,
     ExchangeDeclare,
     ExchangeDelete,
+    Extend,
     Frame,
     Get,
     GetOk,
@@ -93,6 +94,7 @@ _ACK = AckFrame.TYPE
 _NACK = NackFrame.TYPE
 _REJECT = RejectFrame.TYPE
 _CREDIT = Credit.TYPE
+_EXTEND = Extend.TYPE
 _OPEN = State.OPEN
 _unpack_header = HEADER.unpack_from
 Entry = tuple[str, str, dict[str, Any], bytes, bool]
@@ -183,6 +185,19 @@ def _props(properties: dict[str, Any] | None, kw: dict[str, Any]) -> dict[str, A
         if v is not None:
             props[k] = v
     return props
+
+
+def _queue_arguments(arguments: dict[str, Any] | None,
+                     typed: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` with the typed declare_queue parameters that were given merged in."""
+    args = dict(arguments or {})
+    for k, v in typed.items():
+        if v is None:
+            continue
+        if k in args and args[k] != v:
+            raise ValueError(f"queue argument {k!r} given twice: {args[k]!r} and {v!r}")
+        args[k] = v
+    return args
 
 
 def _body(body: Body) -> bytes:
@@ -1027,13 +1042,49 @@ class Connection:
         for key in [k for k in self._topology if k[0] == "bind" and k[1] == name]:
             del self._topology[key]
 
-    async def declare_queue(self, name: str = "", *, durable: bool = True,
-                            exclusive: bool = False, auto_delete: bool = False,
-                            passive: bool = False,
-                            arguments: dict[str, Any] | None = None) -> QueueInfo:
-        """Declare a queue; an empty name asks the broker to pick a unique one."""
+    async def declare_queue(
+        self, name: str = "", *, durable: bool = True, exclusive: bool = False,
+        auto_delete: bool = False, passive: bool = False,
+        arguments: dict[str, Any] | None = None,
+        ack_timeout_ms: int | None = None, delivery_limit: int | None = None,
+        dead_letter_exchange: str | None = None, dead_letter_routing_key: str | None = None,
+        message_ttl_ms: int | None = None, expires_ms: int | None = None,
+        max_priority: int | None = None, max_length: int | None = None,
+        max_length_bytes: int | None = None,
+        overflow: Literal["drop-head", "reject-publish"] | None = None,
+        dedup_window_ms: int | None = None, single_active_consumer: bool | None = None,
+    ) -> QueueInfo:
+        """Declare a queue; an empty name asks the broker to pick a unique one.
+
+        The queue arguments (see the spec's table) are keyword parameters, so a misspelt
+        one fails here rather than at the broker; those left None are not sent (the
+        broker's default applies). ``arguments`` still takes them as a map; naming one
+        both ways with different values is a ``ValueError``. Redeclaring with different
+        arguments fails with ``PreconditionFailed``.
+
+        - ``ack_timeout_ms``: unacked this long, a delivery returns to the queue (0 = never)
+        - ``delivery_limit``: dead-letter a message after this many deliveries
+        - ``dead_letter_exchange`` / ``dead_letter_routing_key``: where dead letters go
+        - ``message_ttl_ms``: messages expire this long after enqueue
+        - ``expires_ms``: delete the queue after this long unused
+        - ``max_priority``: 1..9 enables priority order (0 = FIFO)
+        - ``max_length`` / ``max_length_bytes``: bound the ready messages
+        - ``overflow``: at the bound, dead-letter the oldest ("drop-head") or nack the
+          publish with ``QueueFull`` ("reject-publish")
+        - ``dedup_window_ms``: drop a message_id seen within this window
+        - ``single_active_consumer``: deliver to one consumer at a time
+        """
+        args = _queue_arguments(arguments, {
+            "ack_timeout_ms": ack_timeout_ms, "delivery_limit": delivery_limit,
+            "dead_letter_exchange": dead_letter_exchange,
+            "dead_letter_routing_key": dead_letter_routing_key,
+            "message_ttl_ms": message_ttl_ms, "expires_ms": expires_ms,
+            "max_priority": max_priority, "max_length": max_length,
+            "max_length_bytes": max_length_bytes, "overflow": overflow,
+            "dedup_window_ms": dedup_window_ms,
+            "single_active_consumer": single_active_consumer})
         kw: dict[str, Any] = {"queue": name, "durable": durable, "exclusive": exclusive,
-              "auto_delete": auto_delete, "passive": passive, "arguments": arguments or {}}
+              "auto_delete": auto_delete, "passive": passive, "arguments": args}
         ok = await self._request(QueueDeclare(next(self._rids), **kw))
         assert isinstance(ok, QueueDeclareOk)
         if not passive and name:
@@ -1300,6 +1351,15 @@ class Connection:
             self._send(encode_fields(_NACK, [tag, False, requeue]))
         else:
             self._send(encode_fields(_REJECT, [tag, requeue]))
+
+    def _extend(self, tag: int, epoch: int, timeout_ms: int) -> None:
+        if type(timeout_ms) is not int or not 0 <= timeout_ms <= U64_MAX:
+            # Checked here: an out-of-range integer would make the frame malformed, which
+            # the broker answers by closing the connection.
+            raise ValueError(f"timeout_ms must be an int in 0..{U64_MAX}, not {timeout_ms!r}")
+        if epoch != self._epoch or self._proto is None:
+            raise self._stale()
+        self._send(encode_fields(_EXTEND, [tag, timeout_ms]))
 
     def ack_all(self, messages: Iterable[Message]) -> None:
         """Acknowledge every message of ``messages`` in one call: like ``msg.ack()`` for

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 if TYPE_CHECKING:
     from client.connection import Connection
@@ -13,6 +13,19 @@ PROPERTY_NAMES = (
     "message_id", "correlation_id", "reply_to", "content_type", "content_encoding", "type",
     "app_id", "headers", "timestamp", "ttl", "priority", "persistent", "delay",
 )
+
+
+class Death(TypedDict):
+    """One dead-lettering of a message, as the broker records it in the ``x-death`` header
+    (newest first): why, from which queue, where it had been published, how many times
+    this has happened for that (queue, reason), and when last (ms since the epoch)."""
+
+    reason: str  # "rejected", "expired", "max-length" or "delivery-limit"
+    queue: str
+    exchange: str
+    routing_key: str
+    count: int
+    time: int
 
 
 class Origin:
@@ -76,6 +89,30 @@ class Message:
     @property
     def headers(self) -> dict[str, Any]:
         return self.properties.get("headers") or {}
+
+    @property
+    def deaths(self) -> list[Death]:
+        """The message's dead-letter history (``x-death`` header), newest first; [] if it
+        was never dead-lettered. Entries that are not maps are left out: headers are the
+        publisher's to set, so the history is only as trustworthy as the publisher."""
+        records = self.headers.get("x-death")
+        if not isinstance(records, list):
+            return []
+        return [cast(Death, r) for r in records if isinstance(r, dict)]
+
+    def extend(self, timeout_ms: int = 0) -> None:
+        """Tell the broker the message is still being worked on: its ack deadline (the
+        queue's ``ack_timeout_ms``) restarts now and runs ``timeout_ms`` (0 = the queue's
+        ack_timeout_ms), so a slow but live consumer does not have it redelivered elsewhere.
+
+        Like :meth:`ack`, it is queued, not awaited (EXTEND has no reply). Raises
+        ``RuntimeError`` if the message is settled (no-ack deliveries always are) and
+        ``ConnectionClosed`` if it came on a connection that is gone.
+        """
+        if self.settled:
+            raise RuntimeError(f"message {self.delivery_tag} already settled")
+        origin = self._origin
+        origin.conn._extend(self.delivery_tag, origin.epoch, timeout_ms)
 
     def ack(self) -> None:
         """Acknowledge: the broker forgets the message."""
