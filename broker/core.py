@@ -8,14 +8,17 @@ every queue that changed and lets every session with output write it once.
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
-from broker.message import Message, QueuedMessage
+from broker.message import GONE, READY, Message, QueuedMessage
+from broker.options import QueueOptions
 from broker.pager import Pager
 from broker.queue import Consumer, Queue
 from broker.store import MemoryStore, Record, Store
@@ -24,15 +27,17 @@ from protocol import (
     InvalidArgument,
     NotFound,
     PreconditionFailed,
+    QueueFull,
     ResourceLocked,
 )
 
 if TYPE_CHECKING:
     from broker.session import Session
 
+log = logging.getLogger("conveyor.broker")
+
 BUILTIN_EXCHANGES = (("amq.direct", "direct"), ("amq.topic", "topic"), ("amq.fanout", "fanout"))
-# Arguments each object accepts; later features add keys here (and to spec/PROTOCOL.md).
-QUEUE_ARGUMENTS: frozenset[str] = frozenset()
+# Arguments exchanges and bindings accept (queues: broker.options, from the spec).
 EXCHANGE_ARGUMENTS: frozenset[str] = frozenset()
 BINDING_ARGUMENTS: frozenset[str] = frozenset()
 
@@ -66,6 +71,16 @@ class Broker:
         self._dirty_sessions: set[Session] = set()
         self._ids = itertools.count(1)
         self.started = time.time()
+        # Timers (delay, TTL, ack timeouts, queue expiry) are a heap of
+        # (due ms, seq, kind, queue, message); the transport calls :meth:`tick` when the
+        # earliest is due, via ``timer_hook(seconds from now)`` it is given.
+        self.clock: Callable[[], int] = _wall_ms
+        self.timer_hook: Callable[[float], None] | None = None
+        self._timers: list[tuple[int, int, int, Queue | None, QueuedMessage | None]] = []
+        self._timer_seq = itertools.count()
+        self._armed = 0
+        self.dead_lettered = 0
+        self.limited = False  # a queue has overflow reject-publish (publish checks capacity)
         for name, etype in BUILTIN_EXCHANGES:
             self.exchanges[name] = make_exchange(etype, name, builtin=True)
 
@@ -182,8 +197,10 @@ class Broker:
     ) -> Queue:
         arguments = arguments or {}
         if passive:
-            return self.get_queue(name, session_id)
-        _check_arguments(arguments, QUEUE_ARGUMENTS, "queue")
+            q = self.get_queue(name, session_id)
+            q.last_used = self.clock()
+            return q
+        opts = QueueOptions(arguments)  # validates (400 on a bad argument)
         if not name:
             name = f"amq.gen-{secrets.token_urlsafe(12)}"
         elif name.startswith("amq.") and name not in self.queues:
@@ -200,12 +217,15 @@ class Broker:
                     f"auto_delete={existing.auto_delete})",
                     {"queue": name},
                 )
+            existing.last_used = self.clock()
             return existing
         q = Queue(name, durable=durable and not exclusive,
                   exclusive_owner=session_id if exclusive else None,
                   auto_delete=auto_delete, arguments=arguments)
         q.durable = durable  # reported as declared; exclusive queues never outlive their owner
-        q.pager = self.pager
+        if not opts.max_priority:
+            q.pager = self.pager
+        self.adopt_queue(q)
         self.queues[name] = q
         if exclusive and session_id is not None:
             s = self.sessions.get(session_id)
@@ -295,15 +315,35 @@ class Broker:
             raise NotFound(f"no exchange {exchange!r}", {"exchange": exchange})
         return ex.route(routing_key)
 
+    def check_capacity(self, queue_names: Iterable[str], size: int) -> None:
+        """Refuse a publish (409) if a target queue with overflow reject-publish is full;
+        checked before anything is enqueued, so a refused publish is nowhere."""
+        queues = self.queues
+        for qname in queue_names:
+            q = queues[qname]
+            if q.opts.rejects_publish and q.is_full(size):
+                raise QueueFull(f"queue {qname!r} is full (overflow reject-publish)",
+                                {"queue": qname})
+
     def enqueue(self, message: Message, queue_names: Iterable[str]) -> int:
-        """Put ``message`` on each named queue; returns how many took it."""
+        """Put ``message`` on each named queue; returns how many took it (a duplicate
+        message_id within a queue's dedup window is confirmed but not enqueued)."""
         queues = self.queues
         dirty = self._dirty_queues
         n = 0
         logged: list[str] | None = None
+        now = self.clock()
+        if not message.ts:
+            message.ts = now
+        props = message.properties
+        msg_id = props.get("message_id") if props else None
         for qname in queue_names:
             q = queues[qname]
-            q.enqueue(message)
+            if msg_id is not None and q.opts.dedup_window_ms and q.duplicate(msg_id, now):
+                continue
+            qm = q.enqueue(message, now)
+            if qm.state != READY or qm.expires:
+                self.arm_message(q, qm)
             if q.consumers:
                 dirty.add(q)
             if q.logged and message.persistent:
@@ -312,13 +352,165 @@ class Broker:
                 else:
                     logged.append(qname)
             n += 1
+            if q.over_limit():
+                self._enforce_limit(q)
         if logged is not None:
             mid = self.next_message_id
             self.next_message_id = mid + 1
             message.id = mid
             self.journal.append(("p", mid, logged, message.exchange, message.routing_key,
-                                 message.properties, message.body))
+                                 message.properties, message.body, message.ts))
         return n
+
+    def _enforce_limit(self, q: Queue) -> None:
+        """max_length / max_length_bytes with drop-head: the oldest go (dead-lettered)."""
+        dropped: list[QueuedMessage] = []
+        while q.over_limit():
+            qm = q.drop_head()
+            if qm is None:
+                break
+            dropped.append(qm)
+        if dropped:
+            self.dead_letter(q, dropped, "max-length")
+
+    # ------------------------------------------------------------------ dead letters
+    def dead_letter(self, q: Queue, qms: list[QueuedMessage], reason: str) -> None:
+        """Messages leave ``q`` for good (rejected, expired, max-length, delivery-limit):
+        republished to its dead-letter exchange with a death record, or dropped.
+
+        A queue its death records name for an automatic reason (anything but
+        "rejected") is not a target again, so no cycle loops a message forever.
+        """
+        if q.logged:
+            self.log_ids("a", q, qms)
+        if reason == "expired":
+            q.expired += len(qms)
+        dlx = q.opts.dead_letter_exchange
+        if dlx is None or q.deleted:
+            return
+        now = self.clock()
+        for qm in qms:
+            m = qm.message
+            try:
+                targets = list(self.route(dlx, q.opts.dead_letter_routing_key or m.routing_key))
+            except NotFound:
+                log.warning("dead-letter exchange %r of queue %r does not exist; dropped",
+                            dlx, q.name)
+                return
+            props = dict(m.properties)
+            headers = dict(props.get("headers") or {})
+            deaths = [dict(d) for d in headers.get("x-death") or () if isinstance(d, dict)]
+            record = None
+            for d in deaths:
+                if d.get("queue") == q.name and d.get("reason") == reason:
+                    record = d
+                    deaths.remove(d)
+                    break
+            if record is None:
+                record = {"reason": reason, "queue": q.name, "exchange": m.exchange,
+                          "routing_key": m.routing_key, "count": 0}
+            record["count"] = int(record.get("count", 0)) + 1
+            record["time"] = now
+            deaths.insert(0, record)
+            headers["x-death"] = deaths
+            props["headers"] = headers
+            props.pop("ttl", None)  # would expire again at once; the queue's TTL still applies
+            props.pop("delay", None)
+            looping = {d.get("queue") for d in deaths[1:] if d.get("reason") != "rejected"}
+            if reason != "rejected":
+                looping.add(q.name)
+            targets = [t for t in targets if t not in looping]
+            if not targets:
+                continue
+            full = [t for t in targets if self.queues[t].opts.rejects_publish
+                    and self.queues[t].is_full(m.size)]
+            targets = [t for t in targets if t not in full]
+            body = Pager.read(m)
+            dead = Message(dlx, q.opts.dead_letter_routing_key or m.routing_key, props, body,
+                           ts=now)
+            if self.enqueue(dead, targets):
+                q.dead_lettered += 1
+                self.dead_lettered += 1
+
+    # ------------------------------------------------------------------ timers
+    def arm_message(self, q: Queue, qm: QueuedMessage) -> None:
+        """Timers a newly enqueued message needs (delay release, TTL expiry)."""
+        if qm.state != READY:  # delayed: release when due
+            self._add_timer(q.next_due(), _RELEASE, q, None)
+        if qm.expires:
+            self._add_timer(qm.expires, _EXPIRE, q, qm)
+
+    def _add_timer(self, due: int, kind: int, q: Queue | None,
+                   qm: QueuedMessage | None) -> None:
+        heapq.heappush(self._timers, (due, next(self._timer_seq), kind, q, qm))
+        if self.timer_hook is not None and (not self._armed or due < self._armed):
+            self._armed = due
+            self.timer_hook(max(0.0, (due - self.clock()) / 1000))
+
+    def next_timer(self) -> int:
+        """When the earliest timer is due (ms since the epoch), 0 if none."""
+        return self._timers[0][0] if self._timers else 0
+
+    def tick(self) -> None:
+        """Run every due timer, then dispatch; re-arm the transport's timer."""
+        now = self.clock()
+        timers = self._timers
+        self._armed = 0
+        while timers and timers[0][0] <= now:
+            _due, _seq, kind, q, qm = heapq.heappop(timers)
+            if q is None:  # ack-timeout sweep
+                self._sweep(now)
+            elif q.deleted:
+                continue
+            elif kind == _RELEASE:
+                if q.release(now) and q.consumers:
+                    self._dirty_queues.add(q)
+                nxt = q.next_due()
+                if nxt and nxt > now:
+                    self._add_timer(nxt, _RELEASE, q, None)
+            elif kind == _EXPIRE:
+                assert qm is not None
+                if qm.expires <= now and q.remove(qm):
+                    self.dead_letter(q, [qm], "expired")
+            elif kind == _QUEUE_EXPIRY:
+                self._check_queue_expiry(q, now)
+        if timers and self.timer_hook is not None:
+            self._armed = timers[0][0]
+            self.timer_hook(max(0.0, (timers[0][0] - now) / 1000))
+        self.pump()
+
+    def start_timers(self) -> None:
+        """Called once the transport set ``timer_hook``: starts the ack-timeout sweeps and
+        arms the timers added before (recovered delayed/expiring messages and queues)."""
+        self._armed = 0
+        self._add_timer(self.clock() + SWEEP_MS, _SWEEP, None, None)
+        if self.timer_hook is not None and self._timers:
+            self._armed = self._timers[0][0]
+            self.timer_hook(max(0.0, (self._armed - self.clock()) / 1000))
+
+    def _sweep(self, now: int) -> None:
+        """Deliveries past their ack deadline go back to their queues (or dead-letter)."""
+        for s in list(self.sessions.values()):
+            if s.unacked:
+                s.expire_deliveries(now)
+        self._add_timer(now + SWEEP_MS, _SWEEP, None, None)
+
+    def _check_queue_expiry(self, q: Queue, now: int) -> None:
+        ttl = q.opts.expires_ms
+        if q.consumers:
+            return  # re-armed when the last consumer leaves
+        if now - q.last_used >= ttl:
+            self._remove_queue(q, f"queue {q.name!r} expired (unused for {ttl} ms)")
+        else:
+            self._add_timer(q.last_used + ttl, _QUEUE_EXPIRY, q, None)
+
+    def adopt_queue(self, q: Queue) -> None:
+        """Arm a new (or recovered) queue's expiry timer."""
+        q.last_used = self.clock()
+        if q.opts.rejects_publish:
+            self.limited = True
+        if q.opts.expires_ms:
+            self._add_timer(q.last_used + q.opts.expires_ms, _QUEUE_EXPIRY, q, None)
 
     # ------------------------------------------------------------------ consumers
     def add_consumer(self, consumer: Consumer) -> None:
@@ -335,6 +527,10 @@ class Broker:
         q.remove_consumer(consumer)
         if q.auto_delete and q.had_consumer and not q.consumers and not q.deleted:
             self._remove_queue(q, f"auto-delete queue {q.name!r} lost its last consumer")
+        elif not q.consumers and not q.deleted:
+            self.adopt_queue(q)  # unused from now: queue expiry counts again
+        elif q.opts.single_active_consumer:
+            self._dirty_queues.add(q)  # the next consumer takes over
 
     def wake(self, queue: Queue) -> None:
         """Something changed (credit, requeue): dispatch this queue at the next pump."""
@@ -342,10 +538,41 @@ class Broker:
             self._dirty_queues.add(queue)
 
     def requeue(self, queue: Queue, qms: list[QueuedMessage]) -> None:
+        """Delivered messages come back (nack, ack timeout, lost connection); those past
+        the delivery limit or their TTL are dead-lettered instead."""
+        limit = queue.opts.delivery_limit
+        now = self.clock()
+        dead: list[QueuedMessage] = []
+        expired: list[QueuedMessage] = []
+        if limit or any(qm.expires for qm in qms):
+            back = []
+            for qm in qms:
+                if limit and qm.delivery_count >= limit:
+                    dead.append(qm)
+                elif qm.expires and qm.expires <= now:
+                    expired.append(qm)
+                else:
+                    back.append(qm)
+            qms = back
+        if dead or expired:
+            queue.discard(len(dead) + len(expired))
+            if dead:
+                self.dead_letter(queue, dead, "delivery-limit")
+            if expired:
+                self.dead_letter(queue, expired, "expired")
+        if not qms:
+            return
         queue.requeue(qms)
         self.wake(queue)
         if queue.logged:
             self.log_ids("r", queue, qms)
+
+    def reject(self, queue: Queue, qms: list[QueuedMessage]) -> None:
+        """Delivered messages refused without requeue: dead-lettered (or dropped)."""
+        queue.discard(len(qms))
+        for qm in qms:
+            qm.state = GONE
+        self.dead_letter(queue, qms, "rejected")
 
     def log_ids(self, op: str, queue: Queue, qms: list[QueuedMessage]) -> None:
         """Log delivered ('d'), acked ('a') or requeued ('r') messages of a logged queue."""
@@ -370,9 +597,10 @@ class Broker:
             rounds += 1
             dirty = self._dirty_queues
             self._dirty_queues = set()
+            now = self.clock()
             for q in dirty:
                 if not q.deleted:
-                    q.dispatch(_deliver)
+                    q.dispatch(_deliver, now)
         if self.journal:
             self.flush_journal()
         pager = self.pager
@@ -420,7 +648,8 @@ class Broker:
                  "exclusive": q.exclusive_owner is not None, "auto_delete": q.auto_delete,
                  "messages": q.ready, "unacked": q.unacked, "consumers": len(q.consumers),
                  "arguments": q.arguments, "published": q.published,
-                 "delivered": q.delivered, "acked": q.acked}
+                 "delivered": q.delivered, "acked": q.acked, "delayed": q.delayed,
+                 "paged": q.paged, "dead_lettered": q.dead_lettered, "expired": q.expired}
                 for q in sorted(self.queues.values(), key=lambda q: q.name)
             ]
         if kind == "exchanges":
@@ -442,6 +671,14 @@ class Broker:
                 for s in self.sessions.values() for c in s.consumers.values()
             ]
         raise InvalidArgument(f"unknown list kind {kind!r}", {"kind": kind})
+
+
+_RELEASE, _EXPIRE, _SWEEP, _QUEUE_EXPIRY = 0, 1, 2, 3
+SWEEP_MS = 100  # how often deliveries are checked against their ack deadline
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _deliver(consumer: Consumer, batch: list[QueuedMessage]) -> None:

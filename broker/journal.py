@@ -12,7 +12,8 @@ qr    name                                     queue deleted
 qp    name                                     queue purged (ready messages removed)
 b     exchange, queue, key                     binding added
 u     exchange, queue, key                     binding removed
-p     id, [queues], exchange, key, props, body  persistent message enqueued on those queues
+p     id, [queues], exchange, key, props,      persistent message enqueued on those queues
+      body, ts                                 (ts: publish time in ms; delay/TTL count from it)
 d     queue, [ids]                             messages delivered (delivery count + 1)
 a     queue, [ids]                             messages acked or discarded (gone)
 r     queue, [ids]                             messages requeued (ready again)
@@ -59,6 +60,8 @@ class Replay:
     messages: dict[str, dict[int, _Entry]] = field(default_factory=dict)
     next_id: int = 1
     commands: int = 0
+    # queue -> message_id -> publish time, for queues with a dedup window
+    dedup: dict[str, dict[str, int]] = field(default_factory=dict)
     # With a pager, bodies past its budget go to page files as they are read, so
     # recovering a backlog larger than memory does not need that memory.
     pager: Pager | None = None
@@ -66,8 +69,8 @@ class Replay:
     _pending_bytes: int = 0
 
     def _new_message(self, mid: int, exchange: str, rk: str, props: dict[str, Any],
-                     body: bytes) -> Message:
-        m = Message(exchange, rk, props, body)
+                     body: bytes, ts: int) -> Message:
+        m = Message(exchange, rk, props, body, ts=ts)
         m.id = mid
         pager = self.pager
         if pager is not None:
@@ -96,7 +99,10 @@ class Replay:
             self.bindings.add((ex, q, key))
         bodies: dict[int, Message] = {}
         for e in (snap.get("entries", ()) if entries is None else entries):
-            bodies[e[0]] = self._new_message(e[0], e[1], e[2], e[3], e[-1])
+            bodies[e[0]] = self._new_message(e[0], e[1], e[2], e[3], e[-1],
+                                             e[4] if len(e) > 5 else 0)
+        for qname, pairs in snap.get("dedup", {}).items():
+            self.dedup[qname] = dict(pairs)
         for qname, entries in snap["queue_messages"].items():
             table = self.messages.setdefault(qname, {})
             for mid, count, *held in entries:
@@ -109,14 +115,18 @@ class Replay:
             self.commands += 1
             op = cmd[0]
             if op == "p":
-                _, mid, queues, exchange, rk, props, body = cmd
-                m = self._new_message(mid, exchange, rk, props, body)
+                _, mid, queues, exchange, rk, props, body, *rest = cmd
+                ts = rest[0] if rest else 0
+                m = self._new_message(mid, exchange, rk, props, body, ts)
+                msg_id = props.get("message_id") if props else None
                 if mid >= self.next_id:
                     self.next_id = mid + 1
                 for q in queues:
                     table = self.messages.get(q)
                     if table is not None:
                         table[mid] = _Entry(m)
+                        if msg_id is not None and self.queues[q][1].get("dedup_window_ms"):
+                            self.dedup.setdefault(q, {})[msg_id] = ts
             elif op == "a":
                 table = self.messages.get(cmd[1])
                 if table is not None:
@@ -153,6 +163,7 @@ class Replay:
             elif op == "qr":
                 self.queues.pop(cmd[1], None)
                 self.messages.pop(cmd[1], None)
+                self.dedup.pop(cmd[1], None)
                 self.bindings = {b for b in self.bindings if b[1] != cmd[1]}
             elif op == "b":
                 self.bindings.add((cmd[1], cmd[2], cmd[3]))
@@ -171,17 +182,26 @@ class Replay:
         if self.pager is not None:
             self.pager.flush()
         total = 0
+        now = broker.clock()
         for name, (auto_delete, args) in self.queues.items():
             q = Queue(name, durable=True, auto_delete=auto_delete, arguments=args)
             q.logged = True
-            q.pager = broker.pager
+            if not q.opts.max_priority:
+                q.pager = broker.pager
             broker.queues[name] = q
+            broker.adopt_queue(q)
             for _mid, e in self.messages.get(name, {}).items():
-                qm = q.enqueue(e.message)
+                m = e.message
+                if q.pager is None and m.body is None:
+                    m.body = Pager.read(m)  # priority queues keep bodies in memory
+                qm = q.enqueue(m, now)
                 qm.delivery_count = e.count
                 qm.redelivered = e.count > 0
+                broker.arm_message(q, qm)
                 total += 1
             q.published = 0
+            if q.opts.dedup_window_ms:
+                q.load_dedup(self.dedup.get(name, {}), now)
         for ex, qname, key in self.bindings:
             exo = broker.exchanges.get(ex)
             bq = broker.queues.get(qname)
@@ -191,10 +211,17 @@ class Replay:
         return total
 
 
-def snapshot_state(broker: Broker) -> tuple[dict[str, Any], list[Message]]:
+SnapshotMessage = tuple[int, str, str, dict[str, Any], int, Any]
+
+
+def snapshot_state(broker: Broker) -> tuple[dict[str, Any], list[SnapshotMessage]]:
     """Everything a restart needs: a head of plain data (durable objects, per-queue
     message indexes) and the persistent messages, whose entries ``snapshot_entries``
     produces later (off the event loop: bodies may have to come from page files).
+
+    A message is captured by its page when it has one, not by the Message object: a
+    consumer draining the queue meanwhile loads bodies into those objects, and holding
+    them here would keep every body it consumed in memory until the snapshot is done.
 
     Messages a consumer holds unacked are included with their delivery count, so after a
     restart they come back redelivered, exactly as replaying the log would give.
@@ -219,6 +246,8 @@ def snapshot_state(broker: Broker) -> tuple[dict[str, Any], list[Message]]:
         entries.sort()
     head = {
         "version": 2,
+        "dedup": {name: q.dedup_entries() for name, q in logged.items()
+                  if q.opts.dedup_window_ms},
         "next_id": broker.next_message_id,
         "exchanges": [[e.name, e.type, e.auto_delete, e.arguments]
                       for e in broker.exchanges.values() if e.durable and not e.builtin],
@@ -228,15 +257,17 @@ def snapshot_state(broker: Broker) -> tuple[dict[str, Any], list[Message]]:
         "queue_messages": {name: [list(x) for x in entries]
                            for name, entries in per_queue.items()},
     }
-    return head, list(bodies.values())
+    return head, [(m.id, m.exchange, m.routing_key, m.properties, m.ts,
+                    m.page if m.page is not None else m.body) for m in bodies.values()]
 
 
-def snapshot_entries(messages: list[Message]) -> Iterator[list[Any]]:
-    """Snapshot entries for ``messages``: [id, exchange, routing key, properties, body]
-    (the body last, as write_snapshot expects). Safe to run in a worker thread."""
-    read = Pager.read
-    for m in messages:
-        yield [m.id, m.exchange, m.routing_key, m.properties, read(m)]
+def snapshot_entries(messages: list[SnapshotMessage]) -> Iterator[list[Any]]:
+    """Snapshot entries: [id, exchange, routing key, properties, ts, body] (the body
+    last, as write_snapshot expects), reading paged bodies. Safe in a worker thread."""
+    read = Pager.read_page
+    for i, (mid, exchange, rk, props, ts, src) in enumerate(messages):
+        messages[i] = None  # type: ignore[call-overload]  # written: release it now
+        yield [mid, exchange, rk, props, ts, src if type(src) is bytes else read(src)]
 
 
 def snapshot_dict(broker: Broker) -> dict[str, Any]:

@@ -27,11 +27,11 @@ class Message:
     """A published message (body and properties are never copied; the body may be paged)."""
 
     __slots__ = ("body", "exchange", "id", "page", "persistent", "properties", "routing_key",
-                 "size")
+                 "size", "ts")
 
     def __init__(
         self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes,
-        size: int = -1,
+        size: int = -1, ts: int = 0,
     ) -> None:
         self.exchange = exchange
         self.routing_key = routing_key
@@ -44,22 +44,33 @@ class Message:
         self.size = size if size >= 0 else message_size(properties, body)
         self.persistent: bool = properties.get("persistent", True)
         self.id = 0  # broker-wide id, assigned when the message is logged
+        self.ts = ts  # publish time, ms since the epoch (delay and TTL count from it)
+
+
+READY, DELIVERED, GONE, DELAYED = 0, 1, 2, 3
 
 
 class QueuedMessage:
     """A message's life inside one queue: its position, delivery count and flags.
 
     ``seq`` is the queue-local enqueue number: requeued messages are ordered by it so
-    they return to their original place.
+    they return to their original place. ``state`` lets timers (TTL, delay, length
+    limits) remove a message from the middle of a queue lazily: a GONE entry is skipped
+    when it reaches the head. ``expires`` (TTL) and ``deadline`` (ack timeout) are ms
+    since the epoch, 0 = none.
     """
 
-    __slots__ = ("delivery_count", "message", "redelivered", "seq")
+    __slots__ = ("deadline", "delivery_count", "expires", "message", "redelivered", "seq",
+                 "state")
 
     def __init__(self, seq: int, message: Message) -> None:
         self.seq = seq
         self.message = message
         self.delivery_count = 0
         self.redelivered = False
+        self.state = READY
+        self.expires = 0
+        self.deadline = 0
 
     def __lt__(self, other: QueuedMessage) -> bool:  # heap order for requeues
         return self.seq < other.seq

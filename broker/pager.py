@@ -112,7 +112,11 @@ class Pager:
         if body is not None:
             return body
         assert m.page is not None
-        f, offset, length = m.page
+        return Pager.read_page(m.page)
+
+    @staticmethod
+    def read_page(page: tuple[PageFile, int, int]) -> bytes:
+        f, offset, length = page
         return os.pread(f.fd, length, offset)
 
     def load(self, messages: list[Message]) -> None:

@@ -7,8 +7,13 @@ messages are a resident head (``_ready``) and, under memory pressure, a paged ta
 (``_paged``, bodies on disk: broker.pager) that follows it in order.
 
 Commands that change state: enqueue, take (deliver), ack, requeue, discard (reject),
-purge. Each returns what changed so the caller (the broker core) can log it to the store
-and produce frames.
+expire/drop (remove), release (delay over), purge. Each returns what changed so the caller
+(the broker core) can log it, dead-letter it and produce frames; timers live in the core.
+
+A queue with ``max_priority`` keeps one lane per priority instead (not paged); a
+starvation guard gives every ``PRIORITY_GUARD``-th delivery, while lower lanes wait, to
+the next waiting lower lane in turn, so low priorities keep moving under a steady stream
+of high-priority work.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from broker.message import Message, QueuedMessage
+from broker.message import DELAYED, DELIVERED, GONE, READY, Message, QueuedMessage
+from broker.options import QueueOptions
 
 if TYPE_CHECKING:
     from broker.pager import Pager
@@ -42,6 +48,9 @@ class Consumer:
         self.unacked = 0
 
 
+PRIORITY_GUARD = 10
+
+
 class Queue:
     """One queue: ready messages, requeued messages, consumers in round-robin order."""
 
@@ -59,17 +68,30 @@ class Queue:
         self.exclusive_owner = exclusive_owner
         self.auto_delete = auto_delete
         self.arguments: dict[str, Any] = arguments or {}
+        self.opts = QueueOptions(self.arguments)
         self._ready: deque[QueuedMessage] = deque()
         self._paged: deque[QueuedMessage] = deque()
+        self._lanes: list[deque[QueuedMessage]] | None = (
+            [deque() for _ in range(self.opts.max_priority + 1)]
+            if self.opts.max_priority else None)
+        self._streak = 0  # consecutive top-lane deliveries while lower lanes wait
+        self._guard_next = 0
         self._requeued: list[QueuedMessage] = []
+        self._delayed: list[tuple[int, int, QueuedMessage]] = []
+        self._count = 0  # READY messages
+        self._gone = 0  # GONE entries still sitting in the containers
+        self.ready_bytes = 0
+        self._next_seq = 0
         self.pager: Pager | None = None
         self.mem_bytes = 0  # bodies of ``_ready`` (counted in pager.resident too)
-        self._next_seq = 0
+        self._dedup: dict[str, int] = {}
+        self._dedup_order: deque[tuple[int, str]] = deque()
         self.consumers: list[Consumer] = []
         self._rr = 0
         self.unacked = 0
         self.had_consumer = False
         self.deleted = False
+        self.last_used = 0  # ms; queue expiry counts from here
         # True when this queue's commands go to the write-ahead log (durable, not
         # exclusive, and the broker has a durable store).
         self.logged = False
@@ -79,35 +101,116 @@ class Queue:
         self.published = 0
         self.delivered = 0
         self.acked = 0
+        self.dead_lettered = 0
+        self.expired = 0
 
     # ------------------------------------------------------------------ queries
     @property
     def ready(self) -> int:
-        return len(self._ready) + len(self._paged) + len(self._requeued)
+        return self._count
 
     @property
     def paged(self) -> int:
         return len(self._paged)
 
+    @property
+    def delayed(self) -> int:
+        return len(self._delayed)
+
     def peek(self) -> QueuedMessage | None:
         """The message ``take`` would return next, without removing it."""
-        if self._requeued:
-            return self._requeued[0]
-        if self._ready:
-            return self._ready[0]
-        return self._paged[0] if self._paged else None
+        if not self._count:
+            return None
+        got = self.take(1, 0)
+        if not got:
+            return None
+        qm = got[0]
+        qm.delivery_count -= 1
+        self.delivered -= 1
+        self.unacked -= 1
+        self._put_back(qm)
+        return qm
 
     def iter_messages(self) -> list[QueuedMessage]:
-        """Ready messages in delivery order (for snapshots and listings)."""
-        return sorted(self._requeued) + list(self._ready) + list(self._paged)
+        """Live messages in delivery order, delayed ones last (snapshots, listings)."""
+        lanes = [qm for lane in reversed(self._lanes) for qm in lane] if self._lanes else []
+        out = sorted(self._requeued) + lanes + list(self._ready) + list(self._paged)
+        out += [qm for _due, _seq, qm in sorted(self._delayed)]
+        return [qm for qm in out if qm.state != GONE]
 
     def has_ready(self) -> bool:
-        return bool(self._ready) or bool(self._requeued) or bool(self._paged)
+        return self._count > 0
+
+    def is_full(self, extra_bytes: int = 0) -> bool:
+        """At max_length / max_length_bytes (for reject-publish)."""
+        o = self.opts
+        return bool((o.max_length and self._count >= o.max_length) or (
+            o.max_length_bytes and self.ready_bytes + extra_bytes > o.max_length_bytes))
+
+    def over_limit(self) -> bool:
+        o = self.opts
+        return bool((o.max_length and self._count > o.max_length) or (
+            o.max_length_bytes and self.ready_bytes > o.max_length_bytes))
+
+    def duplicate(self, message_id: str, now: int) -> bool:
+        """True if ``message_id`` was enqueued within the dedup window; else record it."""
+        window = self.opts.dedup_window_ms
+        order = self._dedup_order
+        while order and order[0][0] <= now - window:
+            ts, mid = order.popleft()
+            if self._dedup.get(mid) == ts:
+                del self._dedup[mid]
+        seen = self._dedup.get(message_id)
+        if seen is not None and seen > now - window:
+            return True
+        self._dedup[message_id] = now
+        order.append((now, message_id))
+        return False
+
+    def load_dedup(self, seen: dict[str, int], now: int) -> None:
+        window = self.opts.dedup_window_ms
+        for mid, ts in sorted(seen.items(), key=lambda kv: kv[1]):
+            if ts > now - window:
+                self._dedup[mid] = ts
+                self._dedup_order.append((ts, mid))
+
+    def dedup_entries(self) -> list[list[Any]]:
+        return [[mid, ts] for mid, ts in self._dedup.items()]
 
     # ------------------------------------------------------------------ commands
-    def enqueue(self, message: Message) -> QueuedMessage:
+    def enqueue(self, message: Message, now: int = 0) -> QueuedMessage:
+        """Add a message: delayed until ``ts + delay`` if that is in the future, with a
+        TTL deadline from when it becomes visible. The caller arms the timers."""
         self._next_seq += 1
         qm = QueuedMessage(self._next_seq, message)
+        self.published += 1
+        props = message.properties
+        if props:
+            delay = props.get("delay")
+            due = message.ts + delay if delay else 0
+            ttl = props.get("ttl")
+            qttl = self.opts.message_ttl_ms
+            if qttl and (ttl is None or qttl < ttl):
+                ttl = qttl
+            if ttl is not None:
+                qm.expires = max(due, message.ts or now) + ttl
+            if due > now:
+                qm.state = DELAYED
+                heapq.heappush(self._delayed, (due, qm.seq, qm))
+                return qm
+        elif self.opts.message_ttl_ms:
+            qm.expires = (message.ts or now) + self.opts.message_ttl_ms
+        self._add_ready(qm)
+        return qm
+
+    def _add_ready(self, qm: QueuedMessage) -> None:
+        message = qm.message
+        self._count += 1
+        self.ready_bytes += message.size
+        if self._lanes is not None:
+            p = message.properties.get("priority", 0) if message.properties else 0
+            self._lanes[min(p, len(self._lanes) - 1)].append(qm)
+            return
         pager = self.pager
         if pager is not None and (self._paged or message.body is None):
             # Behind a paged tail a message is paged too (order), at the next flush.
@@ -119,26 +222,73 @@ class Queue:
             if pager is not None:
                 self.mem_bytes += message.size
                 pager.resident += message.size
-        self.published += 1
-        return qm
 
-    def take(self, limit: int) -> list[QueuedMessage]:
-        """Remove up to ``limit`` messages from the head for delivery (marks them unacked)."""
+    def release(self, now: int) -> list[QueuedMessage]:
+        """Delayed messages that are due become ready (appended in due order)."""
+        out: list[QueuedMessage] = []
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            qm = heapq.heappop(delayed)[2]
+            if qm.state == DELAYED:
+                qm.state = READY
+                self._add_ready(qm)
+                out.append(qm)
+        return out
+
+    def next_due(self) -> int:
+        return self._delayed[0][0] if self._delayed else 0
+
+    def _pop_lane(self) -> QueuedMessage | None:
+        lanes = self._lanes
+        assert lanes is not None
+        top = len(lanes) - 1
+        while top >= 0 and not lanes[top]:
+            top -= 1
+        if top < 0:
+            return None
+        lower = [i for i in range(top) if lanes[i]]
+        if not lower:
+            self._streak = 0
+            return lanes[top].popleft()
+        self._streak += 1
+        if self._streak <= PRIORITY_GUARD:
+            return lanes[top].popleft()
+        self._streak = 0
+        pick = lower[self._guard_next % len(lower)]
+        self._guard_next += 1
+        return lanes[pick].popleft()
+
+    def take(self, limit: int, deadline: int = 0) -> list[QueuedMessage]:
+        """Remove up to ``limit`` messages from the head for delivery (marks them unacked,
+        with ack deadline ``deadline``)."""
         out: list[QueuedMessage] = []
         requeued = self._requeued
         ready = self._ready
+        paged = self._paged
+        lanes = self._lanes
         freed = 0
-        while len(out) < limit:
+        size = 0
+        while len(out) < limit and self._count > len(out):
             if requeued:
                 qm = heapq.heappop(requeued)
+            elif lanes is not None:
+                qm = self._pop_lane()  # type: ignore[assignment]
+                if qm is None:
+                    break
             elif ready:
                 qm = ready.popleft()
                 freed += qm.message.size
-            elif self._paged:
-                qm = self._paged.popleft()
+            elif paged:
+                qm = paged.popleft()
             else:
                 break
+            if qm.state:  # GONE: expired or dropped while waiting
+                self._gone -= 1
+                continue
+            qm.state = DELIVERED
             qm.delivery_count += 1
+            qm.deadline = deadline
+            size += qm.message.size
             out.append(qm)
         pager = self.pager
         if pager is not None:
@@ -147,9 +297,17 @@ class Queue:
                 pager.resident -= freed
             pager.load([qm.message for qm in out if qm.message.body is None])
         n = len(out)
+        self._count -= n
+        self.ready_bytes -= size
         self.unacked += n
         self.delivered += n
         return out
+
+    def _put_back(self, qm: QueuedMessage) -> None:
+        qm.state = READY
+        heapq.heappush(self._requeued, qm)
+        self._count += 1
+        self.ready_bytes += qm.message.size
 
     def ack(self, n: int = 1) -> None:
         """``n`` delivered messages were acknowledged (or delivered no-ack)."""
@@ -163,17 +321,45 @@ class Queue:
             return
         for qm in qms:
             qm.redelivered = True
-            heapq.heappush(self._requeued, qm)
+            self._put_back(qm)
 
     def discard(self, n: int) -> None:
-        """Delivered messages rejected without requeue (dead-lettering hooks in here)."""
+        """Delivered messages leave without an ack (rejected, dead-lettered)."""
         self.unacked -= n
 
+    def remove(self, qm: QueuedMessage) -> bool:
+        """Take a READY or DELAYED message out wherever it is (TTL expiry). False if it
+        is not waiting here any more."""
+        if qm.state == READY:
+            self._count -= 1
+            self.ready_bytes -= qm.message.size
+            self._gone += 1
+        elif qm.state != DELAYED:
+            return False
+        qm.state = GONE  # a delayed entry is skipped by release()
+        return True
+
+    def drop_head(self) -> QueuedMessage | None:
+        """Remove the oldest ready message (max-length overflow drop-head)."""
+        got = self.take(1, 0)
+        if not got:
+            return None
+        self.unacked -= 1
+        self.delivered -= 1
+        qm = got[0]
+        qm.delivery_count -= 1
+        qm.state = GONE
+        return qm
+
     def purge(self) -> int:
-        n = self.ready
+        n = self._count
         self._ready.clear()
         self._paged.clear()
         self._requeued.clear()
+        if self._lanes is not None:
+            for lane in self._lanes:
+                lane.clear()
+        self._count = self._gone = self.ready_bytes = 0
         if self.pager is not None:
             self.pager.resident -= self.mem_bytes
             self.mem_bytes = 0
@@ -188,7 +374,8 @@ class Queue:
             qm = ready.pop()
             paged.appendleft(qm)
             freed += qm.message.size
-            out.append(qm.message)
+            if qm.state != GONE:
+                out.append(qm.message)
         self.mem_bytes -= freed
         if self.pager is not None:
             self.pager.resident -= freed
@@ -208,20 +395,24 @@ class Queue:
         if idx < self._rr:
             self._rr -= 1
 
-    def dispatch(self, deliver: Callable[[Consumer, list[QueuedMessage]], None]) -> int:
+    def dispatch(self, deliver: Callable[[Consumer, list[QueuedMessage]], None],
+                 now: int = 0) -> int:
         """Hand ready messages to consumers with credit, round-robin. Returns count sent.
 
-        With one consumer it takes a whole credit-sized batch at once; with several it
-        deals one message per consumer per turn so competing consumers share fairly.
+        With one consumer (or single-active-consumer) it takes a whole credit-sized batch
+        at once; with several it deals one message per consumer per turn so competing
+        consumers share fairly.
         """
         consumers = self.consumers
-        if not consumers or not self.has_ready():
+        if not consumers or not self._count:
             return 0
+        timeout = self.opts.ack_timeout_ms
+        deadline = now + timeout if timeout and now else 0
         sent = 0
-        if len(consumers) == 1:
+        if len(consumers) == 1 or self.opts.single_active_consumer:
             c = consumers[0]
             if c.credit > 0:
-                batch = self.take(c.credit)
+                batch = self.take(c.credit, 0 if c.no_ack else deadline)
                 if batch:
                     c.credit -= len(batch)
                     sent = len(batch)
@@ -232,14 +423,17 @@ class Queue:
         n = len(consumers)
         idle = 0
         i = self._rr % n
-        while idle < n and self.has_ready():
+        while idle < n and self._count:
             c = consumers[i]
             i = (i + 1) % n
             if c.credit <= 0:
                 idle += 1
                 continue
             idle = 0
-            qm = self.take(1)[0]
+            got = self.take(1, 0 if c.no_ack else deadline)
+            if not got:
+                break
+            qm = got[0]
             c.credit -= 1
             slot = pending.get(id(c))
             if slot is None:

@@ -265,6 +265,7 @@ class BrokerServer:
         self.broker = broker or Broker(max_message_size=config.effective_max_message_size())
         self.protocols: set[BrokerProtocol] = set()
         self._server: asyncio.Server | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def port(self) -> int:
@@ -279,11 +280,26 @@ class BrokerServer:
             backlog=1024,
         )
         log.info("conveyor %s listening on %s:%d", VERSION, self.config.host, self.port)
+        self.broker.timer_hook = self._arm_timer
+        self.broker.start_timers()
+
+    def _arm_timer(self, delay: float) -> None:
+        """The broker's earliest timer moved: one loop timer calls Broker.tick then."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire_timer)
+
+    def _fire_timer(self) -> None:
+        self._timer = None
+        self.broker.tick()
 
     async def stop(self) -> None:
         """Graceful: stop accepting, CLOSE every connection, wait briefly, then drop them."""
         if self._server is not None:
             self._server.close()
+        self.broker.timer_hook = None
+        if self._timer is not None:
+            self._timer.cancel()
         protos = list(self.protocols)
         err = ConnectionForced("server shutting down")
         for p in protos:

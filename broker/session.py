@@ -33,6 +33,7 @@ from protocol import (
     Error,
     ExchangeDeclare,
     ExchangeDelete,
+    Extend,
     Frame,
     Get,
     GetOk,
@@ -105,6 +106,11 @@ class Session:
         self._conf_last = 0
         self.closed = False
         self.published = 0
+        # Earliest ack deadline among unacked deliveries (0 = none): the broker's sweep
+        # skips this session until then.
+        self.min_deadline = 0
+        # Tags whose ack deadline passed (requeued): a late ack/nack of one is ignored.
+        self.timed_out: OrderedDict[int, None] = OrderedDict()
         self._handlers: dict[int, Callable[[Any], None]] = {
             Publish.TYPE: self._on_publish,
             PublishBatch.TYPE: self._on_publish_batch,
@@ -112,6 +118,7 @@ class Session:
             Nack.TYPE: self._on_nack,
             Reject.TYPE: self._on_reject,
             Credit.TYPE: self._on_credit,
+            Extend.TYPE: self._on_extend,
             Heartbeat.TYPE: _ignore,
         }
         self._requests: dict[int, Callable[[Any], Frame]] = {
@@ -225,6 +232,9 @@ class Session:
                     f"message of {len(body)} bytes exceeds the maximum of "
                     f"{broker.max_message_size}", {"max_message_size": broker.max_message_size})
             targets = broker.route(exchange, routing_key)
+            if broker.limited:  # some queue has overflow reject-publish
+                targets = list(targets)
+                broker.check_capacity(targets, size)
         except RequestError as exc:
             if seq:
                 self._nack(seq, exc)
@@ -296,6 +306,9 @@ class Session:
             queue.ack(len(batch))
         else:
             consumer.unacked += len(batch)
+            dl = batch[0].deadline
+            if dl and (not self.min_deadline or dl < self.min_deadline):
+                self.min_deadline = dl
         if queue.logged:
             self.broker.log_ids("a" if no_ack else "d", queue, batch)
         self._deliveries.append((consumer, entries, sizes))
@@ -307,6 +320,8 @@ class Session:
         if not multiple:
             u = unacked.pop(tag, None)
             if u is None:
+                if tag in self.timed_out:
+                    return []  # its ack deadline passed: already back in the queue
                 raise PreconditionFailed(f"unknown delivery tag {tag}", {"delivery_tag": tag})
             out = [u]
         else:
@@ -316,7 +331,7 @@ class Session:
                 if tag and first > tag:
                     break
                 out.append(unacked.popitem(last=False)[1])
-            if not out and tag:
+            if not out and tag and tag not in self.timed_out:
                 raise PreconditionFailed(f"unknown delivery tag {tag}", {"delivery_tag": tag})
         for u in out:
             if u[2] is not None:
@@ -351,15 +366,54 @@ class Session:
             if requeue:
                 self.broker.requeue(q, qms)
             else:
-                q.discard(len(qms))
-                if q.logged:
-                    self.broker.log_ids("a", q, qms)
+                self.broker.reject(q, qms)
 
     def _on_nack(self, f: Nack) -> None:
         self._refuse(self._settle(f.delivery_tag, f.multiple), f.requeue)
 
     def _on_reject(self, f: Reject) -> None:
         self._refuse(self._settle(f.delivery_tag, False), f.requeue)
+
+    def _on_extend(self, f: Extend) -> None:
+        u = self.unacked.get(f.delivery_tag)
+        if u is None:
+            why = ("its ack timeout already expired (the message was requeued)"
+                   if f.delivery_tag in self.timed_out else "unknown delivery tag")
+            raise PreconditionFailed(f"cannot extend delivery {f.delivery_tag}: {why}",
+                                     {"delivery_tag": f.delivery_tag})
+        qm, q, _c = u
+        ms = f.timeout_ms or q.opts.ack_timeout_ms
+        qm.deadline = self.broker.clock() + ms if ms else 0
+        if qm.deadline and (not self.min_deadline or qm.deadline < self.min_deadline):
+            self.min_deadline = qm.deadline
+
+    def expire_deliveries(self, now: int) -> None:
+        """Deliveries past their ack deadline go back to their queue (as if nacked)."""
+        if not self.min_deadline or now < self.min_deadline:
+            return
+        expired: list[int] = []
+        nxt = 0
+        for tag, (qm, _q, _c) in self.unacked.items():
+            dl = qm.deadline
+            if dl:
+                if dl <= now:
+                    expired.append(tag)
+                elif not nxt or dl < nxt:
+                    nxt = dl
+        self.min_deadline = nxt
+        if not expired:
+            return
+        settled: list[Unacked] = []
+        for tag in expired:
+            u = self.unacked.pop(tag)
+            if u[2] is not None:
+                u[2].unacked -= 1
+            settled.append(u)
+            self.timed_out[tag] = None
+        while len(self.timed_out) > 100_000:
+            self.timed_out.popitem(last=False)
+        log.info("%s: %d deliveries passed their ack timeout; requeued", self.id, len(expired))
+        self._refuse(settled, requeue=True)
 
     def _on_credit(self, f: Credit) -> None:
         c = self.consumers.get(f.consumer_tag)
@@ -435,6 +489,7 @@ class Session:
             raise InvalidArgument(f"max_messages must be 1..{GET_MAX}",
                                   {"max_messages": f.max_messages})
         q = self.broker.get_queue(f.queue, self.id)
+        q.last_used = self.broker.clock()
         budget = self.max_frame_size - 1024
         entries: list[DeliveryEntry] = []
         taken: list[QueuedMessage] = []
@@ -447,7 +502,11 @@ class Session:
             esize = head.message.size + ENTRY_OVERHEAD
             if entries and size + esize > budget:
                 break  # does not fit this reply; stays at the head
-            qm = q.take(1)[0]
+            timeout = q.opts.ack_timeout_ms
+            deadline = self.broker.clock() + timeout if timeout and not f.no_ack else 0
+            qm = q.take(1, deadline)[0]
+            if deadline and (not self.min_deadline or deadline < self.min_deadline):
+                self.min_deadline = deadline
             m = qm.message
             size += esize
             tag += 1
