@@ -85,13 +85,17 @@ def cli() -> None:
 @click.option("--snapshot-bytes", type=int, default=None,
               help="Snapshot after this much log [64 MiB].")
 @click.option("--segment-bytes", type=int, default=None, help="Log segment size [64 MiB].")
+@click.option("--memory-budget", type=int, default=None,
+              help="Bytes of ready message bodies kept in memory; the rest wait in page "
+                   "files under the data directory [256 MiB].")
 @click.option("--repair", is_flag=True, default=None,
               help="Start even if the log is damaged mid-file: replay up to the damage and "
                    "set the damaged segment aside as *.corrupt.")
 def server(host: str | None, port: int | None, data_dir: str | None, config_path: str | None,
            max_frame_size: int | None, max_message_size: int | None, heartbeat_ms: int | None,
            log_level: str | None, fsync: str | None, fsync_interval_ms: int | None,
-           snapshot_bytes: int | None, segment_bytes: int | None, repair: bool | None) -> None:
+           snapshot_bytes: int | None, segment_bytes: int | None, memory_budget: int | None,
+           repair: bool | None) -> None:
     """Run the broker in the foreground until SIGTERM / Ctrl-C."""
     from broker import config as config_mod
     from broker.app import run
@@ -102,7 +106,8 @@ def server(host: str | None, port: int | None, data_dir: str | None, config_path
                               max_frame_size=max_frame_size, max_message_size=max_message_size,
                               heartbeat_ms=heartbeat_ms, log_level=log_level, fsync=fsync,
                               fsync_interval_ms=fsync_interval_ms, snapshot_bytes=snapshot_bytes,
-                              segment_bytes=segment_bytes, repair=repair)
+                              segment_bytes=segment_bytes, memory_budget=memory_budget,
+                              repair=repair)
     except config_mod.ConfigError as exc:
         click.echo(f"mq-cli: {exc}", err=True)
         sys.exit(2)
