@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from broker.auth import ANONYMOUS, Principal
 from broker.core import Broker
 from broker.message import Message, QueuedMessage, message_size
 from broker.pager import Pager
@@ -106,6 +107,8 @@ class Session:
         self._conf_last = 0
         self.closed = False
         self.published = 0
+        # Set by the transport after AUTH: permissions and publish rate come from it.
+        self.principal: Principal = ANONYMOUS
         # Earliest ack deadline among unacked deliveries (0 = none): the broker's sweep
         # skips this session until then.
         self.min_deadline = 0
