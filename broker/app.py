@@ -46,8 +46,12 @@ async def serve(config: Config, ready: asyncio.Future[int] | None = None) -> Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # non-main thread
             loop.add_signal_handler(sig, stop.set)
-    # Machine-readable line so scripts and tests can find the port when --port 0 is used.
-    print(f"conveyor listening on {config.host}:{server.port}", flush=True)
+    # Machine-readable lines so scripts and tests can find the ports when --port 0 is used
+    # (the TLS one first: a reader that stops at the plain line has seen both).
+    if server.tls_port:
+        print(f"conveyor tls listening on {config.host}:{server.tls_port}", flush=True)
+    if config.plain:
+        print(f"conveyor listening on {config.host}:{server.port}", flush=True)
     if ready is not None and not ready.done():
         ready.set_result(server.port)
     try:

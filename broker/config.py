@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker import flow, limits
 from protocol import DEFAULT_PORT
 from protocol._generated import (
     HEARTBEAT_MS_DEFAULT,
@@ -49,6 +50,30 @@ class Config:
     repair: bool = False
     # Bytes of ready message bodies kept in memory; the rest wait in page files.
     memory_budget: int = 256 << 20
+    # Security (broker.tls, broker.auth). A TLS listener starts when tls_cert and tls_key
+    # are set; tls_ca makes client certificates mandatory (mTLS). Empty string = unset.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_port: int = 5681
+    plain: bool = True  # the plain-TCP listener on `port`
+    allow_anonymous: bool = False  # anonymous from any address (default: loopback only)
+    require_auth: bool = False  # a token from every connection, loopback included
+    # Resource limits (broker.limits; each refusal is a typed error, see spec "Limits").
+    max_headers: int = limits.DEFAULT_MAX_HEADERS
+    max_header_bytes: int = limits.DEFAULT_MAX_HEADER_BYTES
+    max_connections: int = limits.DEFAULT_MAX_CONNECTIONS
+    max_connections_per_subject: int = limits.DEFAULT_MAX_CONNECTIONS_PER_SUBJECT
+    max_queues: int = limits.DEFAULT_MAX_QUEUES
+    max_consumers_per_connection: int = limits.DEFAULT_MAX_CONSUMERS_PER_CONNECTION
+    # Publisher flow control (broker.flow; spec section 12 "Publisher flow control").
+    publish_credit_messages: int = flow.DEFAULT_CREDIT_MESSAGES
+    publish_credit_bytes: int = flow.DEFAULT_CREDIT_BYTES
+    publish_rate_messages: int = 0  # per connection without a token rate; 0 = unlimited
+    publish_rate_bytes: int = 0
+    publish_burst_messages: int = 0  # 0 = one second of the rate
+    memory_high_watermark: int = 0  # bytes of resident memory; 0 = 40% of physical memory
+    disk_free_limit: int = flow.DEFAULT_DISK_FREE_LIMIT  # 0 = off
 
     def effective_max_message_size(self) -> int:
         limit = self.max_frame_size - 8192
@@ -72,6 +97,24 @@ class Config:
             raise ConfigError("fsync_interval_ms >= 1, segment_bytes and snapshot_bytes >= 4096")
         if self.memory_budget < 1 << 20:
             raise ConfigError("memory_budget must be >= 1048576 (1 MiB)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key must be given together")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError("tls_ca (client certificates) needs tls_cert and tls_key")
+        if not 0 <= self.tls_port <= 65535:
+            raise ConfigError("tls_port must be 0..65535")
+        if not self.plain and not self.tls_cert:
+            raise ConfigError("no listener left: plain = false needs tls_cert and tls_key")
+        if self.plain and self.tls_cert and self.port and self.port == self.tls_port:
+            raise ConfigError(f"port and tls_port are both {self.port}")
+        if self.allow_anonymous and self.require_auth:
+            raise ConfigError("allow_anonymous and require_auth contradict each other")
+        bad_limit = limits.validate(self)
+        if bad_limit:
+            raise ConfigError(bad_limit)
+        bad_flow = flow.validate(self)
+        if bad_flow:
+            raise ConfigError(bad_flow)
         return self
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
+from broker.flow import FlowControl
+from broker.limits import Limits, check_consumer_count, check_queue_count
 from broker.message import GONE, READY, Message, QueuedMessage
 from broker.options import QueueOptions
 from broker.pager import Pager
@@ -64,6 +66,10 @@ class Broker:
         self.scheduler: Callable[[Callable[[], None]], Any] | None = None
         self._pump_handle: Any = None
         self.max_message_size = max_message_size
+        # Publisher flow control (broker.flow); the transport sets it from its Config.
+        self.flow = FlowControl(max_message_size=max_message_size)
+        # Resource limits (broker.limits); the transport sets them from its Config.
+        self.limits = Limits()
         self.exchanges: dict[str, Exchange] = {}
         self.queues: dict[str, Queue] = {}
         self.sessions: dict[str, Session] = {}
@@ -219,6 +225,7 @@ class Broker:
                 )
             existing.last_used = self.clock()
             return existing
+        check_queue_count(self.limits, len(self.queues))
         q = Queue(name, durable=durable and not exclusive,
                   exclusive_owner=session_id if exclusive else None,
                   auto_delete=auto_delete, arguments=arguments)
@@ -272,9 +279,11 @@ class Broker:
 
     def purge_queue(self, session_id: str | None, name: str) -> int:
         q = self.get_queue(name, session_id)
+        now = self.clock()
+        q.release(now)  # due by now: ready, so purged (replaying "qp" decides the same)
         n = q.purge()
         if q.logged:
-            self._log([("qp", name)])
+            self._log([("qp", name, now)])
         return n
 
     # ------------------------------------------------------------------ bindings
@@ -315,13 +324,18 @@ class Broker:
             raise NotFound(f"no exchange {exchange!r}", {"exchange": exchange})
         return ex.route(routing_key)
 
-    def check_capacity(self, queue_names: Iterable[str], size: int) -> None:
+    def check_capacity(self, queue_names: Iterable[str], size: int,
+                       message_id: str | None = None) -> None:
         """Refuse a publish (409) if a target queue with overflow reject-publish is full;
-        checked before anything is enqueued, so a refused publish is nowhere."""
+        checked before anything is enqueued, so a refused publish is nowhere. A retry of a
+        message the queue took within its dedup window is no refusal (it is confirmed)."""
         queues = self.queues
         for qname in queue_names:
             q = queues[qname]
             if q.opts.rejects_publish and q.is_full(size):
+                if message_id is not None and q.opts.dedup_window_ms and q.seen(
+                        message_id, self.clock()):
+                    continue
                 raise QueueFull(f"queue {qname!r} is full (overflow reject-publish)",
                                 {"queue": qname})
 
@@ -334,12 +348,15 @@ class Broker:
         logged: list[str] | None = None
         now = self.clock()
         if not message.ts:
-            message.ts = now
+            # Publish time rounded up (the clock truncates to the ms): a delay then never
+            # ends before the true publish time + delay.
+            message.ts = now + 1
         props = message.properties
         msg_id = props.get("message_id") if props else None
         for qname in queue_names:
             q = queues[qname]
             if msg_id is not None and q.opts.dedup_window_ms and q.duplicate(msg_id, now):
+                n += 1  # the queue has it already: taken (a mandatory retry is no RETURN)
                 continue
             qm = q.enqueue(message, now)
             if qm.state != READY or qm.expires:
@@ -519,6 +536,7 @@ class Broker:
             raise ResourceLocked(f"queue {q.name!r} already has consumers", {"queue": q.name})
         if any(c.exclusive for c in q.consumers):
             raise ResourceLocked(f"queue {q.name!r} has an exclusive consumer", {"queue": q.name})
+        check_consumer_count(self.limits, len(consumer.session.consumers))
         q.add_consumer(consumer)
         self._dirty_queues.add(q)
 
@@ -670,6 +688,8 @@ class Broker:
                  "credit": c.credit, "unacked": c.unacked, "no_ack": c.no_ack}
                 for s in self.sessions.values() for c in s.consumers.values()
             ]
+        if kind == "connections":  # publish credit and why it is withheld (broker.flow)
+            return [s.flow.info() for s in self.sessions.values()]
         raise InvalidArgument(f"unknown list kind {kind!r}", {"kind": kind})
 
 

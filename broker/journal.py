@@ -9,7 +9,8 @@ xd    name, type, auto_delete, arguments       exchange declared (durable)
 xr    name                                     exchange deleted
 qd    name, auto_delete, arguments             queue declared (durable, not exclusive)
 qr    name                                     queue deleted
-qp    name                                     queue purged (ready messages removed)
+qp    name, time                               queue purged at ``time`` (ms): ready messages
+                                               removed (not unacked or still delayed ones)
 b     exchange, queue, key                     binding added
 u     exchange, queue, key                     binding removed
 p     id, [queues], exchange, key, props,      persistent message enqueued on those queues
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from broker.exchange import make_exchange
-from broker.message import Message
+from broker.message import GONE, Message, QueuedMessage
 from broker.pager import Pager
 from broker.queue import Queue
 
@@ -150,7 +151,9 @@ class Replay:
             elif op == "qp":
                 table = self.messages.get(cmd[1])
                 if table is not None:
-                    for mid in [k for k, e in table.items() if not e.unacked]:
+                    at = cmd[2] if len(cmd) > 2 else 0
+                    for mid in [k for k, e in table.items()
+                                if not e.unacked and not _delayed_at(e.message, at)]:
                         del table[mid]
             elif op == "xd":
                 self.exchanges[cmd[1]] = (cmd[2], cmd[3], cmd[4])
@@ -183,6 +186,10 @@ class Replay:
             self.pager.flush()
         total = 0
         now = broker.clock()
+        # Held unacked when the broker stopped, already delivered delivery_limit times:
+        # their connection is lost, and a message that comes back at its limit is
+        # dead-lettered, not delivered once more (done once exchanges and bindings exist).
+        spent: list[tuple[Queue, QueuedMessage]] = []
         for name, (auto_delete, args) in self.queues.items():
             q = Queue(name, durable=True, auto_delete=auto_delete, arguments=args)
             q.logged = True
@@ -192,6 +199,13 @@ class Replay:
             broker.adopt_queue(q)
             for _mid, e in self.messages.get(name, {}).items():
                 m = e.message
+                limit = q.opts.delivery_limit
+                if e.unacked and limit and e.count >= limit:
+                    qm = QueuedMessage(0, m)
+                    qm.delivery_count = e.count
+                    qm.state = GONE
+                    spent.append((q, qm))
+                    continue
                 if q.pager is None and m.body is None:
                     m.body = Pager.read(m)  # priority queues keep bodies in memory
                 qm = q.enqueue(m, now)
@@ -208,7 +222,15 @@ class Replay:
             if exo is not None and bq is not None and exo.bind(key, qname):
                 bq.bindings.add((ex, key))
         broker.next_message_id = self.next_id
+        for q, qm in spent:
+            broker.dead_letter(q, [qm], "delivery-limit")
         return total
+
+
+def _delayed_at(m: Message, at: int) -> bool:
+    """Still invisible (its delay not over) at ``at`` ms, as Queue.release decides."""
+    delay: int = (m.properties.get("delay") or 0) if at and m.properties else 0
+    return bool(delay) and m.ts + delay > at
 
 
 SnapshotMessage = tuple[int, str, str, dict[str, Any], int, Any]

@@ -167,6 +167,12 @@ class Queue:
         order.append((now, message_id))
         return False
 
+    def seen(self, message_id: str, now: int) -> bool:
+        """``message_id`` was taken within the dedup window (unlike ``duplicate``, this
+        records nothing)."""
+        ts = self._dedup.get(message_id)
+        return ts is not None and ts > now - self.opts.dedup_window_ms
+
     def load_dedup(self, seen: dict[str, int], now: int) -> None:
         window = self.opts.dedup_window_ms
         for mid, ts in sorted(seen.items(), key=lambda kv: kv[1]):
@@ -305,7 +311,18 @@ class Queue:
 
     def _put_back(self, qm: QueuedMessage) -> None:
         qm.state = READY
-        heapq.heappush(self._requeued, qm)
+        lanes = self._lanes
+        if lanes is not None:
+            # Back into its priority lane, before the lane's later messages (it was at
+            # the lane's head when taken): a requeue does not outrank higher priorities.
+            p = qm.message.properties.get("priority", 0) if qm.message.properties else 0
+            lane = lanes[min(p, len(lanes) - 1)]
+            i = 0
+            while i < len(lane) and lane[i].seq < qm.seq:
+                i += 1
+            lane.insert(i, qm)
+        else:
+            heapq.heappush(self._requeued, qm)
         self._count += 1
         self.ready_bytes += qm.message.size
 
@@ -353,6 +370,9 @@ class Queue:
 
     def purge(self) -> int:
         n = self._count
+        for part in (self._ready, self._paged, self._requeued, *(self._lanes or ())):
+            for qm in part:
+                qm.state = GONE  # gone: a TTL timer still armed for it must skip it
         self._ready.clear()
         self._paged.clear()
         self._requeued.clear()

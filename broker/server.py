@@ -17,9 +17,13 @@ import socket
 import time
 from typing import Any, cast
 
+from broker.auth import Authenticator
 from broker.config import Config
 from broker.core import Broker
+from broker.flow import FlowControl
+from broker.limits import ConnectionCounter, Limits
 from broker.session import Session
+from broker.tls import server_context
 from protocol import (
     Auth,
     AuthenticationFailed,
@@ -48,7 +52,6 @@ from protocol.connection import Connection, Role, State
 
 log = logging.getLogger("conveyor.server")
 VERSION = "0.1.0"
-AUTH_MECHANISMS = ("anonymous",)  # offered in HELLO; AUTH with any other is 401
 
 
 class BrokerProtocol(asyncio.Protocol):
@@ -62,12 +65,17 @@ class BrokerProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.peer = "?"
+        self.peer_ip = ""  # for the loopback rule and the failed-AUTH throttle
         self.heartbeat_ms = 0
         self._last_recv = time.monotonic()
         self._last_send = self._last_recv
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._close_ok = asyncio.get_running_loop().create_future()
+        # Reading stops while the peer does not read (pause_writing) or has published
+        # beyond its credit (broker.flow); it resumes when neither holds.
+        self._write_paused = False
+        self._credit_held = False
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,6 +86,7 @@ class BrokerProtocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer_ip = str(peer[0]) if isinstance(peer, tuple) else ""
         self.server.protocols.add(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(
@@ -104,6 +113,7 @@ class BrokerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.protocols.discard(self)
+        self.server.connections.release(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -116,12 +126,27 @@ class BrokerProtocol(asyncio.Protocol):
         self.conn.fail()
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self._closing:
+        self._write_paused = False
+        if self.transport is not None and not self._closing and not self._credit_held:
             self.transport.resume_reading()
+
+    def _hold_reading(self, hold: bool) -> None:
+        """broker.flow: stop reading from a client that published beyond its credit, until
+        the broker grants credit again (never a disconnect)."""
+        self._credit_held = hold
+        t = self.transport
+        if t is None or self._closing or t.is_closing():
+            return
+        if hold:
+            t.pause_reading()
+        elif not self._write_paused:
+            self._last_recv = time.monotonic()  # unread input waited for us, not the peer
+            t.resume_reading()
 
     # ------------------------------------------------------------------ frames
     def _handle(self, frames: list[Frame]) -> None:
@@ -162,15 +187,15 @@ class BrokerProtocol(asyncio.Protocol):
             self.config.heartbeat_ms,
             {"product": "conveyor", "version": VERSION,
              "platform": platform.python_implementation()},
-            list(AUTH_MECHANISMS),
+            self.server.auth.mechanisms(self.peer_ip),
         )])
 
     def _on_auth(self, f: Auth) -> None:
-        # Auth hook: token verification and permissions plug in here.
-        if f.mechanism not in AUTH_MECHANISMS:
-            raise AuthenticationFailed(
-                f"mechanism {f.mechanism!r} not offered; use one of {list(AUTH_MECHANISMS)}",
-                {"mechanism": f.mechanism})
+        try:  # broker.auth: token signature/expiry/revocation, the loopback rule
+            principal = self.server.auth.authenticate(f.mechanism, f.token, self.peer_ip)
+        except AuthenticationFailed as exc:
+            self._auth_failed(exc)
+            return
         cfg = self.config
         frame_max = cfg.max_frame_size
         if f.max_frame_size:
@@ -183,15 +208,40 @@ class BrokerProtocol(asyncio.Protocol):
         self.conn.max_frame_size = frame_max
         sid = self.broker.new_session_id()
         self.session = Session(self.broker, sid, self._write_chunks, frame_max)
+        self.session.principal = principal
+        try:  # max_connections, max_connections_per_subject: ERROR 506 instead of OPEN_OK
+            self.server.connections.admit(self.broker.limits, self,
+                                          self.session.principal.subject)
+        except ConveyorError as exc:
+            self.session.close()
+            self.session = None
+            self._fatal(exc)
+            return
         ok = OpenOk(sid, frame_max, hb)
         self.conn.send(ok)  # advances the state machine to OPEN
         self._write([ok])
+        # The initial PUBLISH_CREDIT follows OPEN_OK (spec section 12).
+        self.session.flow.open(asyncio.get_running_loop().call_later, self._hold_reading,
+                               self.peer)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if hb:
             self._timer = asyncio.get_running_loop().call_later(hb / 2000, self._heartbeat_tick)
         log.debug("open %s from %s (%s)", sid, self.peer, f.client_properties.get("library", "?"))
+
+    def _auth_failed(self, exc: AuthenticationFailed) -> None:
+        """401 and close, answered only after a delay that grows with the failures from this
+        address (broker.auth.FailureThrottle); reading stops meanwhile, so nothing the peer
+        sends can get an earlier answer."""
+        delay = self.server.auth.throttle.failure(self.peer_ip or self.peer)
+        log.info("authentication failed from %s (%s); answering in %.1fs",
+                 self.peer, exc.message, delay)
+        if self._timer is not None:  # the handshake timeout: the delay is bounded anyway
+            self._timer.cancel()
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fatal, exc)
 
     # ------------------------------------------------------------------ output
     def _write(self, frames: list[Frame]) -> None:
@@ -234,7 +284,7 @@ class BrokerProtocol(asyncio.Protocol):
             return
         now = time.monotonic()
         hb = self.heartbeat_ms / 1000
-        if now - self._last_recv > 2 * hb:
+        if now - self._last_recv > 2 * hb and not self._credit_held:
             self._fatal(HeartbeatTimeout(f"no data from {self.peer} for {2 * hb:.1f}s"))
             self.broker.pump()
             return
@@ -263,23 +313,46 @@ class BrokerServer:
     def __init__(self, config: Config, broker: Broker | None = None) -> None:
         self.config = config
         self.broker = broker or Broker(max_message_size=config.effective_max_message_size())
+        self.broker.limits = Limits.from_config(config)
+        self.broker.flow = FlowControl.from_config(config)
+        self.connections = ConnectionCounter()  # open connections, total and per subject
         self.protocols: set[BrokerProtocol] = set()
-        self._server: asyncio.Server | None = None
+        self.auth = Authenticator(config)  # AUTH policy; its key is loaded by start()
+        self._server: asyncio.Server | None = None  # plain TCP (config.plain)
+        self._tls_server: asyncio.Server | None = None  # config.tls_cert + tls_key
         self._timer: asyncio.TimerHandle | None = None
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        sock = self._server.sockets[0]
-        return int(sock.getsockname()[1])
+        """The plain listener's port (the TLS one's if there is no plain listener)."""
+        server = self._server or self._tls_server
+        assert server is not None
+        return int(server.sockets[0].getsockname()[1])
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS listener's port, 0 if there is none."""
+        s = self._tls_server
+        return int(s.sockets[0].getsockname()[1]) if s is not None else 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: BrokerProtocol(self), self.config.host, self.config.port, reuse_address=True,
-            backlog=1024,
-        )
-        log.info("conveyor %s listening on %s:%d", VERSION, self.config.host, self.port)
+        cfg = self.config
+        self.auth.open()  # signing key (created on first start), revocation list
+        tls = server_context(cfg)
+        if cfg.plain:
+            self._server = await loop.create_server(
+                lambda: BrokerProtocol(self), cfg.host, cfg.port, reuse_address=True,
+                backlog=1024,
+            )
+            log.info("conveyor %s listening on %s:%d", VERSION, cfg.host, self.port)
+        if tls is not None:
+            self._tls_server = await loop.create_server(
+                lambda: BrokerProtocol(self), cfg.host, cfg.tls_port, reuse_address=True,
+                backlog=1024, ssl=tls, ssl_handshake_timeout=cfg.handshake_timeout_ms / 1000,
+            )
+            log.info("conveyor %s listening for TLS on %s:%d%s", VERSION, cfg.host,
+                     self.tls_port, " (client certificates required)" if cfg.tls_ca else "")
         self.broker.timer_hook = self._arm_timer
         self.broker.start_timers()
 
@@ -295,8 +368,9 @@ class BrokerServer:
 
     async def stop(self) -> None:
         """Graceful: stop accepting, CLOSE every connection, wait briefly, then drop them."""
-        if self._server is not None:
-            self._server.close()
+        for srv in (self._server, self._tls_server):
+            if srv is not None:
+                srv.close()
         self.broker.timer_hook = None
         if self._timer is not None:
             self._timer.cancel()
@@ -310,7 +384,8 @@ class BrokerServer:
             for p in protos:
                 if p.transport is not None and not p._close_ok.done():
                     p.transport.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for srv in (self._server, self._tls_server):
+            if srv is not None:
+                await srv.wait_closed()
         self.broker.store.close()
         log.info("conveyor stopped")

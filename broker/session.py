@@ -16,7 +16,9 @@ from typing import Any
 
 from broker.auth import ANONYMOUS, Principal
 from broker.core import Broker
-from broker.message import Message, QueuedMessage, message_size
+from broker.flow import PublisherFlow
+from broker.limits import check_seq_range, publish_size
+from broker.message import Message, QueuedMessage
 from broker.pager import Pager
 from broker.queue import Consumer, Queue
 from protocol import (
@@ -107,8 +109,11 @@ class Session:
         self._conf_last = 0
         self.closed = False
         self.published = 0
+        self.published_bytes = 0  # body bytes of all publishes (publish credit, broker.flow)
         # Set by the transport after AUTH: permissions and publish rate come from it.
         self.principal: Principal = ANONYMOUS
+        # Publish credit (broker.flow); inactive until the transport opens it after OPEN_OK.
+        self.flow = PublisherFlow(self)
         # Earliest ack deadline among unacked deliveries (0 = none): the broker's sweep
         # skips this session until then.
         self.min_deadline = 0
@@ -211,10 +216,13 @@ class Session:
 
     # ------------------------------------------------------------------ publish
     def _on_publish(self, f: Publish) -> None:
+        self.published_bytes += len(f.body)
         self._publish(f.seq, f.exchange, f.routing_key, f.properties, f.body, f.mandatory)
 
     def _on_publish_batch(self, f: PublishBatch) -> None:
         seq = f.first_seq
+        check_seq_range(seq, len(f.entries))  # 501 if the seqs pass 2^64-1
+        self.published_bytes += sum([len(e.body) for e in f.entries])
         publish = self._publish
         for e in f.entries:
             publish(seq, e.exchange, e.routing_key, e.properties, e.body, e.mandatory)
@@ -226,10 +234,12 @@ class Session:
         broker = self.broker
         self.published += 1
         try:
+            if self.principal.permissions is not None:  # a token's; decided once per name
+                self.principal.check_publish(exchange, routing_key)
             failed = broker.store.failed
             if failed is not None:
                 raise ResourceError(f"the broker cannot write its log ({failed}); retry later")
-            size = message_size(properties, body)
+            size = publish_size(broker.limits, properties, body)  # max_headers, header bytes
             if size > broker.max_message_size:
                 raise MessageTooLarge(
                     f"message of {len(body)} bytes exceeds the maximum of "
@@ -237,7 +247,8 @@ class Session:
             targets = broker.route(exchange, routing_key)
             if broker.limited:  # some queue has overflow reject-publish
                 targets = list(targets)
-                broker.check_capacity(targets, size)
+                self.flow.note(targets)  # a full one withholds publish credit
+                broker.check_capacity(targets, size, properties.get("message_id"))
         except RequestError as exc:
             if seq:
                 self._nack(seq, exc)
@@ -273,6 +284,9 @@ class Session:
             confirms = self._confirms
             self._confirms = []
             self.broker.store.commit(lambda err: self._send_confirms(confirms, err))
+        flow = self.flow
+        if flow.active and flow.seen != self.published:
+            flow.after_batch()  # top up publish credit, or hold reading if overdrawn
 
     def _send_confirms(self, confirms: list[list[Any]], err: BaseException | None) -> None:
         if self.closed:
@@ -427,43 +441,51 @@ class Session:
 
     # ------------------------------------------------------------------ requests
     def _exchange_declare(self, f: ExchangeDeclare) -> Frame:
+        self.principal.require_declare("exchange", f.exchange, f.passive)
         self.broker.declare_exchange(f.exchange, f.type, durable=f.durable,
                                      auto_delete=f.auto_delete, passive=f.passive,
                                      arguments=f.arguments)
         return Ok(f.rid)
 
     def _exchange_delete(self, f: ExchangeDelete) -> Frame:
+        self.principal.require("configure", "exchange", f.exchange)
         self.broker.delete_exchange(f.exchange, if_unused=f.if_unused)
         return Ok(f.rid)
 
     def _queue_declare(self, f: QueueDeclare) -> Frame:
+        self.principal.require_declare("queue", f.queue, f.passive)
         q = self.broker.declare_queue(self.id, f.queue, durable=f.durable, exclusive=f.exclusive,
                                       auto_delete=f.auto_delete, passive=f.passive,
                                       arguments=f.arguments)
         return QueueDeclareOk(f.rid, q.name, q.ready, len(q.consumers))
 
     def _queue_delete(self, f: QueueDelete) -> Frame:
+        self.principal.require("configure", "queue", f.queue)
         n = self.broker.delete_queue(self.id, f.queue, if_unused=f.if_unused,
                                      if_empty=f.if_empty)
         return MessageCountOk(f.rid, n)
 
     def _queue_purge(self, f: QueuePurge) -> Frame:
+        self.principal.require("configure", "queue", f.queue)
         return MessageCountOk(f.rid, self.broker.purge_queue(self.id, f.queue))
 
     def _bind(self, f: Bind) -> Frame:
+        self.principal.require_bind(f.exchange, f.queue)
         self.broker.bind(self.id, f.exchange, f.queue, f.routing_key, f.arguments)
         return Ok(f.rid)
 
     def _unbind(self, f: Unbind) -> Frame:
+        self.principal.require_bind(f.exchange, f.queue)
         self.broker.unbind(self.id, f.exchange, f.queue, f.routing_key)
         return Ok(f.rid)
 
     def _list(self, f: List) -> Frame:
-        return ListOk(f.rid, self.broker.list(f.kind))
+        return ListOk(f.rid, self.principal.visible(f.kind, self.broker.list(f.kind)))
 
     def _consume(self, f: ConsumeFrame) -> Frame:
         if f.arguments:
             raise InvalidArgument(f"unknown consumer argument {next(iter(f.arguments))!r}")
+        self.principal.require("read", "queue", f.queue)
         q = self.broker.get_queue(f.queue, self.id)
         tag = f.consumer_tag
         if not tag:
@@ -491,6 +513,7 @@ class Session:
         if not 1 <= f.max_messages <= GET_MAX:
             raise InvalidArgument(f"max_messages must be 1..{GET_MAX}",
                                   {"max_messages": f.max_messages})
+        self.principal.require("read", "queue", f.queue)
         q = self.broker.get_queue(f.queue, self.id)
         q.last_used = self.broker.clock()
         budget = self.max_frame_size - 1024
@@ -536,6 +559,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self.flow.close()
         settled = list(self.unacked.values())
         self.unacked.clear()
         self._refuse(settled, requeue=True)

@@ -1,6 +1,7 @@
 """``mq-cli``: run the broker and talk to it from the shell.
 
-Every client command takes ``--url`` (default ``mq://127.0.0.1:5680``, or $CONVEYOR_URL).
+Every client command takes ``--url`` (default ``mq://127.0.0.1:5680``, or $CONVEYOR_URL),
+plus ``--tls-ca/--tls-cert/--tls-key`` for ``mqs://`` URLs and ``--token`` (cli.security).
 Exit status 0 on success; otherwise one line on stderr and a non-zero status:
 1 = the broker refused (with its error name and code), 2 = usage, 3 = cannot connect /
 connection lost, 4 = timed out.
@@ -18,15 +19,25 @@ from typing import Any, TypeVar
 
 import click
 
+from cli.certs import gen_certs
+from cli.flow_flags import flow_options
+from cli.limit_flags import limit_options
+from cli.security import client_options, connect_options, security_options
+from cli.tokens import token as token_group
 from protocol import DEFAULT_PORT
 
 T = TypeVar("T")
 DEFAULT_URL = f"mq://127.0.0.1:{DEFAULT_PORT}"
 
-url_option = click.option(
+_url_flag = click.option(
     "--url", envvar="CONVEYOR_URL", default=DEFAULT_URL, show_default=True,
-    help="Broker URL (env CONVEYOR_URL).",
+    help="Broker URL: mq://[TOKEN@]host:port, or mqs:// for TLS (env CONVEYOR_URL).",
 )
+
+
+def url_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--url plus the TLS and token flags every client command shares (cli.security)."""
+    return client_options(_url_flag(f))
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -57,7 +68,10 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 async def _connect(url: str) -> Any:
     from client import connect
 
-    return await connect(url, reconnect=False, timeout=10)
+    try:
+        return await connect(url, reconnect=False, timeout=10, **connect_options(url))
+    except OSError as exc:  # connecting failed is ConnectionClosed: this is a TLS file
+        raise ValueError(f"cannot load TLS settings: {exc}") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,11 +105,14 @@ def cli() -> None:
 @click.option("--repair", is_flag=True, default=None,
               help="Start even if the log is damaged mid-file: replay up to the damage and "
                    "set the damaged segment aside as *.corrupt.")
+@limit_options
+@flow_options
+@security_options
 def server(host: str | None, port: int | None, data_dir: str | None, config_path: str | None,
            max_frame_size: int | None, max_message_size: int | None, heartbeat_ms: int | None,
            log_level: str | None, fsync: str | None, fsync_interval_ms: int | None,
            snapshot_bytes: int | None, segment_bytes: int | None, memory_budget: int | None,
-           repair: bool | None) -> None:
+           repair: bool | None, **limits: int | None) -> None:
     """Run the broker in the foreground until SIGTERM / Ctrl-C."""
     from broker import config as config_mod
     from broker.app import run
@@ -107,7 +124,7 @@ def server(host: str | None, port: int | None, data_dir: str | None, config_path
                               heartbeat_ms=heartbeat_ms, log_level=log_level, fsync=fsync,
                               fsync_interval_ms=fsync_interval_ms, snapshot_bytes=snapshot_bytes,
                               segment_bytes=segment_bytes, memory_budget=memory_budget,
-                              repair=repair)
+                              repair=repair, **limits)
     except config_mod.ConfigError as exc:
         click.echo(f"mq-cli: {exc}", err=True)
         sys.exit(2)
@@ -281,6 +298,9 @@ cli.command("exchanges", help="List exchanges.")(
     _listing("exchanges", ["name", "type", "durable", "auto_delete", "bindings"]))
 cli.command("bindings", help="List bindings.")(
     _listing("bindings", ["exchange", "queue", "routing_key"]))
+cli.command("connections", help="List connections with publish credit and why it is withheld.")(
+    _listing("connections", ["id", "peer", "subject", "credit_messages", "blocked",
+                             "published"]))
 
 
 # ---------------------------------------------------------------------- messaging
@@ -513,6 +533,10 @@ def _death_queue(msg: Any) -> str | None:
     deaths = msg.deaths
     queue = deaths[0].get("queue") if deaths else None
     return queue if isinstance(queue, str) and queue else None
+
+
+cli.add_command(gen_certs)
+cli.add_command(token_group)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 import time
 import uuid
 from asyncio import InvalidStateError
@@ -34,6 +35,7 @@ import msgpack
 from client.consumer import Consumer
 from client.errors import Backpressure, ConnectionClosed, PublishTimeout, RequestTimeout
 from client.message import PROPERTY_NAMES, Message, Origin
+from client.tls import tls_context
 from client.url import URL, parse_url
 from protocol import Ack as AckFrame
 from protocol import (
@@ -65,6 +67,7 @@ from protocol import (
     OpenOk,
     Publish,
     PublishBatch,
+    PublishCredit,
     QueueDeclare,
     QueueDeclareOk,
     QueueDelete,
@@ -155,11 +158,33 @@ class OutgoingMessage:
 
 class _Sized(list[Entry]):
     """Entries that share exchange, routing key and properties, with their total weight
-    (see ``_ENTRY_WEIGHT``) and the size of the largest body plus headers."""
+    (see ``_ENTRY_WEIGHT``), the size of the largest body plus headers and the total of
+    their body lengths (what they cost in publish credit)."""
 
-    __slots__ = ("largest", "size")
+    __slots__ = ("bodies", "largest", "size")
     size: int
     largest: int
+    bodies: int
+
+
+def _body_bytes(entries: Sequence[Entry]) -> int:
+    """Publish credit in bytes that ``entries`` use: the sum of their body lengths."""
+    if type(entries) is _Sized:
+        return entries.bodies
+    return sum([len(e[3]) for e in entries])
+
+
+def _credit_fit(entries: Sequence[Entry], start: int, messages: int,
+                nbytes: int) -> tuple[int, int]:
+    """How many of ``entries[start:]`` the credit allows (each needs a message and byte
+    credit > 0 before it; the last may overdraw the bytes), and their body bytes."""
+    k = used = 0
+    for i in range(start, min(len(entries), start + messages)):
+        if nbytes - used <= 0:
+            break
+        used += len(entries[i][3])
+        k += 1
+    return k, used
 
 
 class _Pending:
@@ -355,6 +380,20 @@ class _Protocol(asyncio.Protocol):
         self.last_recv = time.monotonic()
         self.max_frame_size = 0
         self.fit_limit = 1 << 62  # estimated sizes above this are measured by _check_fits
+        # Publish credit of this connection (PUBLISH_CREDIT adds, each publish uses one
+        # message and len(body) bytes) and the broker's reason for withholding it.
+        self.credit_messages = 0
+        self.credit_bytes = 0
+        self.blocked = ""
+        self.credited = asyncio.Event()
+        self.open_ok: OpenOk | None = None
+
+    def add_credit(self, f: PublishCredit) -> None:
+        self.credit_messages += f.messages
+        self.credit_bytes += f.bytes
+        self.blocked = f.blocked
+        if self.credit_messages > 0 and self.credit_bytes > 0:
+            self.credited.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -465,7 +504,7 @@ class _Protocol(asyncio.Protocol):
         for i, f in enumerate(frames):
             if isinstance(f, Hello):
                 o = self.owner
-                auth = Auth("token" if o.url.token else "anonymous", o.url.token,
+                auth = Auth("token" if o.token else "anonymous", o.token,
                             {"library": "conveyor-py", "version": "0.1.0",
                              "connection_name": o.name}, o.max_frame_size, o.heartbeat_ms)
                 assert self.transport is not None
@@ -474,9 +513,14 @@ class _Protocol(asyncio.Protocol):
                 self.max_frame_size = f.max_frame_size
                 if f.max_frame_size:
                     self.fit_limit = f.max_frame_size - 4096
+                self.open_ok = f  # open once the initial PUBLISH_CREDIT (next) is in
+            elif self.open_ok is not None and not isinstance(f, HeartbeatFrame):
+                if isinstance(f, PublishCredit):
+                    self.add_credit(f)
+                    i += 1
                 if not self.handshake.done():
-                    self.handshake.set_result(f)
-                rest = frames[i + 1:]
+                    self.handshake.set_result(self.open_ok)
+                rest = frames[i:]
                 break
             elif isinstance(f, Error):
                 exc = error_for_code(f.code, f.message, f.details)
@@ -502,6 +546,7 @@ class _Protocol(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         self.drained.set()
+        self.credited.set()  # publishers waiting for credit go on to wait for a reconnect
         self.owner._on_lost(self, exc)
 
     def pause_writing(self) -> None:
@@ -542,8 +587,16 @@ class Connection:
         max_frame_size: int = 0,
         max_unconfirmed: int = 65536,
         timeout: float = 30.0,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
         self.url: URL = parse_url(url)
+        # AUTH: mechanism "token" with this token (else from the URL), else "anonymous".
+        self.token = token if token is not None else self.url.token
+        self._ssl = tls_context(self.url.tls, ssl_context, ca, cert, key)  # mqs:// only
         self.name = name
         self.reconnect = reconnect
         self.reconnect_max_delay = reconnect_max_delay
@@ -603,7 +656,9 @@ class Connection:
         self._new_future = loop.create_future
         try:
             _t, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), self.url.host, self.url.port),
+                loop.create_connection(
+                    lambda: _Protocol(self), self.url.host, self.url.port, ssl=self._ssl,
+                    ssl_handshake_timeout=timeout if self._ssl is not None else None),
                 timeout)
             ok = await asyncio.wait_for(proto.handshake, timeout)
         except (OSError, TimeoutError) as exc:
@@ -657,6 +712,10 @@ class Connection:
     # ------------------------------------------------------------------ frame input
     def _on_frames(self, proto: _Protocol, frames: list[Any]) -> None:
         if proto is not self._proto:
+            # The initial PUBLISH_CREDIT may come before _open() has made proto current.
+            for f in frames:
+                if type(f) is PublishCredit:
+                    proto.add_credit(f)
             return
         for f in frames:
             t = type(f)
@@ -688,6 +747,8 @@ class Connection:
                     proto.transport.close()
             elif t is HeartbeatFrame:
                 pass
+            elif t is PublishCredit:
+                proto.add_credit(f)
             else:
                 rid = getattr(f, "rid", None)
                 if t is ConsumeOk:
@@ -1159,7 +1220,8 @@ class Connection:
             entries = _Sized(zip(repeat(exchange, n), repeat(routing_key, n), repeat(base, n),
                                  messages, repeat(mandatory, n), strict=True))
             headers = len(_packb(base["headers"])) if "headers" in base else 0
-            entries.size = sum(map(len, messages)) + n * (_ENTRY_WEIGHT + headers)
+            entries.bodies = sum(map(len, messages))
+            entries.size = entries.bodies + n * (_ENTRY_WEIGHT + headers)
             entries.largest = max(map(len, messages), default=0) + headers
         else:
             entries = []
@@ -1189,25 +1251,47 @@ class Connection:
             raise PublishTimeout(f"no confirm within {timeout}s") from None
 
     async def wait_for_capacity(self, timeout: float | None = None) -> None:
-        """Wait until a publish can be queued: connected, fewer than ``max_unconfirmed``
-        publishes in flight, and the socket not backed up. Raises PublishTimeout."""
+        """Wait until a publish can be queued: connected, publish credit from the broker
+        (see :attr:`blocked`), fewer than ``max_unconfirmed`` publishes in flight, and the
+        socket not backed up. Raises PublishTimeout."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         proto = await self._ready(deadline)
-        while len(self._unconfirmed) >= self.max_unconfirmed or proto.paused:
-            if len(self._unconfirmed) >= self.max_unconfirmed:
-                self._slots.clear()
-                waiter = self._slots.wait()
-            else:
-                waiter = proto.drained.wait()
+        while (len(self._unconfirmed) >= self.max_unconfirmed or proto.paused
+               or proto.credit_messages <= 0 or proto.credit_bytes <= 0):
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise PublishTimeout("broker is not accepting publishes (flow control)")
             try:
+                if remaining <= 0:
+                    raise TimeoutError
+                waiter: Any
+                if len(self._unconfirmed) >= self.max_unconfirmed:
+                    self._slots.clear()
+                    waiter = self._slots.wait()
+                elif proto.paused:
+                    waiter = proto.drained.wait()
+                else:
+                    proto.credited.clear()
+                    waiter = proto.credited.wait()
                 await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
-                raise PublishTimeout("broker is not accepting publishes (flow control)") from None
+                why = f" (publish credit withheld: {proto.blocked})" if proto.blocked else \
+                    " (flow control)"
+                raise PublishTimeout(f"broker is not accepting publishes{why}") from None
             proto = await self._ready(deadline)
+
+    @property
+    def blocked(self) -> str | None:
+        """Why the broker withholds publish credit ("rate", "memory", "disk",
+        "queue-full"), or None while it does not."""
+        proto = self._proto
+        return proto.blocked or None if proto is not None else None
+
+    @property
+    def publish_credit(self) -> tuple[int, int]:
+        """(messages, bytes) this connection may still publish before the broker grants
+        more; (0, 0) while disconnected."""
+        proto = self._proto
+        return (proto.credit_messages, proto.credit_bytes) if proto is not None else (0, 0)
 
     def publish_nowait(self, exchange: str, routing_key: str, body: Body, *,
                        properties: dict[str, Any] | None = None, mandatory: bool = False,
@@ -1216,14 +1300,19 @@ class Connection:
 
         This is the pipelined form of :meth:`publish`: frames queued in one loop turn go
         out as one PUBLISH_BATCH. The future fails like :meth:`publish` does. Raises
-        ``Backpressure`` (nothing queued) when ``max_unconfirmed`` publishes are in flight
-        or the socket is backed up: ``await conn.wait_for_capacity()`` and retry.
+        ``Backpressure`` (nothing queued) when the broker's publish credit is used up
+        (:attr:`blocked` says why it is withheld), ``max_unconfirmed`` publishes are in
+        flight or the socket is backed up: ``await conn.wait_for_capacity()`` and retry.
         """
         proto = self._proto
         if proto is None or not self._accepting:
             raise ConnectionClosed(f"not connected to {self.url}")
         unconfirmed = self._unconfirmed
-        if len(unconfirmed) >= self.max_unconfirmed or proto.paused:
+        if (len(unconfirmed) >= self.max_unconfirmed or proto.paused
+                or proto.credit_messages <= 0 or proto.credit_bytes <= 0):
+            if proto.credit_messages <= 0 or proto.credit_bytes <= 0:
+                raise Backpressure("no publish credit" + (
+                    f" (withheld: {proto.blocked})" if proto.blocked else ""))
             raise Backpressure("too many unconfirmed publishes or socket backed up")
         if props:
             properties = _props(properties, props)
@@ -1238,6 +1327,8 @@ class Connection:
         entry = (exchange, routing_key, properties, body, mandatory)
         if size > proto.fit_limit:
             _check_fits([entry], proto.max_frame_size)  # only large messages are measured
+        proto.credit_messages -= 1
+        proto.credit_bytes -= len(body)
         size += _ENTRY_WEIGHT
         # _enqueue inlined for one message: its bare future is its confirm tracking.
         if self._ack_hi or self._ack_pending:
@@ -1262,21 +1353,62 @@ class Connection:
     async def _publish_many(self, entries: Sequence[Entry],
                             timeout: float | None) -> asyncio.Future[None]:
         proto = self._proto
+        n = len(entries)
         if (proto is None or not self._accepting or proto.paused
-                or len(self._unconfirmed) >= self.max_unconfirmed):
-            await self.wait_for_capacity(timeout)
-            proto = self._proto
-            assert proto is not None
+                or len(self._unconfirmed) >= self.max_unconfirmed
+                or proto.credit_messages < n or proto.credit_bytes <= 0):
+            return await self._publish_paced(entries, timeout)
+        nbytes = _body_bytes(entries)
+        if nbytes - len(entries[-1][3]) >= proto.credit_bytes:
+            return await self._publish_paced(entries, timeout)
+        proto.credit_messages -= n
+        proto.credit_bytes -= nbytes
         return self._enqueue(entries, proto.max_frame_size)
 
-    def _enqueue(self, entries: Sequence[Entry], max_frame: int) -> asyncio.Future[None]:
-        """Assign sequence numbers, register the confirm future, queue the frames."""
-        if type(entries) is not _Sized or entries.largest + 4096 > max_frame:
+    async def _publish_paced(self, entries: Sequence[Entry],
+                             timeout: float | None) -> asyncio.Future[None]:
+        """Queue ``entries`` as publish credit and capacity allow, waiting (up to
+        ``timeout`` in all) in between; one future settles with the last confirm."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        n = len(entries)
+        pending: _Pending | None = None
+        checked = False
+        i = 0
+        while True:
+            await self.wait_for_capacity(max(0.0, deadline - time.monotonic()))
+            if pending is not None and pending.future.done():
+                return pending.future  # failed meanwhile (connection lost): send no more
+            proto = self._proto
+            assert proto is not None
+            if not checked:  # refuse an oversized message before any part is sent
+                if type(entries) is not _Sized or entries.largest + 4096 > proto.max_frame_size:
+                    _check_fits(entries, proto.max_frame_size)
+                checked = True
+            k, nbytes = _credit_fit(entries, i, proto.credit_messages, proto.credit_bytes)
+            proto.credit_messages -= k
+            proto.credit_bytes -= nbytes
+            if pending is None and k == n:
+                return self._enqueue(entries, proto.max_frame_size)
+            if pending is None:
+                loop = self._loop or asyncio.get_running_loop()
+                pending = _Pending(loop.create_future(), n)
+            self._enqueue(entries[i:i + k], proto.max_frame_size, pending)
+            i += k
+            if i >= n:
+                return pending.future
+
+    def _enqueue(self, entries: Sequence[Entry], max_frame: int,
+                 pending: _Pending | None = None) -> asyncio.Future[None]:
+        """Assign sequence numbers, register the confirm future, queue the frames.
+        ``pending``: these entries are part of a larger call tracked by it."""
+        if pending is None and (type(entries) is not _Sized
+                                or entries.largest + 4096 > max_frame):
             _check_fits(entries, max_frame)
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[None] = loop.create_future() if pending is None else pending.future
         if self._ack_hi or self._ack_pending:
             # Acks issued before this publish must reach the broker before it: a confirm
             # then also vouches for the acks (the broker logs in arrival order).
@@ -1288,7 +1420,9 @@ class Connection:
         self._seq += n
         unconfirmed = self._unconfirmed
         idle = not unconfirmed
-        if n == 1:
+        if pending is not None:
+            unconfirmed.update(zip(range(first, first + n), repeat(pending)))
+        elif n == 1:
             unconfirmed[first] = fut
         else:
             unconfirmed.update(zip(range(first, first + n), repeat(_Pending(fut, n))))
@@ -1489,14 +1623,21 @@ _TOPOLOGY_FRAMES: dict[str, Any] = {"exchange": ExchangeDeclare, "queue": QueueD
 
 async def connect(url: str = "mq://127.0.0.1:5680", *, name: str = "", reconnect: bool = True,
                   timeout: float = 30.0, heartbeat_ms: int = 0, max_frame_size: int = 0,
-                  max_unconfirmed: int = 65536) -> Connection:
+                  max_unconfirmed: int = 65536, token: str | None = None,
+                  ssl_context: ssl.SSLContext | None = None, ca: str | None = None,
+                  cert: str | None = None, key: str | None = None) -> Connection:
     """Open a connection (``async with await connect(...) as conn`` closes it cleanly).
 
     ``timeout`` bounds connecting and is the default for requests and publishes.
     ``reconnect`` restores the connection, topology and consumers after a drop.
+    ``token`` authenticates (AUTH mechanism "token"; also ``mq://TOKEN@host``), otherwise
+    the connection is anonymous. ``mqs://`` URLs use TLS: ``ca`` is the CA file that signed
+    the broker's certificate (default: the system's), ``cert``/``key`` this client's
+    certificate for brokers that require one, or pass a ready ``ssl_context``.
     """
     conn = Connection(url, name=name, reconnect=reconnect, heartbeat_ms=heartbeat_ms,
                       max_frame_size=max_frame_size, max_unconfirmed=max_unconfirmed,
-                      timeout=timeout)
+                      timeout=timeout, token=token, ssl_context=ssl_context, ca=ca, cert=cert,
+                      key=key)
     await conn._open(timeout)
     return conn

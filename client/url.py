@@ -1,4 +1,4 @@
-"""Parse ``mq://[token@]host[:port][/]`` URLs."""
+"""Parse ``mq://[token@]host[:port][/]`` and ``mqs://`` (TLS) URLs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from protocol import DEFAULT_PORT
+
+DEFAULT_TLS_PORT = 5681  # mqs:// without a port (the broker's default tls_port)
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ def parse_url(url: str) -> URL:
     if not parts.hostname:
         raise ValueError(f"no host in URL {url!r}")
     try:
-        port = parts.port or DEFAULT_PORT
+        port = parts.port or (DEFAULT_TLS_PORT if parts.scheme == "mqs" else DEFAULT_PORT)
     except ValueError:
         raise ValueError(f"bad port in URL {url!r}") from None
     token = unquote(parts.username or "")

@@ -1391,6 +1391,45 @@ class Return(Frame):
 
 
 @dataclass(frozen=True, slots=True)
+class PublishCredit(Frame):
+    """Publisher flow control: adds credit (messages and body bytes) the client may publish with. Sent right after OPEN_OK, then as credit frees up. No reply."""
+
+    TYPE: ClassVar[int] = 0x24
+    NAME: ClassVar[str] = 'publish_credit'
+    DIRECTION: ClassVar[str] = 'server'
+    messages: int = 0
+    bytes: int = 0
+    blocked: str = ''
+
+    def to_wire(self) -> list[Any]:
+        return [self.messages, self.bytes, self.blocked]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'publish_credit') -> PublishCredit:
+        check_arity(f, 0, 3, where)
+        n = len(f)
+        if n > 0:
+            a0 = f[0]
+            if type(a0) is not int or not 0 <= a0 <= U32_MAX:
+                check_uint(a0, U32_MAX, where + ".messages")
+        else:
+            a0 = 0
+        if n > 1:
+            a1 = f[1]
+            if type(a1) is not int or not 0 <= a1 <= U64_MAX:
+                check_uint(a1, U64_MAX, where + ".bytes")
+        else:
+            a1 = 0
+        if n > 2:
+            a2 = f[2]
+            if type(a2) is not str or len(a2) > NAME_FAST:
+                check_str(a2, NAME_MAX, where + ".blocked")
+        else:
+            a2 = ''
+        return cls(a0, a1, a2)
+
+
+@dataclass(frozen=True, slots=True)
 class Consume(Frame):
     """Start a push consumer on a queue. Reply: CONSUME_OK. Deliveries need credit (CREDIT)."""
 
@@ -1874,6 +1913,7 @@ FRAME_TYPES: dict[int, type[Frame]] = {
     0x21: PublishBatch,
     0x22: Confirm,
     0x23: Return,
+    0x24: PublishCredit,
     0x30: Consume,
     0x31: ConsumeOk,
     0x32: Cancel,
@@ -1890,4 +1930,4 @@ FRAME_TYPES: dict[int, type[Frame]] = {
 }
 
 CLIENT_FRAMES: frozenset[int] = frozenset({0x02, 0x04, 0x05, 0x06, 0x10, 0x11, 0x12, 0x14, 0x15, 0x17, 0x18, 0x19, 0x20, 0x21, 0x30, 0x32, 0x34, 0x37, 0x38, 0x39, 0x3a, 0x3c})
-SERVER_FRAMES: frozenset[int] = frozenset({0x01, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x13, 0x16, 0x1a, 0x22, 0x23, 0x31, 0x33, 0x35, 0x36, 0x3b})
+SERVER_FRAMES: frozenset[int] = frozenset({0x01, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x13, 0x16, 0x1a, 0x22, 0x23, 0x24, 0x31, 0x33, 0x35, 0x36, 0x3b})

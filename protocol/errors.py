@@ -18,12 +18,32 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "DETAIL_STR_MAX",
+    "MESSAGE_MAX",
     "ConveyorError",
     "FatalError",
     "ProtocolError",
     "RequestError",
     "error_for_code",
 ]
+
+
+# Error messages travel as `str` fields (ERROR, CONFIRM nacks) and an ERROR must fit the
+# smallest frame a peer may negotiate (4096 bytes). Messages and string details often echo
+# what a peer sent (a table key, an argument value) which may be up to a frame long, so
+# they are clipped: message to MESSAGE_MAX bytes of UTF-8, string details to DETAIL_STR_MAX.
+MESSAGE_MAX = 1024
+DETAIL_STR_MAX = 256
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (ending in "...") if longer."""
+    if len(text) * 4 <= limit:
+        return text
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", "ignore") + "..."
 
 
 class ConveyorError(Exception):
@@ -38,8 +58,12 @@ class ConveyorError(Exception):
     _registry: ClassVar[dict[int, type[ConveyorError]]] = {}
 
     def __init__(self, message: str = "", details: dict[str, Any] | None = None) -> None:
-        super().__init__(message or self.name)
-        self.message = message or self.name
+        message = clip(message, MESSAGE_MAX) if message else self.name
+        super().__init__(message)
+        self.message = message
+        if details:
+            details = {k: clip(v, DETAIL_STR_MAX) if type(v) is str else v
+                       for k, v in details.items()}
         self.details: dict[str, Any] = details or {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -1,7 +1,8 @@
 """Run a real broker process for tests: free port, temp data dir, always stopped.
 
 The broker is started with ``--port 0``; its first stdout line names the port it bound,
-so there is no race between picking a port and binding it.
+so there is no race between picking a port and binding it. A broker with a TLS listener
+(``--tls-cert``/``--tls-key``, e.g. ``--tls-port 0``) prints its line first: ``tls_port``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 LISTEN_RE = re.compile(rb"conveyor listening on ([\d.]+):(\d+)")
+TLS_LISTEN_RE = re.compile(rb"conveyor tls listening on ([\d.]+):(\d+)")
 
 
 class BrokerProcess:
@@ -24,11 +26,16 @@ class BrokerProcess:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.tls_port = 0  # the TLS listener's, if the broker has one
         self.log_path = data_dir.parent / f"{data_dir.name}-broker.log"
 
     @property
     def url(self) -> str:
         return f"mq://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqs://127.0.0.1:{self.tls_port}"
 
     def start(self, port: int = 0) -> BrokerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -42,6 +49,12 @@ class BrokerProcess:
         line = b""
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
+            m_tls = TLS_LISTEN_RE.search(line)
+            if m_tls:
+                self.tls_port = int(m_tls.group(2))
+                if "--no-plain" in self.extra:
+                    return self
+                continue
             m = LISTEN_RE.search(line)
             if m:
                 self.port = int(m.group(2))

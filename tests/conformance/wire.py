@@ -338,6 +338,12 @@ class Conn:
         self.heartbeats = 0
         self.hello: Frame | None = None
         self.open_ok: Frame | None = None
+        # Publish credit (section 12, "Publisher flow control"): the sum of every
+        # PUBLISH_CREDIT received minus what send_publish used; recv() folds them in.
+        self.credit_messages = 0
+        self.credit_bytes = 0
+        self.blocked = ""
+        self.credit_frames: list[Frame] = []
 
     # -- output
     def send(self, data: bytes) -> None:
@@ -383,14 +389,24 @@ class Conn:
         return self.pending.popleft()
 
     def recv(self, timeout: float | None = None) -> Frame:
-        """Next frame that is not a HEARTBEAT (heartbeats are counted)."""
+        """Next frame that is not a HEARTBEAT or PUBLISH_CREDIT (heartbeats are counted,
+        credit is added to ``credit_messages`` / ``credit_bytes``)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             f = self.recv_any(max(0.0, deadline - time.monotonic()))
             if f.kind == "heartbeat":
                 self.heartbeats += 1
                 continue
+            if f.kind == "publish_credit":
+                self.add_credit(f)
+                continue
             return f
+
+    def add_credit(self, f: Frame) -> None:
+        self.credit_frames.append(f)
+        self.credit_messages += f["messages"]
+        self.credit_bytes += f["bytes"]
+        self.blocked = f["blocked"]
 
     def expect(self, kind: str, timeout: float | None = None, **fields: Any) -> Frame:
         """Next non-heartbeat frame must be ``kind`` with the given field values."""
@@ -415,7 +431,9 @@ class Conn:
                 f = self.recv_any(max(0.0, deadline - time.monotonic()))
             except Closed:
                 return got
-            if f.kind != "heartbeat":
+            if f.kind == "publish_credit":
+                self.add_credit(f)
+            elif f.kind != "heartbeat":
                 got.append(f)
 
     def expect_fatal(self, err: int, timeout: float | None = None) -> Frame:
@@ -448,6 +466,14 @@ class Conn:
         self.open_ok = self.expect("open_ok")
         # From now on both sides use the negotiated cap: the server must respect it too.
         self.dec.max_frame_size = self.open_ok["max_frame_size"]
+        # Section 12: the initial PUBLISH_CREDIT is the frame right after OPEN_OK.
+        while True:
+            f = self.recv_any()
+            if f.kind != "heartbeat":
+                break
+            self.heartbeats += 1
+        assert f.kind == "publish_credit", f"expected PUBLISH_CREDIT after OPEN_OK, got {f!r}"
+        self.add_credit(f)
         return self.open_ok
 
     def request(self, kind: str, rid: int, *values: Any, timeout: float | None = None) -> Frame:

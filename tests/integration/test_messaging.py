@@ -590,7 +590,7 @@ async def test_properties_arrive_unchanged(conn: client.Connection) -> None:
     }
     await conn.publish("", "props", b'{"id": 1}', properties=props)
     await conn.publish("", "props", b"kw", message_id="m2", priority=0,
-                       headers={"x": "y"}, ttl=1)
+                       headers={"x": "y"}, ttl=60_000)  # (a ttl is honoured: not 1 ms)
     await conn.publish("", "props", b"")
     consumer = await conn.consume("props")
     m1, m2, m3 = await take(consumer, 3)
@@ -598,7 +598,8 @@ async def test_properties_arrive_unchanged(conn: client.Connection) -> None:
     assert m1.body == b'{"id": 1}'
     assert (m1.message_id, m1.correlation_id, m1.reply_to) == ("msg-1", "corr-42", "somewhere")
     assert m1.headers == props["headers"]
-    assert m2.properties == {"message_id": "m2", "priority": 0, "headers": {"x": "y"}, "ttl": 1}
+    assert m2.properties == {"message_id": "m2", "priority": 0, "headers": {"x": "y"},
+                             "ttl": 60_000}
     assert (m3.body, m3.properties) == (b"", {})
     for m in (m1, m2, m3):
         m.ack()

@@ -1,0 +1,184 @@
+"""Resource limits: what one message, one connection and the whole broker may use.
+
+Each limit is a ``Config`` setting (TOML or ``mq-cli server --flag``) and each refusal
+is a typed error from the spec's error table (spec/PROTOCOL.md, "Limits"):
+
+=============================  ========  ==========================================
+setting                        default   refusal
+=============================  ========  ==========================================
+max_headers                    128       publish nacked, 400 invalid-argument
+max_header_bytes               65536     publish nacked, 413 message-too-large
+max_connections                10000     AUTH answered ERROR 506 resource-error, close
+max_connections_per_subject    1000      AUTH answered ERROR 506 resource-error, close
+max_queues                     10000     QUEUE_DECLARE fails with 506 resource-error
+max_consumers_per_connection   1000      CONSUME fails with 506 resource-error
+=============================  ========  ==========================================
+
+Every refusal names the limit in ``details["limit"]`` together with its value, so a
+client can tell which limit it hit. Limits that existed before (frame size, message size,
+name lengths, the handshake timeout, heartbeats) stay where they were; see the spec.
+
+Nothing here touches sockets: the transport, the session and the broker model call the
+checks below at the point where a resource would be taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from protocol import InvalidArgument, MalformedFrame, MessageTooLarge, ResourceError
+
+DEFAULT_MAX_HEADERS = 128
+DEFAULT_MAX_HEADER_BYTES = 64 << 10
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_CONNECTIONS_PER_SUBJECT = 1_000
+DEFAULT_MAX_QUEUES = 10_000
+DEFAULT_MAX_CONSUMERS_PER_CONNECTION = 1_000
+
+U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits in force; every value is >= 1 (``broker.config.Config.validate``)."""
+
+    max_headers: int = DEFAULT_MAX_HEADERS
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_subject: int = DEFAULT_MAX_CONNECTIONS_PER_SUBJECT
+    max_queues: int = DEFAULT_MAX_QUEUES
+    max_consumers_per_connection: int = DEFAULT_MAX_CONSUMERS_PER_CONNECTION
+
+    @classmethod
+    def from_config(cls, config: Any) -> Limits:
+        """The limits named in a ``Config`` (fields of the same names)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+# (setting, help) for the CLI flags and the config validation, in documentation order.
+SETTINGS: tuple[tuple[str, str], ...] = (
+    ("max_headers", "Most application headers per message (publish nacked 400)"),
+    ("max_header_bytes", "Largest encoded headers map per message (publish nacked 413)"),
+    ("max_connections", "Most open connections in total (AUTH refused 506)"),
+    ("max_connections_per_subject",
+     "Most open connections per authenticated subject (AUTH refused 506)"),
+    ("max_queues", "Most queues in the broker (QUEUE_DECLARE refused 506)"),
+    ("max_consumers_per_connection", "Most consumers on one connection (CONSUME refused 506)"),
+)
+
+
+def validate(config: Any) -> str | None:
+    """A one-line complaint about the limit settings of ``config``, or None."""
+    for name, _help in SETTINGS:
+        if getattr(config, name) < 1:
+            return f"{name} must be >= 1"
+    return None
+
+
+# ---------------------------------------------------------------------- per message
+def publish_size(limits: Limits, properties: dict[str, Any], body: bytes) -> int:
+    """Check a published message's headers; return its size (as ``message_size``).
+
+    Raises InvalidArgument (400) for too many headers and MessageTooLarge (413) for an
+    encoded headers map over ``max_header_bytes``.
+    """
+    headers = properties.get("headers")
+    if not headers:
+        return len(body)
+    n = len(headers)
+    if n > limits.max_headers:
+        raise InvalidArgument(
+            f"message has {n} headers; the maximum is {limits.max_headers} (max_headers)",
+            {"limit": "max_headers", "max_headers": limits.max_headers, "headers": n})
+    try:
+        size = len(_packb(headers))
+    except (ValueError, OverflowError, TypeError) as exc:  # nesting beyond the packer's
+        raise InvalidArgument(f"headers cannot be stored: {exc}",
+                              {"limit": "max_header_bytes"}) from None
+    if size > limits.max_header_bytes:
+        raise MessageTooLarge(
+            f"headers of {size} bytes exceed the maximum of {limits.max_header_bytes} "
+            "(max_header_bytes)",
+            {"limit": "max_header_bytes", "max_header_bytes": limits.max_header_bytes,
+             "header_bytes": size})
+    return len(body) + size
+
+
+def check_seq_range(first_seq: int, entries: int) -> None:
+    """PUBLISH_BATCH entry i has seq first_seq + i: every one must fit a uint64 (else 501:
+    the CONFIRM for it could not be encoded)."""
+    if first_seq and first_seq + entries - 1 > U64_MAX:
+        raise MalformedFrame(
+            f"publish_batch: sequence numbers {first_seq}.. of {entries} entries pass 2^64-1",
+            {"first_seq": first_seq, "entries": entries})
+
+
+# ---------------------------------------------------------------------- broker model
+def check_queue_count(limits: Limits, queues: int) -> None:
+    """Before creating a queue while ``queues`` exist (506 at the limit)."""
+    if queues >= limits.max_queues:
+        raise ResourceError(
+            f"the broker already has {queues} queues; the maximum is {limits.max_queues} "
+            "(max_queues)", {"limit": "max_queues", "max_queues": limits.max_queues})
+
+
+def check_consumer_count(limits: Limits, consumers: int) -> None:
+    """Before adding a consumer to a connection that has ``consumers`` (506 at the limit)."""
+    if consumers >= limits.max_consumers_per_connection:
+        raise ResourceError(
+            f"this connection already has {consumers} consumers; the maximum is "
+            f"{limits.max_consumers_per_connection} (max_consumers_per_connection)",
+            {"limit": "max_consumers_per_connection",
+             "max_consumers_per_connection": limits.max_consumers_per_connection})
+
+
+# ---------------------------------------------------------------------- connections
+class ConnectionCounter:
+    """Open connections, in total and per subject, admitted at AUTH and released on close.
+
+    ``key`` is whatever identifies a connection to the caller (the transport protocol
+    object); releasing a key that was never admitted is a no-op, so the transport can
+    release unconditionally when a connection goes.
+    """
+
+    def __init__(self) -> None:
+        self._subjects: dict[object, str] = {}
+        self.per_subject: dict[str, int] = {}
+
+    @property
+    def total(self) -> int:
+        return len(self._subjects)
+
+    def admit(self, limits: Limits, key: object, subject: str) -> None:
+        """Count ``key`` as an open connection of ``subject``, or raise ResourceError."""
+        if key in self._subjects:
+            return
+        if self.total >= limits.max_connections:
+            raise ResourceError(
+                f"the broker already has {self.total} open connections; the maximum is "
+                f"{limits.max_connections} (max_connections)",
+                {"limit": "max_connections", "max_connections": limits.max_connections})
+        n = self.per_subject.get(subject, 0)
+        if n >= limits.max_connections_per_subject:
+            raise ResourceError(
+                f"{subject!r} already has {n} open connections; the maximum is "
+                f"{limits.max_connections_per_subject} (max_connections_per_subject)",
+                {"limit": "max_connections_per_subject", "subject": subject,
+                 "max_connections_per_subject": limits.max_connections_per_subject})
+        self._subjects[key] = subject
+        self.per_subject[subject] = n + 1
+
+    def release(self, key: object) -> None:
+        subject = self._subjects.pop(key, None)
+        if subject is None:
+            return
+        n = self.per_subject[subject] - 1
+        if n:
+            self.per_subject[subject] = n
+        else:
+            del self.per_subject[subject]
