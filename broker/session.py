@@ -148,6 +148,7 @@ class Session:
     def handle(self, frames: list[Frame]) -> None:
         """Act on a batch of frames (connection frames are handled by the transport)."""
         handlers = self._handlers
+        deferred: list[tuple[int, Frame]] | None = None
         for frame in frames:
             h = handlers.get(frame.TYPE)
             if h is not None:
@@ -160,6 +161,7 @@ class Session:
             if req is None:
                 continue  # CLOSE/CLOSE_OK are the transport's
             rid: int = frame.rid  # type: ignore[attr-defined]
+            logged = len(self.broker.journal)
             try:
                 reply = req(frame)
             except RequestError as exc:
@@ -170,9 +172,30 @@ class Session:
                 log.exception("bug handling %s on %s", frame.NAME, self.id)
                 err = InternalError(f"internal error handling {frame.NAME}")
                 reply = Error(rid, err.code, err.message, {})
-            self.out.append(encode(reply))
+            if deferred is None and len(self.broker.journal) > logged:
+                deferred = []  # a durable change: reply once its record is on disk
+            if deferred is not None:
+                deferred.append((rid, reply))
+            else:
+                self.out.append(encode(reply))
         self._end_batch()
+        if deferred:
+            replies = deferred
+            self.broker.store.commit(lambda err: self._send_replies(replies, err))
         self.broker.mark_session(self)
+
+    def _send_replies(self, replies: list[tuple[int, Frame]], err: BaseException | None) -> None:
+        """Replies held back until the topology change they confirm was logged; later
+        replies of the same batch wait with them, so replies keep their order."""
+        if self.closed:
+            return
+        for rid, reply in replies:
+            if err is not None and not isinstance(reply, Error):
+                reply = Error(rid, ResourceError.code,
+                              f"done but not yet on disk ({err}); retry the request", {})
+            self.out.append(encode(reply))
+        self.broker.mark_session(self)
+        self.broker.pump_soon()
 
     def send(self, frame: Frame) -> None:
         self.out.append(encode(frame))
