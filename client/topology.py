@@ -1,0 +1,209 @@
+"""Topology: declares, deletes, bindings and listings, and their restore on reconnect.
+
+Every declare and bind that succeeds is remembered (in first-declared order; deletes
+forget it), so that after a reconnect :meth:`_TopologyMixin._restore` can rebuild what
+the application relied on before anything else is sent on the new connection.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from client._protocol import _Protocol
+from client.consumer import Consumer
+from client.errors import ConnectionClosed, RequestTimeout
+from protocol import (
+    Bind,
+    ConveyorError,
+    ExchangeDeclare,
+    ExchangeDelete,
+    Frame,
+    List,
+    ListOk,
+    MessageCountOk,
+    QueueDeclare,
+    QueueDeclareOk,
+    QueueDelete,
+    QueuePurge,
+    Unbind,
+)
+
+log = logging.getLogger("conveyor.client")
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """Reply to a queue declare."""
+
+    name: str
+    message_count: int
+    consumer_count: int
+
+
+def _queue_arguments(arguments: dict[str, Any] | None,
+                     typed: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` with the typed declare_queue parameters that were given merged in."""
+    args = dict(arguments or {})
+    for k, v in typed.items():
+        if v is None:
+            continue
+        if k in args and args[k] != v:
+            raise ValueError(f"queue argument {k!r} given twice: {args[k]!r} and {v!r}")
+        args[k] = v
+    return args
+
+
+# The frame that re-declares each kind of remembered topology (see _restore).
+_TOPOLOGY_FRAMES: dict[str, Any] = {"exchange": ExchangeDeclare, "queue": QueueDeclare,
+                                     "bind": Bind}
+
+
+class _TopologyMixin:
+    """The topology part of :class:`client.connection.Connection`."""
+
+    # Connection state this concern shares (set in Connection.__init__).
+    timeout: float
+    restore_errors: builtins.list[str]
+    _proto: _Protocol | None
+    _rids: itertools.count[int]
+    _consumers: dict[str, Consumer]
+    _topology: dict[tuple[Any, ...], tuple[str, dict[str, Any]]]
+
+    if TYPE_CHECKING:  # defined by the connection and the consuming concern
+        async def _request(self, frame: Frame, timeout: float | None = None,
+                           internal: bool = False) -> Frame: ...
+        async def _start_consumer(self, c: Consumer, internal: bool = False) -> None: ...
+
+    async def declare_exchange(self, name: str, type: str = "direct", *, durable: bool = True,
+                               auto_delete: bool = False, passive: bool = False,
+                               arguments: dict[str, Any] | None = None) -> None:
+        """Declare an exchange (direct, topic or fanout); idempotent for equal settings."""
+        kw: dict[str, Any] = {
+            "exchange": name, "type": type, "durable": durable, "auto_delete": auto_delete,
+            "passive": passive, "arguments": arguments or {}}
+        await self._request(ExchangeDeclare(next(self._rids), **kw))
+        if not passive:
+            self._topology[("exchange", name)] = ("exchange", kw)
+
+    async def delete_exchange(self, name: str, *, if_unused: bool = False) -> None:
+        await self._request(ExchangeDelete(next(self._rids), name, if_unused))
+        self._topology.pop(("exchange", name), None)
+        for key in [k for k in self._topology if k[0] == "bind" and k[1] == name]:
+            del self._topology[key]
+
+    async def declare_queue(
+        self, name: str = "", *, durable: bool = True, exclusive: bool = False,
+        auto_delete: bool = False, passive: bool = False,
+        arguments: dict[str, Any] | None = None,
+        ack_timeout_ms: int | None = None, delivery_limit: int | None = None,
+        dead_letter_exchange: str | None = None, dead_letter_routing_key: str | None = None,
+        message_ttl_ms: int | None = None, expires_ms: int | None = None,
+        max_priority: int | None = None, max_length: int | None = None,
+        max_length_bytes: int | None = None,
+        overflow: Literal["drop-head", "reject-publish"] | None = None,
+        dedup_window_ms: int | None = None, single_active_consumer: bool | None = None,
+    ) -> QueueInfo:
+        """Declare a queue; an empty name asks the broker to pick a unique one.
+
+        The queue arguments (see the spec's table) are keyword parameters, so a misspelt
+        one fails here rather than at the broker; those left None are not sent (the
+        broker's default applies). ``arguments`` still takes them as a map; naming one
+        both ways with different values is a ``ValueError``. Redeclaring with different
+        arguments fails with ``PreconditionFailed``.
+
+        - ``ack_timeout_ms``: unacked this long, a delivery returns to the queue (0 = never)
+        - ``delivery_limit``: dead-letter a message after this many deliveries
+        - ``dead_letter_exchange`` / ``dead_letter_routing_key``: where dead letters go
+        - ``message_ttl_ms``: messages expire this long after enqueue
+        - ``expires_ms``: delete the queue after this long unused
+        - ``max_priority``: 1..9 enables priority order (0 = FIFO)
+        - ``max_length`` / ``max_length_bytes``: bound the ready messages
+        - ``overflow``: at the bound, dead-letter the oldest ("drop-head") or nack the
+          publish with ``QueueFull`` ("reject-publish")
+        - ``dedup_window_ms``: drop a message_id seen within this window
+        - ``single_active_consumer``: deliver to one consumer at a time
+        """
+        args = _queue_arguments(arguments, {
+            "ack_timeout_ms": ack_timeout_ms, "delivery_limit": delivery_limit,
+            "dead_letter_exchange": dead_letter_exchange,
+            "dead_letter_routing_key": dead_letter_routing_key,
+            "message_ttl_ms": message_ttl_ms, "expires_ms": expires_ms,
+            "max_priority": max_priority, "max_length": max_length,
+            "max_length_bytes": max_length_bytes, "overflow": overflow,
+            "dedup_window_ms": dedup_window_ms,
+            "single_active_consumer": single_active_consumer})
+        kw: dict[str, Any] = {"queue": name, "durable": durable, "exclusive": exclusive,
+              "auto_delete": auto_delete, "passive": passive, "arguments": args}
+        ok = await self._request(QueueDeclare(next(self._rids), **kw))
+        assert isinstance(ok, QueueDeclareOk)
+        if not passive and name:
+            self._topology[("queue", name)] = ("queue", kw)
+        return QueueInfo(ok.queue, ok.message_count, ok.consumer_count)
+
+    async def delete_queue(self, name: str, *, if_unused: bool = False,
+                           if_empty: bool = False) -> int:
+        """Delete a queue; returns how many ready messages it held."""
+        ok = await self._request(QueueDelete(next(self._rids), name, if_unused, if_empty))
+        assert isinstance(ok, MessageCountOk)
+        self._topology.pop(("queue", name), None)
+        for key in [k for k in self._topology if k[0] == "bind" and k[2] == name]:
+            del self._topology[key]
+        return ok.message_count
+
+    async def purge(self, name: str) -> int:
+        """Remove every ready message; returns how many."""
+        ok = await self._request(QueuePurge(next(self._rids), name))
+        assert isinstance(ok, MessageCountOk)
+        return ok.message_count
+
+    async def bind(self, exchange: str, queue: str, routing_key: str = "",
+                   arguments: dict[str, Any] | None = None) -> None:
+        kw: dict[str, Any] = {"exchange": exchange, "queue": queue, "routing_key": routing_key,
+              "arguments": arguments or {}}
+        await self._request(Bind(next(self._rids), **kw))
+        self._topology[("bind", exchange, queue, routing_key)] = ("bind", kw)
+
+    async def unbind(self, exchange: str, queue: str, routing_key: str = "") -> None:
+        await self._request(Unbind(next(self._rids), exchange, queue, routing_key))
+        self._topology.pop(("bind", exchange, queue, routing_key), None)
+
+    async def list(self, kind: str) -> builtins.list[dict[str, Any]]:
+        """``queues``, ``exchanges``, ``bindings`` or ``consumers`` as dicts."""
+        ok = await self._request(List(next(self._rids), kind))
+        assert isinstance(ok, ListOk)
+        return ok.items
+
+    async def _restore(self) -> bool:
+        """Re-declare remembered topology, then restart consumers, before applications
+        see the connection again (so nothing is published into a half-restored broker).
+        Returns False if the connection was lost again meanwhile."""
+        self.restore_errors = []
+        proto = self._proto
+        try:
+            for kind, kwargs in list(self._topology.values()):
+                try:
+                    frame = _TOPOLOGY_FRAMES[kind](next(self._rids), **kwargs)
+                    await self._request(frame, self.timeout, internal=True)
+                except (ConnectionClosed, RequestTimeout):
+                    raise
+                except ConveyorError as exc:
+                    self.restore_errors.append(f"{kind} {kwargs}: {exc}")
+                    log.warning("could not restore %s %s: %s", kind, kwargs, exc)
+            for c in list(self._consumers.values()):
+                try:
+                    await self._start_consumer(c, internal=True)
+                except (ConnectionClosed, RequestTimeout):
+                    raise
+                except ConveyorError as exc:
+                    self._consumers.pop(c.tag, None)
+                    self.restore_errors.append(f"consumer {c.tag} on {c.queue}: {exc}")
+                    c._fail(exc)
+        except (ConnectionClosed, RequestTimeout):
+            if self._proto is proto and proto is not None and proto.transport is not None:
+                proto.transport.abort()  # a timeout: start over from a fresh connection
+            return False
+        return self._proto is proto
