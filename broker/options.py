@@ -14,16 +14,30 @@ from protocol._generated import QUEUE_ARGUMENT_TYPES
 
 ACK_TIMEOUT_DEFAULT_MS = 30 * 60 * 1000
 OVERFLOW_MODES = ("drop-head", "reject-publish")
+QUEUE_TYPES = ("classic", "stream")
 _LIMITS = {"u32": U32_MAX, "u64": U64_MAX, "priority": 9}
 
 
 class QueueOptions:
     """What a queue's arguments ask for; defaults are what an absent key means."""
 
-    __slots__ = ("ack_timeout_ms", "dead_letter_exchange", "dead_letter_routing_key",
-                 "dedup_window_ms", "delivery_limit", "expires_ms", "max_length",
-                 "max_length_bytes", "max_priority", "message_ttl_ms", "overflow",
-                 "single_active_consumer")
+    __slots__ = (
+        "ack_timeout_ms",
+        "dead_letter_exchange",
+        "dead_letter_routing_key",
+        "dedup_window_ms",
+        "delivery_limit",
+        "expires_ms",
+        "max_age_ms",
+        "max_length",
+        "max_length_bytes",
+        "max_priority",
+        "message_ttl_ms",
+        "overflow",
+        "queue_type",
+        "single_active_consumer",
+        "stream_segment_bytes",
+    )
 
     def __init__(self, arguments: dict[str, Any] | None = None) -> None:
         self.ack_timeout_ms = ACK_TIMEOUT_DEFAULT_MS
@@ -38,6 +52,9 @@ class QueueOptions:
         self.overflow = "drop-head"
         self.dedup_window_ms = 0
         self.single_active_consumer = False
+        self.queue_type = "classic"
+        self.max_age_ms = 0
+        self.stream_segment_bytes = 64 << 20
         for key, value in (arguments or {}).items():
             setattr(self, key, _check(key, value))
 
@@ -63,6 +80,8 @@ def _check(key: str, value: Any) -> Any:
         want = f"a string of at most {NAME_MAX} bytes"
         if ok and key == "overflow" and value not in OVERFLOW_MODES:
             ok, want = False, " or ".join(repr(m) for m in OVERFLOW_MODES)
+        if ok and key == "queue_type" and value not in QUEUE_TYPES:
+            ok, want = False, " or ".join(repr(m) for m in QUEUE_TYPES)
     if not ok:
         raise InvalidArgument(f"queue argument {key!r} must be {want}, got {value!r}",
                               {"argument": key})

@@ -317,6 +317,15 @@ QUEUE_ARGUMENT_TYPES: dict[str, str] = {
     'overflow': 'name',
     'dedup_window_ms': 'u64',
     'single_active_consumer': 'bool',
+    'queue_type': 'name',
+    'max_age_ms': 'u64',
+    'stream_segment_bytes': 'u64',
+}
+
+CONSUME_ARGUMENT_TYPES: dict[str, str] = {
+    'offset': 'any',
+    'timestamp': 'u64',
+    'group': 'name',
 }
 
 

@@ -284,6 +284,9 @@ def gen_python(spec: dict[str, Any]) -> str:
               "QUEUE_ARGUMENT_TYPES: dict[str, str] = {"]
     lines += [f"    {k!r}: {v[0]!r}," for k, v in spec["queue_arguments"].items()]
     lines += ["}"]
+    lines += ["", "CONSUME_ARGUMENT_TYPES: dict[str, str] = {"]
+    lines += [f"    {k!r}: {v[0]!r}," for k, v in spec["consume_arguments"].items()]
+    lines += ["}"]
     # records
     lines += ["", "", "# ------------------------------------------------------------------ records"]
     for rname, rec in spec["record"].items():
@@ -400,8 +403,12 @@ def md_tables(spec: dict[str, Any]) -> dict[str, str]:
     t["properties"] = "\n".join(rows)
     rows = ["| key | type | meaning |", "|---|---|---|"]
     for k, (ty, desc) in spec["queue_arguments"].items():
-        rows.append(f"| `{k}` | {WIRE_TYPES[ty]} | {desc} |")
+        rows.append(f"| `{k}` | {WIRE_TYPES.get(ty, ty)} | {desc} |")
     t["queue-arguments"] = "\n".join(rows)
+    rows = ["| key | type | meaning |", "|---|---|---|"]
+    for k, (ty, desc) in spec["consume_arguments"].items():
+        rows.append(f"| `{k}` | {WIRE_TYPES.get(ty, ty)} | {desc} |")
+    t["consume-arguments"] = "\n".join(rows)
     return t
 
 
