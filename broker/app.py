@@ -7,21 +7,19 @@ import contextlib
 import gc
 import logging
 import signal
-import sys
 
+from broker import logfmt
 from broker.config import Config
 from broker.durability import Durability
 from broker.server import BrokerServer
+from broker.slow import SlowConsumers
 
 log = logging.getLogger("conveyor")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Text lines or JSON lines (``log_format``) on stderr: broker.logfmt."""
+    logfmt.setup_logging(level, fmt)
 
 
 async def serve(config: Config, ready: asyncio.Future[int] | None = None) -> None:
@@ -41,13 +39,29 @@ async def serve(config: Config, ready: asyncio.Future[int] | None = None) -> Non
     except BaseException:
         durability.close()
         raise
+    http = None
+    if config.http_port >= 0:  # broker.http: management API, REST gateway, dashboard
+        from broker.http import HttpListener
+
+        http = HttpListener(server)
+        try:
+            await http.start()
+        except BaseException:
+            await server.stop()
+            durability.close()
+            raise
     durability.start()
+    slow_consumers = SlowConsumers(broker)  # rate-limited "slow consumer" log lines
+    slow_consumers.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # non-main thread
             loop.add_signal_handler(sig, stop.set)
     # Machine-readable lines so scripts and tests can find the ports when --port 0 is used
-    # (the TLS one first: a reader that stops at the plain line has seen both).
+    # (the TLS one first: a reader that stops at the plain line has seen both; the HTTP
+    # one before them).
+    if http is not None:
+        print(f"conveyor http listening on {config.host}:{http.port}", flush=True)
     if server.tls_port:
         print(f"conveyor tls listening on {config.host}:{server.tls_port}", flush=True)
     if config.plain:
@@ -58,12 +72,15 @@ async def serve(config: Config, ready: asyncio.Future[int] | None = None) -> Non
         await stop.wait()
     finally:
         log.info("shutting down")
+        slow_consumers.stop()
+        if http is not None:
+            await http.stop()  # requeues the gateway's unacked deliveries
         await server.stop()
         durability.close()
 
 
 def run(config: Config) -> None:
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - platforms without uvloop

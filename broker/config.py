@@ -41,6 +41,7 @@ class Config:
     handshake_timeout_ms: int = 10000
     shutdown_grace_ms: int = 5000
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (broker.logfmt)
     # durability (broker.wal)
     fsync: str = "always"
     fsync_interval_ms: int = 100
@@ -59,6 +60,9 @@ class Config:
     plain: bool = True  # the plain-TCP listener on `port`
     allow_anonymous: bool = False  # anonymous from any address (default: loopback only)
     require_auth: bool = False  # a token from every connection, loopback included
+    # HTTP listener (broker.http: management API, REST gateway, /metrics, dashboard) on
+    # `host`: -1 = off, 0 = any free port (printed as "conveyor http listening on ...").
+    http_port: int = -1
     # Resource limits (broker.limits; each refusal is a typed error, see spec "Limits").
     max_headers: int = limits.DEFAULT_MAX_HEADERS
     max_header_bytes: int = limits.DEFAULT_MAX_HEADER_BYTES
@@ -91,6 +95,8 @@ class Config:
             raise ConfigError("max_message_size must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("log_format must be text or json")
         if self.fsync not in ("always", "interval", "never"):
             raise ConfigError("fsync must be always, interval or never")
         if self.fsync_interval_ms < 1 or self.segment_bytes < 4096 or self.snapshot_bytes < 4096:
@@ -107,6 +113,11 @@ class Config:
             raise ConfigError("no listener left: plain = false needs tls_cert and tls_key")
         if self.plain and self.tls_cert and self.port and self.port == self.tls_port:
             raise ConfigError(f"port and tls_port are both {self.port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ConfigError("http_port must be -1 (off) or 0..65535")
+        if self.http_port > 0 and self.http_port in (self.port if self.plain else -1,
+                                                     self.tls_port if self.tls_cert else -1):
+            raise ConfigError(f"http_port {self.http_port} is also a broker port")
         if self.allow_anonymous and self.require_auth:
             raise ConfigError("allow_anonymous and require_auth contradict each other")
         bad_limit = limits.validate(self)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from broker.counters import LatencyHistogram
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
 from broker.flow import FlowControl
 from broker.limits import Limits, check_consumer_count, check_queue_count
@@ -24,6 +25,7 @@ from broker.options import QueueOptions
 from broker.pager import Pager
 from broker.queue import Consumer, Queue
 from broker.store import MemoryStore, Record, Store
+from broker.stream import Stream, Streams, check_classic, check_declare
 from protocol import (
     AccessRefused,
     InvalidArgument,
@@ -87,6 +89,17 @@ class Broker:
         self._armed = 0
         self.dead_lettered = 0
         self.limited = False  # a queue has overflow reject-publish (publish checks capacity)
+        # Plain counters for broker.metrics (read at scrape time, never on a hot path):
+        # per-queue counters of deleted queues, so broker-wide totals never go down
+        self.retired: dict[str, int] = dict.fromkeys(RETIRED_COUNTERS, 0)
+        self.retired_published = 0  # Session.published of closed connections
+        self.connections_opened = 0
+        self.errors: dict[int, int] = {}  # ERROR frames sent, by code
+        self.nacks: dict[int, int] = {}  # publish nacks (CONFIRM ok=false) sent, by code
+        self.latency = LatencyHistogram()  # publish -> delivery, recorded per batch
+        # Stream queues (broker.stream); Durability sets their directory and fsync policy.
+        self.streams = Streams(lambda: self.clock(), self.wake)
+        self.now = 0  # ms: the clock as of the current dispatch round (set by pump)
         for name, etype in BUILTIN_EXCHANGES:
             self.exchanges[name] = make_exchange(etype, name, builtin=True)
 
@@ -97,16 +110,29 @@ class Broker:
     def mark_session(self, session: Session) -> None:
         self._dirty_sessions.add(session)
 
+    def count_error(self, code: int, n: int = 1, *, nack: bool = False) -> None:
+        """An ERROR frame (or, with ``nack``, a publish nack) with ``code`` was sent."""
+        d = self.nacks if nack else self.errors
+        d[code] = d.get(code, 0) + n
+
     def _log(self, records: Iterable[Record]) -> None:
         if self.durable:
             self.journal.extend(records)
 
     def flush_journal(self) -> None:
-        """Hand the commands gathered since the last call to the store, as one batch."""
+        """Hand the commands gathered since the last call to the store, as one batch
+        (and write the appends buffered for streams)."""
+        if self.streams.pending:
+            self.streams.flush()
         if self.journal:
             batch = self.journal
             self.journal = []
             self.store.append(batch)
+
+    def commit(self, callback: Callable[[BaseException | None], None]) -> None:
+        """``callback`` once everything logged or appended to a stream so far is durable
+        (publisher confirms, deferred replies)."""
+        self.streams.commit(self.store, callback)
 
     def get_queue(self, name: str, session_id: str | None) -> Queue:
         """Look up a queue the session may use (not another connection's exclusive one)."""
@@ -207,6 +233,10 @@ class Broker:
             q.last_used = self.clock()
             return q
         opts = QueueOptions(arguments)  # validates (400 on a bad argument)
+        if opts.queue_type == "stream":
+            check_declare(arguments, durable, exclusive, auto_delete)
+        else:
+            check_classic(arguments)
         if not name:
             name = f"amq.gen-{secrets.token_urlsafe(12)}"
         elif name.startswith("amq.") and name not in self.queues:
@@ -226,11 +256,14 @@ class Broker:
             existing.last_used = self.clock()
             return existing
         check_queue_count(self.limits, len(self.queues))
-        q = Queue(name, durable=durable and not exclusive,
-                  exclusive_owner=session_id if exclusive else None,
-                  auto_delete=auto_delete, arguments=arguments)
+        if opts.queue_type == "stream":
+            q = self.streams.create(name, arguments, fresh=True)
+        else:
+            q = Queue(name, durable=durable and not exclusive,
+                      exclusive_owner=session_id if exclusive else None,
+                      auto_delete=auto_delete, arguments=arguments)
         q.durable = durable  # reported as declared; exclusive queues never outlive their owner
-        if not opts.max_priority:
+        if not opts.max_priority and not isinstance(q, Stream):
             q.pager = self.pager
         self.adopt_queue(q)
         self.queues[name] = q
@@ -241,6 +274,10 @@ class Broker:
         if durable and not exclusive and self.durable:
             q.logged = True
             self._log([("qd", name, auto_delete, arguments)])
+        # Exclusive queues (often one per short-lived RPC client) only at debug level.
+        log.log(logging.DEBUG if exclusive else logging.INFO, "queue %r declared", name,
+                extra={"event": "queue.declared", "queue": name, "durable": durable,
+                       "exclusive": exclusive, "auto_delete": auto_delete})
         return q
 
     def delete_queue(
@@ -255,9 +292,15 @@ class Broker:
             raise PreconditionFailed(f"queue {name!r} has {q.ready} messages", {"queue": name})
         return self._remove_queue(q, f"queue {name!r} deleted")
 
-    def _remove_queue(self, q: Queue, reason: str) -> int:
+    def _remove_queue(self, q: Queue, reason: str, event: str = "queue.deleted") -> int:
         n = q.purge()
         q.deleted = True
+        retired = self.retired
+        for key in RETIRED_COUNTERS:
+            retired[key] += getattr(q, key)
+        log.log(logging.DEBUG if q.exclusive_owner is not None else logging.INFO,
+                "%s (%d ready messages dropped)", reason, n,
+                extra={"event": event, "queue": q.name, "reason": reason, "messages": n})
         for c in list(q.consumers):
             c.session.consumer_cancelled(c, 404, reason)
         q.consumers.clear()
@@ -268,6 +311,8 @@ class Broker:
                 self._maybe_autodelete_exchange(ex)
         q.bindings.clear()
         self.queues.pop(q.name, None)
+        if isinstance(q, Stream):
+            self.streams.remove(q)
         self._dirty_queues.discard(q)
         if q.exclusive_owner is not None:
             s = self.sessions.get(q.exclusive_owner)
@@ -280,6 +325,9 @@ class Broker:
     def purge_queue(self, session_id: str | None, name: str) -> int:
         q = self.get_queue(name, session_id)
         now = self.clock()
+        if isinstance(q, Stream):
+            raise InvalidArgument(f"queue {name!r} is a stream: streams cannot be purged "
+                                  "(retention removes old segments)", {"queue": name})
         q.release(now)  # due by now: ready, so purged (replaying "qp" decides the same)
         n = q.purge()
         if q.logged:
@@ -357,6 +405,10 @@ class Broker:
             q = queues[qname]
             if msg_id is not None and q.opts.dedup_window_ms and q.duplicate(msg_id, now):
                 n += 1  # the queue has it already: taken (a mandatory retry is no RETURN)
+                continue
+            if isinstance(q, Stream):
+                q.append(message)  # written at the end of the batch (Streams.flush)
+                n += 1
                 continue
             qm = q.enqueue(message, now)
             if qm.state != READY or qm.expires:
@@ -511,13 +563,15 @@ class Broker:
             if s.unacked:
                 s.expire_deliveries(now)
         self._add_timer(now + SWEEP_MS, _SWEEP, None, None)
+        self.streams.housekeeping(now)  # group offsets to disk, stream retention
 
     def _check_queue_expiry(self, q: Queue, now: int) -> None:
         ttl = q.opts.expires_ms
         if q.consumers:
             return  # re-armed when the last consumer leaves
         if now - q.last_used >= ttl:
-            self._remove_queue(q, f"queue {q.name!r} expired (unused for {ttl} ms)")
+            self._remove_queue(q, f"queue {q.name!r} expired (unused for {ttl} ms)",
+                               "queue.expired")
         else:
             self._add_timer(q.last_used + ttl, _QUEUE_EXPIRY, q, None)
 
@@ -610,12 +664,14 @@ class Broker:
 
     def pump(self) -> None:
         """Dispatch every changed queue, then let each session with output flush once."""
+        if self.streams.pending:
+            self.streams.flush()
         rounds = 0
         while self._dirty_queues and rounds < 16:
             rounds += 1
             dirty = self._dirty_queues
             self._dirty_queues = set()
-            now = self.clock()
+            self.now = now = self.clock()  # deliveries read it (latency histogram)
             for q in dirty:
                 if not q.deleted:
                     q.dispatch(_deliver, now)
@@ -648,9 +704,11 @@ class Broker:
     # ------------------------------------------------------------------ sessions
     def attach(self, session: Session) -> None:
         self.sessions[session.id] = session
+        self.connections_opened += 1
 
     def detach(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None:
+            self.retired_published += session.published
         self._dirty_sessions.discard(session)
         for name in list(session.exclusive_queues):
             q = self.queues.get(name)
@@ -661,7 +719,7 @@ class Broker:
     # ------------------------------------------------------------------ listings
     def list(self, kind: str) -> list[dict[str, Any]]:
         if kind == "queues":
-            return [
+            rows = [
                 {"name": q.name, "durable": q.durable,
                  "exclusive": q.exclusive_owner is not None, "auto_delete": q.auto_delete,
                  "messages": q.ready, "unacked": q.unacked, "consumers": len(q.consumers),
@@ -670,6 +728,10 @@ class Broker:
                  "paged": q.paged, "dead_lettered": q.dead_lettered, "expired": q.expired}
                 for q in sorted(self.queues.values(), key=lambda q: q.name)
             ]
+            for row in rows:  # streams: offsets, groups (broker.stream)
+                sq = self.queues.get(str(row["name"]))
+                row.update(sq.info() if isinstance(sq, Stream) else {"type": "classic"})
+            return rows
         if kind == "exchanges":
             return [
                 {"name": e.name, "type": e.type, "durable": e.durable,
@@ -694,6 +756,9 @@ class Broker:
 
 
 _RELEASE, _EXPIRE, _SWEEP, _QUEUE_EXPIRY = 0, 1, 2, 3
+# Queue counters kept broker-wide after the queue is deleted (Broker.retired).
+RETIRED_COUNTERS = ("published", "delivered", "acked", "redelivered", "dead_lettered",
+                    "expired")
 SWEEP_MS = 100  # how often deliveries are checked against their ack deadline
 
 

@@ -96,7 +96,11 @@ class Durability:
         log.info("recovered %d messages in %d queues from %s (%s snapshot, %d log batches, "
                  "%.1f MB) in %.2fs", self.recovered_messages, len(replay.queues),
                  self.wal_dir, "with" if rec.had_snapshot else "no",
-                 rec.batches, rec.bytes_replayed / 1e6, self.recovery_seconds)
+                 rec.batches, rec.bytes_replayed / 1e6, self.recovery_seconds,
+                 extra={"event": "recovery", "messages": self.recovered_messages,
+                        "queues": len(replay.queues), "snapshot": rec.had_snapshot,
+                        "batches": rec.batches, "bytes": rec.bytes_replayed,
+                        "seconds": round(self.recovery_seconds, 3)})
         self.store = store
         self.broker = broker
         return broker

@@ -103,6 +103,7 @@ class Queue:
         self.acked = 0
         self.dead_lettered = 0
         self.expired = 0
+        self.redelivered = 0  # messages requeued to be delivered again (broker.metrics)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -137,6 +138,28 @@ class Queue:
         out = sorted(self._requeued) + lanes + list(self._ready) + list(self._paged)
         out += [qm for _due, _seq, qm in sorted(self._delayed)]
         return [qm for qm in out if qm.state != GONE]
+
+    def head_ts(self, scan: int = 1000) -> int:
+        """Publish time (ms) of the oldest ready message, 0 if none (for the consumer-lag
+        metric, at scrape time; looks past at most ``scan`` removed entries per part)."""
+        if not self._count:
+            return 0
+        oldest = 0
+        # The requeued heap is not in order: the oldest of its first ``scan`` entries.
+        for qm in self._requeued[:scan]:
+            ts = qm.message.ts
+            if qm.state == READY and ts and (not oldest or ts < oldest):
+                oldest = ts
+        for part in (*(self._lanes or ()), self._ready, self._paged):
+            for i, qm in enumerate(part):
+                if i >= scan:
+                    break
+                if qm.state == READY:
+                    ts = qm.message.ts
+                    if ts and (not oldest or ts < oldest):
+                        oldest = ts
+                    break
+        return oldest
 
     def has_ready(self) -> bool:
         return self._count > 0
@@ -336,6 +359,7 @@ class Queue:
         self.unacked -= len(qms)
         if self.deleted:
             return
+        self.redelivered += len(qms)
         for qm in qms:
             qm.redelivered = True
             self._put_back(qm)

@@ -76,6 +76,9 @@ class BrokerProtocol(asyncio.Protocol):
         # beyond its credit (broker.flow); it resumes when neither holds.
         self._write_paused = False
         self._credit_held = False
+        # For the connection open/close log lines.
+        self._opened_at = 0.0
+        self._close_reason = ""
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -118,6 +121,7 @@ class BrokerProtocol(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if self.session is not None:
+            self._log_close(self.session, exc)
             self.session.close()
             self.session = None
             self.broker.pump()
@@ -164,6 +168,8 @@ class BrokerProtocol(asyncio.Protocol):
             if isinstance(f, Auth):
                 self._on_auth(f)
             elif isinstance(f, Close):
+                self._close_reason = self._close_reason or (
+                    f"closed by the client ({f.code} {f.message})".replace(" )", ")"))
                 if self.session is not None:
                     if batch:
                         self.session.handle(batch)
@@ -228,7 +234,22 @@ class BrokerProtocol(asyncio.Protocol):
             self._timer = None
         if hb:
             self._timer = asyncio.get_running_loop().call_later(hb / 2000, self._heartbeat_tick)
-        log.debug("open %s from %s (%s)", sid, self.peer, f.client_properties.get("library", "?"))
+        self._opened_at = time.monotonic()
+        library = f.client_properties.get("library", "?")
+        log.info("connection %s open from %s (subject %s, %s)", sid, self.peer,
+                 principal.subject, library,
+                 extra={"event": "connection.open", "peer": self.peer, "id": sid,
+                        "subject": principal.subject, "library": str(library)})
+
+    def _log_close(self, session: Session, exc: Exception | None) -> None:
+        reason = self._close_reason or (
+            f"connection lost: {exc}" if exc is not None else "the client disconnected")
+        duration = round(time.monotonic() - self._opened_at, 3) if self._opened_at else 0.0
+        log.info("connection %s from %s closed after %.1fs: %s", session.id, self.peer,
+                 duration, reason,
+                 extra={"event": "connection.close", "peer": self.peer, "id": session.id,
+                        "subject": session.principal.subject, "duration": duration,
+                        "reason": reason})
 
     def _auth_failed(self, exc: AuthenticationFailed) -> None:
         """401 and close, answered only after a delay that grows with the failures from this
@@ -236,7 +257,9 @@ class BrokerProtocol(asyncio.Protocol):
         sends can get an earlier answer."""
         delay = self.server.auth.throttle.failure(self.peer_ip or self.peer)
         log.info("authentication failed from %s (%s); answering in %.1fs",
-                 self.peer, exc.message, delay)
+                 self.peer, exc.message, delay,
+                 extra={"event": "auth.failed", "peer": self.peer, "reason": exc.message,
+                        "delay": round(delay, 3)})
         if self._timer is not None:  # the handshake timeout: the delay is bounded anyway
             self._timer.cancel()
         if self.transport is not None:
@@ -260,6 +283,8 @@ class BrokerProtocol(asyncio.Protocol):
         if self._closing:
             return
         log.info("closing %s: %s", self.peer, exc)
+        self._close_reason = self._close_reason or str(exc)
+        self.broker.count_error(exc.code)
         self.conn.fail()
         self._write([Error(0, exc.code, exc.message, exc.details)])
         self._shutdown_transport()
@@ -297,6 +322,7 @@ class BrokerProtocol(asyncio.Protocol):
         """Send CLOSE and wait for CLOSE_OK (frames crossing it on the wire are dropped)."""
         if self._closing or self.transport is None:
             return
+        self._close_reason = self._close_reason or f"closed by the broker: {message}"
         if self.conn.state is State.OPEN:
             if self.session is not None:
                 self.session.flush()

@@ -21,6 +21,7 @@ from broker.limits import check_seq_range, publish_size
 from broker.message import Message, QueuedMessage
 from broker.pager import Pager
 from broker.queue import Consumer, Queue
+from broker.stream import Stream, StreamConsumer, check_consume_arguments
 from protocol import (
     Ack,
     Bind,
@@ -156,6 +157,7 @@ class Session:
                     h(frame)
                 except RequestError as exc:
                     self.out.append(encode(Error(0, exc.code, exc.message, exc.details)))
+                    self.broker.count_error(exc.code)
                 continue
             req = self._requests.get(frame.TYPE)
             if req is None:
@@ -166,12 +168,14 @@ class Session:
                 reply = req(frame)
             except RequestError as exc:
                 reply = Error(rid, exc.code, exc.message, exc.details)
+                self.broker.count_error(exc.code)
             except ConveyorError:
                 raise
             except Exception:
                 log.exception("bug handling %s on %s", frame.NAME, self.id)
                 err = InternalError(f"internal error handling {frame.NAME}")
                 reply = Error(rid, err.code, err.message, {})
+                self.broker.count_error(err.code)
             if deferred is None and len(self.broker.journal) > logged:
                 deferred = []  # a durable change: reply once its record is on disk
             if deferred is not None:
@@ -181,7 +185,7 @@ class Session:
         self._end_batch()
         if deferred:
             replies = deferred
-            self.broker.store.commit(lambda err: self._send_replies(replies, err))
+            self.broker.commit(lambda err: self._send_replies(replies, err))
         self.broker.mark_session(self)
 
     def _send_replies(self, replies: list[tuple[int, Frame]], err: BaseException | None) -> None:
@@ -193,6 +197,7 @@ class Session:
             if err is not None and not isinstance(reply, Error):
                 reply = Error(rid, ResourceError.code,
                               f"done but not yet on disk ({err}); retry the request", {})
+                self.broker.count_error(ResourceError.code)
             self.out.append(encode(reply))
         self.broker.mark_session(self)
         self.broker.pump_soon()
@@ -277,6 +282,7 @@ class Session:
                 self._nack(seq, exc)
             else:
                 self.send(Error(0, exc.code, exc.message, exc.details))
+                broker.count_error(exc.code)
             return
         msg = Message(exchange, routing_key, properties, body, size)
         if not broker.enqueue(msg, targets) and mandatory:
@@ -295,6 +301,7 @@ class Session:
             self._conf_first = 0
 
     def _nack(self, seq: int, exc: ConveyorError) -> None:
+        self.broker.count_error(exc.code, nack=True)
         self._close_range()
         self._confirms.append([seq, seq, False, exc.code, exc.message])
         self._conf_last = seq
@@ -306,7 +313,7 @@ class Session:
         if self._confirms:
             confirms = self._confirms
             self._confirms = []
-            self.broker.store.commit(lambda err: self._send_confirms(confirms, err))
+            self.broker.commit(lambda err: self._send_confirms(confirms, err))
         flow = self.flow
         if flow.active and flow.seen != self.published:
             flow.after_batch()  # top up publish credit, or hold reading if overdrawn
@@ -317,6 +324,8 @@ class Session:
         if err is not None:
             # Not on disk: every ack in this batch becomes a nack the publisher can retry.
             why = f"could not store the message: {err}"
+            self.broker.count_error(ResourceError.code, nack=True,
+                                    n=sum([c[1] - c[0] + 1 for c in confirms if c[2]]))
             confirms = [[c[0], c[1], False, ResourceError.code, why] if c[2] else c
                         for c in confirms]
         self.out.extend([encode_fields(_CONFIRM, c) for c in confirms])
@@ -342,6 +351,8 @@ class Session:
             if not no_ack:
                 unacked[tag] = (qm, queue, consumer)
         self._next_tag = tag
+        broker = self.broker
+        broker.latency.observe_batch(batch, broker.now)  # pump's clock reading: no call here
         if no_ack:
             queue.ack(len(batch))
         else:
@@ -382,6 +393,9 @@ class Session:
         settled = self._settle(f.delivery_tag, f.multiple)
         if len(settled) == 1:
             qm, q, _c = settled[0]
+            if isinstance(q, Stream):
+                q.settle_acked([qm])
+                return
             q.ack(1)
             if q.logged:
                 self.broker.log_ids("a", q, [qm])
@@ -394,6 +408,9 @@ class Session:
             else:
                 lst.append(u[0])
         for q, qms in by_queue.items():
+            if isinstance(q, Stream):
+                q.settle_acked(qms)
+                continue
             q.ack(len(qms))
             if q.logged:
                 self.broker.log_ids("a", q, qms)
@@ -403,7 +420,9 @@ class Session:
         for u in settled:
             by_queue.setdefault(u[1], []).append(u[0])
         for q, qms in by_queue.items():
-            if requeue:
+            if isinstance(q, Stream):
+                q.settle_refused(qms, requeue)
+            elif requeue:
                 self.broker.requeue(q, qms)
             else:
                 self.broker.reject(q, qms)
@@ -506,10 +525,10 @@ class Session:
         return ListOk(f.rid, self.principal.visible(f.kind, self.broker.list(f.kind)))
 
     def _consume(self, f: ConsumeFrame) -> Frame:
-        if f.arguments:
-            raise InvalidArgument(f"unknown consumer argument {next(iter(f.arguments))!r}")
+        check_consume_arguments(f.arguments, None)  # unknown keys: 400 before anything else
         self.principal.require("read", "queue", f.queue)
         q = self.broker.get_queue(f.queue, self.id)
+        check_consume_arguments(f.arguments, q)  # 400: unknown, or stream-only on a classic
         tag = f.consumer_tag
         if not tag:
             self._ctag += 1
@@ -520,7 +539,11 @@ class Session:
         elif tag in self.consumers:
             raise PreconditionFailed(f"consumer tag {tag!r} already in use on this connection",
                                      {"consumer_tag": tag})
-        c = Consumer(tag, q, self, f.no_ack, f.exclusive, f.credit)
+        if isinstance(q, Stream):
+            c: Consumer = StreamConsumer(tag, q, self, f.no_ack, f.exclusive, f.credit,
+                                         f.arguments)
+        else:
+            c = Consumer(tag, q, self, f.no_ack, f.exclusive, f.credit)
         self.broker.add_consumer(c)
         self.consumers[tag] = c
         return ConsumeOk(f.rid, tag)
@@ -567,6 +590,8 @@ class Session:
                 self.unacked[tag] = (qm, q, None)
             taken.append(qm)
         self._next_tag = tag
+        if taken:
+            self.broker.latency.observe_batch(taken, self.broker.clock())
         if q.logged and taken:
             self.broker.log_ids("a" if f.no_ack else "d", q, taken)
         return GetOk(f.rid, entries, q.ready)

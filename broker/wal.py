@@ -40,6 +40,8 @@ from typing import Any
 
 import msgpack
 
+from broker.counters import FSYNC_BOUNDS_S, Buckets
+
 log = logging.getLogger("conveyor.wal")
 
 HEADER = struct.Struct(">IIB")
@@ -349,6 +351,8 @@ class WalStore:
         self.fsyncs = 0
         self.records_written = 0
         self.fsync_seconds = 0.0
+        # per-fdatasync durations (broker.metrics); written by the writer thread
+        self.fsync_hist = Buckets(FSYNC_BOUNDS_S)
 
     def _open(self, index: int) -> int:
         path = self.dir / seg_name(index)
@@ -502,7 +506,9 @@ class WalStore:
                 self.fsyncs += 1
             except OSError as exc:
                 log.error("fdatasync failed: %s", exc)
-            self.fsync_seconds += time.monotonic() - t
+            dt = time.monotonic() - t
+            self.fsync_seconds += dt
+            self.fsync_hist.observe(dt)
 
     def _write_batch(self, batch: list[tuple[int, bytes]], sync: bool) -> None:
         """Write (and optionally fdatasync) a batch; runs in the writer thread for 'always'."""
@@ -545,7 +551,9 @@ class WalStore:
         if sync:
             t = time.monotonic()
             os.fdatasync(self._fd)
-            self.fsync_seconds += time.monotonic() - t
+            dt = time.monotonic() - t
+            self.fsync_seconds += dt
+            self.fsync_hist.observe(dt)
             self.fsyncs += 1
 
 

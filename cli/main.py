@@ -23,6 +23,8 @@ from cli.certs import gen_certs
 from cli.flow_flags import flow_options
 from cli.limit_flags import limit_options
 from cli.security import client_options, connect_options, security_options
+from cli.stats import stats as stats_command
+from cli.stats import top as top_command
 from cli.tokens import token as token_group
 from protocol import DEFAULT_PORT
 
@@ -93,6 +95,8 @@ def cli() -> None:
 @click.option("--heartbeat-ms", type=int, default=None, help="Heartbeat interval [10000]; 0 = off.")
 @click.option("--log-level", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]), help="[info]")
+@click.option("--log-format", default=None, type=click.Choice(["text", "json"]),
+              help="Log lines as text or as one JSON object per line [text].")
 @click.option("--fsync", default=None, type=click.Choice(["always", "interval", "never"]),
               help="When confirmed messages reach the disk [always]; see README.")
 @click.option("--fsync-interval-ms", type=int, default=None, help="For --fsync interval [100].")
@@ -108,9 +112,14 @@ def cli() -> None:
 @limit_options
 @flow_options
 @security_options
+@click.option("--http-port", "http_port", type=click.IntRange(-1, 65535), default=None,
+              help="HTTP listener (management API, REST gateway, /metrics, dashboard) on "
+                   "--host: a port, 0 = any free; -1 = off [off]. Auth as for the binary "
+                   "protocol (Authorization: Bearer TOKEN).")
 def server(host: str | None, port: int | None, data_dir: str | None, config_path: str | None,
            max_frame_size: int | None, max_message_size: int | None, heartbeat_ms: int | None,
-           log_level: str | None, fsync: str | None, fsync_interval_ms: int | None,
+           log_level: str | None, log_format: str | None, fsync: str | None,
+           fsync_interval_ms: int | None,
            snapshot_bytes: int | None, segment_bytes: int | None, memory_budget: int | None,
            repair: bool | None, **limits: int | None) -> None:
     """Run the broker in the foreground until SIGTERM / Ctrl-C."""
@@ -121,7 +130,8 @@ def server(host: str | None, port: int | None, data_dir: str | None, config_path
     try:
         cfg = config_mod.load(config_path, host=host, port=port, data_dir=data_dir,
                               max_frame_size=max_frame_size, max_message_size=max_message_size,
-                              heartbeat_ms=heartbeat_ms, log_level=log_level, fsync=fsync,
+                              heartbeat_ms=heartbeat_ms, log_level=log_level,
+                              log_format=log_format, fsync=fsync,
                               fsync_interval_ms=fsync_interval_ms, snapshot_bytes=snapshot_bytes,
                               segment_bytes=segment_bytes, memory_budget=memory_budget,
                               repair=repair, **limits)
@@ -186,13 +196,23 @@ def declare_exchange(name: str, etype: str, durable: bool, auto_delete: bool, ur
               help="Drop a message_id seen within this window; 0 = off.")
 @click.option("--single-active-consumer/--no-single-active-consumer", default=None,
               help="Deliver to one consumer at a time.")
+@click.option("--type", "queue_type", type=click.Choice(["classic", "stream"]),
+              help="stream: an append-only log read by offset (durable only) [classic].")
+@click.option("--max-age", "max_age", metavar="DURATION",
+              help="Streams: delete segments older than this, e.g. 7d, 12h, 30m, 90s, "
+                   "500ms (a bare number is ms); 0 = keep forever.")
+@click.option("--stream-segment-bytes", type=click.IntRange(1),
+              help="Streams: segment file size; retention deletes whole segments [64 MiB].")
 @url_option
 def declare_queue(name: str, durable: bool, exclusive: bool, auto_delete: bool, url: str,
-                  **queue_arguments: Any) -> None:
+                  max_age: str | None, **queue_arguments: Any) -> None:
     """Declare a queue; prints its name and depth.
 
     Options left out are not sent (the broker's default applies); redeclaring an existing
-    queue with different ones fails with precondition-failed."""
+    queue with different ones fails with precondition-failed. A stream (--type stream) is
+    bounded by --max-length-bytes (size on disk) and/or --max-age."""
+    if max_age is not None:
+        queue_arguments["max_age_ms"] = _duration_ms(max_age)
 
     async def go() -> None:
         async with await _connect(url) as conn:
@@ -201,6 +221,28 @@ def declare_queue(name: str, durable: bool, exclusive: bool, auto_delete: bool, 
             click.echo(f"{info.name}\tmessages={info.message_count}\tconsumers={info.consumer_count}")
 
     _run(go)
+
+
+_DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
+                   "w": 604_800_000}
+
+
+def _duration_ms(text: str) -> int:
+    """``7d``, ``12h``, ``30m``, ``90s``, ``500ms`` or a bare number of ms, as ms."""
+    t = text.strip().lower()
+    num, unit = t, "ms"
+    for u in sorted(_DURATION_UNITS, key=len, reverse=True):
+        if t.endswith(u) and t[:-len(u)].strip():
+            num, unit = t[:-len(u)].strip(), u
+            break
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 2**63 / _DURATION_UNITS[unit]:
+        raise click.BadParameter(f"{text!r} is not a duration like 7d, 12h, 30m, 90s or 500ms",
+                                 param_hint="--max-age")
+    return round(value * _DURATION_UNITS[unit])
 
 
 def _binding_command(unbind: bool) -> Callable[..., None]:
@@ -269,7 +311,11 @@ def purge(name: str, url: str) -> None:
     _run(go)
 
 
-def _listing(kind: str, columns: Sequence[str]) -> Callable[..., None]:
+def _listing(kind: str, columns: Sequence[str],
+             computed: dict[str, Callable[[dict[str, Any]], str]] | None = None,
+             ) -> Callable[..., None]:
+    """A listing command; ``computed`` columns are derived from each item, and shown only
+    when at least one item has a value for them."""
     @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
     @url_option
     def command(as_json: bool, url: str) -> None:
@@ -282,18 +328,31 @@ def _listing(kind: str, columns: Sequence[str]) -> Callable[..., None]:
         if as_json:
             click.echo(json.dumps(items, indent=1))
             return
-        rows = [[str(it.get(c, "")) for c in columns] for it in items]
-        widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-        click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+        fmt = computed or {}
+        cols = [c for c in columns if c not in fmt or any(fmt[c](it) for it in items)]
+        rows = [[(fmt[c](it) or "-") if c in fmt else str(it.get(c, "")) for c in cols]
+                for it in items]
+        widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+        click.echo("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
         for r in rows:
             click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
 
     return command
 
 
-cli.command("queues", help="List queues with depth, unacked and consumers.")(
+def _group_lag(item: dict[str, Any]) -> str:
+    """Streams: ``group=lag`` for each consumer group, e.g. ``billing=0,audit=1200``."""
+    groups = item.get("groups")
+    if item.get("type") != "stream" or not isinstance(groups, dict):
+        return ""
+    return ",".join(f"{g}={info.get('lag', '?') if isinstance(info, dict) else '?'}"
+                    for g, info in sorted(groups.items())) or "-"
+
+
+cli.command("queues", help="List queues with depth, unacked and consumers; for streams, "
+                           "each consumer group's lag (GROUP_LAG, group=messages behind).")(
     _listing("queues", ["name", "messages", "unacked", "consumers", "durable", "exclusive",
-                        "auto_delete"]))
+                        "auto_delete", "group_lag"], {"group_lag": _group_lag}))
 cli.command("exchanges", help="List exchanges.")(
     _listing("exchanges", ["name", "type", "durable", "auto_delete", "bindings"]))
 cli.command("bindings", help="List bindings.")(
@@ -407,22 +466,42 @@ def publish(body: str | None, exchange: str, routing_key: str, count: int, persi
               help="--no-ack: at-most-once, messages count as acked when sent.")
 @click.option("--prefetch", type=click.IntRange(1, 65535), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line with properties.")
+@click.option("--offset", "offset", metavar="first|last|next|N|TIME",
+              help="Streams: start at the first message, the newest, only new ones (the "
+                   "default), offset N, or the first message appended at or after an "
+                   "ISO-8601 TIME (e.g. 2024-05-01T12:00:00Z; no zone = local time).")
+@click.option("--group", metavar="NAME",
+              help="Streams: read as consumer group NAME (acks commit its offset; it "
+                   "resumes after what it committed).")
 @url_option
 def consume(queue: str, count: int | None, timeout: float | None, ack: bool, prefetch: int,
-            as_json: bool, url: str) -> None:
-    """Print message bodies, one per line (or --json lines), acking each after printing."""
+            as_json: bool, offset: str | None, group: str | None, url: str) -> None:
+    """Print message bodies, one per line (or --json lines), acking each after printing.
+
+    For streams --json lines also carry "offset" and "timestamp" (ms since the epoch)."""
     if count is not None:
         prefetch = min(prefetch, count)
     out = sys.stdout.buffer
+    start = _stream_start(offset) if offset is not None else {}
+    if group is not None and not group:
+        raise click.BadParameter("must not be empty", param_hint="--group")
 
     async def go() -> int:
         got = 0
         async with await _connect(url) as conn:
-            consumer = await conn.consume(queue, prefetch=prefetch, no_ack=not ack)
+            is_stream = offset is not None or group is not None
+            if is_stream:
+                consumer = await conn.stream(queue, prefetch=prefetch, group=group,
+                                             auto_commit=False, **start)
+            else:
+                consumer = await conn.consume(queue, prefetch=prefetch, no_ack=not ack)
+            early = is_stream and not ack
             while count is None or got < count:
                 msg = await consumer.get(timeout)
                 if msg is None:
                     break
+                if early:  # a stream read with --no-ack: settled before it is printed
+                    msg.ack()
                 if as_json:
                     out.write(json.dumps(_as_json(msg)).encode() + b"\n")
                 else:
@@ -437,6 +516,23 @@ def consume(queue: str, count: int | None, timeout: float | None, ack: bool, pre
     _run(go)
 
 
+def _stream_start(text: str) -> dict[str, Any]:
+    """--offset: first/last/next, an offset, or an ISO-8601 time (the timestamp argument)."""
+    from datetime import datetime
+
+    t = text.strip()
+    if t in ("first", "last", "next"):
+        return {"offset": t}
+    if t.isdigit():
+        return {"offset": int(t)}
+    try:
+        when = datetime.fromisoformat(t.replace("z", "Z"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not first, last, next, an offset or an "
+                                 "ISO-8601 time", param_hint="--offset") from None
+    return {"timestamp": when}
+
+
 def _as_json(msg: Any) -> dict[str, Any]:
     try:
         body: str = msg.body.decode()
@@ -447,6 +543,9 @@ def _as_json(msg: Any) -> dict[str, Any]:
     out = {"body": body, "body_encoding": encoding, "exchange": msg.exchange,
            "routing_key": msg.routing_key, "redelivered": msg.redelivered,
            "delivery_count": msg.delivery_count, "properties": msg.properties}
+    if msg.offset is not None:  # streams; also in properties.headers
+        out["offset"] = msg.offset
+        out["timestamp"] = msg.timestamp
     if msg.deaths:  # also in properties.headers; lifted out so scripts need not dig
         out["x_death"] = msg.deaths
     return out
@@ -537,6 +636,8 @@ def _death_queue(msg: Any) -> str | None:
 
 cli.add_command(gen_certs)
 cli.add_command(token_group)
+cli.add_command(stats_command)
+cli.add_command(top_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

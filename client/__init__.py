@@ -12,10 +12,14 @@ Queue features are declare_queue keywords, e.g. ``declare_queue("work", delivery
 dead_letter_exchange="dlx")``; ``msg.extend()`` holds a slow delivery past its ack timeout,
 ``msg.deaths`` is its dead-letter history, and a publish to a full reject-publish queue
 raises ``QueueFull``.
+
+Streams are queues declared with ``queue_type="stream"``: an append-only log read by
+offset, e.g. ``async for msg in conn.stream("events", offset="first", group="billing")``
+(``msg.offset``, ``msg.timestamp``; acks commit the group's offset).
 """
 
 from client.connection import Connection, OutgoingMessage, QueueInfo, connect
-from client.consumer import Consumer
+from client.consumer import Consumer, StreamConsumer
 from client.errors import (
     Backpressure,
     ClientError,
@@ -61,5 +65,6 @@ __all__ = [
     "RequestError",
     "RequestTimeout",
     "ResourceLocked",
+    "StreamConsumer",
     "connect",
 ]

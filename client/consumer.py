@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from client.errors import ConsumerCancelled
 from client.message import Message
 from protocol import ConveyorError
+from protocol._checks import U64_MAX
 
 if TYPE_CHECKING:
     from client.connection import Connection
@@ -191,3 +194,209 @@ class _Batches:
 
 class _Stop(Exception):
     """Marks a consumer cancelled by the application: iteration simply ends."""
+
+
+_FIRST_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+STREAM_OFFSETS = ("first", "last", "next")
+
+
+def stream_arguments(offset: str | int = "next",
+                     timestamp: datetime.datetime | float | int | None = None,
+                     group: str | None = None) -> dict[str, Any]:
+    """CONSUME arguments (spec [consume_arguments]) for reading a stream; checked here so
+    a mistake fails before anything is sent. ``timestamp``: a ``datetime`` (naive = local
+    time) or milliseconds since the epoch (the unit of :attr:`Message.timestamp`)."""
+    args: dict[str, Any] = {}
+    if isinstance(offset, str):
+        if offset not in STREAM_OFFSETS:
+            raise ValueError(f"offset must be 'first', 'last', 'next' or an int >= 0, "
+                             f"not {offset!r}")
+        if offset != "next":
+            args["offset"] = offset
+    elif type(offset) is int and 0 <= offset <= U64_MAX:
+        args["offset"] = offset
+    else:
+        raise ValueError(f"offset must be 'first', 'last', 'next' or an int >= 0, "
+                         f"not {offset!r}")
+    if timestamp is not None:
+        args["timestamp"] = timestamp_ms(timestamp)
+    if group is not None:
+        if type(group) is not str or not group:
+            raise ValueError(f"group must be a non-empty string, not {group!r}")
+        args["group"] = group
+    return args
+
+
+def timestamp_ms(when: datetime.datetime | float | int) -> int:
+    """``when`` as whole milliseconds since the epoch, rounded up (the stream starts at
+    the first message at or after it). Naive datetimes are local time."""
+    if isinstance(when, datetime.datetime):
+        aware = when if when.tzinfo is not None else when.astimezone()
+        us = (aware - _FIRST_EPOCH) // datetime.timedelta(microseconds=1)
+        ms = -(-us // 1000)
+    elif type(when) is int:
+        ms = when
+    elif type(when) is float and math.isfinite(when):
+        ms = math.ceil(when)
+    else:
+        raise ValueError(f"timestamp must be a datetime or ms since the epoch, not {when!r}")
+    if not 0 <= ms <= U64_MAX:
+        raise ValueError(f"timestamp {when!r} is out of range")
+    return ms
+
+
+class StreamConsumer(Consumer):
+    """Messages of a stream, in offset order (from :meth:`Connection.stream`).
+
+    Use it directly as ``async for msg in conn.stream(...)`` (it subscribes on the first
+    step), or ``async with conn.stream(...) as s`` / ``s = await conn.stream(...)`` to
+    subscribe up front (and, with ``async with``, cancel at the end).
+
+    Commits: in a consumer group, acking a message commits the group's offset up to it
+    (the contiguous acked prefix). With ``auto_commit`` the iterator acks each message
+    when the application asks for the next one (for :meth:`batches`, the previous
+    batch), so what was handed out but not finished is redelivered after a crash; acks
+    of one loop turn go out as one cumulative ACK. Without it, ack with ``msg.ack()``
+    or :meth:`commit`. Without a group acks commit nothing but still return credit.
+    """
+
+    def __init__(self, conn: Connection, queue: str, prefetch: int, auto_commit: bool,
+                 tag: str, arguments: dict[str, Any]) -> None:
+        super().__init__(conn, queue, prefetch, False, False, tag, arguments)
+        self.group: str | None = arguments.get("group")
+        self.auto_commit = auto_commit
+        self._started = False
+        self._prev: Message | None = None  # auto_commit: handed out, acked on the next step
+        self._prev_batch: list[Message] = []
+        self._held: deque[Message] = deque()  # manual: handed out, maybe unsettled
+        self._last: Message | None = None  # the newest message handed out
+
+    # ------------------------------------------------------------------ arguments
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """The CONSUME arguments; after messages were handed out, a consumer without a
+        group resubscribes (after a reconnect) at the oldest one not acked, else right
+        after the newest, rather than at its original offset/timestamp."""
+        if self.group is not None or self._last is None:
+            return self._arguments
+        epoch = self._conn._epoch
+        for m in self._outstanding():
+            if not m.settled or m._origin.epoch != epoch:
+                off = m.offset
+                if off is not None:
+                    return {"offset": off}
+        off = self._last.offset
+        return self._arguments if off is None else {"offset": off + 1}
+
+    @arguments.setter
+    def arguments(self, value: dict[str, Any]) -> None:
+        self._arguments = value
+
+    def _outstanding(self) -> list[Message]:
+        if self._prev is not None:
+            return [self._prev]
+        if self._prev_batch:
+            return self._prev_batch
+        return list(self._held)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> StreamConsumer:
+        """Subscribe (once; later calls return at once)."""
+        if not self._started:
+            self._started = True
+            try:
+                await self._conn._start_consumer(self)
+            except BaseException:
+                self._started = False
+                raise
+        return self
+
+    def __await__(self) -> Generator[Any, None, StreamConsumer]:
+        return self.start().__await__()
+
+    async def __aenter__(self) -> StreamConsumer:
+        return await self.start()
+
+    # ------------------------------------------------------------------ iteration
+    def __aiter__(self) -> StreamConsumer:
+        return self
+
+    async def __anext__(self) -> Message:
+        if not self._started:
+            await self.start()
+        if self.auto_commit:
+            self._commit_previous()
+        elif self._held:
+            self._trim_held()
+        buf = self._buffer
+        if not buf:
+            await self._wait()
+        msg = buf.popleft()
+        if self.auto_commit:
+            self._prev = msg
+        else:
+            self._held.append(msg)
+        self._last = msg
+        return msg
+
+    async def _next_batch(self, max_messages: int | None) -> list[Message]:
+        if not self._started:
+            await self.start()
+        if self.auto_commit:
+            self._commit_previous()
+        elif self._held:
+            self._trim_held()
+        msgs = await super()._next_batch(max_messages)
+        if self.auto_commit:
+            self._prev_batch = msgs
+        else:
+            self._held.extend(msgs)
+        if msgs:
+            self._last = msgs[-1]
+        return msgs
+
+    # ------------------------------------------------------------------ commits
+    def _commit_previous(self) -> None:
+        """auto_commit: ack what was handed out before (skipping what the application
+        settled itself, or what came on a connection since lost: that is redelivered)."""
+        epoch = self._conn._epoch
+        prev = self._prev
+        if prev is not None:
+            self._prev = None
+            if not prev.settled and prev._origin.epoch == epoch:
+                prev.ack()
+        batch = self._prev_batch
+        if batch:
+            self._prev_batch = []
+            todo = [m for m in batch if not m.settled and m._origin.epoch == epoch]
+            if todo:
+                self._conn.ack_all(todo)
+
+    def _trim_held(self) -> None:
+        held = self._held
+        epoch = self._conn._epoch
+        while held and (held[0].settled or held[0]._origin.epoch != epoch):
+            held.popleft()
+
+    def commit(self, msg: Message) -> None:
+        """Ack ``msg`` and every message handed out before it that is not settled yet: in
+        a group, the committed offset moves up to ``msg``. Raises ``ConnectionClosed`` if
+        ``msg`` came on a connection that is gone (it will be redelivered)."""
+        conn = self._conn
+        epoch = conn._epoch
+        if msg._origin.epoch != epoch:
+            raise conn._stale()
+        tag = msg.delivery_tag
+        todo: list[Message] = []
+        for m in self._outstanding():
+            if m._origin.epoch == epoch and m.delivery_tag <= tag and not m.settled:
+                todo.append(m)
+        if not msg.settled and msg not in todo:
+            todo.append(msg)
+        held = self._held
+        while held and (held[0].settled or held[0]._origin.epoch != epoch
+                        or held[0].delivery_tag <= tag):
+            held.popleft()
+        if todo:
+            todo.sort(key=lambda m: m.delivery_tag)
+            conn.ack_all(todo)

@@ -15,11 +15,12 @@ import contextlib
 import itertools
 from collections import deque
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from itertools import islice, repeat
 from typing import TYPE_CHECKING, Any, cast
 
 from client._protocol import _Deliveries, _Protocol
-from client.consumer import Consumer
+from client.consumer import Consumer, StreamConsumer, stream_arguments
 from client.errors import ConnectionClosed
 from client.message import Message, Origin
 from protocol import Ack as AckFrame
@@ -78,6 +79,8 @@ class _ConsumingMixin:
         """Start a push consumer; iterate it with ``async for``.
 
         ``prefetch`` (>= 1) bounds unacked deliveries; ``no_ack=True`` is at-most-once.
+        ``arguments`` are the CONSUME arguments (spec [consume_arguments]); for streams
+        :meth:`stream` builds and checks them.
         """
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
@@ -85,6 +88,35 @@ class _ConsumingMixin:
                      consumer_tag, arguments or {})
         await self._start_consumer(c)
         return c
+
+    def stream(self, queue: str, *, offset: str | int = "next",
+               timestamp: datetime | float | int | None = None, group: str | None = None,
+               prefetch: int = 1000, auto_commit: bool = True,
+               consumer_tag: str = "") -> StreamConsumer:
+        """Read a stream (a queue declared with ``queue_type="stream"``) in offset order:
+        ``async for msg in conn.stream("events", offset="first")``; ``msg.offset`` and
+        ``msg.timestamp`` say where each message sits. Reading removes nothing.
+
+        - ``offset``: where to start: ``"first"``, ``"last"`` (the newest message),
+          ``"next"`` (only messages appended from now on; the default) or an offset
+        - ``timestamp``: start at the first message appended at or after it (a
+          ``datetime``, naive = local time, or ms since the epoch); overrides ``offset``
+        - ``group``: a consumer group: its members share the messages (each goes to one
+          of them), acks commit the group's offset durably, and a group that comes back
+          resumes after its committed offset (``offset``/``timestamp`` then do not apply)
+        - ``prefetch``: the credit window, as for :meth:`consume`
+        - ``auto_commit``: ack each message once the next one is asked for (one batch of
+          :meth:`StreamConsumer.batches` once the next batch is); False: the application
+          acks, with ``msg.ack()`` or ``consumer.commit(msg)`` (everything up to ``msg``)
+
+        The consumer subscribes on its first step, or up front with ``await`` /
+        ``async with``. Bad arguments raise ``ValueError`` here.
+        """
+        if prefetch < 1:
+            raise ValueError("prefetch must be >= 1")
+        args = stream_arguments(offset, timestamp, group)
+        return StreamConsumer(cast("Connection", self), queue, prefetch, auto_commit,
+                              consumer_tag, args)
 
     async def _start_consumer(self, c: Consumer, internal: bool = False) -> None:
         rid = next(self._rids)

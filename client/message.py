@@ -91,6 +91,29 @@ class Message:
         return self.properties.get("headers") or {}
 
     @property
+    def offset(self) -> int | None:
+        """Streams: the message's offset in the stream (the ``x-stream-offset`` header the
+        broker adds); None for a message from a classic queue."""
+        h = self.properties.get("headers")
+        if h:
+            v = h.get("x-stream-offset")
+            if type(v) is int:
+                return v
+        return None
+
+    @property
+    def timestamp(self) -> int | None:
+        """Streams: when the broker appended the message, in ms since the epoch (the
+        ``x-stream-timestamp`` header); None for a message from a classic queue. (The
+        publisher's own ``timestamp`` property, if any, is ``properties["timestamp"]``.)"""
+        h = self.properties.get("headers")
+        if h:
+            v = h.get("x-stream-timestamp")
+            if type(v) is int:
+                return v
+        return None
+
+    @property
     def deaths(self) -> list[Death]:
         """The message's dead-letter history (``x-death`` header), newest first; [] if it
         was never dead-lettered. Entries that are not maps are left out: headers are the

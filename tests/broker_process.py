@@ -17,6 +17,7 @@ from pathlib import Path
 
 LISTEN_RE = re.compile(rb"conveyor listening on ([\d.]+):(\d+)")
 TLS_LISTEN_RE = re.compile(rb"conveyor tls listening on ([\d.]+):(\d+)")
+HTTP_LISTEN_RE = re.compile(rb"conveyor http listening on ([\d.]+):(\d+)")
 
 
 class BrokerProcess:
@@ -27,11 +28,16 @@ class BrokerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.tls_port = 0  # the TLS listener's, if the broker has one
+        self.http_port = 0  # the HTTP listener's (--http-port), printed before the others
         self.log_path = data_dir.parent / f"{data_dir.name}-broker.log"
 
     @property
     def url(self) -> str:
         return f"mq://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def tls_url(self) -> str:
@@ -49,6 +55,10 @@ class BrokerProcess:
         line = b""
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
+            m_http = HTTP_LISTEN_RE.search(line)
+            if m_http:
+                self.http_port = int(m_http.group(2))
+                continue
             m_tls = TLS_LISTEN_RE.search(line)
             if m_tls:
                 self.tls_port = int(m_tls.group(2))

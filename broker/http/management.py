@@ -1,0 +1,316 @@
+"""Management API (JSON under ``/api``): overview, queues, exchanges, bindings,
+connections, consumers; purge, delete, peek and redrive of queues; closing connections.
+
+Every endpoint needs the management right (broker.http.common.require_admin). Changes go
+through the broker model like the binary protocol's requests, and answers to durable
+changes wait until they are logged.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from broker.flow import disk_free, process_rss
+from broker.http.common import (
+    committed,
+    ctx,
+    encode_body,
+    int_query,
+    json_object,
+    json_response,
+    queue_name,
+    require_admin,
+)
+from broker.http.gateway import SESSION_ID
+from broker.message import DELAYED, GONE, Message, QueuedMessage
+from broker.options import QueueOptions
+from broker.pager import Pager
+from protocol import InvalidArgument, NotFound, QueueFull
+
+if TYPE_CHECKING:
+    from broker.core import Broker
+    from broker.http.common import HttpContext
+    from broker.queue import Queue
+    from broker.server import BrokerProtocol
+
+PEEK_MAX = 1000
+REDRIVE_MAX = 100_000
+OPTION_NAMES = QueueOptions.__slots__
+
+
+def _version() -> str:
+    from broker.server import VERSION
+    return VERSION
+
+
+def queue_json(c: HttpContext, q: Queue) -> dict[str, Any]:
+    opts = q.opts
+    return {
+        "name": q.name, "durable": q.durable, "exclusive": q.exclusive_owner is not None,
+        "auto_delete": q.auto_delete, "arguments": q.arguments,
+        "ready": q.ready, "unacked": q.unacked, "messages": q.ready + q.unacked,
+        "delayed": q.delayed, "paged": q.paged, "consumers": len(q.consumers),
+        "counters": {"published": q.published, "delivered": q.delivered, "acked": q.acked,
+                     "dead_lettered": q.dead_lettered, "expired": q.expired},
+        "rates": c.stats.queue(q.name),
+        "settings": {k: getattr(opts, k) for k in OPTION_NAMES},
+    }
+
+
+def _queue(c: HttpContext, name: str) -> Queue:
+    q = c.broker.queues.get(name)
+    if q is None:
+        raise NotFound(f"no queue {name!r}", {"queue": name})
+    return q
+
+
+def _protocols(c: HttpContext) -> dict[str, BrokerProtocol]:
+    return {p.session.id: p for p in c.server.protocols if p.session is not None}
+
+
+# ---------------------------------------------------------------------- overview
+async def overview(request: web.Request) -> web.Response:
+    require_admin(request)
+    c = ctx(request)
+    b = c.broker
+    queues = b.queues.values()
+    ready = sum(q.ready for q in queues)
+    unacked = sum(q.unacked for q in queues)
+    cfg = c.server.config
+    return json_response({
+        "product": "conveyor", "version": _version(),
+        "uptime_s": round(time.time() - b.started, 3),
+        "messages": {"ready": ready, "unacked": unacked, "total": ready + unacked,
+                     "dead_lettered": b.dead_lettered},
+        "rates": c.stats.rates,
+        "connections": len(_protocols(c)),
+        "consumers": sum(len(s.consumers) for s in b.sessions.values()),
+        "queues": len(b.queues), "exchanges": len(b.exchanges),
+        "memory": {"rss": process_rss()},
+        "disk": {"free": disk_free(cfg.data_dir), "data_dir": cfg.data_dir},
+    })
+
+
+# ---------------------------------------------------------------------- queues
+async def list_queues(request: web.Request) -> web.Response:
+    require_admin(request)
+    c = ctx(request)
+    return json_response([queue_json(c, q) for _n, q in sorted(c.broker.queues.items())])
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    require_admin(request)
+    c = ctx(request)
+    return json_response(queue_json(c, _queue(c, queue_name(request))))
+
+
+async def put_queue(request: web.Request) -> web.Response:
+    """Declare a queue (idempotent: 200 if it exists with the same settings)."""
+    require_admin(request)
+    c = ctx(request)
+    name = queue_name(request)
+    data = await json_object(request, required=False)
+    unknown = set(data) - {"durable", "auto_delete", "arguments"}
+    if unknown:
+        raise InvalidArgument(f"unknown field {sorted(unknown)[0]!r}")
+    durable, auto_delete = data.get("durable", True), data.get("auto_delete", False)
+    arguments = data.get("arguments") or {}
+    if type(durable) is not bool or type(auto_delete) is not bool:
+        raise InvalidArgument("durable and auto_delete must be booleans")
+    if not isinstance(arguments, dict):
+        raise InvalidArgument("arguments must be an object")
+    existed = name in c.broker.queues
+    q = c.broker.declare_queue(None, name, durable=durable, auto_delete=auto_delete,
+                               arguments=arguments)
+    await committed(c.broker)
+    return json_response(queue_json(c, q), status=200 if existed else 201)
+
+
+async def delete_queue(request: web.Request) -> web.Response:
+    require_admin(request)
+    c = ctx(request)
+    name = queue_name(request)
+    n = c.broker.delete_queue(None, name, if_unused=request.query.get("if_unused") == "true",
+                              if_empty=request.query.get("if_empty") == "true")
+    c.broker.pump()
+    await committed(c.broker)
+    return json_response({"queue": name, "messages": n})
+
+
+async def purge_queue(request: web.Request) -> web.Response:
+    require_admin(request)
+    c = ctx(request)
+    name = queue_name(request)
+    n = c.broker.purge_queue(None, name)
+    await committed(c.broker)
+    return json_response({"queue": name, "purged": n})
+
+
+def message_json(qm: Any) -> dict[str, Any]:
+    m = qm.message
+    body, encoding = encode_body(Pager.read(m))
+    props = m.properties or {}
+    mid = props.get("message_id")
+    return {"id": str(mid) if mid is not None else str(m.id or ""), "body": body,
+            "encoding": encoding, "exchange": m.exchange, "routing_key": m.routing_key,
+            "properties": props, "delivery_count": qm.delivery_count,
+            "redelivered": qm.redelivered, "delayed": qm.state == DELAYED}
+
+
+async def peek(request: web.Request) -> web.Response:
+    """Waiting messages in delivery order, without taking them (read-only)."""
+    require_admin(request)
+    c = ctx(request)
+    q = _queue(c, queue_name(request))
+    count = int_query(request, "count", 10, 1, PEEK_MAX)
+    msgs = list(itertools.islice(waiting(q), count))
+    return json_response({"queue": q.name, "ready": q.ready,
+                          "messages": [message_json(qm) for qm in msgs]})
+
+
+def waiting(q: Queue) -> Iterator[QueuedMessage]:
+    """Like ``Queue.iter_messages`` (delivery order, delayed last), lazily: a peek of a
+    few messages costs that many steps, not a copy of a deep queue."""
+    parts: list[Iterable[QueuedMessage]] = [heapq.nsmallest(len(q._requeued), q._requeued)]
+    if q._lanes:
+        parts += [iter(lane) for lane in reversed(q._lanes)]
+    parts += [iter(q._ready), iter(q._paged)]
+    parts.append(qm for _due, _seq, qm in sorted(q._delayed))
+    return (qm for qm in itertools.chain.from_iterable(parts) if qm.state != GONE)
+
+
+def _death_queue(props: dict[str, Any]) -> str | None:
+    headers = props.get("headers")
+    deaths = headers.get("x-death") if isinstance(headers, dict) else None
+    first = deaths[0] if isinstance(deaths, list) and deaths else None
+    name = first.get("queue") if isinstance(first, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int
+                  ) -> dict[str, Any]:
+    """Move ready messages of ``source`` to ``to`` or to the queue of each message's
+    newest x-death record (same body and properties, via the default exchange); the
+    rest stay. Synchronous: the moves and removals reach the journal in one batch."""
+    moved = skipped = 0
+    reasons: dict[str, int] = {}
+    now = broker.clock()
+    if source.release(now):
+        broker.wake(source)
+    for qm in list(itertools.islice(waiting(source), limit * 4 + 1000)):
+        if moved + skipped >= limit:
+            break
+        if qm.state == DELAYED:
+            continue
+        m = qm.message
+        props = dict(m.properties or {})
+        dest = to or _death_queue(props)
+        why = ""
+        if dest is None:
+            why = "no x-death record naming a queue (use ?to=QUEUE)"
+        elif dest == source.name:
+            why = "the target is the source queue"
+        elif dest not in broker.queues:
+            why = f"no queue {dest!r}"
+        elif broker.queues[dest].exclusive_owner is not None:
+            why = f"queue {dest!r} is exclusive to a connection"
+        if not why and dest is not None:
+            body = Pager.read(m)
+            try:
+                if broker.limited:
+                    broker.check_capacity([dest], m.size, props.get("message_id"))
+            except QueueFull as exc:
+                why = exc.message
+            else:
+                props.pop("delay", None)
+                broker.enqueue(Message("", dest, props, body, m.size), [dest])
+                if source.remove(qm) and source.logged:
+                    broker.log_ids("a", source, [qm])
+                moved += 1
+                continue
+        skipped += 1
+        reasons[why] = reasons.get(why, 0) + 1
+    broker.pump()
+    return {"queue": source.name, "moved": moved, "skipped": skipped, "reasons": reasons}
+
+
+async def redrive(request: web.Request) -> web.Response:
+    require_admin(request)
+    c = ctx(request)
+    q = _queue(c, queue_name(request))
+    to = request.query.get("to") or None
+    if to is not None and to not in c.broker.queues:
+        raise NotFound(f"no queue {to!r}", {"queue": to})
+    limit = int_query(request, "count", REDRIVE_MAX, 1, REDRIVE_MAX)
+    result = redrive_queue(c.broker, q, to, limit)
+    await committed(c.broker)
+    return json_response(result)
+
+
+# ---------------------------------------------------------------------- the rest
+async def list_exchanges(request: web.Request) -> web.Response:
+    require_admin(request)
+    return json_response(ctx(request).broker.list("exchanges"))
+
+
+async def list_bindings(request: web.Request) -> web.Response:
+    require_admin(request)
+    return json_response(ctx(request).broker.list("bindings"))
+
+
+async def list_consumers(request: web.Request) -> web.Response:
+    require_admin(request)
+    return json_response(ctx(request).broker.list("consumers"))
+
+
+async def list_connections(request: web.Request) -> web.Response:
+    require_admin(request)
+    c = ctx(request)
+    protos = _protocols(c)
+    out = []
+    for info in c.broker.list("connections"):
+        if info.get("id") == SESSION_ID:
+            continue
+        p = protos.get(info["id"])
+        s = c.broker.sessions.get(info["id"])
+        info = dict(info)
+        info["consumers"] = len(s.consumers) if s is not None else 0
+        info["unacked"] = len(s.unacked) if s is not None else 0
+        info["tls"] = bool(p is not None and p.transport is not None
+                           and p.transport.get_extra_info("sslcontext") is not None)
+        out.append(info)
+    return json_response(out)
+
+
+async def close_connection(request: web.Request) -> web.Response:
+    require_admin(request)
+    c = ctx(request)
+    cid = request.match_info["id"]
+    p = _protocols(c).get(cid)
+    if p is None:
+        raise NotFound(f"no connection {cid!r}", {"connection": cid})
+    p.begin_close(320, "connection closed by an administrator (management API)")
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/overview", overview)
+    r.add_get("/api/queues", list_queues)
+    r.add_get("/api/queues/{name}", get_queue)
+    r.add_put("/api/queues/{name}", put_queue)
+    r.add_delete("/api/queues/{name}", delete_queue)
+    r.add_post("/api/queues/{name}/purge", purge_queue)
+    r.add_get("/api/queues/{name}/peek", peek)
+    r.add_post("/api/queues/{name}/redrive", redrive)
+    r.add_get("/api/exchanges", list_exchanges)
+    r.add_get("/api/bindings", list_bindings)
+    r.add_get("/api/consumers", list_consumers)
+    r.add_get("/api/connections", list_connections)
+    r.add_delete("/api/connections/{id}", close_connection)
