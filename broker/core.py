@@ -98,7 +98,7 @@ class Broker:
         self.nacks: dict[int, int] = {}  # publish nacks (CONFIRM ok=false) sent, by code
         self.latency = LatencyHistogram()  # publish -> delivery, recorded per batch
         # Stream queues (broker.stream); Durability sets their directory and fsync policy.
-        self.streams = Streams(lambda: self.clock(), self.wake)
+        self.streams = Streams(lambda: self.clock(), self.wake, self.pump_soon)
         self.now = 0  # ms: the clock as of the current dispatch round (set by pump)
         for name, etype in BUILTIN_EXCHANGES:
             self.exchanges[name] = make_exchange(etype, name, builtin=True)

@@ -80,7 +80,9 @@ class Durability:
                          interval_ms=cfg.fsync_interval_ms, segment_bytes=cfg.segment_bytes)
         broker = Broker(store, durable=True, pager=pager,
                         max_message_size=cfg.effective_max_message_size())
+        broker.streams.configure(self.data_dir / "streams", cfg.fsync, cfg.fsync_interval_ms)
         self.recovered_messages = replay.build(broker)
+        broker.streams.cleanup_orphans()  # directories of streams deleted before a crash
         store.bytes_since_snapshot = rec.bytes_replayed
         if rec.quarantined:
             # What was replayed from a quarantined segment now exists only in memory (the
@@ -149,6 +151,8 @@ class Durability:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self.broker is not None:
+            self.broker.streams.close()  # buffered appends, fsync, group offsets
         if self.store is not None:
             self.store.close()
         if self._lock is not None:

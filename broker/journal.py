@@ -191,6 +191,12 @@ class Replay:
         # dead-lettered, not delivered once more (done once exchanges and bindings exist).
         spent: list[tuple[Queue, QueuedMessage]] = []
         for name, (auto_delete, args) in self.queues.items():
+            if args.get("queue_type") == "stream":  # its messages are in its own segments
+                st = broker.streams.create(name, args, fresh=False)
+                st.logged = True
+                broker.queues[name] = st
+                broker.adopt_queue(st)
+                continue
             q = Queue(name, durable=True, auto_delete=auto_delete, arguments=args)
             q.logged = True
             if not q.opts.max_priority:

@@ -33,6 +33,7 @@ Per queue ({queue})
   conveyor_queue_consumers                 subscribed consumers
   conveyor_queue_consumer_lag_seconds      consumer lag: age of the oldest ready message
                                            (now - its publish time); 0 = nothing waits
+  conveyor_stream_group_lag{queue,group}   stream consumer groups: head offset - committed
 Gauges
   conveyor_queues, conveyor_consumers, conveyor_connections (open, past the handshake),
   conveyor_publishers_blocked{reason}      connections whose publish credit is withheld
@@ -72,6 +73,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from broker.core import RETIRED_COUNTERS
 from broker.counters import Buckets
+from broker.stream import Stream
 from protocol.errors import error_for_code
 
 if TYPE_CHECKING:
@@ -177,6 +179,15 @@ class BrokerCollector(Collector):
             lag.add_metric([q.name], max(0.0, (now_ms - head) / 1000) if head else 0.0)
         yield cons
         yield lag
+        stream_lag = GaugeMetricFamily(
+            "conveyor_stream_group_lag",
+            "Stream consumer groups: messages after the group's committed offset.",
+            labels=["queue", "group"])
+        for q in queues:
+            if isinstance(q, Stream):
+                for gname, g in q.info()["groups"].items():
+                    stream_lag.add_metric([q.name, gname], g["lag"])
+        yield stream_lag
         yield GaugeMetricFamily("conveyor_queues", "Queues.", value=len(queues))
         yield GaugeMetricFamily("conveyor_consumers", "Consumers on all queues.",
                                 value=consumers)

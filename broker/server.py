@@ -413,5 +413,6 @@ class BrokerServer:
         for srv in (self._server, self._tls_server):
             if srv is not None:
                 await srv.wait_closed()
+        self.broker.flush_journal()  # e.g. requeues of the connections just closed
         self.broker.store.close()
         log.info("conveyor stopped")

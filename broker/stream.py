@@ -145,6 +145,7 @@ class Group:
     def __init__(self, name: str, committed: int) -> None:
         self.name = name
         self.committed = committed  # every offset below is done
+        self.stored = committed  # the committed offset as last written to disk (LIST)
         self.next = committed  # next never-delivered offset
         self.redeliver: list[int] = []  # heap: offsets handed back (nack, lost member)
         self.counts: dict[int, int] = {}  # deliveries so far of redelivered offsets
@@ -222,7 +223,7 @@ class Stream(Queue):
         head = slog.head
         return {"type": "stream", "first_offset": slog.first_offset, "head_offset": head,
                 "messages": slog.count, "bytes": slog.disk_bytes,
-                "groups": {name: {"committed": g.committed, "lag": max(head - g.committed, 0),
+                "groups": {name: {"committed": g.stored, "lag": max(head - g.stored, 0),
                                   "members": len(g.members)}
                            for name, g in sorted(self.groups.items())}}
 
@@ -468,7 +469,8 @@ class Stream(Queue):
         if not self.groups_dirty or self._saving or self.deleted:
             return
         self.groups_dirty = False
-        data = msgpack.packb({n: g.committed for n, g in self.groups.items()})
+        offsets = {n: g.committed for n, g in self.groups.items()}
+        data = msgpack.packb(offsets)
         path = self._groups_path()
         loop: asyncio.AbstractEventLoop | None = None
         if not sync:
@@ -476,6 +478,7 @@ class Stream(Queue):
                 loop = asyncio.get_running_loop()
         if loop is None:
             _write_atomic(path, data)
+            self._stored(offsets)
             return
         self._saving = True
         fut = loop.run_in_executor(None, _write_atomic, path, data)
@@ -486,8 +489,16 @@ class Stream(Queue):
             if exc is not None and not self.deleted:
                 log.error("stream %r: could not write group offsets: %s", self.name, exc)
                 self.groups_dirty = True
+            elif exc is None:
+                self._stored(offsets)
 
         fut.add_done_callback(done)
+
+    def _stored(self, offsets: dict[str, int]) -> None:
+        for name, committed in offsets.items():
+            g = self.groups.get(name)
+            if g is not None and committed > g.stored:
+                g.stored = committed
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -338,6 +338,9 @@ class WalStore:
         self._pending: list[tuple[int, bytes]] = []  # (segment index, framed record)
         self._callbacks: list[Callback] = []
         self._busy = False
+        # The batch handed to the writer thread, until it takes the lock (see close()).
+        self._inflight: list[tuple[int, bytes]] | None = None
+        self._inflight_written = False
         # Held while a batch is written: close() waits for the writer thread with it.
         self._io_lock = threading.RLock()
         self._kick_scheduled = False
@@ -395,10 +398,15 @@ class WalStore:
             if h is not None:
                 h.cancel()
         with self._io_lock:  # a batch in flight in the writer thread finishes first
-            if self._pending:
+            # A batch handed to the writer thread that has not taken the lock yet is
+            # written here, ahead of the pending records (it would find the store closed).
+            inflight = self._inflight
+            todo = (inflight or []) + self._pending
+            if todo:
                 try:
-                    self._write_batch(self._pending, sync=True)
+                    self._write_batch(list(todo), sync=True)
                     self._pending = []
+                    self._inflight_written = inflight is not None
                 except OSError as exc:
                     log.error("could not write the log on shutdown: %s", exc)
             cbs, self._callbacks = self._callbacks, []
@@ -450,6 +458,7 @@ class WalStore:
             return
         if self.fsync == "always":
             self._busy = True
+            self._inflight = batch
             loop = asyncio.get_running_loop()
             fut = loop.run_in_executor(None, self._write_batch, batch, True)
             fut.add_done_callback(lambda f: self._done(f, batch, cbs))
@@ -513,6 +522,10 @@ class WalStore:
     def _write_batch(self, batch: list[tuple[int, bytes]], sync: bool) -> None:
         """Write (and optionally fdatasync) a batch; runs in the writer thread for 'always'."""
         with self._io_lock:
+            if batch is self._inflight:
+                self._inflight = None
+                if self._inflight_written:
+                    return  # close() wrote it while this thread waited for the lock
             if self.closed:
                 raise ConnectionError("store closed")
             self._write_locked(batch, sync)

@@ -208,7 +208,7 @@ async def committed(broker: Broker) -> None:
                 fut.set_result(err)
         loop.call_soon_threadsafe(resolve)
 
-    broker.store.commit(done)
+    broker.commit(done)  # the log and any stream appended to (broker.stream)
     err = await fut
     if err is not None:
         raise ResourceError(f"could not store the change: {err}; retry")

@@ -29,6 +29,10 @@ ALL_ARGUMENTS: dict[str, Any] = {
     "max_priority": 5, "max_length": 1000, "max_length_bytes": 1 << 20,
     "overflow": "reject-publish", "dedup_window_ms": 10_000, "single_active_consumer": True,
 }
+# The stream-only arguments (tests/integration/test_streams_client.py uses them).
+STREAM_ARGUMENTS: dict[str, Any] = {
+    "queue_type": "stream", "max_age_ms": 86_400_000, "stream_segment_bytes": 1 << 20,
+}
 
 
 def _flags(args: dict[str, Any]) -> list[str]:
@@ -84,7 +88,7 @@ def test_declare_queue_has_a_keyword_for_every_spec_argument() -> None:
     for name in QUEUE_ARGUMENT_TYPES:
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
         assert params[name].default is None, name
-    assert set(ALL_ARGUMENTS) == set(QUEUE_ARGUMENT_TYPES)
+    assert set(ALL_ARGUMENTS) | set(STREAM_ARGUMENTS) == set(QUEUE_ARGUMENT_TYPES)
 
 
 async def test_declare_queue_argument_given_twice_differently(conn: client.Connection) -> None:
