@@ -1218,6 +1218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C must stop the run even when started from a shell that ignores SIGINT in
+    # background jobs (Python then inherits SIG_IGN and never raises KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     code = 0
     summaries: list[dict[str, Any]] = []
     try:

@@ -31,6 +31,7 @@ from broker.http.gateway import SESSION_ID
 from broker.message import DELAYED, GONE, Message, QueuedMessage
 from broker.options import QueueOptions
 from broker.pager import Pager
+from broker.stream import Stream
 from protocol import InvalidArgument, NotFound, QueueFull
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ def queue_json(c: HttpContext, q: Queue) -> dict[str, Any]:
                      "dead_lettered": q.dead_lettered, "expired": q.expired},
         "rates": c.stats.queue(q.name),
         "settings": {k: getattr(opts, k) for k in OPTION_NAMES},
+        # streams: offsets and per-group committed offset and lag
+        **(q.info() if isinstance(q, Stream) else {"type": "classic"}),
     }
 
 

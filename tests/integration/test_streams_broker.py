@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -170,3 +171,40 @@ async def test_publish_confirm_latency_sane(conn: client.Connection) -> None:
     t0 = time.monotonic()
     await _fill(conn, "s", 1000)
     assert time.monotonic() - t0 < WAIT
+
+
+async def test_management_api_shows_group_lag(tmp_path: Path) -> None:
+    """The HTTP management API reports a stream's offsets and per-group lag."""
+    import aiohttp
+
+    b = BrokerProcess(tmp_path / "data", "--http-port", "0").start()
+    try:
+        conn = await connect(b.url)
+        try:
+            await conn.declare_queue("lag.s", arguments={"queue_type": "stream"})
+            await conn.publish_batch([b"m%d" % i for i in range(10)], routing_key="lag.s")
+            s = conn.stream("lag.s", offset="first", group="g", auto_commit=False)
+            got = []
+            async with s:
+                while len(got) < 4:
+                    m = await s.get(5)
+                    assert m is not None
+                    got.append(m)
+                s.commit(got[-1])
+                deadline = time.monotonic() + 5
+                info: dict[str, Any] = {}
+                async with aiohttp.ClientSession() as http:
+                    while time.monotonic() < deadline:
+                        url = f"http://127.0.0.1:{b.http_port}/api/queues/lag.s"
+                        async with http.get(url) as r:
+                            assert r.status == 200
+                            info = await r.json()
+                        if info["groups"].get("g", {}).get("committed") == 4:
+                            break
+                        await asyncio.sleep(0.1)
+            assert info["type"] == "stream" and info["head_offset"] == 10
+            assert info["groups"]["g"]["committed"] == 4 and info["groups"]["g"]["lag"] == 6
+        finally:
+            await conn.close()
+    finally:
+        b.stop()
