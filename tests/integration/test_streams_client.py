@@ -211,7 +211,41 @@ async def test_two_groups_at_different_speeds_each_get_every_message_once(
         assert info.get("messages") == n, info
         for g in ("fast", "slow"):
             await wait_lag(pub, "events", g, 0)
-        print(f"\ntwo groups, {n} messages: {results}")
+        # A third consumer replays from a timestamp in the middle of the stream.
+        first = results[0]["first_offset"]
+        mid = await _one(c1, "events", first + n // 2)
+        assert mid.timestamp is not None and mid.offset is not None
+        t_replay = time.monotonic()
+        replay = await c1.stream("events", timestamp=mid.timestamp, prefetch=1000)
+        start: client.Message | None = None
+        count = 0
+        async for batch in replay.batches():
+            if start is None:
+                start = batch[0]
+            count += len(batch)
+            if batch[-1].offset == first + n - 1:
+                break
+        await replay.cancel()
+        assert start is not None and start.offset is not None and start.timestamp is not None
+        # It starts at the first message published at or after that time: not later than
+        # the middle message, and the message before it is older.
+        assert start.timestamp >= mid.timestamp and start.offset <= mid.offset
+        if start.offset > first:
+            before = await _one(c1, "events", start.offset - 1)
+            assert before.timestamp is not None and before.timestamp < mid.timestamp
+        assert count == first + n - start.offset
+        print(f"\ntwo groups, {n} messages: {results}; replay from the middle "
+              f"(offset {start.offset}): {count} messages in "
+              f"{time.monotonic() - t_replay:.2f}s")
+
+
+async def _one(conn: client.Connection, stream: str, offset: int) -> client.Message:
+    """The message at ``offset`` (a private reader, no group)."""
+    s = await conn.stream(stream, offset=offset, prefetch=1)
+    m = await s.get(WAIT)
+    await s.cancel()
+    assert m is not None and m.offset == offset, m
+    return m
 
 
 async def test_members_of_one_group_share_the_stream(broker: BrokerProcess) -> None:
