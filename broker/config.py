@@ -60,6 +60,9 @@ class Config:
     plain: bool = True  # the plain-TCP listener on `port`
     allow_anonymous: bool = False  # anonymous from any address (default: loopback only)
     require_auth: bool = False  # a token from every connection, loopback included
+    # Wire compression (spec "Compressed frames"): a client that asks for zstd in AUTH gets
+    # it unless this is false. Off for a connection until the client asks.
+    wire_compression: bool = True
     # HTTP listener (broker.http: management API, REST gateway, /metrics, dashboard) on
     # `host`: -1 = off, 0 = any free port (printed as "conveyor http listening on ...").
     http_port: int = -1

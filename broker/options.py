@@ -15,6 +15,7 @@ from protocol._generated import QUEUE_ARGUMENT_TYPES
 ACK_TIMEOUT_DEFAULT_MS = 30 * 60 * 1000
 OVERFLOW_MODES = ("drop-head", "reject-publish")
 QUEUE_TYPES = ("classic", "stream")
+STREAM_COMPRESSIONS = ("none", "zstd")
 _LIMITS = {"u32": U32_MAX, "u64": U64_MAX, "priority": 9}
 
 
@@ -36,6 +37,7 @@ class QueueOptions:
         "overflow",
         "queue_type",
         "single_active_consumer",
+        "stream_compression",
         "stream_segment_bytes",
     )
 
@@ -55,6 +57,7 @@ class QueueOptions:
         self.queue_type = "classic"
         self.max_age_ms = 0
         self.stream_segment_bytes = 64 << 20
+        self.stream_compression = "none"
         for key, value in (arguments or {}).items():
             setattr(self, key, _check(key, value))
 
@@ -82,6 +85,8 @@ def _check(key: str, value: Any) -> Any:
             ok, want = False, " or ".join(repr(m) for m in OVERFLOW_MODES)
         if ok and key == "queue_type" and value not in QUEUE_TYPES:
             ok, want = False, " or ".join(repr(m) for m in QUEUE_TYPES)
+        if ok and key == "stream_compression" and value not in STREAM_COMPRESSIONS:
+            ok, want = False, " or ".join(repr(m) for m in STREAM_COMPRESSIONS)
     if not ok:
         raise InvalidArgument(f"queue argument {key!r} must be {want}, got {value!r}",
                               {"argument": key})

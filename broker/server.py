@@ -223,9 +223,17 @@ class BrokerProtocol(asyncio.Protocol):
             self.session = None
             self._fatal(exc)
             return
-        ok = OpenOk(sid, frame_max, hb)
+        compression = ""
+        if cfg.wire_compression:
+            wanted = f.client_properties.get("compression")
+            if type(wanted) is list and "zstd" in wanted:
+                compression = "zstd"
+        ok = OpenOk(sid, frame_max, hb, compression)
         self.conn.send(ok)  # advances the state machine to OPEN
         self._write([ok])
+        if compression:  # both directions: COMPRESSED frames after OPEN_OK
+            self.conn.compression = True
+            self.session.compress = True
         # The initial PUBLISH_CREDIT follows OPEN_OK (spec section 12).
         self.session.flow.open(asyncio.get_running_loop().call_later, self._hold_reading,
                                self.peer)

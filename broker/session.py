@@ -63,6 +63,7 @@ from protocol import (
     ResourceError,
     Return,
     Unbind,
+    compress_frame,
     encode,
     encode_fields,
 )
@@ -97,6 +98,8 @@ class Session:
         self.id = session_id
         self._write = write
         self.max_frame_size = max_frame_size
+        # OPEN_OK negotiated zstd: DELIVER_BATCH frames over 1 KiB go out COMPRESSED.
+        self.compress = False
         self.out: list[bytes] = []
         # (consumer, entries, Message.size of each entry) awaiting the next flush
         self._deliveries: list[tuple[Consumer, list[list[Any]], list[int]]] = []
@@ -229,7 +232,10 @@ class Session:
         budget = self.max_frame_size - 1024
         if sum(sizes) + ENTRY_OVERHEAD * len(entries) <= budget:
             out.append(encode_fields(_DELIVER_BATCH, [tag, entries]))
+            if self.compress:
+                out[-1] = compress_frame(out[-1])
             return
+        start = len(out)
         chunk: list[list[Any]] = []
         size = 0
         for e, msize in zip(entries, sizes, strict=True):
@@ -241,6 +247,8 @@ class Session:
             size += esize
         if chunk:
             out.append(encode_fields(_DELIVER_BATCH, [tag, chunk]))
+        if self.compress:
+            out[start:] = [compress_frame(f) for f in out[start:]]
 
     # ------------------------------------------------------------------ publish
     def _on_publish(self, f: Publish) -> None:

@@ -53,7 +53,7 @@ CLASSIC_ONLY = frozenset({
     "max_priority", "message_ttl_ms", "dedup_window_ms", "max_length", "overflow",
     "delivery_limit", "dead_letter_exchange", "dead_letter_routing_key",
     "single_active_consumer", "ack_timeout_ms", "expires_ms"})
-STREAM_ONLY = frozenset({"max_age_ms", "stream_segment_bytes"})
+STREAM_ONLY = frozenset({"max_age_ms", "stream_compression", "stream_segment_bytes"})
 CHUNK = 256  # entries read per consumer per dispatch round (catch-up stays bounded)
 CHUNK_BYTES = 1 << 20
 RETENTION_MS = 2000
@@ -547,7 +547,8 @@ class Streams:
             shutil.rmtree(path, ignore_errors=True)
         opts_seg = int(arguments.get("stream_segment_bytes") or 64 << 20)
         slog = StreamLog(path, segment_bytes=opts_seg, fsync=self.fsync,
-                         interval_ms=self.interval_ms).open()
+                         interval_ms=self.interval_ms,
+                         compression=str(arguments.get("stream_compression") or "none")).open()
         s = Stream(name, slog, self, arguments)
         self.all[name] = s
         return s

@@ -10,7 +10,11 @@ Layout of ``<data-dir>/streams/<escaped name>/``::
 A record uses the write-ahead log's framing (``broker.wal.frame_record``: ``[u32 length]
 [u32 crc32][u8 type][payload]``) with type ``REC_STREAM``; its payload is a msgpack array
 of entries ``[offset, ts, exchange, routing_key, properties, body]`` with consecutive
-offsets: one append batch (a pump's worth of messages for this stream).
+offsets: one append batch (a pump's worth of messages for this stream). With the queue
+argument ``stream_compression = "zstd"`` records are written as ``REC_STREAM_ZSTD``: the
+same msgpack array, zstd-compressed (one zstd frame with its content size); the CRC covers
+the compressed payload like any record. Readers take both types, so a stream may change the
+setting across restarts; offsets and indexes (file positions) are unaffected.
 
 Seeking to an offset is a bisect over the segments, a bisect over that segment's index
 and a scan of at most one index interval; seeking to a timestamp is the same over the
@@ -42,12 +46,15 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import zstandard
 
 from broker.wal import HEADER, HEADER_SIZE, MAX_RECORD, frame_record
 
 log = logging.getLogger("conveyor.stream")
 
 REC_STREAM = 16
+REC_STREAM_ZSTD = 17  # the same payload, zstd-compressed (queue argument stream_compression)
+RECORD_TYPES = (REC_STREAM, REC_STREAM_ZSTD)
 INDEX = struct.Struct(">QQQ")
 INDEX_BYTES = 64 << 10  # an index entry at least every this many bytes ...
 INDEX_RECORDS = 64  # ... or this many records
@@ -93,7 +100,16 @@ class Segment:
         return self.next - self.first
 
 
-def _decode(body: bytes) -> list[list[Any]]:
+_zstd_compress = zstandard.ZstdCompressor(level=3).compress
+_zstd_decompress = zstandard.ZstdDecompressor().decompress
+
+
+def _decode(body: bytes, rtype: int = REC_STREAM) -> list[list[Any]]:
+    if rtype == REC_STREAM_ZSTD:
+        try:
+            body = _zstd_decompress(body, max_output_size=MAX_RECORD * 16)
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"bad zstd record: {exc}") from None
     out: list[list[Any]] = msgpack.unpackb(body, raw=False, strict_map_key=False)
     return out
 
@@ -116,10 +132,10 @@ def scan_records(data: bytes | memoryview, start: int) -> tuple[list[tuple[int, 
         body = bytes(data[pos + 8: pos + 8 + length])
         if zlib.crc32(body) != crc:
             return out, pos, "checksum mismatch"
-        if rtype != REC_STREAM:
+        if rtype not in RECORD_TYPES:
             return out, pos, f"unknown record type {rtype}"
         try:
-            entries = _decode(body[1:])
+            entries = _decode(body[1:], rtype)
         except (ValueError, msgpack.UnpackException) as exc:
             return out, pos, f"undecodable payload ({exc})"
         out.append((pos, entries))
@@ -132,8 +148,9 @@ class StreamLog:
 
     def __init__(self, directory: Path, *, segment_bytes: int = 64 << 20,
                  fsync: str = "always", interval_ms: int = 100,
-                 cache_bytes: int = CACHE_BYTES) -> None:
+                 cache_bytes: int = CACHE_BYTES, compression: str = "none") -> None:
         self.dir = directory
+        self.compression = compression  # "zstd": new records are REC_STREAM_ZSTD
         self.segment_bytes = max(segment_bytes, 4096)
         self.fsync = fsync
         self.interval_ms = interval_ms
@@ -285,7 +302,10 @@ class StreamLog:
         seg = self.segments[-1] if self.segments else None
         if seg is None or (seg.size >= self.segment_bytes and seg.count()):
             seg = self._roll(entries[0][0])
-        data = frame_record(_packb(entries), REC_STREAM)
+        if self.compression == "zstd":
+            data = frame_record(_zstd_compress(_packb(entries)), REC_STREAM_ZSTD)
+        else:
+            data = frame_record(_packb(entries), REC_STREAM)
         pos = seg.size
         try:
             _write_all(self._fd, data)
@@ -479,9 +499,9 @@ class StreamLog:
                                   "skipping the rest of it", seg.path, pos)
                         break
                     pos += 8 + length
-                    if rtype != REC_STREAM:
+                    if rtype not in RECORD_TYPES:
                         break
-                    for e in _decode(payload):
+                    for e in _decode(payload, rtype):
                         if e[0] < offset:
                             continue
                         if len(out) >= max_count or size >= max_bytes:

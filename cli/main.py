@@ -106,6 +106,8 @@ def cli() -> None:
 @click.option("--memory-budget", type=int, default=None,
               help="Bytes of ready message bodies kept in memory; the rest wait in page "
                    "files under the data directory [256 MiB].")
+@click.option("--wire-compression/--no-wire-compression", "wire_compression", default=None,
+              help="Allow clients to negotiate zstd-compressed batches [allowed].")
 @click.option("--repair", is_flag=True, default=None,
               help="Start even if the log is damaged mid-file: replay up to the damage and "
                    "set the damaged segment aside as *.corrupt.")
@@ -121,7 +123,8 @@ def server(host: str | None, port: int | None, data_dir: str | None, config_path
            log_level: str | None, log_format: str | None, fsync: str | None,
            fsync_interval_ms: int | None,
            snapshot_bytes: int | None, segment_bytes: int | None, memory_budget: int | None,
-           repair: bool | None, **limits: int | None) -> None:
+           repair: bool | None, wire_compression: bool | None,
+           **limits: int | None) -> None:
     """Run the broker in the foreground until SIGTERM / Ctrl-C."""
     from broker import config as config_mod
     from broker.app import run
@@ -134,7 +137,7 @@ def server(host: str | None, port: int | None, data_dir: str | None, config_path
                               log_format=log_format, fsync=fsync,
                               fsync_interval_ms=fsync_interval_ms, snapshot_bytes=snapshot_bytes,
                               segment_bytes=segment_bytes, memory_budget=memory_budget,
-                              repair=repair, **limits)
+                              repair=repair, wire_compression=wire_compression, **limits)
     except config_mod.ConfigError as exc:
         click.echo(f"mq-cli: {exc}", err=True)
         sys.exit(2)
@@ -203,6 +206,8 @@ def declare_exchange(name: str, etype: str, durable: bool, auto_delete: bool, ur
                    "500ms (a bare number is ms); 0 = keep forever.")
 @click.option("--stream-segment-bytes", type=click.IntRange(1),
               help="Streams: segment file size; retention deletes whole segments [64 MiB].")
+@click.option("--stream-compression", type=click.Choice(["none", "zstd"]),
+              help="Streams: store record batches zstd-compressed [none].")
 @url_option
 def declare_queue(name: str, durable: bool, exclusive: bool, auto_delete: bool, url: str,
                   max_age: str | None, **queue_arguments: Any) -> None:

@@ -37,8 +37,8 @@ from protocol import (
 )
 from protocol import Heartbeat as HeartbeatFrame
 from protocol._checks import U16_MAX, U32_MAX, U64_MAX
-from protocol._generated import NAME_FAST, STR_FAST, check_props
-from protocol.codec import HEADER, _unpack_body
+from protocol._generated import NAME_FAST, STR_FAST, Compressed, UnexpectedFrame, check_props
+from protocol.codec import HEADER, _unpack_body, inflate
 from protocol.connection import Connection as WireConnection
 from protocol.connection import Role, State
 
@@ -187,6 +187,7 @@ class _Protocol(asyncio.Protocol):
         self.blocked = ""
         self.credited = asyncio.Event()
         self.open_ok: OpenOk | None = None
+        self.compress = False  # OPEN_OK negotiated zstd (PUBLISH_BATCH out, COMPRESSED in)
 
     def add_credit(self, f: PublishCredit) -> None:
         self.credit_messages += f.messages
@@ -288,6 +289,14 @@ class _Protocol(asyncio.Protocol):
                 return fast
         return Deliver.from_wire(f)
 
+    def _compressed(self, body: bytes | bytearray) -> _Deliveries | DeliverBatch:
+        f = Compressed.from_wire(_unpack_body(body, Compressed.NAME))
+        if not self.compress:
+            raise UnexpectedFrame("COMPRESSED frame but compression was not negotiated")
+        if f.inner_type != DeliverBatch.TYPE:
+            raise UnexpectedFrame(f"COMPRESSED may not carry frame type {f.inner_type:#04x}")
+        return self._deliver_batch(inflate(f.data, self.max_frame_size))
+
     def _confirm(self, body: bytes | bytearray) -> _Confirmed | Confirm:
         f = _unpack_body(body, Confirm.NAME)
         if type(f) is list and len(f) == 5:
@@ -304,15 +313,21 @@ class _Protocol(asyncio.Protocol):
         for i, f in enumerate(frames):
             if isinstance(f, Hello):
                 o = self.owner
-                auth = Auth("token" if o.token else "anonymous", o.token,
-                            {"library": "conveyor-py", "version": "0.1.0",
-                             "connection_name": o.name}, o.max_frame_size, o.heartbeat_ms)
+                props: dict[str, Any] = {"library": "conveyor-py", "version": "0.1.0",
+                                         "connection_name": o.name}
+                if o.compression:
+                    props["compression"] = [o.compression]
+                auth = Auth("token" if o.token else "anonymous", o.token, props,
+                            o.max_frame_size, o.heartbeat_ms)
                 assert self.transport is not None
                 self.transport.write(self.wire.send(auth))
             elif isinstance(f, OpenOk):
                 self.max_frame_size = f.max_frame_size
                 if f.max_frame_size:
                     self.fit_limit = f.max_frame_size - 4096
+                if f.compression == "zstd" and self.owner.compression == "zstd":
+                    self.compress = True
+                    self.wire.compression = True
                 self.open_ok = f  # open once the initial PUBLISH_CREDIT (next) is in
             elif self.open_ok is not None and not isinstance(f, HeartbeatFrame):
                 if isinstance(f, PublishCredit):
@@ -363,4 +378,5 @@ _FAST: dict[int, Callable[[_Protocol, bytes | bytearray], Any]] = {
     DeliverBatch.TYPE: _Protocol._deliver_batch,
     Deliver.TYPE: _Protocol._deliver,
     Confirm.TYPE: _Protocol._confirm,
+    Compressed.TYPE: _Protocol._compressed,
 }

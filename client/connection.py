@@ -98,8 +98,14 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         ca: str | None = None,
         cert: str | None = None,
         key: str | None = None,
+        compression: str | None = None,
     ) -> None:
+        if compression not in (None, "zstd"):
+            raise ValueError(f"compression must be None or 'zstd', got {compression!r}")
         self.url: URL = parse_url(url)
+        # Ask for zstd-compressed batches in AUTH; negotiated_compression is the answer.
+        self.compression = compression
+        self.negotiated_compression = ""
         # AUTH: mechanism "token" with this token (else from the URL), else "anonymous".
         self.token = token if token is not None else self.url.token
         self._ssl = tls_context(self.url.tls, ssl_context, ca, cert, key)  # mqs:// only
@@ -173,6 +179,7 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         self._epoch += 1
         self.connection_id = ok.connection_id
         self.server_heartbeat_ms = ok.heartbeat_ms
+        self.negotiated_compression = ok.compression
         if announce:
             self._connected.set()
             self._accepting = not self._closing
@@ -497,7 +504,8 @@ async def connect(url: str = "mq://127.0.0.1:5680", *, name: str = "", reconnect
                   timeout: float = 30.0, heartbeat_ms: int = 0, max_frame_size: int = 0,
                   max_unconfirmed: int = 65536, token: str | None = None,
                   ssl_context: ssl.SSLContext | None = None, ca: str | None = None,
-                  cert: str | None = None, key: str | None = None) -> Connection:
+                  cert: str | None = None, key: str | None = None,
+                  compression: str | None = None) -> Connection:
     """Open a connection (``async with await connect(...) as conn`` closes it cleanly).
 
     ``timeout`` bounds connecting and is the default for requests and publishes.
@@ -506,10 +514,12 @@ async def connect(url: str = "mq://127.0.0.1:5680", *, name: str = "", reconnect
     the connection is anonymous. ``mqs://`` URLs use TLS: ``ca`` is the CA file that signed
     the broker's certificate (default: the system's), ``cert``/``key`` this client's
     certificate for brokers that require one, or pass a ready ``ssl_context``.
+    ``compression="zstd"`` asks the broker for zstd-compressed PUBLISH_BATCH/DELIVER_BATCH
+    frames (off by default); ``conn.negotiated_compression`` says whether it agreed.
     """
     conn = Connection(url, name=name, reconnect=reconnect, heartbeat_ms=heartbeat_ms,
                       max_frame_size=max_frame_size, max_unconfirmed=max_unconfirmed,
                       timeout=timeout, token=token, ssl_context=ssl_context, ca=ca, cert=cert,
-                      key=key)
+                      key=key, compression=compression)
     await conn._open(timeout)
     return conn

@@ -31,6 +31,7 @@ from protocol import (
     NoRoute,
     Publish,
     PublishBatch,
+    compress_frame,
     encode_fields,
     error_for_code,
 )
@@ -466,8 +467,10 @@ class _PublishingMixin:
         proto = self._proto
         limit = proto.max_frame_size if proto is not None else 1 << 20
         if len(frame) - 4 <= limit:  # measured: fits the negotiated frame size
-            self._wbuf.append(frame)
+            self._wbuf.append(compress_frame(frame) if proto is not None and proto.compress
+                              else frame)
             return
+        start = len(self._wbuf)
         # Too large for one frame: split by upper estimates of each entry's size.
         budget = limit - 4096
         chunk: list[Any] = []
@@ -481,6 +484,8 @@ class _PublishingMixin:
             chunk.append(e)
             size += esize
         self._wbuf.append(encode_fields(_PUBLISH_BATCH, [first, chunk]))
+        if proto is not None and proto.compress:
+            self._wbuf[start:] = [compress_frame(f) for f in self._wbuf[start:]]
 
     def _on_return(self, seq: int) -> None:
         p = self._unconfirmed.get(seq)

@@ -108,6 +108,7 @@ class _TopologyMixin:
         dedup_window_ms: int | None = None, single_active_consumer: bool | None = None,
         queue_type: Literal["classic", "stream"] | None = None,
         max_age_ms: int | None = None, stream_segment_bytes: int | None = None,
+        stream_compression: Literal["none", "zstd"] | None = None,
     ) -> QueueInfo:
         """Declare a queue; an empty name asks the broker to pick a unique one.
 
@@ -131,7 +132,8 @@ class _TopologyMixin:
         - ``queue_type``: ``"stream"`` makes an append-only log read by offset (durable
           only; read it with :meth:`stream`); ``max_length_bytes`` then bounds its size
           on disk, ``max_age_ms`` its age (whole segments are deleted), and
-          ``stream_segment_bytes`` sets the segment size
+          ``stream_segment_bytes`` sets the segment size; ``stream_compression="zstd"``
+          stores its record batches zstd-compressed
         """
         args = _queue_arguments(arguments, {
             "ack_timeout_ms": ack_timeout_ms, "delivery_limit": delivery_limit,
@@ -142,7 +144,8 @@ class _TopologyMixin:
             "max_length_bytes": max_length_bytes, "overflow": overflow,
             "dedup_window_ms": dedup_window_ms,
             "single_active_consumer": single_active_consumer, "queue_type": queue_type,
-            "max_age_ms": max_age_ms, "stream_segment_bytes": stream_segment_bytes})
+            "max_age_ms": max_age_ms, "stream_segment_bytes": stream_segment_bytes,
+            "stream_compression": stream_compression})
         kw: dict[str, Any] = {"queue": name, "durable": durable, "exclusive": exclusive,
               "auto_delete": auto_delete, "passive": passive, "arguments": args}
         ok = await self._request(QueueDeclare(next(self._rids), **kw))

@@ -13,7 +13,15 @@ from protocol._generated import (
     PREAMBLE,
     Frame,
 )
-from protocol.codec import Decoder, encode, encode_fields, encode_many, parse_preamble
+from protocol.codec import (
+    Decoder,
+    compress_frame,
+    encode,
+    encode_fields,
+    encode_many,
+    inflate,
+    parse_preamble,
+)
 from protocol.errors import ConveyorError, FatalError, ProtocolError, RequestError, error_for_code
 
 __all__ = [
@@ -28,9 +36,11 @@ __all__ = [
     "Frame",
     "ProtocolError",
     "RequestError",
+    "compress_frame",
     "encode",
     "encode_fields",
     "encode_many",
     "error_for_code",
+    "inflate",
     "parse_preamble",
 ]

@@ -320,6 +320,7 @@ QUEUE_ARGUMENT_TYPES: dict[str, str] = {
     'queue_type': 'name',
     'max_age_ms': 'u64',
     'stream_segment_bytes': 'u64',
+    'stream_compression': 'name',
 }
 
 CONSUME_ARGUMENT_TYPES: dict[str, str] = {
@@ -627,13 +628,15 @@ class OpenOk(Frame):
     connection_id: str
     max_frame_size: int
     heartbeat_ms: int
+    compression: str = ''
 
     def to_wire(self) -> list[Any]:
-        return [self.connection_id, self.max_frame_size, self.heartbeat_ms]
+        return [self.connection_id, self.max_frame_size, self.heartbeat_ms, self.compression]
 
     @classmethod
     def from_wire(cls, f: Any, where: str = 'open_ok') -> OpenOk:
-        check_arity(f, 3, 3, where)
+        check_arity(f, 3, 4, where)
+        n = len(f)
         a0 = f[0]
         if type(a0) is not str or len(a0) > NAME_FAST:
             check_str(a0, NAME_MAX, where + ".connection_id")
@@ -643,7 +646,13 @@ class OpenOk(Frame):
         a2 = f[2]
         if type(a2) is not int or not 0 <= a2 <= U32_MAX:
             check_uint(a2, U32_MAX, where + ".heartbeat_ms")
-        return cls(a0, a1, a2)
+        if n > 3:
+            a3 = f[3]
+            if type(a3) is not str or len(a3) > NAME_FAST:
+                check_str(a3, NAME_MAX, where + ".compression")
+        else:
+            a3 = ''
+        return cls(a0, a1, a2, a3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -771,6 +780,31 @@ class Ok(Frame):
         if type(a0) is not int or not 0 < a0 <= U32_MAX:
             check_uint(a0, U32_MAX, where + ".rid", 1)
         return cls(a0)
+
+
+@dataclass(frozen=True, slots=True)
+class Compressed(Frame):
+    """Only after OPEN_OK.compression = "zstd": carries one PUBLISH_BATCH or DELIVER_BATCH whose field list is msgpack-encoded then zstd-compressed. The receiver decodes it as the inner frame. Unnegotiated: 503 unexpected-frame."""
+
+    TYPE: ClassVar[int] = 0x09
+    NAME: ClassVar[str] = 'compressed'
+    DIRECTION: ClassVar[str] = 'both'
+    inner_type: int
+    data: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [self.inner_type, self.data]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'compressed') -> Compressed:
+        check_arity(f, 2, 2, where)
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U16_MAX:
+            check_uint(a0, U16_MAX, where + ".inner_type")
+        a1 = f[1]
+        if type(a1) is not bytes:
+            check_bytes(a1, where + ".data")
+        return cls(a0, a1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1907,6 +1941,7 @@ FRAME_TYPES: dict[int, type[Frame]] = {
     0x06: CloseOk,
     0x07: Error,
     0x08: Ok,
+    0x09: Compressed,
     0x10: ExchangeDeclare,
     0x11: ExchangeDelete,
     0x12: QueueDeclare,
@@ -1938,5 +1973,5 @@ FRAME_TYPES: dict[int, type[Frame]] = {
     0x3c: Extend,
 }
 
-CLIENT_FRAMES: frozenset[int] = frozenset({0x02, 0x04, 0x05, 0x06, 0x10, 0x11, 0x12, 0x14, 0x15, 0x17, 0x18, 0x19, 0x20, 0x21, 0x30, 0x32, 0x34, 0x37, 0x38, 0x39, 0x3a, 0x3c})
-SERVER_FRAMES: frozenset[int] = frozenset({0x01, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x13, 0x16, 0x1a, 0x22, 0x23, 0x24, 0x31, 0x33, 0x35, 0x36, 0x3b})
+CLIENT_FRAMES: frozenset[int] = frozenset({0x02, 0x04, 0x05, 0x06, 0x09, 0x10, 0x11, 0x12, 0x14, 0x15, 0x17, 0x18, 0x19, 0x20, 0x21, 0x30, 0x32, 0x34, 0x37, 0x38, 0x39, 0x3a, 0x3c})
+SERVER_FRAMES: frozenset[int] = frozenset({0x01, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x13, 0x16, 0x1a, 0x22, 0x23, 0x24, 0x31, 0x33, 0x35, 0x36, 0x3b})

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgpack
+import zstandard
 
 from protocol._generated import (
     FRAME_TYPES,
@@ -27,6 +28,7 @@ from protocol._generated import (
     MAX_FRAME_SIZE_CEILING,
     PREAMBLE,
     VERSION_MAJOR,
+    Compressed,
     Frame,
     FrameTooLarge,
     MalformedFrame,
@@ -40,13 +42,25 @@ _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
+# Wire compression (spec/PROTOCOL.md "Compressed frames"): only these frames are wrapped,
+# and only when the encoded body is big enough for compression to pay for itself.
+COMPRESSIBLE = frozenset({0x21, 0x36})  # PUBLISH_BATCH, DELIVER_BATCH
+COMPRESS_MIN_BYTES = 1024
+_COMPRESSED = Compressed.TYPE
+_zstd_compress = zstandard.ZstdCompressor(level=3).compress
+_zstd_decompressor = zstandard.ZstdDecompressor()
+
 __all__ = [
+    "COMPRESSIBLE",
+    "COMPRESS_MIN_BYTES",
     "HEADER_SIZE",
     "PREAMBLE",
     "Decoder",
+    "compress_frame",
     "encode",
     "encode_fields",
     "encode_many",
+    "inflate",
     "parse_preamble",
 ]
 
@@ -61,6 +75,47 @@ def encode_fields(ftype: int, fields: list[Any]) -> bytes:
     """Encode a frame straight from its field list (hot paths skip the frame object)."""
     body: bytes = _packb(fields)
     return _pack_header(len(body) + 1, ftype) + body
+
+
+def compress_frame(frame: bytes) -> bytes:
+    """Wrap an encoded frame in a COMPRESSED frame when its body is over 1 KiB and zstd
+    makes it smaller; otherwise return it unchanged (always valid to send).
+
+    Only for a connection that negotiated compression (OPEN_OK.compression = "zstd").
+    The decompressed body is the original one, so it fits the frame cap if ``frame`` did.
+    """
+    body = frame[HEADER_SIZE:]
+    if len(body) <= COMPRESS_MIN_BYTES:
+        return frame
+    outer: bytes = _packb([frame[4], _zstd_compress(body)])
+    if len(outer) >= len(body):
+        return frame  # incompressible
+    return _pack_header(len(outer) + 1, _COMPRESSED) + outer
+
+
+def inflate(data: bytes, cap: int) -> bytes:
+    """Decompress one zstd frame of at most ``cap`` bytes, refusing before allocating.
+
+    The content size must be declared in the zstd frame header; a missing or larger one is
+    frame-too-large (a decompression bomb never gets its buffer), broken data is malformed.
+    """
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise MalformedFrame(f"compressed: not a zstd frame ({exc})") from None
+    if size < 0 or size > cap:
+        raise FrameTooLarge(
+            f"compressed frame declares {'no' if size < 0 else size} content size; "
+            f"the maximum is {cap}",
+            {"length": size, "max_frame_size": cap},
+        )
+    try:
+        out: bytes = _zstd_decompressor.decompress(data, max_output_size=cap)
+    except zstandard.ZstdError as exc:
+        raise MalformedFrame(f"compressed: bad zstd data ({exc})") from None
+    if len(out) != size:
+        raise MalformedFrame("compressed: content differs from its declared size")
+    return out
 
 
 def encode_many(frames: Iterable[Frame]) -> bytes:
@@ -107,13 +162,15 @@ class Decoder:
     DELIVER and a client never accepts a PUBLISH.
     """
 
-    __slots__ = ("_buf", "_pos", "accept", "max_frame_size")
+    __slots__ = ("_buf", "_pos", "accept", "compression", "max_frame_size")
 
     def __init__(self, max_frame_size: int, accept: frozenset[int]) -> None:
         self._buf = bytearray()
         self._pos = 0
         self.max_frame_size = min(max_frame_size, MAX_FRAME_SIZE_CEILING)
         self.accept = accept
+        # Set once OPEN_OK negotiated compression; until then COMPRESSED is unexpected.
+        self.compression = False
 
     @property
     def buffered(self) -> int:
@@ -151,7 +208,10 @@ class Decoder:
                 if ftype not in accept:
                     raise UnexpectedFrame(f"{cls.NAME.upper()} may not be sent by this peer")
                 body = _unpack_body(buf[pos + HEADER_SIZE : pos + 4 + length], cls.NAME)
-                frames.append(cls.from_wire(body))
+                if ftype == _COMPRESSED:
+                    frames.append(self._unwrap(cls.from_wire(body)))
+                else:
+                    frames.append(cls.from_wire(body))
                 pos += 4 + length
         finally:
             self._pos = pos
@@ -160,3 +220,15 @@ class Decoder:
                 del buf[:pos]
                 self._pos = 0
         return frames
+
+    def _unwrap(self, frame: Frame) -> Frame:
+        """The inner frame of a COMPRESSED frame (spec/PROTOCOL.md "Compressed frames")."""
+        assert isinstance(frame, Compressed)
+        if not self.compression:
+            raise UnexpectedFrame("COMPRESSED frame but compression was not negotiated")
+        inner = frame.inner_type
+        if inner not in COMPRESSIBLE or inner not in self.accept:
+            raise UnexpectedFrame(f"COMPRESSED may not carry frame type {inner:#04x}")
+        cls = FRAME_TYPES[inner]
+        data = inflate(frame.data, self.max_frame_size)
+        return cls.from_wire(_unpack_body(data, cls.NAME))

@@ -121,6 +121,15 @@ class Connection:
     def max_frame_size(self, value: int) -> None:
         self._decoder.max_frame_size = value
 
+    @property
+    def compression(self) -> bool:
+        """True once OPEN_OK negotiated compression: COMPRESSED frames are then accepted."""
+        return self._decoder.compression
+
+    @compression.setter
+    def compression(self, value: bool) -> None:
+        self._decoder.compression = value
+
     def preamble(self) -> bytes:
         """The bytes a client writes first."""
         return PREAMBLE

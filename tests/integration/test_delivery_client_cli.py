@@ -32,6 +32,7 @@ ALL_ARGUMENTS: dict[str, Any] = {
 # The stream-only arguments (tests/integration/test_streams_client.py uses them).
 STREAM_ARGUMENTS: dict[str, Any] = {
     "queue_type": "stream", "max_age_ms": 86_400_000, "stream_segment_bytes": 1 << 20,
+    "stream_compression": "zstd",
 }
 
 
