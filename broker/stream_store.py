@@ -48,7 +48,7 @@ from typing import Any
 import msgpack
 import zstandard
 
-from broker.wal import HEADER, HEADER_SIZE, MAX_RECORD, frame_record
+from broker.wal import HEADER, HEADER_SIZE, MAX_RECORD, _fsync_dir, _write_all, frame_record
 
 log = logging.getLogger("conveyor.stream")
 
@@ -593,20 +593,6 @@ def _sync(fds: list[int]) -> None:
     for fd in fds:
         os.fdatasync(fd)
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_index(path: Path) -> list[tuple[int, int, int]]:
