@@ -90,28 +90,23 @@ class Message:
     def headers(self) -> dict[str, Any]:
         return self.properties.get("headers") or {}
 
+    def _int_header(self, key: str) -> int | None:
+        h = self.properties.get("headers")
+        v = h.get(key) if h else None
+        return v if type(v) is int else None
+
     @property
     def offset(self) -> int | None:
         """Streams: the message's offset in the stream (the ``x-stream-offset`` header the
         broker adds); None for a message from a classic queue."""
-        h = self.properties.get("headers")
-        if h:
-            v = h.get("x-stream-offset")
-            if type(v) is int:
-                return v
-        return None
+        return self._int_header("x-stream-offset")
 
     @property
     def timestamp(self) -> int | None:
         """Streams: when the broker appended the message, in ms since the epoch (the
         ``x-stream-timestamp`` header); None for a message from a classic queue. (The
         publisher's own ``timestamp`` property, if any, is ``properties["timestamp"]``.)"""
-        h = self.properties.get("headers")
-        if h:
-            v = h.get("x-stream-timestamp")
-            if type(v) is int:
-                return v
-        return None
+        return self._int_header("x-stream-timestamp")
 
     @property
     def deaths(self) -> list[Death]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -78,3 +79,15 @@ async def queue_info(conn: client.Connection, name: str) -> dict[str, Any] | Non
 
 def bodies(msgs: list[client.Message]) -> list[bytes]:
     return [m.body for m in msgs]
+
+
+def non_loopback_ip() -> str | None:
+    """This machine's address on a non-loopback interface (to connect as a remote peer
+    would), or None if it has none."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent
+            ip = str(s.getsockname()[0])
+    except OSError:
+        return None
+    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip

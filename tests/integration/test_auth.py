@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from broker.auth import key_path, load_key, load_or_create_key, new_claims, sign
 from protocol import AccessRefused, AuthenticationFailed
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
-from tests.integration.helpers import WAIT, connect, take
+from tests.integration.helpers import WAIT, connect, non_loopback_ip, take
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -191,23 +190,13 @@ async def test_repeated_failures_are_slowed_down(
     assert await slow > 1.0
 
 
-def _non_loopback_ip() -> str | None:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))  # no packet is sent
-            ip = str(s.getsockname()[0])
-    except OSError:
-        return None
-    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
-
-
 async def test_non_loopback_listener_requires_tokens_from_other_hosts(
         broker_factory: Callable[..., BrokerProcess]) -> None:
     b = broker_factory("--host", "0.0.0.0")
     assert "non-loopback" in b.log_text()
     conn = await connect(b.url)  # loopback peer: still anonymous
     await closing(conn)
-    ip = _non_loopback_ip()
+    ip = non_loopback_ip()
     if ip is None:
         pytest.skip("no non-loopback address to connect from")
     with pytest.raises(AuthenticationFailed, match="loopback"):
@@ -219,7 +208,7 @@ async def test_non_loopback_listener_requires_tokens_from_other_hosts(
 async def test_allow_anonymous_is_loud(broker_factory: Callable[..., BrokerProcess]) -> None:
     b = broker_factory("--host", "0.0.0.0", "--allow-anonymous")
     assert "ANONYMOUS ACCESS FROM ANY ADDRESS" in b.log_text()
-    ip = _non_loopback_ip()
+    ip = non_loopback_ip()
     if ip is not None:
         conn = await connect(f"mq://{ip}:{b.port}")
         await closing(conn)

@@ -5,13 +5,12 @@ authentication (bearer tokens, the loopback rule, --require-auth, permissions)."
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 import pytest
 
 from tests.broker_process import BrokerProcess
-from tests.integration.helpers import connect, queue_info, take, wait_until
+from tests.integration.helpers import connect, non_loopback_ip, queue_info, take, wait_until
 from tests.integration.http_helpers import cli, http
 
 pytestmark = pytest.mark.timeout(90)
@@ -223,22 +222,12 @@ async def test_require_auth_and_permissions(
     assert status == 403
 
 
-def _non_loopback_ip() -> str | None:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))  # no packet is sent
-            ip = str(s.getsockname()[0])
-    except OSError:
-        return None
-    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
-
-
 async def test_token_required_from_non_loopback_peers(
         broker_factory: Callable[..., BrokerProcess]) -> None:
     b = broker_factory("--host", "0.0.0.0", "--http-port", "0")
     status, _ = await http(b, "GET", "/api/overview")  # loopback: anonymous is fine
     assert status == 200
-    ip = _non_loopback_ip()
+    ip = non_loopback_ip()
     if ip is None:
         pytest.skip("no non-loopback address to connect from")
     status, err = await http(b, "GET", "/api/overview", host=ip)
