@@ -387,14 +387,16 @@ class Broker:
                 raise QueueFull(f"queue {qname!r} is full (overflow reject-publish)",
                                 {"queue": qname})
 
-    def enqueue(self, message: Message, queue_names: Iterable[str]) -> int:
+    def enqueue(self, message: Message, queue_names: Iterable[str], now: int = 0) -> int:
         """Put ``message`` on each named queue; returns how many took it (a duplicate
-        message_id within a queue's dedup window is confirmed but not enqueued)."""
+        message_id within a queue's dedup window is confirmed but not enqueued).
+
+        ``now``: the clock read once for a whole batch of publishes (0 = read it here)."""
         queues = self.queues
         dirty = self._dirty_queues
         n = 0
         logged: list[str] | None = None
-        now = self.clock()
+        now = now or self.clock()
         if not message.ts:
             # Publish time rounded up (the clock truncates to the ms): a delay then never
             # ends before the true publish time + delay.
@@ -421,7 +423,7 @@ class Broker:
                 else:
                     logged.append(qname)
             n += 1
-            if q.over_limit():
+            if q.has_limit and q.over_limit():
                 self._enforce_limit(q)
         if logged is not None:
             mid = self.next_message_id

@@ -69,6 +69,8 @@ class Queue:
         self.auto_delete = auto_delete
         self.arguments: dict[str, Any] = arguments or {}
         self.opts = QueueOptions(self.arguments)
+        # Decided once: enqueue checks the length limits only for queues that have one.
+        self.has_limit = bool(self.opts.max_length or self.opts.max_length_bytes)
         self._ready: deque[QueuedMessage] = deque()
         self._paged: deque[QueuedMessage] = deque()
         self._lanes: list[deque[QueuedMessage]] | None = (

@@ -113,6 +113,7 @@ class Session:
         self._conf_last = 0
         self.closed = False
         self.published = 0
+        self._now = 0  # ms; set per handled batch of frames
         self.published_bytes = 0  # body bytes of all publishes (publish credit, broker.flow)
         # Set by the transport after AUTH: permissions and publish rate come from it.
         self.principal: Principal = ANONYMOUS
@@ -153,6 +154,7 @@ class Session:
         """Act on a batch of frames (connection frames are handled by the transport)."""
         handlers = self._handlers
         deferred: list[tuple[int, Frame]] | None = None
+        self._now = self.broker.clock()  # one clock read for the batch's publishes
         for frame in frames:
             h = handlers.get(frame.TYPE)
             if h is not None:
@@ -293,7 +295,7 @@ class Session:
                 broker.count_error(exc.code)
             return
         msg = Message(exchange, routing_key, properties, body, size)
-        if not broker.enqueue(msg, targets) and mandatory:
+        if not broker.enqueue(msg, targets, self._now) and mandatory:
             self.out.append(encode(
                 Return(seq, 312, "no route", exchange, routing_key, properties, body)))
         if seq:
