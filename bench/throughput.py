@@ -283,7 +283,7 @@ class ConveyorConn:
                                        timeout=timeout)
 
     async def start_consumer(self, queue: str, prefetch: int, handle: Handler,
-                             on_error: ErrorSink) -> _Consumer:
+                             on_error: ErrorSink, batched: bool = False) -> _Consumer:
         consumer = await self.conn.consume(queue, prefetch=prefetch, no_ack=False)
 
         async def loop() -> None:
@@ -293,6 +293,19 @@ class ConveyorConn:
                     msg.ack()
             except Exception as exc:
                 on_error(exc)
+
+        async def batch_loop() -> None:
+            # The batch API: one await per buffered batch, one call settles it.
+            try:
+                async for msgs in consumer.batches():
+                    for msg in msgs:
+                        handle(msg.body)
+                    consumer.ack_all(msgs)
+            except Exception as exc:
+                on_error(exc)
+
+        if batched:
+            return _Consumer(asyncio.create_task(batch_loop()), consumer.cancel)
 
         return _Consumer(asyncio.create_task(loop()), consumer.cancel)
 
@@ -356,7 +369,7 @@ class AmqpConn:
                                 for k, b in zip(ks, bodies, strict=True)])
 
     async def start_consumer(self, queue: str, prefetch: int, handle: Handler,
-                             on_error: ErrorSink) -> _Consumer:
+                             on_error: ErrorSink, batched: bool = False) -> _Consumer:
         channel = await self.conn.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
         q = await channel.get_queue(queue, ensure=False)
@@ -425,12 +438,14 @@ class Plan:
     keys: list[str] = field(default_factory=list)  # routing keys, used round-robin
     producers: int = 1
     lockstep: bool = False  # latency: publish, wait for the delivery, repeat
+    batch: int = 1  # > 1: the batch API on both sides (publish_batch; batches() + ack_all)
 
 
 def build_plan(scenario: str, opts: argparse.Namespace, tag: str, producers: int = 1) -> Plan:
     n, size = opts.messages_for(scenario), opts.size_for(scenario)
     durable = scenario in ("durable", "publishers")
-    plan = Plan(scenario, tag, n, size, durable=durable, persistent=durable, producers=producers)
+    plan = Plan(scenario, tag, n, size, durable=durable, persistent=durable, producers=producers,
+                batch=opts.batch)
     q = f"{tag}.q"
     if scenario == "fanout":
         plan.exchange, plan.exchange_type = f"{tag}.fanout", "fanout"
@@ -645,7 +660,8 @@ async def start_consumers(backend: Backend, plan: Plan, prefetch: int, tracker: 
     nconns = max(c for _, _, c in plan.consumers) + 1
     conns = [await backend.connect(f"bench-consumer-{i}", timeout) for i in range(nconns)]
     consumers = await asyncio.gather(*[
-        conns[ci].start_consumer(queue, prefetch, tracker.handler(copy, i), tracker.fail)
+        conns[ci].start_consumer(queue, prefetch, tracker.handler(copy, i), tracker.fail,
+                                 plan.batch > 1)
         for i, (queue, copy, ci) in enumerate(plan.consumers)])
     return list(consumers), conns
 

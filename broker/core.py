@@ -433,6 +433,37 @@ class Broker:
                                  message.properties, message.body, message.ts))
         return n
 
+    def enqueue_many(self, messages: list[Message], queue_names: Iterable[str],
+                     now: int) -> None:
+        """``enqueue`` for a run of new messages that share their targets (a publish
+        batch): the same commands in the same order, with the per-queue work done once
+        per run. Queues with dedup, a length limit or a stream take the general path."""
+        queues = [self.queues[name] for name in queue_names]
+        for q in queues:
+            if isinstance(q, Stream) or q.opts.dedup_window_ms or q.has_limit:
+                for m in messages:
+                    self.enqueue(m, queue_names, now)
+                return
+        logged: list[str] = []
+        dirty = self._dirty_queues
+        for q in queues:
+            for qm in q.enqueue_many(messages, now):
+                self.arm_message(q, qm)
+            if q.consumers:
+                dirty.add(q)
+            if q.logged:
+                logged.append(q.name)
+        if logged:
+            journal = self.journal
+            mid = self.next_message_id
+            for m in messages:
+                if m.persistent:
+                    m.id = mid
+                    journal.append(("p", mid, logged, m.exchange, m.routing_key,
+                                    m.properties, m.body, m.ts))
+                    mid += 1
+            self.next_message_id = mid
+
     def _enforce_limit(self, q: Queue) -> None:
         """max_length / max_length_bytes with drop-head: the oldest go (dead-lettered)."""
         dropped: list[QueuedMessage] = []

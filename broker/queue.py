@@ -234,6 +234,43 @@ class Queue:
         self._add_ready(qm)
         return qm
 
+    def enqueue_many(self, messages: list[Message], now: int) -> list[QueuedMessage]:
+        """``enqueue`` each of ``messages``; returns those that need timers (delay, TTL).
+
+        The common case (no priority lanes, queue TTL or paged tail; no delay or TTL on
+        the message) appends straight to the ready deque, with the counters updated once.
+        """
+        pager = self.pager
+        if self._lanes is not None or self.opts.message_ttl_ms or (pager and self._paged):
+            return [qm for qm in map(self.enqueue, messages, [now] * len(messages))
+                    if qm.state != READY or qm.expires]
+        armed: list[QueuedMessage] = []
+        append = self._ready.append
+        seq = self._next_seq
+        size = 0
+        n = 0
+        for m in messages:
+            p = m.properties
+            if p and ("delay" in p or "ttl" in p):
+                self._next_seq = seq
+                qm = self.enqueue(m, now)
+                seq = self._next_seq
+                if qm.state != READY or qm.expires:
+                    armed.append(qm)
+                continue
+            seq += 1
+            append(QueuedMessage(seq, m))
+            size += m.size
+            n += 1
+        self._next_seq = seq
+        self.published += n
+        self._count += n
+        self.ready_bytes += size
+        if pager is not None:
+            self.mem_bytes += size
+            pager.resident += size
+        return armed
+
     def _add_ready(self, qm: QueuedMessage) -> None:
         message = qm.message
         self._count += 1

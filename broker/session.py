@@ -54,6 +54,7 @@ from protocol import (
     PreconditionFailed,
     Publish,
     PublishBatch,
+    PublishEntry,
     QueueDeclare,
     QueueDeclareOk,
     QueueDelete,
@@ -259,13 +260,79 @@ class Session:
 
     def _on_publish_batch(self, f: PublishBatch) -> None:
         seq = f.first_seq
-        check_seq_range(seq, len(f.entries))  # 501 if the seqs pass 2^64-1
-        self.published_bytes += sum([len(e.body) for e in f.entries])
+        entries = f.entries
+        check_seq_range(seq, len(entries))  # 501 if the seqs pass 2^64-1
+        self.published_bytes += sum([len(e.body) for e in entries])
+        broker = self.broker
+        if (self.principal.permissions is None and not broker.limited
+                and broker.store.failed is None):
+            self._publish_run(seq, entries)
+            return
         publish = self._publish
-        for e in f.entries:
+        for e in entries:
             publish(seq, e.exchange, e.routing_key, e.properties, e.body, e.mandatory)
             if seq:
                 seq += 1
+
+    def _publish_run(self, seq: int, entries: list[PublishEntry]) -> None:
+        """A batch's publishes when no per-message policy applies (no token permissions,
+        no reject-publish queue, the log is writable): entries with the same exchange and
+        routing key are routed once and enqueued together (``Broker.enqueue_many``).
+        Anything unusual (headers, too large, no route, a routing error) goes through
+        ``_publish`` on its own, in order, so replies and confirms are the same."""
+        broker = self.broker
+        route = broker.route
+        max_size = broker.max_message_size
+        now = self._now
+        ts = now + 1  # publish time rounded up, as Broker.enqueue does
+        run: list[Message] = []
+        append = run.append
+        first = seq
+        key: tuple[str, str] | None = None
+        targets: Any = ()
+        for ex, rk, props, body, mandatory in entries:
+            if key is None or ex != key[0] or rk != key[1]:
+                if run:
+                    self._enqueue_run(run, targets, first)
+                    run = []
+                    append = run.append
+                    first = seq
+                key = (ex, rk)
+                try:
+                    targets = route(ex, rk)
+                except RequestError:
+                    key = None
+                    targets = ()
+            size = len(body)
+            if (key is None or size > max_size or (props and "headers" in props)
+                    or (mandatory and not targets)):
+                if run:
+                    self._enqueue_run(run, targets, first)
+                    run = []
+                    append = run.append
+                self._publish(seq, ex, rk, props, body, mandatory)
+                if seq:
+                    seq += 1
+                first = seq
+                continue
+            append(Message(ex, rk, props, body, size, ts))
+            if seq:
+                seq += 1
+        if run:
+            self._enqueue_run(run, targets, first)
+
+    def _enqueue_run(self, run: list[Message], targets: Any, first: int) -> None:
+        self.published += len(run)
+        if targets:
+            self.broker.enqueue_many(run, targets, self._now)
+        if first:
+            last = first + len(run) - 1
+            if first == self._conf_last + 1 and self._conf_first:
+                self._conf_last = last
+            else:
+                self._close_range()
+                self._conf_first = first
+                self._conf_last = last
 
     def _publish(self, seq: int, exchange: str, routing_key: str, properties: dict[str, Any],
                  body: bytes, mandatory: bool) -> None:
@@ -385,6 +452,9 @@ class Session:
                     return []  # its ack deadline passed: already back in the queue
                 raise PreconditionFailed(f"unknown delivery tag {tag}", {"delivery_tag": tag})
             out = [u]
+        elif unacked and (not tag or next(reversed(unacked)) <= tag):
+            out = list(unacked.values())  # the usual cumulative ack: everything
+            unacked.clear()
         else:
             out = []
             while unacked:
@@ -394,9 +464,17 @@ class Session:
                 out.append(unacked.popitem(last=False)[1])
             if not out and tag and tag not in self.timed_out:
                 raise PreconditionFailed(f"unknown delivery tag {tag}", {"delivery_tag": tag})
-        for u in out:
-            if u[2] is not None:
-                u[2].unacked -= 1
+        c = None
+        k = 0
+        for u in out:  # consumers' unacked counts, updated once per run of one consumer
+            if u[2] is not c:
+                if c is not None:
+                    c.unacked -= k
+                c = u[2]
+                k = 0
+            k += 1
+        if c is not None:
+            c.unacked -= k
         return out
 
     def _on_ack(self, f: Ack) -> None:
@@ -410,13 +488,22 @@ class Session:
             if q.logged:
                 self.broker.log_ids("a", q, [qm])
             return
+        if not settled:
+            return
         by_queue: dict[Queue, list[QueuedMessage]] = {}
-        for u in settled:
-            lst = by_queue.get(u[1])
-            if lst is None:
-                by_queue[u[1]] = [u[0]]
-            else:
-                lst.append(u[0])
+        q0 = settled[0][1]
+        if all([u[1] is q0 for u in settled]):  # one queue: the usual case
+            if not q0.logged and not isinstance(q0, Stream):
+                q0.ack(len(settled))
+                return
+            by_queue[q0] = [u[0] for u in settled]
+        else:
+            for u in settled:
+                lst = by_queue.get(u[1])
+                if lst is None:
+                    by_queue[u[1]] = [u[0]]
+                else:
+                    lst.append(u[0])
         for q, qms in by_queue.items():
             if isinstance(q, Stream):
                 q.settle_acked(qms)

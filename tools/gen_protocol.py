@@ -268,17 +268,43 @@ def gen_python(spec: dict[str, Any]) -> str:
     lines += ["", "", "# ------------------------------------------------------------------ properties",
               "PROPERTY_TYPES: dict[str, str] = {"]
     lines += [f"    {k!r}: {v[0]!r}," for k, v in spec["properties"].items()]
-    lines += ["}", "", "", "def check_props(v: Any, where: str) -> dict[str, Any]:",
-              '    """Validate a message properties map: known keys with their types only."""',
-              "    check_table(v, where)",
-              "    for k, x in v.items():"]
+    # check_props: one dict lookup and the type's fast guard per key; anything else (or an
+    # unknown key) goes to the precise checker, which raises or accepts.
+    lines += ["}", "", "", "def _check_prop(k: Any, x: Any, where: str) -> None:",
+              '    """One property, checked precisely (raises MalformedFrame naming it)."""',
+              "    if type(k) is not str:",
+              '        raise fail(where, "map keys must be strings")']
     first = True
     for k, (t, _d) in spec["properties"].items():
         kw = "if" if first else "elif"
         first = False
-        lines.append(f"        {kw} k == {k!r}:")
-        lines.append(f"            {check_expr(t, 'x', 'x')}".replace("'x')", "where + '.' + k)"))
-    lines += ["        else:", '            raise fail(where, f"unknown property {k!r}")', "    return v  # type: ignore[no-any-return]"]
+        lines.append(f"    {kw} k == {k!r}:")
+        lines.append(f"        {check_expr(t, 'x', 'x')}".replace("'x')", "where + '.' + k)"))
+    lines += ["    else:", '        raise fail(where, f"unknown property {k!r}")', "",
+              "", "_PROP_KIND: dict[str, int] = {"]
+    kinds = {"name": 0, "bool": 1, "u64": 2}
+    lines += [f"    {k!r}: {kinds.get(t, 9)},  # {t}" for k, (t, _d) in spec["properties"].items()]
+    lines += ["}", "", "", "def check_props(v: Any, where: str) -> dict[str, Any]:",
+              '    """Validate a message properties map: known keys with their types only.',
+              "",
+              "    Runs per published message: the common valid case is a dict lookup and one",
+              '    inline guard per key; anything else is checked (and reported) by _check_prop."""',
+              "    if type(v) is not dict:",
+              "        check_table(v, where)",
+              "    kinds = _PROP_KIND",
+              "    for k, x in v.items():",
+              "        kind = kinds.get(k, 9) if type(k) is str else 9",
+              "        if kind == 0:",
+              "            if type(x) is str and len(x) <= NAME_FAST:",
+              "                continue",
+              "        elif kind == 1:",
+              "            if x is True or x is False:",
+              "                continue",
+              "        elif kind == 2:",
+              "            if type(x) is int and 0 <= x <= U64_MAX:",
+              "                continue",
+              "        _check_prop(k, x, where)",
+              "    return v  # type: ignore[no-any-return]"]
     # queue arguments: validated by the broker (a bad one is 400, not a malformed frame)
     lines += ["", "", "# ------------------------------------------------------------------ queue arguments",
               "QUEUE_ARGUMENT_TYPES: dict[str, str] = {"]

@@ -1066,3 +1066,47 @@ def test_replies_in_request_order(conn: Conn) -> None:
     assert_error(out[2], 3, 404)
     assert_error(out[3], 4, 400)
     assert out[4] == MessageCountOk(5, 0)
+
+
+def test_publish_batch_runs_keep_per_message_outcomes_in_order() -> None:
+    """A PUBLISH_BATCH is enqueued in runs (Broker.enqueue_many); every entry that needs
+    its own handling (routing error, headers, size, unroutable mandatory, delay, TTL)
+    still gets the same outcome, in seq order, as if published one by one."""
+    broker = Broker(max_message_size=100)
+    conn = Conn(broker)
+    conn.declare_queue("q")
+    conn.declare_exchange("d", "direct")
+    entries = [
+        PublishEntry("", "q", {"persistent": False}, b"a", False),        # 1
+        PublishEntry("", "q", {}, b"b", False),                           # 2
+        PublishEntry("nope", "k", {}, b"lost", False),                    # 3: 404
+        PublishEntry("", "q", {"headers": {"h": 1}}, b"c", False),        # 4
+        PublishEntry("", "q", {}, b"x" * 101, False),                     # 5: 413
+        PublishEntry("", "q", {"delay": 60_000}, b"later", False),        # 6: delayed
+        PublishEntry("", "q", {"ttl": 60_000}, b"d", False),              # 7
+        PublishEntry("d", "none", {}, b"ret", True),                      # 8: RETURN
+        PublishEntry("d", "none", {}, b"dropped", False),                 # 9
+        PublishEntry("", "q", {}, b"e", False),                           # 10
+    ]
+    out = conn.send(PublishBatch(1, entries))
+    assert [f for f in out if isinstance(f, Return)] == [
+        Return(8, 312, "no route", "d", "none", {}, b"ret")]
+    assert [(c.first_seq, c.last_seq, c.ack, c.code) for c in out
+            if isinstance(c, Confirm)] == [
+        (1, 2, True, 0), (3, 3, False, 404), (4, 4, True, 0), (5, 5, False, 413),
+        (6, 10, True, 0)]
+    info = queue_info(conn, "q")
+    assert (info["messages"], info["delayed"], info["published"]) == (5, 1, 6)
+    assert ready_bodies(conn, "q") == [b"a", b"b", b"c", b"d", b"e"]
+    assert broker.queues["q"].next_due() > 0  # the delayed one waits on its timer
+    assert conn.session.published == 10
+
+
+def test_publish_batch_into_dedup_queue_stores_a_retry_once(conn: Conn) -> None:
+    conn.send(QueueDeclare(conn.rid(), "dd", durable=False,
+                           arguments={"dedup_window_ms": 60_000}))
+    entries = [PublishEntry("", "dd", {"message_id": "m1"}, b"one", False),
+               PublishEntry("", "dd", {"message_id": "m1"}, b"again", False),
+               PublishEntry("", "dd", {"message_id": "m2"}, b"two", False)]
+    assert conn.send(PublishBatch(1, entries)) == [Confirm(1, 3, True, 0, "")]
+    assert ready_bodies(conn, "dd") == [b"one", b"two"]
