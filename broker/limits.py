@@ -109,12 +109,12 @@ def publish_size(limits: Limits, properties: dict[str, Any], body: bytes) -> int
     return len(body) + size
 
 
-def check_seq_range(first_seq: int, entries: int) -> None:
-    """PUBLISH_BATCH entry i has seq first_seq + i: every one must fit a uint64 (else 501:
-    the CONFIRM for it could not be encoded)."""
+def check_seq_range(first_seq: int, entries: int, frame: str = "publish_batch") -> None:
+    """PUBLISH_BATCH / PUBLISH_RUN entry i has seq first_seq + i: every one must fit a
+    uint64 (else 501: the CONFIRM for it could not be encoded)."""
     if first_seq and first_seq + entries - 1 > U64_MAX:
         raise MalformedFrame(
-            f"publish_batch: sequence numbers {first_seq}.. of {entries} entries pass 2^64-1",
+            f"{frame}: sequence numbers {first_seq}.. of {entries} entries pass 2^64-1",
             {"first_seq": first_seq, "entries": entries})
 
 

@@ -187,8 +187,8 @@ class BrokerProtocol(asyncio.Protocol):
             self.session.handle(batch)
 
     def _send_hello(self) -> None:
-        self._write([Hello(
-            f"{VERSION_MAJOR}.{VERSION_MINOR}",
+        self._write([Hello(  # the lower of the two minor versions (spec/PROTOCOL.md, 18.)
+            f"{VERSION_MAJOR}.{min(self.conn.peer_minor, VERSION_MINOR)}",
             self.config.max_frame_size,
             self.config.heartbeat_ms,
             {"product": "conveyor", "version": VERSION,
@@ -215,6 +215,7 @@ class BrokerProtocol(asyncio.Protocol):
         sid = self.broker.new_session_id()
         self.session = Session(self.broker, sid, self._write_chunks, frame_max)
         self.session.principal = principal
+        self.session.runs = self.conn.peer_minor >= 1  # DELIVER_RUN is 1.1
         try:  # max_connections, max_connections_per_subject: ERROR 506 instead of OPEN_OK
             self.server.connections.admit(self.broker.limits, self,
                                           self.session.principal.subject)

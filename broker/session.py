@@ -33,6 +33,7 @@ from protocol import (
     Credit,
     Deliver,
     DeliverBatch,
+    DeliverRun,
     DeliveryEntry,
     Error,
     ExchangeDeclare,
@@ -55,6 +56,7 @@ from protocol import (
     Publish,
     PublishBatch,
     PublishEntry,
+    PublishRun,
     QueueDeclare,
     QueueDeclareOk,
     QueueDelete,
@@ -82,6 +84,7 @@ ENTRY_OVERHEAD = 4608
 Unacked = tuple[QueuedMessage, Queue, "Consumer | None"]
 _DELIVER = Deliver.TYPE
 _DELIVER_BATCH = DeliverBatch.TYPE
+_DELIVER_RUN = DeliverRun.TYPE
 _CONFIRM = Confirm.TYPE
 
 
@@ -101,9 +104,14 @@ class Session:
         self.max_frame_size = max_frame_size
         # OPEN_OK negotiated zstd: DELIVER_BATCH frames over 1 KiB go out COMPRESSED.
         self.compress = False
+        # The client speaks 1.1: first deliveries that share exchange, routing key and
+        # properties go out as DELIVER_RUN (bodies only) instead of DELIVER_BATCH entries.
+        self.runs = False
         self.out: list[bytes] = []
         # (consumer, entries, Message.size of each entry) awaiting the next flush
-        self._deliveries: list[tuple[Consumer, list[list[Any]], list[int]]] = []
+        # (consumer, DELIVER_BATCH entries or a DELIVER_RUN's (first tag, shared fields,
+        # bodies), Message.size of each)
+        self._deliveries: list[tuple[Consumer, Any, list[int]]] = []
         self.consumers: dict[str, Consumer] = {}
         self.unacked: OrderedDict[int, Unacked] = OrderedDict()
         self.exclusive_queues: set[str] = set()
@@ -128,6 +136,7 @@ class Session:
         self._handlers: dict[int, Callable[[Any], None]] = {
             Publish.TYPE: self._on_publish,
             PublishBatch.TYPE: self._on_publish_batch,
+            PublishRun.TYPE: self._on_publish_run,
             Ack.TYPE: self._on_ack,
             Nack.TYPE: self._on_nack,
             Reject.TYPE: self._on_reject,
@@ -218,8 +227,11 @@ class Session:
         if self.closed:
             return
         if self._deliveries:
-            for consumer, entries, sizes in self._deliveries:
-                self._encode_deliveries(consumer.tag, entries, sizes)
+            for consumer, payload, sizes in self._deliveries:
+                if type(payload) is tuple:
+                    self._encode_run(consumer.tag, payload, sizes)
+                else:
+                    self._encode_deliveries(consumer.tag, payload, sizes)
             self._deliveries = []
         if self.out:
             out = self.out
@@ -253,6 +265,29 @@ class Session:
         if self.compress:
             out[start:] = [compress_frame(f) for f in out[start:]]
 
+    def _encode_run(self, tag: str, payload: tuple[int, tuple[str, str, dict[str, Any]],
+                                                   list[bytes]], sizes: list[int]) -> None:
+        """DELIVER_RUN frames that each fit the frame cap (the shared fields once each)."""
+        first, (ex, rk, props), bodies = payload
+        out = self.out
+        start = len(out)
+        budget = self.max_frame_size - ENTRY_OVERHEAD - (sizes[0] - len(bodies[0]))
+        if sum(map(len, bodies)) + 8 * len(bodies) <= budget:
+            out.append(encode_fields(_DELIVER_RUN, [tag, first, ex, rk, props, bodies]))
+        else:
+            chunk: list[bytes] = []
+            size = 0
+            for body in bodies:
+                if chunk and size + len(body) + 8 > budget:
+                    out.append(encode_fields(_DELIVER_RUN, [tag, first, ex, rk, props, chunk]))
+                    first += len(chunk)
+                    chunk, size = [], 0
+                chunk.append(body)
+                size += len(body) + 8
+            out.append(encode_fields(_DELIVER_RUN, [tag, first, ex, rk, props, chunk]))
+        if self.compress:
+            out[start:] = [compress_frame(f) for f in out[start:]]
+
     # ------------------------------------------------------------------ publish
     def _on_publish(self, f: Publish) -> None:
         self.published_bytes += len(f.body)
@@ -273,6 +308,39 @@ class Session:
             publish(seq, e.exchange, e.routing_key, e.properties, e.body, e.mandatory)
             if seq:
                 seq += 1
+
+    def _on_publish_run(self, f: PublishRun) -> None:
+        """PUBLISH_RUN: the bodies share exchange, routing key, properties, mandatory."""
+        seq = f.first_seq
+        bodies = f.bodies
+        check_seq_range(seq, len(bodies), "publish_run")
+        if not bodies:
+            return
+        self.published_bytes += sum(map(len, bodies))
+        broker = self.broker
+        props = f.properties
+        ex, rk, mandatory = f.exchange, f.routing_key, f.mandatory
+        targets: Any = None
+        if (self.principal.permissions is None and not broker.limited
+                and broker.store.failed is None and "headers" not in props
+                and max(map(len, bodies)) <= broker.max_message_size):
+            try:
+                targets = broker.route(ex, rk)
+            except RequestError:
+                targets = None
+        if targets is None or (mandatory and not targets):
+            # Per-message policy or an outcome to report per message: one by one.
+            publish = self._publish
+            for body in bodies:
+                publish(seq, ex, rk, props, body, mandatory)
+                if seq:
+                    seq += 1
+            return
+        ts = self._now + 1
+        # One properties dict for the run: the broker never changes a message's properties
+        # in place (dead-lettering and streams copy), and DELIVER_RUN finds them shared.
+        self._enqueue_run([Message(ex, rk, props, body, len(body), ts) for body in bodies],
+                          targets, seq)
 
     def _publish_run(self, seq: int, entries: list[PublishEntry]) -> None:
         """A batch's publishes when no per-message policy applies (no token permissions,
@@ -412,22 +480,23 @@ class Session:
     # ------------------------------------------------------------------ delivery
     def deliver(self, consumer: Consumer, batch: list[QueuedMessage]) -> None:
         """Called by queue dispatch: assign tags, track unacked, queue the frames."""
-        entries: list[list[Any]] = []
-        sizes: list[int] = []
-        append = entries.append
-        tag = self._next_tag
+        first = self._next_tag + 1
         no_ack = consumer.no_ack
-        unacked = self.unacked
         queue = consumer.queue
-        for qm in batch:
-            tag += 1
-            m = qm.message
-            append([tag, qm.redelivered, m.exchange, m.routing_key, m.properties, m.body,
-                    qm.delivery_count])
-            sizes.append(m.size)
-            if not no_ack:
-                unacked[tag] = (qm, queue, consumer)
-        self._next_tag = tag
+        self._next_tag = tag = first + len(batch) - 1
+        if not no_ack:
+            unacked = self.unacked
+            unacked.update(zip(range(first, tag + 1), [(qm, queue, consumer) for qm in batch],
+                               strict=True))
+        sizes = [qm.message.size for qm in batch]
+        run = self.runs and self._run_of(batch)
+        if run:
+            payload: Any = (first, run, [qm.message.body for qm in batch])
+        else:
+            payload = [[t, qm.redelivered, m.exchange, m.routing_key, m.properties, m.body,
+                        qm.delivery_count]
+                       for t, qm, m in zip(range(first, tag + 1), batch,
+                                           [qm.message for qm in batch], strict=True)]
         broker = self.broker
         broker.latency.observe_batch(batch, broker.now)  # pump's clock reading: no call here
         if no_ack:
@@ -439,8 +508,24 @@ class Session:
                 self.min_deadline = dl
         if queue.logged:
             self.broker.log_ids("a" if no_ack else "d", queue, batch)
-        self._deliveries.append((consumer, entries, sizes))
+        self._deliveries.append((consumer, payload, sizes))
         self.broker.mark_session(self)
+
+    @staticmethod
+    def _run_of(batch: list[QueuedMessage]) -> tuple[str, str, dict[str, Any]] | None:
+        """(exchange, routing key, properties) if every message of ``batch`` is a first
+        delivery sharing them (a DELIVER_RUN), else None."""
+        if len(batch) < 2:
+            return None
+        m0 = batch[0].message
+        ex, rk, props = m0.exchange, m0.routing_key, m0.properties
+        for qm in batch:
+            m = qm.message
+            if (qm.delivery_count != 1 or qm.redelivered or m.routing_key != rk
+                    or (m.properties is not props and m.properties != props)
+                    or m.exchange != ex):
+                return None
+        return ex, rk, props
 
     def _settle(self, tag: int, multiple: bool) -> list[Unacked]:
         """Remove and return the unacked deliveries an ack/nack/reject names."""

@@ -28,6 +28,7 @@ from protocol import (
     ConveyorError,
     Deliver,
     DeliverBatch,
+    DeliverRun,
     Error,
     Frame,
     Hello,
@@ -147,6 +148,26 @@ def _messages(entries: list[Any], origin: Origin,
     return msgs, tags
 
 
+def _run_messages(origin: Origin, tags: range, exchange: str, routing_key: str,
+                  props: dict[str, Any], bodies: list[bytes]) -> list[Message]:
+    """Messages of a DELIVER_RUN: first deliveries, each with its own properties dict."""
+    msgs: list[Message] = []
+    append = msgs.append
+    for tag, body in zip(tags, bodies, strict=True):
+        m = _new(Message)  # Message.__init__, inlined
+        m._origin = origin
+        m.delivery_tag = tag
+        m.redelivered = False
+        m.exchange = exchange
+        m.routing_key = routing_key
+        m.properties = props.copy() if props else {}
+        m.body = body
+        m.delivery_count = 1
+        m.settled = False
+        append(m)
+    return msgs
+
+
 class _Confirmed:
     """A CONFIRM decoded on the fast path (the fields of :class:`Confirm`)."""
 
@@ -188,6 +209,8 @@ class _Protocol(asyncio.Protocol):
         self.credited = asyncio.Event()
         self.open_ok: OpenOk | None = None
         self.compress = False  # OPEN_OK negotiated zstd (PUBLISH_BATCH out, COMPRESSED in)
+        # The minor version HELLO says the broker speaks: PUBLISH_RUN needs 1.1.
+        self.server_minor = 0
 
     def add_credit(self, f: PublishCredit) -> None:
         self.credit_messages += f.messages
@@ -289,13 +312,36 @@ class _Protocol(asyncio.Protocol):
                 return fast
         return Deliver.from_wire(f)
 
-    def _compressed(self, body: bytes | bytearray) -> _Deliveries | DeliverBatch:
+    def _deliver_run(self, body: bytes | bytearray) -> _Deliveries | DeliverRun:
+        """DELIVER_RUN (1.1): first deliveries sharing exchange, routing key, properties.
+        Each message gets its own copy of the properties, as a DELIVER_BATCH entry has."""
+        f = _unpack_body(body, DeliverRun.NAME)
+        if type(f) is list and len(f) == 6:
+            tag, first, ex, rk, props, bodies = f
+            if (type(tag) is str and len(tag) <= NAME_FAST and type(first) is int
+                    and type(ex) is str and len(ex) <= NAME_FAST
+                    and type(rk) is str and len(rk) <= NAME_FAST
+                    and type(props) is dict and type(bodies) is list and bodies
+                    and first >= 0 and first + len(bodies) - 1 <= U64_MAX
+                    and (not props or self._props.ok(props))
+                    and set(map(type, bodies)) == {bytes}):
+                origin = Origin(self.owner, None, self.owner._epoch)
+                tags = range(first, first + len(bodies))
+                return _Deliveries(tag, origin, _run_messages(origin, tags, ex, rk, props,
+                                                              bodies), list(tags))
+        return DeliverRun.from_wire(f)
+
+    def _compressed(self, body: bytes | bytearray) -> _Deliveries | DeliverBatch | DeliverRun:
         f = Compressed.from_wire(_unpack_body(body, Compressed.NAME))
         if not self.compress:
             raise UnexpectedFrame("COMPRESSED frame but compression was not negotiated")
-        if f.inner_type != DeliverBatch.TYPE:
-            raise UnexpectedFrame(f"COMPRESSED may not carry frame type {f.inner_type:#04x}")
-        return self._deliver_batch(inflate(f.data, self.max_frame_size))
+        data = inflate(f.data, self.max_frame_size) if f.inner_type in (
+            DeliverBatch.TYPE, DeliverRun.TYPE) else b""
+        if f.inner_type == DeliverBatch.TYPE:
+            return self._deliver_batch(data)
+        if f.inner_type == DeliverRun.TYPE:
+            return self._deliver_run(data)
+        raise UnexpectedFrame(f"COMPRESSED may not carry frame type {f.inner_type:#04x}")
 
     def _confirm(self, body: bytes | bytearray) -> _Confirmed | Confirm:
         f = _unpack_body(body, Confirm.NAME)
@@ -313,6 +359,8 @@ class _Protocol(asyncio.Protocol):
         for i, f in enumerate(frames):
             if isinstance(f, Hello):
                 o = self.owner
+                major, _, minor = f.version.partition(".")
+                self.server_minor = int(minor) if minor.isdigit() and major == "1" else 0
                 props: dict[str, Any] = {"library": "conveyor-py", "version": "0.1.0",
                                          "connection_name": o.name}
                 if o.compression:
@@ -376,6 +424,7 @@ class _Protocol(asyncio.Protocol):
 # Frame types _Protocol._decode decodes itself in the OPEN state.
 _FAST: dict[int, Callable[[_Protocol, bytes | bytearray], Any]] = {
     DeliverBatch.TYPE: _Protocol._deliver_batch,
+    DeliverRun.TYPE: _Protocol._deliver_run,
     Deliver.TYPE: _Protocol._deliver,
     Confirm.TYPE: _Protocol._confirm,
     Compressed.TYPE: _Protocol._compressed,

@@ -53,6 +53,7 @@ from protocol import (
     ConveyorError,
     Deliver,
     DeliverBatch,
+    DeliverRun,
     Error,
     Frame,
     PublishCredit,
@@ -140,6 +141,9 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         # contiguous and the last one is ``_seq``; ``_pub_size`` is their weight.
         self._pub: list[tuple[str, str, dict[str, Any], bytes, bool]] = []
         self._pub_size = 0
+        # (exchange, routing key, properties, mandatory) while every queued publish shares
+        # them (the properties dict by identity): they then go out as a PUBLISH_RUN.
+        self._pub_key: tuple[str, str, dict[str, Any], bool] | None = None
         # Settlement: tags delivered and not yet settled, in order; settled tags -> whether
         # the broker already knows (NACK/REJECT/individual ACK sent). The settled prefix of
         # ``_unsettled`` goes out as one cumulative ACK per loop turn. Fast path: an ack of
@@ -238,6 +242,11 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
                 self._on_confirm(f)
             elif t is DeliverBatch:
                 self._on_deliveries(f.consumer_tag, f.entries)
+            elif t is DeliverRun:
+                self._on_deliveries(f.consumer_tag, [
+                    (tag, False, f.exchange, f.routing_key, dict(f.properties), body, 1)
+                    for tag, body in zip(range(f.first_tag, f.first_tag + len(f.bodies)),
+                                         f.bodies, strict=True)])
             elif t is Deliver:
                 self._on_deliveries(f.consumer_tag, [(
                     f.delivery_tag, f.redelivered, f.exchange, f.routing_key, f.properties,
@@ -300,6 +309,7 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         self._wbuf.clear()
         self._pub.clear()
         self._pub_size = 0
+        self._pub_key = None
         self._unsettled.clear()
         self._done.clear()
         self._ack_pending.clear()

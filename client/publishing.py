@@ -31,6 +31,7 @@ from protocol import (
     NoRoute,
     Publish,
     PublishBatch,
+    PublishRun,
     compress_frame,
     encode_fields,
     error_for_code,
@@ -42,6 +43,7 @@ _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 Body = bytes | str
 _PUBLISH = Publish.TYPE
 _PUBLISH_BATCH = PublishBatch.TYPE
+_PUBLISH_RUN = PublishRun.TYPE
 Entry = tuple[str, str, dict[str, Any], bytes, bool]
 _NO_PROPS: dict[str, Any] = {}  # shared by publishes without properties; never mutated
 # Publishes queued in one loop turn are written as soon as they weigh this much (see
@@ -91,10 +93,11 @@ class _Sized(list[Entry]):
     (see ``_ENTRY_WEIGHT``), the size of the largest body plus headers and the total of
     their body lengths (what they cost in publish credit)."""
 
-    __slots__ = ("bodies", "largest", "size")
+    __slots__ = ("bodies", "key", "largest", "size")
     size: int
     largest: int
     bodies: int
+    key: tuple[str, str, dict[str, Any], bool]  # what the entries share
 
 
 def _body_bytes(entries: Sequence[Entry]) -> int:
@@ -191,6 +194,7 @@ class _PublishingMixin:
     _wbuf: list[bytes]
     _flush_scheduled: bool
     _pub: list[Entry]
+    _pub_key: tuple[str, str, dict[str, Any], bool] | None
     _pub_size: int
     _ack_hi: int
     _ack_pending: list[int]
@@ -238,6 +242,7 @@ class _PublishingMixin:
             entries.bodies = sum(map(len, messages))
             entries.size = entries.bodies + n * (_ENTRY_WEIGHT + headers)
             entries.largest = max(map(len, messages), default=0) + headers
+            entries.key = (exchange, routing_key, base, mandatory)
         else:
             entries = []
             for m in messages:
@@ -356,7 +361,15 @@ class _PublishingMixin:
         idle = not unconfirmed
         self._seq = seq = self._seq + 1
         unconfirmed[seq] = fut
-        self._pub.append(entry)
+        pub = self._pub
+        if not pub:
+            self._pub_key = (exchange, routing_key, properties, mandatory)
+        else:
+            k = self._pub_key
+            if k is not None and (properties is not k[2] or routing_key != k[1]
+                                  or exchange != k[0] or mandatory != k[3]):
+                self._pub_key = None
+        pub.append(entry)
         size += self._pub_size
         self._pub_size = size
         if size > _WRITE_AHEAD or idle:
@@ -441,6 +454,12 @@ class _PublishingMixin:
             unconfirmed[first] = fut
         else:
             unconfirmed.update(zip(range(first, first + n), repeat(_Pending(fut, n))))
+        key = entries.key if type(entries) is _Sized else None
+        if not self._pub:
+            self._pub_key = key
+        elif key is None or (k := self._pub_key) is None or key[2] is not k[2] \
+                or key != k:
+            self._pub_key = None
         self._pub.extend(entries)
         self._pub_size += entries.size if type(entries) is _Sized else \
             sum(map(_entry_weight, entries))
@@ -459,13 +478,18 @@ class _PublishingMixin:
         pub = self._pub
         self._pub = []
         self._pub_size = 0
+        key = self._pub_key
+        self._pub_key = None
         first = self._seq - len(pub) + 1
         if len(pub) == 1:
             self._wbuf.append(encode_fields(_PUBLISH, [first, *pub[0]]))
             return
-        frame = encode_fields(_PUBLISH_BATCH, [first, pub])
         proto = self._proto
         limit = proto.max_frame_size if proto is not None else 1 << 20
+        if key is not None and proto is not None and proto.server_minor >= 1:
+            self._emit_run(first, key, [e[3] for e in pub], limit, proto.compress)
+            return
+        frame = encode_fields(_PUBLISH_BATCH, [first, pub])
         if len(frame) - 4 <= limit:  # measured: fits the negotiated frame size
             self._wbuf.append(compress_frame(frame) if proto is not None and proto.compress
                               else frame)
@@ -486,6 +510,31 @@ class _PublishingMixin:
         self._wbuf.append(encode_fields(_PUBLISH_BATCH, [first, chunk]))
         if proto is not None and proto.compress:
             self._wbuf[start:] = [compress_frame(f) for f in self._wbuf[start:]]
+
+    def _emit_run(self, first: int, key: tuple[str, str, dict[str, Any], bool],
+                  bodies: list[bytes], limit: int, compress: bool) -> None:
+        """PUBLISH_RUN frames (1.1) for publishes that share exchange, routing key,
+        properties and mandatory: the shared fields once, then the bodies."""
+        ex, rk, props, mandatory = key
+        frame = encode_fields(_PUBLISH_RUN, [first, ex, rk, props, mandatory, bodies])
+        wbuf = self._wbuf
+        if len(frame) - 4 <= limit:
+            wbuf.append(compress_frame(frame) if compress else frame)
+            return
+        start = len(wbuf)
+        budget = limit - 4096 - (len(_packb(props["headers"])) if "headers" in props else 0)
+        chunk: list[bytes] = []
+        size = 0
+        for body in bodies:
+            if chunk and size + len(body) + 8 > budget:
+                wbuf.append(encode_fields(_PUBLISH_RUN, [first, ex, rk, props, mandatory, chunk]))
+                first += len(chunk)
+                chunk, size = [], 0
+            chunk.append(body)
+            size += len(body) + 8
+        wbuf.append(encode_fields(_PUBLISH_RUN, [first, ex, rk, props, mandatory, chunk]))
+        if compress:
+            wbuf[start:] = [compress_frame(f) for f in wbuf[start:]]
 
     def _on_return(self, seq: int) -> None:
         p = self._unconfirmed.get(seq)

@@ -51,6 +51,16 @@ def check_bytes(v: Any, where: str) -> bytes:
     return v
 
 
+def check_binlist(v: Any, where: str) -> list[bytes]:
+    """An array of bin (run bodies): one C-level pass over the element types."""
+    if type(v) is not list:
+        raise fail(where, f"expected array, got {type(v).__name__}")
+    if v and set(map(type, v)) != {bytes}:
+        i = next(i for i, b in enumerate(v) if type(b) is not bytes)
+        raise fail(f"{where}[{i}]", f"expected bin, got {type(v[i]).__name__}")
+    return v
+
+
 def check_table(v: Any, where: str) -> dict[str, Any]:
     if type(v) is not dict:
         raise fail(where, f"expected map, got {type(v).__name__}")

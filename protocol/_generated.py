@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 from protocol._checks import (
-    NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_bool, check_bytes,
+    NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_binlist, check_bool, check_bytes,
     check_list, check_str, check_strlist, check_table, check_tablelist, check_uint, fail,
 )
 from protocol.errors import FatalError, ProtocolError, RequestError
@@ -21,7 +21,7 @@ STR_FAST = STR_MAX // 4
 
 MAGIC = b'CNVYMQ'
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1
 PREAMBLE = MAGIC + bytes([VERSION_MAJOR, VERSION_MINOR])
 DEFAULT_PORT = 5680
 MAX_FRAME_SIZE_DEFAULT = 1048576
@@ -823,7 +823,7 @@ class Ok(Frame):
 
 @dataclass(frozen=True, slots=True)
 class Compressed(Frame):
-    """Only after OPEN_OK.compression = "zstd": carries one PUBLISH_BATCH or DELIVER_BATCH whose field list is msgpack-encoded then zstd-compressed. The receiver decodes it as the inner frame. Unnegotiated: 503 unexpected-frame."""
+    """Only after OPEN_OK.compression = "zstd": carries one PUBLISH_BATCH, PUBLISH_RUN, DELIVER_BATCH or DELIVER_RUN whose field list is msgpack-encoded then zstd-compressed. The receiver decodes it as the inner frame. Unnegotiated: 503 unexpected-frame."""
 
     TYPE: ClassVar[int] = 0x09
     NAME: ClassVar[str] = 'compressed'
@@ -1359,6 +1359,45 @@ class PublishBatch(Frame):
 
 
 @dataclass(frozen=True, slots=True)
+class PublishRun(Frame):
+    """Since 1.1. Publish many messages that share exchange, routing key, properties and mandatory in one frame: PUBLISH_BATCH without repeating the shared fields. Body i has sequence number first_seq + i. Sent only if HELLO.version is 1.1 or later."""
+
+    TYPE: ClassVar[int] = 0x25
+    NAME: ClassVar[str] = 'publish_run'
+    DIRECTION: ClassVar[str] = 'client'
+    first_seq: int
+    exchange: str
+    routing_key: str
+    properties: dict[str, Any]
+    mandatory: bool
+    bodies: list[bytes]
+
+    def to_wire(self) -> list[Any]:
+        return [self.first_seq, self.exchange, self.routing_key, self.properties, self.mandatory, self.bodies]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'publish_run') -> PublishRun:
+        check_arity(f, 6, 6, where)
+        a0 = f[0]
+        if type(a0) is not int or not 0 <= a0 <= U64_MAX:
+            check_uint(a0, U64_MAX, where + ".first_seq")
+        a1 = f[1]
+        if type(a1) is not str or len(a1) > NAME_FAST:
+            check_str(a1, NAME_MAX, where + ".exchange")
+        a2 = f[2]
+        if type(a2) is not str or len(a2) > NAME_FAST:
+            check_str(a2, NAME_MAX, where + ".routing_key")
+        a3 = f[3]
+        if type(a3) is not dict or a3:
+            check_props(a3, where + ".properties")
+        a4 = f[4]
+        if a4 is not True and a4 is not False:
+            check_bool(a4, where + ".mandatory")
+        a5 = check_binlist(f[5], where + ".bodies")
+        return cls(a0, a1, a2, a3, a4, a5)
+
+
+@dataclass(frozen=True, slots=True)
 class Confirm(Frame):
     """Confirms (ack = true) or refuses (ack = false) every publish with first_seq <= seq <= last_seq."""
 
@@ -1775,6 +1814,45 @@ class DeliverBatch(Frame):
 
 
 @dataclass(frozen=True, slots=True)
+class DeliverRun(Frame):
+    """Since 1.1. Several first deliveries (redelivered false, delivery_count 1) to one consumer that share exchange, routing key and properties, with consecutive delivery tags: DELIVER_BATCH without repeating the shared fields. Uses one credit per body. Sent only to a client whose preamble minor version is 1 or later."""
+
+    TYPE: ClassVar[int] = 0x3d
+    NAME: ClassVar[str] = 'deliver_run'
+    DIRECTION: ClassVar[str] = 'server'
+    consumer_tag: str
+    first_tag: int
+    exchange: str
+    routing_key: str
+    properties: dict[str, Any]
+    bodies: list[bytes]
+
+    def to_wire(self) -> list[Any]:
+        return [self.consumer_tag, self.first_tag, self.exchange, self.routing_key, self.properties, self.bodies]
+
+    @classmethod
+    def from_wire(cls, f: Any, where: str = 'deliver_run') -> DeliverRun:
+        check_arity(f, 6, 6, where)
+        a0 = f[0]
+        if type(a0) is not str or len(a0) > NAME_FAST:
+            check_str(a0, NAME_MAX, where + ".consumer_tag")
+        a1 = f[1]
+        if type(a1) is not int or not 0 <= a1 <= U64_MAX:
+            check_uint(a1, U64_MAX, where + ".first_tag")
+        a2 = f[2]
+        if type(a2) is not str or len(a2) > NAME_FAST:
+            check_str(a2, NAME_MAX, where + ".exchange")
+        a3 = f[3]
+        if type(a3) is not str or len(a3) > NAME_FAST:
+            check_str(a3, NAME_MAX, where + ".routing_key")
+        a4 = f[4]
+        if type(a4) is not dict or a4:
+            check_props(a4, where + ".properties")
+        a5 = check_binlist(f[5], where + ".bodies")
+        return cls(a0, a1, a2, a3, a4, a5)
+
+
+@dataclass(frozen=True, slots=True)
 class Ack(Frame):
     """Acknowledge a delivery (or, with multiple, every unacked one up to it; tag 0 + multiple = all)."""
 
@@ -1994,6 +2072,7 @@ FRAME_TYPES: dict[int, type[Frame]] = {
     0x1a: ListOk,
     0x20: Publish,
     0x21: PublishBatch,
+    0x25: PublishRun,
     0x22: Confirm,
     0x23: Return,
     0x24: PublishCredit,
@@ -2004,6 +2083,7 @@ FRAME_TYPES: dict[int, type[Frame]] = {
     0x34: Credit,
     0x35: Deliver,
     0x36: DeliverBatch,
+    0x3d: DeliverRun,
     0x37: Ack,
     0x38: Nack,
     0x39: Reject,
@@ -2012,5 +2092,5 @@ FRAME_TYPES: dict[int, type[Frame]] = {
     0x3c: Extend,
 }
 
-CLIENT_FRAMES: frozenset[int] = frozenset({0x02, 0x04, 0x05, 0x06, 0x09, 0x10, 0x11, 0x12, 0x14, 0x15, 0x17, 0x18, 0x19, 0x20, 0x21, 0x30, 0x32, 0x34, 0x37, 0x38, 0x39, 0x3a, 0x3c})
-SERVER_FRAMES: frozenset[int] = frozenset({0x01, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x13, 0x16, 0x1a, 0x22, 0x23, 0x24, 0x31, 0x33, 0x35, 0x36, 0x3b})
+CLIENT_FRAMES: frozenset[int] = frozenset({0x02, 0x04, 0x05, 0x06, 0x09, 0x10, 0x11, 0x12, 0x14, 0x15, 0x17, 0x18, 0x19, 0x20, 0x21, 0x25, 0x30, 0x32, 0x34, 0x37, 0x38, 0x39, 0x3a, 0x3c})
+SERVER_FRAMES: frozenset[int] = frozenset({0x01, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x13, 0x16, 0x1a, 0x22, 0x23, 0x24, 0x31, 0x33, 0x35, 0x36, 0x3d, 0x3b})

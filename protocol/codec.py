@@ -29,9 +29,13 @@ from protocol._generated import (
     PREAMBLE,
     VERSION_MAJOR,
     Compressed,
+    DeliverBatch,
+    DeliverRun,
     Frame,
     FrameTooLarge,
     MalformedFrame,
+    PublishBatch,
+    PublishRun,
     UnexpectedFrame,
     UnsupportedVersion,
 )
@@ -44,7 +48,7 @@ _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 # Wire compression (spec/PROTOCOL.md "Compressed frames"): only these frames are wrapped,
 # and only when the encoded body is big enough for compression to pay for itself.
-COMPRESSIBLE = frozenset({0x21, 0x36})  # PUBLISH_BATCH, DELIVER_BATCH
+COMPRESSIBLE = frozenset({PublishBatch.TYPE, PublishRun.TYPE, DeliverBatch.TYPE, DeliverRun.TYPE})
 COMPRESS_MIN_BYTES = 1024
 _COMPRESSED = Compressed.TYPE
 _zstd_compress = zstandard.ZstdCompressor(level=3).compress

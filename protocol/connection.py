@@ -104,7 +104,7 @@ class Connection:
     its ERROR frame.
     """
 
-    __slots__ = ("_decoder", "_preamble", "role", "state")
+    __slots__ = ("_decoder", "_preamble", "peer_minor", "role", "state")
 
     def __init__(self, role: Role, max_frame_size: int = MAX_FRAME_SIZE_DEFAULT) -> None:
         self.role = role
@@ -112,6 +112,9 @@ class Connection:
         self._decoder = Decoder(max_frame_size, accept)
         self._preamble = bytearray()
         self.state = S.AWAIT_PREAMBLE if role is Role.SERVER else S.AWAIT_HELLO
+        # Server role: the client's minor version, from its preamble. Additions of a later
+        # minor version are sent to it only if both sides speak that version.
+        self.peer_minor = 0
 
     @property
     def max_frame_size(self) -> int:
@@ -144,7 +147,7 @@ class Connection:
             data = data[need:]
             if len(self._preamble) < len(PREAMBLE):
                 return []
-            parse_preamble(bytes(self._preamble))
+            self.peer_minor = parse_preamble(bytes(self._preamble))[1]
             self.state = S.AWAIT_AUTH
             if not data:
                 return []

@@ -29,13 +29,14 @@ PY_TYPES = {
     "rid": "int", "u16": "int", "u32": "int", "u64": "int", "priority": "int",
     "bool": "bool", "name": "str", "str": "str", "bytes": "bytes",
     "table": "dict[str, Any]", "props": "dict[str, Any]", "strlist": "list[str]",
-    "tablelist": "list[dict[str, Any]]",
+    "tablelist": "list[dict[str, Any]]", "binlist": "list[bytes]",
 }
 WIRE_TYPES = {
     "rid": "uint32 (1..2^32-1)", "u16": "uint16", "u32": "uint32", "u64": "uint64",
     "priority": "uint 0..9", "bool": "bool", "name": "string <= 255 bytes",
     "str": "string <= 65535 bytes", "bytes": "bin", "table": "map string -> any",
     "props": "properties map", "strlist": "array of name", "tablelist": "array of table",
+    "binlist": "array of bin",
 }
 
 
@@ -59,6 +60,7 @@ def check_expr(ftype: str, val: str, where: str) -> str:
         "props": f"check_props({val}, {w})",
         "strlist": f"check_strlist({val}, {w})",
         "tablelist": f"check_tablelist({val}, {w})",
+        "binlist": f"check_binlist({val}, {w})",
     }
     if ftype in simple:
         return simple[ftype]
@@ -212,7 +214,7 @@ def gen_python(spec: dict[str, Any]) -> str:
         "from typing import Any, ClassVar, NamedTuple",
         "",
         "from protocol._checks import (",
-        "    NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_bool, check_bytes,",
+        "    NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_binlist, check_bool, check_bytes,",
         "    check_list, check_str, check_strlist, check_table, check_tablelist, check_uint, fail,",
         ")",
         "from protocol.errors import FatalError, ProtocolError, RequestError",
@@ -354,6 +356,8 @@ def gen_python(spec: dict[str, Any]) -> str:
 def to_wire_value(ftype: str, v: Any, spec: dict[str, Any]) -> Any:
     if ftype == "bytes":
         return v.encode() if isinstance(v, str) else bytes(v)
+    if ftype == "binlist":
+        return [to_wire_value("bytes", x, spec) for x in v]
     if ftype.startswith("list:"):
         rec = spec["record"][ftype[5:]]
         return [[to_wire_value(f[1], x, spec) for f, x in zip(rec["fields"], e, strict=False)] for e in v]
@@ -363,6 +367,8 @@ def to_wire_value(ftype: str, v: Any, spec: dict[str, Any]) -> Any:
 def to_json_value(ftype: str, v: Any, spec: dict[str, Any]) -> Any:
     if ftype == "bytes":
         return {"$bin": (v.encode() if isinstance(v, str) else bytes(v)).hex()}
+    if ftype == "binlist":
+        return [to_json_value("bytes", x, spec) for x in v]
     if ftype.startswith("list:"):
         rec = spec["record"][ftype[5:]]
         return [{f[0]: to_json_value(f[1], x, spec) for f, x in zip(rec["fields"], e, strict=False)} for e in v]

@@ -115,6 +115,8 @@ def _value_for(ftype: str) -> st.SearchStrategy[Any]:
         return st.lists(names, max_size=3)
     if ftype == "tablelist":
         return st.lists(tables, max_size=3)
+    if ftype == "binlist":
+        return st.lists(st.binary(max_size=256), max_size=4)
     if ftype.startswith("list:"):
         rec = wire.RECORDS[ftype[5:]]
         return st.lists(st.tuples(*(_value_for(f.type) for f in rec)).map(list), max_size=4)

@@ -20,7 +20,7 @@ def test_hello_then_open_ok(module_broker: BrokerProcess) -> None:
     with Conn(module_broker.port) as c:
         c.send(wire.PREAMBLE)
         hello = c.expect("hello")
-        assert hello["version"] == f"{wire.MAJOR}.{wire.MINOR}" == "1.0"
+        assert hello["version"] == f"{wire.MAJOR}.{wire.MINOR}" == "1.1"
         assert hello["max_frame_size"] == wire.MAX_FRAME_SIZE_DEFAULT
         assert hello["heartbeat_ms"] == wire.HEARTBEAT_MS_DEFAULT
         props = hello["server_properties"]
@@ -63,10 +63,16 @@ def test_connection_ids_are_distinct(module_broker: BrokerProcess) -> None:
     assert len(ids) == 3
 
 
-def test_minor_version_is_accepted(module_broker: BrokerProcess) -> None:
-    with Conn(module_broker.port) as c:
-        c.send(wire.MAGIC + bytes([wire.MAJOR, 7]))
-        assert c.expect("hello")["version"] == "1.0"
+@pytest.mark.parametrize(("minor", "version"), [(0, "1.0"), (1, "1.1"), (7, "1.1")])
+def test_minor_version_is_accepted(module_broker: BrokerProcess, minor: int,
+                                   version: str) -> None:
+    """Any minor of major 1 is accepted; HELLO.version is the lower of the two minors
+    (PROTOCOL.md 18): a 1.0 client still gets "1.0", a newer one the server's "1.1"."""
+    with Conn(module_broker.port, minor=minor) as c:
+        c.send(c.preamble)
+        assert c.expect("hello")["version"] == version == f"{wire.MAJOR}.{min(minor, wire.MINOR)}"
+        c.send_frame("auth", "anonymous", "", {"library": "raw"}, 0, 0)
+        c.expect("open_ok")
 
 
 NEGOTIATION = [

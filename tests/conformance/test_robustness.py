@@ -120,7 +120,7 @@ class GoodClient:
             if not f["ack"]:
                 self.nacked.extend(range(f["first_seq"], f["last_seq"] + 1))
             self.confirm_next = f["last_seq"] + 1
-        elif f.kind in ("deliver", "deliver_batch"):
+        elif f.kind in ("deliver", "deliver_batch", "deliver_run"):
             ds = deliveries(f)
             for d in ds:
                 assert d["consumer_tag"] == self.ctag and not d["redelivered"], d

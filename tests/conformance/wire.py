@@ -242,6 +242,10 @@ def check_value(ftype_: str, v: Any, where: str) -> Any:
         if type(v) is not list:
             raise bad
         return [check_value("table", x, where) for x in v]
+    if ftype_ == "binlist":
+        if type(v) is not list:
+            raise bad
+        return [check_value("bytes", x, f"{where}[{i}]") for i, x in enumerate(v)]
     if ftype_.startswith("list:"):
         if type(v) is not list:
             raise bad
@@ -327,8 +331,10 @@ class Closed(Exception):
 class Conn:
     """A blocking raw-socket connection to the broker; every read is bounded in time."""
 
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
+    def __init__(self, port: int, timeout: float = 5.0, minor: int = MINOR) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        # The preamble handshake() sends: the spec's version, or an older (or newer) minor.
+        self.preamble = MAGIC + bytes([MAJOR, minor])
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.timeout = timeout
         self.dec = Decoder(MAX_FRAME_SIZE_CEILING, "server")
@@ -458,7 +464,7 @@ class Conn:
     # -- protocol helpers
     def handshake(self, *auth: Any) -> Frame:
         """Preamble, HELLO, AUTH (positional AUTH fields), OPEN_OK; return OPEN_OK."""
-        self.send(PREAMBLE)
+        self.send(self.preamble)
         self.hello = self.expect("hello")
         if not auth:
             auth = ("anonymous", "", {"library": "conformance-raw"}, 0, 0)
@@ -494,16 +500,23 @@ class Conn:
         self.close()
 
 
-def open_conn(port: int, timeout: float = 5.0, *auth: Any) -> Conn:
-    c = Conn(port, timeout)
+def open_conn(port: int, timeout: float = 5.0, *auth: Any, minor: int = MINOR) -> Conn:
+    c = Conn(port, timeout, minor)
     c.handshake(*auth)
     return c
 
 
 def deliveries(frame: Frame) -> list[dict[str, Any]]:
-    """DELIVER / DELIVER_BATCH -> list of delivery dicts (with consumer_tag)."""
+    """DELIVER / DELIVER_BATCH / DELIVER_RUN -> list of delivery dicts (with consumer_tag)."""
     if frame.kind == "deliver":
         return [dict(frame.fields)]
+    if frame.kind == "deliver_run":  # first deliveries with consecutive tags (since 1.1)
+        assert frame["bodies"], "DELIVER_RUN without bodies"
+        return [{"consumer_tag": frame["consumer_tag"], "delivery_tag": frame["first_tag"] + i,
+                 "redelivered": False, "exchange": frame["exchange"],
+                 "routing_key": frame["routing_key"], "properties": dict(frame["properties"]),
+                 "body": body, "delivery_count": 1}
+                for i, body in enumerate(frame["bodies"])]
     assert frame.kind == "deliver_batch", f"not a delivery: {frame!r}"
     assert frame["entries"], "DELIVER_BATCH without entries"
     return [dict(e, consumer_tag=frame["consumer_tag"]) for e in frame["entries"]]

@@ -24,6 +24,7 @@ from protocol import (
     Decoder,
     Deliver,
     DeliverBatch,
+    DeliverRun,
     DeliveryEntry,
     Error,
     ExchangeDeclare,
@@ -39,6 +40,7 @@ from protocol import (
     Publish,
     PublishBatch,
     PublishEntry,
+    PublishRun,
     QueueDeclare,
     QueueDeclareOk,
     QueueDelete,
@@ -1110,3 +1112,90 @@ def test_publish_batch_into_dedup_queue_stores_a_retry_once(conn: Conn) -> None:
                PublishEntry("", "dd", {"message_id": "m2"}, b"two", False)]
     assert conn.send(PublishBatch(1, entries)) == [Confirm(1, 3, True, 0, "")]
     assert ready_bodies(conn, "dd") == [b"one", b"two"]
+
+
+# --------------------------------------------------------------------------- runs (1.1)
+
+
+def test_publish_run_is_confirmed_once_and_delivered_as_a_run_to_a_1_1_client(
+        broker: Broker) -> None:
+    pub, sub = Conn(broker), Conn(broker)
+    sub.session.runs = True  # its preamble said 1.1
+    pub.declare_queue("q")
+    props = {"persistent": False, "content_type": "text/plain"}
+    assert pub.send(PublishRun(7, "", "q", props, False, msgs(5))) == [
+        Confirm(7, 11, True, 0, "")]
+    tag, out = sub.consume("q", 10)
+    assert out == [DeliverRun(tag, 1, "", "q", props, msgs(5))]
+    pub.send(PublishRun(12, "", "q", props, False, msgs(3, start=6)))
+    assert sub.take() == [DeliverRun(tag, 6, "", "q", props, msgs(3, start=6))]
+    sub.send(Ack(8, True))
+    assert queue_info(pub, "q")["unacked"] == 0
+    # a 1.0 client gets the same messages as DELIVER_BATCH entries
+    pub.declare_queue("q2")
+    pub.send(PublishRun(0, "", "q2", props, False, msgs(3)))
+    old = Conn(broker)
+    tag2, out2 = old.consume("q2", 10)
+    assert [type(f) for f in out2] == [DeliverBatch]
+    assert entries_of(out2, tag2) == [DeliveryEntry(i + 1, False, "", "q2", props, b, 1)
+                                      for i, b in enumerate(msgs(3))]
+
+
+def test_deliver_run_only_for_first_deliveries_sharing_their_fields(broker: Broker) -> None:
+    pub, sub = Conn(broker), Conn(broker)
+    sub.session.runs = True
+    pub.declare_queue("q")
+    pub.send(PublishRun(0, "", "q", {}, False, msgs(3)))
+    tag, out = sub.consume("q", 3)
+    assert out == [DeliverRun(tag, 1, "", "q", {}, msgs(3))]
+    # requeued: redeliveries go as DELIVER_BATCH entries with their counts
+    assert sub.send(Nack(3, True, True)) == []
+    again = sub.send(Credit(tag, 3))
+    assert [type(f) for f in again] == [DeliverBatch]
+    assert entries_of(again, tag) == [DeliveryEntry(4 + i, True, "", "q", {}, b, 2)
+                                      for i, b in enumerate(msgs(3))]
+    sub.send(Ack(6, True))
+    # different properties in one batch: entries, not a run
+    pub.send(Publish(0, "", "q", {"priority": 1}, b"p1", False),
+             Publish(0, "", "q", {}, b"p2", False))
+    mixed = sub.send(Credit(tag, 10))
+    assert [type(f) for f in mixed] == [DeliverBatch]
+    assert bodies(entries_of(mixed, tag)) == [b"p1", b"p2"]
+    # equal (not identical) properties from separate publishes still make a run
+    pub.send(Publish(0, "", "q", {"type": "t"}, b"e1", False),
+             Publish(0, "", "q", {"type": "t"}, b"e2", False))
+    assert sub.take() == [DeliverRun(tag, 9, "", "q", {"type": "t"}, [b"e1", b"e2"])]
+
+
+def test_deliver_run_split_to_fit_frame_size() -> None:
+    broker = Broker()
+    pub, sub = Conn(broker), Conn(broker, max_frame_size=8192)
+    sub.session.runs = True
+    pub.declare_queue("q")
+    pub.send(PublishRun(0, "", "q", {}, False, [b"%04d" % i + b"x" * 996 for i in range(10)]))
+    _tag, out = sub.consume("q", 10)
+    assert len(out) >= 3 and all(isinstance(f, DeliverRun) for f in out)
+    assert all(len(encode(f)) <= 8192 for f in out)
+    tags = [f.first_tag + i for f in out for i in range(len(f.bodies))]  # type: ignore[attr-defined]
+    assert tags == list(range(1, 11))
+    assert [b[:4] for f in out for b in f.bodies] == [  # type: ignore[attr-defined]
+        b"%04d" % i for i in range(10)]
+
+
+def test_publish_run_outcomes_match_single_publishes() -> None:
+    broker = Broker(max_message_size=100)
+    conn = Conn(broker)
+    conn.declare_queue("q")
+    conn.declare_exchange("d", "direct")
+    nack = conn.send(PublishRun(1, "nope", "k", {}, False, [b"a", b"b"]))
+    assert [(c.first_seq, c.last_seq, c.ack, c.code) for c in nack  # type: ignore[attr-defined]
+            ] == [(1, 1, False, 404), (2, 2, False, 404)]  # as for single publishes
+    out = conn.send(PublishRun(3, "d", "none", {}, True, [b"r1", b"r2"]))
+    assert out == [Return(3, 312, "no route", "d", "none", {}, b"r1"),
+                   Return(4, 312, "no route", "d", "none", {}, b"r2"),
+                   Confirm(3, 4, True, 0, "")]
+    big = conn.send(PublishRun(5, "", "q", {}, False, [b"ok", b"x" * 101, b"ok2"]))
+    assert [(c.first_seq, c.last_seq, c.ack, c.code) for c in big  # type: ignore[attr-defined]
+            ] == [(5, 5, True, 0), (6, 6, False, 413), (7, 7, True, 0)]
+    assert conn.send(PublishRun(0, "", "q", {}, False, [])) == []
+    assert ready_bodies(conn, "q") == [b"ok", b"ok2"]

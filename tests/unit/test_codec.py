@@ -95,7 +95,7 @@ def frame_len(data: bytes) -> int:
 def test_frames_json_covers_every_frame_type_once() -> None:
     codes = [v["code"] for v in FRAMES]
     assert sorted(codes) == sorted(g.FRAME_TYPES)
-    assert len(codes) == len(set(codes)) == 38
+    assert len(codes) == len(set(codes)) == 40
 
 
 @pytest.mark.parametrize("vec", FRAMES, ids=[v["type"] for v in FRAMES])
@@ -610,7 +610,7 @@ def open_server() -> Connection:
 
 def open_client() -> Connection:
     conn = Connection(Role.CLIENT)
-    assert conn.preamble() == b"CNVYMQ\x01\x00"
+    assert conn.preamble() == b"CNVYMQ\x01\x01"
     assert conn.state is State.AWAIT_HELLO
     hello = g.Hello("1.0", CAP, 10000, {"product": "conveyor"}, ["anonymous"])
     assert conn.receive_data(protocol.encode(hello)) == [hello]
