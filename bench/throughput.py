@@ -1117,6 +1117,26 @@ def write_plots(plot_dir: Path, results: list[tuple[dict[str, Any], dict[str, An
             plt.close(fig)
             print(f"plot: wrote {path}")
 
+    backends = sorted({res["backend"] for res, _ in results})
+    if len(backends) > 1:  # Conveyor beside RabbitMQ, scenario by scenario
+        names = list(by_scenario)
+        fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(names)), 4.5))
+        width = 0.8 / len(backends)
+        for i, backend in enumerate(backends):
+            rates = [next((r["e2e_rate"] for r, _ in by_scenario[n] if r["backend"] == backend),
+                          0) for n in names]
+            ax.bar([x + i * width for x in range(len(names))], rates, width, label=backend)
+        ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(names))],
+                      names, rotation=20)
+        ax.set_yscale("log")
+        ax.set_ylabel("end-to-end messages (deliveries) / s, log scale")
+        ax.set_title("Conveyor beside RabbitMQ (same bench, same machine)")
+        ax.legend()
+        path = plot_dir / "compare.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        print(f"plot: wrote {path}")
+
 
 # ---------------------------------------------------------------------------- main
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -67,6 +67,7 @@ class Broker:
         # Set by the transport (loop.call_soon): lets store callbacks trigger a pump.
         self.scheduler: Callable[[Callable[[], None]], Any] | None = None
         self._pump_handle: Any = None
+        self._turn_pumped = False  # pump_input ran a pump in this loop turn
         self.max_message_size = max_message_size
         # Publisher flow control (broker.flow); the transport sets it from its Config.
         self.flow = FlowControl(max_message_size=max_message_size)
@@ -686,6 +687,23 @@ class Broker:
             self.journal.append((op, queue.name, ids))
 
     # ------------------------------------------------------------------ pump
+    def pump_input(self) -> None:
+        """After a connection's input was handled: the first connection in a loop turn
+        is pumped at once (a lone client's round trip waits for nothing); later ones in
+        the same turn share one pump at its end, so many connections that each sent a
+        little (many confirmed publishers) cost one journal write, one dispatch and one
+        write per connection per turn instead of one each per connection."""
+        if self._turn_pumped and self.scheduler is not None:
+            self.pump_soon()
+            return
+        if self.scheduler is not None:
+            self._turn_pumped = True
+            self.scheduler(self._end_turn)
+        self.pump()
+
+    def _end_turn(self) -> None:
+        self._turn_pumped = False
+
     def pump_soon(self) -> None:
         """Run :meth:`pump` on the next loop turn (for events outside data_received)."""
         if self._pump_handle is None and self.scheduler is not None:

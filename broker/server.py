@@ -112,7 +112,7 @@ class BrokerProtocol(asyncio.Protocol):
         except Exception:
             log.exception("bug while serving %s", self.peer)
             self._fatal(InternalError("internal error; connection closed"))
-        self.broker.pump()
+        self.broker.pump_input()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.protocols.discard(self)
