@@ -391,7 +391,9 @@ class Session:
 
     def _enqueue_run(self, run: list[Message], targets: Any, first: int) -> None:
         self.published += len(run)
-        if targets:
+        if len(run) == 1:  # keys that change message by message: the plain path is cheaper
+            self.broker.enqueue(run[0], targets, self._now)
+        elif targets:
             self.broker.enqueue_many(run, targets, self._now)
         if first:
             last = first + len(run) - 1
@@ -484,19 +486,27 @@ class Session:
         no_ack = consumer.no_ack
         queue = consumer.queue
         self._next_tag = tag = first + len(batch) - 1
-        if not no_ack:
-            unacked = self.unacked
-            unacked.update(zip(range(first, tag + 1), [(qm, queue, consumer) for qm in batch],
-                               strict=True))
-        sizes = [qm.message.size for qm in batch]
-        run = self.runs and self._run_of(batch)
-        if run:
-            payload: Any = (first, run, [qm.message.body for qm in batch])
+        if len(batch) == 1:  # many queues with little each: no per-batch machinery
+            qm = batch[0]
+            m = qm.message
+            if not no_ack:
+                self.unacked[first] = (qm, queue, consumer)
+            sizes = [m.size]
+            payload: Any = [[first, qm.redelivered, m.exchange, m.routing_key, m.properties,
+                             m.body, qm.delivery_count]]
         else:
-            payload = [[t, qm.redelivered, m.exchange, m.routing_key, m.properties, m.body,
-                        qm.delivery_count]
-                       for t, qm, m in zip(range(first, tag + 1), batch,
-                                           [qm.message for qm in batch], strict=True)]
+            if not no_ack:
+                self.unacked.update(zip(range(first, tag + 1),
+                                        [(qm, queue, consumer) for qm in batch], strict=True))
+            sizes = [qm.message.size for qm in batch]
+            run = self.runs and self._run_of(batch)
+            if run:
+                payload = (first, run, [qm.message.body for qm in batch])
+            else:
+                payload = [[t, qm.redelivered, m.exchange, m.routing_key, m.properties, m.body,
+                            qm.delivery_count]
+                           for t, qm, m in zip(range(first, tag + 1), batch,
+                                               [qm.message for qm in batch], strict=True)]
         broker = self.broker
         broker.latency.observe_batch(batch, broker.now)  # pump's clock reading: no call here
         if no_ack:
