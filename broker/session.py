@@ -69,6 +69,7 @@ from protocol import (
     compress_frame,
     encode,
     encode_fields,
+    encode_run,
 )
 from protocol import Consume as ConsumeFrame
 
@@ -269,24 +270,9 @@ class Session:
                                                    list[bytes]], sizes: list[int]) -> None:
         """DELIVER_RUN frames that each fit the frame cap (the shared fields once each)."""
         first, (ex, rk, props), bodies = payload
-        out = self.out
-        start = len(out)
         budget = self.max_frame_size - ENTRY_OVERHEAD - (sizes[0] - len(bodies[0]))
-        if sum(map(len, bodies)) + 8 * len(bodies) <= budget:
-            out.append(encode_fields(_DELIVER_RUN, [tag, first, ex, rk, props, bodies]))
-        else:
-            chunk: list[bytes] = []
-            size = 0
-            for body in bodies:
-                if chunk and size + len(body) + 8 > budget:
-                    out.append(encode_fields(_DELIVER_RUN, [tag, first, ex, rk, props, chunk]))
-                    first += len(chunk)
-                    chunk, size = [], 0
-                chunk.append(body)
-                size += len(body) + 8
-            out.append(encode_fields(_DELIVER_RUN, [tag, first, ex, rk, props, chunk]))
-        if self.compress:
-            out[start:] = [compress_frame(f) for f in out[start:]]
+        frames = encode_run(_DELIVER_RUN, [tag, first, ex, rk, props], 1, bodies, budget)
+        self.out.extend([compress_frame(f) for f in frames] if self.compress else frames)
 
     # ------------------------------------------------------------------ publish
     def _on_publish(self, f: Publish) -> None:

@@ -34,6 +34,7 @@ from protocol import (
     PublishRun,
     compress_frame,
     encode_fields,
+    encode_run,
     error_for_code,
 )
 from protocol._checks import U64_MAX
@@ -516,25 +517,10 @@ class _PublishingMixin:
         """PUBLISH_RUN frames (1.1) for publishes that share exchange, routing key,
         properties and mandatory: the shared fields once, then the bodies."""
         ex, rk, props, mandatory = key
-        frame = encode_fields(_PUBLISH_RUN, [first, ex, rk, props, mandatory, bodies])
-        wbuf = self._wbuf
-        if len(frame) - 4 <= limit:
-            wbuf.append(compress_frame(frame) if compress else frame)
-            return
-        start = len(wbuf)
-        budget = limit - 4096 - (len(_packb(props["headers"])) if "headers" in props else 0)
-        chunk: list[bytes] = []
-        size = 0
-        for body in bodies:
-            if chunk and size + len(body) + 8 > budget:
-                wbuf.append(encode_fields(_PUBLISH_RUN, [first, ex, rk, props, mandatory, chunk]))
-                first += len(chunk)
-                chunk, size = [], 0
-            chunk.append(body)
-            size += len(body) + 8
-        wbuf.append(encode_fields(_PUBLISH_RUN, [first, ex, rk, props, mandatory, chunk]))
-        if compress:
-            wbuf[start:] = [compress_frame(f) for f in wbuf[start:]]
+        headers = len(_packb(props["headers"])) if "headers" in props else 0
+        frames = encode_run(_PUBLISH_RUN, [first, ex, rk, props, mandatory], 0, bodies,
+                            limit - 4096 - headers)
+        self._wbuf.extend([compress_frame(f) for f in frames] if compress else frames)
 
     def _on_return(self, seq: int) -> None:
         p = self._unconfirmed.get(seq)

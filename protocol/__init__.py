@@ -19,6 +19,7 @@ from protocol.codec import (
     encode,
     encode_fields,
     encode_many,
+    encode_run,
     inflate,
     parse_preamble,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "encode",
     "encode_fields",
     "encode_many",
+    "encode_run",
     "error_for_code",
     "inflate",
     "parse_preamble",

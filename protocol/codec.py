@@ -64,6 +64,7 @@ __all__ = [
     "encode",
     "encode_fields",
     "encode_many",
+    "encode_run",
     "inflate",
     "parse_preamble",
 ]
@@ -79,6 +80,29 @@ def encode_fields(ftype: int, fields: list[Any]) -> bytes:
     """Encode a frame straight from its field list (hot paths skip the frame object)."""
     body: bytes = _packb(fields)
     return _pack_header(len(body) + 1, ftype) + body
+
+
+def encode_run(ftype: int, fields: list[Any], first_at: int, bodies: list[bytes],
+               budget: int) -> list[bytes]:
+    """PUBLISH_RUN / DELIVER_RUN frames for ``bodies``: ``fields`` are the frame's fields
+    before the bodies, ``fields[first_at]`` the seq or tag of the first body. Bodies are
+    split so each frame's bodies take at most ``budget`` bytes (the caller leaves room for
+    the other fields); the seq/tag of each frame follows on from the one before."""
+    if sum(map(len, bodies)) + 8 * len(bodies) <= budget:
+        return [encode_fields(ftype, [*fields, bodies])]
+    out: list[bytes] = []
+    head = list(fields)
+    chunk: list[bytes] = []
+    size = 0
+    for body in bodies:
+        if chunk and size + len(body) + 8 > budget:
+            out.append(encode_fields(ftype, [*head, chunk]))
+            head[first_at] += len(chunk)
+            chunk, size = [], 0
+        chunk.append(body)
+        size += len(body) + 8
+    out.append(encode_fields(ftype, [*head, chunk]))
+    return out
 
 
 def compress_frame(frame: bytes) -> bytes:

@@ -14,7 +14,7 @@ from typing import Any
 
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
-from tests.conformance.wire import Conn, open_conn
+from tests.conformance.wire import Conn, declare, message_count, open_conn
 
 _names = itertools.count(1)
 BLOCKED_REASONS = {"", "rate", "memory", "disk", "queue-full"}
@@ -24,15 +24,6 @@ def qname(prefix: str) -> str:
     return f"{prefix}-{next(_names)}"
 
 
-def declare(c: Conn, rid: int, queue: str) -> None:
-    reply = c.request("queue_declare", rid, queue, False, False, False, False, {})
-    assert reply.kind == "queue_declare_ok", reply
-
-
-def message_count(c: Conn, rid: int, queue: str) -> int:
-    reply = c.request("queue_declare", rid, queue, False, False, False, True, {})
-    assert reply.kind == "queue_declare_ok", reply
-    return int(reply["message_count"])
 
 
 def settle(settled: dict[int, bool], f: wire.Frame) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
-from tests.conformance.wire import Conn, Frame, deliveries, open_conn
+from tests.conformance.wire import Conn, Frame, declare, deliveries, open_conn
 
 _names = itertools.count(1)
 
@@ -15,12 +15,6 @@ _names = itertools.count(1)
 def qname(prefix: str) -> str:
     return f"{prefix}-{next(_names)}"
 
-
-def declare(c: Conn, rid: int, queue: str) -> Frame:
-    """A non-durable, non-exclusive queue (so other connections may use it)."""
-    reply = c.request("queue_declare", rid, queue, False, False, False, False, {})
-    assert reply.kind == "queue_declare_ok", reply
-    return reply
 
 
 def publish_confirmed(c: Conn, queue: str, bodies: list[bytes], first_seq: int = 1) -> None:

@@ -19,7 +19,7 @@ import zstandard
 
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
-from tests.conformance.wire import Conn, Frame, deliveries, open_conn
+from tests.conformance.wire import Conn, Frame, declare, deliveries, message_count, open_conn
 
 _names = itertools.count(1)
 MAX_FRAMES = 200  # bound on the frames any one wait below reads
@@ -30,16 +30,6 @@ def qname(prefix: str) -> str:
     return f"run-{prefix}-{next(_names)}"
 
 
-def declare(c: Conn, rid: int, queue: str) -> None:
-    """A non-durable, non-exclusive queue (so other connections may use it)."""
-    reply = c.request("queue_declare", rid, queue, False, False, False, False, {})
-    assert reply.kind == "queue_declare_ok", reply
-
-
-def message_count(c: Conn, rid: int, queue: str) -> int:
-    reply = c.request("queue_declare", rid, queue, False, False, False, True, {})
-    assert reply.kind == "queue_declare_ok", reply
-    return int(reply["message_count"])
 
 
 def read_until_settled(c: Conn, first: int, last: int) -> tuple[dict[int, Frame], list[Frame]]:

@@ -506,6 +506,20 @@ def open_conn(port: int, timeout: float = 5.0, *auth: Any, minor: int = MINOR) -
     return c
 
 
+def declare(c: Conn, rid: int, queue: str) -> Frame:
+    """A non-durable, non-exclusive queue (so other connections may use it)."""
+    reply = c.request("queue_declare", rid, queue, False, False, False, False, {})
+    assert reply.kind == "queue_declare_ok", reply
+    return reply
+
+
+def message_count(c: Conn, rid: int, queue: str) -> int:
+    """Ready messages in ``queue`` (a passive declare)."""
+    reply = c.request("queue_declare", rid, queue, False, False, False, True, {})
+    assert reply.kind == "queue_declare_ok", reply
+    return int(reply["message_count"])
+
+
 def deliveries(frame: Frame) -> list[dict[str, Any]]:
     """DELIVER / DELIVER_BATCH / DELIVER_RUN -> list of delivery dicts (with consumer_tag)."""
     if frame.kind == "deliver":
