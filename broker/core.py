@@ -67,7 +67,7 @@ class Broker:
         # Set by the transport (loop.call_soon): lets store callbacks trigger a pump.
         self.scheduler: Callable[[Callable[[], None]], Any] | None = None
         self._pump_handle: Any = None
-        self._turn_pumped = False  # pump_input ran a pump in this loop turn
+        self._turn_pumps = 0  # pumps pump_input ran at once in this loop turn
         self.max_message_size = max_message_size
         # Publisher flow control (broker.flow); the transport sets it from its Config.
         self.flow = FlowControl(max_message_size=max_message_size)
@@ -688,21 +688,26 @@ class Broker:
 
     # ------------------------------------------------------------------ pump
     def pump_input(self) -> None:
-        """After a connection's input was handled: the first connection in a loop turn
-        is pumped at once (a lone client's round trip waits for nothing); later ones in
-        the same turn share one pump at its end, so many connections that each sent a
-        little (many confirmed publishers) cost one journal write, one dispatch and one
-        write per connection per turn instead of one each per connection."""
-        if self._turn_pumped and self.scheduler is not None:
+        """After a connection's input was handled. The first few connections in a loop
+        turn are pumped at once (a client's round trip, whose ack and next publish
+        usually arrive together, waits for nothing); the rest of a busy turn share one
+        pump at its end, so many connections that each sent a little (many confirmed
+        publishers) cost one journal write, one dispatch and one write per connection
+        per turn instead of one each per connection."""
+        if self.scheduler is None:
+            self.pump()
+            return
+        n = self._turn_pumps
+        if n >= PUMPS_PER_TURN:
             self.pump_soon()
             return
-        if self.scheduler is not None:
-            self._turn_pumped = True
+        if not n:
             self.scheduler(self._end_turn)
+        self._turn_pumps = n + 1
         self.pump()
 
     def _end_turn(self) -> None:
-        self._turn_pumped = False
+        self._turn_pumps = 0
 
     def pump_soon(self) -> None:
         """Run :meth:`pump` on the next loop turn (for events outside data_received)."""
@@ -811,6 +816,7 @@ _RELEASE, _EXPIRE, _SWEEP, _QUEUE_EXPIRY = 0, 1, 2, 3
 RETIRED_COUNTERS = ("published", "delivered", "acked", "redelivered", "dead_lettered",
                     "expired")
 SWEEP_MS = 100  # how often deliveries are checked against their ack deadline
+PUMPS_PER_TURN = 4  # connections pumped at once per loop turn (Broker.pump_input)
 
 
 def _wall_ms() -> int:
