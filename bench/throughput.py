@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, even without pip install -e
@@ -683,7 +683,7 @@ async def produce(conn: Conn, plan: Plan, seqs: range, *, batch: int, window: in
     try:
         for c in range(seqs.start, seqs.stop, chunk):
             end = min(c + chunk, seqs.stop)
-            fut = asyncio.gather(*[call(a, min(a + step, end)) for a in range(c, end, step)])
+            fut = _confirmed_all([call(a, min(a + step, end)) for a in range(c, end, step)])
             inflight.append((fut, end - c))
             stats.issued += end - c
             if len(inflight) >= 2:
@@ -698,6 +698,28 @@ async def produce(conn: Conn, plan: Plan, seqs: range, *, batch: int, window: in
         for f, _ in inflight:
             f.cancel()
             f.add_done_callback(_quiet)
+
+
+def _confirmed_all(aws: list[Awaitable[Any]]) -> asyncio.Future[Any]:
+    """One future for a chunk of publishes. Conveyor's ``publish_nowait`` futures settle
+    in publish order (confirms come in seq order), so the chunk is waited for through its
+    last future and then checked, instead of ``gather``'s bookkeeping per message, which
+    cost the bench about 1 us per message. Anything else (coroutines) goes to gather."""
+    if not all(map(asyncio.isfuture, aws)):
+        return asyncio.gather(*aws)
+    futs = cast("list[asyncio.Future[Any]]", aws)
+
+    async def wait() -> None:
+        await asyncio.wait([futs[-1]])
+        late = [f for f in futs if not f.done()]
+        if late:  # not expected (confirms are in order), but none is left unwaited
+            await asyncio.wait(late)
+        for f in futs:
+            exc = f.exception()  # raises CancelledError for a cancelled one
+            if exc is not None:
+                raise exc
+
+    return asyncio.ensure_future(wait())
 
 
 async def produce_lockstep(conn: Conn, plan: Plan, signal_: Signal, timeout: float,
