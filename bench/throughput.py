@@ -1100,6 +1100,12 @@ def write_plots(plot_dir: Path, results: list[tuple[dict[str, Any], dict[str, An
         print("plot: matplotlib is not installed, skipping plots (pip install matplotlib)")
         return
     plot_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(fig: Any, path: Path) -> None:
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        print(f"plot: wrote {path}")
+
     by_scenario: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
     for res, run in results:
         by_scenario.setdefault(res["scenario"], []).append((res, run))
@@ -1117,10 +1123,7 @@ def write_plots(plot_dir: Path, results: list[tuple[dict[str, Any], dict[str, An
         ax.set_ylabel("messages")
         ax.set_title(f"{scenario}: latency of the median run")
         ax.legend()
-        path = plot_dir / f"{scenario}-latency.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        print(f"plot: wrote {path}")
+        save(fig, plot_dir / f"{scenario}-latency.png")
         if scenario == "publishers":
             fig, ax = plt.subplots(figsize=(8, 4.5))
             for res, _ in items:
@@ -1134,10 +1137,7 @@ def write_plots(plot_dir: Path, results: list[tuple[dict[str, Any], dict[str, An
             ax.set_ylabel("messages / s")
             ax.set_title("publishers: rate vs concurrency")
             ax.legend()
-            path = plot_dir / "publishers-rate.png"
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(fig)
-            print(f"plot: wrote {path}")
+            save(fig, plot_dir / "publishers-rate.png")
 
     backends = sorted({res["backend"] for res, _ in results})
     if len(backends) > 1:  # Conveyor beside RabbitMQ, scenario by scenario
@@ -1154,10 +1154,7 @@ def write_plots(plot_dir: Path, results: list[tuple[dict[str, Any], dict[str, An
         ax.set_ylabel("end-to-end messages (deliveries) / s, log scale")
         ax.set_title("Conveyor beside RabbitMQ (same bench, same machine)")
         ax.legend()
-        path = plot_dir / "compare.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        print(f"plot: wrote {path}")
+        save(fig, plot_dir / "compare.png")
 
 
 # ---------------------------------------------------------------------------- main
