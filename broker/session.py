@@ -89,6 +89,13 @@ _DELIVER_RUN = DeliverRun.TYPE
 _CONFIRM = Confirm.TYPE
 
 
+def _empty(frame: str, field: str, first_seq: int) -> InvalidArgument:
+    """A batch or run without messages (the spec says at least one): 400, nothing
+    published, no sequence number used; the connection stays open."""
+    return InvalidArgument(f"{frame}: {field} is empty (at least one message)",
+                           {"frame": frame, "first_seq": first_seq})
+
+
 class Session:
     """State and frame handlers of one open connection."""
 
@@ -282,6 +289,8 @@ class Session:
     def _on_publish_batch(self, f: PublishBatch) -> None:
         seq = f.first_seq
         entries = f.entries
+        if not entries:
+            raise _empty("publish_batch", "entries", seq)
         check_seq_range(seq, len(entries))  # 501 if the seqs pass 2^64-1
         self.published_bytes += sum([len(e.body) for e in entries])
         broker = self.broker
@@ -299,9 +308,9 @@ class Session:
         """PUBLISH_RUN: the bodies share exchange, routing key, properties, mandatory."""
         seq = f.first_seq
         bodies = f.bodies
-        check_seq_range(seq, len(bodies), "publish_run")
         if not bodies:
-            return
+            raise _empty("publish_run", "bodies", seq)
+        check_seq_range(seq, len(bodies), "publish_run")
         self.published_bytes += sum(map(len, bodies))
         broker = self.broker
         props = f.properties

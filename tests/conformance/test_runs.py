@@ -383,3 +383,23 @@ def test_compressed_publish_run_and_deliveries(module_broker: BrokerProcess, min
         c.expect_silence(0.2)
         c.send_frame("ack", 8, True)
         assert message_count(c, 3, q) == 0
+
+
+# ---------------------------------------------------------------------- empty
+@pytest.mark.parametrize("frame", ["publish_run", "publish_batch"])
+def test_empty_run_or_batch_is_invalid_argument_and_uses_no_seq(
+        module_broker: BrokerProcess, frame: str) -> None:
+    """The spec says at least one message: an empty one is ERROR 400 (rid 0), not fatal;
+    nothing is published and the next publish still has seq 1."""
+    q = qname("empty")
+    with open_conn(module_broker.port) as c:
+        declare(c, 1, q)
+        if frame == "publish_run":
+            c.send_frame("publish_run", 1, "", q, PROPS, False, [])
+        else:
+            c.send_frame("publish_batch", 1, [])
+        err = c.expect("error", rid=0, code=wire.code("invalid-argument"))
+        assert "empty" in err["message"], err
+        c.send_frame("publish_run", 1, "", q, PROPS, False, [b"after"])
+        c.expect("confirm", first_seq=1, last_seq=1, ack=True)
+        assert message_count(c, 2, q) == 1

@@ -1197,5 +1197,14 @@ def test_publish_run_outcomes_match_single_publishes() -> None:
     big = conn.send(PublishRun(5, "", "q", {}, False, [b"ok", b"x" * 101, b"ok2"]))
     assert [(c.first_seq, c.last_seq, c.ack, c.code) for c in big  # type: ignore[attr-defined]
             ] == [(5, 5, True, 0), (6, 6, False, 413), (7, 7, True, 0)]
-    assert conn.send(PublishRun(0, "", "q", {}, False, [])) == []
     assert ready_bodies(conn, "q") == [b"ok", b"ok2"]
+
+
+def test_empty_batch_or_run_is_a_typed_error_and_uses_no_seq(conn: Conn) -> None:
+    conn.declare_queue("q")
+    for frame in (PublishBatch(5, []), PublishRun(5, "", "q", {}, False, [])):
+        (reply,) = conn.send(frame)
+        assert "empty" in assert_error(reply, 0, 400).message
+    # the connection goes on; seq 5 is still the next one
+    assert conn.send(Publish(5, "", "q", {}, b"m", False)) == [Confirm(5, 5, True, 0, "")]
+    assert ready_bodies(conn, "q") == [b"m"]
