@@ -322,12 +322,7 @@ class StreamConsumer(Consumer):
         return self
 
     async def __anext__(self) -> Message:
-        if not self._started:
-            await self.start()
-        if self.auto_commit:
-            self._commit_previous()
-        elif self._held:
-            self._trim_held()
+        await self._before_next()
         buf = self._buffer
         if not buf:
             await self._wait()
@@ -340,12 +335,7 @@ class StreamConsumer(Consumer):
         return msg
 
     async def _next_batch(self, max_messages: int | None) -> list[Message]:
-        if not self._started:
-            await self.start()
-        if self.auto_commit:
-            self._commit_previous()
-        elif self._held:
-            self._trim_held()
+        await self._before_next()
         msgs = await super()._next_batch(max_messages)
         if self.auto_commit:
             self._prev_batch = msgs
@@ -354,6 +344,16 @@ class StreamConsumer(Consumer):
         if msgs:
             self._last = msgs[-1]
         return msgs
+
+    async def _before_next(self) -> None:
+        """Start on first use; commit (auto_commit) or forget (manual) what the
+        application was handed before, since it asks for more."""
+        if not self._started:
+            await self.start()
+        if self.auto_commit:
+            self._commit_previous()
+        elif self._held:
+            self._trim_held()
 
     # ------------------------------------------------------------------ commits
     def _commit_previous(self) -> None:

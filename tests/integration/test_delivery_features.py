@@ -40,6 +40,20 @@ async def _dlq(conn: client.Connection, dlq: str = "dlq", exchange: str = "dlx")
     await conn.bind(exchange, dlq)
 
 
+async def _poison_nacked_twice(conn: client.Connection) -> client.Consumer:
+    """Queue "work" (delivery_limit 3, dead letters to "dlq"); one message delivered and
+    nacked twice (counts 1 and 2 checked). Returns the consumer, prefetch 1."""
+    await _dlq(conn)
+    await conn.declare_queue("work", delivery_limit=3, dead_letter_exchange="dlx")
+    await conn.publish("", "work", b"poison")
+    consumer = await conn.consume("work", prefetch=1)
+    for n in (1, 2):
+        (m,) = await take(consumer, 1)
+        assert m.delivery_count == n
+        m.nack()
+    return consumer
+
+
 async def _info(conn: client.Connection, queue: str) -> dict[str, Any]:
     q = await queue_info(conn, queue)
     assert q is not None, f"no queue {queue!r}"
@@ -159,14 +173,7 @@ async def test_delivery_limit_counts_ack_timeouts_and_lost_connections(
 async def test_delivery_count_survives_restart(broker: BrokerProcess, connect_to: Connect,
                                                how: str) -> None:
     conn = await connect_to()
-    await _dlq(conn)
-    await conn.declare_queue("work", delivery_limit=3, dead_letter_exchange="dlx")
-    await conn.publish("", "work", b"poison")
-    consumer = await conn.consume("work", prefetch=1)
-    for n in (1, 2):
-        (m,) = await take(consumer, 1)
-        assert m.delivery_count == n
-        m.nack()
+    consumer = await _poison_nacked_twice(conn)
     (m,) = await take(consumer, 1)  # the third delivery, held when the broker stops
     assert m.delivery_count == 3
     await consumer.cancel()
@@ -190,14 +197,7 @@ async def test_delivery_count_survives_restart(broker: BrokerProcess, connect_to
 async def test_delivery_limit_applies_across_restart(broker: BrokerProcess,
                                                      connect_to: Connect, how: str) -> None:
     conn = await connect_to()
-    await _dlq(conn)
-    await conn.declare_queue("work", delivery_limit=3, dead_letter_exchange="dlx")
-    await conn.publish("", "work", b"poison")
-    consumer = await conn.consume("work", prefetch=1)
-    for n in (1, 2):
-        (m,) = await take(consumer, 1)
-        assert m.delivery_count == n
-        m.nack()
+    consumer = await _poison_nacked_twice(conn)
     await consumer.cancel()
     await _barrier(conn)
     await _restart(broker, how, conn)
