@@ -49,6 +49,15 @@ async def read_stream(conn: client.Connection, name: str) -> list[bytes]:
     return out
 
 
+async def round_trip(conn: client.Connection, queue: str) -> None:
+    """N messages through a classic queue: every one back, in order."""
+    await conn.declare_queue(queue)
+    consumer = await conn.consume(queue, prefetch=2000)
+    await publish_all(conn, queue)
+    got = await take(consumer, N, ack=True)
+    assert [m.body for m in got] == [body(i) for i in range(N)]
+
+
 @pytest.fixture
 def wire_counts(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts COMPRESSED frames the client receives and sends."""
@@ -109,11 +118,7 @@ async def test_wire_compression_classic_queue_and_stream(
         assert conn.negotiated_compression == "zstd"
         assert conn._proto is not None and conn._proto.open_ok is not None
         assert conn._proto.open_ok.compression == "zstd"
-        await conn.declare_queue("wq")
-        consumer = await conn.consume("wq", prefetch=2000)
-        await publish_all(conn, "wq")
-        got = await take(consumer, N, ack=True)
-        assert [m.body for m in got] == [body(i) for i in range(N)]
+        await round_trip(conn, "wq")
         await conn.declare_queue("ws", queue_type="stream")
         await publish_all(conn, "ws")
         assert await read_stream(conn, "ws") == [body(i) for i in range(N)]
@@ -127,11 +132,7 @@ async def test_without_compression_no_compressed_frames(
     conn = await connect(broker.url)
     try:
         assert conn.negotiated_compression == ""
-        await conn.declare_queue("pq")
-        consumer = await conn.consume("pq", prefetch=2000)
-        await publish_all(conn, "pq")
-        got = await take(consumer, N, ack=True)
-        assert [m.body for m in got] == [body(i) for i in range(N)]
+        await round_trip(conn, "pq")
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
     assert wire_counts == {"received": 0, "sent": 0}
@@ -142,10 +143,6 @@ async def test_server_can_refuse_wire_compression(broker_factory: Any) -> None:
     conn = await connect(b.url, compression="zstd")
     try:
         assert conn.negotiated_compression == ""
-        await conn.declare_queue("nq")
-        consumer = await conn.consume("nq", prefetch=2000)
-        await publish_all(conn, "nq")
-        got = await take(consumer, N, ack=True)
-        assert [m.body for m in got] == [body(i) for i in range(N)]
+        await round_trip(conn, "nq")
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
