@@ -143,7 +143,10 @@ class Watermarks:
         self.disk_free_limit = disk_free_limit if data_dir else 0  # 0 = not checked
         self.data_dir = data_dir
         self.rss = 0
-        self.free: int | None = None
+        self.free: int | None = None  # last sample, less the bytes written since (debit)
+        # Non-empty (the error message) while free space is below disk_free_limit:
+        # publishes are then refused with 506, credit held by the client or not.
+        self.refusal = ""
         self._reason = ""
         self._sampled = -math.inf
 
@@ -158,6 +161,39 @@ class Watermarks:
         """Sample again at the next check (after a setting changed)."""
         self._sampled = -math.inf
 
+    def debit(self, nbytes: int) -> None:
+        """A write batch adds ``nbytes`` to the data directory (the log's and the
+        streams' append paths call this): count it against the last sample, so a fast
+        publisher is refused once the limit is crossed, not up to a second later, when
+        it may have written its whole credit window beyond it. Writing also keeps the
+        sample fresh (once a second), however much credit the publishers hold."""
+        if not self.disk_free_limit:
+            return
+        now = time.monotonic()
+        if now - self._sampled >= WATERMARK_INTERVAL:
+            self.reason(now)
+        free = self.free
+        if free is None:
+            return
+        self.free = free = free - nbytes
+        if free < self.disk_free_limit and not self.refusal:
+            self._refuse(free)
+            if not self._reason:
+                self._reason = "disk"
+                log.warning("disk watermark: about %d bytes free in %s < %d; publishers "
+                            "blocked", free, self.data_dir, self.disk_free_limit)
+
+    def refusing(self, now: float) -> str:
+        """The refusal while free space is below the limit, sampled again when due
+        (refused publishes call this: a publisher holding credit is the one that sees
+        the space come back)."""
+        self.reason(now)
+        return self.refusal
+
+    def _refuse(self, free: int) -> None:
+        self.refusal = (f"free space in the data directory is below disk_free_limit "
+                        f"({free} < {self.disk_free_limit} bytes); not stored, retry later")
+
     def _sample(self) -> str:
         was = self._reason
         reason = ""
@@ -165,10 +201,13 @@ class Watermarks:
             self.rss = process_rss()
             if self.rss > self.memory_high_watermark:
                 reason = "memory"
-        if not reason and self.disk_free_limit:
+        if self.disk_free_limit:
             self.free = disk_free(self.data_dir)
             if self.free is not None and self.free < self.disk_free_limit:
-                reason = "disk"
+                reason = reason or "disk"
+                self._refuse(self.free)
+            else:
+                self.refusal = ""
         if reason != was:
             if reason == "memory":
                 log.warning("memory watermark: resident %d bytes > %d; publishers blocked",

@@ -348,6 +348,8 @@ class WalStore:
         self._retry: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.bytes_since_snapshot = 0
+        # Told the bytes of each appended batch (the disk-free guard, broker.flow).
+        self.wrote: Callable[[int], None] | None = None
         self._seg_bytes = 0  # bytes appended to segment ``seg_index``
         self.closed = False
         # counters for operations and tests
@@ -375,6 +377,8 @@ class WalStore:
         self._pending.append((self.seg_index, data))
         self._seg_bytes += len(data)
         self.bytes_since_snapshot += len(data)
+        if self.wrote is not None:
+            self.wrote(len(data))
         self._schedule()
 
     def commit(self, callback: Callback) -> None:
