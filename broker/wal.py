@@ -600,6 +600,21 @@ def write_snapshot(wal_dir: Path, index: int, head: Any,
     files as the iterator reads them)."""
     final = wal_dir / snap_name(index)
     tmp = final.with_suffix(".tmp")
+    try:
+        size = _write_snapshot_tmp(tmp, head, entries)
+    except BaseException:
+        # Disk full (or any failure): the partial file would hold its space until the
+        # next start (recover() removes *.tmp) and make the disk fuller still.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    os.rename(tmp, final)
+    _fsync_dir(wal_dir)
+    return final, size
+
+
+def _write_snapshot_tmp(tmp: Path, head: Any, entries: Iterable[Any]) -> int:
+    """Write and fsync a snapshot's temp file; returns its size."""
     size = 0
     with open(tmp, "wb") as f:
         def put(rtype: int, obj: Any) -> None:
@@ -626,6 +641,4 @@ def write_snapshot(wal_dir: Path, index: int, head: Any,
         put(REC_SNAP_END, count)
         f.flush()
         os.fsync(f.fileno())
-    os.rename(tmp, final)
-    _fsync_dir(wal_dir)
-    return final, size
+    return size
