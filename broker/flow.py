@@ -16,14 +16,17 @@ blocked reason  when credit is withheld
                 the per-connection default) is empty: credit arrives as it refills
 ==============  =================================================================
 
-Publishers slow down; nothing is dropped and no connection is closed for it. A client
+Publishers slow down; nothing is dropped and no connection is closed for it. Below the
+disk limit publishes are also nacked (506): credit a client already holds would otherwise
+be written past it (:meth:`Watermarks.debit`). A client
 that publishes beyond its credit anyway is not disconnected either: the transport stops
 reading from it until the broker would grant credit again (``hold`` hook).
 
 Everything here is batch-shaped: the session counts publishes on its hot path (two
 integer additions per PUBLISH / PUBLISH_BATCH frame) and calls :meth:`PublisherFlow.after_batch`
 once per input batch; the token bucket is debited when credit is *granted*, never per
-message. Watermarks are sampled at most once a second (:class:`Watermarks`). A
+message. Watermarks are sampled at most once a second (:class:`Watermarks`); between
+samples the bytes of each write batch are counted against the last disk sample. A
 connection has at most one timer (refill or re-check), armed through the ``call_later``
 hook the transport hands to :meth:`PublisherFlow.open`.
 """
@@ -71,8 +74,9 @@ SETTINGS: tuple[tuple[str, str], ...] = (
      "Withhold publish credit while the broker's resident memory is above this many bytes; "
      "0 = 40% of physical memory or of a lower container (cgroup) limit [0]"),
     ("disk_free_limit",
-     "Withhold publish credit while the data directory's file system has less free space "
-     f"than this many bytes; 0 = off [{DEFAULT_DISK_FREE_LIMIT}]"),
+     "Withhold publish credit, and nack publishes with 506, while the data directory's "
+     "file system has less free space than this many bytes; 0 = off "
+     f"[{DEFAULT_DISK_FREE_LIMIT}]"),
 )
 
 

@@ -1,9 +1,10 @@
 """Write errors: publishers get a clear error, confirmed data stays intact, the broker
 resumes by itself once writes succeed again.
 
-The disk filling up is reproduced with a real write error: the broker's file-size limit
-(RLIMIT_FSIZE, set from outside with prlimit) makes its next log write fail with EFBIG,
-exactly the path ENOSPC takes.
+The first test reproduces a write error with the broker's file-size limit (RLIMIT_FSIZE,
+set from outside with prlimit: the next log write fails with EFBIG, the path ENOSPC
+takes). The others fill a real small file system (a loop-mounted ext4, tests/loopfs.py;
+skipped where mounting is not permitted) with a filler file and with a publisher.
 """
 
 from __future__ import annotations
