@@ -21,6 +21,7 @@ import pytest
 
 import client
 from tests.broker_process import BrokerProcess
+from tests.conformance import wire
 from tests.loopfs import fill, free_bytes, small_fs_or_skip
 
 
@@ -315,3 +316,33 @@ async def test_snapshot_on_a_full_disk_leaves_no_temp_file(
     b2 = fs_broker("--disk-free-limit", "0")
     present = await _present(b2, "queue", "snap")
     assert confirmed <= present and len(confirmed) == 12 * BATCH + 1
+
+
+async def test_failed_stream_append_nacks_no_later_publish(
+        small_fs: Path, fs_broker: Callable[..., BrokerProcess]) -> None:
+    """An append that no publisher waits for (an unconfirmed publish, seq 0) fails on the
+    full disk: its error must not be handed to the next confirmed publish once space is
+    back (streams write at once: the very first one is confirmed)."""
+    b = fs_broker("--disk-free-limit", "0")
+    conn = await client.connect(b.url, reconnect=False, timeout=10)
+    confirmed: set[str] = set()
+    try:
+        await _declare(conn, "stream", "s")
+        assert await _round(conn, "s", ["first"], confirmed) == 0
+        fill(small_fs / "filler")
+        assert await _round(conn, "s", [f"full-{n}" for n in range(BATCH)], confirmed) == BATCH
+        fill(small_fs / "filler")  # what the cut-back failed writes released
+        failures = b.log_text().count("append failed")
+        with wire.open_conn(b.port) as raw:
+            raw.send(wire.encode("publish", 0, "", "s", {}, b"u" * (256 << 10)))
+            deadline = time.monotonic() + 10
+            while b.log_text().count("append failed") == failures:
+                assert time.monotonic() < deadline, "the unconfirmed append did not fail"
+                await asyncio.sleep(0.01)
+        (small_fs / "filler").unlink()
+        assert await _round(conn, "s", ["after"], confirmed) == 0, "a stale error nacked it"
+    finally:
+        await conn.close()
+    b.kill()
+    present = await _present(fs_broker("--disk-free-limit", "0"), "stream", "s")
+    assert present == {"first", "after"} == confirmed
