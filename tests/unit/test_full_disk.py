@@ -1,6 +1,7 @@
-"""The write path on a full disk, below the broker: the disk-free guard's accounting and
-a stream segment roll that cannot create its file (a real small ext4, tests/loopfs.py;
-the broker-level behaviour is tests/integration/test_disk_full.py)."""
+"""The write path on a full disk, below the broker: the disk-free guard's accounting, a
+stream segment roll that cannot create its file, the groups file's temp copy (a real
+small ext4, tests/loopfs.py; the broker-level behaviour is
+tests/integration/test_disk_full.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from broker.flow import WATERMARK_INTERVAL, Watermarks, disk_free
+from broker.stream import _write_atomic
 from broker.stream_store import StreamLog
-from tests.loopfs import small_fs_or_skip
+from tests.loopfs import fill, small_fs_or_skip
 
 
 def test_guard_counts_written_bytes_against_the_last_sample(tmp_path: Path) -> None:
@@ -72,3 +74,18 @@ def test_segment_roll_failing_with_enospc_leaves_the_log_usable(tmp_path: Path) 
         slog_entries = again.read(0, 10)
         again.close()
         assert [(e[0], e[5][:1]) for e in slog_entries] == [(0, b"A"), (1, b"C")]
+
+
+def test_groups_file_write_on_a_full_disk_leaves_no_temp_copy(tmp_path: Path) -> None:
+    """The consumer-group offsets are replaced atomically through ``groups.tmp``: when
+    the disk is full, the partial copy is removed and the old file stays as it was."""
+    with small_fs_or_skip(tmp_path, size=16 << 20) as mnt:
+        path = mnt / "groups"
+        _write_atomic(path, b"old")
+        fill(mnt / "filler")
+        with pytest.raises(OSError) as info:
+            _write_atomic(path, b"x" * (1 << 20))
+        assert info.value.errno == errno.ENOSPC
+        assert sorted(p.name for p in mnt.iterdir() if p.name != "lost+found") == [
+            "filler", "groups"]
+        assert path.read_bytes() == b"old"
