@@ -18,9 +18,9 @@ blocked reason  when credit is withheld
 
 Publishers slow down; nothing is dropped and no connection is closed for it. Below the
 disk limit publishes are also nacked (506): credit a client already holds would otherwise
-be written past it (:meth:`Watermarks.debit`). A client
-that publishes beyond its credit anyway is not disconnected either: the transport stops
-reading from it until the broker would grant credit again (``hold`` hook).
+be written past it (:meth:`Watermarks.debit`). A client that publishes beyond its credit
+anyway is not disconnected either: the transport stops reading from it until the broker
+would grant credit again (``hold`` hook).
 
 Everything here is batch-shaped: the session counts publishes on its hot path (two
 integer additions per PUBLISH / PUBLISH_BATCH frame) and calls :meth:`PublisherFlow.after_batch`
