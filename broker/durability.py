@@ -132,11 +132,18 @@ class Durability:
         try:
             t0 = time.monotonic()
             self.broker.flush_journal()
+            uncovered = self.store.bytes_since_snapshot
             index = self.store.rotate()  # records from now on go to the new segment
             head, messages = snapshot_state(self.broker)
             loop = asyncio.get_running_loop()
-            path, size = await loop.run_in_executor(None, write_snapshot, self.wal_dir, index,
-                                                    head, snapshot_entries(messages))
+            try:
+                path, size = await loop.run_in_executor(None, write_snapshot, self.wal_dir,
+                                                        index, head, snapshot_entries(messages))
+            except OSError:
+                # Nothing is covered yet: keep the count, so the snapshot stays due and is
+                # retried (disk full) instead of waiting for as much log again.
+                self.store.bytes_since_snapshot += uncovered
+                raise
             del messages
             deleted = self.store.delete_segments_before(index)
             self._last_snapshot_size = size

@@ -16,14 +16,17 @@ blocked reason  when credit is withheld
                 the per-connection default) is empty: credit arrives as it refills
 ==============  =================================================================
 
-Publishers slow down; nothing is dropped and no connection is closed for it. A client
-that publishes beyond its credit anyway is not disconnected either: the transport stops
-reading from it until the broker would grant credit again (``hold`` hook).
+Publishers slow down; nothing is dropped and no connection is closed for it. Below the
+disk limit publishes are also nacked (506): credit a client already holds would otherwise
+be written past it (:meth:`Watermarks.debit`). A client that publishes beyond its credit
+anyway is not disconnected either: the transport stops reading from it until the broker
+would grant credit again (``hold`` hook).
 
 Everything here is batch-shaped: the session counts publishes on its hot path (two
 integer additions per PUBLISH / PUBLISH_BATCH frame) and calls :meth:`PublisherFlow.after_batch`
 once per input batch; the token bucket is debited when credit is *granted*, never per
-message. Watermarks are sampled at most once a second (:class:`Watermarks`). A
+message. Watermarks are sampled at most once a second (:class:`Watermarks`); between
+samples the bytes of each write batch are counted against the last disk sample. A
 connection has at most one timer (refill or re-check), armed through the ``call_later``
 hook the transport hands to :meth:`PublisherFlow.open`.
 """
@@ -71,8 +74,9 @@ SETTINGS: tuple[tuple[str, str], ...] = (
      "Withhold publish credit while the broker's resident memory is above this many bytes; "
      "0 = 40% of physical memory or of a lower container (cgroup) limit [0]"),
     ("disk_free_limit",
-     "Withhold publish credit while the data directory's file system has less free space "
-     f"than this many bytes; 0 = off [{DEFAULT_DISK_FREE_LIMIT}]"),
+     "Withhold publish credit, and nack publishes with 506, while the data directory's "
+     "file system has less free space than this many bytes; 0 = off "
+     f"[{DEFAULT_DISK_FREE_LIMIT}]"),
 )
 
 
@@ -143,7 +147,10 @@ class Watermarks:
         self.disk_free_limit = disk_free_limit if data_dir else 0  # 0 = not checked
         self.data_dir = data_dir
         self.rss = 0
-        self.free: int | None = None
+        self.free: int | None = None  # last sample, less the bytes written since (debit)
+        # Non-empty (the error message) while free space is below disk_free_limit:
+        # publishes are then refused with 506, credit held by the client or not.
+        self.refusal = ""
         self._reason = ""
         self._sampled = -math.inf
 
@@ -158,6 +165,39 @@ class Watermarks:
         """Sample again at the next check (after a setting changed)."""
         self._sampled = -math.inf
 
+    def debit(self, nbytes: int) -> None:
+        """A write batch adds ``nbytes`` to the data directory (the log's and the
+        streams' append paths call this): count it against the last sample, so a fast
+        publisher is refused once the limit is crossed, not up to a second later, when
+        it may have written its whole credit window beyond it. Writing also keeps the
+        sample fresh (once a second), however much credit the publishers hold."""
+        if not self.disk_free_limit:
+            return
+        now = time.monotonic()
+        if now - self._sampled >= WATERMARK_INTERVAL:
+            self.reason(now)
+        free = self.free
+        if free is None:
+            return
+        self.free = free = free - nbytes
+        if free < self.disk_free_limit and not self.refusal:
+            self._refuse(free)
+            if not self._reason:
+                self._reason = "disk"
+                log.warning("disk watermark: about %d bytes free in %s < %d; publishers "
+                            "blocked", free, self.data_dir, self.disk_free_limit)
+
+    def refusing(self, now: float) -> str:
+        """The refusal while free space is below the limit, sampled again when due
+        (refused publishes call this: a publisher holding credit is the one that sees
+        the space come back)."""
+        self.reason(now)
+        return self.refusal
+
+    def _refuse(self, free: int) -> None:
+        self.refusal = (f"free space in the data directory is below disk_free_limit "
+                        f"({free} < {self.disk_free_limit} bytes); not stored, retry later")
+
     def _sample(self) -> str:
         was = self._reason
         reason = ""
@@ -165,10 +205,13 @@ class Watermarks:
             self.rss = process_rss()
             if self.rss > self.memory_high_watermark:
                 reason = "memory"
-        if not reason and self.disk_free_limit:
+        if self.disk_free_limit:
             self.free = disk_free(self.data_dir)
             if self.free is not None and self.free < self.disk_free_limit:
-                reason = "disk"
+                reason = reason or "disk"
+                self._refuse(self.free)
+            else:
+                self.refusal = ""
         if reason != was:
             if reason == "memory":
                 log.warning("memory watermark: resident %d bytes > %d; publishers blocked",

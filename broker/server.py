@@ -24,6 +24,7 @@ from broker.flow import FlowControl
 from broker.limits import ConnectionCounter, Limits
 from broker.session import Session
 from broker.tls import server_context
+from broker.wal import WalStore
 from protocol import (
     Auth,
     AuthenticationFailed,
@@ -350,12 +351,23 @@ class BrokerServer:
         self.broker = broker or Broker(max_message_size=config.effective_max_message_size())
         self.broker.limits = Limits.from_config(config)
         self.broker.flow = FlowControl.from_config(config)
+        self._guard_writes()
         self.connections = ConnectionCounter()  # open connections, total and per subject
         self.protocols: set[BrokerProtocol] = set()
         self.auth = Authenticator(config)  # AUTH policy; its key is loaded by start()
         self._server: asyncio.Server | None = None  # plain TCP (config.plain)
         self._tls_server: asyncio.Server | None = None  # config.tls_cert + tls_key
         self._timer: asyncio.TimerHandle | None = None
+
+    def _guard_writes(self) -> None:
+        """Let the disk-free guard count every batch the log and the streams write."""
+        wm = self.broker.flow.watermarks
+        if wm is None or not wm.disk_free_limit:
+            return
+        self.broker.streams.wrote = wm.debit
+        store = self.broker.store
+        if isinstance(store, WalStore):
+            store.wrote = wm.debit
 
     @property
     def port(self) -> int:

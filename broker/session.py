@@ -96,6 +96,13 @@ def _empty(frame: str, field: str, first_seq: int) -> InvalidArgument:
                            {"frame": frame, "first_seq": first_seq})
 
 
+def _disk_refusal(broker: Broker) -> bool:
+    """Free space is below the disk-free guard: publishes take the per-message path,
+    which nacks them (506)."""
+    wm = broker.flow.watermarks
+    return wm is not None and bool(wm.refusal)
+
+
 class Session:
     """State and frame handlers of one open connection."""
 
@@ -295,7 +302,7 @@ class Session:
         self.published_bytes += sum([len(e.body) for e in entries])
         broker = self.broker
         if (self.principal.permissions is None and not broker.limited
-                and broker.store.failed is None):
+                and broker.store.failed is None and not _disk_refusal(broker)):
             self._publish_run(seq, entries)
             return
         publish = self._publish
@@ -317,7 +324,8 @@ class Session:
         ex, rk, mandatory = f.exchange, f.routing_key, f.mandatory
         targets: Any = None
         if (self.principal.permissions is None and not broker.limited
-                and broker.store.failed is None and "headers" not in props
+                and broker.store.failed is None and not _disk_refusal(broker)
+                and "headers" not in props
                 and max(map(len, bodies)) <= broker.max_message_size):
             try:
                 targets = broker.route(ex, rk)
@@ -409,6 +417,9 @@ class Session:
             failed = broker.store.failed
             if failed is not None:
                 raise ResourceError(f"the broker cannot write its log ({failed}); retry later")
+            wm = broker.flow.watermarks
+            if wm is not None and wm.refusal and wm.refusing(self.flow.clock()):
+                raise ResourceError(wm.refusal, {"reason": "disk"})
             size = publish_size(broker.limits, properties, body)  # max_headers, header bytes
             if size > broker.max_message_size:
                 raise MessageTooLarge(

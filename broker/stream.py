@@ -245,19 +245,41 @@ class Stream(Queue):
             return
         self._pending = []
         segments = len(self.log.segments)
+        head = self.log.head
+        written = self.log.written
         try:
             self.log.append(items)
         except OSError as exc:
+            stored = self.log.head - head  # records of the batch written before the failure
             log.error("stream %r: append failed (%s); %d messages not stored", self.name,
-                      exc, len(items))
-            self.log.failed = exc  # the next commit (these publishers' confirms) fails
-            self.published -= len(items)
+                      exc, len(items) - stored)
+            self._failed(exc)
+            self.published -= len(items) - stored
+            self.owner.unsynced.add(self)
+            self.owner.wrote(self.log.written - written)
+            if stored and self.consumers:
+                self.owner.wake(self)
             return
         self.owner.unsynced.add(self)
+        self.owner.wrote(self.log.written - written)
         if len(self.log.segments) != segments:
             self.retain(self.owner.clock())
         if self.consumers:
             self.owner.wake(self)
+
+    def _failed(self, exc: OSError) -> None:
+        """An append failed: the next commit, the one the publishes of this append wait
+        for (a session commits right after its flush, in the same loop turn), gets the
+        error and nacks them. A failure no commit took in that turn (unconfirmed
+        publishes, dead-lettering) is forgotten on the next turn: it must not nack a
+        later, stored publish."""
+        self.log.failed = exc
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_soon(self._forget, exc)
+
+    def _forget(self, exc: OSError) -> None:
+        if self.log.failed is exc:
+            self.log.failed = None
 
     def retain(self, now: int) -> None:
         o = self.opts
@@ -503,16 +525,24 @@ class Stream(Queue):
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a partial copy
+        raise
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _ignore(_n: int) -> None:
+    pass
 
 
 class Streams:
@@ -529,6 +559,8 @@ class Streams:
         self.all: dict[str, Stream] = {}
         self.pending: set[Stream] = set()  # appends buffered, not yet written
         self.unsynced: set[Stream] = set()  # written, maybe not yet fsynced
+        # Told the bytes of each append batch (the disk-free guard, broker.flow.Watermarks).
+        self.wrote: Callable[[int], None] = _ignore
         self._last_retention = 0
 
     def configure(self, directory: Path, fsync: str, interval_ms: int) -> None:

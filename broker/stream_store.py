@@ -336,14 +336,28 @@ class StreamLog:
             self._arm_interval()
 
     def _roll(self, first: int) -> Segment:
-        if self._fd >= 0:
-            self._retired.append(self._fd)
-            os.close(self._idx_fd)
         seg = Segment(self.dir / seg_file(first), first)
         if self.segments:
             seg.last_ts = self.segments[-1].last_ts
-        self._open_active(seg)
-        _fsync_dir(self.dir)
+        old_fd, old_idx = self._fd, self._idx_fd
+        try:
+            self._open_active(seg)
+            _fsync_dir(self.dir)
+        except OSError:
+            # Disk full (or another error) creating the segment: stay on the old one, as
+            # if the roll had not started; the append fails and the next one rolls again.
+            for fd in (self._fd, self._idx_fd):
+                if fd not in (old_fd, old_idx):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._fd, self._idx_fd = old_fd, old_idx
+            seg.path.unlink(missing_ok=True)
+            seg.idx_path.unlink(missing_ok=True)
+            raise
+        if old_fd >= 0:
+            self._retired.append(old_fd)
+            with contextlib.suppress(OSError):
+                os.close(old_idx)
         self.segments.append(seg)
         self._firsts.append(first)
         if self.fsync == "never":

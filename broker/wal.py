@@ -348,6 +348,8 @@ class WalStore:
         self._retry: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.bytes_since_snapshot = 0
+        # Told the bytes of each appended batch (the disk-free guard, broker.flow).
+        self.wrote: Callable[[int], None] | None = None
         self._seg_bytes = 0  # bytes appended to segment ``seg_index``
         self.closed = False
         # counters for operations and tests
@@ -375,6 +377,8 @@ class WalStore:
         self._pending.append((self.seg_index, data))
         self._seg_bytes += len(data)
         self.bytes_since_snapshot += len(data)
+        if self.wrote is not None:
+            self.wrote(len(data))
         self._schedule()
 
     def commit(self, callback: Callback) -> None:
@@ -596,6 +600,21 @@ def write_snapshot(wal_dir: Path, index: int, head: Any,
     files as the iterator reads them)."""
     final = wal_dir / snap_name(index)
     tmp = final.with_suffix(".tmp")
+    try:
+        size = _write_snapshot_tmp(tmp, head, entries)
+    except BaseException:
+        # Disk full (or any failure): the partial file would hold its space until the
+        # next start (recover() removes *.tmp) and make the disk fuller still.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    os.rename(tmp, final)
+    _fsync_dir(wal_dir)
+    return final, size
+
+
+def _write_snapshot_tmp(tmp: Path, head: Any, entries: Iterable[Any]) -> int:
+    """Write and fsync a snapshot's temp file; returns its size."""
     size = 0
     with open(tmp, "wb") as f:
         def put(rtype: int, obj: Any) -> None:
@@ -622,6 +641,4 @@ def write_snapshot(wal_dir: Path, index: int, head: Any,
         put(REC_SNAP_END, count)
         f.flush()
         os.fsync(f.fileno())
-    os.rename(tmp, final)
-    _fsync_dir(wal_dir)
-    return final, size
+    return size
