@@ -66,10 +66,13 @@ Callback = Callable[[BaseException | None], None]
 class CorruptLog(Exception):
     """Damage in the middle of the log: startup refuses unless --repair is given."""
 
-    def __init__(self, path: Path, offset: int, why: str) -> None:
+    def __init__(self, path: Path, offset: int, why: str,
+                 hint: str = "start with --repair to replay every valid record and set the "
+                             "damaged file aside") -> None:
         super().__init__(f"{path}: damaged record at byte offset {offset}: {why}")
         self.path = path
         self.offset = offset
+        self.hint = hint  # what the operator can do ("" when --repair cannot help)
 
 
 def frame_record(payload: bytes, rtype: int = REC_COMMANDS) -> bytes:
@@ -339,6 +342,14 @@ def _read_v1(path: Path) -> tuple[Any, Iterator[list[Any]]]:
     return head, iter(head.pop("messages", []))
 
 
+def verify_snapshot(path: Path) -> int:
+    """Read a snapshot just written back from disk, every record and entry (ValueError if
+    it does not check out); returns its entry count. Older snapshots are deleted only
+    once a newer one passed this."""
+    _head, entries = iter_snapshot(path)
+    return sum(1 for _ in entries)
+
+
 def read_snapshot(path: Path) -> Any:
     """Decode a whole snapshot: its head, with the entries (if any) under "entries"."""
     head, entries = iter_snapshot(path)
@@ -402,7 +413,7 @@ def salvage_snapshot(path: Path) -> tuple[Any, list[list[Any]], list[Damage]]:
     if head is None:
         at = damage[0].offset if damage else 0
         raise CorruptLog(path, at, "the snapshot's head record (topology and queue "
-                         "indexes) is damaged: it cannot be rebuilt, even with --repair; "
+                         "indexes) is damaged: it cannot be rebuilt, even with --repair",
                          "restore the data directory from a backup")
     return head, entries, damage
 

@@ -144,8 +144,8 @@ def server(host: str | None, port: int | None, data_dir: str | None, config_path
     try:
         run(cfg)
     except CorruptLog as exc:
-        click.echo(f"mq-cli: refusing to start: {exc}. Nothing was changed; start with "
-                   "--repair to replay up to the damage and set the segment aside.", err=True)
+        click.echo(f"mq-cli: refusing to start: {exc}. Nothing was changed; {exc.hint}.",
+                   err=True)
         sys.exit(1)
     except DataDirLocked as exc:
         click.echo(f"mq-cli: {exc}", err=True)

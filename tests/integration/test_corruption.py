@@ -7,6 +7,7 @@ everything; acks made durable by a later confirmed publish stay acked after kill
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import msgpack
 import pytest
 
 import client
-from broker.wal import HEADER_SIZE, frame_record, iter_segment
+from broker.wal import HEADER, HEADER_SIZE, frame_record, iter_segment
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, take
 
@@ -278,3 +279,124 @@ async def test_acks_followed_by_a_confirmed_publish_survive_kill9(
         await conn2.close()
     finally:
         b2.stop()
+
+
+# --------------------------------------------------------------------------- damage rules
+
+
+def refused_start(data_dir: Path, *extra: str) -> str:
+    """Start a broker that must refuse; returns the log text of that attempt."""
+    b = BrokerProcess(data_dir, *extra)
+    offset = len(b.log_text())
+    with pytest.raises(RuntimeError, match="broker did not start"):
+        b.start()
+    assert b.proc is not None and b.proc.returncode not in (0, None)
+    return b.log_text()[offset:]
+
+
+async def test_flipped_length_byte_mid_newest_segment_refuses_then_repair_keeps_all(
+        broker_factory: Callable[..., BrokerProcess]) -> None:
+    """The damaged record looks like one running past the end of the file, but valid
+    records follow it: refuse (naming file and offset) instead of truncating 90 confirmed
+    messages away; --repair keeps the record, whose content is intact."""
+    b = broker_factory()
+    await publish_confirmed(b)  # 6 batches of 20: 120 confirmed messages
+    b.kill()
+    (seg,) = segments(b.data_dir)
+    records = list(iter_segment(seg, last=True))
+    victim = [i for i, (_o, cmds) in enumerate(records) if published_in(cmds)][1]
+    off = records[victim][0]
+    data = bytearray(seg.read_bytes())
+    data[off + 1] ^= 0x01  # length + 65536: past the end of the file
+    seg.write_bytes(bytes(data))
+    damaged = wal_files(b.data_dir)
+
+    log = refused_start(b.data_dir)
+    assert "refusing to start" in log and "--repair" in log, log
+    assert f"{seg}: damaged record at byte offset {off}" in log, log
+    assert "valid records follow" in log, log
+    assert wal_files(b.data_dir) == damaged  # nothing cut
+
+    b3, log3 = restart(b.data_dir, "--repair")
+    try:
+        assert "length field was wrong" in log3 and "dropped 0 damaged" in log3, log3
+        assert await queue_bodies(b3, "q") == ALL
+    finally:
+        b3.stop()
+    assert seg.with_suffix(".corrupt").read_bytes() == damaged[seg.name]
+
+
+NOT_A_RECORD = {
+    "random-garbage": random.Random(5).randbytes(3000),
+    "zeros": bytes(65536),
+    "impossible-length": HEADER.pack(0xFFFFFF00, 12345, 1) + b"\x01" * 40,
+}
+
+
+@pytest.mark.parametrize("tail", NOT_A_RECORD.values(), ids=NOT_A_RECORD.keys())
+async def test_bytes_that_are_no_record_after_the_last_one_are_cut_and_kept(
+        broker_factory: Callable[..., BrokerProcess], tail: bytes) -> None:
+    """A power loss can leave anything after the last record: the broker starts by
+    itself, cuts it off and keeps the cut bytes in a *.torn file."""
+    b = broker_factory()
+    await publish_confirmed(b)
+    b.kill()
+    seg = segments(b.data_dir)[-1]
+    good = seg.stat().st_size
+    with open(seg, "ab") as f:
+        f.write(tail)
+    b2, log = restart(b.data_dir)
+    try:
+        torn = b.data_dir / "wal" / f"{seg.name}.{good}.torn"
+        assert f"torn tail at byte {good}" in log and torn.name in log, log
+        assert torn.read_bytes() == tail
+        assert seg.stat().st_size == good
+        assert await queue_bodies(b2) == ALL
+    finally:
+        b2.stop()
+
+
+def snapshot_lines(b: BrokerProcess) -> int:
+    return b.log_text().count("verified;")
+
+
+async def test_damaged_newest_snapshot_falls_back_to_the_previous_one(
+        broker_factory: Callable[..., BrokerProcess], tmp_path: Path) -> None:
+    cfg = tmp_path / "snap.toml"
+    cfg.write_text("snapshot_interval_ms = 100\n")
+    b = broker_factory("--config", str(cfg))
+    conn = await connect(b.url)
+    try:
+        await conn.declare_queue("q")
+        for k in range(N_BATCHES):
+            # each batch in its own snapshot generation
+            assert await conn.publish_batch(bodies_for(k), routing_key="q") == PER_BATCH
+            before = snapshot_lines(b)
+            deadline = time.monotonic() + WAIT
+            while snapshot_lines(b) == before and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert snapshot_lines(b) > before, b.log_text()[-2000:]
+    finally:
+        await asyncio.wait_for(conn.close(), WAIT)
+    b.kill()
+    wal = b.data_dir / "wal"
+    snaps = sorted(wal.glob("snap-*.snap"))
+    assert len(snaps) == 2  # the newest and the previous one, with the log after it
+    newest = snaps[-1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    newest.write_bytes(bytes(data))
+
+    b2, log = restart(b.data_dir)
+    try:
+        assert f"snapshot {newest.name} is damaged" in log, log
+        assert f"recovered automatically from the previous snapshot {snaps[0].name}" in log
+        assert newest.with_suffix(".corrupt").read_bytes() == bytes(data)  # kept aside
+        assert await queue_bodies(b2) == ALL
+    finally:
+        b2.stop()
+    b3, log3 = restart(b.data_dir)
+    try:
+        assert " is damaged" not in log3 and "torn tail" not in log3, log3
+    finally:
+        b3.stop()

@@ -866,3 +866,118 @@ async def test_segments_rotate_by_size_and_recover_in_order(tmp_path: Path, fsyn
     assert rec.records == [] and rec.batches == 200
     assert [b[0][1] for b in streamed] == list(range(1, 201))
     assert rec.next_segment == len(segs) + 1
+
+
+# --------------------------------------------------------------------------- snapshot generations
+
+
+def pub(i: int) -> list[list[Any]]:
+    return [["p", i, ["q"], "", "q", {}, f"m{i}".encode()]]
+
+
+def queue_log(wal_dir: Path, ids: list[int]) -> None:
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    (wal_dir / seg_name(1)).write_bytes(b"".join(
+        frame_record(msgpack.packb(b, use_bin_type=True))
+        for b in ([["qd", "q", False, {}]], *(pub(i) for i in ids))))
+
+
+def open_bodies(data_dir: Path, repair: bool = False) -> list[bytes]:
+    d = Durability(Config(data_dir=str(data_dir), repair=repair))
+    try:
+        broker = d.open()
+        return [qm.message.body for qm in broker.queues["q"].iter_messages()]
+    finally:
+        d.close()
+
+
+async def test_snapshots_keep_the_previous_generation(tmp_path: Path) -> None:
+    wal_dir = tmp_path / "wal"
+    queue_log(wal_dir, [1, 2, 3])
+    d = Durability(Config(data_dir=str(tmp_path)))
+    d.open()
+    try:
+        first = await d.snapshot()
+        assert (wal_dir / seg_name(1)).exists()  # no previous snapshot: the whole log stays
+        second = await d.snapshot()
+        # the first snapshot (and the log after it) stays until a newer one is verified
+        assert sorted(wal_dir.glob("snap-*.snap")) == [first, second]
+        assert not (wal_dir / seg_name(1)).exists()
+        third = await d.snapshot()
+        assert sorted(wal_dir.glob("snap-*.snap")) == [second, third]
+    finally:
+        d.close()
+    flip(third, third.stat().st_size // 2)
+    assert open_bodies(tmp_path) == [b"m1", b"m2", b"m3"]
+    assert third.with_suffix(".corrupt").exists() and not third.exists()
+
+
+async def test_a_snapshot_that_does_not_read_back_deletes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wal_dir = tmp_path / "wal"
+    queue_log(wal_dir, [1, 2])
+    d = Durability(Config(data_dir=str(tmp_path)))
+    d.open()
+    try:
+        first = await d.snapshot()
+        second = await d.snapshot()
+        real = wal.write_snapshot
+
+        def bad_write(*args: Any) -> tuple[Path, int]:
+            path, size = real(*args)
+            flip(path, size - 3)  # the disk returned something else than was written
+            return path, size
+
+        monkeypatch.setattr("broker.durability.write_snapshot", bad_write)
+        with pytest.raises(OSError, match="did not read back"):
+            await d.snapshot()
+        assert sorted(wal_dir.glob("snap-*.snap")) == [first, second]
+        assert len(list(wal_dir.glob("snap-*.corrupt"))) == 1
+    finally:
+        d.close()
+    assert open_bodies(tmp_path) == [b"m1", b"m2"]
+
+
+def test_damaged_snapshot_without_a_fallback_refuses_then_repair_rebuilds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data directory whose previous generation is gone: startup refuses; --repair keeps
+    the snapshot's head and every entries record that checks out, and says what was lost."""
+    monkeypatch.setattr(wal, "SNAP_CHUNK_BYTES", 200)
+    head = {"next_id": 31, "exchanges": [], "bindings": [], "queues": [["q", False, {}]],
+            "queue_messages": {"q": [[i, 0] for i in range(1, 31)]}}
+    entries = [[i, "", "q", {}, 0, f"m{i}".encode() * 10] for i in range(1, 31)]
+    write_segment(tmp_path / "wal", 5, [])
+    path, _ = write_snapshot(tmp_path / "wal", 5, head, entries)
+    recs = [off for off, _ in _snapshot_offsets(path)]
+    flip(path, recs[2] + 20)  # inside the second entries record
+    before = dir_contents(tmp_path / "wal")
+    with pytest.raises(CorruptLog) as info:
+        open_bodies(tmp_path)
+    assert snap_name(5) in str(info.value) and "nothing to fall back on" in str(info.value)
+    assert dir_contents(tmp_path / "wal") == before
+
+    bodies = open_bodies(tmp_path, repair=True)
+    assert 0 < len(bodies) < 30
+    assert bodies == [f"m{i}".encode() * 10 for i in range(1, 31)
+                      if f"m{i}".encode() * 10 in bodies]
+    assert (tmp_path / "wal" / (path.stem + ".corrupt")).read_bytes() == before[path.name]
+    assert open_bodies(tmp_path) == bodies  # the repaired state was snapshotted
+
+
+def _snapshot_offsets(path: Path) -> list[tuple[int, int]]:
+    """(offset, type) of each record of a snapshot file."""
+    data = path.read_bytes()
+    pos, out = len(wal.SNAP_MAGIC), []
+    while pos < len(data):
+        length, _crc, rtype = HEADER.unpack_from(data, pos)
+        out.append((pos, rtype))
+        pos += 8 + length
+    return out
+
+
+def test_damaged_snapshot_head_cannot_be_repaired(tmp_path: Path) -> None:
+    write_segment(tmp_path / "wal", 5, [])
+    path, _ = write_snapshot(tmp_path / "wal", 5, {"next_id": 1, "queues": []})
+    flip(path, len(wal.SNAP_MAGIC) + HEADER_SIZE + 2)
+    with pytest.raises(CorruptLog, match="cannot be rebuilt, even with --repair"):
+        recover(tmp_path / "wal", repair=True)
