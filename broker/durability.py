@@ -94,6 +94,7 @@ class Durability:
         broker = Broker(store, durable=True, pager=pager,
                         max_message_size=cfg.effective_max_message_size())
         broker.streams.configure(self.data_dir / "streams", cfg.fsync, cfg.fsync_interval_ms)
+        broker.streams.repair = cfg.repair
         self.recovered_messages = replay.build(broker)
         broker.streams.cleanup_orphans()  # directories of streams deleted before a crash
         store.bytes_since_snapshot = rec.bytes_replayed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -400,3 +401,109 @@ async def test_damaged_newest_snapshot_falls_back_to_the_previous_one(
         assert " is damaged" not in log3 and "torn tail" not in log3, log3
     finally:
         b3.stop()
+
+
+# --------------------------------------------------------------------------- stream segments
+
+STREAM_ARGS = {"queue_type": "stream", "stream_segment_bytes": 8192}
+
+
+async def fill_stream(b: BrokerProcess, n: int = 300, segment_bytes: int = 8192) -> None:
+    """``n`` confirmed messages in stream "s", 30 per publish (so in many records)."""
+    conn = await connect(b.url)
+    try:
+        await conn.declare_queue("s", arguments={**STREAM_ARGS,
+                                                 "stream_segment_bytes": segment_bytes})
+        for i in range(0, n, 30):
+            bodies = [f"s{k:04d}".encode() + b"." * 60 for k in range(i, i + 30)]
+            assert await conn.publish_batch(bodies, routing_key="s") == 30
+    finally:
+        await asyncio.wait_for(conn.close(), WAIT)
+
+
+async def stream_offsets(b: BrokerProcess, n: int) -> list[int]:
+    """The offsets a reader from the first one gets (``n`` expected)."""
+    conn = await connect(b.url)
+    try:
+        c = await conn.consume("s", prefetch=1000, arguments={"offset": "first"})
+        got = await take(c, n)
+        return [m.properties["headers"]["x-stream-offset"] for m in got]
+    finally:
+        await asyncio.wait_for(conn.close(), WAIT)
+
+
+def stream_segments(data_dir: Path) -> list[Path]:
+    return sorted(data_dir.glob("streams/*/*.seg"))
+
+
+def record_starts(path: Path) -> list[int]:
+    data = path.read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        out.append(pos)
+        pos += 8 + int.from_bytes(data[pos:pos + 4], "big")
+    return out
+
+
+@pytest.mark.parametrize("where", ["older-payload", "newest-length"])
+async def test_damaged_stream_segment_refuses_then_repair_is_defined(
+        broker_factory: Callable[..., BrokerProcess], where: str) -> None:
+    b = broker_factory()
+    # "newest": one large segment, so the damaged record has many valid ones after it
+    await fill_stream(b, segment_bytes=8192 if where == "older-payload" else 1 << 20)
+    b.kill()
+    segs = stream_segments(b.data_dir)
+    assert len(segs) >= (3 if where == "older-payload" else 1)
+    seg = segs[0] if where == "older-payload" else segs[-1]
+    starts = record_starts(seg)
+    assert len(starts) >= 3
+    off = starts[len(starts) // 2]
+    data = bytearray(seg.read_bytes())
+    if where == "older-payload":
+        data[off + 20] ^= 0x5A
+    else:
+        data[off + 1] ^= 0x01  # the length field: seems to run past the end of the file
+    seg.write_bytes(bytes(data))
+    streams = {p: p.read_bytes() for p in sorted(b.data_dir.glob("streams/*/*"))}
+
+    log = refused_start(b.data_dir)
+    assert "refusing to start" in log and "--repair" in log, log
+    assert f"{seg}: damaged record at byte offset {off}" in log, log
+    assert {p: p.read_bytes() for p in sorted(b.data_dir.glob("streams/*/*"))} == streams
+
+    b2, log2 = restart(b.data_dir, "--repair")
+    try:
+        assert f"stream segment {seg}: damaged at byte {off}" in log2, log2
+        if where == "newest-length":  # the record's content is intact: nothing lost
+            assert "nothing lost" in log2, log2
+            assert await stream_offsets(b2, 300) == list(range(300))
+        else:  # the damaged record's offsets are gone, and the log says which
+            m = re.search(r"lost offsets (\d+)\.\.(\d+)", log2)
+            assert m, log2
+            lo, hi = int(m.group(1)), int(m.group(2))
+            assert 0 < lo <= hi < 300
+            expect = [i for i in range(300) if not lo <= i <= hi]
+            assert await stream_offsets(b2, len(expect)) == expect
+    finally:
+        b2.stop()
+    assert seg.with_name(seg.name + ".corrupt").read_bytes() == streams[seg]
+
+
+@pytest.mark.parametrize("tail", NOT_A_RECORD.values(), ids=NOT_A_RECORD.keys())
+async def test_bytes_after_the_last_stream_record_are_cut_and_kept(
+        broker_factory: Callable[..., BrokerProcess], tail: bytes) -> None:
+    b = broker_factory()
+    await fill_stream(b)
+    b.kill()
+    seg = stream_segments(b.data_dir)[-1]
+    good = seg.stat().st_size
+    with open(seg, "ab") as f:
+        f.write(tail)
+    b2, log = restart(b.data_dir)
+    try:
+        torn = seg.with_name(f"{seg.name}.{good}.torn")
+        assert f"torn tail at byte {good}" in log and torn.name in log, log
+        assert torn.read_bytes() == tail and seg.stat().st_size == good
+        assert await stream_offsets(b2, 300) == list(range(300))
+    finally:
+        b2.stop()
