@@ -57,7 +57,7 @@ from broker.wal import (
     _write_all,
     check_record,
     cut_torn_tail,
-    find_record,
+    followed_at,
     frame_record,
     is_written,
     reframe,
@@ -296,7 +296,7 @@ class StreamLog:
         del records
         if why:
             written = is_written(why)
-            nxt = None if written else find_record(data, end + 1, RECORD_TYPES)
+            nxt = None if written else followed_at(data, end, RECORD_TYPES)
             if last and nxt is None and not written:
                 kept = cut_torn_tail(seg.path, end, data)
                 self.truncated = (f"{seg.path.name}: torn tail at byte {end} ({why}); "

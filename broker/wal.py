@@ -122,26 +122,44 @@ def is_written(why: str) -> bool:
     return why.startswith(("unknown record type", "undecodable payload"))
 
 
-def find_record(data: bytes | memoryview, start: int, types: tuple[int, ...]) -> int | None:
+def find_record(data: bytes | memoryview, start: int, types: tuple[int, ...], *,
+                chained: bool = False) -> int | None:
     """Position of the first valid record (header, CRC and type) at or after ``start``, or
     None. Candidates are found by their type byte, so zeros and most garbage are skipped
-    at memchr speed; only a candidate with a plausible length costs a CRC."""
+    at memchr speed, and only one with a plausible length costs a CRC. ``chained``: only
+    candidates that end at the end of the data or right before another plausible header
+    (see ``followed_at``)."""
     raw = data if isinstance(data, bytes) else bytes(data)
+    view = memoryview(raw)
     end = len(raw)
     best: int | None = None
     for rtype in types:
-        i = raw.find(bytes([rtype]), start + 8)
+        marker = bytes([rtype])
+        i = raw.find(marker, start + 8)
         while i != -1:
             pos = i - 8
             if best is not None and pos >= best:
                 break
             length, crc, _t = HEADER.unpack_from(raw, pos)
-            if 1 <= length <= end - pos - 8 and \
-                    zlib.crc32(memoryview(raw)[pos + 8: pos + 8 + length]) == crc:
+            stop = pos + 8 + length
+            if 1 <= length <= end - pos - 8 and (not chained or stop == end or (
+                    end - stop >= HEADER_SIZE and raw[stop + 8] in types
+                    and 1 <= int.from_bytes(raw[stop: stop + 4], "big") <= end - stop - 8)) \
+                    and zlib.crc32(view[i: stop]) == crc:
                 best = pos
                 break
-            i = raw.find(bytes([rtype]), i + 1)
+            i = raw.find(marker, i + 1)
     return best
+
+
+def followed_at(data: bytes | memoryview, pos: int, types: tuple[int, ...]) -> int | None:
+    """Where a valid record follows damage at ``pos`` (None: nothing valid after it, so a
+    torn tail if this is the last segment). Chained candidates are tried first: inside a
+    large damaged record of random bytes that skips nearly every CRC, and the next real
+    record is almost always followed by another one; the full search runs if that finds
+    nothing."""
+    nxt = find_record(data, pos + 1, types, chained=True)
+    return nxt if nxt is not None else find_record(data, pos + 1, types)
 
 
 @dataclass
@@ -243,7 +261,7 @@ def iter_segment(path: Path, *, last: bool,
             continue
         written = is_written(why)
         rec_size = int(HEADER.unpack_from(data, pos)[0]) + 8 if written else 0
-        nxt = None if written else find_record(data, pos + 1, _COMMAND_TYPES)
+        nxt = None if written else followed_at(data, pos, _COMMAND_TYPES)
         if last and not written and nxt is None:
             raise _TornTail(pos, why)
         if damage is None:

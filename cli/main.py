@@ -109,8 +109,9 @@ def cli() -> None:
 @click.option("--wire-compression/--no-wire-compression", "wire_compression", default=None,
               help="Allow clients to negotiate zstd-compressed batches [allowed].")
 @click.option("--repair", is_flag=True, default=None,
-              help="Start even if the log is damaged mid-file: replay up to the damage and "
-                   "set the damaged segment aside as *.corrupt.")
+              help="Start even if a log or stream segment or a snapshot is corrupt: keep "
+                   "every valid record, drop the damaged ones (originals kept as "
+                   "*.corrupt) and log what was dropped; see README, Durability.")
 @limit_options
 @flow_options
 @security_options
