@@ -22,6 +22,12 @@ index's running-maximum timestamps. Indexes are not fsynced: they are hints vali
 open (entries past the segment's end or out of order are dropped; the tail after the last
 entry is rescanned and re-indexed).
 
+On open every record of every segment is checked, and the log's damage rules apply
+(broker.wal): damage with no valid record after it, in the last segment, is a torn tail
+(cut off, bytes kept in ``<segment>.<offset>.torn``); any other damage refuses the start
+unless --repair, which rewrites the segment without the damaged spans (the original kept
+as ``<segment>.corrupt``) and logs the offsets lost.
+
 Durability follows the broker's fsync policy: records are written at once (the event loop
 never waits for the disk beyond a write into the page cache); with ``always``, ``commit``
 callbacks run once a writer thread's fdatasync covers everything written before them

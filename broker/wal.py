@@ -3,8 +3,15 @@
 Layout of ``<data-dir>/wal/``::
 
     seg-00000000000000000001.log   segments, in order; one is open for appends
-    snap-00000000000000000007.snap snapshot covering every segment numbered < 7
-    *.corrupt                      segments set aside by --repair (never deleted)
+    snap-00000000000000000007.snap snapshot covering every segment numbered < 7 (the
+                                   previous one and the log after it are kept too)
+    *.corrupt                      segments and snapshots set aside (never deleted)
+    seg-...log.<offset>.torn       bytes cut off a torn tail at <offset> (never deleted)
+
+Damage rules (recover()): damage is a torn tail only when no valid record follows it
+in the newest segment; it is then cut off, the bytes kept in a ``*.torn`` file. Any
+other damage refuses the start (CorruptLog) unless --repair, which keeps every valid
+record and drops the damaged spans. A damaged snapshot falls back to the previous one.
 
 Every record on disk is framed ``[u32 length][u32 crc32][u8 type][payload]`` (big-endian;
 length counts type + payload; the CRC covers type + payload). A record's payload is one
