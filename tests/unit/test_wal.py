@@ -887,7 +887,8 @@ def open_bodies(data_dir: Path, repair: bool = False) -> list[bytes]:
     d = Durability(Config(data_dir=str(data_dir), repair=repair))
     try:
         broker = d.open()
-        return [qm.message.body for qm in broker.queues["q"].iter_messages()]
+        bodies = [qm.message.body for qm in broker.queues["q"].iter_messages()]
+        return [b for b in bodies if b is not None]  # small bodies: never paged out
     finally:
         d.close()
 
