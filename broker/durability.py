@@ -109,7 +109,12 @@ class Durability:
             head, messages = snapshot_state(broker)
             path, size = write_snapshot(self.wal_dir, store.seg_index, head,
                                         snapshot_entries(messages))
-            verify_snapshot(path)
+            try:
+                verify_snapshot(path)
+            except ValueError as exc:
+                raise CorruptLog(path, 0, f"the snapshot of the repaired state did not read "
+                                 f"back ({exc})", "check the disk, then start with --repair "
+                                 "again") from None
             store.bytes_since_snapshot = 0
             self._last_snapshot_size = size
             self._keep_from = store.seg_index  # the repaired state: the only sound base
