@@ -361,18 +361,15 @@ def snapshot_lines(b: BrokerProcess) -> int:
     return b.log_text().count("verified;")
 
 
-async def test_damaged_newest_snapshot_falls_back_to_the_previous_one(
-        broker_factory: Callable[..., BrokerProcess], tmp_path: Path) -> None:
-    cfg = tmp_path / "snap.toml"
-    cfg.write_text("snapshot_interval_ms = 100\n")
-    b = broker_factory("--config", str(cfg))
+async def publish_in_generations(b: BrokerProcess) -> None:
+    """Publish N_BATCHES confirmed batches, each followed by a snapshot (the broker runs
+    with snapshot_interval_ms = 100), then kill -9 it."""
     conn = await connect(b.url)
     try:
         await conn.declare_queue("q")
         for k in range(N_BATCHES):
-            # each batch in its own snapshot generation
-            assert await conn.publish_batch(bodies_for(k), routing_key="q") == PER_BATCH
             before = snapshot_lines(b)
+            assert await conn.publish_batch(bodies_for(k), routing_key="q") == PER_BATCH
             deadline = time.monotonic() + WAIT
             while snapshot_lines(b) == before and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -380,6 +377,19 @@ async def test_damaged_newest_snapshot_falls_back_to_the_previous_one(
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
     b.kill()
+
+
+def snapshotting_broker(broker_factory: Callable[..., BrokerProcess],
+                        tmp_path: Path) -> BrokerProcess:
+    cfg = tmp_path / "snap.toml"
+    cfg.write_text("snapshot_interval_ms = 100\n")
+    return broker_factory("--config", str(cfg))
+
+
+async def test_damaged_newest_snapshot_falls_back_to_the_previous_one(
+        broker_factory: Callable[..., BrokerProcess], tmp_path: Path) -> None:
+    b = snapshotting_broker(broker_factory, tmp_path)
+    await publish_in_generations(b)
     wal = b.data_dir / "wal"
     snaps = sorted(wal.glob("snap-*.snap"))
     assert len(snaps) == 2  # the newest and the previous one, with the log after it
@@ -507,3 +517,37 @@ async def test_bytes_after_the_last_stream_record_are_cut_and_kept(
         assert await stream_offsets(b2, 300) == list(range(300))
     finally:
         b2.stop()
+
+
+async def test_damaged_snapshots_without_fallback_refuse_then_repair_rebuilds(
+        broker_factory: Callable[..., BrokerProcess], tmp_path: Path) -> None:
+    """Both generations' entries damaged: the start is refused, naming the newest
+    snapshot; --repair rebuilds from its head and the log after it and counts the
+    messages it could not get back (it no longer refuses the same way)."""
+    b = snapshotting_broker(broker_factory, tmp_path)
+    await publish_in_generations(b)
+    wal = b.data_dir / "wal"
+    snaps = sorted(wal.glob("snap-*.snap"))
+    assert len(snaps) == 2
+    for s in snaps:
+        data = bytearray(s.read_bytes())
+        data[len(data) // 2] ^= 0x5A  # inside the entries record, after the head
+        s.write_bytes(bytes(data))
+    damaged = wal_files(b.data_dir)
+
+    log = refused_start(b.data_dir)
+    assert f"{snaps[-1]}: damaged record at byte offset 0" in log, log
+    assert "nothing to fall back on" in log and "--repair" in log, log
+    assert wal_files(b.data_dir) == damaged
+
+    b2, log2 = restart(b.data_dir, "--repair")
+    try:
+        assert "rebuilt from its intact records" in log2, log2
+        m = re.search(r"--repair: (\d+) messages whose entries were in the damaged part", log2)
+        assert m, log2
+        bodies = await queue_bodies(b2)
+        assert int(m.group(1)) + len(bodies) == len(ALL)
+        assert bodies == [x for x in ALL if x in bodies]  # the rest, in order
+    finally:
+        b2.stop()
+    assert (wal / (snaps[-1].stem + ".corrupt")).read_bytes() == damaged[snaps[-1].name]
