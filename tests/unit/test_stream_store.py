@@ -333,3 +333,49 @@ def test_torn_tail_of_an_older_segment_is_not_a_torn_tail(tmp_path: Path) -> Non
     assert _all_offsets(fixed) == [i for i in range(1000) if i != n - 1]
     assert f"lost offsets from {n - 1}" in fixed.repaired[0]
     fixed.close()
+
+
+FLIP_ROUNDS = int(os.environ.get("CONVEYOR_FLIP_ROUNDS", "40"))
+
+
+def test_any_flipped_byte_is_refused_or_cut_aside_never_lost(tmp_path: Path) -> None:
+    """Flip one bit anywhere in a one-segment stream of 150 one-entry records (so several
+    index hints): open refuses naming the damaged record, or (last record only) cuts it
+    into *.torn; --repair loses at most that record's offset. CONVEYOR_FLIP_ROUNDS sets
+    the rounds (40 here)."""
+    rng = random.Random(3)
+    src = tmp_path / "src"
+    slog = StreamLog(src / "s", segment_bytes=1 << 20).open()
+    for i in range(150):
+        slog.append([(1000 + i, "", "k", {}, bytes([i]) * 40)])
+    slog.close()
+    seg = slog.segments[0]
+    assert len(seg.index) > 1
+    clean = seg.path.read_bytes()
+    idx = seg.idx_path.read_bytes()
+    starts = _record_starts(seg.path)
+    for r in range(FLIP_ROUNDS):
+        d = tmp_path / f"r{r}"
+        (d / "s").mkdir(parents=True)
+        at = rng.randrange(len(clean))
+        damaged = bytearray(clean)
+        damaged[at] ^= 1 << rng.randrange(8)
+        path = d / "s" / seg.path.name
+        path.write_bytes(bytes(damaged))
+        (d / "s" / seg.idx_path.name).write_bytes(idx)
+        victim = max(k for k, s in enumerate(starts) if s <= at)
+        try:
+            again = StreamLog(d / "s", segment_bytes=1 << 20).open()
+        except CorruptLog as exc:
+            assert exc.offset == starts[victim] and victim < len(starts) - 1, (at, exc)
+            assert path.read_bytes() == bytes(damaged)
+            fixed = StreamLog(d / "s", segment_bytes=1 << 20, repair=True).open()
+            got = _all_offsets(fixed)
+            assert got in (list(range(150)), [i for i in range(150) if i != victim]), at
+            fixed.close()
+        else:
+            assert victim == len(starts) - 1, at
+            assert _all_offsets(again) == list(range(149))
+            torn = path.with_name(f"{path.name}.{starts[victim]}.torn")
+            assert torn.read_bytes() == bytes(damaged[starts[victim]:])
+            again.close()
