@@ -3,8 +3,11 @@
 Startup = newest valid snapshot + replay of the newer log (broker.journal.Replay).
 A snapshot is taken when the log written since the last one passes ``snapshot_bytes``
 (or twice the last snapshot's size, whichever is larger, so a large backlog is not
-rewritten over and over) or ``snapshot_interval_ms`` has passed with new records; the
-segments it covers are then deleted, so disk use tracks the live backlog, not history.
+rewritten over and over) or ``snapshot_interval_ms`` has passed with new records. It is
+read back and verified; only then are the snapshot before the previous one and the
+segments before the previous one deleted. So two generations stay on disk: if the newest
+snapshot is damaged later, recovery falls back to the previous one and the log after it,
+and disk use tracks the live backlog (twice over at most), not history.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from broker.config import Config
 from broker.core import Broker
 from broker.journal import Replay, snapshot_entries, snapshot_state
 from broker.pager import Pager
-from broker.wal import CorruptLog, WalStore, recover, write_snapshot
+from broker.wal import (
+    CorruptLog,
+    WalStore,
+    recover,
+    snap_name,
+    verify_snapshot,
+    write_snapshot,
+)
 
 log = logging.getLogger("conveyor.durability")
 
@@ -41,6 +51,9 @@ class Durability:
         self._task: asyncio.Task[None] | None = None
         self._last_snapshot = time.monotonic()
         self._last_snapshot_size = 0
+        # The newest verified snapshot's index: kept, with the log after it, when the next
+        # snapshot is written (0: none, keep the whole log).
+        self._keep_from = 0
         self._snapshotting = False
         self.recovery_seconds = 0.0
         self.recovered_messages = 0
@@ -81,9 +94,14 @@ class Durability:
         broker = Broker(store, durable=True, pager=pager,
                         max_message_size=cfg.effective_max_message_size())
         broker.streams.configure(self.data_dir / "streams", cfg.fsync, cfg.fsync_interval_ms)
+        broker.streams.repair = cfg.repair
         self.recovered_messages = replay.build(broker)
         broker.streams.cleanup_orphans()  # directories of streams deleted before a crash
         store.bytes_since_snapshot = rec.bytes_replayed
+        self._keep_from = rec.snapshot_index
+        if replay.lost:
+            log.error("--repair: %d messages whose entries were in the damaged part of the "
+                      "snapshot are lost", replay.lost)
         if rec.quarantined:
             # What was replayed from a quarantined segment now exists only in memory (the
             # next start skips the *.corrupt file): snapshot it before anything new is
@@ -91,8 +109,15 @@ class Durability:
             head, messages = snapshot_state(broker)
             path, size = write_snapshot(self.wal_dir, store.seg_index, head,
                                         snapshot_entries(messages))
+            try:
+                verify_snapshot(path)
+            except ValueError as exc:
+                raise CorruptLog(path, 0, f"the snapshot of the repaired state did not read "
+                                 f"back ({exc})", "check the disk, then start with --repair "
+                                 "again") from None
             store.bytes_since_snapshot = 0
             self._last_snapshot_size = size
+            self._keep_from = store.seg_index  # the repaired state: the only sound base
             log.warning("after the repair: snapshot %s holds the recovered state", path.name)
         self.recovery_seconds = time.monotonic() - t0
         log.info("recovered %d messages in %d queues from %s (%s snapshot, %d log batches, "
@@ -145,12 +170,23 @@ class Durability:
                 self.store.bytes_since_snapshot += uncovered
                 raise
             del messages
-            deleted = self.store.delete_segments_before(index)
+            try:
+                await loop.run_in_executor(None, verify_snapshot, path)
+            except ValueError as exc:
+                # Keep everything the previous snapshot needs; recovery would skip this one.
+                dest = path.with_suffix(".corrupt")
+                path.rename(dest)
+                raise OSError(f"snapshot {path.name} did not read back ({exc}); set aside "
+                              f"as {dest.name}, the previous one and its log are kept") from None
+            keep = self._keep_from
+            deleted = self.store.delete_segments_before(keep) if keep else 0
+            self._keep_from = index
             self._last_snapshot_size = size
             self._last_snapshot = time.monotonic()
             self.snapshots += 1
-            log.info("snapshot %s: %.1f MB, %d segments deleted, %.2fs", path.name,
-                     self._last_snapshot_size / 1e6, deleted, time.monotonic() - t0)
+            log.info("snapshot %s: %.1f MB, verified; %d segments deleted (kept %s and the "
+                     "log after it), %.2fs", path.name, self._last_snapshot_size / 1e6, deleted,
+                     snap_name(keep) if keep else "the whole log", time.monotonic() - t0)
             return path
         finally:
             self._snapshotting = False

@@ -68,6 +68,8 @@ class Replay:
     pager: Pager | None = None
     _resident: int = 0
     _pending_bytes: int = 0
+    # Messages a (repaired) snapshot indexes whose entries were in its damaged part.
+    lost: int = 0
 
     def _new_message(self, mid: int, exchange: str, rk: str, props: dict[str, Any],
                      body: bytes, ts: int) -> Message:
@@ -107,8 +109,12 @@ class Replay:
         for qname, entries in snap["queue_messages"].items():
             table = self.messages.setdefault(qname, {})
             for mid, count, *held in entries:
+                body = bodies.get(mid)
+                if body is None:  # only after --repair of a damaged snapshot
+                    self.lost += 1
+                    continue
                 # held: a consumer had it unacked (a later purge must keep it)
-                table[mid] = _Entry(bodies[mid], count, bool(held and held[0]))
+                table[mid] = _Entry(body, count, bool(held and held[0]))
 
     # ------------------------------------------------------------------ commands
     def apply(self, batch: list[list[Any]]) -> None:

@@ -562,6 +562,7 @@ class Streams:
         # Told the bytes of each append batch (the disk-free guard, broker.flow.Watermarks).
         self.wrote: Callable[[int], None] = _ignore
         self._last_retention = 0
+        self.repair = False  # --repair: damaged segments are cut, not refused, on open
 
     def configure(self, directory: Path, fsync: str, interval_ms: int) -> None:
         self.dir = directory
@@ -580,7 +581,8 @@ class Streams:
         opts_seg = int(arguments.get("stream_segment_bytes") or 64 << 20)
         slog = StreamLog(path, segment_bytes=opts_seg, fsync=self.fsync,
                          interval_ms=self.interval_ms,
-                         compression=str(arguments.get("stream_compression") or "none")).open()
+                         compression=str(arguments.get("stream_compression") or "none"),
+                         repair=self.repair).open()
         s = Stream(name, slog, self, arguments)
         self.all[name] = s
         return s

@@ -22,6 +22,12 @@ index's running-maximum timestamps. Indexes are not fsynced: they are hints vali
 open (entries past the segment's end or out of order are dropped; the tail after the last
 entry is rescanned and re-indexed).
 
+On open every record of every segment is checked, and the log's damage rules apply
+(broker.wal): damage with no valid record after it, in the last segment, is a torn tail
+(cut off, bytes kept in ``<segment>.<offset>.torn``); any other damage refuses the start
+unless --repair, which rewrites the segment without the damaged spans (the original kept
+as ``<segment>.corrupt``) and logs the offsets lost.
+
 Durability follows the broker's fsync policy: records are written at once (the event loop
 never waits for the disk beyond a write into the page cache); with ``always``, ``commit``
 callbacks run once a writer thread's fdatasync covers everything written before them
@@ -48,7 +54,21 @@ from typing import Any
 import msgpack
 import zstandard
 
-from broker.wal import HEADER, HEADER_SIZE, MAX_RECORD, _fsync_dir, _write_all, frame_record
+from broker.wal import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_RECORD,
+    CorruptLog,
+    _fsync_dir,
+    _write_all,
+    check_record,
+    cut_torn_tail,
+    followed_at,
+    frame_record,
+    is_written,
+    reframe,
+    resync,
+)
 
 log = logging.getLogger("conveyor.stream")
 
@@ -143,12 +163,25 @@ def scan_records(data: bytes | memoryview, start: int) -> tuple[list[tuple[int, 
     return out, pos, ""
 
 
+def _verify(data: bytes, stop: int) -> str:
+    """Check the records of ``data`` before ``stop`` by checksum alone (no decoding):
+    why they do not check out or do not end exactly at ``stop``, or ""."""
+    pos = 0
+    while pos < stop:
+        why, size = check_record(data, pos, RECORD_TYPES)
+        if why:
+            return why
+        pos += size
+    return "" if pos == stop else "records do not end at the index hint"
+
+
 class StreamLog:
     """The segments of one stream: append, read by offset or time, retention, fsync."""
 
     def __init__(self, directory: Path, *, segment_bytes: int = 64 << 20,
                  fsync: str = "always", interval_ms: int = 100,
-                 cache_bytes: int = CACHE_BYTES, compression: str = "none") -> None:
+                 cache_bytes: int = CACHE_BYTES, compression: str = "none",
+                 repair: bool = False) -> None:
         self.dir = directory
         self.compression = compression  # "zstd": new records are REC_STREAM_ZSTD
         self.segment_bytes = max(segment_bytes, 4096)
@@ -170,6 +203,8 @@ class StreamLog:
         self.failed: BaseException | None = None
         self.closed = False
         self.truncated = ""  # what open() cut off a torn tail, for logs and tests
+        self.repair = repair  # --repair: cut damaged records out instead of refusing
+        self.repaired: list[str] = []  # what the repair did, for logs and tests
         self.fsyncs = 0
 
     # ------------------------------------------------------------------ queries
@@ -225,18 +260,25 @@ class StreamLog:
         return self
 
     def _load(self, seg: Segment, last: bool) -> None:
+        """Check a segment's records and rebuild its index; apply the damage rules.
+
+        Every record is checked (by checksum up to the last index hint, decoded after it),
+        so damage anywhere is found here, not by a reader skipping offsets later. Damage
+        with no valid record after it, in the last segment, is a torn tail: cut off, the
+        bytes kept in a ``*.torn`` file. Anything else refuses to start (CorruptLog,
+        naming file and offset) unless ``repair``: then the damaged spans are cut out
+        (the original kept as ``*.corrupt``) and the segment is loaded again.
+        """
+        with open(seg.path, "rb") as f:
+            data = f.read()
         hint = [e for e in _read_index(seg.idx_path) if e[1] < seg.size and e[0] >= seg.first]
         start = hint[-1][1] if hint else 0
-        with open(seg.path, "rb") as f:
-            f.seek(start)
-            data = f.read()
-        records, end, why = scan_records(data, 0)
+        if hint and _verify(data, start):
+            hint, start = [], 0  # damage before the hint, or the hint is off: decode all
+        records, end, why = scan_records(data, start)
         if hint and (not records or records[0][1][0][0] != hint[-1][0]):
             hint, start = [], 0  # the hint disagrees with the data: rescan the segment
-            with open(seg.path, "rb") as f:
-                data = f.read()
             records, end, why = scan_records(data, 0)
-        del data
         seg.index = hint[:-1]
         seg.last_ts = hint[-1][2] if hint else 0
         seg.next = seg.first
@@ -247,7 +289,7 @@ class StreamLog:
                 continue
             if (i == 0 and hint) or not seg.index or since >= INDEX_BYTES or \
                     recs >= INDEX_RECORDS:
-                seg.index.append((entries[0][0], start + pos, max(seg.last_ts, entries[0][1])))
+                seg.index.append((entries[0][0], pos, max(seg.last_ts, entries[0][1])))
                 since = recs = 0
             since += rec_len
             recs += 1
@@ -257,20 +299,82 @@ class StreamLog:
             seg.next = entries[-1][0] + 1
         seg.since_index = since
         seg.records_since = recs
-        good = start + end
+        del records
         if why:
-            if not last:
-                log.error("stream segment %s damaged at byte %d (%s); reads stop there",
-                          seg.path, good, why)
-            else:
-                with open(seg.path, "r+b") as f:
-                    f.truncate(good)
-                    os.fsync(f.fileno())
-                self.truncated = (f"{seg.path.name}: torn tail at byte {good} ({why}); "
-                                  f"truncated {seg.size - good} bytes")
+            written = is_written(why)
+            nxt = None if written else followed_at(data, end, RECORD_TYPES)
+            if last and nxt is None and not written:
+                kept = cut_torn_tail(seg.path, end, data)
+                self.truncated = (f"{seg.path.name}: torn tail at byte {end} ({why}); "
+                                  f"truncated {seg.size - end} bytes (kept in {kept.name})")
                 log.warning("stream %s", self.truncated)
-        seg.size = good
+            elif not self.repair:
+                detail = why if nxt is None else f"{why}; valid records follow at byte {nxt}"
+                if not last and nxt is None:
+                    detail += " (not the last segment: later ones were written after it)"
+                raise CorruptLog(seg.path, end, f"stream segment: {detail}",
+                                 "start with --repair to cut the damaged records out of "
+                                 "the stream segment (the original is kept as *.corrupt)")
+            else:
+                self._repair(seg, data, end, why)
+                del data
+                seg.size = seg.path.stat().st_size
+                return self._load(seg, last)
+        seg.size = end
         _write_index(seg)
+
+    def _repair(self, seg: Segment, data: bytes, at: int, why: str) -> None:
+        """--repair: rewrite the segment without its damaged spans (a record whose length
+        field alone was damaged is kept, reframed), the original hard-linked aside as
+        ``*.corrupt`` first; log which offsets were lost."""
+        parts: list[bytes] = [data[:at]]
+        notes: list[str] = []
+        lost: list[str] = []
+        after = seg.next  # the offset after the last entry before the damage
+        pos = at
+        while why:
+            size = int(HEADER.unpack_from(data, pos)[0]) + 8 if is_written(why) else 0
+            d = resync(data, pos, why, RECORD_TYPES, size)
+            if d.salvaged:
+                framed = reframe(data, d)
+                recs, _end, bad = scan_records(framed, 0)
+                if bad:
+                    d.salvaged = False
+                else:
+                    parts.append(framed)
+                    after = recs[-1][1][-1][0] + 1 if recs and recs[-1][1] else after
+            notes.append(d.describe())
+            recs, end, why = scan_records(data, d.end)
+            if not d.salvaged:
+                first = recs[0][1][0][0] if recs and recs[0][1] else None
+                lost.append(f"offsets {after}..{first - 1}" if first is not None
+                            else f"offsets from {after} to the segment's end")
+            parts.append(data[d.end:end])
+            for _p, entries in recs:
+                if entries:
+                    after = entries[-1][0] + 1
+            pos = end
+        n = 0
+        while True:
+            corrupt = seg.path.with_name(f"{seg.path.name}{f'.{n}' if n else ''}.corrupt")
+            if not corrupt.exists():
+                break
+            n += 1
+        os.link(seg.path, corrupt)  # the damaged file as it was, under its new name
+        tmp = seg.path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, seg.path)
+        seg.idx_path.unlink(missing_ok=True)  # positions changed: rebuilt by the reload
+        _fsync_dir(self.dir)
+        msg = (f"stream segment {seg.path}: damaged at byte {at}; "
+               + "; ".join(notes) + ("; lost " + ", ".join(lost) if lost else "; nothing lost")
+               + f"; the original is kept as {corrupt.name}")
+        log.error(msg)
+        self.repaired.append(msg)
 
     def _open_active(self, seg: Segment) -> None:
         self._fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -3,8 +3,15 @@
 Layout of ``<data-dir>/wal/``::
 
     seg-00000000000000000001.log   segments, in order; one is open for appends
-    snap-00000000000000000007.snap snapshot covering every segment numbered < 7
-    *.corrupt                      segments set aside by --repair (never deleted)
+    snap-00000000000000000007.snap snapshot covering every segment numbered < 7 (the
+                                   previous one and the log after it are kept too)
+    *.corrupt                      segments and snapshots set aside (never deleted)
+    seg-...log.<offset>.torn       bytes cut off a torn tail at <offset> (never deleted)
+
+Damage rules (recover()): damage is a torn tail only when no valid record follows it
+in the newest segment; it is then cut off, the bytes kept in a ``*.torn`` file. Any
+other damage refuses the start (CorruptLog) unless --repair, which keeps every valid
+record and drops the damaged spans. A damaged snapshot falls back to the previous one.
 
 Every record on disk is framed ``[u32 length][u32 crc32][u8 type][payload]`` (big-endian;
 length counts type + payload; the CRC covers type + payload). A record's payload is one
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import struct
@@ -34,7 +42,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +73,13 @@ Callback = Callable[[BaseException | None], None]
 class CorruptLog(Exception):
     """Damage in the middle of the log: startup refuses unless --repair is given."""
 
-    def __init__(self, path: Path, offset: int, why: str) -> None:
+    def __init__(self, path: Path, offset: int, why: str,
+                 hint: str = "start with --repair to replay every valid record and set the "
+                             "damaged file aside") -> None:
         super().__init__(f"{path}: damaged record at byte offset {offset}: {why}")
         self.path = path
         self.offset = offset
+        self.hint = hint  # what the operator can do ("" when --repair cannot help)
 
 
 def frame_record(payload: bytes, rtype: int = REC_COMMANDS) -> bytes:
@@ -91,48 +102,189 @@ def _index(name: str) -> int:
 # ---------------------------------------------------------------------- reading
 
 
-def iter_segment(path: Path, *, last: bool) -> Iterator[tuple[int, list[Any]]]:
+def check_record(data: bytes | memoryview, pos: int,
+                 types: tuple[int, ...]) -> tuple[str, int]:
+    """Whether a record starts at ``pos``: ("", its total size) if its header, CRC and type
+    check out, else (why not, 0)."""
+    end = len(data)
+    if end - pos < HEADER_SIZE:
+        return "incomplete header", 0
+    length, crc, rtype = HEADER.unpack_from(data, pos)
+    if length == 0 and not any(data[pos:]):
+        return "zero-filled tail", 0
+    if length < 1 or length > MAX_RECORD:
+        return f"impossible length {length}", 0
+    if pos + 8 + length > end:
+        return "record runs past end of file", 0
+    if zlib.crc32(data[pos + 8: pos + 8 + length]) != crc:
+        return "checksum mismatch", 0
+    if rtype not in types:
+        return f"unknown record type {rtype}", 0
+    return "", 8 + length
+
+
+def is_written(why: str) -> bool:
+    """A record whose checksum is right was written whole: whatever is wrong with it (an
+    unknown type, an undecodable payload) is not a torn write."""
+    return why.startswith(("unknown record type", "undecodable payload"))
+
+
+def find_record(data: bytes | memoryview, start: int, types: tuple[int, ...], *,
+                chained: bool = False) -> int | None:
+    """Position of the first valid record (header, CRC and type) at or after ``start``, or
+    None. Candidates are found by their type byte, so zeros and most garbage are skipped
+    at memchr speed, and only one with a plausible length costs a CRC. ``chained``: only
+    candidates that end at the end of the data or right before another plausible header
+    (see ``followed_at``)."""
+    raw = data if isinstance(data, bytes) else bytes(data)
+    view = memoryview(raw)
+    end = len(raw)
+    best: int | None = None
+    for rtype in types:
+        marker = bytes([rtype])
+        i = raw.find(marker, start + 8)
+        while i != -1:
+            pos = i - 8
+            if best is not None and pos >= best:
+                break
+            length, crc, _t = HEADER.unpack_from(raw, pos)
+            stop = pos + 8 + length
+            if 1 <= length <= end - pos - 8 and (not chained or stop == end or (
+                    end - stop >= HEADER_SIZE and raw[stop + 8] in types
+                    and 1 <= int.from_bytes(raw[stop: stop + 4], "big") <= end - stop - 8)) \
+                    and zlib.crc32(view[i: stop]) == crc:
+                best = pos
+                break
+            i = raw.find(marker, i + 1)
+    return best
+
+
+def followed_at(data: bytes | memoryview, pos: int, types: tuple[int, ...]) -> int | None:
+    """Where a valid record follows damage at ``pos`` (None: nothing valid after it, so a
+    torn tail if this is the last segment). Chained candidates are tried first: inside a
+    large damaged record of random bytes that skips nearly every CRC, and the next real
+    record is almost always followed by another one; the full search runs if that finds
+    nothing."""
+    nxt = find_record(data, pos + 1, types, chained=True)
+    return nxt if nxt is not None else find_record(data, pos + 1, types)
+
+
+@dataclass
+class Damage:
+    """One damaged span of a segment: from ``offset`` to ``end`` (the next valid record,
+    or the end of the file). ``salvaged``: the span is one record whose length field
+    alone was wrong (its checksum matches the span), so nothing in it was lost."""
+
+    offset: int
+    end: int
+    why: str
+    salvaged: bool = False
+
+    def describe(self) -> str:
+        if self.salvaged:
+            return (f"byte {self.offset}: {self.why}; the record's length field was wrong, "
+                    f"its content checks out and was kept")
+        return f"byte {self.offset}: {self.why}; dropped {self.end - self.offset} bytes"
+
+
+def resync(data: bytes | memoryview, pos: int, why: str, types: tuple[int, ...],
+           size: int = 0) -> Damage:
+    """The damaged span starting at ``pos``: up to the next valid record (``size``: the
+    damaged record's own size when its checksum was valid, so it is skipped whole)."""
+    if size:
+        return Damage(pos, pos + size, why)
+    nxt = find_record(data, pos + 1, types)
+    end = len(data) if nxt is None else nxt
+    d = Damage(pos, end, why)
+    if nxt is not None and end - pos > HEADER_SIZE:
+        _length, crc, rtype = HEADER.unpack_from(data, pos)
+        if rtype in types and zlib.crc32(data[pos + 8: end]) == crc:
+            d.salvaged = True
+    return d
+
+
+def reframe(data: bytes | memoryview, d: Damage) -> bytes:
+    """A salvaged span as a record again, with its length field corrected."""
+    _length, crc, rtype = HEADER.unpack_from(data, d.offset)
+    return HEADER.pack(d.end - d.offset - 8, crc, rtype) + bytes(data[d.offset + 9: d.end])
+
+
+def keep_torn(path: Path, offset: int, data: bytes | memoryview) -> Path:
+    """Save the bytes cut off a torn tail next to the segment (``<name>.<offset>.torn``,
+    never overwriting an earlier one) and fsync them before the segment is truncated, so
+    a truncation destroys nothing."""
+    n = 0
+    while True:
+        dest = path.with_name(f"{path.name}.{offset}{f'-{n}' if n else ''}.torn")
+        if not dest.exists():
+            break
+        n += 1
+    with open(dest, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(path.parent)
+    return dest
+
+
+def cut_torn_tail(path: Path, offset: int, data: bytes | memoryview) -> Path:
+    """Keep the bytes from ``offset`` on aside (``keep_torn``), then truncate there."""
+    dest = keep_torn(path, offset, data[offset:])
+    with open(path, "r+b") as f:
+        f.truncate(offset)
+        os.fsync(f.fileno())
+    return dest
+
+
+_COMMAND_TYPES = (REC_COMMANDS,)
+
+
+def iter_segment(path: Path, *, last: bool,
+                 damage: list[Damage] | None = None) -> Iterator[tuple[int, list[Any]]]:
     """Yield (offset, commands) per valid record.
 
-    A damaged record at the end of the *last* segment is a torn tail (a crash mid-write):
-    iteration stops by raising _TornTail with its offset (recover() truncates there).
-    Damage anywhere else raises CorruptLog naming the file and offset.
+    Damage is a torn tail (a crash mid-write) only when no valid record follows it in the
+    segment and the segment is the last one: iteration then stops by raising _TornTail
+    with its offset (recover() cuts it off and keeps the bytes aside). Any other damage
+    raises CorruptLog naming the file and offset, unless ``damage`` is given (--repair):
+    then each damaged span is recorded there and skipped, a record whose length field
+    alone was damaged is yielded whole, and iteration goes on with the next valid record.
     """
     data = path.read_bytes()
     end = len(data)
     pos = 0
     while pos < end:
-        why = ""
-        if end - pos < HEADER_SIZE:
-            why = "incomplete header"
-        else:
-            length, crc, rtype = HEADER.unpack_from(data, pos)
-            if length == 0 and not any(data[pos:]):
-                why = "zero-filled tail"
-            elif length < 1 or length > MAX_RECORD:
-                why = f"impossible length {length}"
-            elif pos + 4 + 4 + length > end:
-                why = "record runs past end of file"
+        why, size = check_record(data, pos, _COMMAND_TYPES)
+        commands: Any = None
+        if not why:
+            try:
+                commands = msgpack.unpackb(data[pos + 9: pos + size], raw=False,
+                                           strict_map_key=False)
+            except (ValueError, msgpack.UnpackException) as exc:
+                why = f"undecodable payload ({exc})"
+        if not why:
+            yield pos, commands
+            pos += size
+            continue
+        written = is_written(why)
+        rec_size = int(HEADER.unpack_from(data, pos)[0]) + 8 if written else 0
+        nxt = None if written else followed_at(data, pos, _COMMAND_TYPES)
+        if last and not written and nxt is None:
+            raise _TornTail(pos, why)
+        if damage is None:
+            detail = why if nxt is None else f"{why}; valid records follow at byte {nxt}"
+            raise CorruptLog(path, pos, detail)
+        d = resync(data, pos, why, _COMMAND_TYPES, rec_size)
+        damage.append(d)
+        if d.salvaged:
+            try:
+                commands = msgpack.unpackb(data[pos + 9: d.end], raw=False,
+                                           strict_map_key=False)
+            except (ValueError, msgpack.UnpackException):
+                d.salvaged = False
             else:
-                body = data[pos + 8 : pos + 8 + length]
-                if zlib.crc32(body) != crc:
-                    why = "checksum mismatch"
-                elif rtype != REC_COMMANDS:
-                    why = f"unknown record type {rtype}"
-        if why:
-            tail_only = why in ("incomplete header", "zero-filled tail",
-                                "record runs past end of file") or (
-                why == "checksum mismatch" and pos + 8 + length >= end)
-            if last and tail_only:
-                raise _TornTail(pos, why)
-            raise CorruptLog(path, pos, why)
-        try:
-            commands = msgpack.unpackb(data[pos + 9 : pos + 8 + length], raw=False,
-                                       strict_map_key=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise CorruptLog(path, pos, f"undecodable payload ({exc})") from None
-        yield pos, commands
-        pos += 8 + length
+                yield pos, commands
+        pos = d.end
 
 
 class _TornTail(Exception):
@@ -215,6 +367,14 @@ def _read_v1(path: Path) -> tuple[Any, Iterator[list[Any]]]:
     return head, iter(head.pop("messages", []))
 
 
+def verify_snapshot(path: Path) -> int:
+    """Read a snapshot just written back from disk, every record and entry (ValueError if
+    it does not check out); returns its entry count. Older snapshots are deleted only
+    once a newer one passed this."""
+    _head, entries = iter_snapshot(path)
+    return sum(1 for _ in entries)
+
+
 def read_snapshot(path: Path) -> Any:
     """Decode a whole snapshot: its head, with the entries (if any) under "entries"."""
     head, entries = iter_snapshot(path)
@@ -234,12 +394,79 @@ class Recovered:
     bytes_replayed: int
     batches: int = 0
     had_snapshot: bool = False
+    snapshot_index: int = 0  # the snapshot recovery started from (0: none)
+    fell_back: list[str] = field(default_factory=list)  # damaged snapshots skipped
+
+
+_SNAP_TYPES = (REC_SNAP_HEAD, REC_SNAP_ENTRIES, REC_SNAP_END)
+
+
+def salvage_snapshot(path: Path) -> tuple[Any, list[list[Any]], list[Damage]]:
+    """--repair of a damaged snapshot with nothing to fall back on: its head and every
+    entries record that still checks out (damaged spans are skipped as in a segment).
+    Raises CorruptLog when the head itself is lost: without it nothing can be rebuilt."""
+    data = path.read_bytes()
+    damage: list[Damage] = []
+    pos = len(SNAP_MAGIC)
+    if data[:pos] != SNAP_MAGIC:
+        damage.append(Damage(0, pos, "bad magic"))
+    head: Any = None
+    entries: list[list[Any]] = []
+    while pos < len(data):
+        why, size = check_record(data, pos, _SNAP_TYPES)
+        if why:
+            d = resync(data, pos, why, _SNAP_TYPES)
+            damage.append(d)
+            if not d.salvaged:
+                pos = d.end
+                continue
+            size = d.end - pos
+        rtype = data[pos + 8]
+        try:
+            obj = _unpack(data[pos + 9: pos + size])
+        except (ValueError, msgpack.UnpackException) as exc:
+            damage.append(Damage(pos, pos + size, f"undecodable payload ({exc})"))
+            obj = None
+        else:
+            if rtype == REC_SNAP_HEAD and head is None:
+                head = obj
+            elif rtype == REC_SNAP_ENTRIES:
+                entries.extend(obj)
+            elif rtype == REC_SNAP_END:
+                break
+        pos += size
+    if head is None:
+        at = damage[0].offset if damage else 0
+        raise CorruptLog(path, at, "the snapshot's head record (topology and queue "
+                         "indexes) is damaged: it cannot be rebuilt, even with --repair",
+                         "restore the data directory from a backup")
+    return head, entries, damage
+
+
+def _log_is_complete(segs: list[Path], start: int, has_snapshots: bool) -> str:
+    """Why the segments from ``start`` cannot rebuild the state, or "" if they can (all
+    present, none missing in between)."""
+    indexes = [_index(p.name) for p in segs if _index(p.name) >= start]
+    if start == 1 and has_snapshots and (not segs or _index(segs[0].name) > 1):
+        return "no readable snapshot and the log it covered is gone"
+    if start > 1 and indexes and indexes[0] != start:
+        return f"segment {start} (first after the snapshot) is missing"
+    for a, b in itertools.pairwise(indexes):
+        if b != a + 1:
+            return f"segment {a + 1} is missing"
+    return ""
 
 
 def recover(wal_dir: Path, *, repair: bool = False,
             on_snapshot: Callable[[Any, Iterator[list[Any]]], None] | None = None,
             on_batch: Callable[[list[Any]], None] | None = None) -> Recovered:
     """Read the newest valid snapshot and every later segment; fix a torn tail.
+
+    A damaged snapshot is skipped for the previous one (the broker keeps it and the log
+    after it until a newer snapshot is verified), automatically: replaying that longer
+    log gives the same state. The damaged file is set aside as ``*.corrupt`` once
+    recovery succeeds. With no usable fallback the start is refused; --repair then
+    rebuilds what the damaged snapshot still holds.
 
     With ``on_snapshot`` / ``on_batch`` the snapshot and each command batch are handed
     over as they are read (in order, snapshot first) instead of being collected, so
@@ -253,6 +480,7 @@ def recover(wal_dir: Path, *, repair: bool = False,
     snapshot = None
     entries: Iterator[list[Any]] = iter(())
     start = 1
+    damaged: list[tuple[Path, str]] = []
     for sp in reversed(snaps):
         try:
             if on_snapshot is None:
@@ -263,11 +491,35 @@ def recover(wal_dir: Path, *, repair: bool = False,
             break
         except (OSError, ValueError) as exc:
             log.error("snapshot %s is unreadable (%s); trying an older one", sp, exc)
-    if snapshot is None and snaps and (not segs or _index(segs[0].name) > 1):
-        raise CorruptLog(snaps[-1], 0, "no readable snapshot and the log it covered is gone")
+            damaged.append((sp, str(exc)))
+    quarantined: list[str] = []
+    gap = _log_is_complete(segs, start, bool(snaps))
+    rebuilt: Path | None = None
+    if gap and damaged:
+        # No fallback for the newest damaged snapshot: refuse, or rebuild from it.
+        newest, why = damaged[0]
+        if not repair:
+            raise CorruptLog(newest, 0, f"{why}; nothing to fall back on: {gap}")
+        rebuilt = newest
+        head, salvaged, snap_spans = salvage_snapshot(newest)
+        snapshot, entries, start = head, iter(salvaged), _index(newest.name)
+        if on_snapshot is None:
+            snapshot = dict(head, entries=salvaged)
+        msg = (f"{newest.name}: damaged ({why}) and nothing to fall back on; rebuilt from "
+               f"its intact records ({len(salvaged)} message entries kept; "
+               + "; ".join(d.describe() for d in snap_spans) + ")")
+        log.error(msg)
+        quarantined.append(msg)
+        damaged = [(newest, why)]
+        gap = _log_is_complete(segs, start, True)
+    if gap:
+        if not repair:
+            raise CorruptLog(wal_dir / (snap_name(start) if start > 1 else seg_name(1)), 0,
+                             gap)
+        msg = f"--repair: {gap}; replaying the segments that exist"
+        log.error(msg)
+        quarantined.append(msg)
     live = [p for p in segs if _index(p.name) >= start]
-    if snapshot is not None and live and _index(live[0].name) != start:
-        raise CorruptLog(live[0], 0, f"segment {start} (first after the snapshot) is missing")
     had_snapshot = snapshot is not None
     if on_snapshot is not None and snapshot is not None:
         try:
@@ -279,42 +531,52 @@ def recover(wal_dir: Path, *, repair: bool = False,
     sink = records.append if on_batch is None else on_batch
     batches = 0
     truncated: list[str] = []
-    quarantined: list[str] = []
     total = 0
     for i, path in enumerate(live):
         last = i == len(live) - 1
         in_segment = 0
+        spans: list[Damage] | None = [] if repair else None
         try:
-            for _off, commands in iter_segment(path, last=last):
+            for _off, commands in iter_segment(path, last=last, damage=spans):
                 sink(commands)
                 in_segment += 1
             total += path.stat().st_size
         except _TornTail as torn:
             size = path.stat().st_size
-            with open(path, "r+b") as f:
-                f.truncate(torn.offset)
-                os.fsync(f.fileno())
+            kept = cut_torn_tail(path, torn.offset, path.read_bytes())
             msg = (f"{path.name}: torn tail at byte {torn.offset} ({torn.why}); truncated "
-                   f"{size - torn.offset} bytes")
+                   f"{size - torn.offset} bytes (kept in {kept.name})")
             log.warning(msg)
             truncated.append(msg)
             total += torn.offset
-        except CorruptLog as exc:
-            if not repair:
-                raise
-            # What came before the damage was already handed over (iter_segment yielded
-            # it); set the segment aside and carry on.
-            dest = path.with_suffix(".corrupt")
-            path.rename(dest)
-            msg = (f"{path.name}: damaged at byte {exc.offset}; replayed the "
-                   f"{in_segment} records before it and quarantined the file as {dest.name}")
-            log.error(msg)
-            quarantined.append(msg)
         finally:
             batches += in_segment
+        if spans:
+            # Every valid record of the segment was replayed; set the file aside as it
+            # was (Durability then snapshots the repaired state).
+            dest = path.with_suffix(".corrupt")
+            path.rename(dest)
+            dropped = sum(1 for d in spans if not d.salvaged)
+            msg = (f"{path.name}: damaged at byte {spans[0].offset}; replayed the "
+                   f"{in_segment} valid records, dropped {dropped} damaged ones ("
+                   + "; ".join(d.describe() for d in spans)
+                   + f") and quarantined the file as {dest.name}")
+            log.error(msg)
+            quarantined.append(msg)
+    fell_back: list[str] = []
+    for sp, why in damaged:
+        dest = sp.with_suffix(".corrupt")
+        sp.rename(dest)
+        if sp != rebuilt:
+            msg = (f"snapshot {sp.name} is damaged ({why}); recovered automatically from "
+                   + (f"the previous snapshot {snap_name(start)}" if had_snapshot and
+                      start < _index(sp.name) else "the start of the log")
+                   + f" and the log after it; the damaged file is kept as {dest.name}")
+            log.warning(msg)
+            fell_back.append(msg)
     next_seg = max([_index(p.name) for p in segs] + [start - 1, 0]) + 1
     return Recovered(snapshot, records, next_seg, truncated, quarantined, total, batches,
-                     had_snapshot)
+                     had_snapshot, start if had_snapshot else 0, fell_back)
 
 
 # ---------------------------------------------------------------------- writing

@@ -109,8 +109,9 @@ def cli() -> None:
 @click.option("--wire-compression/--no-wire-compression", "wire_compression", default=None,
               help="Allow clients to negotiate zstd-compressed batches [allowed].")
 @click.option("--repair", is_flag=True, default=None,
-              help="Start even if the log is damaged mid-file: replay up to the damage and "
-                   "set the damaged segment aside as *.corrupt.")
+              help="Start even if a log or stream segment or a snapshot is corrupt: keep "
+                   "every valid record, drop the damaged ones (originals kept as "
+                   "*.corrupt) and log what was dropped; see README, Durability.")
 @limit_options
 @flow_options
 @security_options
@@ -144,8 +145,8 @@ def server(host: str | None, port: int | None, data_dir: str | None, config_path
     try:
         run(cfg)
     except CorruptLog as exc:
-        click.echo(f"mq-cli: refusing to start: {exc}. Nothing was changed; start with "
-                   "--repair to replay up to the damage and set the segment aside.", err=True)
+        click.echo(f"mq-cli: refusing to start: {exc}. Nothing was changed; {exc.hint}.",
+                   err=True)
         sys.exit(1)
     except DataDirLocked as exc:
         click.echo(f"mq-cli: {exc}", err=True)

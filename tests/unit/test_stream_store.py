@@ -4,6 +4,7 @@ tails, retention; and the stream model's groups (broker.stream) without a networ
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from broker.message import Message, QueuedMessage
 from broker.queue import Consumer
 from broker.stream import Stream, StreamConsumer
 from broker.stream_store import INDEX, StreamLog, seg_file
+from broker.wal import CorruptLog
 from protocol import InvalidArgument
 
 
@@ -211,3 +213,169 @@ def test_groups_share_and_commit(tmp_path: Path) -> None:
     assert g.committed == 10
     s.save_groups(sync=True)
     assert os.path.exists(s.log.dir / "groups")
+
+
+# --------------------------------------------------------------------------- damage rules
+
+
+def _filled(tmp_path: Path, n: int = 1000, **kw: Any) -> StreamLog:
+    """A closed stream of ``n`` one-entry records over several 64 KiB segments, each
+    with several index entries."""
+    kw.setdefault("segment_bytes", 64 << 10)
+    slog = _log(tmp_path, **kw)
+    for i in range(n):
+        slog.append([(1000 + i, "", "k", {}, b"v" * 100)])
+    slog.close()
+    return slog
+
+
+def _record_starts(path: Path) -> list[int]:
+    data = path.read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        out.append(pos)
+        pos += 8 + int.from_bytes(data[pos:pos + 4], "big")
+    return out
+
+
+def _dir_contents(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def _all_offsets(slog: StreamLog) -> list[int]:
+    slog._cache.clear()
+    return [e[0] for e in slog.read(0, 100_000, 1 << 30)]
+
+
+NOT_A_RECORD = {
+    "random-garbage": random.Random(11).randbytes(3000),
+    "zeros": bytes(20_000),
+    "impossible-length": (0xFFFF_FF00).to_bytes(4, "big") + bytes(4) + b"\x10rest",
+}
+
+
+@pytest.mark.parametrize("tail", NOT_A_RECORD.values(), ids=NOT_A_RECORD.keys())
+def test_bytes_that_are_no_record_after_the_last_one_are_cut_and_kept(
+        tmp_path: Path, tail: bytes) -> None:
+    slog = _filled(tmp_path)
+    path = slog.segments[-1].path
+    good = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(tail)
+    again = _log(tmp_path, segment_bytes=64 << 10)
+    assert again.head == 1000 and _all_offsets(again) == list(range(1000))
+    assert path.stat().st_size == good
+    torn = path.with_name(f"{path.name}.{good}.torn")
+    assert torn.read_bytes() == tail and torn.name in again.truncated
+    again.close()
+
+
+@pytest.mark.parametrize("where", ["newest", "older"])
+def test_flipped_length_byte_refuses_then_repair_keeps_everything(
+        tmp_path: Path, where: str) -> None:
+    slog = _filled(tmp_path)
+    assert len(slog.segments) >= 2
+    path = slog.segments[-1 if where == "newest" else 0].path
+    off = _record_starts(path)[len(_record_starts(path)) // 2]
+    data = bytearray(path.read_bytes())
+    data[off + 1] ^= 0x01  # the length field: the record now seems to run past the end
+    path.write_bytes(bytes(data))
+    before = _dir_contents(tmp_path / "s")
+    with pytest.raises(CorruptLog) as info:
+        _log(tmp_path, segment_bytes=64 << 10)
+    assert info.value.path == path and info.value.offset == off
+    assert f"{path}: damaged record at byte offset {off}" in str(info.value)
+    assert "valid records follow" in str(info.value)
+    assert _dir_contents(tmp_path / "s") == before  # nothing truncated
+
+    fixed = _log(tmp_path, segment_bytes=64 << 10, repair=True)
+    assert _all_offsets(fixed) == list(range(1000))
+    assert len(fixed.repaired) == 1 and "nothing lost" in fixed.repaired[0]
+    assert path.with_name(path.name + ".corrupt").read_bytes() == before[path.name]
+    fixed.close()
+    assert _all_offsets(_log(tmp_path, segment_bytes=64 << 10)) == list(range(1000))
+
+
+def test_damage_in_an_older_segment_refuses_instead_of_skipping_offsets(
+        tmp_path: Path) -> None:
+    """Damage early in an older segment (before its last index hint) is found on open:
+    no reader silently skips the rest of that segment."""
+    slog = _filled(tmp_path)
+    first = slog.segments[0]
+    assert len(first.index) > 2
+    starts = _record_starts(first.path)
+    victim = starts[10]
+    data = bytearray(first.path.read_bytes())
+    data[victim + 30] ^= 0x5A  # inside record 10's payload
+    first.path.write_bytes(bytes(data))
+    before = _dir_contents(tmp_path / "s")
+    with pytest.raises(CorruptLog) as info:
+        _log(tmp_path, segment_bytes=64 << 10)
+    assert info.value.path == first.path and info.value.offset == victim
+    assert "checksum mismatch" in str(info.value)
+    assert _dir_contents(tmp_path / "s") == before
+
+    fixed = _log(tmp_path, segment_bytes=64 << 10, repair=True)
+    assert _all_offsets(fixed) == [i for i in range(1000) if i != 10]
+    assert "lost offsets 10..10" in fixed.repaired[0]
+    fixed.close()
+
+
+def test_torn_tail_of_an_older_segment_is_not_a_torn_tail(tmp_path: Path) -> None:
+    slog = _filled(tmp_path)
+    first = slog.segments[0].path
+    with open(first, "r+b") as f:
+        f.truncate(first.stat().st_size - 5)
+    with pytest.raises(CorruptLog, match="not the last segment"):
+        _log(tmp_path, segment_bytes=64 << 10)
+    fixed = _log(tmp_path, segment_bytes=64 << 10, repair=True)
+    n = slog.segments[1].first
+    assert _all_offsets(fixed) == [i for i in range(1000) if i != n - 1]
+    assert f"lost offsets from {n - 1}" in fixed.repaired[0]
+    fixed.close()
+
+
+FLIP_ROUNDS = int(os.environ.get("CONVEYOR_FLIP_ROUNDS", "40"))
+
+
+def test_any_flipped_byte_is_refused_or_cut_aside_never_lost(tmp_path: Path) -> None:
+    """Flip one bit anywhere in a one-segment stream of 150 one-entry records (so several
+    index hints): open refuses naming the damaged record, or (last record only) cuts it
+    into *.torn; --repair loses at most that record's offset. CONVEYOR_FLIP_ROUNDS sets
+    the rounds (40 here)."""
+    rng = random.Random(3)
+    src = tmp_path / "src"
+    slog = StreamLog(src / "s", segment_bytes=1 << 20).open()
+    for i in range(150):
+        slog.append([(1000 + i, "", "k", {}, bytes([i]) * 40)])
+    slog.close()
+    seg = slog.segments[0]
+    assert len(seg.index) > 1
+    clean = seg.path.read_bytes()
+    idx = seg.idx_path.read_bytes()
+    starts = _record_starts(seg.path)
+    for r in range(FLIP_ROUNDS):
+        d = tmp_path / f"r{r}"
+        (d / "s").mkdir(parents=True)
+        at = rng.randrange(len(clean))
+        damaged = bytearray(clean)
+        damaged[at] ^= 1 << rng.randrange(8)
+        path = d / "s" / seg.path.name
+        path.write_bytes(bytes(damaged))
+        (d / "s" / seg.idx_path.name).write_bytes(idx)
+        victim = max(k for k, s in enumerate(starts) if s <= at)
+        try:
+            again = StreamLog(d / "s", segment_bytes=1 << 20).open()
+        except CorruptLog as exc:
+            assert exc.offset == starts[victim] and victim < len(starts) - 1, (at, exc)
+            assert path.read_bytes() == bytes(damaged)
+            fixed = StreamLog(d / "s", segment_bytes=1 << 20, repair=True).open()
+            got = _all_offsets(fixed)
+            assert got in (list(range(150)), [i for i in range(150) if i != victim]), at
+            fixed.close()
+        else:
+            assert victim == len(starts) - 1, at
+            assert _all_offsets(again) == list(range(149))
+            torn = path.with_name(f"{path.name}.{starts[victim]}.torn")
+            assert torn.read_bytes() == bytes(damaged[starts[victim]:])
+            again.close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import random
 import time
 import zlib
 from pathlib import Path
@@ -414,9 +416,108 @@ def test_torn_tail_of_last_segment_is_truncated(tmp_path: Path, tail: bytes) -> 
     assert path.name in rec.truncated[0] and f"byte {good}" in rec.truncated[0]
     assert rec.quarantined == []
     assert rec.next_segment == 3
+    assert torn_files(tmp_path) == {f"{path.name}.{good}.torn": tail}  # nothing destroyed
     # the repaired file is a clean log now
     rec2 = recover(tmp_path)
     assert ids_of(rec2.records) == [1, 2, 3, 4, 5] and rec2.truncated == []
+
+
+def torn_files(wal_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in wal_dir.glob("*.torn")}
+
+
+def garbage(n: int, seed: int = 7) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+# Bytes after the last record that are no record at all: a power loss, not corruption.
+NOT_A_RECORD = {
+    "random-garbage": garbage(5000),
+    "zeros": bytes(20_000),
+    "impossible-length": HEADER.pack(0xFFFF_FFF0, 0, wal.REC_COMMANDS) + b"rest",
+    "garbage-after-zeros": bytes(4096) + garbage(300, 3),
+}
+
+
+@pytest.mark.parametrize("tail", NOT_A_RECORD.values(), ids=NOT_A_RECORD.keys())
+def test_bytes_that_are_no_record_after_the_last_one_are_a_torn_tail(
+        tmp_path: Path, tail: bytes) -> None:
+    path = write_segment(tmp_path, 1, list(range(1, 31)), tail)
+    good = path.stat().st_size - len(tail)
+    rec = recover(tmp_path)
+    assert ids_of(rec.records) == list(range(1, 31))
+    assert path.stat().st_size == good
+    assert rec.quarantined == [] and len(rec.truncated) == 1
+    assert f"{path.name}.{good}.torn" in rec.truncated[0]
+    assert torn_files(tmp_path) == {f"{path.name}.{good}.torn": tail}
+    assert ids_of(recover(tmp_path).records) == list(range(1, 31))  # clean from now on
+
+
+def test_a_second_torn_tail_at_the_same_offset_keeps_the_first(tmp_path: Path) -> None:
+    path = write_segment(tmp_path, 1, [1], b"first tail")
+    recover(tmp_path)
+    with open(path, "ab") as f:
+        f.write(b"second tail")
+    recover(tmp_path)
+    assert sorted(torn_files(tmp_path).values()) == [b"first tail", b"second tail"]
+
+
+def lengthen(path: Path, off: int, by: int) -> None:
+    """Add ``by`` to the length field of the record at ``off`` (a flipped length byte)."""
+    data = bytearray(path.read_bytes())
+    length = HEADER.unpack_from(data, off)[0]
+    data[off:off + 4] = (length + by).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("by", [1 << 16, 1 << 8, 5], ids=["past-eof", "mid-file", "small"])
+def test_flipped_length_byte_mid_newest_segment_refuses(tmp_path: Path, by: int) -> None:
+    """A damaged length makes the record look like it runs past the end (or into the next
+    one); valid records follow it, so it is corruption, not a torn tail."""
+    write_segment(tmp_path, 1, [0])
+    path = write_segment(tmp_path, 2, list(range(1, 101)))
+    off = offsets(path)[10]
+    lengthen(path, off, by)
+    before = dir_contents(tmp_path)
+    with pytest.raises(CorruptLog) as info:
+        recover(tmp_path)
+    assert info.value.path == path and info.value.offset == off
+    assert f"{path}: damaged record at byte offset {off}" in str(info.value)
+    assert "valid records follow" in str(info.value)
+    assert dir_contents(tmp_path) == before  # nothing cut, nothing lost
+
+    # --repair: only the length field was wrong, so the record is kept; nothing is lost
+    rec = recover(tmp_path, repair=True)
+    assert ids_of(rec.records) == list(range(0, 101))
+    assert len(rec.quarantined) == 1 and "length field was wrong" in rec.quarantined[0]
+    assert "dropped 0 damaged" in rec.quarantined[0]
+    assert (tmp_path / (path.stem + ".corrupt")).read_bytes() == before[path.name]
+
+
+def test_repair_drops_a_damaged_span_and_keeps_what_follows(tmp_path: Path) -> None:
+    path = write_segment(tmp_path, 1, list(range(1, 11)))
+    offs = offsets(path)
+    data = bytearray(path.read_bytes())
+    data[offs[3]: offs[5]] = garbage(offs[5] - offs[3])  # records 4 and 5 overwritten
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptLog) as info:
+        recover(tmp_path)
+    assert info.value.offset == offs[3]
+    rec = recover(tmp_path, repair=True)
+    assert ids_of(rec.records) == [1, 2, 3, 6, 7, 8, 9, 10]
+    (msg,) = rec.quarantined
+    assert "dropped 1 damaged" in msg and f"dropped {offs[5] - offs[3]} bytes" in msg
+
+
+def test_checksum_valid_record_of_unknown_type_at_the_end_is_not_a_torn_tail(
+        tmp_path: Path) -> None:
+    """A record whose checksum is right was written whole: not a crash mid-write."""
+    write_segment(tmp_path, 1, [1, 2], frame_record(b"\x90", rtype=99))
+    with pytest.raises(CorruptLog) as info:
+        recover(tmp_path)
+    assert "unknown record type 99" in str(info.value)
+    rec = recover(tmp_path, repair=True)
+    assert ids_of(rec.records) == [1, 2] and len(rec.quarantined) == 1
 
 
 def test_torn_first_record_leaves_an_empty_segment(tmp_path: Path) -> None:
@@ -502,15 +603,16 @@ def test_repair_replays_prefix_quarantines_and_continues(tmp_path: Path) -> None
     flip(seg1, off + HEADER_SIZE + 5)  # record 3 of segment 1
     damaged = seg1.read_bytes()
     rec = recover(tmp_path, repair=True)
-    # records 1, 2 (before the damage) exactly once, then every later segment
-    assert ids_of(rec.records) == [1, 2, 5, 6, 7]
+    # every valid record exactly once (1, 2, 4: only 3 is damaged), then every later
+    # segment
+    assert ids_of(rec.records) == [1, 2, 4, 5, 6, 7]
     assert not seg1.exists()
     corrupt = tmp_path / (seg1.stem + ".corrupt")
     assert corrupt.read_bytes() == damaged  # set aside unchanged
     assert len(rec.quarantined) == 1
     msg = rec.quarantined[0]
     assert seg1.name in msg and corrupt.name in msg and f"byte {off}" in msg
-    assert "2 records" in msg
+    assert "3 valid records, dropped 1 damaged" in msg
     assert rec.truncated == []
     assert rec.next_segment == 4
     assert seg3.exists()
@@ -525,7 +627,7 @@ def test_repair_of_the_last_segment(tmp_path: Path) -> None:
     seg2 = write_segment(tmp_path, 2, [2, 3, 4])
     flip(seg2, offsets(seg2)[1] + HEADER_SIZE + 3)
     rec = recover(tmp_path, repair=True)
-    assert ids_of(rec.records) == [1, 2]
+    assert ids_of(rec.records) == [1, 2, 4]
     assert (tmp_path / (seg2.stem + ".corrupt")).exists()
     assert rec.next_segment == 3  # new appends never go to the quarantined index
 
@@ -715,7 +817,7 @@ async def test_failure_opening_the_next_segment_leaves_the_store_usable(
 
 
 def test_repaired_state_survives_the_next_restart(tmp_path: Path) -> None:
-    """--repair replays the valid prefix of a quarantined segment; that state must be made
+    """--repair replays the valid records of a quarantined segment; that state must be made
     durable, since the next start no longer reads the *.corrupt file."""
     def pub(i: int) -> list[list[Any]]:
         return [["p", i, ["q"], "", "q", {}, f"m{i}".encode()]]
@@ -739,10 +841,10 @@ def test_repaired_state_survives_the_next_restart(tmp_path: Path) -> None:
 
     with pytest.raises(CorruptLog):
         queue_bodies(repair=False)
-    assert queue_bodies(repair=True) == [b"m1", b"m4"]
+    assert queue_bodies(repair=True) == [b"m1", b"m3", b"m4"]
     assert (wal_dir / (seg1.stem + ".corrupt")).exists()
-    assert queue_bodies(repair=False) == [b"m1", b"m4"]
-    assert queue_bodies(repair=False) == [b"m1", b"m4"]
+    assert queue_bodies(repair=False) == [b"m1", b"m3", b"m4"]
+    assert queue_bodies(repair=False) == [b"m1", b"m3", b"m4"]
 
 
 @pytest.mark.parametrize("fsync", ["always", "never"])
@@ -765,3 +867,155 @@ async def test_segments_rotate_by_size_and_recover_in_order(tmp_path: Path, fsyn
     assert rec.records == [] and rec.batches == 200
     assert [b[0][1] for b in streamed] == list(range(1, 201))
     assert rec.next_segment == len(segs) + 1
+
+
+# --------------------------------------------------------------------------- snapshot generations
+
+
+def pub(i: int) -> list[list[Any]]:
+    return [["p", i, ["q"], "", "q", {}, f"m{i}".encode()]]
+
+
+def queue_log(wal_dir: Path, ids: list[int]) -> None:
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    (wal_dir / seg_name(1)).write_bytes(b"".join(
+        frame_record(msgpack.packb(b, use_bin_type=True))
+        for b in ([["qd", "q", False, {}]], *(pub(i) for i in ids))))
+
+
+def open_bodies(data_dir: Path, repair: bool = False) -> list[bytes]:
+    d = Durability(Config(data_dir=str(data_dir), repair=repair))
+    try:
+        broker = d.open()
+        bodies = [qm.message.body for qm in broker.queues["q"].iter_messages()]
+        return [b for b in bodies if b is not None]  # small bodies: never paged out
+    finally:
+        d.close()
+
+
+async def test_snapshots_keep_the_previous_generation(tmp_path: Path) -> None:
+    wal_dir = tmp_path / "wal"
+    queue_log(wal_dir, [1, 2, 3])
+    d = Durability(Config(data_dir=str(tmp_path)))
+    d.open()
+    try:
+        first = await d.snapshot()
+        assert (wal_dir / seg_name(1)).exists()  # no previous snapshot: the whole log stays
+        second = await d.snapshot()
+        # the first snapshot (and the log after it) stays until a newer one is verified
+        assert sorted(wal_dir.glob("snap-*.snap")) == [first, second]
+        assert not (wal_dir / seg_name(1)).exists()
+        third = await d.snapshot()
+        assert sorted(wal_dir.glob("snap-*.snap")) == [second, third]
+    finally:
+        d.close()
+    flip(third, third.stat().st_size // 2)
+    assert open_bodies(tmp_path) == [b"m1", b"m2", b"m3"]
+    assert third.with_suffix(".corrupt").exists() and not third.exists()
+
+
+async def test_a_snapshot_that_does_not_read_back_deletes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wal_dir = tmp_path / "wal"
+    queue_log(wal_dir, [1, 2])
+    d = Durability(Config(data_dir=str(tmp_path)))
+    d.open()
+    try:
+        first = await d.snapshot()
+        second = await d.snapshot()
+        real = wal.write_snapshot
+
+        def bad_write(*args: Any) -> tuple[Path, int]:
+            path, size = real(*args)
+            flip(path, size - 3)  # the disk returned something else than was written
+            return path, size
+
+        monkeypatch.setattr("broker.durability.write_snapshot", bad_write)
+        with pytest.raises(OSError, match="did not read back"):
+            await d.snapshot()
+        assert sorted(wal_dir.glob("snap-*.snap")) == [first, second]
+        assert len(list(wal_dir.glob("snap-*.corrupt"))) == 1
+    finally:
+        d.close()
+    assert open_bodies(tmp_path) == [b"m1", b"m2"]
+
+
+def test_damaged_snapshot_without_a_fallback_refuses_then_repair_rebuilds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data directory whose previous generation is gone: startup refuses; --repair keeps
+    the snapshot's head and every entries record that checks out, and says what was lost."""
+    monkeypatch.setattr(wal, "SNAP_CHUNK_BYTES", 200)
+    head = {"next_id": 31, "exchanges": [], "bindings": [], "queues": [["q", False, {}]],
+            "queue_messages": {"q": [[i, 0] for i in range(1, 31)]}}
+    entries = [[i, "", "q", {}, 0, f"m{i}".encode() * 10] for i in range(1, 31)]
+    write_segment(tmp_path / "wal", 5, [])
+    path, _ = write_snapshot(tmp_path / "wal", 5, head, entries)
+    recs = [off for off, _ in _snapshot_offsets(path)]
+    flip(path, recs[2] + 20)  # inside the second entries record
+    before = dir_contents(tmp_path / "wal")
+    with pytest.raises(CorruptLog) as info:
+        open_bodies(tmp_path)
+    assert snap_name(5) in str(info.value) and "nothing to fall back on" in str(info.value)
+    assert dir_contents(tmp_path / "wal") == before
+
+    bodies = open_bodies(tmp_path, repair=True)
+    assert 0 < len(bodies) < 30
+    assert bodies == [f"m{i}".encode() * 10 for i in range(1, 31)
+                      if f"m{i}".encode() * 10 in bodies]
+    assert (tmp_path / "wal" / (path.stem + ".corrupt")).read_bytes() == before[path.name]
+    assert open_bodies(tmp_path) == bodies  # the repaired state was snapshotted
+
+
+def _snapshot_offsets(path: Path) -> list[tuple[int, int]]:
+    """(offset, type) of each record of a snapshot file."""
+    data = path.read_bytes()
+    pos, out = len(wal.SNAP_MAGIC), []
+    while pos < len(data):
+        length, _crc, rtype = HEADER.unpack_from(data, pos)
+        out.append((pos, rtype))
+        pos += 8 + length
+    return out
+
+
+def test_damaged_snapshot_head_cannot_be_repaired(tmp_path: Path) -> None:
+    write_segment(tmp_path / "wal", 5, [])
+    path, _ = write_snapshot(tmp_path / "wal", 5, {"next_id": 1, "queues": []})
+    flip(path, len(wal.SNAP_MAGIC) + HEADER_SIZE + 2)
+    with pytest.raises(CorruptLog, match="cannot be rebuilt, even with --repair"):
+        recover(tmp_path / "wal", repair=True)
+
+
+# --------------------------------------------------------------------------- any single flip
+
+FLIP_ROUNDS = int(os.environ.get("CONVEYOR_FLIP_ROUNDS", "60"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_any_flipped_byte_is_refused_or_cut_aside_never_lost(tmp_path: Path, seed: int) -> None:
+    """Flip one byte anywhere in the newest segment: recovery either refuses naming the
+    damaged record, or (in the last record only) cuts it off into a *.torn file; --repair
+    then loses at most that record. CONVEYOR_FLIP_ROUNDS sets the rounds (60 here)."""
+    rng = random.Random(seed)
+    ids = list(range(1, 41))
+    clean = b"".join(record(i) for i in ids)
+    starts = [sum(len(record(i)) for i in ids[:k]) for k in range(len(ids))]
+    for r in range(FLIP_ROUNDS):
+        d = tmp_path / f"r{r}"
+        path = write_segment(d, 1, [])
+        at = rng.randrange(len(clean))
+        damaged = bytearray(clean)
+        damaged[at] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(damaged))
+        victim = max(k for k, s in enumerate(starts) if s <= at)
+        try:
+            rec = recover(d)
+        except CorruptLog as exc:
+            assert exc.offset == starts[victim] and victim < len(ids) - 1, (at, exc)
+            assert path.read_bytes() == bytes(damaged)
+            got = ids_of(recover(d, repair=True).records)
+            assert got in (ids, ids[:victim] + ids[victim + 1:]), (at, got)
+        else:
+            assert victim == len(ids) - 1, at  # only the last record can be a torn tail
+            assert ids_of(rec.records) == ids[:-1]
+            assert torn_files(d) == {f"{path.name}.{starts[victim]}.torn":
+                                     bytes(damaged[starts[victim]:])}
