@@ -66,6 +66,11 @@ class Config:
     # HTTP listener (broker.http: management API, REST gateway, /metrics, dashboard) on
     # `host`: -1 = off, 0 = any free port (printed as "conveyor http listening on ...").
     http_port: int = -1
+    # Host names (comma-separated) anonymous HTTP callers may use besides localhost,
+    # 127.0.0.1 and [::1] (broker.http.common.check_anonymous: DNS rebinding).
+    http_allowed_hosts: str = ""
+    # Serve HTTP over TLS with tls_cert/tls_key (and tls_ca: client certificates).
+    http_tls: bool = False
     # Resource limits (broker.limits; each refusal is a typed error, see spec "Limits").
     max_headers: int = limits.DEFAULT_MAX_HEADERS
     max_header_bytes: int = limits.DEFAULT_MAX_HEADER_BYTES
@@ -121,6 +126,8 @@ class Config:
         if self.http_port > 0 and self.http_port in (self.port if self.plain else -1,
                                                      self.tls_port if self.tls_cert else -1):
             raise ConfigError(f"http_port {self.http_port} is also a broker port")
+        if self.http_tls and not self.tls_cert:
+            raise ConfigError("http_tls needs tls_cert and tls_key")
         if self.allow_anonymous and self.require_auth:
             raise ConfigError("allow_anonymous and require_auth contradict each other")
         bad_limit = limits.validate(self)
