@@ -57,6 +57,8 @@ MAX_PATTERNS = 256
 # checked as "configure on amq.gen-" (grant "amq.gen-*" to allow them).
 SERVER_NAMED_PREFIX = "amq.gen-"
 _CACHE_MAX = 4096
+# Open connections' tokens are re-checked (expiry, revocation list) this often, seconds.
+TOKEN_RECHECK_S = 1.0
 
 
 # ---------------------------------------------------------------------- permissions
@@ -556,6 +558,25 @@ class Authenticator:
         else:
             log.info("listening on non-loopback %s: other hosts must authenticate with a "
                      "token; anonymous connections only from loopback peers", self.host)
+
+    def still_valid(self, principal: Principal, now: float | None = None
+                    ) -> AuthenticationFailed | None:
+        """Why an open connection's token no longer holds (expired, revoked), or None.
+        The transport asks every ``TOKEN_RECHECK_S`` and closes the connection with the
+        error (401 authentication-failed)."""
+        if not principal.token_id:
+            return None
+        t = time.time() if now is None else now
+        if principal.expires_at and t >= principal.expires_at:
+            return AuthenticationFailed(
+                f"token {principal.token_id} expired at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(principal.expires_at))}",
+                {"reason": "expired"})
+        v = self.verifier
+        if v is not None and v.revoked is not None and principal.token_id in v.revoked:
+            return AuthenticationFailed(f"token {principal.token_id} has been revoked",
+                                        {"reason": "revoked"})
+        return None
 
     def anonymous_ok(self, peer_ip: str) -> bool:
         if self.require_auth:

@@ -77,6 +77,7 @@ class Config:
     max_connections: int = limits.DEFAULT_MAX_CONNECTIONS
     max_connections_per_subject: int = limits.DEFAULT_MAX_CONNECTIONS_PER_SUBJECT
     max_queues: int = limits.DEFAULT_MAX_QUEUES
+    max_queues_per_subject: int = limits.DEFAULT_MAX_QUEUES_PER_SUBJECT
     max_consumers_per_connection: int = limits.DEFAULT_MAX_CONSUMERS_PER_CONNECTION
     # Publisher flow control (broker.flow; spec section 12 "Publisher flow control").
     publish_credit_messages: int = flow.DEFAULT_CREDIT_MESSAGES

@@ -17,11 +17,11 @@ import socket
 import time
 from typing import Any, cast
 
-from broker.auth import Authenticator
+from broker.auth import TOKEN_RECHECK_S, Authenticator
 from broker.config import Config
 from broker.core import Broker
 from broker.flow import FlowControl
-from broker.limits import ConnectionCounter, Limits
+from broker.limits import ConnectionCounter, Limits, connection_subject
 from broker.session import Session
 from broker.tls import server_context
 from protocol import (
@@ -217,8 +217,8 @@ class BrokerProtocol(asyncio.Protocol):
         self.session.principal = principal
         self.session.runs = self.conn.peer_minor >= 1  # DELIVER_RUN is 1.1
         try:  # max_connections, max_connections_per_subject: ERROR 506 instead of OPEN_OK
-            self.server.connections.admit(self.broker.limits, self,
-                                          self.session.principal.subject)
+            self.server.connections.admit(self.broker.limits, self, connection_subject(
+                principal.subject, principal.anonymous, self.peer_ip))
         except ConveyorError as exc:
             self.session.close()
             self.session = None
@@ -356,6 +356,7 @@ class BrokerServer:
         self._server: asyncio.Server | None = None  # plain TCP (config.plain)
         self._tls_server: asyncio.Server | None = None  # config.tls_cert + tls_key
         self._timer: asyncio.TimerHandle | None = None
+        self._recheck: asyncio.TimerHandle | None = None  # tokens of open connections
 
     @property
     def port(self) -> int:
@@ -390,6 +391,27 @@ class BrokerServer:
                      self.tls_port, " (client certificates required)" if cfg.tls_ca else "")
         self.broker.timer_hook = self._arm_timer
         self.broker.start_timers()
+        self._recheck = loop.call_later(TOKEN_RECHECK_S, self._recheck_tokens)
+
+    def _recheck_tokens(self) -> None:
+        """Close every open connection whose token expired or was revoked since AUTH
+        (ERROR 401 authentication-failed), at most ``TOKEN_RECHECK_S`` late. One stat of
+        the revocation list per round, one comparison per token connection."""
+        now = time.time()
+        closed = False
+        for p in list(self.protocols):
+            s = p.session
+            if s is None or not s.principal.token_id or p._closing:
+                continue
+            err = self.auth.still_valid(s.principal, now)
+            if err is not None:
+                p._close_reason = f"closed by the broker: {err.message}"
+                p._fatal(err)
+                closed = True
+        if closed:
+            self.broker.pump()
+        self._recheck = asyncio.get_running_loop().call_later(TOKEN_RECHECK_S,
+                                                              self._recheck_tokens)
 
     def _arm_timer(self, delay: float) -> None:
         """The broker's earliest timer moved: one loop timer calls Broker.tick then."""
@@ -409,6 +431,9 @@ class BrokerServer:
         self.broker.timer_hook = None
         if self._timer is not None:
             self._timer.cancel()
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         protos = list(self.protocols)
         err = ConnectionForced("server shutting down")
         for p in protos:

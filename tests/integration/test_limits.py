@@ -175,7 +175,7 @@ async def test_max_connections_per_subject(broker_factory: Callable[..., BrokerP
     try:
         err = await _refused(connect(b.url), RESOURCE_ERROR)
         assert err.details["limit"] == "max_connections_per_subject"
-        assert err.details["subject"] == "anonymous"
+        assert err.details["subject"] == "anonymous@127.0.0.1"  # anonymous: per address
         await conns[1].close()
         conns[1] = await connect(b.url)
         await conns[1].declare_queue("subj", exclusive=True)

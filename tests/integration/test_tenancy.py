@@ -1,0 +1,223 @@
+"""Tenancy against a real broker over 127.0.0.1: queue and connection quotas per subject,
+a token's rate shared by all its connections, and tokens that expire or are revoked while
+their connections are open."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+import client
+from protocol import ResourceError
+from tests.broker_process import BrokerProcess
+from tests.conformance import wire
+from tests.integration.helpers import WAIT, connect, queue_info, take, wait_until
+from tests.integration.http_helpers import cli
+
+pytestmark = pytest.mark.timeout(90)
+ADMIN = ("--configure", "*", "--write", "*", "--read", "*")
+
+
+async def make_token(b: BrokerProcess, subject: str, *args: str) -> str:
+    p = await cli("token", "create", "--subject", subject, "--data-dir", str(b.data_dir), *args)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.decode().strip()
+
+
+async def test_queue_quota_is_per_subject(broker_factory: Callable[..., BrokerProcess]) -> None:
+    b = broker_factory("--max-queues-per-subject", "3")
+    greedy = await connect(b.url, token=await make_token(b, "greedy", *ADMIN))
+    other = await connect(b.url, token=await make_token(b, "other", *ADMIN))
+    anon = await connect(b.url)
+    try:
+        for i in range(3):
+            await greedy.declare_queue(f"g{i}")
+        with pytest.raises(ResourceError) as info:
+            await greedy.declare_queue("g3")
+        assert info.value.details["limit"] == "max_queues_per_subject"
+        assert info.value.details["subject"] == "greedy"
+        # Another connection of the same subject shares the quota.
+        again = await connect(b.url, token=await make_token(b, "greedy", *ADMIN))
+        with pytest.raises(ResourceError):
+            await again.declare_queue("g4")
+        await again.close()
+        # Bystanders are unaffected; redeclaring an existing queue is not a new one.
+        for i in range(3):
+            await other.declare_queue(f"o{i}")
+        await anon.declare_queue("anon-q")
+        await greedy.declare_queue("g0")
+        # Deleting one frees a slot, whoever deletes it.
+        await other.delete_queue("g1")
+        await greedy.declare_queue("g3")
+        assert await queue_info(anon, "g3") is not None
+    finally:
+        for c in (greedy, other, anon):
+            await asyncio.wait_for(c.close(), WAIT)
+
+
+def _anonymous_from(port: int, source_ip: str) -> wire.Frame:
+    """Handshake from ``source_ip`` (a loopback address) with AUTH anonymous; the
+    server's answer (OPEN_OK or ERROR)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source_ip, 0))
+    try:
+        dec = wire.Decoder(wire.MAX_FRAME_SIZE_CEILING, "server")
+        sock.sendall(wire.PREAMBLE)
+        frames: list[wire.Frame] = []
+        deadline = time.monotonic() + 5
+        sent_auth = False
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            frames.extend(dec.feed(data))
+            kinds = [f.kind for f in frames]
+            if "hello" in kinds and not sent_auth:
+                sock.sendall(wire.encode("auth", "anonymous", "", {}, 0, 0))
+                sent_auth = True
+            for f in frames:
+                if f.kind in ("open_ok", "error"):
+                    return f
+        raise AssertionError(f"no answer to AUTH: {frames}")
+    finally:
+        sock.close()
+
+
+async def test_anonymous_connection_quota_is_per_address(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    b = broker_factory("--max-connections-per-subject", "3")
+    flood = [await connect(b.url) for _ in range(3)]
+    token_conn = None
+    try:
+        f = await asyncio.to_thread(_anonymous_from, b.port, "127.0.0.1")
+        assert f.kind == "error" and f["code"] == 506, f
+        assert f["details"]["limit"] == "max_connections_per_subject"
+        # Another loopback address and token holders are not locked out by the flood.
+        f = await asyncio.to_thread(_anonymous_from, b.port, "127.0.0.2")
+        assert f.kind == "open_ok", f
+        token_conn = await connect(b.url, token=await make_token(b, "svc", *ADMIN))
+        await token_conn.declare_queue("still-works")
+        await flood[0].close()
+        f = await asyncio.to_thread(_anonymous_from, b.port, "127.0.0.1")
+        assert f.kind == "open_ok", f
+    finally:
+        for c in [*flood, *([token_conn] if token_conn else [])]:
+            await asyncio.wait_for(c.close(), WAIT)
+
+
+async def _publish_all(conn: client.Connection, queue: str, n: int) -> float:
+    t0 = time.monotonic()
+    assert (
+        await conn.publish_batch([b"r%d" % i for i in range(n)], routing_key=queue, timeout=40) == n
+    )
+    return time.monotonic() - t0
+
+
+async def test_token_rate_holds_across_its_connections(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    b = broker_factory()
+    rate = ("--write", "*", "--configure", "*", "--rate-messages", "500", "--burst", "100")
+    tenant = await make_token(b, "tenant", *rate)
+    other = await make_token(b, "other", *rate)
+    admin = await connect(b.url)
+    conns = [await connect(b.url, token=tenant, timeout=30) for _ in range(4)]
+    bystander = await connect(b.url, token=other, timeout=30)
+    try:
+        await admin.declare_queue("rated", durable=False)
+        await admin.declare_queue("other-q", durable=False)
+        start = time.monotonic()
+        tasks = [asyncio.create_task(_publish_all(c, "rated", 500)) for c in conns]
+        by = await _publish_all(bystander, "other-q", 500)
+        # The other subject has its own bucket: done while the tenant is still limited.
+        assert not all(t.done() for t in tasks), by
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - start
+        # 2,000 messages at 500/s with a burst of 100 need at least 3.8 s in total
+        # (per-connection buckets finished in about 0.8 s).
+        assert elapsed >= 3.0, f"4 connections of one token took {elapsed:.2f}s"
+        info = await queue_info(admin, "rated")
+        assert info is not None and info["messages"] == 2000
+        # Once they close, the shared bucket goes; a new connection starts afresh.
+        for c in conns:
+            await c.close()
+        conns = []
+        again = await connect(b.url, token=tenant)
+        assert await _publish_all(again, "rated", 50) < 5
+        await again.close()
+    finally:
+        for c in (*conns, admin, bystander):
+            await asyncio.wait_for(c.close(), WAIT)
+
+
+async def _closed_for(consumer: client.Consumer, timeout: float) -> client.ConnectionClosed:
+    """The error a consumer waiting on an empty queue gets when the broker closes its
+    connection (fails if it is still open after ``timeout``)."""
+    with pytest.raises(client.ConnectionClosed) as info:
+        got = await consumer.get(timeout)
+        raise AssertionError(f"connection still open after {timeout}s (got {got!r})")
+    return info.value
+
+
+async def test_expired_token_closes_its_open_connection(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    b = broker_factory()
+    short = await make_token(b, "short", *ADMIN, "--ttl", "3s")
+    long_ = await make_token(b, "long", *ADMIN)
+    conn = await connect(b.url, token=short)
+    bystander = await connect(b.url, token=long_)
+    anon = await connect(b.url)
+    try:
+        await anon.declare_queue("exp-q")
+        await conn.publish("", "exp-q", b"before")
+        consumer = await conn.consume("exp-q", prefetch=1)
+        [m] = await take(consumer, 1)  # left unacked: must return to the queue
+        assert m.body == b"before"
+        exc = await _closed_for(consumer, timeout=8)
+        assert exc.details.get("code") == 401 and "expired" in exc.message, exc
+        await bystander.publish("", "exp-q", b"bystander")
+        await anon.publish("", "exp-q", b"anon")
+
+        async def back() -> bool:
+            info = await queue_info(anon, "exp-q")
+            return info is not None and info["messages"] == 3 and info["consumers"] == 0
+
+        await wait_until(back)
+        assert "expired" in b.log_text()
+    finally:
+        for c in (conn, bystander, anon):
+            await asyncio.wait_for(c.close(), WAIT)
+
+
+async def test_revoked_token_closes_its_open_connections(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    b = broker_factory()
+    bad = await make_token(b, "leaked", *ADMIN)
+    good = await make_token(b, "fine", *ADMIN)
+    victims = [await connect(b.url, token=bad) for _ in range(2)]
+    bystander = await connect(b.url, token=good)
+    try:
+        await bystander.declare_queue("rev-q")
+        await bystander.declare_queue("rev-idle")
+        await victims[0].publish("", "rev-q", b"ok")
+        consumers = [await v.consume("rev-idle") for v in victims]
+        inspect = await cli("token", "inspect", bad, "--data-dir", str(b.data_dir))
+        jti = json.loads(inspect.stdout)["claims"]["jti"]
+        p = await cli("token", "revoke", "--jti", jti, "--data-dir", str(b.data_dir))
+        assert p.returncode == 0, p.stderr
+        for consumer in consumers:
+            exc = await _closed_for(consumer, timeout=6)
+            assert exc.details.get("code") == 401 and "revoked" in exc.message, exc
+        await bystander.publish("", "rev-q", b"still fine")
+        info = await queue_info(bystander, "rev-q")
+        assert info is not None and info["messages"] >= 2
+    finally:
+        for c in (*victims, bystander):
+            await asyncio.wait_for(c.close(), WAIT)
