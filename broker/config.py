@@ -57,6 +57,10 @@ class Config:
     tls_key: str = ""
     tls_ca: str = ""
     tls_port: int = 5681
+    # mTLS: a TLS client's certificate common name is its identity when it AUTHs without a
+    # token; tls_identities (TOML) gives each name its permissions (unset: all rights).
+    tls_client_subject_identity: bool = False
+    tls_identities: str = ""
     plain: bool = True  # the plain-TCP listener on `port`
     allow_anonymous: bool = False  # anonymous from any address (default: loopback only)
     require_auth: bool = False  # a token from every connection, loopback included
@@ -127,6 +131,9 @@ class Config:
         if self.http_port > 0 and self.http_port in (self.port if self.plain else -1,
                                                      self.tls_port if self.tls_cert else -1):
             raise ConfigError(f"http_port {self.http_port} is also a broker port")
+        if (self.tls_client_subject_identity or self.tls_identities) and not self.tls_ca:
+            raise ConfigError("tls_client_subject_identity and tls_identities need tls_ca "
+                              "(verified client certificates)")
         if self.http_tls and not self.tls_cert:
             raise ConfigError("http_tls needs tls_cert and tls_key")
         if self.allow_anonymous and self.require_auth:

@@ -372,8 +372,8 @@ class PublisherFlow:
         self.rate_messages, self.rate_bytes = rate_m, rate_b
         # The burst covers ``seconds`` of the rate (one second unless set in messages).
         seconds = burst_m / rate_m if burst_m and rate_m > 0 else 1.0
-        if p.token_id and (p.rate_messages is not None or p.rate_bytes is not None):
-            # The token's own rate: one bucket per subject, whatever the connections.
+        if p.permissions is not None and (p.rate_messages is not None or p.rate_bytes is not None):
+            # A token's (or certificate's) rate: one bucket per subject, all connections.
             reg, sub = fc.shared, p.subject
             self._messages = _shared(reg, ("m", sub, rate_m, burst_m), rate_m,
                                      burst_m or rate_m, self.window_messages, now)

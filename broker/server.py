@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any, cast
 
-from broker.auth import TOKEN_RECHECK_S, Authenticator
+from broker.auth import TOKEN_RECHECK_S, Authenticator, certificate_name
 from broker.config import Config
 from broker.core import Broker
 from broker.flow import FlowControl
@@ -66,6 +66,7 @@ class BrokerProtocol(asyncio.Protocol):
         self.session: Session | None = None
         self.peer = "?"
         self.peer_ip = ""  # for the loopback rule and the failed-AUTH throttle
+        self.cert_name = ""  # client certificate common name (tls_client_subject_identity)
         self.heartbeat_ms = 0
         self._last_recv = time.monotonic()
         self._last_send = self._last_recv
@@ -90,6 +91,8 @@ class BrokerProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.peer_ip = str(peer[0]) if isinstance(peer, tuple) else ""
+        if self.server.auth.cert_identity:  # mTLS: the verified certificate's name
+            self.cert_name = certificate_name(transport.get_extra_info("peercert"))
         self.server.protocols.add(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(
@@ -193,12 +196,21 @@ class BrokerProtocol(asyncio.Protocol):
             self.config.heartbeat_ms,
             {"product": "conveyor", "version": VERSION,
              "platform": platform.python_implementation()},
-            self.server.auth.mechanisms(self.peer_ip),
+            self._mechanisms(),
         )])
+
+    def _mechanisms(self) -> list[str]:
+        """HELLO's list: a certificate identity AUTHs with mechanism "anonymous" (the
+        certificate, not a token, is its credential)."""
+        mechs = self.server.auth.mechanisms(self.peer_ip)
+        return mechs if not self.cert_name or "anonymous" in mechs else [*mechs, "anonymous"]
 
     def _on_auth(self, f: Auth) -> None:
         try:  # broker.auth: token signature/expiry/revocation, the loopback rule
-            principal = self.server.auth.authenticate(f.mechanism, f.token, self.peer_ip)
+            if self.cert_name and f.mechanism == "anonymous":
+                principal = self.server.auth.certificate_principal(self.cert_name)
+            else:
+                principal = self.server.auth.authenticate(f.mechanism, f.token, self.peer_ip)
         except AuthenticationFailed as exc:
             self._auth_failed(exc)
             return

@@ -40,6 +40,15 @@ def security_options(f: F) -> F:
         click.option("--require-auth", "require_auth", is_flag=True, default=None,
                      help="Refuse anonymous connections, loopback included: every connection "
                           "needs a token (mq-cli token create)."),
+        click.option("--tls-client-subject-identity", "tls_client_subject_identity",
+                     is_flag=True, default=None,
+                     help="With --tls-ca: a TLS client that AUTHs without a token is "
+                          "identified by its certificate's common name (any address)."),
+        click.option("--tls-identities", "tls_identities", default=None,
+                     type=click.Path(dir_okay=False),
+                     help="TOML file: [identities.\"NAME\"] configure/write/read lists "
+                          "(and rate) per certificate name; unlisted names are refused. "
+                          "Unset: every certificate may do anything."),
         click.option("--http-tls", "http_tls", is_flag=True, default=None,
                      help="Serve the HTTP listener over TLS with --tls-cert/--tls-key "
                           "(and --tls-ca: client certificates required)."),

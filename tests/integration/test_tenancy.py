@@ -9,11 +9,13 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 import client
-from protocol import ResourceError
+from cli.certs import generate
+from protocol import AccessRefused, AuthenticationFailed, ResourceError
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
 from tests.integration.helpers import WAIT, connect, queue_info, take, wait_until
@@ -221,3 +223,53 @@ async def test_revoked_token_closes_its_open_connections(
     finally:
         for c in (*victims, bystander):
             await asyncio.wait_for(c.close(), WAIT)
+
+
+async def test_client_certificate_subject_is_the_identity(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    certs = tmp_path / "certs"
+    generate(certs, client_name="billing")
+    tls = ["--tls-port", "0", "--tls-cert", str(certs / "server.pem"),
+           "--tls-key", str(certs / "server.key"), "--tls-ca", str(certs / "ca.pem"),
+           "--tls-client-subject-identity"]  # fmt: skip
+    ids = tmp_path / "identities.toml"
+    ids.write_text('[identities.billing]\nconfigure = ["billing.*"]\n'
+                   'write = ["billing.*"]\nread = ["billing.*"]\n')  # fmt: skip
+    b = broker_factory(*tls, "--tls-identities", str(ids), "--max-queues-per-subject", "2")
+    files = {"ca": str(certs / "ca.pem"), "cert": str(certs / "client.pem"),
+             "key": str(certs / "client.key")}  # fmt: skip
+    conn = await connect(b.tls_url, **files)
+    anon = await connect(b.url)
+    try:
+        await conn.declare_queue("billing.in")
+        await conn.publish("", "billing.in", b"invoice")
+        # The certificate's entry applies, not the anonymous loopback rights.
+        with pytest.raises(AccessRefused):
+            await conn.declare_queue("payments")
+        with pytest.raises(AccessRefused):
+            await conn.publish("", "payments", b"x")
+        await conn.declare_queue("billing.out")
+        with pytest.raises(ResourceError) as info:  # the per-subject quota counts it
+            await conn.declare_queue("billing.more")
+        assert info.value.details["subject"] == "billing"
+        rows = await anon.list("connections")
+        assert {r["subject"] for r in rows} >= {"billing", "anonymous"}
+        await anon.declare_queue("payments")  # bystander: unaffected
+    finally:
+        await asyncio.wait_for(conn.close(), WAIT)
+        await asyncio.wait_for(anon.close(), WAIT)
+    # A certificate the identities file does not list is refused (401).
+    ids.write_text('[identities.someone-else]\nread = ["*"]\n')
+    b2 = broker_factory(*tls, "--tls-identities", str(ids))
+    with pytest.raises(AuthenticationFailed, match="not listed"):
+        await connect(b2.tls_url, **files)
+    # Without a file, the name is the identity with every permission.
+    b3 = broker_factory(*tls)
+    c3 = await connect(b3.tls_url, **files)
+    try:
+        await c3.declare_queue("anything")
+        rows = await c3.list("connections")
+        assert [r["subject"] for r in rows] == ["billing"]
+    finally:
+        await asyncio.wait_for(c3.close(), WAIT)
