@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from protocol import PublishCredit
 
 if TYPE_CHECKING:
+    from broker.auth import Principal
     from broker.session import Session
 
 log = logging.getLogger("conveyor.flow")
@@ -313,6 +314,67 @@ def _shared(registry: dict[tuple[Any, ...], list[Any]], key: tuple[Any, ...], ra
     return SharedBucket(entry[0], key, registry)
 
 
+def _rates(fc: FlowControl, p: Principal) -> tuple[float, float, int, float]:
+    """(messages/s, bytes/s, burst in messages, seconds the byte burst covers) for ``p``:
+    its own rate, else the broker's per-connection default."""
+    rate_m = fc.rate_messages if p.rate_messages is None else float(p.rate_messages)
+    rate_b = fc.rate_bytes if p.rate_bytes is None else float(p.rate_bytes)
+    burst_m = fc.burst_messages if p.burst_messages is None else p.burst_messages
+    # The burst covers ``seconds`` of the rate (one second unless set in messages).
+    seconds = burst_m / rate_m if burst_m and rate_m > 0 else 1.0
+    return rate_m, rate_b, burst_m, seconds
+
+
+def _subject_rated(p: Principal) -> bool:
+    """A restricted principal with its own rate: limited per subject, not per connection."""
+    return p.permissions is not None and (p.rate_messages is not None
+                                          or p.rate_bytes is not None)
+
+
+def _subject_keys(p: Principal, rate_m: float, rate_b: float, burst_m: int, seconds: float
+                  ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return ("m", p.subject, rate_m, burst_m), ("b", p.subject, rate_b, seconds)
+
+
+SHARED_MAX = 10_000  # buckets kept for subjects without an open connection (HTTP only)
+
+
+def take_http(fc: FlowControl, p: Principal, nbytes: int, now: float) -> float:
+    """An HTTP publish of ``nbytes`` by ``p``: 0.0 if its subject's bucket allows it now
+    (debited), else the seconds until it would. The same buckets as the subject's
+    connections, so HTTP is no way around a token's rate."""
+    if not _subject_rated(p):
+        return 0.0
+    rate_m, rate_b, burst_m, seconds = _rates(fc, p)
+    reg = fc.shared
+    buckets: list[TokenBucket] = []
+    for key, rate, burst, window in zip(_subject_keys(p, rate_m, rate_b, burst_m, seconds),
+                                        (rate_m, rate_b), (burst_m or rate_m, rate_b * seconds),
+                                        (fc.credit_messages, fc.credit_bytes), strict=True):
+        entry = reg.get(key)
+        if entry is None:
+            bucket = _bucket(rate, burst, window, now)
+            if bucket is None:
+                continue
+            if len(reg) >= SHARED_MAX:  # forget idle HTTP-only subjects
+                for k in [k for k, e in reg.items() if e[1] <= 0]:
+                    del reg[k]
+            entry = reg[key] = [bucket, 0]
+        buckets.append(entry[0])
+    wait = 0.0
+    for b in buckets:
+        b.refill(now, 0)
+        if b.tokens < 1:
+            wait = max(wait, b.until(1))
+    if wait:
+        return wait
+    if buckets:
+        buckets[0].tokens -= 1 if rate_m > 0 else nbytes
+        if len(buckets) > 1:
+            buckets[1].tokens -= nbytes
+    return 0.0
+
+
 class PublisherFlow:
     """Publish credit of one connection (``Session.flow``).
 
@@ -366,18 +428,14 @@ class PublisherFlow:
         self.half_messages = self.window_messages // 2
         self.half_bytes = self.window_bytes // 2
         self._overdraft = max(fc.max_message_size, 1)
-        rate_m = fc.rate_messages if p.rate_messages is None else float(p.rate_messages)
-        rate_b = fc.rate_bytes if p.rate_bytes is None else float(p.rate_bytes)
-        burst_m = fc.burst_messages if p.burst_messages is None else p.burst_messages
+        rate_m, rate_b, burst_m, seconds = _rates(fc, p)
         self.rate_messages, self.rate_bytes = rate_m, rate_b
-        # The burst covers ``seconds`` of the rate (one second unless set in messages).
-        seconds = burst_m / rate_m if burst_m and rate_m > 0 else 1.0
-        if p.permissions is not None and (p.rate_messages is not None or p.rate_bytes is not None):
+        if _subject_rated(p):
             # A token's (or certificate's) rate: one bucket per subject, all connections.
-            reg, sub = fc.shared, p.subject
-            self._messages = _shared(reg, ("m", sub, rate_m, burst_m), rate_m,
-                                     burst_m or rate_m, self.window_messages, now)
-            self._bytes = _shared(reg, ("b", sub, rate_b, seconds), rate_b, rate_b * seconds,
+            key_m, key_b = _subject_keys(p, rate_m, rate_b, burst_m, seconds)
+            self._messages = _shared(fc.shared, key_m, rate_m, burst_m or rate_m,
+                                     self.window_messages, now)
+            self._bytes = _shared(fc.shared, key_b, rate_b, rate_b * seconds,
                                   self.window_bytes, now)
         else:
             self._messages = _bucket(rate_m, burst_m or rate_m, self.window_messages, now)

@@ -115,8 +115,9 @@ async def get_queue(request: web.Request) -> web.Response:
 
 
 async def put_queue(request: web.Request) -> web.Response:
-    """Declare a queue (idempotent: 200 if it exists with the same settings)."""
-    require_admin(request)
+    """Declare a queue (idempotent: 200 if it exists with the same settings). A token's
+    new queue counts against its subject's max_queues_per_subject, as over the wire."""
+    p = require_admin(request)
     c = ctx(request)
     name = queue_name(request)
     data = await json_object(request, required=False)
@@ -130,8 +131,13 @@ async def put_queue(request: web.Request) -> web.Response:
     if not isinstance(arguments, dict):
         raise InvalidArgument("arguments must be an object")
     existed = name in c.broker.queues
+    owner = p.subject if p.permissions is not None and not existed else None
+    if owner is not None:
+        c.broker.queue_owners.check(c.broker.limits, owner)
     q = c.broker.declare_queue(None, name, durable=durable, auto_delete=auto_delete,
                                arguments=arguments)
+    if owner is not None:
+        c.broker.queue_owners.add(q.name, owner)
     await committed(c.broker)
     return json_response(queue_json(c, q), status=200 if existed else 201)
 

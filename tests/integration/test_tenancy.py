@@ -19,7 +19,7 @@ from protocol import AccessRefused, AuthenticationFailed, ResourceError
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
 from tests.integration.helpers import WAIT, connect, queue_info, take, wait_until
-from tests.integration.http_helpers import cli
+from tests.integration.http_helpers import cli, http
 
 pytestmark = pytest.mark.timeout(90)
 ADMIN = ("--configure", "*", "--write", "*", "--read", "*")
@@ -273,3 +273,43 @@ async def test_client_certificate_subject_is_the_identity(
         assert [r["subject"] for r in rows] == ["billing"]
     finally:
         await asyncio.wait_for(c3.close(), WAIT)
+
+
+async def test_http_shares_the_subjects_rate_and_queue_quota(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    b = broker_factory("--http-port", "0", "--max-queues-per-subject", "1")
+    rated = await make_token(b, "tenant", *ADMIN, "--rate-messages", "2", "--burst", "3")
+    other = await make_token(b, "other", *ADMIN, "--rate-messages", "2", "--burst", "3")
+    status, _ = await http(b, "PUT", "/api/queues/t1", token=rated)
+    assert status == 201
+    status, err = await http(b, "PUT", "/api/queues/t2", token=rated)
+    assert status == 503 and err["error"]["details"]["limit"] == "max_queues_per_subject"
+    status, _ = await http(b, "PUT", "/api/queues/t1", token=rated)  # exists: fine
+    assert status == 200
+    # A binary connection of the subject counts against the same quota.
+    conn = await connect(b.url, token=rated)
+    try:
+        with pytest.raises(ResourceError):
+            await conn.declare_queue("t3")
+        # The burst (3) is shared: the connection's initial credit took it, so HTTP
+        # publishes of the subject are refused 429 at once; another subject's are not.
+        codes = []
+        for i in range(3):
+            status, _ = await http(b, "POST", "/queues/t1/messages", json={"message": f"h{i}"},
+                                      token=rated)  # fmt: skip
+            codes.append(status)
+        assert 429 in codes, codes
+        status, _ = await http(b, "POST", "/queues/t1/messages", json={"message": "o"},
+                               token=other)  # fmt: skip
+        assert status == 201
+    finally:
+        await asyncio.wait_for(conn.close(), WAIT)
+    # Only HTTP left: a full bucket (the burst, 3), refilling at 2/s.
+    codes = []
+    for i in range(6):
+        status, err = await http(b, "POST", "/queues/t1/messages", json={"message": f"x{i}"},
+                                 token=rated)  # fmt: skip
+        codes.append(status)
+    assert codes.count(201) in (3, 4) and codes[-1] == 429, codes
+    assert err["error"]["name"] == "rate-limited" and err["error"]["details"]["retry_after"] > 0
