@@ -187,6 +187,33 @@ def connection_subject(subject: str, anonymous: bool, peer_ip: str) -> str:
     return f"{subject}@{peer_ip or '?'}" if anonymous else subject
 
 
+# ---------------------------------------------------------------------- file descriptors
+FD_RESERVE = 256  # descriptors kept for log segments, page files, streams, HTTP
+
+
+def raise_fd_limit(limits: Limits) -> tuple[int, str]:
+    """Raise the soft RLIMIT_NOFILE towards what ``max_connections`` needs (at most the
+    hard limit); returns (the soft limit now, a warning or ""). Running out of
+    descriptors never crashes the broker (accepting pauses), but it should not happen
+    below max_connections."""
+    import resource
+
+    want = limits.max_connections + FD_RESERVE
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (ValueError, OSError) as exc:
+        return 0, f"cannot read or raise the open-file limit: {exc}"
+    if soft != resource.RLIM_INFINITY and soft < want:
+        return soft, (f"open-file limit {soft} is below max_connections {limits.max_connections}"
+                      f" + {FD_RESERVE}: raise `ulimit -n` (hard limit) or lower "
+                      "max_connections")
+    return soft, ""
+
+
 # ---------------------------------------------------------------------- connections
 class ConnectionCounter:
     """Open connections, in total and per subject, admitted at AUTH and released on close.

@@ -21,7 +21,7 @@ from broker.auth import TOKEN_RECHECK_S, Authenticator, certificate_name
 from broker.config import Config
 from broker.core import Broker
 from broker.flow import FlowControl
-from broker.limits import ConnectionCounter, Limits, connection_subject
+from broker.limits import ConnectionCounter, Limits, connection_subject, raise_fd_limit
 from broker.session import Session
 from broker.tls import server_context
 from protocol import (
@@ -387,6 +387,9 @@ class BrokerServer:
         loop = asyncio.get_running_loop()
         cfg = self.config
         self.auth.open()  # signing key (created on first start), revocation list
+        _fds, fd_warning = raise_fd_limit(self.broker.limits)
+        if fd_warning:
+            log.warning("%s", fd_warning)
         tls = server_context(cfg)
         if cfg.plain:
             self._server = await loop.create_server(

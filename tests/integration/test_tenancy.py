@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +20,7 @@ import pytest
 import client
 from cli.certs import generate
 from protocol import AccessRefused, AuthenticationFailed, ResourceError
-from tests.broker_process import BrokerProcess
+from tests.broker_process import LISTEN_RE, BrokerProcess
 from tests.conformance import wire
 from tests.integration.helpers import WAIT, connect, queue_info, take, wait_until
 from tests.integration.http_helpers import cli, http
@@ -313,3 +317,81 @@ async def test_http_shares_the_subjects_rate_and_queue_quota(
         codes.append(status)
     assert codes.count(201) in (3, 4) and codes[-1] == 429, codes
     assert err["error"]["name"] == "rate-limited" and err["error"]["details"]["retry_after"] > 0
+
+
+class LimitedBroker(BrokerProcess):
+    """A broker started under ``prlimit --nofile=SOFT:HARD`` (prlimit execs it, so the
+    process is the broker itself)."""
+
+    def __init__(self, data_dir: Path, soft: int, hard: int, *extra: str) -> None:
+        super().__init__(data_dir, *extra)
+        self.nofile = (soft, hard)
+
+    def start(self, port: int = 0) -> BrokerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process lifetime
+        soft, hard = self.nofile
+        cmd = ["prlimit", f"--nofile={soft}:{hard}", sys.executable, "-m", "cli.main",
+               "server", "--host", "127.0.0.1", "--port", str(port),
+               "--data-dir", str(self.data_dir), *self.extra]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        m = LISTEN_RE.search(line)
+        if m is None:
+            self.stop()
+            raise RuntimeError(f"broker did not start: {line!r}: {self.log_text()[-1000:]}")
+        self.port = int(m.group(2))
+        return self
+
+
+def _nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-file limit in /proc")
+
+
+async def test_open_file_limit_is_raised_and_exhaustion_is_survived(tmp_path: Path) -> None:
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit is not installed")
+    b = LimitedBroker(tmp_path / "a", 128, 4096)
+    try:
+        b.start()
+        assert b.proc is not None and _nofile(b.proc.pid) == 4096  # raised to the hard limit
+        assert "open-file limit 4096 is below max_connections 10000" in b.log_text()
+    finally:
+        b.stop()
+    b = LimitedBroker(tmp_path / "b", 64, 64, "--max-connections", "1000")
+    socks: list[socket.socket] = []
+    try:
+        b.start()
+        assert "open-file limit 64 is below max_connections 1000" in b.log_text()
+        conn = await connect(b.url)
+        await conn.declare_queue("fd-q")
+        await conn.publish("", "fd-q", b"before")
+        for _ in range(100):  # more than the broker can hold: accepting has to pause
+            socks.append(socket.create_connection(("127.0.0.1", b.port), timeout=5))
+        await conn.publish("", "fd-q", b"during")  # the open connection is still served
+        for s in socks:
+            s.close()
+        socks.clear()
+        assert b.alive()
+
+        async def accepts() -> bool:
+            try:
+                c = await connect(b.url, timeout=2)
+            except client.ConnectionClosed:
+                return False
+            await c.close()
+            return True
+
+        await wait_until(accepts, timeout=20, interval=0.5)
+        info = await queue_info(conn, "fd-q")
+        assert info is not None and info["messages"] == 2
+        await conn.close()
+    finally:
+        for s in socks:
+            s.close()
+        b.stop()
