@@ -180,11 +180,16 @@ class QueueOwners:
             del self.per_subject[subject]
 
 
-def connection_subject(subject: str, anonymous: bool, peer_ip: str) -> str:
+def connection_subject(subject: str, anonymous: bool, peer_ip: str,
+                       uid: int | None = None) -> str:
     """What ``max_connections_per_subject`` counts a connection under: its subject, but
-    for anonymous connections the peer address ("anonymous@127.0.0.1"), so anonymous
-    clients on one address cannot lock out those on another."""
-    return f"{subject}@{peer_ip or '?'}" if anonymous else subject
+    for anonymous connections the peer address and, on loopback, the local user owning
+    the client socket ("anonymous@127.0.0.1/uid:1000"; broker.peeruid), so anonymous
+    clients of one address or user cannot lock out the others."""
+    if not anonymous:
+        return subject
+    where = f"{subject}@{peer_ip or '?'}"
+    return where if uid is None else f"{where}/uid:{uid}"
 
 
 # ---------------------------------------------------------------------- file descriptors

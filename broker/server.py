@@ -17,11 +17,12 @@ import socket
 import time
 from typing import Any, cast
 
-from broker.auth import TOKEN_RECHECK_S, Authenticator, certificate_name
+from broker.auth import TOKEN_RECHECK_S, Authenticator, certificate_name, is_loopback
 from broker.config import Config
 from broker.core import Broker
 from broker.flow import FlowControl
 from broker.limits import ConnectionCounter, Limits, connection_subject, raise_fd_limit
+from broker.peeruid import peer_uid
 from broker.session import Session
 from broker.tls import server_context
 from protocol import (
@@ -230,7 +231,7 @@ class BrokerProtocol(asyncio.Protocol):
         self.session.runs = self.conn.peer_minor >= 1  # DELIVER_RUN is 1.1
         try:  # max_connections, max_connections_per_subject: ERROR 506 instead of OPEN_OK
             self.server.connections.admit(self.broker.limits, self, connection_subject(
-                principal.subject, principal.anonymous, self.peer_ip))
+                principal.subject, principal.anonymous, self.peer_ip, self._local_uid()))
         except ConveyorError as exc:
             self.session.close()
             self.session = None
@@ -261,6 +262,19 @@ class BrokerProtocol(asyncio.Protocol):
                  principal.subject, library,
                  extra={"event": "connection.open", "peer": self.peer, "id": sid,
                         "subject": principal.subject, "library": str(library)})
+
+    def _local_uid(self) -> int | None:
+        """The local user owning an anonymous loopback client's socket (None otherwise):
+        anonymous connections are counted per user, not only per address."""
+        if self.session is None or not self.session.principal.anonymous:
+            return None
+        if self.transport is None or not is_loopback(self.peer_ip):
+            return None
+        peer = self.transport.get_extra_info("peername")
+        local = self.transport.get_extra_info("sockname")
+        if not (isinstance(peer, tuple) and isinstance(local, tuple)):
+            return None
+        return peer_uid((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
 
     def _log_close(self, session: Session, exc: Exception | None) -> None:
         reason = self._close_reason or (

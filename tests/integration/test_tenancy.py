@@ -116,6 +116,61 @@ async def test_anonymous_connection_quota_is_per_address(
             await asyncio.wait_for(c.close(), WAIT)
 
 
+# Run by another local user with the system interpreter (no third-party modules): send
+# the preamble, wait for HELLO, send AUTH, print what the broker answered (hex).
+_CLIENT = """
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+s.sendall(bytes.fromhex(sys.argv[2]))
+got = s.recv(65536)
+s.sendall(bytes.fromhex(sys.argv[3]))
+s.settimeout(1.0)
+try:
+    while True:
+        more = s.recv(65536)
+        if not more:
+            break
+        got += more
+except OSError:
+    pass
+print(got.hex())
+"""
+
+
+def _anonymous_as(uid: int, port: int) -> list[str]:
+    """The frame kinds the broker sends an anonymous client run as local user ``uid``."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3 to run a client as another user")
+    auth = wire.encode("auth", "anonymous", "", {}, 0, 0)
+    cmd = [python, "-c", _CLIENT, str(port), wire.PREAMBLE.hex(), auth.hex()]
+    p = subprocess.run(cmd, capture_output=True, timeout=20, user=uid, group=uid, check=False)
+    if p.returncode != 0:
+        pytest.skip(f"cannot run a client as uid {uid}: {p.stderr.decode()[-300:]}")
+    dec = wire.Decoder(wire.MAX_FRAME_SIZE_CEILING, "server")
+    return [f.kind for f in dec.feed(bytes.fromhex(p.stdout.decode().strip()))]
+
+
+async def test_anonymous_connection_quota_is_per_local_user(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a client as another user")
+    nobody = 65534
+    b = broker_factory("--max-connections-per-subject", "2")
+    flood = [await connect(b.url) for _ in range(2)]  # this user's quota is full
+    try:
+        f = await asyncio.to_thread(_anonymous_from, b.port, "127.0.0.1")
+        assert f.kind == "error" and f["code"] == 506, f
+        assert f["details"]["subject"] == f"anonymous@127.0.0.1/uid:{os.getuid()}"
+        # Another local user, same address: not locked out.
+        kinds = await asyncio.to_thread(_anonymous_as, nobody, b.port)
+        assert "open_ok" in kinds and "error" not in kinds, kinds
+    finally:
+        for c in flood:
+            await asyncio.wait_for(c.close(), WAIT)
+
+
 async def _publish_all(conn: client.Connection, queue: str, n: int) -> float:
     t0 = time.monotonic()
     assert (

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 
 from broker.auth import ANONYMOUS, Permissions, Principal
 from broker.flow import FlowControl, _shared, take_http
 from broker.limits import Limits, QueueOwners, connection_subject
+from broker.peeruid import peer_uid
 from protocol import ResourceError
 
 
@@ -59,3 +63,25 @@ def test_http_publishes_draw_from_the_subject_bucket() -> None:
     # Unlimited principals never wait.
     assert take_http(fc, ANONYMOUS, 10, 0.0) == 0.0
     assert take_http(fc, Principal("u", permissions=Permissions()), 10, 0.0) == 0.0
+
+
+def test_connection_subject_with_a_local_user() -> None:
+    assert connection_subject("anonymous", True, "127.0.0.1", 1000) == (
+        "anonymous@127.0.0.1/uid:1000")
+    assert connection_subject("svc", False, "127.0.0.1", 1000) == "svc"
+
+
+def test_peer_uid_names_the_owner_of_a_loopback_socket() -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    client = socket.create_connection(srv.getsockname())
+    accepted, peer = srv.accept()
+    try:
+        assert peer_uid(peer, accepted.getsockname()) == os.getuid()
+        assert peer_uid(("127.0.0.1", 1), ("127.0.0.1", 2)) is None  # no such socket
+        assert peer_uid(("not-an-ip", 1), ("127.0.0.1", 2)) is None
+        assert peer_uid(("::1", 1), ("127.0.0.1", 2)) is None  # families differ
+    finally:
+        for s in (client, accepted, srv):
+            s.close()
