@@ -57,6 +57,8 @@ MAX_PATTERNS = 256
 # checked as "configure on amq.gen-" (grant "amq.gen-*" to allow them).
 SERVER_NAMED_PREFIX = "amq.gen-"
 _CACHE_MAX = 4096
+# Open connections' tokens are re-checked (expiry, revocation list) this often, seconds.
+TOKEN_RECHECK_S = 1.0
 
 
 # ---------------------------------------------------------------------- permissions
@@ -519,9 +521,63 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
+def certificate_name(peercert: Any) -> str:
+    """The common name of a verified client certificate (``ssl`` ``getpeercert()``
+    form), "" if there is none."""
+    if not isinstance(peercert, dict):
+        return ""
+    for rdn in peercert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and isinstance(value, str):
+                return value
+    return ""
+
+
+def load_identities(path: str | Path) -> dict[str, Principal]:
+    """Certificate common name -> principal, from a TOML file::
+
+        [identities."billing-service"]
+        configure = []
+        write = ["billing.*"]
+        read = ["billing.*"]
+        rate_messages = 500   # optional, like a token's rate
+        rate_bytes = 1048576  # optional
+        burst = 100           # optional
+
+    Raises ValueError (or OSError) naming what is wrong."""
+    import tomllib
+
+    raw = tomllib.loads(Path(path).read_text())
+    table = raw.get("identities")
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected an [identities.\"NAME\"] table per certificate")
+    out: dict[str, Principal] = {}
+    for name, entry in table.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: identities.{name} must be a table")
+        rate = {k: entry.pop(k) for k in ("rate_messages", "rate_bytes", "burst")
+                if k in entry}
+        claims = {"sub": name, "iat": 0, "exp": 0, "jti": "certificate",
+                  "perms": entry,
+                  "rate": {{"rate_messages": "messages", "rate_bytes": "bytes"}.get(k, k): v
+                           for k, v in rate.items()}}
+        try:
+            c = Claims.from_json(claims)
+        except TokenError as exc:
+            raise ValueError(f"{path}: identities.{name}: {exc.message}") from None
+        out[name] = Principal(name, rate_messages=c.rate_messages, rate_bytes=c.rate_bytes,
+                              burst_messages=c.burst, permissions=c.permissions)
+    return out
+
+
+# Every permission: a certificate identity without an --tls-identities entry (so it is a
+# restricted principal for the per-subject quotas, yet may do anything).
+ALL_PERMISSIONS = Permissions(("*",), ("*",), ("*",))
+
+
 class Authenticator:
     """The broker's AUTH policy: mechanisms per peer, token verification, the loopback
-    rule for anonymous connections and the failure throttle."""
+    rule for anonymous connections, certificate identities and the failure throttle."""
 
     def __init__(self, config: Config) -> None:
         self.host = config.host
@@ -530,6 +586,10 @@ class Authenticator:
         self.require_auth = config.require_auth
         self.verifier: TokenVerifier | None = None
         self.throttle = FailureThrottle()
+        # mTLS: the client certificate's common name as the identity (tls_ca required).
+        self.cert_identity = config.tls_client_subject_identity
+        self.identities_path = config.tls_identities
+        self.identities: dict[str, Principal] | None = None  # None: any name, all rights
 
     def open(self) -> None:
         """Load (or create) the signing key and announce the anonymous-access rule."""
@@ -540,6 +600,14 @@ class Authenticator:
             raise OSError(f"cannot use token signing key {path}: {exc}") from None
         self.verifier = TokenVerifier(key.public_key(), RevocationList(
             revoked_path(self.data_dir)))
+        if self.identities_path:
+            try:
+                self.identities = load_identities(self.identities_path)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise OSError(f"cannot use certificate identities: {exc}") from None
+        if self.cert_identity:
+            log.info("client certificates identify TLS connections (common name%s)",
+                     f"; {len(self.identities)} known" if self.identities is not None else "")
         if self.require_auth:
             log.info("authentication required: every connection needs a token")
         elif self.allow_anonymous:
@@ -556,6 +624,38 @@ class Authenticator:
         else:
             log.info("listening on non-loopback %s: other hosts must authenticate with a "
                      "token; anonymous connections only from loopback peers", self.host)
+
+    def still_valid(self, principal: Principal, now: float | None = None
+                    ) -> AuthenticationFailed | None:
+        """Why an open connection's token no longer holds (expired, revoked), or None.
+        The transport asks every ``TOKEN_RECHECK_S`` and closes the connection with the
+        error (401 authentication-failed)."""
+        if not principal.token_id:
+            return None
+        t = time.time() if now is None else now
+        if principal.expires_at and t >= principal.expires_at:
+            return AuthenticationFailed(
+                f"token {principal.token_id} expired at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(principal.expires_at))}",
+                {"reason": "expired"})
+        v = self.verifier
+        if v is not None and v.revoked is not None and principal.token_id in v.revoked:
+            return AuthenticationFailed(f"token {principal.token_id} has been revoked",
+                                        {"reason": "revoked"})
+        return None
+
+    def certificate_principal(self, name: str) -> Principal:
+        """The principal of a verified client certificate named ``name`` (common name):
+        its entry in ``tls_identities``, or every permission if there is no such file.
+        401 if the file does not list it."""
+        if self.identities is None:
+            return Principal(name, permissions=ALL_PERMISSIONS)
+        p = self.identities.get(name)
+        if p is None:
+            raise AuthenticationFailed(
+                f"client certificate {name!r} is not listed in the broker's identities",
+                {"reason": "certificate-unknown"})
+        return p
 
     def anonymous_ok(self, peer_ip: str) -> bool:
         if self.require_auth:

@@ -57,6 +57,10 @@ class Config:
     tls_key: str = ""
     tls_ca: str = ""
     tls_port: int = 5681
+    # mTLS: a TLS client's certificate common name is its identity when it AUTHs without a
+    # token; tls_identities (TOML) gives each name its permissions (unset: all rights).
+    tls_client_subject_identity: bool = False
+    tls_identities: str = ""
     plain: bool = True  # the plain-TCP listener on `port`
     allow_anonymous: bool = False  # anonymous from any address (default: loopback only)
     require_auth: bool = False  # a token from every connection, loopback included
@@ -66,12 +70,18 @@ class Config:
     # HTTP listener (broker.http: management API, REST gateway, /metrics, dashboard) on
     # `host`: -1 = off, 0 = any free port (printed as "conveyor http listening on ...").
     http_port: int = -1
+    # Host names (comma-separated) anonymous HTTP callers may use besides localhost,
+    # 127.0.0.1 and [::1] (broker.http.common.check_anonymous: DNS rebinding).
+    http_allowed_hosts: str = ""
+    # Serve HTTP over TLS with tls_cert/tls_key (and tls_ca: client certificates).
+    http_tls: bool = False
     # Resource limits (broker.limits; each refusal is a typed error, see spec "Limits").
     max_headers: int = limits.DEFAULT_MAX_HEADERS
     max_header_bytes: int = limits.DEFAULT_MAX_HEADER_BYTES
     max_connections: int = limits.DEFAULT_MAX_CONNECTIONS
     max_connections_per_subject: int = limits.DEFAULT_MAX_CONNECTIONS_PER_SUBJECT
     max_queues: int = limits.DEFAULT_MAX_QUEUES
+    max_queues_per_subject: int = limits.DEFAULT_MAX_QUEUES_PER_SUBJECT
     max_consumers_per_connection: int = limits.DEFAULT_MAX_CONSUMERS_PER_CONNECTION
     # Publisher flow control (broker.flow; spec section 12 "Publisher flow control").
     publish_credit_messages: int = flow.DEFAULT_CREDIT_MESSAGES
@@ -121,6 +131,11 @@ class Config:
         if self.http_port > 0 and self.http_port in (self.port if self.plain else -1,
                                                      self.tls_port if self.tls_cert else -1):
             raise ConfigError(f"http_port {self.http_port} is also a broker port")
+        if (self.tls_client_subject_identity or self.tls_identities) and not self.tls_ca:
+            raise ConfigError("tls_client_subject_identity and tls_identities need tls_ca "
+                              "(verified client certificates)")
+        if self.http_tls and not self.tls_cert:
+            raise ConfigError("http_tls needs tls_cert and tls_key")
         if self.allow_anonymous and self.require_auth:
             raise ConfigError("allow_anonymous and require_auth contradict each other")
         bad_limit = limits.validate(self)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from broker.counters import LatencyHistogram
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
 from broker.flow import FlowControl
-from broker.limits import Limits, check_consumer_count, check_queue_count
+from broker.limits import Limits, QueueOwners, check_consumer_count, check_queue_count
 from broker.message import GONE, READY, Message, QueuedMessage
 from broker.options import QueueOptions
 from broker.pager import Pager
@@ -73,6 +73,7 @@ class Broker:
         self.flow = FlowControl(max_message_size=max_message_size)
         # Resource limits (broker.limits); the transport sets them from its Config.
         self.limits = Limits()
+        self.queue_owners = QueueOwners()  # max_queues_per_subject (token subjects)
         self.exchanges: dict[str, Exchange] = {}
         self.queues: dict[str, Queue] = {}
         self.sessions: dict[str, Session] = {}
@@ -257,6 +258,9 @@ class Broker:
             existing.last_used = self.clock()
             return existing
         check_queue_count(self.limits, len(self.queues))
+        owner = self._queue_owner(session_id)
+        if owner is not None:
+            self.queue_owners.check(self.limits, owner)
         if opts.queue_type == "stream":
             q = self.streams.create(name, arguments, fresh=True)
         else:
@@ -268,6 +272,8 @@ class Broker:
             q.pager = self.pager
         self.adopt_queue(q)
         self.queues[name] = q
+        if owner is not None:
+            self.queue_owners.add(name, owner)
         if exclusive and session_id is not None:
             s = self.sessions.get(session_id)
             if s is not None:
@@ -280,6 +286,13 @@ class Broker:
                 extra={"event": "queue.declared", "queue": name, "durable": durable,
                        "exclusive": exclusive, "auto_delete": auto_delete})
         return q
+
+    def _queue_owner(self, session_id: str | None) -> str | None:
+        """The subject a new queue counts against (max_queues_per_subject): the
+        declaring session's, if its principal is restricted (a token or certificate)."""
+        s = self.sessions.get(session_id) if session_id is not None else None
+        p = s.principal if s is not None else None
+        return p.subject if p is not None and p.permissions is not None else None
 
     def delete_queue(
         self, session_id: str | None, name: str, *, if_unused: bool = False,
@@ -312,6 +325,7 @@ class Broker:
                 self._maybe_autodelete_exchange(ex)
         q.bindings.clear()
         self.queues.pop(q.name, None)
+        self.queue_owners.remove(q.name)
         if isinstance(q, Stream):
             self.streams.remove(q)
         self._dirty_queues.discard(q)

@@ -39,12 +39,13 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from protocol import PublishCredit
 
 if TYPE_CHECKING:
+    from broker.auth import Principal
     from broker.session import Session
 
 log = logging.getLogger("conveyor.flow")
@@ -238,6 +239,8 @@ class FlowControl:
     watermarks: Watermarks | None = None
     # Largest body a message may have: byte credit may be overdrawn by one message.
     max_message_size: int = 1 << 20
+    # A token's rate is one bucket per (subject, rate, burst), shared by its connections.
+    shared: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Any) -> FlowControl:
@@ -293,6 +296,128 @@ def _bucket(rate: float, burst: float, window: int, now: float) -> TokenBucket |
     return TokenBucket(rate, max(burst, chunk), chunk, now)
 
 
+class SharedBucket:
+    """One connection's handle on a subject's :class:`TokenBucket`: a token's rate holds
+    for the subject as a whole, however many connections it opens (every grant to any
+    of them is debited from the one bucket, so they share ``rate`` and ``burst``).
+
+    Unlike a private bucket, credit a connection holds does not cap the shared one (an
+    idle connection holding its window must not starve its siblings); a subject's
+    largest burst is therefore ``burst`` plus what its connections hold unused."""
+
+    __slots__ = ("bucket", "key", "registry")
+
+    def __init__(self, bucket: TokenBucket, key: tuple[Any, ...],
+                 registry: dict[tuple[Any, ...], list[Any]]) -> None:
+        self.bucket = bucket
+        self.key = key
+        self.registry = registry
+
+    @property
+    def burst(self) -> float:
+        return self.bucket.burst
+
+    @property
+    def chunk(self) -> int:
+        return self.bucket.chunk
+
+    @property
+    def tokens(self) -> float:
+        return self.bucket.tokens
+
+    def refill(self, now: float, held: int = 0) -> int:
+        return self.bucket.refill(now, 0)
+
+    def grant(self, n: int) -> None:
+        self.bucket.tokens -= n
+
+    def until(self, n: int) -> float:
+        return self.bucket.until(n)
+
+    def release(self) -> None:
+        """The connection closed; the last one of the subject drops the bucket."""
+        entry = self.registry.get(self.key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self.registry[self.key]
+
+
+def _shared(registry: dict[tuple[Any, ...], list[Any]], key: tuple[Any, ...], rate: float,
+            burst: float, window: int, now: float) -> SharedBucket | None:
+    """The share of the bucket ``key`` names (created, full, by the first connection)."""
+    entry = registry.get(key)
+    if entry is None:
+        bucket = _bucket(rate, burst, window, now)
+        if bucket is None:
+            return None
+        entry = registry[key] = [bucket, 0]
+    entry[1] += 1
+    return SharedBucket(entry[0], key, registry)
+
+
+def _rates(fc: FlowControl, p: Principal) -> tuple[float, float, int, float]:
+    """(messages/s, bytes/s, burst in messages, seconds the byte burst covers) for ``p``:
+    its own rate, else the broker's per-connection default."""
+    rate_m = fc.rate_messages if p.rate_messages is None else float(p.rate_messages)
+    rate_b = fc.rate_bytes if p.rate_bytes is None else float(p.rate_bytes)
+    burst_m = fc.burst_messages if p.burst_messages is None else p.burst_messages
+    # The burst covers ``seconds`` of the rate (one second unless set in messages).
+    seconds = burst_m / rate_m if burst_m and rate_m > 0 else 1.0
+    return rate_m, rate_b, burst_m, seconds
+
+
+def _subject_rated(p: Principal) -> bool:
+    """A restricted principal with its own rate: limited per subject, not per connection."""
+    return p.permissions is not None and (p.rate_messages is not None
+                                          or p.rate_bytes is not None)
+
+
+def _subject_keys(p: Principal, rate_m: float, rate_b: float, burst_m: int, seconds: float
+                  ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return ("m", p.subject, rate_m, burst_m), ("b", p.subject, rate_b, seconds)
+
+
+SHARED_MAX = 10_000  # buckets kept for subjects without an open connection (HTTP only)
+
+
+def take_http(fc: FlowControl, p: Principal, nbytes: int, now: float) -> float:
+    """An HTTP publish of ``nbytes`` by ``p``: 0.0 if its subject's bucket allows it now
+    (debited), else the seconds until it would. The same buckets as the subject's
+    connections, so HTTP is no way around a token's rate."""
+    if not _subject_rated(p):
+        return 0.0
+    rate_m, rate_b, burst_m, seconds = _rates(fc, p)
+    reg = fc.shared
+    buckets: list[TokenBucket] = []
+    for key, rate, burst, window in zip(_subject_keys(p, rate_m, rate_b, burst_m, seconds),
+                                        (rate_m, rate_b), (burst_m or rate_m, rate_b * seconds),
+                                        (fc.credit_messages, fc.credit_bytes), strict=True):
+        entry = reg.get(key)
+        if entry is None:
+            bucket = _bucket(rate, burst, window, now)
+            if bucket is None:
+                continue
+            if len(reg) >= SHARED_MAX:  # forget idle HTTP-only subjects
+                for k in [k for k, e in reg.items() if e[1] <= 0]:
+                    del reg[k]
+            entry = reg[key] = [bucket, 0]
+        buckets.append(entry[0])
+    wait = 0.0
+    for b in buckets:
+        b.refill(now, 0)
+        if b.tokens < 1:
+            wait = max(wait, b.until(1))
+    if wait:
+        return wait
+    if buckets:
+        buckets[0].tokens -= 1 if rate_m > 0 else nbytes
+        if len(buckets) > 1:
+            buckets[1].tokens -= nbytes
+    return 0.0
+
+
 class PublisherFlow:
     """Publish credit of one connection (``Session.flow``).
 
@@ -320,8 +445,8 @@ class PublisherFlow:
         self.peer = ""
         self.rate_messages = 0.0
         self.rate_bytes = 0.0
-        self._messages: TokenBucket | None = None
-        self._bytes: TokenBucket | None = None
+        self._messages: TokenBucket | SharedBucket | None = None
+        self._bytes: TokenBucket | SharedBucket | None = None
         self._watermarks: Watermarks | None = None
         self._overdraft = DEFAULT_CREDIT_BYTES
         # reject-publish queues published to -> monotonic time of the last publish/block
@@ -346,16 +471,20 @@ class PublisherFlow:
         self.half_messages = self.window_messages // 2
         self.half_bytes = self.window_bytes // 2
         self._overdraft = max(fc.max_message_size, 1)
-        rate_m = fc.rate_messages if p.rate_messages is None else float(p.rate_messages)
-        rate_b = fc.rate_bytes if p.rate_bytes is None else float(p.rate_bytes)
-        burst_m = fc.burst_messages if p.burst_messages is None else p.burst_messages
+        rate_m, rate_b, burst_m, seconds = _rates(fc, p)
         self.rate_messages, self.rate_bytes = rate_m, rate_b
-        # The burst covers ``seconds`` of the rate (one second unless set in messages).
-        seconds = burst_m / rate_m if burst_m and rate_m > 0 else 1.0
-        self._messages = _bucket(rate_m, burst_m or rate_m, self.window_messages, now)
-        # (A message larger than the byte burst still passes: byte credit > 0 admits one
-        # message whatever its size, and the overdraft is paid back before the next.)
-        self._bytes = _bucket(rate_b, rate_b * seconds, self.window_bytes, now)
+        if _subject_rated(p):
+            # A token's (or certificate's) rate: one bucket per subject, all connections.
+            key_m, key_b = _subject_keys(p, rate_m, rate_b, burst_m, seconds)
+            self._messages = _shared(fc.shared, key_m, rate_m, burst_m or rate_m,
+                                     self.window_messages, now)
+            self._bytes = _shared(fc.shared, key_b, rate_b, rate_b * seconds,
+                                  self.window_bytes, now)
+        else:
+            self._messages = _bucket(rate_m, burst_m or rate_m, self.window_messages, now)
+            # (A message larger than the byte burst still passes: byte credit > 0 admits
+            # one message whatever its size, and the overdraft is paid back before the next.)
+            self._bytes = _bucket(rate_b, rate_b * seconds, self.window_bytes, now)
         # A rate-limited client never holds more credit than its bucket is deep.
         if self._messages is not None:
             self.window_messages = max(1, min(self.window_messages, int(self._messages.burst)))
@@ -372,6 +501,10 @@ class PublisherFlow:
 
     def close(self) -> None:
         self.active = False
+        for b in (self._messages, self._bytes):
+            if isinstance(b, SharedBucket):
+                b.release()
+        self._messages = self._bytes = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -475,7 +608,7 @@ class PublisherFlow:
             self._arm(max(wait, 0.005))
 
     @staticmethod
-    def _allow(bucket: TokenBucket | None, want: int, held: int, now: float) -> int:
+    def _allow(bucket: TokenBucket | SharedBucket | None, want: int, held: int, now: float) -> int:
         """How much of ``want`` the bucket allows now: all of it, what it holds, or 0 if
         that is less than a chunk (grants come in chunks, at most ~10 a second)."""
         if bucket is None or not want:

@@ -11,6 +11,7 @@ max_header_bytes               65536     publish nacked, 413 message-too-large
 max_connections                10000     AUTH answered ERROR 506 resource-error, close
 max_connections_per_subject    1000      AUTH answered ERROR 506 resource-error, close
 max_queues                     10000     QUEUE_DECLARE fails with 506 resource-error
+max_queues_per_subject         1000      QUEUE_DECLARE fails with 506 resource-error
 max_consumers_per_connection   1000      CONSUME fails with 506 resource-error
 =============================  ========  ==========================================
 
@@ -37,6 +38,7 @@ DEFAULT_MAX_HEADER_BYTES = 64 << 10
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_MAX_CONNECTIONS_PER_SUBJECT = 1_000
 DEFAULT_MAX_QUEUES = 10_000
+DEFAULT_MAX_QUEUES_PER_SUBJECT = 1_000
 DEFAULT_MAX_CONSUMERS_PER_CONNECTION = 1_000
 
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -52,6 +54,7 @@ class Limits:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_connections_per_subject: int = DEFAULT_MAX_CONNECTIONS_PER_SUBJECT
     max_queues: int = DEFAULT_MAX_QUEUES
+    max_queues_per_subject: int = DEFAULT_MAX_QUEUES_PER_SUBJECT
     max_consumers_per_connection: int = DEFAULT_MAX_CONSUMERS_PER_CONNECTION
 
     @classmethod
@@ -68,6 +71,8 @@ SETTINGS: tuple[tuple[str, str], ...] = (
     ("max_connections_per_subject",
      "Most open connections per authenticated subject (AUTH refused 506)"),
     ("max_queues", "Most queues in the broker (QUEUE_DECLARE refused 506)"),
+    ("max_queues_per_subject",
+     "Most queues one token subject may create (QUEUE_DECLARE refused 506)"),
     ("max_consumers_per_connection", "Most consumers on one connection (CONSUME refused 506)"),
 )
 
@@ -135,6 +140,83 @@ def check_consumer_count(limits: Limits, consumers: int) -> None:
             f"{limits.max_consumers_per_connection} (max_consumers_per_connection)",
             {"limit": "max_consumers_per_connection",
              "max_consumers_per_connection": limits.max_consumers_per_connection})
+
+
+class QueueOwners:
+    """Which subject created each queue, so one tenant cannot take every queue slot.
+
+    Only restricted principals (a token's or a certificate's subject) are counted: the
+    anonymous principal may do anything anyway and stays bounded by ``max_queues``.
+    Queues recovered from the log at start have no recorded owner and count for nobody.
+    """
+
+    def __init__(self) -> None:
+        self.owner: dict[str, str] = {}
+        self.per_subject: dict[str, int] = {}
+
+    def check(self, limits: Limits, subject: str) -> None:
+        """Before ``subject`` creates a queue (506 at its limit)."""
+        n = self.per_subject.get(subject, 0)
+        if n >= limits.max_queues_per_subject:
+            raise ResourceError(
+                f"{subject!r} already created {n} queues; the maximum is "
+                f"{limits.max_queues_per_subject} (max_queues_per_subject)",
+                {"limit": "max_queues_per_subject", "subject": subject,
+                 "max_queues_per_subject": limits.max_queues_per_subject})
+
+    def add(self, queue: str, subject: str) -> None:
+        if queue not in self.owner:
+            self.owner[queue] = subject
+            self.per_subject[subject] = self.per_subject.get(subject, 0) + 1
+
+    def remove(self, queue: str) -> None:
+        subject = self.owner.pop(queue, None)
+        if subject is None:
+            return
+        n = self.per_subject[subject] - 1
+        if n:
+            self.per_subject[subject] = n
+        else:
+            del self.per_subject[subject]
+
+
+def connection_subject(subject: str, anonymous: bool, peer_ip: str,
+                       uid: int | None = None) -> str:
+    """What ``max_connections_per_subject`` counts a connection under: its subject, but
+    for anonymous connections the peer address and, on loopback, the local user owning
+    the client socket ("anonymous@127.0.0.1/uid:1000"; broker.peeruid), so anonymous
+    clients of one address or user cannot lock out the others."""
+    if not anonymous:
+        return subject
+    where = f"{subject}@{peer_ip or '?'}"
+    return where if uid is None else f"{where}/uid:{uid}"
+
+
+# ---------------------------------------------------------------------- file descriptors
+FD_RESERVE = 256  # descriptors kept for log segments, page files, streams, HTTP
+
+
+def raise_fd_limit(limits: Limits) -> tuple[int, str]:
+    """Raise the soft RLIMIT_NOFILE towards what ``max_connections`` needs (at most the
+    hard limit); returns (the soft limit now, a warning or ""). Running out of
+    descriptors never crashes the broker (accepting pauses), but it should not happen
+    below max_connections."""
+    import resource
+
+    want = limits.max_connections + FD_RESERVE
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (ValueError, OSError) as exc:
+        return 0, f"cannot read or raise the open-file limit: {exc}"
+    if soft != resource.RLIM_INFINITY and soft < want:
+        return soft, (f"open-file limit {soft} is below max_connections {limits.max_connections}"
+                      f" + {FD_RESERVE}: raise `ulimit -n` (hard limit) or lower "
+                      "max_connections")
+    return soft, ""
 
 
 # ---------------------------------------------------------------------- connections

@@ -17,11 +17,12 @@ import socket
 import time
 from typing import Any, cast
 
-from broker.auth import Authenticator
+from broker.auth import TOKEN_RECHECK_S, Authenticator, certificate_name, is_loopback
 from broker.config import Config
 from broker.core import Broker
 from broker.flow import FlowControl
-from broker.limits import ConnectionCounter, Limits
+from broker.limits import ConnectionCounter, Limits, connection_subject, raise_fd_limit
+from broker.peeruid import peer_uid
 from broker.session import Session
 from broker.tls import server_context
 from broker.wal import WalStore
@@ -67,6 +68,7 @@ class BrokerProtocol(asyncio.Protocol):
         self.session: Session | None = None
         self.peer = "?"
         self.peer_ip = ""  # for the loopback rule and the failed-AUTH throttle
+        self.cert_name = ""  # client certificate common name (tls_client_subject_identity)
         self.heartbeat_ms = 0
         self._last_recv = time.monotonic()
         self._last_send = self._last_recv
@@ -91,6 +93,8 @@ class BrokerProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.peer_ip = str(peer[0]) if isinstance(peer, tuple) else ""
+        if self.server.auth.cert_identity:  # mTLS: the verified certificate's name
+            self.cert_name = certificate_name(transport.get_extra_info("peercert"))
         self.server.protocols.add(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(
@@ -194,12 +198,21 @@ class BrokerProtocol(asyncio.Protocol):
             self.config.heartbeat_ms,
             {"product": "conveyor", "version": VERSION,
              "platform": platform.python_implementation()},
-            self.server.auth.mechanisms(self.peer_ip),
+            self._mechanisms(),
         )])
+
+    def _mechanisms(self) -> list[str]:
+        """HELLO's list: a certificate identity AUTHs with mechanism "anonymous" (the
+        certificate, not a token, is its credential)."""
+        mechs = self.server.auth.mechanisms(self.peer_ip)
+        return mechs if not self.cert_name or "anonymous" in mechs else [*mechs, "anonymous"]
 
     def _on_auth(self, f: Auth) -> None:
         try:  # broker.auth: token signature/expiry/revocation, the loopback rule
-            principal = self.server.auth.authenticate(f.mechanism, f.token, self.peer_ip)
+            if self.cert_name and f.mechanism == "anonymous":
+                principal = self.server.auth.certificate_principal(self.cert_name)
+            else:
+                principal = self.server.auth.authenticate(f.mechanism, f.token, self.peer_ip)
         except AuthenticationFailed as exc:
             self._auth_failed(exc)
             return
@@ -218,8 +231,8 @@ class BrokerProtocol(asyncio.Protocol):
         self.session.principal = principal
         self.session.runs = self.conn.peer_minor >= 1  # DELIVER_RUN is 1.1
         try:  # max_connections, max_connections_per_subject: ERROR 506 instead of OPEN_OK
-            self.server.connections.admit(self.broker.limits, self,
-                                          self.session.principal.subject)
+            self.server.connections.admit(self.broker.limits, self, connection_subject(
+                principal.subject, principal.anonymous, self.peer_ip, self._local_uid()))
         except ConveyorError as exc:
             self.session.close()
             self.session = None
@@ -250,6 +263,19 @@ class BrokerProtocol(asyncio.Protocol):
                  principal.subject, library,
                  extra={"event": "connection.open", "peer": self.peer, "id": sid,
                         "subject": principal.subject, "library": str(library)})
+
+    def _local_uid(self) -> int | None:
+        """The local user owning an anonymous loopback client's socket (None otherwise):
+        anonymous connections are counted per user, not only per address."""
+        if self.session is None or not self.session.principal.anonymous:
+            return None
+        if self.transport is None or not is_loopback(self.peer_ip):
+            return None
+        peer = self.transport.get_extra_info("peername")
+        local = self.transport.get_extra_info("sockname")
+        if not (isinstance(peer, tuple) and isinstance(local, tuple)):
+            return None
+        return peer_uid((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
 
     def _log_close(self, session: Session, exc: Exception | None) -> None:
         reason = self._close_reason or (
@@ -358,6 +384,7 @@ class BrokerServer:
         self._server: asyncio.Server | None = None  # plain TCP (config.plain)
         self._tls_server: asyncio.Server | None = None  # config.tls_cert + tls_key
         self._timer: asyncio.TimerHandle | None = None
+        self._recheck: asyncio.TimerHandle | None = None  # tokens of open connections
 
     def _guard_writes(self) -> None:
         """Let the disk-free guard count every batch the log and the streams write."""
@@ -386,6 +413,9 @@ class BrokerServer:
         loop = asyncio.get_running_loop()
         cfg = self.config
         self.auth.open()  # signing key (created on first start), revocation list
+        _fds, fd_warning = raise_fd_limit(self.broker.limits)
+        if fd_warning:
+            log.warning("%s", fd_warning)
         tls = server_context(cfg)
         if cfg.plain:
             self._server = await loop.create_server(
@@ -402,6 +432,27 @@ class BrokerServer:
                      self.tls_port, " (client certificates required)" if cfg.tls_ca else "")
         self.broker.timer_hook = self._arm_timer
         self.broker.start_timers()
+        self._recheck = loop.call_later(TOKEN_RECHECK_S, self._recheck_tokens)
+
+    def _recheck_tokens(self) -> None:
+        """Close every open connection whose token expired or was revoked since AUTH
+        (ERROR 401 authentication-failed), at most ``TOKEN_RECHECK_S`` late. One stat of
+        the revocation list per round, one comparison per token connection."""
+        now = time.time()
+        closed = False
+        for p in list(self.protocols):
+            s = p.session
+            if s is None or not s.principal.token_id or p._closing:
+                continue
+            err = self.auth.still_valid(s.principal, now)
+            if err is not None:
+                p._close_reason = f"closed by the broker: {err.message}"
+                p._fatal(err)
+                closed = True
+        if closed:
+            self.broker.pump()
+        self._recheck = asyncio.get_running_loop().call_later(TOKEN_RECHECK_S,
+                                                              self._recheck_tokens)
 
     def _arm_timer(self, delay: float) -> None:
         """The broker's earliest timer moved: one loop timer calls Broker.tick then."""
@@ -421,6 +472,9 @@ class BrokerServer:
         self.broker.timer_hook = None
         if self._timer is not None:
             self._timer.cancel()
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         protos = list(self.protocols)
         err = ConnectionForced("server shutting down")
         for p in protos:

@@ -20,7 +20,8 @@ _META = "conveyor.connect_options"
 
 def security_options(f: F) -> F:
     """``--tls-cert``, ``--tls-key``, ``--tls-ca``, ``--tls-port``, ``--plain/--no-plain``,
-    ``--allow-anonymous``, ``--require-auth`` (defaults: the config's)."""
+    ``--allow-anonymous``, ``--require-auth``, ``--http-tls``, ``--http-allowed-hosts``
+    (defaults: the config's)."""
     options = [
         click.option("--tls-cert", "tls_cert", default=None, type=click.Path(dir_okay=False),
                      help="PEM certificate (chain) for the TLS listener; with --tls-key "
@@ -39,6 +40,22 @@ def security_options(f: F) -> F:
         click.option("--require-auth", "require_auth", is_flag=True, default=None,
                      help="Refuse anonymous connections, loopback included: every connection "
                           "needs a token (mq-cli token create)."),
+        click.option("--tls-client-subject-identity", "tls_client_subject_identity",
+                     is_flag=True, default=None,
+                     help="With --tls-ca: a TLS client that AUTHs without a token is "
+                          "identified by its certificate's common name (any address)."),
+        click.option("--tls-identities", "tls_identities", default=None,
+                     type=click.Path(dir_okay=False),
+                     help="TOML file: [identities.\"NAME\"] configure/write/read lists "
+                          "(and rate) per certificate name; unlisted names are refused. "
+                          "Unset: every certificate may do anything."),
+        click.option("--http-tls", "http_tls", is_flag=True, default=None,
+                     help="Serve the HTTP listener over TLS with --tls-cert/--tls-key "
+                          "(and --tls-ca: client certificates required)."),
+        click.option("--http-allowed-hosts", "http_allowed_hosts", default=None,
+                     metavar="NAMES",
+                     help="Comma-separated Host names anonymous HTTP callers may use "
+                          "besides localhost, 127.0.0.1 and [::1] (DNS-rebinding guard)."),
     ]
     for opt in reversed(options):
         f = opt(f)

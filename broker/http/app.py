@@ -7,6 +7,7 @@ spec's error code and name: ``{"error": {"code": 404, "name": "not-found", ...}}
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,9 @@ from broker.http.common import (
     PRINCIPAL,
     HttpContext,
     authenticate,
+    check_anonymous,
+    check_body_type,
+    check_origin,
     ctx,
     error_body,
     error_response,
@@ -28,6 +32,7 @@ from broker.http.common import (
 )
 from broker.http.gateway import Gateway
 from broker.http.stats import Stats, basic_metrics
+from broker.tls import server_context
 from protocol import ERROR_CODES, AuthenticationFailed, ConveyorError
 
 if TYPE_CHECKING:
@@ -49,9 +54,17 @@ _HTTP_NAMES = {400: "invalid-argument", 404: "not-found", 405: "not-implemented"
 async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         if request.path.startswith(_GUARDED):
-            request[PRINCIPAL] = authenticate(request)
+            check_origin(request)
+            p = request[PRINCIPAL] = authenticate(request)
+            if p.anonymous:
+                check_anonymous(request)
+            check_body_type(request)
         return await handler(request)
     except AuthenticationFailed as exc:
+        # The binary protocol's throttle, per address: the answer waits longer with each
+        # recent failure, so guessing tokens over HTTP is as slow as over AUTH.
+        delay = ctx(request).server.auth.throttle.failure(request.remote or "?")
+        await asyncio.sleep(delay)
         return error_response(exc, {"WWW-Authenticate": 'Bearer realm="conveyor"'})
     except ConveyorError as exc:
         return error_response(exc)
@@ -145,13 +158,17 @@ class HttpListener:
         cfg = self.server.config
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, cfg.host, cfg.http_port, reuse_address=True)
+        # http_tls: the binary TLS listener's certificate, key and client-CA settings.
+        tls = server_context(cfg) if cfg.http_tls else None
+        self._site = web.TCPSite(self._runner, cfg.host, cfg.http_port, reuse_address=True,
+                                 ssl_context=tls)
         await self._site.start()
         server = self._site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else cfg.http_port
         self.context.stats.start()
-        log.info("conveyor http listening on %s:%d", cfg.host, self.port)
+        log.info("conveyor http listening on %s:%d%s", cfg.host, self.port,
+                 " (TLS)" if tls else "")
 
     async def stop(self) -> None:
         """Stop accepting, finish requests briefly, requeue the gateway's deliveries."""

@@ -7,10 +7,13 @@ import asyncio
 import base64
 import binascii
 import json
+import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -31,6 +34,14 @@ if TYPE_CHECKING:
     from broker.server import BrokerServer
 
 JSON_TYPE = "application/json"
+# Anonymous state changes must carry this header (any value): a cross-site form or a
+# "simple" fetch cannot set it without a CORS preflight, which this listener never grants.
+REQUEST_HEADER = "X-Conveyor-Request"
+MAX_JSON_DEPTH = 32  # arrays/objects nested deeper in a request body: 400, before parsing
+# Host names anonymous (loopback) callers may use; anything else is DNS rebinding or a
+# misconfiguration (add names with --http-allowed-hosts).
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass
@@ -85,8 +96,27 @@ def error_response(exc: ConveyorError, headers: dict[str, str] | None = None) ->
 
 def json_response(data: Any, status: int = 200,
                   headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(text=json.dumps(data, default=_json_default), status=status,
+    return web.Response(text=json_text(data), status=status,
                         content_type=JSON_TYPE, headers=headers)
+
+
+def json_text(data: Any) -> str:
+    """Strict JSON: a NaN or infinite float (e.g. in a header a binary client published)
+    becomes the string "NaN", "Infinity" or "-Infinity" instead of invalid JSON."""
+    try:
+        return json.dumps(data, default=_json_default, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(data), default=_json_default, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:
@@ -113,6 +143,64 @@ def authenticate(request: web.Request) -> Principal:
         raise AuthenticationFailed("expected 'Authorization: Bearer <token>'",
                                    {"reason": "malformed"})
     return auth.authenticate("token", token.strip(), peer_ip)
+
+
+def _hostname(netloc: str) -> str:
+    """"host", "host:port", "[::1]:port" -> the lower-case host name."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:].partition("]")[0]
+    if netloc.count(":") == 1:
+        netloc = netloc.partition(":")[0]
+    return netloc.rstrip(".")
+
+
+def allowed_hosts(server: BrokerServer) -> frozenset[str]:
+    """Loopback names plus ``http_allowed_hosts`` (comma-separated) and a specific
+    (non-wildcard) listen address."""
+    cfg = server.config
+    names = {_hostname(n) for n in cfg.http_allowed_hosts.split(",") if n.strip()}
+    if cfg.host not in ("", "0.0.0.0", "::"):
+        names.add(_hostname(cfg.host))
+    return LOOPBACK_NAMES | names
+
+
+def check_origin(request: web.Request) -> None:
+    """A browser's ``Origin`` must be this listener itself or an allowed host name:
+    a page on another site (evil.example) gets 403, whatever it sends."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    own = f"{request.scheme}://{request.host}".lower()
+    name = _hostname(urlsplit(origin).netloc) if "://" in origin else ""
+    if origin.strip().lower() != own and name not in allowed_hosts(ctx(request).server):
+        raise AccessRefused(f"cross-origin request from {origin!r} refused",
+                            {"reason": "origin", "origin": origin})
+
+
+def check_anonymous(request: web.Request) -> None:
+    """Anonymous (loopback) callers: the ``Host`` must be an allowed name (DNS rebinding
+    makes a browser send the attacker's name) and a state change must carry the
+    ``X-Conveyor-Request`` header, which a cross-site page cannot add."""
+    host = _hostname(request.host)
+    if host not in allowed_hosts(ctx(request).server):
+        raise AccessRefused(
+            f"Host {request.host!r} is not an allowed name for anonymous access "
+            "(use localhost/127.0.0.1, --http-allowed-hosts, or a token)",
+            {"reason": "host", "host": request.host})
+    if request.method not in SAFE_METHODS and REQUEST_HEADER not in request.headers:
+        raise AccessRefused(
+            f"anonymous {request.method} needs the {REQUEST_HEADER} header (or a token)",
+            {"reason": "csrf", "header": REQUEST_HEADER})
+
+
+def check_body_type(request: web.Request) -> None:
+    """A state change with a body must say ``Content-Type: application/json`` (a
+    cross-site form can only send text/plain, form or multipart bodies)."""
+    if (request.method not in SAFE_METHODS and request.body_exists
+            and request.content_type != JSON_TYPE):
+        raise InvalidArgument(f"request bodies must be {JSON_TYPE}, not "
+                              f"{request.content_type!r}", {"reason": "content-type"})
 
 
 def principal(request: web.Request) -> Principal:
@@ -160,13 +248,42 @@ async def json_object(request: web.Request, required: bool = True) -> dict[str, 
         if required:
             raise InvalidArgument("a JSON object body is required")
         return {}
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidArgument(f"body nests arrays/objects more than {MAX_JSON_DEPTH} deep",
+                              {"limit": "max_json_depth", "max_json_depth": MAX_JSON_DEPTH})
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidArgument("body must be a JSON object")
     return data
+
+
+# A JSON string (escapes included) or one bracket; brackets inside strings do not count.
+_JSON_NESTING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep arrays/objects nest in ``raw``, without parsing it (so a body of 100,000
+    brackets costs one linear scan, not a recursion overflow)."""
+    depth = deepest = 0
+    for m in _JSON_NESTING.finditer(raw):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:
+                    break
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidArgument(f"{name} is not valid JSON (numbers must be finite)")
 
 
 def encode_body(body: bytes) -> tuple[str, str]:

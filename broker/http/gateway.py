@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from broker.flow import take_http
 from broker.http.common import (
     committed,
     ctx,
@@ -39,7 +40,7 @@ from broker.limits import publish_size
 from broker.message import Message, QueuedMessage
 from broker.pager import Pager
 from broker.session import Session
-from protocol import InvalidArgument, MessageTooLarge, NotFound, ResourceError
+from protocol import InvalidArgument, MessageTooLarge, NotFound, RateLimited, ResourceError
 from protocol._generated import check_props
 
 if TYPE_CHECKING:
@@ -229,12 +230,17 @@ def message_properties(data: dict[str, Any]) -> dict[str, Any]:
 async def post_message(request: web.Request) -> web.Response:
     queue = queue_name(request, "queue")
     c = ctx(request)
-    principal(request).check_publish("", queue)  # write on the queue
+    p = principal(request)
+    p.check_publish("", queue)  # write on the queue
     data = await json_object(request)
     if "message" not in data:
         raise InvalidArgument("'message' is required", {"field": "message"})
     props = message_properties(data)
     body = decode_body(data["message"], data.get("encoding"))
+    wait = take_http(c.broker.flow, p, len(body), time.monotonic())
+    if wait:  # the subject's rate, shared with its binary connections
+        raise RateLimited(f"{p.subject!r} is over its publish rate; retry in {wait:.2f}s",
+                          {"retry_after": round(wait, 3)})
     mid = c.gateway.publish(queue, body, props)
     await committed(c.broker)
     return json_response({"id": mid}, status=201)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from broker.auth import ANONYMOUS, Principal
 from broker.flow import disk_free, process_rss
 from broker.http.common import (
     committed,
@@ -32,7 +33,7 @@ from broker.message import DELAYED, GONE, Message, QueuedMessage
 from broker.options import QueueOptions
 from broker.pager import Pager
 from broker.stream import Stream
-from protocol import InvalidArgument, NotFound, QueueFull
+from protocol import ConveyorError, InvalidArgument, NotFound, QueueFull
 
 if TYPE_CHECKING:
     from broker.core import Broker
@@ -114,8 +115,9 @@ async def get_queue(request: web.Request) -> web.Response:
 
 
 async def put_queue(request: web.Request) -> web.Response:
-    """Declare a queue (idempotent: 200 if it exists with the same settings)."""
-    require_admin(request)
+    """Declare a queue (idempotent: 200 if it exists with the same settings). A token's
+    new queue counts against its subject's max_queues_per_subject, as over the wire."""
+    p = require_admin(request)
     c = ctx(request)
     name = queue_name(request)
     data = await json_object(request, required=False)
@@ -129,8 +131,13 @@ async def put_queue(request: web.Request) -> web.Response:
     if not isinstance(arguments, dict):
         raise InvalidArgument("arguments must be an object")
     existed = name in c.broker.queues
+    owner = p.subject if p.permissions is not None and not existed else None
+    if owner is not None:
+        c.broker.queue_owners.check(c.broker.limits, owner)
     q = c.broker.declare_queue(None, name, durable=durable, auto_delete=auto_delete,
                                arguments=arguments)
+    if owner is not None:
+        c.broker.queue_owners.add(q.name, owner)
     await committed(c.broker)
     return json_response(queue_json(c, q), status=200 if existed else 201)
 
@@ -167,10 +174,12 @@ def message_json(qm: Any) -> dict[str, Any]:
 
 
 async def peek(request: web.Request) -> web.Response:
-    """Waiting messages in delivery order, without taking them (read-only)."""
-    require_admin(request)
+    """Waiting messages in delivery order, without taking them (read-only). Shows
+    bodies, so besides the management right it needs ``read`` on the queue."""
+    p = require_admin(request)
     c = ctx(request)
     q = _queue(c, queue_name(request))
+    p.require("read", "queue", q.name)
     count = int_query(request, "count", 10, 1, PEEK_MAX)
     msgs = list(itertools.islice(waiting(q), count))
     return json_response({"queue": q.name, "ready": q.ready,
@@ -188,19 +197,47 @@ def waiting(q: Queue) -> Iterator[QueuedMessage]:
     return (qm for qm in itertools.chain.from_iterable(parts) if qm.state != GONE)
 
 
-def _death_queue(props: dict[str, Any]) -> str | None:
+def _death_record(props: dict[str, Any]) -> dict[str, Any] | None:
     headers = props.get("headers")
     deaths = headers.get("x-death") if isinstance(headers, dict) else None
     first = deaths[0] if isinstance(deaths, list) and deaths else None
-    name = first.get("queue") if isinstance(first, dict) else None
+    return first if isinstance(first, dict) else None
+
+
+def _death_queue(props: dict[str, Any]) -> str | None:
+    first = _death_record(props)
+    name = first.get("queue") if first is not None else None
     return name if isinstance(name, str) and name else None
 
 
-def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int
-                  ) -> dict[str, Any]:
+def _dead_letters_into(broker: Broker, origin: Queue, source: Queue,
+                       record: dict[str, Any] | None) -> bool:
+    """Could ``origin`` (the queue an x-death record names) have dead-lettered into
+    ``source``? Its dead-letter exchange must route (with its dead-letter routing key, or
+    the record's) to ``source``. A record a client wrote naming any other queue fails, so
+    a redrive never moves a forged message into a queue it never came from."""
+    dlx = origin.opts.dead_letter_exchange
+    if dlx is None:
+        return False
+    key = origin.opts.dead_letter_routing_key
+    if key is None:
+        rk = record.get("routing_key") if record is not None else None
+        key = rk if isinstance(rk, str) else ""
+    try:
+        return source.name in broker.route(dlx, key)
+    except ConveyorError:
+        return False
+
+
+def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int,
+                  who: Principal = ANONYMOUS) -> dict[str, Any]:
     """Move ready messages of ``source`` to ``to`` or to the queue of each message's
     newest x-death record (same body and properties, via the default exchange); the
-    rest stay. Synchronous: the moves and removals reach the journal in one batch."""
+    rest stay. Synchronous: the moves and removals reach the journal in one batch.
+
+    ``who`` (the requester) needs write on every destination. An x-death destination
+    is only trusted if that queue really dead-letters into ``source``
+    (:func:`_dead_letters_into`): the header itself may have been written by a client."""
     moved = skipped = 0
     reasons: dict[str, int] = {}
     now = broker.clock()
@@ -223,6 +260,12 @@ def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int
             why = f"no queue {dest!r}"
         elif broker.queues[dest].exclusive_owner is not None:
             why = f"queue {dest!r} is exclusive to a connection"
+        elif not who.can("write", dest):
+            why = f"{who.subject!r} may not write queue {dest!r}"
+        elif to is None and not _dead_letters_into(broker, broker.queues[dest], source,
+                                                   _death_record(props)):
+            why = (f"x-death names queue {dest!r}, which does not dead-letter into "
+                   f"{source.name!r} (use ?to=QUEUE)")
         if not why and dest is not None:
             body = Pager.read(m)
             try:
@@ -244,14 +287,17 @@ def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int
 
 
 async def redrive(request: web.Request) -> web.Response:
-    require_admin(request)
+    p = require_admin(request)
     c = ctx(request)
     q = _queue(c, queue_name(request))
+    p.require("read", "queue", q.name)  # it takes the source's messages
     to = request.query.get("to") or None
     if to is not None and to not in c.broker.queues:
         raise NotFound(f"no queue {to!r}", {"queue": to})
+    if to is not None:
+        p.require("write", "queue", to)
     limit = int_query(request, "count", REDRIVE_MAX, 1, REDRIVE_MAX)
-    result = redrive_queue(c.broker, q, to, limit)
+    result = redrive_queue(c.broker, q, to, limit, p)
     await committed(c.broker)
     return json_response(result)
 

@@ -19,7 +19,10 @@ async def http(b: BrokerProcess, method: str, path: str, *, json: Any = None,
                token: str | None = None, host: str = "127.0.0.1",
                params: dict[str, Any] | None = None) -> tuple[int, Any]:
     """(status, decoded JSON body or text or None)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    # What the dashboard sends too: anonymous state changes need this header.
+    headers = {"X-Conveyor-Request": "1"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     timeout = aiohttp.ClientTimeout(total=15)
     async with aiohttp.ClientSession(timeout=timeout) as s, s.request(
             method, f"http://{host}:{b.http_port}{path}", json=json, headers=headers,

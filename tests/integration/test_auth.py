@@ -20,7 +20,7 @@ from broker.auth import key_path, load_key, load_or_create_key, new_claims, sign
 from protocol import AccessRefused, AuthenticationFailed
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
-from tests.integration.helpers import WAIT, connect, non_loopback_ip, take
+from tests.integration.helpers import WAIT, connect, non_loopback_ip, take, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -136,8 +136,10 @@ async def test_expired_and_revoked_tokens_cannot_connect(broker: BrokerProcess) 
     with pytest.raises(AuthenticationFailed) as info:
         await connect(broker.url, token=token)
     assert info.value.code == 401 and "revoked" in info.value.message
-    try:  # revocation applies at AUTH: an open connection keeps working
-        await conn.declare_queue("still-open")
+    try:  # revocation also closes the connection already open (within about a second)
+        await wait_until(lambda: not conn.is_open, timeout=5, interval=0.1)
+        with pytest.raises(client.ConnectionClosed):
+            await conn.declare_queue("closed-by-revocation")
     finally:
         await closing(conn)
 

@@ -9,6 +9,7 @@ instead of OPEN_OK, then close), max_queues (506), max_consumers_per_connection 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -175,7 +176,8 @@ async def test_max_connections_per_subject(broker_factory: Callable[..., BrokerP
     try:
         err = await _refused(connect(b.url), RESOURCE_ERROR)
         assert err.details["limit"] == "max_connections_per_subject"
-        assert err.details["subject"] == "anonymous"
+        # anonymous: per address and local user
+        assert err.details["subject"] == f"anonymous@127.0.0.1/uid:{os.getuid()}"
         await conns[1].close()
         conns[1] = await connect(b.url)
         await conns[1].declare_queue("subj", exclusive=True)

@@ -85,21 +85,22 @@ def test_known_objects_conform(http_broker: BrokerProcess) -> None:
     """Requests that hit existing objects (generated names mostly do not)."""
     op = {o.label: o for o in OPERATIONS}
     base_url = f"http://127.0.0.1:{http_broker.http_port}"
+    h = {"X-Conveyor-Request": "1"}  # anonymous state changes need it (CSRF guard)
     cases = [
         op["GET /api/queues/{name}"].Case(path_parameters={"name": "st-q"}),
         op["GET /api/queues/{name}/peek"].Case(path_parameters={"name": "st-dlq"},
                                               query={"count": 3}),
         op["GET /queues/{queue}/messages"].Case(path_parameters={"queue": "st-dlq"},
                                                query={"batch_size": 2}),
-        op["POST /queues/{queue}/messages"].Case(path_parameters={"queue": "st-q"},
+        op["POST /queues/{queue}/messages"].Case(headers=h, path_parameters={"queue": "st-q"},
                                                 body={"message": "hi", "delay": 0.5,
                                                       "priority": 3, "ttl": 60}),
-        op["POST /api/queues/{name}/redrive"].Case(path_parameters={"name": "st-dlq"},
+        op["POST /api/queues/{name}/redrive"].Case(headers=h, path_parameters={"name": "st-dlq"},
                                                   query={"to": "st-q", "count": 1}),
-        op["PUT /api/queues/{name}"].Case(path_parameters={"name": "st-new"},
+        op["PUT /api/queues/{name}"].Case(headers=h, path_parameters={"name": "st-new"},
                                          body={"arguments": {"max_priority": 3}}),
-        op["POST /api/queues/{name}/purge"].Case(path_parameters={"name": "st-new"}),
-        op["DELETE /api/queues/{name}"].Case(path_parameters={"name": "st-new"}),
+        op["POST /api/queues/{name}/purge"].Case(headers=h, path_parameters={"name": "st-new"}),
+        op["DELETE /api/queues/{name}"].Case(headers=h, path_parameters={"name": "st-new"}),
     ]
     for case in cases:
         response = case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=10)

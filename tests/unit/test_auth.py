@@ -280,3 +280,52 @@ def test_key_file_is_not_world_readable_even_with_loose_umask(tmp_path: Path) ->
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "k" / "signing.key").stat().st_mode) == 0o600
+
+
+def test_still_valid_reports_expiry_and_revocation(tmp_path: Path) -> None:
+    a = _authenticator(tmp_path)
+    key = auth.load_key(tmp_path / "auth" / "signing.key")
+    claims = new_claims("svc", 60, write=("q",))
+    p = a.authenticate("token", sign_token(key, claims), "127.0.0.1")
+    assert a.still_valid(p) is None and a.still_valid(ANONYMOUS) is None
+    err = a.still_valid(p, now=claims.exp)
+    assert err is not None and err.code == 401 and err.details == {"reason": "expired"}
+    auth.append_revoked(auth.revoked_path(tmp_path), claims.jti)
+    err = a.still_valid(p)
+    assert err is not None and err.details == {"reason": "revoked"}
+
+
+def test_certificate_names_and_identities(tmp_path: Path) -> None:
+    cert = {"subject": ((("countryName", "NL"),), (("commonName", "billing"),))}
+    assert auth.certificate_name(cert) == "billing"
+    assert auth.certificate_name(None) == "" and auth.certificate_name({}) == ""
+    ids = tmp_path / "ids.toml"
+    ids.write_text('[identities.billing]\nwrite = ["billing.*"]\nrate_messages = 5\n'
+                   'burst = 2\n[identities."with space"]\nread = ["*"]\n')
+    found = auth.load_identities(ids)
+    b = found["billing"]
+    assert b.subject == "billing" and b.can("write", "billing.eu") and not b.can("read", "x")
+    assert (b.rate_messages, b.burst_messages, b.token_id) == (5, 2, "")
+    assert found["with space"].can("read", "anything")
+    for bad in ("x = 1\n", '[identities.a]\nwrite = "billing"\n',
+                "[identities.a]\nrate_messages = -1\n", "[identities.a]\nadmin = true\n"):
+        ids.write_text(bad)
+        with pytest.raises(ValueError):
+            auth.load_identities(ids)
+    a = _authenticator(tmp_path)
+    assert a.certificate_principal("svc").permissions == auth.ALL_PERMISSIONS
+    a.identities = found
+    assert a.certificate_principal("billing") is b
+    with pytest.raises(AuthenticationFailed) as info:
+        a.certificate_principal("stranger")
+    assert info.value.details == {"reason": "certificate-unknown"}
+
+
+def test_config_http_and_identity_settings() -> None:
+    for bad in ({"http_tls": True}, {"tls_client_subject_identity": True},
+                {"tls_identities": "ids.toml", "tls_cert": "c", "tls_key": "k"}):
+        with pytest.raises(ConfigError):
+            load(None, **bad)
+    cfg = load(None, tls_cert="c", tls_key="k", tls_ca="ca", http_tls=True,
+               tls_client_subject_identity=True, http_allowed_hosts="mq.example")
+    assert cfg.http_tls and cfg.tls_client_subject_identity and cfg.http_allowed_hosts

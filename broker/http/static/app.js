@@ -31,7 +31,9 @@
 
   async function api(path, options) {
     const opts = Object.assign({ headers: {} }, options || {});
-    opts.headers = Object.assign({ Accept: "application/json" }, opts.headers);
+    // X-Conveyor-Request: the broker refuses anonymous state changes without it (CSRF).
+    opts.headers = Object.assign({ Accept: "application/json", "X-Conveyor-Request": "1" },
+                                 opts.headers);
     const t = token();
     if (t) opts.headers.Authorization = "Bearer " + t;
     const ctrl = new AbortController();
