@@ -192,6 +192,7 @@ class _PublishingMixin:
     _seq: int
     _unconfirmed: dict[int, asyncio.Future[None] | _Pending]
     _slots: asyncio.Event
+    _drain_waiter: asyncio.Future[None] | None
     _wbuf: list[bytes]
     _flush_scheduled: bool
     _pub: list[Entry]
@@ -556,6 +557,8 @@ class _PublishingMixin:
                 self._settle_pending(p)
         if len(unconfirmed) < self.max_unconfirmed:
             self._slots.set()
+            if not unconfirmed and (w := self._drain_waiter) is not None and not w.done():
+                w.set_result(None)  # close() is waiting for the last confirm
 
     @staticmethod
     def _settle_pending(p: _Pending) -> None:
