@@ -363,7 +363,7 @@ cli.command("exchanges", help="List exchanges.")(
 cli.command("bindings", help="List bindings.")(
     _listing("bindings", ["exchange", "queue", "routing_key"]))
 cli.command("connections", help="List connections with publish credit and why it is withheld.")(
-    _listing("connections", ["id", "peer", "subject", "credit_messages", "blocked",
+    _listing("connections", ["id", "name", "peer", "subject", "credit_messages", "blocked",
                              "published"]))
 
 
