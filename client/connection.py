@@ -560,11 +560,13 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
     # ------------------------------------------------------------------ request/reply
     async def rpc(self, exchange: str, routing_key: str, body: Body, *,
                   timeout: float | None = None, properties: dict[str, Any] | None = None,
-                  **props: Any) -> Message:
+                  mandatory: bool = True, **props: Any) -> Message:
         """Send a request and wait for its reply (reply_to + correlation_id).
 
         Replies arrive on one server-named exclusive queue per connection, created on
-        first use. Raises ``RequestTimeout`` if no reply comes within ``timeout``.
+        first use. The request is published ``mandatory`` (by default): one that no queue
+        takes raises ``NoRoute`` at once instead of waiting out the timeout for a reply
+        that cannot come. Raises ``RequestTimeout`` if no reply comes within ``timeout``.
         """
         timeout = self.timeout if timeout is None else timeout
         await self._ensure_rpc_queue()
@@ -575,7 +577,8 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         try:
             p = _props(properties, props)
             p = {**p, "reply_to": self._rpc_queue, "correlation_id": corr}
-            await self.publish(exchange, routing_key, body, properties=p, timeout=timeout)
+            await self.publish(exchange, routing_key, body, properties=p, mandatory=mandatory,
+                               timeout=timeout)
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise RequestTimeout(f"no reply from {routing_key!r} within {timeout}s") from None
