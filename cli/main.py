@@ -4,7 +4,9 @@ Every client command takes ``--url`` (default ``mq://127.0.0.1:5680``, or $CONVE
 plus ``--tls-ca/--tls-cert/--tls-key`` for ``mqs://`` URLs and ``--token`` (cli.security).
 Exit status 0 on success; otherwise one line on stderr and a non-zero status:
 1 = the broker refused (with its error name and code), 2 = usage, 3 = cannot connect /
-connection lost, 4 = timed out.
+connection lost, 4 = timed out, 5 = ``publish``: published but not routed (no queue took
+some messages; without --mandatory). A closed stdout (``mq-cli consume ... | head``) ends
+a command quietly with 141, the status of a process killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -395,7 +397,9 @@ def _properties(content_type: str | None, message_id: str | None, correlation_id
 @click.option("--count", "-n", type=int, default=1, show_default=True,
               help="Publish BODY this many times.")
 @click.option("--persistent/--transient", default=True, show_default=True)
-@click.option("--mandatory", is_flag=True, help="Fail if no queue takes the message.")
+@click.option("--mandatory", is_flag=True,
+              help="A message no queue takes is an error (exit 1, stop) instead of "
+                   "\"published but not routed\" (exit 5, go on).")
 @click.option("--content-type")
 @click.option("--message-id")
 @click.option("--correlation-id")
@@ -415,7 +419,13 @@ def publish(body: str | None, exchange: str, routing_key: str, count: int, persi
             correlation_id: str | None, reply_to: str | None, headers: tuple[str, ...],
             priority: int | None, ttl: int | None, delay: int | None, batch: int,
             timeout: float, progress: bool | None, url: str) -> None:
-    """Publish BODY, or one message per stdin line; exits 0 once every message is confirmed."""
+    """Publish BODY, or one message per stdin line; exits 0 once every message is confirmed
+    and routed to a queue.
+
+    Messages that matched no queue are dropped by the broker: then "published but not
+    routed" is printed with their count and the exit status is 5 (with --mandatory: an
+    error, exit 1). If the broker refuses one (e.g. queue-full), publishing stops and the
+    error line says how many messages were stored before it."""
     props = _properties(content_type, message_id, correlation_id, reply_to, headers, priority,
                         ttl, delay, persistent)
     if count < 1:
@@ -430,18 +440,31 @@ def publish(body: str | None, exchange: str, routing_key: str, count: int, persi
             for line in sys.stdin.buffer:
                 yield line.rstrip(b"\n").removesuffix(b"\r")
 
-    async def go() -> int:
-        total = 0
+    async def go() -> tuple[int, int]:
+        from client import ConveyorError, NoRoute
+
+        stored = unrouted = sent = 0
         async with await _connect(url) as conn:
             chunk: list[bytes] = []
             bar = click.progressbar(length=count if body is not None else 0,
                                     label="publishing", file=sys.stderr) if show else None
 
             async def send() -> None:
-                nonlocal total
-                await conn.publish_batch(chunk, exchange=exchange, routing_key=routing_key,
-                                         properties=props, mandatory=mandatory, timeout=timeout)
-                total += len(chunk)
+                nonlocal stored, unrouted, sent
+                sent += len(chunk)
+                try:  # always mandatory: a message no queue took comes back (RETURN)
+                    await conn.publish_batch(chunk, exchange=exchange, routing_key=routing_key,
+                                             properties=props, mandatory=True,
+                                             timeout=timeout)
+                    stored += len(chunk)
+                except NoRoute as exc:
+                    stored += exc.details.get("stored", 0)
+                    unrouted += exc.details.get("returned", len(chunk))
+                    if mandatory:
+                        raise _counted(exc, stored, sent) from None
+                except ConveyorError as exc:
+                    stored += exc.details.get("stored", 0)
+                    raise _counted(exc, stored, sent) from None
                 if bar is not None:
                     bar.update(len(chunk))
                 chunk.clear()
@@ -454,11 +477,24 @@ def publish(body: str | None, exchange: str, routing_key: str, count: int, persi
                 await send()
             if bar is not None:
                 bar.render_finish()
-        return total
+        return stored, unrouted
 
-    n = _run(go)
+    stored, unrouted = _run(go)
+    if unrouted:
+        click.echo(f"mq-cli: published but not routed: {unrouted} of {stored + unrouted} "
+                   f"message(s) matched no queue (exchange {exchange!r}, routing key "
+                   f"{routing_key!r}); {stored} stored", err=True)
+        sys.exit(5)
     if show:
-        click.echo(f"published {n} messages (all confirmed)", err=True)
+        click.echo(f"published {stored} messages (all confirmed)", err=True)
+
+
+def _counted(exc: Any, stored: int, sent: int) -> Any:
+    """``exc`` (same class and code) with how far the publish got in its message."""
+    out = type(exc)(f"{exc.message} ({stored} of {sent} message(s) sent were confirmed stored "
+                    "before this; publishing stopped)", exc.details)
+    out.code = exc.code
+    return out
 
 
 @cli.command()

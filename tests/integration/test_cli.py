@@ -251,6 +251,36 @@ def test_errors_are_one_line_with_exit_status(broker: BrokerProcess) -> None:
     assert queues_json(broker)["settled"]["messages"] == 0
 
 
+def test_publish_unroutable_says_published_but_not_routed(broker: BrokerProcess) -> None:
+    p = run(broker, "publish", "x", "-k", "nobody-home", "--count", "3")
+    assert p.returncode == 5 and p.stdout == b""
+    err = one_error_line(p)
+    assert err == ("mq-cli: published but not routed: 3 of 3 message(s) matched no queue "
+                   "(exchange '', routing key 'nobody-home'); 0 stored\n")
+    ok(run(broker, "declare-exchange", "fan", "--type", "fanout"))
+    p = run(broker, "publish", "-e", "fan", stdin=b"a\nb\n")
+    assert p.returncode == 5 and "2 of 2 message(s) matched no queue" in one_error_line(p)
+    # Routed: exit 0, nothing said.
+    ok(run(broker, "declare-queue", "fanned"))
+    ok(run(broker, "bind", "-e", "fan", "-q", "fanned"))
+    assert ok(run(broker, "publish", "-e", "fan", stdin=b"a\nb\n")) == ""
+    assert queues_json(broker)["fanned"]["messages"] == 2
+
+
+def test_partly_refused_stdin_publish_says_how_many_got_in(broker: BrokerProcess) -> None:
+    ok(run(broker, "declare-queue", "tiny", "--max-length", "1", "--overflow",
+           "reject-publish"))
+    p = run(broker, "publish", "-k", "tiny", stdin=b"1\n2\n3\n4\n5\n")
+    assert p.returncode == 1
+    err = one_error_line(p)
+    assert err.startswith("mq-cli: queue-full (409): ")
+    assert "(1 of 5 message(s) sent were confirmed stored before this; publishing stopped)" \
+        in err, err
+    assert queues_json(broker)["tiny"]["messages"] == 1
+    out = ok(run(broker, "consume", "-q", "tiny", "--count", "1"))
+    assert out == "1\n"
+
+
 def test_closed_port_exits_3() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
