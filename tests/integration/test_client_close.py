@@ -1,11 +1,13 @@
-"""A deliberate close() with publishes and requests still in flight: it waits (bounded) for
-their confirms and replies, settles whatever is left quietly as PublishInDoubt, and no
-confirmed message is lost."""
+"""Pending futures. A deliberate close() with publishes and requests in flight waits
+(bounded) for their confirms and replies, settles whatever is left quietly as
+PublishInDoubt, and no confirmed message is lost; a reply completes only the request whose
+id and reply type it matches."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 from typing import Any
 
@@ -107,3 +109,21 @@ async def test_close_fails_an_rpc_waiting_for_its_reply_at_once(broker: BrokerPr
         # Settled by close(), not left to run into its RequestTimeout.
         with pytest.raises(client.ConnectionClosed):
             await asyncio.wait_for(call, WAIT)
+
+
+async def test_a_reply_of_the_wrong_type_fails_its_request_with_a_typed_error(
+        broker: BrokerProcess) -> None:
+    # Two requests under one request id (what a confused peer would produce): the GET_OK
+    # that comes first must not complete the LIST waiting on that id.
+    from protocol import Get, encode
+
+    async with await connect(broker.url) as conn:
+        await conn.declare_queue("twins")
+        rid = next(conn._rids)
+        conn._send(encode(Get(rid, "twins", 1, True)))  # answered by GET_OK(rid)
+        conn._rids = itertools.count(rid)  # the LIST reuses the same id
+        with pytest.raises(client.ConveyorError) as exc:
+            await asyncio.wait_for(conn.list("queues"), WAIT)
+        assert exc.value.name == "unexpected-frame"
+        assert exc.value.details == {"rid": rid, "frame": "get_ok"}
+        assert [q["name"] for q in await conn.list("queues")] == ["twins"]  # still usable
