@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.broker_process import BrokerProcess
+from tests.conformance.wire import open_conn
 from tests.integration.helpers import WAIT, connect, wait_until
 from tests.integration.http_helpers import cli, http
 
@@ -67,3 +68,16 @@ async def test_connection_name_cannot_forge_log_lines(broker: BrokerProcess) -> 
         assert "\nERROR forged line" not in broker.log_text()
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
+
+
+@pytest.mark.parametrize("name", [12345, ["a", "b"], {"n": 1}, None, b"bytes", True])
+def test_a_connection_name_that_is_not_a_string_is_no_name(broker: BrokerProcess,
+                                                           name: Any) -> None:
+    # client_properties are informational: a wrong type opens the connection unnamed.
+    with open_conn(broker.port, 5.0, "anonymous", "",
+                   {"library": "raw", "connection_name": name}, 0, 0) as c:
+        f = c.request("list", 1, "connections")
+        assert f.kind == "list_ok"
+        assert c.open_ok is not None
+        (row,) = [r for r in f["items"] if r["id"] == c.open_ok["connection_id"]]
+        assert row["name"] == ""
