@@ -821,7 +821,7 @@ class Broker:
                 for s in self.sessions.values() for c in s.consumers.values()
             ]
         if kind == "connections":  # publish credit and why it is withheld (broker.flow)
-            return [s.flow.info() for s in self.sessions.values()]
+            return [{**s.flow.info(), "name": s.name} for s in self.sessions.values()]
         raise InvalidArgument(f"unknown list kind {kind!r}", {"kind": kind})
 
 

@@ -23,7 +23,7 @@ from broker.core import Broker
 from broker.flow import FlowControl
 from broker.limits import ConnectionCounter, Limits, connection_subject, raise_fd_limit
 from broker.peeruid import peer_uid
-from broker.session import Session
+from broker.session import Session, connection_name
 from broker.tls import server_context
 from broker.wal import WalStore
 from protocol import (
@@ -229,6 +229,7 @@ class BrokerProtocol(asyncio.Protocol):
         sid = self.broker.new_session_id()
         self.session = Session(self.broker, sid, self._write_chunks, frame_max)
         self.session.principal = principal
+        self.session.name = connection_name(f.client_properties)
         self.session.runs = self.conn.peer_minor >= 1  # DELIVER_RUN is 1.1
         try:  # max_connections, max_connections_per_subject: ERROR 506 instead of OPEN_OK
             self.server.connections.admit(self.broker.limits, self, connection_subject(
@@ -259,10 +260,12 @@ class BrokerProtocol(asyncio.Protocol):
             self._timer = asyncio.get_running_loop().call_later(hb / 2000, self._heartbeat_tick)
         self._opened_at = time.monotonic()
         library = f.client_properties.get("library", "?")
-        log.info("connection %s open from %s (subject %s, %s)", sid, self.peer,
-                 principal.subject, library,
+        name = self.session.name
+        log.info("connection %s%s open from %s (subject %s, %s)", sid,
+                 f" ({name!r})" if name else "", self.peer, principal.subject, library,
                  extra={"event": "connection.open", "peer": self.peer, "id": sid,
-                        "subject": principal.subject, "library": str(library)})
+                        "connection_name": name, "subject": principal.subject,
+                        "library": str(library)})
 
     def _local_uid(self) -> int | None:
         """The local user owning an anonymous loopback client's socket (None otherwise):
@@ -281,9 +284,10 @@ class BrokerProtocol(asyncio.Protocol):
         reason = self._close_reason or (
             f"connection lost: {exc}" if exc is not None else "the client disconnected")
         duration = round(time.monotonic() - self._opened_at, 3) if self._opened_at else 0.0
-        log.info("connection %s from %s closed after %.1fs: %s", session.id, self.peer,
-                 duration, reason,
+        log.info("connection %s%s from %s closed after %.1fs: %s", session.id,
+                 f" ({session.name!r})" if session.name else "", self.peer, duration, reason,
                  extra={"event": "connection.close", "peer": self.peer, "id": session.id,
+                        "connection_name": session.name,
                         "subject": session.principal.subject, "duration": duration,
                         "reason": reason})
 

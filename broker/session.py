@@ -136,6 +136,8 @@ class Session:
         self._conf_first = 0
         self._conf_last = 0
         self.closed = False
+        # AUTH.client_properties.connection_name (connection_name()): shown in logs and LIST.
+        self.name = ""
         self.published = 0
         self._now = 0  # ms; set per handled batch of frames
         self.published_bytes = 0  # body bytes of all publishes (publish credit, broker.flow)
@@ -817,3 +819,17 @@ class Session:
 
 def _ignore(_: Any) -> None:
     return None
+
+
+CONNECTION_NAME_MAX = 255
+
+
+def connection_name(client_properties: dict[str, Any]) -> str:
+    """The name a client gave its connection (``connection_name`` in AUTH's informational
+    client_properties): a string, cut to 255 characters, control characters replaced so it
+    cannot forge log lines; anything else is no name."""
+    name = client_properties.get("connection_name")
+    if type(name) is not str:
+        return ""
+    name = name[:CONNECTION_NAME_MAX]
+    return "".join(ch if ch.isprintable() else "?" for ch in name)

@@ -4,7 +4,9 @@ Every client command takes ``--url`` (default ``mq://127.0.0.1:5680``, or $CONVE
 plus ``--tls-ca/--tls-cert/--tls-key`` for ``mqs://`` URLs and ``--token`` (cli.security).
 Exit status 0 on success; otherwise one line on stderr and a non-zero status:
 1 = the broker refused (with its error name and code), 2 = usage, 3 = cannot connect /
-connection lost, 4 = timed out.
+connection lost, 4 = timed out, 5 = ``publish``: published but not routed (no queue took
+some messages; without --mandatory). A closed stdout (``mq-cli consume ... | head``) ends
+a command quietly with 141, the status of a process killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -364,7 +367,7 @@ cli.command("exchanges", help="List exchanges.")(
 cli.command("bindings", help="List bindings.")(
     _listing("bindings", ["exchange", "queue", "routing_key"]))
 cli.command("connections", help="List connections with publish credit and why it is withheld.")(
-    _listing("connections", ["id", "peer", "subject", "credit_messages", "blocked",
+    _listing("connections", ["id", "name", "peer", "subject", "credit_messages", "blocked",
                              "published"]))
 
 
@@ -396,7 +399,9 @@ def _properties(content_type: str | None, message_id: str | None, correlation_id
 @click.option("--count", "-n", type=int, default=1, show_default=True,
               help="Publish BODY this many times.")
 @click.option("--persistent/--transient", default=True, show_default=True)
-@click.option("--mandatory", is_flag=True, help="Fail if no queue takes the message.")
+@click.option("--mandatory", is_flag=True,
+              help="A message no queue takes is an error (exit 1, stop) instead of "
+                   "\"published but not routed\" (exit 5, go on).")
 @click.option("--content-type")
 @click.option("--message-id")
 @click.option("--correlation-id")
@@ -416,7 +421,13 @@ def publish(body: str | None, exchange: str, routing_key: str, count: int, persi
             correlation_id: str | None, reply_to: str | None, headers: tuple[str, ...],
             priority: int | None, ttl: int | None, delay: int | None, batch: int,
             timeout: float, progress: bool | None, url: str) -> None:
-    """Publish BODY, or one message per stdin line; exits 0 once every message is confirmed."""
+    """Publish BODY, or one message per stdin line; exits 0 once every message is confirmed
+    and routed to a queue.
+
+    Messages that matched no queue are dropped by the broker: then "published but not
+    routed" is printed with their count and the exit status is 5 (with --mandatory: an
+    error, exit 1). If the broker refuses one (e.g. queue-full), publishing stops and the
+    error line says how many messages were stored before it."""
     props = _properties(content_type, message_id, correlation_id, reply_to, headers, priority,
                         ttl, delay, persistent)
     if count < 1:
@@ -431,18 +442,31 @@ def publish(body: str | None, exchange: str, routing_key: str, count: int, persi
             for line in sys.stdin.buffer:
                 yield line.rstrip(b"\n").removesuffix(b"\r")
 
-    async def go() -> int:
-        total = 0
+    async def go() -> tuple[int, int]:
+        from client import ConveyorError, NoRoute
+
+        stored = unrouted = sent = 0
         async with await _connect(url) as conn:
             chunk: list[bytes] = []
             bar = click.progressbar(length=count if body is not None else 0,
                                     label="publishing", file=sys.stderr) if show else None
 
             async def send() -> None:
-                nonlocal total
-                await conn.publish_batch(chunk, exchange=exchange, routing_key=routing_key,
-                                         properties=props, mandatory=mandatory, timeout=timeout)
-                total += len(chunk)
+                nonlocal stored, unrouted, sent
+                sent += len(chunk)
+                try:  # always mandatory: a message no queue took comes back (RETURN)
+                    await conn.publish_batch(chunk, exchange=exchange, routing_key=routing_key,
+                                             properties=props, mandatory=True,
+                                             timeout=timeout)
+                    stored += len(chunk)
+                except NoRoute as exc:
+                    stored += exc.details.get("stored", 0)
+                    unrouted += exc.details.get("returned", len(chunk))
+                    if mandatory:
+                        raise _counted(exc, stored, sent) from None
+                except ConveyorError as exc:
+                    stored += exc.details.get("stored", 0)
+                    raise _counted(exc, stored, sent) from None
                 if bar is not None:
                     bar.update(len(chunk))
                 chunk.clear()
@@ -455,71 +479,152 @@ def publish(body: str | None, exchange: str, routing_key: str, count: int, persi
                 await send()
             if bar is not None:
                 bar.render_finish()
-        return total
+        return stored, unrouted
 
-    n = _run(go)
+    stored, unrouted = _run(go)
+    if unrouted:
+        click.echo(f"mq-cli: published but not routed: {unrouted} of {stored + unrouted} "
+                   f"message(s) matched no queue (exchange {exchange!r}, routing key "
+                   f"{routing_key!r}); {stored} stored", err=True)
+        sys.exit(5)
     if show:
-        click.echo(f"published {n} messages (all confirmed)", err=True)
+        click.echo(f"published {stored} messages (all confirmed)", err=True)
+
+
+def _counted(exc: Any, stored: int, sent: int) -> Any:
+    """``exc`` (same class and code) with how far the publish got in its message."""
+    out = type(exc)(f"{exc.message} ({stored} of {sent} message(s) sent were confirmed stored "
+                    "before this; publishing stopped)", exc.details)
+    out.code = exc.code
+    return out
 
 
 @cli.command()
 @click.option("--queue", "-q", required=True)
 @click.option("--count", "-n", type=click.IntRange(1), default=None,
               help="Stop after N messages.")
-@click.option("--timeout", type=float, default=None,
-              help="Stop after S seconds with no message (exit 0).")
+@click.option("--timeout", type=click.FloatRange(0), default=None,
+              help="Stop after S seconds with no message (exit 0); 0 = print the messages "
+                   "ready now, then exit.")
 @click.option("--ack/--no-ack", default=True, show_default=True,
               help="--no-ack: at-most-once, messages count as acked when sent.")
 @click.option("--prefetch", type=click.IntRange(1, 65535), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line with properties.")
 @click.option("--offset", "offset", metavar="first|last|next|N|TIME",
               help="Streams: start at the first message, the newest, only new ones (the "
-                   "default), offset N, or the first message appended at or after an "
-                   "ISO-8601 TIME (e.g. 2024-05-01T12:00:00Z; no zone = local time).")
+                   "default without --group), offset N, or the first message appended at or "
+                   "after an ISO-8601 TIME (e.g. 2024-05-01T12:00:00Z; no zone = local time).")
 @click.option("--group", metavar="NAME",
-              help="Streams: read as consumer group NAME (acks commit its offset; it "
-                   "resumes after what it committed).")
+              help="Streams: read as consumer group NAME (acks commit its offset). A group "
+                   "that exists resumes after what it committed; a NEW group starts at "
+                   "--offset, by default at the first retained message (like Kafka's "
+                   "auto.offset.reset=earliest).")
 @url_option
 def consume(queue: str, count: int | None, timeout: float | None, ack: bool, prefetch: int,
             as_json: bool, offset: str | None, group: str | None, url: str) -> None:
-    """Print message bodies, one per line (or --json lines), acking each after printing.
+    """Print message bodies, one per line (or --json lines), acking each only once its
+    line was written and flushed to stdout.
 
-    For streams --json lines also carry "offset" and "timestamp" (ms since the epoch)."""
+    A closed stdout (e.g. ``mq-cli consume -q jobs | head -2``) ends the command quietly
+    with exit status 141 (as if killed by SIGPIPE); messages not printed are not acked
+    and stay in the queue. For streams --json lines also carry "offset" and "timestamp"
+    (ms since the epoch)."""
     if count is not None:
         prefetch = min(prefetch, count)
     out = sys.stdout.buffer
-    start = _stream_start(offset) if offset is not None else {}
     if group is not None and not group:
         raise click.BadParameter("must not be empty", param_hint="--group")
+    if group is not None and offset is None:
+        offset = "first"  # where a new group starts (an existing one resumes)
+    start = _stream_start(offset) if offset is not None else {}
+    is_stream = offset is not None or group is not None
+
+    def emit(msgs: list[Any]) -> None:
+        """Write and flush the lines; settle after that (a stream read with --no-ack is
+        settled before: it cannot be redelivered anyway)."""
+        if is_stream and not ack:
+            for m in msgs:
+                m.ack()
+        out.write(b"".join([json.dumps(_as_json(m)).encode() + b"\n" if as_json
+                            else m.body + b"\n" for m in msgs]))
+        out.flush()  # raises BrokenPipeError if stdout is closed: nothing below is acked
+        if ack:
+            for m in msgs:
+                m.ack()
 
     async def go() -> int:
         got = 0
         async with await _connect(url) as conn:
-            is_stream = offset is not None or group is not None
+            if timeout == 0 and not is_stream:
+                # What is ready now, pulled (GET): a push consumer's first deliveries
+                # would race a zero wait.
+                while count is None or got < count:
+                    want = prefetch if count is None else min(prefetch, count - got)
+                    msgs = await conn.get(queue, want, no_ack=not ack)
+                    if not msgs:
+                        break
+                    emit(msgs)
+                    got += len(msgs)
+                return got
+            last: int | None = -1  # timeout 0 on a stream: stop at this offset
+            if timeout == 0:
+                last = await _stream_ready_last(conn, queue, group, start)
+                if last is None:
+                    return 0
+            consumer: Any
             if is_stream:
                 consumer = await conn.stream(queue, prefetch=prefetch, group=group,
                                              auto_commit=False, **start)
             else:
                 consumer = await conn.consume(queue, prefetch=prefetch, no_ack=not ack)
-            early = is_stream and not ack
+            wait = _STREAM_READY_WAIT if timeout == 0 else timeout
             while count is None or got < count:
-                msg = await consumer.get(timeout)
-                if msg is None:
+                msgs = await consumer.get_batch(None if count is None else count - got, wait)
+                if not msgs:
                     break
-                if early:  # a stream read with --no-ack: settled before it is printed
-                    msg.ack()
-                if as_json:
-                    out.write(json.dumps(_as_json(msg)).encode() + b"\n")
-                else:
-                    out.write(msg.body + b"\n")
-                if ack:
-                    msg.ack()
-                got += 1
-            out.flush()
+                emit(msgs)
+                got += len(msgs)
+                if timeout == 0 and (msgs[-1].offset or 0) >= (last or 0):
+                    break
             await consumer.cancel()
         return got
 
-    _run(go)
+    try:
+        _run(go)
+    except BrokenPipeError:
+        _stdout_closed()
+
+
+_STREAM_READY_WAIT = 5.0  # --timeout 0 on a stream: bound on waiting for a ready message
+
+
+async def _stream_ready_last(conn: Any, queue: str, group: str | None,
+                             start: dict[str, Any]) -> int | None:
+    """--timeout 0 on a stream: the newest offset that is ready for this read now, or
+    None if nothing is (only new messages, or a group with no lag)."""
+    info = next((q for q in await conn.list("queues") if q.get("name") == queue), None)
+    if info is None or info.get("type") != "stream":
+        return -1  # let the consume fail with the broker's error
+    head = int(info.get("head_offset", 0))
+    first = int(info.get("first_offset", 0))
+    groups = info.get("groups") or {}
+    if group is not None and group in groups:
+        return head - 1 if groups[group].get("lag", 0) > 0 else None
+    if head <= first or (start.get("offset", "next") == "next" and "timestamp" not in start):
+        return None
+    return head - 1
+
+
+def _stdout_closed() -> None:
+    """stdout's reader went away: end quietly, with the status of a process killed by
+    SIGPIPE (what ``cmd | head`` scripts expect), and without Python's complaint about
+    flushing a broken pipe at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    sys.exit(141)
 
 
 def _stream_start(text: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from client.errors import (
     ClientError,
     ConnectionClosed,
     ConsumerCancelled,
+    PublishInDoubt,
     PublishTimeout,
     RequestTimeout,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "NotFound",
     "OutgoingMessage",
     "PreconditionFailed",
+    "PublishInDoubt",
     "PublishTimeout",
     "QueueFull",
     "QueueInfo",

@@ -34,7 +34,7 @@ from typing import Any, cast
 from client._protocol import _Confirmed, _Deliveries, _Protocol
 from client.consumer import Consumer
 from client.consuming import _ConsumingMixin
-from client.errors import ConnectionClosed, RequestTimeout
+from client.errors import ConnectionClosed, PublishInDoubt, RequestTimeout
 from client.message import Message
 from client.publishing import Body as Body
 from client.publishing import Entry as Entry
@@ -45,19 +45,36 @@ from client.topology import QueueInfo as QueueInfo
 from client.topology import _TopologyMixin
 from client.url import URL, parse_url
 from protocol import (
+    Bind,
+    Cancel,
     Cancelled,
     Close,
     CloseOk,
     Confirm,
+    Consume,
     ConsumeOk,
     ConveyorError,
     Deliver,
     DeliverBatch,
     DeliverRun,
     Error,
+    ExchangeDeclare,
+    ExchangeDelete,
     Frame,
+    Get,
+    GetOk,
+    List,
+    ListOk,
+    MessageCountOk,
+    Ok,
     PublishCredit,
+    QueueDeclare,
+    QueueDeclareOk,
+    QueueDelete,
+    QueuePurge,
     Return,
+    Unbind,
+    UnexpectedFrame,
     encode,
     error_for_code,
 )
@@ -67,6 +84,14 @@ from protocol import Heartbeat as HeartbeatFrame
 # for importers of this module, where they were defined before the split.)
 
 log = logging.getLogger("conveyor.client")
+
+# The reply each request frame gets (spec/protocol.toml, "Reply:"), besides ERROR: a reply
+# is matched by request id *and* type, so a stray frame cannot complete the wrong request.
+_REPLIES: dict[type[Frame], type[Frame]] = {
+    ExchangeDeclare: Ok, ExchangeDelete: Ok, QueueDeclare: QueueDeclareOk,
+    QueueDelete: MessageCountOk, QueuePurge: MessageCountOk, Bind: Ok, Unbind: Ok,
+    List: ListOk, Consume: ConsumeOk, Cancel: Ok, Get: GetOk,
+}
 
 
 def _no_loop() -> asyncio.Future[Any]:
@@ -126,10 +151,15 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         self._new_future: Callable[[], asyncio.Future[Any]] = _no_loop
         self._epoch = 0
         self._rids = itertools.count(1)
-        self._requests: dict[int, asyncio.Future[Frame]] = {}
+        # rid -> (the request's future, the reply type it expects)
+        self._requests: dict[int, tuple[asyncio.Future[Frame], type[Frame]]] = {}
         self._seq = 0
         # seq -> the future of a one-message publish, or the _Pending of a larger call.
         self._unconfirmed: dict[int, asyncio.Future[None] | _Pending] = {}
+        # close() waits on this for _unconfirmed to empty (set by _on_confirm/_fail_all).
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # Publishes failed unconfirmed by a close or a lost connection (PublishInDoubt).
+        self.in_doubt = 0
         self._slots = asyncio.Event()
         self._slots.set()
         self._consumers: dict[str, Consumer] = {}
@@ -190,20 +220,32 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         if ok.heartbeat_ms and (self._hb_task is None or self._hb_task.done()):
             self._hb_task = asyncio.create_task(self._heartbeat(ok.heartbeat_ms / 1000))
 
-    async def close(self) -> None:
-        """Close cleanly: CLOSE / CLOSE_OK, then fail anything still pending."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close cleanly, like a graceful flush: stop taking publishes, send what is
+        queued, wait up to ``timeout`` seconds for the confirms still outstanding, then
+        CLOSE / CLOSE_OK.
+
+        Publishes still unconfirmed after that fail with :class:`PublishInDoubt` (counted
+        in :attr:`in_doubt`, logged once, never as "exception was never retrieved");
+        pending requests and RPCs fail with ``ConnectionClosed``.
+        """
         if self._closing:
             return
         self._closing = True
         self._accepting = False
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
+        deadline = time.monotonic() + timeout
         proto = self._proto
+        if proto is not None and proto.transport is not None and not proto.transport.is_closing():
+            self._flush()
+            await self._wait_confirmed(proto, deadline)
         if proto is not None and proto.transport is not None and not proto.transport.is_closing():
             self._flush()
             try:
                 proto.transport.write(proto.wire.send(Close(200, "client closing")))
-                await asyncio.wait_for(asyncio.shield(proto.closed), 5)
+                await asyncio.wait_for(asyncio.shield(proto.closed),
+                                       max(deadline - time.monotonic(), 1.0))
             except (TimeoutError, ConveyorError):
                 pass
             finally:
@@ -215,6 +257,22 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         for t in (self._hb_task, self._rpc_task):
             if t is not None:
                 t.cancel()
+
+    async def _wait_confirmed(self, proto: _Protocol, deadline: float) -> None:
+        """Until every publish and request sent on ``proto`` is answered, it is lost, or
+        ``deadline``."""
+        loop = asyncio.get_running_loop()
+        while (self._unconfirmed or self._requests) and self._proto is proto:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            waiter = self._drain_waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                return
+            finally:
+                self._drain_waiter = None
 
     async def __aenter__(self) -> Connection:
         return self
@@ -281,17 +339,31 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
                         c.tag = f.consumer_tag
                         c.active = True
                         self._consumers[c.tag] = c
-                fut = self._requests.pop(rid, None) if rid is not None else None
-                if fut is not None and not fut.done():
+                req = self._requests.pop(rid, None) if rid is not None else None
+                if req is None:
+                    log.debug("ignored %s for no pending request (rid %s)", f.NAME, rid)
+                    continue
+                fut, expected = req
+                if fut.done():
+                    continue
+                if t is expected:
                     fut.set_result(f)
+                else:
+                    fut.set_exception(UnexpectedFrame(
+                        f"{f.NAME} in reply to request {rid}, which expects {expected.NAME}",
+                        {"rid": rid, "frame": f.NAME}))
+                if not self._requests:
+                    self._wake_drain()
 
 
     def _on_error(self, f: Error) -> None:
         exc = error_for_code(f.code, f.message, f.details)
         if f.rid:
-            fut = self._requests.pop(f.rid, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
+            req = self._requests.pop(f.rid, None)
+            if req is not None and not req[0].done():
+                req[0].set_exception(exc)
+                if not self._requests:
+                    self._wake_drain()
                 return
         if exc.fatal:
             self._closed_error = exc
@@ -314,8 +386,9 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         self._done.clear()
         self._ack_pending.clear()
         self._ack_hi = 0
-        reason = self._closed_error or ConnectionClosed(
-            f"connection to {self.url} lost" + (f": {exc}" if exc else ""))
+        reason = self._closed_error or (
+            ConnectionClosed("connection closed by the application") if self._closing
+            else ConnectionClosed(f"connection to {self.url} lost" + (f": {exc}" if exc else "")))
         self._closed_error = None
         err = reason if isinstance(reason, ConnectionClosed) else ConnectionClosed(
             f"connection closed by the broker: {reason}", {"code": reason.code})
@@ -335,16 +408,40 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
                 c._fail(err)
 
     def _fail_all(self, err: ConveyorError) -> None:
+        """Settle every pending future: requests and RPCs with ``err``, unconfirmed
+        publishes with one :class:`PublishInDoubt` (marked retrieved: an application that
+        dropped a ``publish_nowait`` future gets one log line with the count, not one
+        traceback per message)."""
         requests, self._requests = self._requests, {}
-        for fut in requests.values():
+        for fut, _ in requests.values():
             if not fut.done():
                 fut.set_exception(err)
+        waiters, self._rpc_waiters = self._rpc_waiters, {}
+        for w in waiters.values():
+            if not w.done():
+                w.set_exception(err)
+                w.exception()
         unconfirmed, self._unconfirmed = self._unconfirmed, {}
-        for p in unconfirmed.values():
-            pf = p.future if type(p) is _Pending else cast("asyncio.Future[None]", p)
-            if not pf.done():
-                pf.set_exception(err)
+        if unconfirmed:
+            n = len(unconfirmed)
+            doubt = PublishInDoubt(
+                f"{err.message}: {n} publish(es) not confirmed, may or may not be stored",
+                {**err.details, "in_doubt": n})
+            for p in {id(p): p for p in unconfirmed.values()}.values():
+                pf = p.future if type(p) is _Pending else cast("asyncio.Future[None]", p)
+                if not pf.done():
+                    pf.set_exception(doubt)
+                    pf.exception()  # retrieved: whoever awaits it still gets it raised
+            self.in_doubt += n
+            log.warning("%s; %d publish(es) in doubt (not confirmed)", err.message, n)
+        self._wake_drain()
         self._slots.set()
+
+    def _wake_drain(self) -> None:
+        """close() waits for the last confirm or reply: look again."""
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     async def _reconnect_loop(self) -> None:
         delay = 0.05
@@ -451,7 +548,7 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         await self._ready(deadline, internal)
         rid: int = frame.rid  # type: ignore[attr-defined]
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._requests[rid] = fut
+        self._requests[rid] = (fut, _REPLIES[type(frame)])
         self._send(encode(frame))
         try:
             return await asyncio.wait_for(fut, max(deadline - time.monotonic(), 0.001))
@@ -463,11 +560,13 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
     # ------------------------------------------------------------------ request/reply
     async def rpc(self, exchange: str, routing_key: str, body: Body, *,
                   timeout: float | None = None, properties: dict[str, Any] | None = None,
-                  **props: Any) -> Message:
+                  mandatory: bool = True, **props: Any) -> Message:
         """Send a request and wait for its reply (reply_to + correlation_id).
 
         Replies arrive on one server-named exclusive queue per connection, created on
-        first use. Raises ``RequestTimeout`` if no reply comes within ``timeout``.
+        first use. The request is published ``mandatory`` (by default): one that no queue
+        takes raises ``NoRoute`` at once instead of waiting out the timeout for a reply
+        that cannot come. Raises ``RequestTimeout`` if no reply comes within ``timeout``.
         """
         timeout = self.timeout if timeout is None else timeout
         await self._ensure_rpc_queue()
@@ -478,7 +577,8 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         try:
             p = _props(properties, props)
             p = {**p, "reply_to": self._rpc_queue, "correlation_id": corr}
-            await self.publish(exchange, routing_key, body, properties=p, timeout=timeout)
+            await self.publish(exchange, routing_key, body, properties=p, mandatory=mandatory,
+                               timeout=timeout)
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise RequestTimeout(f"no reply from {routing_key!r} within {timeout}s") from None

@@ -29,6 +29,19 @@ class ConnectionClosed(ClientError):
     retriable = True
 
 
+class PublishInDoubt(ConnectionClosed):
+    """The connection closed (by :meth:`Connection.close` or a loss) before the broker
+    confirmed this publish: it may or may not have been stored.
+
+    ``close()`` first waits (bounded) for outstanding confirms, so after a deliberate close
+    only publishes the broker did not confirm in time get this; ``details["in_doubt"]`` and
+    ``Connection.in_doubt`` give the count. Futures failed with it are marked retrieved, so
+    an unawaited ``publish_nowait`` future does not log "exception was never retrieved".
+    """
+
+    name = "publish-in-doubt"
+
+
 class PublishTimeout(ClientError, TimeoutError):
     """No confirm arrived within the publish timeout (the broker may be blocked)."""
 
@@ -65,6 +78,7 @@ __all__ = [
     "ConveyorError",
     "FatalError",
     "ProtocolError",
+    "PublishInDoubt",
     "PublishTimeout",
     "RequestError",
     "RequestTimeout",

@@ -123,15 +123,18 @@ def _credit_fit(entries: Sequence[Entry], start: int, messages: int,
 
 class _Pending:
     """Confirm tracking for one publish call of many messages, or of one message that
-    came back in a RETURN. (A lone message is tracked by its bare future.)"""
+    came back in a RETURN. (A lone message is tracked by its bare future.) ``refused``
+    counts nacks, so a failed call can say how many of its messages were stored."""
 
-    __slots__ = ("future", "nacked", "remaining", "returned")
+    __slots__ = ("count", "future", "nacked", "refused", "remaining", "returned")
 
     def __init__(self, future: asyncio.Future[None], count: int) -> None:
         self.future = future
+        self.count = count
         self.remaining = count
         self.returned: list[int] = []
         self.nacked: ConveyorError | None = None
+        self.refused = 0
 
 
 def _props(properties: dict[str, Any] | None, kw: dict[str, Any]) -> dict[str, Any]:
@@ -192,6 +195,7 @@ class _PublishingMixin:
     _seq: int
     _unconfirmed: dict[int, asyncio.Future[None] | _Pending]
     _slots: asyncio.Event
+    _drain_waiter: asyncio.Future[None] | None
     _wbuf: list[bytes]
     _flush_scheduled: bool
     _pub: list[Entry]
@@ -549,21 +553,33 @@ class _PublishingMixin:
                 except InvalidStateError:  # cancelled by the application
                     pass
                 continue
-            if exc is not None and p.nacked is None:
-                p.nacked = exc
+            if exc is not None:
+                p.refused += 1
+                if p.nacked is None:
+                    p.nacked = exc
             p.remaining -= 1
             if p.remaining == 0 and not p.future.done():
                 self._settle_pending(p)
         if len(unconfirmed) < self.max_unconfirmed:
             self._slots.set()
+            if not unconfirmed and (w := self._drain_waiter) is not None and not w.done():
+                w.set_result(None)  # close() is waiting for the last confirm
 
     @staticmethod
     def _settle_pending(p: _Pending) -> None:
-        if p.nacked is not None:
-            p.future.set_exception(p.nacked)
-        elif p.returned:
+        """Resolve a call's future; a failure's details count its messages: ``stored``
+        (confirmed and routed), ``refused`` (nacked) and ``returned`` (matched no queue)."""
+        if p.nacked is None and not p.returned:
+            p.future.set_result(None)
+            return
+        counts = {"stored": p.count - p.refused - len(p.returned), "refused": p.refused,
+                  "returned": len(p.returned)}
+        if p.nacked is not None:  # the first refusal's class and message
+            exc = type(p.nacked)(p.nacked.message, {**p.nacked.details, **counts})
+            if type(p.nacked) is ConveyorError:  # a code without a class of its own
+                exc.code = p.nacked.code  # type: ignore[misc]
+            p.future.set_exception(exc)
+        else:
             p.future.set_exception(NoRoute(
                 f"{len(p.returned)} mandatory message(s) matched no queue",
-                {"returned_seqs": p.returned}))
-        else:
-            p.future.set_result(None)
+                {"returned_seqs": p.returned, **counts}))

@@ -251,6 +251,111 @@ def test_errors_are_one_line_with_exit_status(broker: BrokerProcess) -> None:
     assert queues_json(broker)["settled"]["messages"] == 0
 
 
+def test_publish_unroutable_says_published_but_not_routed(broker: BrokerProcess) -> None:
+    p = run(broker, "publish", "x", "-k", "nobody-home", "--count", "3")
+    assert p.returncode == 5 and p.stdout == b""
+    err = one_error_line(p)
+    assert err == ("mq-cli: published but not routed: 3 of 3 message(s) matched no queue "
+                   "(exchange '', routing key 'nobody-home'); 0 stored\n")
+    ok(run(broker, "declare-exchange", "fan", "--type", "fanout"))
+    p = run(broker, "publish", "-e", "fan", stdin=b"a\nb\n")
+    assert p.returncode == 5 and "2 of 2 message(s) matched no queue" in one_error_line(p)
+    # Routed: exit 0, nothing said.
+    ok(run(broker, "declare-queue", "fanned"))
+    ok(run(broker, "bind", "-e", "fan", "-q", "fanned"))
+    assert ok(run(broker, "publish", "-e", "fan", stdin=b"a\nb\n")) == ""
+    assert queues_json(broker)["fanned"]["messages"] == 2
+
+
+def test_partly_refused_stdin_publish_says_how_many_got_in(broker: BrokerProcess) -> None:
+    ok(run(broker, "declare-queue", "tiny", "--max-length", "1", "--overflow",
+           "reject-publish"))
+    p = run(broker, "publish", "-k", "tiny", stdin=b"1\n2\n3\n4\n5\n")
+    assert p.returncode == 1
+    err = one_error_line(p)
+    assert err.startswith("mq-cli: queue-full (409): ")
+    assert "(1 of 5 message(s) sent were confirmed stored before this; publishing stopped)" \
+        in err, err
+    assert queues_json(broker)["tiny"]["messages"] == 1
+    out = ok(run(broker, "consume", "-q", "tiny", "--count", "1"))
+    assert out == "1\n"
+
+
+def _read_line(stream: Any, timeout: float = WAIT) -> bytes:
+    """One line from a subprocess pipe, or b"" if none comes within ``timeout``."""
+    import select
+
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n") and time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(stream.fileno(), 1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_consume_into_a_closed_pipe_ends_quietly_and_acks_only_printed(
+        broker: BrokerProcess) -> None:
+    ok(run(broker, "declare-queue", "piped"))
+    ok(run(broker, "publish", "first", "-k", "piped"))
+    env = _env()
+    env.pop("PYTHONUNBUFFERED")  # stdout buffered, as in a real pipeline
+    proc = subprocess.Popen([*CLI, "consume", "-q", "piped", "--url", broker.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert _read_line(proc.stdout) == b"first\n"  # flushed as it came, then acked
+        proc.stdout.close()  # the reader goes away, as `| head -1` does
+        ok(run(broker, "publish", "second", "-k", "piped"))
+        assert proc.wait(timeout=WAIT) == 141
+        assert proc.stderr.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # "second" could not be written: it was not acked and is back in the queue.
+    assert ok(run(broker, "consume", "-q", "piped", "--timeout", "0")) == "second\n"
+
+
+def test_consume_timeout_0_prints_ready_messages_then_exits(broker: BrokerProcess) -> None:
+    ok(run(broker, "declare-queue", "ready"))
+    assert ok(run(broker, "consume", "-q", "ready", "--timeout", "0")) == ""
+    ok(run(broker, "publish", "-k", "ready", stdin=b"r1\nr2\nr3\n"))
+    assert ok(run(broker, "consume", "-q", "ready", "--timeout", "0", "-n", "2")) == "r1\nr2\n"
+    assert ok(run(broker, "consume", "-q", "ready", "--timeout", "0")) == "r3\n"
+    assert queues_json(broker)["ready"]["messages"] == 0
+    # Streams: the messages there are now, for the read's start.
+    ok(run(broker, "declare-queue", "ready-s", "--type", "stream"))
+    assert ok(run(broker, "consume", "-q", "ready-s", "--offset", "first", "--timeout",
+                  "0")) == ""
+    ok(run(broker, "publish", "-k", "ready-s", stdin=b"s1\ns2\ns3\n"))
+    assert ok(run(broker, "consume", "-q", "ready-s", "--offset", "first", "--timeout",
+                  "0")) == "s1\ns2\ns3\n"
+    assert ok(run(broker, "consume", "-q", "ready-s", "--offset", "next", "--timeout",
+                  "0")) == ""
+
+
+def test_consume_new_group_starts_at_first_retained_message(broker: BrokerProcess) -> None:
+    ok(run(broker, "declare-queue", "events", "--type", "stream"))
+    ok(run(broker, "publish", "-k", "events", stdin=b"e1\ne2\ne3\n"))
+    # A new group reads what the stream holds (before: it waited at "next" forever).
+    assert ok(run(broker, "consume", "-q", "events", "--group", "billing", "-n", "2",
+                  timeout=20)) == "e1\ne2\n"
+    # The same group resumes after its committed offset.
+    assert ok(run(broker, "consume", "-q", "events", "--group", "billing", "--timeout",
+                  "0")) == "e3\n"
+    assert ok(run(broker, "consume", "-q", "events", "--group", "billing", "--timeout",
+                  "0")) == ""
+    # An explicit --offset still chooses where a new group starts.
+    assert ok(run(broker, "consume", "-q", "events", "--group", "audit", "--offset", "last",
+                  "-n", "1", timeout=20)) == "e3\n"
+    assert "auto.offset.reset=earliest" in ok(run(None, "consume", "--help"))
+
+
 def test_closed_port_exits_3() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -217,7 +217,7 @@ async def test_dashboard_live_queues_dlq_redrive_and_connections(
             ids = await page.eval_on_selector_all(
                 "#connection-table tbody tr", "rows => rows.map(r => r.dataset.connection)")
             assert len(ids) == 1
-            other = await connect(b.url, reconnect=False)
+            other = await connect(b.url, reconnect=False, name="dash-worker")
             try:
                 new_id = await wait_js(page, "the second connection", """known => {
                     const rows = [...document.querySelectorAll('#connection-table tbody tr')];
@@ -225,6 +225,9 @@ async def test_dashboard_live_queues_dlq_redrive_and_connections(
                                       .filter(id => !known.includes(id));
                     return fresh.length === 1 ? fresh[0] : null;
                 }""", ids)
+                await wait_js(page, "the second connection's name", """id =>
+                    document.querySelector(`#connection-table tr[data-connection="${id}"] .name`)
+                      .textContent === "dash-worker" """, new_id)
                 close = page.locator(
                     f'#connection-table tr[data-connection="{new_id}"] button.close')
                 await close.click()

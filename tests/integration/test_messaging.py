@@ -166,6 +166,21 @@ async def test_request_reply_via_rpc(conn: client.Connection, connect_to: Any) -
         await conn.rpc("", "rpc-service", b"x", timeout=0.3)
 
 
+async def test_rpc_to_no_queue_fails_at_once_with_no_route(conn: client.Connection) -> None:
+    # The request matches no queue: NoRoute as soon as the broker says so, not a
+    # RequestTimeout after waiting for a reply that cannot come.
+    with pytest.raises(client.NoRoute):
+        await asyncio.wait_for(conn.rpc("", "no-such-service", b"x", timeout=60), WAIT)
+    await conn.declare_exchange("rpc-ex", "direct")
+    with pytest.raises(client.NoRoute):
+        await asyncio.wait_for(conn.rpc("rpc-ex", "unbound", b"x", mandatory=True,
+                                        timeout=60), WAIT)
+    # mandatory=False opts out: the unroutable request is dropped, the call times out.
+    with pytest.raises(client.RequestTimeout):
+        await conn.rpc("rpc-ex", "unbound", b"x", mandatory=False, timeout=0.3)
+    assert conn.is_open
+
+
 # ---------------------------------------------------------------------- consumers
 async def test_competing_consumers_share_fairly_exactly_once(
         conn: client.Connection, connect_to: Any) -> None:

@@ -6,14 +6,23 @@ per operation, one broker for the module."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
+from schemathesis.openapi.checks import JsonSchemaError
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -30,7 +39,7 @@ CHECKS: list[Any] = [not_a_server_error, status_code_conformance, content_type_c
 MAX_EXAMPLES = 25
 
 schema = schemathesis.openapi.from_path(SPEC).include(tag=["management", "gateway"])
-OPERATIONS = [r.ok() for r in schema.get_all_operations()]
+OPERATIONS = [cast(Any, r).ok() for r in schema.get_all_operations()]  # Ok or Err: raise on Err
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,15 +55,47 @@ def http_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProc
         try:
             await conn.declare_queue("st-q")
             await conn.declare_queue("st-dlq")
+            await conn.declare_queue("st-held")
+            await conn.declare_queue("st-gw")  # read once, by the gateway drift case
+            await conn.publish("", "st-gw", b"gw", message_id="gw-1", headers={"h": "v"})
+            await conn.declare_exchange("st-ex", "topic")
+            await conn.bind("st-ex", "st-q", "st.#")
+            await conn.declare_queue("st-stream", queue_type="stream")
             for i in range(5):
                 await conn.publish("", "st-q", f"m{i}".encode())
                 await conn.publish("", "st-dlq", b"\xff" * i)
+                await conn.publish("", "st-stream", f"s{i}".encode())
+            async with conn.stream("st-stream", group="st-group", offset="first",
+                                   auto_commit=False) as s:
+                msg = await s.get(10)
+                assert msg is not None
+                msg.ack()
         finally:
             await conn.close()
 
     asyncio.run(seed())
-    yield b
-    b.stop()
+    # A client connection (with a consumer) that stays open while the module runs, so the
+    # connection and consumer listings have items for their schemas to check.
+    env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_URL"}
+    held = subprocess.Popen([sys.executable, "-m", "cli.main", "consume", "-q", "st-held",
+                             "--url", b.url], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not _get(b, "/api/consumers"):
+            time.sleep(0.05)
+        assert _get(b, "/api/consumers"), "the held consumer never appeared"
+        yield b
+    finally:
+        held.kill()
+        held.wait()
+        b.stop()
+
+
+def _get(b: BrokerProcess, path: str) -> Any:
+    r = requests.get(f"http://127.0.0.1:{b.http_port}{path}", timeout=10)
+    r.raise_for_status()
+    return r.json()
 
 
 def test_schema_lists_every_route() -> None:
@@ -107,3 +148,73 @@ def test_known_objects_conform(http_broker: BrokerProcess) -> None:
         assert response.status_code < 300, (case.path, response.text)
     status, body = asyncio.run(http(http_broker, "GET", "/api/overview"))
     assert status == 200 and body["queues"] >= 2
+
+
+# Real responses, then the same with one drift each: every one must be caught.
+# (operation path, the path requested, the status it answers)
+DRIFT_CASES = [
+    ("/api/overview", "/api/overview", 200),
+    ("/api/queues", "/api/queues", 200),
+    ("/api/queues/{name}", "/api/queues/st-stream", 200),
+    ("/api/queues/{name}", "/api/queues/st-q", 200),
+    ("/api/queues/{name}", "/api/queues/st-missing", 404),
+    ("/api/exchanges", "/api/exchanges", 200),
+    ("/api/bindings", "/api/bindings", 200),
+    ("/api/consumers", "/api/consumers", 200),
+    ("/api/connections", "/api/connections", 200),
+    ("/api/queues/{name}/peek", "/api/queues/st-dlq/peek?count=2", 200),
+    ("/queues/{queue}/messages", "/queues/st-gw/messages?batch_size=1", 200),
+]
+
+
+def _first_object(body: Any) -> dict[str, Any]:
+    """The object a drift is applied to: the body, or its first listed item."""
+    if isinstance(body, list):
+        assert body, "a listing to check must not be empty"
+        obj = body[0]
+    elif isinstance(body.get("messages"), list) and body["messages"]:
+        obj = body["messages"][0]
+    else:
+        obj = body
+    assert isinstance(obj, dict)
+    return obj
+
+
+def _drifts(body: Any) -> Iterator[tuple[str, Any]]:
+    obj = _first_object(body)
+    extra = copy.deepcopy(body)
+    _first_object(extra)["undocumented"] = 1
+    yield "an undocumented property", extra
+    for key, value in obj.items():
+        missing = copy.deepcopy(body)
+        del _first_object(missing)[key]
+        yield f"{key} missing", missing
+        wrong = copy.deepcopy(body)
+        _first_object(wrong)[key] = (
+            "true" if isinstance(value, bool) else
+            True if isinstance(value, str | int | float | dict | list) else 1)
+        yield f"{key} of the wrong type", wrong
+
+
+@pytest.mark.parametrize(("operation", "path", "status"), DRIFT_CASES,
+                         ids=[c[1] for c in DRIFT_CASES])
+def test_response_schemas_are_strict(operation: str, path: str, status: int,
+                                     http_broker: BrokerProcess) -> None:
+    """additionalProperties false, every property required, exact types: a response that
+    drifts from the spec (say "blocked": "" where it says boolean) fails validation."""
+    op = schema[operation]["GET"]
+    r = requests.get(f"http://127.0.0.1:{http_broker.http_port}{path}", timeout=10)
+    assert r.status_code == status, r.text
+    op.validate_response(r)  # the real response conforms
+    missed = []
+    for what, body in _drifts(r.json()):
+        r._content = json.dumps(body).encode()  # same status and headers, drifted body
+        try:
+            op.validate_response(r)
+        except FailureGroup as exc:
+            assert all(isinstance(e, JsonSchemaError) for e in exc.exceptions), exc
+            continue
+        except JsonSchemaError:
+            continue
+        missed.append(what)
+    assert missed == [], f"{path}: the schema accepts a response with {missed}"

@@ -431,7 +431,8 @@
       let tr = rows.get(id);
       if (!tr) {
         tr = el("tr", { dataset: { connection: id } },
-          el("td", { class: "id" }, id), el("td", { class: "peer" }), el("td", { class: "user" }),
+          el("td", { class: "id" }, id), el("td", { class: "name" }), el("td", { class: "peer" }),
+          el("td", { class: "user" }),
           el("td", { class: "num published" }), el("td", { class: "num rate" }),
           el("td", { class: "num consumers" }), el("td", { class: "num unacked" }),
           el("td", { class: "blocked" }),
@@ -443,6 +444,7 @@
       }
       tbody.append(tr);
       const cell = (cls, text) => { const e = tr.querySelector("." + cls); if (e.textContent !== text) e.textContent = text; };
+      cell("name", String(pick(c, "name") ?? ""));
       cell("peer", String(pick(c, "peer") ?? "") + (c.tls ? " (TLS)" : ""));
       cell("user", String(pick(c, "subject") ?? ""));
       // The API gives a running count; the rate is its change between two polls.
