@@ -39,6 +39,7 @@ from protocol import (
     InternalError,
     OpenOk,
     UnexpectedFrame,
+    encode_fields,
     encode_many,
 )
 from protocol import Heartbeat as HeartbeatFrame
@@ -98,11 +99,16 @@ class BrokerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_recv = time.monotonic()
-        was = self.conn.state
         try:
-            frames = self.conn.receive_data(data)
-            if was is State.AWAIT_PREAMBLE and self.conn.state is State.AWAIT_AUTH:
-                self._send_hello()
+            if self.conn.state is State.AWAIT_PREAMBLE:
+                # HELLO answers the preamble before anything after it in the same read
+                # (a pipelining client sends preamble + AUTH in one write) is decoded.
+                need = self.conn.preamble_needed
+                self.conn.receive_data(data[:need])
+                if not self.conn.preamble_needed:  # a valid preamble (a bad one raised)
+                    self._send_hello()
+                data = data[need:]
+            frames = self.conn.receive_data(data) if data else []
             if frames:
                 self._handle(frames)
         except FatalError as exc:
@@ -187,14 +193,24 @@ class BrokerProtocol(asyncio.Protocol):
             self.session.handle(batch)
 
     def _send_hello(self) -> None:
-        self._write([Hello(  # the lower of the two minor versions (spec/PROTOCOL.md, 18.)
+        hello = Hello(  # the lower of the two minor versions (spec/PROTOCOL.md, 18.)
             f"{VERSION_MAJOR}.{min(self.conn.peer_minor, VERSION_MINOR)}",
             self.config.max_frame_size,
             self.config.heartbeat_ms,
             {"product": "conveyor", "version": VERSION,
              "platform": platform.python_implementation()},
             self.server.auth.mechanisms(self.peer_ip),
-        )])
+            self.broker.max_message_size,
+        )
+        self._write_since(hello)
+
+    def _write_since(self, frame: Hello | OpenOk) -> None:
+        """HELLO / OPEN_OK without their 1.2 trailing field to a client older than 1.2
+        (strict receivers refuse extra fields: spec/PROTOCOL.md section 18)."""
+        fields = frame.to_wire()
+        if self.conn.peer_minor < 2:
+            fields = fields[:-1]
+        self._write_chunks([encode_fields(frame.TYPE, fields)])
 
     def _on_auth(self, f: Auth) -> None:
         try:  # broker.auth: token signature/expiry/revocation, the loopback rule
@@ -226,12 +242,14 @@ class BrokerProtocol(asyncio.Protocol):
             return
         compression = ""
         if cfg.wire_compression:
-            wanted = f.client_properties.get("compression")
+            # AUTH.compression since 1.2; before, the list rode in client_properties
+            # (still accepted there, spec/PROTOCOL.md section 4).
+            wanted: Any = f.compression or f.client_properties.get("compression")
             if type(wanted) is list and "zstd" in wanted:
                 compression = "zstd"
-        ok = OpenOk(sid, frame_max, hb, compression)
+        ok = OpenOk(sid, frame_max, hb, compression, self.session.max_message_size)
         self.conn.send(ok)  # advances the state machine to OPEN
-        self._write([ok])
+        self._write_since(ok)
         if compression:  # both directions: COMPRESSED frames after OPEN_OK
             self.conn.compression = True
             self.session.compress = True

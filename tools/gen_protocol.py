@@ -233,6 +233,8 @@ def gen_python(spec: dict[str, Any]) -> str:
         f"MAX_FRAME_SIZE_CEILING = {p['max_frame_size_ceiling']}",
         f"HEARTBEAT_MS_DEFAULT = {p['heartbeat_ms_default']}",
         f"HEARTBEAT_MS_FLOOR = {p['heartbeat_ms_floor']}",
+        f"MAX_NESTING_DEPTH = {p['max_nesting_depth']}",
+        f"MESSAGE_FRAME_OVERHEAD = {p['message_frame_overhead']}",
         "",
         "",
         "# ------------------------------------------------------------------ errors",

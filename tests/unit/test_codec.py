@@ -610,7 +610,7 @@ def open_server() -> Connection:
 
 def open_client() -> Connection:
     conn = Connection(Role.CLIENT)
-    assert conn.preamble() == b"CNVYMQ\x01\x01"
+    assert conn.preamble() == b"CNVYMQ\x01\x02"
     assert conn.state is State.AWAIT_HELLO
     hello = g.Hello("1.0", CAP, 10000, {"product": "conveyor"}, ["anonymous"])
     assert conn.receive_data(protocol.encode(hello)) == [hello]
