@@ -231,6 +231,7 @@ class BrokerProtocol(asyncio.Protocol):
         sid = self.broker.new_session_id()
         self.session = Session(self.broker, sid, self._write_chunks, frame_max)
         self.session.principal = principal
+        self.session.on_failure = self._session_failed
         self.session.runs = self.conn.peer_minor >= 1  # DELIVER_RUN is 1.1
         try:  # max_connections, max_connections_per_subject: ERROR 506 instead of OPEN_OK
             self.server.connections.admit(self.broker.limits, self,
@@ -316,11 +317,18 @@ class BrokerProtocol(asyncio.Protocol):
         self._write([Error(0, exc.code, exc.message, exc.details)])
         self._shutdown_transport()
 
+    def _session_failed(self, exc: BaseException) -> None:
+        """Broker.pump could not flush this connection's output: close it (541)."""
+        self._fatal(InternalError("internal error writing to this connection; closed"))
+
     def _shutdown_transport(self) -> None:
         self._closing = True
         self.conn.fail()
         if self.session is not None:
-            self.session.flush()
+            try:
+                self.session.flush()
+            except Exception:  # the failure that closes it; already logged by the pump
+                log.debug("flush while closing %s failed", self.peer, exc_info=True)
         if self.transport is not None:
             self.transport.close()
 

@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from broker.auth import ANONYMOUS, Principal
 from broker.core import Broker
 from broker.flow import PublisherFlow
@@ -77,11 +79,16 @@ from protocol.codec import check_frames, oversized_frames
 from protocol.errors import LocalProtocolError
 
 log = logging.getLogger("conveyor.session")
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 U32_MAX = 0xFFFFFFFF
 GET_MAX = 10000
 # Bytes a delivery entry may add beyond body + headers (strings, other properties, tags).
 ENTRY_OVERHEAD = 4608
+# GET_OK's fields around its one entry (rid, message count, the type byte) beyond a
+# one-entry DELIVER_BATCH without a consumer tag.
+GET_OK_EXTRA = 16
+U64_MAX = 0xFFFFFFFFFFFFFFFF
 
 
 # An unacked delivery: (message in its queue, the queue, the consumer or None for GET).
@@ -559,8 +566,9 @@ class Session:
         limit = self.max_message_size
         if len(batch) == 1:
             if batch[0].message.size > limit:
-                self._refuse_too_large(consumer.queue, batch, consumer)
-                return
+                batch = self._refuse_too_large(consumer.queue, batch, consumer)
+                if not batch:
+                    return
         elif max([qm.message.size for qm in batch]) > limit:
             batch = self._refuse_too_large(consumer.queue, batch, consumer)
             if not batch:
@@ -606,14 +614,19 @@ class Session:
 
     def _refuse_too_large(self, queue: Queue, batch: list[QueuedMessage],
                           consumer: Consumer | None) -> list[QueuedMessage]:
-        """Messages of ``batch`` larger than this connection's max_message_size cannot be
-        sent to it in any frame it accepts: they leave the queue (dead-lettered with
-        reason "too-large", which never routes back to this queue, or dropped) instead of
-        looping, and the connection gets ERROR rid 0 413 naming them. The rest is
-        returned for delivery; a consumer gets back the credit the refused ones used."""
+        """Messages of ``batch`` over this connection's max_message_size whose frame
+        (measured) does not fit its max_frame_size cannot be sent to it: they leave the
+        queue (dead-lettered with reason "too-large", which never routes back to this
+        queue, or dropped) instead of looping, and the connection gets ERROR rid 0 413
+        naming them. The rest is returned for delivery; a consumer gets back the credit
+        the refused ones used."""
         limit = self.max_message_size
-        big = [qm for qm in batch if qm.message.size > limit]
-        keep = [qm for qm in batch if qm.message.size <= limit] if len(big) < len(batch) else []
+        tag = consumer.tag if consumer is not None else ""
+        big = [qm for qm in batch if qm.message.size > limit and not self._fits(tag, qm)]
+        if not big:
+            return batch
+        refused = {id(qm) for qm in big}
+        keep = [qm for qm in batch if id(qm) not in refused]
         if consumer is not None:
             consumer.credit += len(big)
             self.broker.wake(queue)
@@ -641,6 +654,16 @@ class Session:
             f"too-large), not delivered", details)))
         self.broker.mark_session(self)
         return keep
+
+    def _fits(self, tag: str, qm: QueuedMessage) -> bool:
+        """Whether ``qm`` fits this connection's frame cap alone in any delivery frame:
+        measured as a one-entry DELIVER_BATCH with the widest tag and count, plus room
+        for GET_OK's rid and message count (DELIVER and DELIVER_RUN are smaller)."""
+        m = qm.message
+        body = Pager.read(m)
+        size = len(_packb([tag, [[U64_MAX, True, m.exchange, m.routing_key, m.properties,
+                                  body, U32_MAX]]]))
+        return size + GET_OK_EXTRA <= self.max_frame_size
 
     @staticmethod
     def _run_of(batch: list[QueuedMessage]) -> tuple[str, str, dict[str, Any]] | None:
@@ -884,8 +907,8 @@ class Session:
             head = q.peek()
             if head is None:
                 break
-            if head.message.size > self.max_message_size:  # fits no frame of ours
-                self._refuse_too_large(q, q.take(1, 0), None)
+            if head.message.size > self.max_message_size and not self._fits("", head):
+                self._refuse_too_large(q, q.take(1, 0), None)  # fits no frame of ours
                 continue
             esize = head.message.size + ENTRY_OVERHEAD
             if entries and size + esize > budget:

@@ -374,7 +374,7 @@ class _Protocol(asyncio.Protocol):
                             o.max_frame_size, o.heartbeat_ms, wanted)
                 assert self.transport is not None
                 # AUTH.compression is 1.2: an older server would refuse the extra field.
-                self.transport.write(self.wire.send(auth, trim=self.server_minor < 2))
+                self.transport.write(self.wire.send(auth, trim=1 if self.server_minor < 2 else 0))
             elif isinstance(f, OpenOk):
                 self.max_frame_size = f.max_frame_size
                 if f.max_message_size:

@@ -200,10 +200,7 @@ class Connection:
 
         Raises LocalProtocolError, without changing state, if the frame would exceed the
         peer's maximum frame size (``send_limit``)."""
-        if trim:
-            data = encode_fields(frame.TYPE, frame.to_wire()[:-trim])
-        else:
-            data = encode(frame)
+        data = encode_fields(frame.TYPE, frame.to_wire()[:-trim]) if trim else encode(frame)
         if len(data) - 4 > self.send_limit:
             check_frames([data], self.send_limit)
         self.state = ON_SEND.get((self.role, self.state, frame.TYPE), self.state)
