@@ -504,7 +504,7 @@ class Broker:
                 return
             props = dict(m.properties)
             headers = dict(props.get("headers") or {})
-            deaths = [dict(d) for d in headers.get("x-death") or () if isinstance(d, dict)]
+            deaths = _death_records(headers.get("x-death"))
             record = None
             for d in deaths:
                 if d.get("queue") == q.name and d.get("reason") == reason:
@@ -514,7 +514,7 @@ class Broker:
             if record is None:
                 record = {"reason": reason, "queue": q.name, "exchange": m.exchange,
                           "routing_key": m.routing_key, "count": 0}
-            record["count"] = int(record.get("count", 0)) + 1
+            record["count"] = record["count"] + 1
             record["time"] = now
             deaths.insert(0, record)
             headers["x-death"] = deaths
@@ -835,6 +835,23 @@ RETIRED_COUNTERS = ("published", "delivered", "acked", "redelivered", "dead_lett
                     "expired")
 SWEEP_MS = 100  # how often deliveries are checked against their ack deadline
 PUMPS_PER_TURN = 4  # connections pumped at once per loop turn (Broker.pump_input)
+
+
+def _death_records(raw: Any) -> list[dict[str, Any]]:
+    """The x-death records of a message's headers, as dead-lettering may use them: a
+    publisher can put anything under that key, so only maps whose queue and reason are
+    strings count (a count that is not a non-negative integer counts as 0); anything else
+    is dropped rather than breaking dead-lettering."""
+    if type(raw) is not list:
+        return []
+    out: list[dict[str, Any]] = []
+    for d in raw:
+        if type(d) is dict and type(d.get("queue")) is str and type(d.get("reason")) is str:
+            d = dict(d)
+            count = d.get("count")
+            d["count"] = count if type(count) is int and count >= 0 else 0
+            out.append(d)
+    return out
 
 
 def _queue_difference(q: Queue, durable: bool, exclusive: bool, auto_delete: bool,

@@ -343,3 +343,35 @@ def test_close_ok_without_close_ends_the_connection(module_broker: BrokerProcess
     with open_conn(module_broker.port) as c:
         c.send(wire.encode("close_ok"))
         assert c.expect_closed() == []
+
+
+# ---------------------------------------------------------------------- x-death poison
+@pytest.mark.parametrize("x_death", [
+    5, "not-a-list", {"reason": "expired"}, [1, "two", None],
+    [{"count": "many", "queue": ["unhashable"], "reason": "expired"}],
+    [{"count": -3, "queue": {"k": 1}, "reason": ["x"], "time": "t"}],
+], ids=["int", "str", "map", "scalars", "bad-fields", "bad-types"])
+def test_dead_lettering_a_message_with_a_malformed_x_death(
+        module_broker: BrokerProcess, x_death: Any) -> None:
+    """x-death is the broker's header, but a publisher may send anything under that key:
+    dead-lettering such a message (here: rejected) must still work, keep the publisher's
+    malformed records out, and never fail the connection (it used to answer 541)."""
+    q, dlq = qname("xd"), qname("xd-dlq")
+    with open_conn(module_broker.port) as c:
+        declare(c, 1, dlq)
+        reply = c.request("queue_declare", 2, q, False, False, False, False,
+                          {"dead_letter_exchange": "", "dead_letter_routing_key": dlq})
+        assert reply.kind == "queue_declare_ok", reply
+        c.send_frame("publish", 1, "", q, {"headers": {"x-death": x_death, "k": "v"}}, b"p",
+                     False)
+        c.expect("confirm", first_seq=1, last_seq=1, ack=True)
+        consume(c, 3, q, credit=1)
+        (d,) = deliveries(c.recv())
+        c.send_frame("reject", d["delivery_tag"], False)
+        got = c.request("get", 4, dlq, 1, True)
+        assert got.kind == "get_ok" and len(got["entries"]) == 1, got
+        headers = got["entries"][0]["properties"]["headers"]
+        assert headers["k"] == "v"
+        newest = headers["x-death"][0]
+        assert (newest["reason"], newest["queue"], newest["count"]) == ("rejected", q, 1)
+        assert all(isinstance(r, dict) for r in headers["x-death"])
