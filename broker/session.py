@@ -564,15 +564,19 @@ class Session:
     def deliver(self, consumer: Consumer, batch: list[QueuedMessage]) -> None:
         """Called by queue dispatch: assign tags, track unacked, queue the frames."""
         limit = self.max_message_size
+        sizes: list[int] = []
         if len(batch) == 1:
             if batch[0].message.size > limit:
                 batch = self._refuse_too_large(consumer.queue, batch, consumer)
                 if not batch:
                     return
-        elif max([qm.message.size for qm in batch]) > limit:
-            batch = self._refuse_too_large(consumer.queue, batch, consumer)
-            if not batch:
-                return
+        else:
+            sizes = [qm.message.size for qm in batch]
+            if max(sizes) > limit:
+                batch = self._refuse_too_large(consumer.queue, batch, consumer)
+                if not batch:
+                    return
+                sizes = [qm.message.size for qm in batch]
         first = self._next_tag + 1
         no_ack = consumer.no_ack
         queue = consumer.queue
@@ -589,7 +593,6 @@ class Session:
             if not no_ack:
                 self.unacked.update(zip(range(first, tag + 1),
                                         [(qm, queue, consumer) for qm in batch], strict=True))
-            sizes = [qm.message.size for qm in batch]
             run = self.runs and self._run_of(batch)
             if run:
                 payload = (first, run, [qm.message.body for qm in batch])
