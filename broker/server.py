@@ -118,7 +118,10 @@ class BrokerProtocol(asyncio.Protocol):
         except Exception:
             log.exception("bug while serving %s", self.peer)
             self._fatal(InternalError("internal error; connection closed"))
-        self.broker.pump_input()
+        try:  # the pump serves every connection: its failure is not this peer's doing
+            self.broker.pump_input()
+        except Exception:
+            log.exception("bug in the broker pump (input from %s)", self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.protocols.discard(self)

@@ -375,3 +375,14 @@ def test_dead_lettering_a_message_with_a_malformed_x_death(
         newest = headers["x-death"][0]
         assert (newest["reason"], newest["queue"], newest["count"]) == ("rejected", q, 1)
         assert all(isinstance(r, dict) for r in headers["x-death"])
+
+
+# ---------------------------------------------------------------------- 3: 401 reasons
+def test_auth_with_a_mechanism_not_offered_is_401_reason_mechanism(broker_factory: Any) -> None:
+    b = broker_factory()
+    with Conn(b.port) as c:
+        c.send(c.preamble)
+        c.expect("hello")
+        c.send_frame("auth", "kerberos", "", {}, 0, 0)
+        err = c.expect_fatal(wire.code("authentication-failed"))
+        assert err["details"] == {"mechanism": "kerberos", "reason": "mechanism"}
