@@ -321,8 +321,14 @@ class BrokerProtocol(asyncio.Protocol):
         self._shutdown_transport()
 
     def _session_failed(self, exc: BaseException) -> None:
-        """Broker.pump could not flush this connection's output: close it (541)."""
-        self._fatal(InternalError("internal error writing to this connection; closed"))
+        """Broker.pump could not flush this connection's output: close it (541), or drop
+        it if even the ERROR cannot be written."""
+        try:
+            self._fatal(InternalError("internal error writing to this connection; closed"))
+        except Exception:
+            log.exception("closing %s after a failed flush failed; dropping it", self.peer)
+            if self.transport is not None:
+                self.transport.abort()
 
     def _shutdown_transport(self) -> None:
         self._closing = True

@@ -200,8 +200,9 @@ class _Protocol(asyncio.Protocol):
         self.drained.set()
         self.last_recv = time.monotonic()
         self.max_frame_size = 0
-        # The broker's maximum message size (body + encoded headers) on this connection,
-        # from OPEN_OK (1.2) or HELLO; 0 = not stated. Larger publishes are refused here.
+        # The broker's maximum message size (body + encoded headers) on this connection:
+        # OPEN_OK's (1.2), HELLO's until then; 0 = not stated. Larger publishes are refused
+        # here.
         self.max_message_size = 0
         self.fit_limit = 1 << 62  # estimated sizes above this are measured by _check_fits
         # Publish credit of this connection (PUBLISH_CREDIT adds, each publish uses one

@@ -229,7 +229,7 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
     @property
     def max_message_size(self) -> int:
         """The broker's maximum message size (body plus encoded headers) on this
-        connection, from OPEN_OK (HELLO for brokers before 1.2); 0 = not stated or not
+        connection, from OPEN_OK; 0 = not stated (a broker before protocol 1.2) or not
         connected. Larger publishes fail locally with MessageTooLarge (413)."""
         proto = self._proto
         return proto.max_message_size if proto is not None else 0
