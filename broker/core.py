@@ -179,15 +179,17 @@ class Broker:
             )
         _check_arguments(arguments, EXCHANGE_ARGUMENTS, "exchange")
         if existing is not None:
-            if (existing.type, existing.durable, existing.auto_delete, existing.arguments) != (
-                etype, durable, auto_delete, arguments
-            ):
-                raise PreconditionFailed(
-                    f"exchange {name!r} exists with different settings "
-                    f"(type={existing.type}, durable={existing.durable}, "
-                    f"auto_delete={existing.auto_delete})",
-                    {"exchange": name},
-                )
+            for key, was, asked in (("type", existing.type, etype),
+                                    ("durable", existing.durable, durable),
+                                    ("auto_delete", existing.auto_delete, auto_delete),
+                                    ("arguments", existing.arguments, arguments)):
+                if was != asked:
+                    raise PreconditionFailed(
+                        f"exchange {name!r} exists with different settings: {key}: {was!r} "
+                        f"vs {asked!r} (existing vs requested)",
+                        {"exchange": name, "setting": key, "existing": was,
+                         "requested": asked},
+                    )
             return existing
         if name.startswith("amq."):
             raise AccessRefused(f"exchange names starting 'amq.' are reserved: {name!r}",
@@ -247,13 +249,13 @@ class Broker:
         existing = self.queues.get(name)
         if existing is not None:
             self.get_queue(name, session_id)  # exclusivity check
-            if (existing.durable, existing.exclusive_owner is not None, existing.auto_delete,
-                    existing.arguments) != (durable, exclusive, auto_delete, arguments):
+            diff = _queue_difference(existing, durable, exclusive, auto_delete, opts)
+            if diff is not None:
+                key, was, asked = diff
                 raise PreconditionFailed(
-                    f"queue {name!r} exists with different settings (durable="
-                    f"{existing.durable}, exclusive={existing.exclusive_owner is not None}, "
-                    f"auto_delete={existing.auto_delete})",
-                    {"queue": name},
+                    f"queue {name!r} exists with different settings: {key}: {was!r} vs "
+                    f"{asked!r} (existing vs requested)",
+                    {"queue": name, "setting": key, "existing": was, "requested": asked},
                 )
             existing.last_used = self.clock()
             return existing
@@ -516,7 +518,7 @@ class Broker:
                 return
             props = dict(m.properties)
             headers = dict(props.get("headers") or {})
-            deaths = [dict(d) for d in headers.get("x-death") or () if isinstance(d, dict)]
+            deaths = _death_records(headers.get("x-death"))
             record = None
             for d in deaths:
                 if d.get("queue") == q.name and d.get("reason") == reason:
@@ -526,7 +528,7 @@ class Broker:
             if record is None:
                 record = {"reason": reason, "queue": q.name, "exchange": m.exchange,
                           "routing_key": m.routing_key, "count": 0}
-            record["count"] = int(record.get("count", 0)) + 1
+            record["count"] = record["count"] + 1
             record["time"] = now
             deaths.insert(0, record)
             headers["x-death"] = deaths
@@ -744,7 +746,11 @@ class Broker:
             self.now = now = self.clock()  # deliveries read it (latency histogram)
             for q in dirty:
                 if not q.deleted:
-                    q.dispatch(_deliver, now)
+                    try:
+                        q.dispatch(_deliver, now)
+                    except Exception:  # a bug: this queue's turn fails, not the caller
+                        log.exception("dispatching queue %r failed", q.name)
+                        self.count_error(541)
         if self.journal:
             self.flush_journal()
         pager = self.pager
@@ -756,7 +762,19 @@ class Broker:
             sessions = self._dirty_sessions
             self._dirty_sessions = set()
             for s in sessions:
-                s.flush()
+                try:
+                    s.flush()
+                except Exception as exc:  # contained to that session's connection
+                    log.exception("flushing connection %s failed; closing it", s.id)
+                    self._session_failed(s, exc)
+
+    def _session_failed(self, session: Session, exc: Exception) -> None:
+        """A session's flush raised (a bug): only its own connection is closed, never the
+        connection whose input happened to run this pump (spec: no crashed server)."""
+        self.count_error(541)
+        hook = session.on_failure
+        if hook is not None:
+            hook(exc)
 
     def page_out(self) -> None:
         """Bring ready bodies in memory down to 3/4 of the budget, largest queues first
@@ -831,6 +849,40 @@ RETIRED_COUNTERS = ("published", "delivered", "acked", "redelivered", "dead_lett
                     "expired")
 SWEEP_MS = 100  # how often deliveries are checked against their ack deadline
 PUMPS_PER_TURN = 4  # connections pumped at once per loop turn (Broker.pump_input)
+
+
+def _death_records(raw: Any) -> list[dict[str, Any]]:
+    """The x-death records of a message's headers, as dead-lettering may use them: a
+    publisher can put anything under that key, so only maps whose queue and reason are
+    strings count (a count that is not a non-negative integer counts as 0); anything else
+    is dropped rather than breaking dead-lettering."""
+    if type(raw) is not list:
+        return []
+    out: list[dict[str, Any]] = []
+    for d in raw:
+        if type(d) is dict and type(d.get("queue")) is str and type(d.get("reason")) is str:
+            d = dict(d)
+            count = d.get("count")
+            d["count"] = count if type(count) is int and count >= 0 else 0
+            out.append(d)
+    return out
+
+
+def _queue_difference(q: Queue, durable: bool, exclusive: bool, auto_delete: bool,
+                      opts: QueueOptions) -> tuple[str, Any, Any] | None:
+    """The first setting a redeclare asks differently for, as (name, existing value,
+    requested value), or None. Arguments are compared by their effective values, so
+    an absent key equals its default (``{}`` matches ``{"max_priority": 0}``)."""
+    for key, was, asked in (("durable", q.durable, durable),
+                            ("exclusive", q.exclusive_owner is not None, exclusive),
+                            ("auto_delete", q.auto_delete, auto_delete)):
+        if was != asked:
+            return key, was, asked
+    for key in QueueOptions.__slots__:
+        was, asked = getattr(q.opts, key), getattr(opts, key)
+        if was != asked or type(was) is not type(asked):
+            return key, was, asked
+    return None
 
 
 def _wall_ms() -> int:

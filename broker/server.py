@@ -41,6 +41,7 @@ from protocol import (
     InternalError,
     OpenOk,
     UnexpectedFrame,
+    encode_fields,
     encode_many,
 )
 from protocol import Heartbeat as HeartbeatFrame
@@ -103,11 +104,16 @@ class BrokerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_recv = time.monotonic()
-        was = self.conn.state
         try:
-            frames = self.conn.receive_data(data)
-            if was is State.AWAIT_PREAMBLE and self.conn.state is State.AWAIT_AUTH:
-                self._send_hello()
+            if self.conn.state is State.AWAIT_PREAMBLE:
+                # HELLO answers the preamble before anything after it in the same read
+                # (a pipelining client sends preamble + AUTH in one write) is decoded.
+                need = self.conn.preamble_needed
+                self.conn.receive_data(data[:need])
+                if not self.conn.preamble_needed:  # a valid preamble (a bad one raised)
+                    self._send_hello()
+                data = data[need:]
+            frames = self.conn.receive_data(data) if data else []
             if frames:
                 self._handle(frames)
         except FatalError as exc:
@@ -117,7 +123,10 @@ class BrokerProtocol(asyncio.Protocol):
         except Exception:
             log.exception("bug while serving %s", self.peer)
             self._fatal(InternalError("internal error; connection closed"))
-        self.broker.pump_input()
+        try:  # the pump serves every connection: its failure is not this peer's doing
+            self.broker.pump_input()
+        except Exception:
+            log.exception("bug in the broker pump (input from %s)", self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.protocols.discard(self)
@@ -192,14 +201,24 @@ class BrokerProtocol(asyncio.Protocol):
             self.session.handle(batch)
 
     def _send_hello(self) -> None:
-        self._write([Hello(  # the lower of the two minor versions (spec/PROTOCOL.md, 18.)
+        hello = Hello(  # the lower of the two minor versions (spec/PROTOCOL.md, 18.)
             f"{VERSION_MAJOR}.{min(self.conn.peer_minor, VERSION_MINOR)}",
             self.config.max_frame_size,
             self.config.heartbeat_ms,
             {"product": "conveyor", "version": VERSION,
              "platform": platform.python_implementation()},
             self._mechanisms(),
-        )])
+            self.broker.max_message_size,
+        )
+        self._write_since(hello)
+
+    def _write_since(self, frame: Hello | OpenOk) -> None:
+        """HELLO / OPEN_OK without their 1.2 trailing field to a client older than 1.2
+        (strict receivers refuse extra fields: spec/PROTOCOL.md section 18)."""
+        fields = frame.to_wire()
+        if self.conn.peer_minor < 2:
+            fields = fields[:-1]
+        self._write_chunks([encode_fields(frame.TYPE, fields)])
 
     def _mechanisms(self) -> list[str]:
         """HELLO's list: a certificate identity AUTHs with mechanism "anonymous" (the
@@ -230,6 +249,7 @@ class BrokerProtocol(asyncio.Protocol):
         self.session = Session(self.broker, sid, self._write_chunks, frame_max)
         self.session.principal = principal
         self.session.name = connection_name(f.client_properties)
+        self.session.on_failure = self._session_failed
         self.session.runs = self.conn.peer_minor >= 1  # DELIVER_RUN is 1.1
         try:  # max_connections, max_connections_per_subject: ERROR 506 instead of OPEN_OK
             self.server.connections.admit(self.broker.limits, self, connection_subject(
@@ -241,12 +261,14 @@ class BrokerProtocol(asyncio.Protocol):
             return
         compression = ""
         if cfg.wire_compression:
-            wanted = f.client_properties.get("compression")
+            # AUTH.compression since 1.2; before, the list rode in client_properties
+            # (still accepted there, spec/PROTOCOL.md section 4).
+            wanted: Any = f.compression or f.client_properties.get("compression")
             if type(wanted) is list and "zstd" in wanted:
                 compression = "zstd"
-        ok = OpenOk(sid, frame_max, hb, compression)
+        ok = OpenOk(sid, frame_max, hb, compression, self.session.max_message_size)
         self.conn.send(ok)  # advances the state machine to OPEN
-        self._write([ok])
+        self._write_since(ok)
         if compression:  # both directions: COMPRESSED frames after OPEN_OK
             self.conn.compression = True
             self.session.compress = True
@@ -329,11 +351,24 @@ class BrokerProtocol(asyncio.Protocol):
         self._write([Error(0, exc.code, exc.message, exc.details)])
         self._shutdown_transport()
 
+    def _session_failed(self, exc: BaseException) -> None:
+        """Broker.pump could not flush this connection's output: close it (541), or drop
+        it if even the ERROR cannot be written."""
+        try:
+            self._fatal(InternalError("internal error writing to this connection; closed"))
+        except Exception:
+            log.exception("closing %s after a failed flush failed; dropping it", self.peer)
+            if self.transport is not None:
+                self.transport.abort()
+
     def _shutdown_transport(self) -> None:
         self._closing = True
         self.conn.fail()
         if self.session is not None:
-            self.session.flush()
+            try:
+                self.session.flush()
+            except Exception:  # the failure that closes it; already logged by the pump
+                log.debug("flush while closing %s failed", self.peer, exc_info=True)
         if self.transport is not None:
             self.transport.close()
 

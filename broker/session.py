@@ -14,11 +14,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from broker.auth import ANONYMOUS, Principal
 from broker.core import Broker
 from broker.flow import PublisherFlow
 from broker.limits import check_seq_range, publish_size
-from broker.message import Message, QueuedMessage
+from broker.message import GONE, Message, QueuedMessage
 from broker.pager import Pager
 from broker.queue import Consumer, Queue
 from broker.stream import Stream, StreamConsumer, check_consume_arguments
@@ -72,13 +74,21 @@ from protocol import (
     encode_run,
 )
 from protocol import Consume as ConsumeFrame
+from protocol._generated import MESSAGE_FRAME_OVERHEAD
+from protocol.codec import check_frames, oversized_frames
+from protocol.errors import LocalProtocolError
 
 log = logging.getLogger("conveyor.session")
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 U32_MAX = 0xFFFFFFFF
 GET_MAX = 10000
 # Bytes a delivery entry may add beyond body + headers (strings, other properties, tags).
 ENTRY_OVERHEAD = 4608
+# GET_OK's fields around its one entry (rid, message count, the type byte) beyond a
+# one-entry DELIVER_BATCH without a consumer tag.
+GET_OK_EXTRA = 16
+U64_MAX = 0xFFFFFFFFFFFFFFFF
 
 
 # An unacked delivery: (message in its queue, the queue, the consumer or None for GET).
@@ -117,6 +127,15 @@ class Session:
         self.id = session_id
         self._write = write
         self.max_frame_size = max_frame_size
+        # Largest message (body + encoded headers) this connection may publish or be
+        # delivered, announced in OPEN_OK: any frame carrying one such message fits
+        # max_frame_size (spec/PROTOCOL.md, "Limits"), so nothing sent exceeds the cap.
+        self.max_message_size = max(0, min(broker.max_message_size,
+                                           max_frame_size - MESSAGE_FRAME_OVERHEAD))
+        # Highest publish sequence number used so far: numbers must increase.
+        self._last_seq = 0
+        # Set by the transport: closes this connection only, after a failure in flush.
+        self.on_failure: Callable[[BaseException], None] | None = None
         # OPEN_OK negotiated zstd: DELIVER_BATCH frames over 1 KiB go out COMPRESSED.
         self.compress = False
         # The client speaks 1.1: first deliveries that share exchange, routing key and
@@ -244,16 +263,65 @@ class Session:
         if self.closed:
             return
         if self._deliveries:
-            for consumer, payload, sizes in self._deliveries:
-                if type(payload) is tuple:
-                    self._encode_run(consumer.tag, payload, sizes)
-                else:
-                    self._encode_deliveries(consumer.tag, payload, sizes)
+            deliveries = self._deliveries
             self._deliveries = []
+            for consumer, payload, sizes in deliveries:
+                try:
+                    if type(payload) is tuple:
+                        self._encode_run(consumer.tag, payload, sizes)
+                    else:
+                        self._encode_deliveries(consumer.tag, payload, sizes)
+                except (ValueError, TypeError, OverflowError) as exc:
+                    self._unencodable(consumer, payload, exc)
         if self.out:
             out = self.out
             self.out = []
+            if max(map(len, out)) > self.max_frame_size + 4:
+                out = self._drop_oversized(out)
             self._write(out)
+
+    def _drop_oversized(self, out: list[bytes]) -> list[bytes]:
+        """The last guard of the frame cap (protocol.codec): a frame over the peer's
+        max_frame_size is never written (the peer would have to close with 502); it is
+        logged and counted. The checks before encoding make this unreachable."""
+        try:
+            check_frames(out, self.max_frame_size)
+        except LocalProtocolError as exc:
+            log.error("%s: %s; not sent", self.id, exc)
+            bad = set(oversized_frames(out, self.max_frame_size))
+            self.broker.count_error(InternalError.code, n=len(bad))
+            return [f for i, f in enumerate(out) if i not in bad]
+        return out
+
+    def _unencodable(self, consumer: Consumer, payload: Any, exc: Exception) -> None:
+        """Deliveries msgpack cannot encode (the decoder's checks should make this
+        impossible): they are dropped, counted and logged, instead of raising into the
+        pump and whichever connection ran it (re-routing them would only fail again)."""
+        if type(payload) is tuple:
+            first, bodies = payload[0], payload[2]
+            tags = list(range(first, first + len(bodies)))
+        else:
+            tags = [e[0] for e in payload]
+        gone: list[QueuedMessage] = []
+        for t in tags:
+            u = self.unacked.pop(t, None)
+            if u is not None:
+                gone.append(u[0])
+                if u[2] is not None:
+                    u[2].unacked -= 1
+        log.error("%s: %d deliveries to consumer %r cannot be encoded (%s); dropped",
+                  self.id, len(tags), consumer.tag, exc)
+        self.broker.count_error(InternalError.code, n=len(tags))
+        q = consumer.queue
+        if gone:
+            if isinstance(q, Stream):
+                q.settle_refused(gone, requeue=False)
+            else:
+                q.discard(len(gone))
+                for qm in gone:
+                    qm.state = GONE
+                if q.logged:
+                    self.broker.log_ids("a", q, gone)
 
     def _encode_deliveries(self, tag: str, entries: list[list[Any]], sizes: list[int]) -> None:
         """DELIVER for one message, else DELIVER_BATCH frames that each fit the frame cap."""
@@ -291,7 +359,20 @@ class Session:
         self.out.extend([compress_frame(f) for f in frames] if self.compress else frames)
 
     # ------------------------------------------------------------------ publish
+    def _check_seq(self, frame: str, first: int, n: int) -> None:
+        """Sequence numbers strictly increase on a connection (spec/PROTOCOL.md 12): a
+        number at or below one already used is refused whole (400, rid 0), so a
+        publisher never gets a CONFIRM that goes backwards."""
+        if first <= self._last_seq:
+            raise InvalidArgument(
+                f"{frame}: sequence number {first} is not above the last one used, "
+                f"{self._last_seq}; nothing published",
+                {"frame": frame, "seq": first, "last_seq": self._last_seq})
+        self._last_seq = first + n - 1
+
     def _on_publish(self, f: Publish) -> None:
+        if f.seq:
+            self._check_seq("publish", f.seq, 1)
         self.published_bytes += len(f.body)
         self._publish(f.seq, f.exchange, f.routing_key, f.properties, f.body, f.mandatory)
 
@@ -301,6 +382,8 @@ class Session:
         if not entries:
             raise _empty("publish_batch", "entries", seq)
         check_seq_range(seq, len(entries))  # 501 if the seqs pass 2^64-1
+        if seq:
+            self._check_seq("publish_batch", seq, len(entries))
         self.published_bytes += sum([len(e.body) for e in entries])
         broker = self.broker
         if (self.principal.permissions is None and not broker.limited
@@ -320,6 +403,8 @@ class Session:
         if not bodies:
             raise _empty("publish_run", "bodies", seq)
         check_seq_range(seq, len(bodies), "publish_run")
+        if seq:
+            self._check_seq("publish_run", seq, len(bodies))
         self.published_bytes += sum(map(len, bodies))
         broker = self.broker
         props = f.properties
@@ -328,7 +413,7 @@ class Session:
         if (self.principal.permissions is None and not broker.limited
                 and broker.store.failed is None and not _disk_refusal(broker)
                 and "headers" not in props
-                and max(map(len, bodies)) <= broker.max_message_size):
+                and max(map(len, bodies)) <= self.max_message_size):
             try:
                 targets = broker.route(ex, rk)
             except RequestError:
@@ -355,7 +440,7 @@ class Session:
         ``_publish`` on its own, in order, so replies and confirms are the same."""
         broker = self.broker
         route = broker.route
-        max_size = broker.max_message_size
+        max_size = self.max_message_size
         now = self._now
         ts = now + 1  # publish time rounded up, as Broker.enqueue does
         run: list[Message] = []
@@ -423,10 +508,11 @@ class Session:
             if wm is not None and wm.refusal and wm.refusing(self.flow.clock()):
                 raise ResourceError(wm.refusal, {"reason": "disk"})
             size = publish_size(broker.limits, properties, body)  # max_headers, header bytes
-            if size > broker.max_message_size:
+            if size > self.max_message_size:
                 raise MessageTooLarge(
-                    f"message of {len(body)} bytes exceeds the maximum of "
-                    f"{broker.max_message_size}", {"max_message_size": broker.max_message_size})
+                    f"message of {size} bytes exceeds the maximum of "
+                    f"{self.max_message_size} (max_message_size)",
+                    {"limit": "max_message_size", "max_message_size": self.max_message_size})
             targets = broker.route(exchange, routing_key)
             if broker.limited:  # some queue has overflow reject-publish
                 targets = list(targets)
@@ -490,6 +576,20 @@ class Session:
     # ------------------------------------------------------------------ delivery
     def deliver(self, consumer: Consumer, batch: list[QueuedMessage]) -> None:
         """Called by queue dispatch: assign tags, track unacked, queue the frames."""
+        limit = self.max_message_size
+        sizes: list[int] = []
+        if len(batch) == 1:
+            if batch[0].message.size > limit:
+                batch = self._refuse_too_large(consumer.queue, batch, consumer)
+                if not batch:
+                    return
+        else:
+            sizes = [qm.message.size for qm in batch]
+            if max(sizes) > limit:
+                batch = self._refuse_too_large(consumer.queue, batch, consumer)
+                if not batch:
+                    return
+                sizes = [qm.message.size for qm in batch]
         first = self._next_tag + 1
         no_ack = consumer.no_ack
         queue = consumer.queue
@@ -506,7 +606,6 @@ class Session:
             if not no_ack:
                 self.unacked.update(zip(range(first, tag + 1),
                                         [(qm, queue, consumer) for qm in batch], strict=True))
-            sizes = [qm.message.size for qm in batch]
             run = self.runs and self._run_of(batch)
             if run:
                 payload = (first, run, [qm.message.body for qm in batch])
@@ -528,6 +627,59 @@ class Session:
             self.broker.log_ids("a" if no_ack else "d", queue, batch)
         self._deliveries.append((consumer, payload, sizes))
         self.broker.mark_session(self)
+
+    def _refuse_too_large(self, queue: Queue, batch: list[QueuedMessage],
+                          consumer: Consumer | None) -> list[QueuedMessage]:
+        """Messages of ``batch`` over this connection's max_message_size whose frame
+        (measured) does not fit its max_frame_size cannot be sent to it: they leave the
+        queue (dead-lettered with reason "too-large", which never routes back to this
+        queue, or dropped) instead of looping, and the connection gets ERROR rid 0 413
+        naming them. The rest is returned for delivery; a consumer gets back the credit
+        the refused ones used."""
+        limit = self.max_message_size
+        tag = consumer.tag if consumer is not None else ""
+        big = [qm for qm in batch if qm.message.size > limit and not self._fits(tag, qm)]
+        if not big:
+            return batch
+        refused = {id(qm) for qm in big}
+        keep = [qm for qm in batch if id(qm) not in refused]
+        if consumer is not None:
+            consumer.credit += len(big)
+            self.broker.wake(queue)
+        if isinstance(queue, Stream):
+            queue.settle_refused(big, requeue=False)
+        else:
+            queue.discard(len(big))
+            for qm in big:
+                qm.state = GONE
+            self.broker.dead_letter(queue, big, "too-large")
+        self.broker.count_error(MessageTooLarge.code, n=len(big))
+        largest = max([qm.message.size for qm in big])
+        where = f"consumer {consumer.tag!r}" if consumer is not None else "GET"
+        log.warning("%s: %d message(s) of queue %r (up to %d bytes) exceed the connection's "
+                    "max_message_size %d; dead-lettered, not delivered to %s", self.id,
+                    len(big), queue.name, largest, limit, where)
+        details: dict[str, Any] = {"queue": queue.name, "messages": len(big),
+                                   "size": largest, "max_message_size": limit}
+        if consumer is not None:
+            details["consumer_tag"] = consumer.tag
+        self.out.append(encode(Error(
+            0, MessageTooLarge.code,
+            f"{len(big)} message(s) of queue {queue.name!r} (up to {largest} bytes) exceed "
+            f"this connection's max_message_size of {limit}: dead-lettered (reason "
+            f"too-large), not delivered", details)))
+        self.broker.mark_session(self)
+        return keep
+
+    def _fits(self, tag: str, qm: QueuedMessage) -> bool:
+        """Whether ``qm`` fits this connection's frame cap alone in any delivery frame:
+        measured as a one-entry DELIVER_BATCH with the widest tag and count, plus room
+        for GET_OK's rid and message count (DELIVER and DELIVER_RUN are smaller)."""
+        m = qm.message
+        body = Pager.read(m)
+        size = len(_packb([tag, [[U64_MAX, True, m.exchange, m.routing_key, m.properties,
+                                  body, U32_MAX]]]))
+        return size + GET_OK_EXTRA <= self.max_frame_size
 
     @staticmethod
     def _run_of(batch: list[QueuedMessage]) -> tuple[str, str, dict[str, Any]] | None:
@@ -771,6 +923,9 @@ class Session:
             head = q.peek()
             if head is None:
                 break
+            if head.message.size > self.max_message_size and not self._fits("", head):
+                self._refuse_too_large(q, q.take(1, 0), None)  # fits no frame of ours
+                continue
             esize = head.message.size + ENTRY_OVERHEAD
             if entries and size + esize > budget:
                 break  # does not fit this reply; stays at the head

@@ -200,6 +200,10 @@ class _Protocol(asyncio.Protocol):
         self.drained.set()
         self.last_recv = time.monotonic()
         self.max_frame_size = 0
+        # The broker's maximum message size (body + encoded headers) on this connection:
+        # OPEN_OK's (1.2), HELLO's until then; 0 = not stated. Larger publishes are refused
+        # here.
+        self.max_message_size = 0
         self.fit_limit = 1 << 62  # estimated sizes above this are measured by _check_fits
         # Publish credit of this connection (PUBLISH_CREDIT adds, each publish uses one
         # message and len(body) bytes) and the broker's reason for withholding it.
@@ -361,18 +365,25 @@ class _Protocol(asyncio.Protocol):
                 o = self.owner
                 major, _, minor = f.version.partition(".")
                 self.server_minor = int(minor) if minor.isdigit() and major == "1" else 0
+                self.max_message_size = f.max_message_size
                 props: dict[str, Any] = {"library": "conveyor-py", "version": "0.1.0",
                                          "connection_name": o.name}
-                if o.compression:
-                    props["compression"] = [o.compression]
+                wanted = [o.compression] if o.compression else []
+                if wanted and self.server_minor < 2:
+                    props["compression"] = wanted  # where servers before 1.2 look
                 auth = Auth("token" if o.token else "anonymous", o.token, props,
-                            o.max_frame_size, o.heartbeat_ms)
+                            o.max_frame_size, o.heartbeat_ms, wanted)
                 assert self.transport is not None
-                self.transport.write(self.wire.send(auth))
+                # AUTH.compression is 1.2: an older server would refuse the extra field.
+                self.transport.write(self.wire.send(auth, trim=1 if self.server_minor < 2 else 0))
             elif isinstance(f, OpenOk):
                 self.max_frame_size = f.max_frame_size
+                if f.max_message_size:
+                    self.max_message_size = f.max_message_size
                 if f.max_frame_size:
                     self.fit_limit = f.max_frame_size - 4096
+                if self.max_message_size:
+                    self.fit_limit = min(self.fit_limit, self.max_message_size)
                 if f.compression == "zstd" and self.owner.compression == "zstd":
                     self.compress = True
                     self.wire.compression = True

@@ -284,6 +284,14 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
     def is_open(self) -> bool:
         return self._connected.is_set() and not self._closing
 
+    @property
+    def max_message_size(self) -> int:
+        """The broker's maximum message size (body plus encoded headers) on this
+        connection, from OPEN_OK; 0 = not stated (a broker before protocol 1.2) or not
+        connected. Larger publishes fail locally with MessageTooLarge (413)."""
+        proto = self._proto
+        return proto.max_message_size if proto is not None else 0
+
     # ------------------------------------------------------------------ frame input
     def _on_frames(self, proto: _Protocol, frames: list[Any]) -> None:
         if proto is not self._proto:

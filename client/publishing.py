@@ -159,14 +159,21 @@ def _body(body: Body) -> bytes:
 
 
 def _check_fits(entries: Sequence[tuple[str, str, dict[str, Any], bytes, bool]],
-                max_frame: int) -> None:
-    """Refuse (413) a message that cannot fit in one frame: a sender must never exceed the
-    negotiated max_frame_size, or the broker closes the connection (502)."""
+                max_frame: int, max_message: int = 0) -> None:
+    """Refuse (413) a message over the broker's announced maximum message size
+    (OPEN_OK.max_message_size, 0 = not stated), or one that cannot fit in one frame: a
+    sender must never exceed the negotiated max_frame_size, or the broker closes the
+    connection (502)."""
     for ex, rk, props, body, mandatory in entries:
-        if not max_frame:
-            continue
         size = len(body) + (len(_packb(props["headers"])) if props and "headers" in props
                             else 0)
+        if max_message and size > max_message:
+            raise error_for_code(
+                413, f"message of {size} bytes (body plus headers) exceeds the broker's "
+                f"maximum message size of {max_message} bytes on this connection",
+                {"limit": "max_message_size", "max_message_size": max_message})
+        if not max_frame:
+            continue
         if size + 4096 <= max_frame:
             continue  # names and properties other than headers are small
         # Measure exactly, as sent (alone in a PUBLISH or PUBLISH_BATCH, worst-case seq).
@@ -351,7 +358,8 @@ class _PublishingMixin:
             properties = _NO_PROPS
         entry = (exchange, routing_key, properties, body, mandatory)
         if size > proto.fit_limit:
-            _check_fits([entry], proto.max_frame_size)  # only large messages are measured
+            # only large messages are measured
+            _check_fits([entry], proto.max_frame_size, proto.max_message_size)
         proto.credit_messages -= 1
         proto.credit_bytes -= len(body)
         size += _ENTRY_WEIGHT
@@ -415,8 +423,8 @@ class _PublishingMixin:
             proto = self._proto
             assert proto is not None
             if not checked:  # refuse an oversized message before any part is sent
-                if type(entries) is not _Sized or entries.largest + 4096 > proto.max_frame_size:
-                    _check_fits(entries, proto.max_frame_size)
+                if type(entries) is not _Sized or entries.largest > proto.fit_limit:
+                    _check_fits(entries, proto.max_frame_size, proto.max_message_size)
                 checked = True
             k, nbytes = _credit_fit(entries, i, proto.credit_messages, proto.credit_bytes)
             proto.credit_messages -= k
@@ -435,9 +443,10 @@ class _PublishingMixin:
                  pending: _Pending | None = None) -> asyncio.Future[None]:
         """Assign sequence numbers, register the confirm future, queue the frames.
         ``pending``: these entries are part of a larger call tracked by it."""
-        if pending is None and (type(entries) is not _Sized
-                                or entries.largest + 4096 > max_frame):
-            _check_fits(entries, max_frame)
+        proto = self._proto
+        if pending is None and (type(entries) is not _Sized or proto is None
+                                or entries.largest > proto.fit_limit):
+            _check_fits(entries, max_frame, proto.max_message_size if proto else 0)
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from protocol._generated import (
 )
 from protocol.codec import (
     Decoder,
+    check_frames,
     compress_frame,
     encode,
     encode_fields,
@@ -23,7 +24,14 @@ from protocol.codec import (
     inflate,
     parse_preamble,
 )
-from protocol.errors import ConveyorError, FatalError, ProtocolError, RequestError, error_for_code
+from protocol.errors import (
+    ConveyorError,
+    FatalError,
+    LocalProtocolError,
+    ProtocolError,
+    RequestError,
+    error_for_code,
+)
 
 __all__ = [
     "DEFAULT_PORT",
@@ -35,8 +43,10 @@ __all__ = [
     "Decoder",
     "FatalError",
     "Frame",
+    "LocalProtocolError",
     "ProtocolError",
     "RequestError",
+    "check_frames",
     "compress_frame",
     "encode",
     "encode_fields",

@@ -16,6 +16,12 @@ STR_MAX = 65535
 U16_MAX = 0xFFFF
 U32_MAX = 0xFFFFFFFF
 U64_MAX = 0xFFFFFFFFFFFFFFFF
+# spec/protocol.toml max_nesting_depth (tests/unit/test_codec.py checks they agree): how deep
+# arrays and maps may nest inside a table, the table itself being level 1. msgpack packs
+# at most ~511 levels, and a stored or delivered message nests its headers a few levels
+# deeper than the frame that carried them, so an unbounded depth accepted on receive
+# could become a message that can never be written or delivered.
+NESTING_MAX = 32
 
 
 def fail(where: str, why: str) -> Exception:
@@ -62,12 +68,35 @@ def check_binlist(v: Any, where: str) -> list[bytes]:
 
 
 def check_table(v: Any, where: str) -> dict[str, Any]:
+    """A map of str keys whose values nest at most NESTING_MAX deep, with str keys in
+    every nested map too (a bin key would break JSON views of the message later)."""
     if type(v) is not dict:
         raise fail(where, f"expected map, got {type(v).__name__}")
-    for k in v:
+    for k, x in v.items():
         if type(k) is not str:
             raise fail(where, "map keys must be strings")
+        t = type(x)
+        if t is dict or t is list:
+            _check_nested(x, 2, where)
     return v
+
+
+def _check_nested(v: dict[Any, Any] | list[Any], depth: int, where: str) -> None:
+    """``v`` is a container at nesting level ``depth`` inside a table."""
+    if depth > NESTING_MAX:
+        raise fail(where, f"values nest deeper than {NESTING_MAX} levels")
+    if type(v) is dict:
+        for k, x in v.items():
+            if type(k) is not str:
+                raise fail(where, f"map keys must be strings (nested key {k!r:.40})")
+            t = type(x)
+            if t is dict or t is list:
+                _check_nested(x, depth + 1, where)
+    else:
+        for x in v:
+            t = type(x)
+            if t is dict or t is list:
+                _check_nested(x, depth + 1, where)
 
 
 def check_list(v: Any, where: str) -> list[Any]:

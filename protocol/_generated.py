@@ -21,7 +21,7 @@ STR_FAST = STR_MAX // 4
 
 MAGIC = b'CNVYMQ'
 VERSION_MAJOR = 1
-VERSION_MINOR = 1
+VERSION_MINOR = 2
 PREAMBLE = MAGIC + bytes([VERSION_MAJOR, VERSION_MINOR])
 DEFAULT_PORT = 5680
 MAX_FRAME_SIZE_DEFAULT = 1048576
@@ -29,6 +29,8 @@ MAX_FRAME_SIZE_FLOOR = 4096
 MAX_FRAME_SIZE_CEILING = 134217728
 HEARTBEAT_MS_DEFAULT = 10000
 HEARTBEAT_MS_FLOOR = 200
+MAX_NESTING_DEPTH = 32
+MESSAGE_FRAME_OVERHEAD = 3072
 
 
 # ------------------------------------------------------------------ errors
@@ -574,13 +576,14 @@ class Hello(Frame):
     heartbeat_ms: int
     server_properties: dict[str, Any] = field(default_factory=dict)
     auth_mechanisms: list[str] = field(default_factory=list)
+    max_message_size: int = 0
 
     def to_wire(self) -> list[Any]:
-        return [self.version, self.max_frame_size, self.heartbeat_ms, self.server_properties, self.auth_mechanisms]
+        return [self.version, self.max_frame_size, self.heartbeat_ms, self.server_properties, self.auth_mechanisms, self.max_message_size]
 
     @classmethod
     def from_wire(cls, f: Any, where: str = 'hello') -> Hello:
-        check_arity(f, 3, 5, where)
+        check_arity(f, 3, 6, where)
         n = len(f)
         a0 = f[0]
         if type(a0) is not str or len(a0) > NAME_FAST:
@@ -601,7 +604,13 @@ class Hello(Frame):
             a4 = check_strlist(f[4], where + ".auth_mechanisms")
         else:
             a4 = []
-        return cls(a0, a1, a2, a3, a4)
+        if n > 5:
+            a5 = f[5]
+            if type(a5) is not int or not 0 <= a5 <= U32_MAX:
+                check_uint(a5, U32_MAX, where + ".max_message_size")
+        else:
+            a5 = 0
+        return cls(a0, a1, a2, a3, a4, a5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -616,13 +625,14 @@ class Auth(Frame):
     client_properties: dict[str, Any] = field(default_factory=dict)
     max_frame_size: int = 0
     heartbeat_ms: int = 0
+    compression: list[str] = field(default_factory=list)
 
     def to_wire(self) -> list[Any]:
-        return [self.mechanism, self.token, self.client_properties, self.max_frame_size, self.heartbeat_ms]
+        return [self.mechanism, self.token, self.client_properties, self.max_frame_size, self.heartbeat_ms, self.compression]
 
     @classmethod
     def from_wire(cls, f: Any, where: str = 'auth') -> Auth:
-        check_arity(f, 0, 5, where)
+        check_arity(f, 0, 6, where)
         n = len(f)
         if n > 0:
             a0 = f[0]
@@ -654,7 +664,11 @@ class Auth(Frame):
                 check_uint(a4, U32_MAX, where + ".heartbeat_ms")
         else:
             a4 = 0
-        return cls(a0, a1, a2, a3, a4)
+        if n > 5:
+            a5 = check_strlist(f[5], where + ".compression")
+        else:
+            a5 = []
+        return cls(a0, a1, a2, a3, a4, a5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -668,13 +682,14 @@ class OpenOk(Frame):
     max_frame_size: int
     heartbeat_ms: int
     compression: str = ''
+    max_message_size: int = 0
 
     def to_wire(self) -> list[Any]:
-        return [self.connection_id, self.max_frame_size, self.heartbeat_ms, self.compression]
+        return [self.connection_id, self.max_frame_size, self.heartbeat_ms, self.compression, self.max_message_size]
 
     @classmethod
     def from_wire(cls, f: Any, where: str = 'open_ok') -> OpenOk:
-        check_arity(f, 3, 4, where)
+        check_arity(f, 3, 5, where)
         n = len(f)
         a0 = f[0]
         if type(a0) is not str or len(a0) > NAME_FAST:
@@ -691,7 +706,13 @@ class OpenOk(Frame):
                 check_str(a3, NAME_MAX, where + ".compression")
         else:
             a3 = ''
-        return cls(a0, a1, a2, a3)
+        if n > 4:
+            a4 = f[4]
+            if type(a4) is not int or not 0 <= a4 <= U32_MAX:
+                check_uint(a4, U32_MAX, where + ".max_message_size")
+        else:
+            a4 = 0
+        return cls(a0, a1, a2, a3, a4)
 
 
 @dataclass(frozen=True, slots=True)

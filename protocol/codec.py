@@ -39,6 +39,7 @@ from protocol._generated import (
     UnexpectedFrame,
     UnsupportedVersion,
 )
+from protocol.errors import LocalProtocolError
 
 HEADER = struct.Struct(">IB")
 HEADER_SIZE = HEADER.size
@@ -60,12 +61,14 @@ __all__ = [
     "HEADER_SIZE",
     "PREAMBLE",
     "Decoder",
+    "check_frames",
     "compress_frame",
     "encode",
     "encode_fields",
     "encode_many",
     "encode_run",
     "inflate",
+    "oversized_frames",
     "parse_preamble",
 ]
 
@@ -103,6 +106,24 @@ def encode_run(ftype: int, fields: list[Any], first_at: int, bodies: list[bytes]
         size += len(body) + 8
     out.append(encode_fields(ftype, [*head, chunk]))
     return out
+
+
+def oversized_frames(frames: list[bytes], cap: int) -> list[int]:
+    """Indexes of the encoded frames in ``frames`` whose length field exceeds ``cap``."""
+    limit = cap + 4
+    return [i for i, f in enumerate(frames) if len(f) > limit]
+
+
+def check_frames(frames: list[bytes], cap: int) -> None:
+    """Raise LocalProtocolError unless every encoded frame fits the peer's ``cap`` (the
+    negotiated max_frame_size): a sender MUST NOT produce a larger frame (section 5)."""
+    if frames and max(map(len, frames)) > cap + 4:
+        i = oversized_frames(frames, cap)[0]
+        f = frames[i]
+        name = FRAME_TYPES[f[4]].NAME.upper() if f[4] in FRAME_TYPES else f"type {f[4]:#04x}"
+        raise LocalProtocolError(
+            f"{name} frame of {len(f) - 4} bytes exceeds the peer's maximum frame size "
+            f"of {cap}")
 
 
 def compress_frame(frame: bytes) -> bytes:

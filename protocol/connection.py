@@ -23,6 +23,7 @@ from protocol._generated import (
     CLIENT_FRAMES,
     FATAL_CODES,
     MAX_FRAME_SIZE_DEFAULT,
+    MAX_FRAME_SIZE_FLOOR,
     PREAMBLE,
     SERVER_FRAMES,
     Auth,
@@ -35,7 +36,7 @@ from protocol._generated import (
     OpenOk,
     UnexpectedFrame,
 )
-from protocol.codec import Decoder, encode, parse_preamble
+from protocol.codec import Decoder, check_frames, encode, encode_fields, parse_preamble
 
 
 class Role(enum.Enum):
@@ -104,7 +105,7 @@ class Connection:
     its ERROR frame.
     """
 
-    __slots__ = ("_decoder", "_preamble", "peer_minor", "role", "state")
+    __slots__ = ("_decoder", "_preamble", "peer_minor", "role", "send_limit", "state")
 
     def __init__(self, role: Role, max_frame_size: int = MAX_FRAME_SIZE_DEFAULT) -> None:
         self.role = role
@@ -115,6 +116,10 @@ class Connection:
         # Server role: the client's minor version, from its preamble. Additions of a later
         # minor version are sent to it only if both sides speak that version.
         self.peer_minor = 0
+        # Largest frame the peer accepts (section 5, "Size cap"): the floor until the peer
+        # says (HELLO for a client), then the negotiated value from OPEN_OK. send() never
+        # produces a larger frame.
+        self.send_limit = MAX_FRAME_SIZE_FLOOR
 
     @property
     def max_frame_size(self) -> int:
@@ -132,6 +137,13 @@ class Connection:
     @compression.setter
     def compression(self, value: bool) -> None:
         self._decoder.compression = value
+
+    @property
+    def preamble_needed(self) -> int:
+        """Server role: bytes of the preamble still to come (0 once it was read)."""
+        if self.state is not S.AWAIT_PREAMBLE:
+            return 0
+        return len(PREAMBLE) - len(self._preamble)
 
     def preamble(self) -> bytes:
         """The bytes a client writes first."""
@@ -175,17 +187,33 @@ class Connection:
                     {"state": state.value, "frame": frame.NAME},
                 )
             self.state = ON_RECEIVE.get((self.role, state, frame.TYPE), state)
+            if isinstance(frame, (Hello, OpenOk)):
+                self.send_limit = max(MAX_FRAME_SIZE_FLOOR, frame.max_frame_size)
             if isinstance(frame, Error) and frame.code in FATAL_CODES:
                 self.state = S.CLOSED
             out.append(frame)
         return out
 
-    def send(self, frame: Frame) -> bytes:
-        """Encode ``frame`` and advance the state machine."""
+    def send(self, frame: Frame, trim: int = 0) -> bytes:
+        """Encode ``frame`` and advance the state machine; ``trim`` trailing fields are
+        left out (additions of a minor version the peer does not speak, section 18).
+
+        Raises LocalProtocolError, without changing state, if the frame would exceed the
+        peer's maximum frame size (``send_limit``)."""
+        data = encode_fields(frame.TYPE, frame.to_wire()[:-trim]) if trim else encode(frame)
+        if len(data) - 4 > self.send_limit:
+            check_frames([data], self.send_limit)
         self.state = ON_SEND.get((self.role, self.state, frame.TYPE), self.state)
         if isinstance(frame, Error) and frame.code in FATAL_CODES:
             self.state = S.CLOSED
-        return encode(frame)
+        if isinstance(frame, OpenOk):
+            self.send_limit = max(MAX_FRAME_SIZE_FLOOR, frame.max_frame_size)
+        return data
+
+    def check_send(self, frames: list[bytes]) -> None:
+        """For frames encoded outside :meth:`send` (hot paths): LocalProtocolError if one
+        exceeds the peer's maximum frame size."""
+        check_frames(frames, self.send_limit)
 
     def fail(self) -> None:
         """Enter CLOSED after a fatal error: nothing more is decoded."""

@@ -22,6 +22,7 @@ __all__ = [
     "MESSAGE_MAX",
     "ConveyorError",
     "FatalError",
+    "LocalProtocolError",
     "ProtocolError",
     "RequestError",
     "error_for_code",
@@ -95,6 +96,12 @@ class ProtocolError(FatalError):
     Raised by the sans-IO decoder; the receiving side answers with an ERROR frame
     carrying ``code`` and closes the connection.
     """
+
+
+class LocalProtocolError(Exception):
+    """This side was about to break the protocol (e.g. send a frame over the peer's
+    max_frame_size). Not a wire error: nothing was sent, and the peer is not to blame;
+    the caller must not send the frame (spec/PROTOCOL.md section 5, "Size cap")."""
 
 
 def error_for_code(

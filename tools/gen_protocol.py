@@ -233,6 +233,8 @@ def gen_python(spec: dict[str, Any]) -> str:
         f"MAX_FRAME_SIZE_CEILING = {p['max_frame_size_ceiling']}",
         f"HEARTBEAT_MS_DEFAULT = {p['heartbeat_ms_default']}",
         f"HEARTBEAT_MS_FLOOR = {p['heartbeat_ms_floor']}",
+        f"MAX_NESTING_DEPTH = {p['max_nesting_depth']}",
+        f"MESSAGE_FRAME_OVERHEAD = {p['message_frame_overhead']}",
         "",
         "",
         "# ------------------------------------------------------------------ errors",
@@ -449,7 +451,10 @@ def render_doc(current: str, tables: dict[str, str]) -> str:
         pat = re.compile(rf"(<!-- BEGIN GENERATED: {name} -->\n).*?(<!-- END GENERATED: {name} -->)", re.S)
         if not pat.search(current):
             raise SystemExit(f"spec/PROTOCOL.md lacks the GENERATED markers for {name}")
-        current = pat.sub(lambda m, b=body: m.group(1) + b + "\n" + m.group(2), current)
+        def fill(m: re.Match[str], b: str = body) -> str:
+            return m.group(1) + b + "\n" + m.group(2)
+
+        current = pat.sub(fill, current)
     return current
 
 

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import random
 import socket
 import struct
 import threading
@@ -75,7 +77,10 @@ _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 # ---------------------------------------------------------------------- strategies
 VOID = "fz-no-such-queue"  # large publishes go here: routed nowhere, nothing kept
 NAMES = ["", "fz-0", "fz-1", "fz-2", "amq.direct", "amq.topic", "amq.fanout", "amq.gen-x"]
-names = st.one_of(st.sampled_from(NAMES), st.text(max_size=12))
+# Topic binding patterns made only of wildcards (and empty words): the matcher's edge cases.
+WILDCARDS = ["#", "*", "#.#", "*.*", "#.*", "*.#", "#.#.#", "*.#.*", ".", "..", "#..#",
+             ".".join(["*"] * 60), ".".join(["#"] * 60), ".".join(["#", "*"] * 40)]
+names = st.one_of(st.sampled_from(NAMES), st.sampled_from(WILDCARDS), st.text(max_size=12))
 long_text = st.builds(lambda n, ch: ch * n, st.integers(200, 70_000),
                       st.sampled_from(["a", "\u00e9", "\U0001f600"]))
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), wire.U64), st.floats(),
@@ -85,7 +90,33 @@ values = st.recursive(
     lambda kids: st.lists(kids, max_size=4)
     | st.dictionaries(st.one_of(st.text(max_size=8), st.integers(-3, 3)), kids, max_size=4),
     max_leaves=12)
-tables = st.dictionaries(st.one_of(st.text(max_size=12), long_text), values, max_size=4)
+NESTING = wire.SPEC["protocol"]["max_nesting_depth"]
+
+
+def nested(depth: int) -> Any:
+    """``depth`` nested containers, maps and arrays alternating."""
+    v: Any = 1
+    for i in range(depth):
+        v = [v] if i % 2 else {"k": v}
+    return v
+
+
+# Poisons inside tables: nesting at and past the limit (and near msgpack's own), non-str
+# keys in nested maps, and x-death headers of every wrong shape (dead-lettering reads it).
+deep_tables = st.one_of(
+    st.integers(NESTING - 2, NESTING + 2), st.integers(500, 1020)).map(
+    lambda d: {"deep": nested(d)})
+bin_key_tables = st.sampled_from([
+    {"a": {b"bin": 1}}, {"a": [{"ok": 1}, {b"k": [1]}]}, {"a": {"b": {3: "int key"}}},
+    {"a": [[{b"": 0}]]}])
+x_death_tables = st.sampled_from([5, "str", {"reason": "expired"}, [1, None, "x"],
+                                  [{"count": "many", "queue": ["l"], "reason": "expired"}],
+                                  [{"count": -1, "queue": {"k": 1}, "reason": ["r"]}]]).map(
+    lambda v: {"x-death": v})
+poison_tables = st.one_of(deep_tables, bin_key_tables, x_death_tables)
+tables = st.one_of(
+    st.dictionaries(st.one_of(st.text(max_size=12), long_text), values, max_size=4),
+    poison_tables)
 many_headers = st.integers(100, 300).map(lambda n: {f"h{i}": i for i in range(n)})
 big_headers = st.integers(1, 200_000).map(lambda n: {"big": "x" * n})
 deep_value = st.integers(1, 1100).map(lambda d: (b"\x91" * d) + b"\x01")
@@ -141,6 +172,13 @@ def _frame(code: int, body: bytes) -> bytes:
     return HEADER.pack(len(body) + 1, code) + body
 
 
+def deep_publish(depth: int, seq: int = 0, queue: str = "fz-0") -> bytes:
+    """PUBLISH(seq, "", queue, {headers: {"d": <depth nested arrays>}}, b"") by hand."""
+    body = (b"\x96" + _pack(seq) + _pack("") + _pack(queue) + b"\x81" + _pack("headers")
+            + b"\x81" + _pack("d") + b"\x91" * depth + b"\x01" + _pack(b"") + b"\xc2")
+    return _frame(wire.ftype("publish"), body)
+
+
 @st.composite
 def valid_frame(draw: st.DrawFn, specs: list[wire.FrameSpec] = CLIENT_SPECS) -> bytes:
     spec = draw(st.sampled_from(specs))
@@ -153,7 +191,8 @@ def mutated_frame(draw: st.DrawFn) -> bytes:
     spec = draw(st.sampled_from(CLIENT_SPECS))
     fields = draw(_valid_fields(spec))
     how = draw(st.sampled_from(["short", "long", "retype", "not-array", "trailing",
-                                "truncated", "bad-utf8", "deep", "out-of-range"]))
+                                "truncated", "bad-utf8", "deep", "deep-headers",
+                                "out-of-range"]))
     body: bytes
     if how == "short":
         body = _pack(fields[: draw(st.integers(0, max(0, spec.n_required - 1)))])
@@ -174,6 +213,8 @@ def mutated_frame(draw: st.DrawFn) -> bytes:
         body = b"\x91\xa3" + draw(st.sampled_from([b"\xff\xfe\xfd", b"\xc3\x28a", b"\xed\xa0\x80"]))
     elif how == "deep":
         body = b"\x91" + draw(deep_value)
+    elif how == "deep-headers":  # a PUBLISH, by hand: msgpack would not nest it this deep
+        return deep_publish(draw(st.integers(NESTING - 2, 1100)), draw(st.integers(0, 3)))
     else:  # out-of-range integer where the spec has one, else a negative number
         ints = [i for i, f in enumerate(spec.fields[: len(fields)]) if f.type in wire.INT_RANGES]
         if ints:
@@ -424,6 +465,7 @@ class GoodClient(threading.Thread):
         self.consumed: list[bytes] = []
         self.redelivered = 0
         self.max_confirm_s = 0.0
+        self.confirm_s: list[float] = []  # one per batch of 10 confirmed publishes
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -451,7 +493,9 @@ class GoodClient(threading.Thread):
                 else:
                     futs = [pub.publish_nowait("", self.queue, b) for b in batch]
                     await asyncio.wait_for(asyncio.gather(*futs), 10)
-                self.max_confirm_s = max(self.max_confirm_s, time.monotonic() - t0)
+                took = time.monotonic() - t0
+                self.max_confirm_s = max(self.max_confirm_s, took)
+                self.confirm_s.append(took)
                 self.confirmed.extend(batch)
                 n += len(batch)
                 await asyncio.sleep(0.02)
@@ -491,6 +535,14 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def p99(samples: list[float]) -> float:
+    """The 99th percentile of ``samples`` (0 if none): reported, never asserted."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
 def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
@@ -592,6 +644,7 @@ def test_hostile_inputs_do_not_hurt_the_broker_or_a_good_client(
         "endings": dict(stats.endings), "seconds": round(elapsed, 1),
         "good_confirmed": len(good.confirmed), "good_consumed": len(good.consumed),
         "good_max_confirm_s": round(good.max_confirm_s, 3),
+        "good_confirm_p99_s": round(p99(good.confirm_s), 4),
         "queues_left": len(listing["items"]), "hostile_messages_stored": stored,
         "fd_before": fd_base, "fd_after": fd_end, "sockets_before": sock_base,
         "sockets_after": sock_end,
@@ -601,3 +654,204 @@ def test_hostile_inputs_do_not_hurt_the_broker_or_a_good_client(
         record_property(k, v)
     print(f"\nfuzz: {figures}")
     assert stats.connections >= MIN_INPUTS, f"only {stats.connections} hostile connections"
+
+
+# ---------------------------------------------------------------------- vector mutations
+# A second, cheaper fuzzer: frames of spec/vectors/frames.json mutated at random (no
+# Hypothesis shrinking), many per connection, over many connections, so a long run can
+# push millions of frames. Default: CONVEYOR_FUZZ_FRAMES (20000) frames within
+# CONVEYOR_FUZZ_FRAMES_SECONDS (60 s). The integrator's long run:
+#   CONVEYOR_FUZZ_FRAMES=1000000 CONVEYOR_FUZZ_FRAMES_SECONDS=7200 pytest -s -k mutated
+# It reports tracebacks and "Fatal error on transport" lines in the broker log (both must
+# be 0), the broker's RSS before and after, and the bystander client's confirm p99.
+MUT_FRAMES = int(os.environ.get("CONVEYOR_FUZZ_FRAMES", "20000"))
+MUT_BUDGET_S = float(os.environ.get("CONVEYOR_FUZZ_FRAMES_SECONDS", "60"))
+VECTOR_FRAMES = [v for v in json.loads((wire.SPEC_DIR / "vectors" / "frames.json")
+                                       .read_text())["vectors"]
+                 if wire.FRAMES[v["type"]].direction in ("client", "both")]
+VECTOR_BODIES = [(wire.FRAMES[v["type"]], bytes.fromhex(v["hex"])) for v in VECTOR_FRAMES]
+# Field values swapped into decoded vectors: the poisons plus plain wrong types.
+POISON_VALUES: list[Any] = [
+    {"deep": nested(NESTING - 1)}, {"deep": nested(NESTING)}, {"deep": nested(NESTING + 1)},
+    {"a": {b"bin": 1}}, {"a": [{"ok": 1}, {b"k": 1}]}, {"a": {"b": {3: 1}}},
+    {"x-death": 5}, {"x-death": "s"}, {"x-death": [1, None]},
+    {"x-death": [{"count": "n", "queue": ["l"], "reason": "expired"}]},
+    *WILDCARDS, -1, 2**64, 2**64 - 1, 0, None, 1.5, True, "", b"", "x" * 300, [], {},
+]
+# Frame sequences that set a poison off: dead-lettering a message with a bad x-death,
+# publishing through wildcard-only topic bindings.
+_MUT_QUEUE = "fz-mut"
+
+
+def _scenario(rng: random.Random) -> list[bytes]:
+    enc = wire.encode
+    pick = rng.choice
+    way = rng.random()
+    if way < 0.4:  # dead-letter a message with a malformed x-death
+        x_death = pick([5, "s", [1, None], {"reason": "expired"},
+                        [{"count": "n", "queue": ["l"], "reason": "expired"}],
+                        [{"count": -1, "queue": {"k": 1}, "reason": ["r"]}]])
+        return [
+            enc("queue_declare", 1, "fz-dlq", False, False, True, False, {}),
+            enc("queue_declare", 2, _MUT_QUEUE, False, False, False, False,
+                {"dead_letter_exchange": "", "dead_letter_routing_key": "fz-dlq"}),
+            enc("publish", 0, "", _MUT_QUEUE, {"headers": {"x-death": x_death}}, b"p", False),
+            # GET takes it in the same batch (a push delivery would come after the rejects)
+            enc("get", 3, _MUT_QUEUE, 1, False),
+            *(enc("reject", t, False) for t in range(1, 4)),
+            enc("queue_purge", 4, "fz-dlq"),
+            enc("queue_delete", 5, _MUT_QUEUE),
+        ]
+    if way < 0.6:  # headers nested near msgpack's own limit, into a durable queue read back
+        return [
+            enc("queue_declare", 1, "fz-deep", True, False, False, False, {}),
+            deep_publish(rng.randrange(1000, 1030), 0, "fz-deep"),
+            enc("get", 2, "fz-deep", 5, True),
+        ]
+    pattern = pick(WILDCARDS)
+    return [
+        enc("queue_declare", 1, _MUT_QUEUE, False, False, True, False, {}),
+        enc("bind", 2, "amq.topic", _MUT_QUEUE, pattern, {}),
+        *(enc("publish", 0, "amq.topic", pick(["", ".", "a", "a.b.c", "..", "a..b", "#"]),
+              {}, b"t", False) for _ in range(3)),
+        enc("unbind", 3, "amq.topic", _MUT_QUEUE, pattern, {}),
+        enc("queue_purge", 4, _MUT_QUEUE),
+    ]
+
+
+# Poisons that are valid where they go (a connection survives them), by field type.
+VALID_POISONS: dict[str, list[Any]] = {
+    "table": [{"deep": nested(NESTING - 1)}, {"x-death": 5}, {"x-death": [1, None]},
+              {"x-death": [{"count": "n", "queue": ["l"], "reason": "expired"}]}],
+    "name": WILDCARDS,
+}
+
+
+def _valid_poison(rng: random.Random, spec: wire.FrameSpec, frame: bytes) -> bytes:
+    """The vector with a table or name field replaced by a poison that is still valid."""
+    fields = msgpack.unpackb(frame[5:], raw=False, strict_map_key=False)
+    slots = [i for i, f in enumerate(spec.fields[: len(fields)])
+             if f.type in VALID_POISONS or f.type == "props"]
+    if slots:
+        i = rng.choice(slots)
+        ftype = spec.fields[i].type
+        if ftype == "props":
+            fields[i] = {"headers": rng.choice(VALID_POISONS["table"])}
+        else:
+            fields[i] = rng.choice(VALID_POISONS[ftype])
+    return _frame(spec.code, _pack(fields))
+
+
+# Vectors that end (or, unnegotiated, fail) a connection however valid they are.
+_ENDS_A_CONNECTION = frozenset({"auth", "close", "close_ok", "compressed"})
+
+
+def _mutate(rng: random.Random, clean: bool = False) -> bytes:
+    """One frame: a vector as is, with a poisoned field, or broken at the byte level.
+    ``clean``: only what a connection survives (as is, or a valid poison)."""
+    spec, frame = rng.choice(VECTOR_BODIES)
+    how = rng.random()
+    if clean:
+        while spec.name in _ENDS_A_CONNECTION:
+            spec, frame = rng.choice(VECTOR_BODIES)
+        return frame if how < 0.5 else _valid_poison(rng, spec, frame)
+    if how < 0.25:
+        return frame
+    if how < 0.6:  # a field replaced by a poison (or a table field's value by one)
+        fields = msgpack.unpackb(frame[5:], raw=False, strict_map_key=False)
+        if fields:
+            i = rng.randrange(len(fields))
+            fields[i] = rng.choice(POISON_VALUES)
+        return _frame(spec.code, _pack(fields))
+    if how < 0.7:
+        return deep_publish(rng.choice([NESTING, NESTING + 1, rng.randrange(2, 1100)]), 0,
+                            rng.choice(["tasks", _MUT_QUEUE, "fz-deep"]))
+    body = bytearray(frame[5:])
+    if how < 0.85 and body:  # flip bytes
+        for _ in range(rng.randint(1, 3)):
+            body[rng.randrange(len(body))] = rng.randrange(256)
+        return _frame(spec.code, bytes(body))
+    if how < 0.9:  # truncated body, honest length
+        return _frame(spec.code, bytes(body[: rng.randrange(len(body) + 1)]))
+    if how < 0.95:  # length field lies (too short, too long, over the cap)
+        length = rng.choice([0, 1, len(body) + 2, CAP + 1, 2**32 - 1])
+        return HEADER.pack(length, spec.code) + bytes(body)
+    return _frame(rng.choice([0x00, 0x0A, 0x26, 0x3E, 0xFF, *wire.BY_CODE]), bytes(body))
+
+
+def _mutated_connection(port: int, frames: list[bytes], stats: Counter[str]) -> None:
+    """Handshake, send ``frames`` (bounded in time), half-close, read to EOF (bounded)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=CONN_S) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(wire.PREAMBLE + wire.encode("auth", "anonymous", "", {}, 0, 0))
+        received = _read_until_open_ok(sock, time.monotonic() + HANDSHAKE_S)
+        stats["connections"] += 1
+        try:
+            sock.settimeout(CONN_S)
+            sock.sendall(b"".join(frames))
+            stats["frames"] += len(frames)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            stats["refused_mid_send"] += 1
+        except TimeoutError:
+            stats["send_timeouts"] += 1  # the broker stopped reading (flow control, fatal)
+        data, eof = _recv_all(sock, time.monotonic() + CONN_S)
+        for f in check_server_bytes(received + data, complete=eof):
+            stats["frames_received"] += 1
+            if f.kind == "error":
+                stats[f"error_{f['code']}"] += 1
+
+
+def test_mutated_vectors_over_many_connections(
+        broker_factory: Callable[..., BrokerProcess],
+        record_property: Callable[[str, object], None]) -> None:
+    b = broker_factory("--handshake-timeout-ms", "3000")
+    assert b.proc is not None
+    pid = b.proc.pid
+    good = GoodClient(b.url, "fuzz-mut-good")
+    good.start()
+    assert good.ready.wait(20) and good.error is None, good.error
+    rng = random.Random(int(os.environ.get("CONVEYOR_FUZZ_SEED", "1")))
+    stats: Counter[str] = Counter()
+    _mutated_connection(b.port, [wire.encode("heartbeat")], Counter())  # warm-up
+    time.sleep(0.3)
+    rss_before = rss_bytes(pid)
+    t0 = time.monotonic()
+    try:
+        while stats["frames"] < MUT_FRAMES and time.monotonic() - t0 < MUT_BUDGET_S:
+            n = rng.choice([1, 5, 20, 50, 200])
+            clean = rng.random() < 0.5  # half the connections live through all their frames
+            frames = [_mutate(rng, clean) for _ in range(n)]
+            if rng.random() < 0.2:
+                frames[rng.randrange(n):rng.randrange(n) + 1] = _scenario(rng)
+            _mutated_connection(b.port, frames, stats)
+            assert b.alive(), f"broker died; log tail:\n{b.log_text()[-3000:]}"
+            assert good.error is None, f"the good client failed: {good.error!r}"
+    finally:
+        elapsed = time.monotonic() - t0
+        good.stop_event.set()
+    good.join(40)
+    assert not good.is_alive() and good.error is None, good.error
+    rss_after = rss_bytes(pid)
+    log_lines = b.log_text().splitlines()
+    tracebacks = sum(line.startswith("Traceback") for line in log_lines)
+    fatal = sum("Fatal error on transport" in line or "Fatal error: protocol" in line
+                for line in log_lines)
+    figures = {
+        "frames": stats["frames"], "connections": stats["connections"],
+        "seconds": round(elapsed, 1), "tracebacks": tracebacks, "fatal_transport_errors": fatal,
+        "rss_before_mib": round(rss_before / 2**20, 1),
+        "rss_after_mib": round(rss_after / 2**20, 1),
+        "good_confirmed": len(good.confirmed), "good_confirm_p99_s": round(p99(good.confirm_s), 4),
+        "errors": {k: v for k, v in sorted(stats.items()) if k.startswith("error_")},
+        "frames_received": stats["frames_received"],
+        "refused_mid_send": stats["refused_mid_send"], "send_timeouts": stats["send_timeouts"],
+    }
+    for k, v in figures.items():
+        record_property(k, v)
+    print(f"\nmutated-vector fuzz: {figures}")
+    assert tracebacks == 0, "\n".join(log_lines[-60:])
+    assert fatal == 0, "\n".join(line for line in log_lines if "Fatal error" in line)
+    counts = Counter(good.consumed)
+    assert good.confirmed and all(counts[m] == 1 for m in good.confirmed), "lost or duplicated"
+    assert stats["frames"] >= min(MUT_FRAMES, 2000), f"only {stats['frames']} frames sent"

@@ -20,7 +20,7 @@ def test_hello_then_open_ok(module_broker: BrokerProcess) -> None:
     with Conn(module_broker.port) as c:
         c.send(wire.PREAMBLE)
         hello = c.expect("hello")
-        assert hello["version"] == f"{wire.MAJOR}.{wire.MINOR}" == "1.1"
+        assert hello["version"] == f"{wire.MAJOR}.{wire.MINOR}" == "1.2"
         assert hello["max_frame_size"] == wire.MAX_FRAME_SIZE_DEFAULT
         assert hello["heartbeat_ms"] == wire.HEARTBEAT_MS_DEFAULT
         props = hello["server_properties"]
@@ -63,11 +63,12 @@ def test_connection_ids_are_distinct(module_broker: BrokerProcess) -> None:
     assert len(ids) == 3
 
 
-@pytest.mark.parametrize(("minor", "version"), [(0, "1.0"), (1, "1.1"), (7, "1.1")])
+@pytest.mark.parametrize(("minor", "version"),
+                         [(0, "1.0"), (1, "1.1"), (2, "1.2"), (7, "1.2")])
 def test_minor_version_is_accepted(module_broker: BrokerProcess, minor: int,
                                    version: str) -> None:
     """Any minor of major 1 is accepted; HELLO.version is the lower of the two minors
-    (PROTOCOL.md 18): a 1.0 client still gets "1.0", a newer one the server's "1.1"."""
+    (PROTOCOL.md 18): a 1.0 client still gets "1.0", a newer one the server's "1.2"."""
     with Conn(module_broker.port, minor=minor) as c:
         c.send(c.preamble)
         assert c.expect("hello")["version"] == version == f"{wire.MAJOR}.{min(minor, wire.MINOR)}"
@@ -102,7 +103,9 @@ def test_negotiated_max_frame_size_is_enforced(module_broker: BrokerProcess) -> 
         pad = 300 + 8192 - (len(probe) - 4)
         frame = wire.encode("publish", 0, "", "no-such-queue", {}, b"x" * pad)
         assert len(frame) - 4 == 8192
-        c.send(frame)  # unroutable, seq 0, not mandatory: silently dropped
+        c.send(frame)  # accepted as a frame; its message is over OPEN_OK.max_message_size
+        err = c.expect_error(wire.code("message-too-large"))
+        assert err["details"]["max_message_size"] == 8192 - 3072
         assert c.request("queue_declare", 1, "", False, True, True).kind == "queue_declare_ok"
         c.send(wire.HEADER.pack(8193, wire.ftype("publish")))  # only the 5 header bytes
         err = c.expect_fatal(wire.FRAME_TOO_LARGE)

@@ -183,16 +183,22 @@ class Frame:
         return f"{self.kind.upper()}({self.fields!r})"
 
 
-def _check_nested(v: Any, where: str) -> None:
-    """Inside tables any msgpack value is fine, but every map key must be a str."""
+MAX_NESTING_DEPTH: int = _P["max_nesting_depth"]
+
+
+def _check_nested(v: Any, where: str, depth: int = 1) -> None:
+    """Inside tables any msgpack value is fine, but every map key must be a str and
+    containers nest at most max_nesting_depth levels (the table itself is level 1)."""
+    if isinstance(v, (dict, list)) and depth > MAX_NESTING_DEPTH:
+        raise WireError(MALFORMED_FRAME, f"{where}: nested deeper than {MAX_NESTING_DEPTH}")
     if isinstance(v, dict):
         for k, x in v.items():
             if not isinstance(k, str):
                 raise WireError(MALFORMED_FRAME, f"{where}: non-str map key {k!r}")
-            _check_nested(x, where)
+            _check_nested(x, where, depth + 1)
     elif isinstance(v, list):
         for x in v:
-            _check_nested(x, where)
+            _check_nested(x, where, depth + 1)
 
 
 def check_value(ftype_: str, v: Any, where: str) -> Any:

@@ -214,7 +214,13 @@ def test_exchange_redeclare_different_is_406(conn: Conn, redeclare: ExchangeDecl
     assert conn.send(ExchangeDeclare(1, "logs", "topic")) == [Ok(1)]
     (reply,) = conn.send(redeclare)
     err = assert_error(reply, 2, 406)
-    assert err.details == {"exchange": "logs"}
+    # The 406 names the setting that differs, with both values.
+    setting = err.details["setting"]
+    assert err.details == {"exchange": "logs", "setting": setting,
+                           "existing": err.details["existing"],
+                           "requested": getattr(redeclare, setting)}
+    assert err.details["existing"] != err.details["requested"]
+    assert setting in err.message
     # the original is untouched
     assert conn.send(ExchangeDeclare(3, "logs", "topic", passive=True)) == [Ok(3)]
 
@@ -264,7 +270,10 @@ def test_queue_declare_is_idempotent(conn: Conn) -> None:
 def test_queue_redeclare_different_is_406(conn: Conn, redeclare: QueueDeclare) -> None:
     assert conn.send(QueueDeclare(1, "q")) == [QueueDeclareOk(1, "q", 0, 0)]
     (reply,) = conn.send(redeclare)
-    assert assert_error(reply, 2, 406).details == {"queue": "q"}
+    err = assert_error(reply, 2, 406)
+    setting = err.details["setting"]
+    assert err.details == {"queue": "q", "setting": setting, "existing": not
+                           getattr(redeclare, setting), "requested": getattr(redeclare, setting)}
 
 
 def test_queue_passive_missing_is_404(conn: Conn) -> None:

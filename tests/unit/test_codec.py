@@ -610,7 +610,7 @@ def open_server() -> Connection:
 
 def open_client() -> Connection:
     conn = Connection(Role.CLIENT)
-    assert conn.preamble() == b"CNVYMQ\x01\x01"
+    assert conn.preamble() == b"CNVYMQ\x01\x02"
     assert conn.state is State.AWAIT_HELLO
     hello = g.Hello("1.0", CAP, 10000, {"product": "conveyor"}, ["anonymous"])
     assert conn.receive_data(protocol.encode(hello)) == [hello]
@@ -871,3 +871,104 @@ def test_connection_rejects_wrong_direction_when_open() -> None:
     with pytest.raises(g.UnexpectedFrame) as exc:
         conn.receive_data(protocol.encode(g.Deliver("ctag-1", 1, body=b"x")))
     assert exc.value.code == 503
+
+
+# ---------------------------------------------------------------------- limits (1.2)
+def test_nesting_limit_matches_the_spec() -> None:
+    import tomllib
+
+    from protocol import _checks
+
+    spec = tomllib.loads((ROOT / "spec" / "protocol.toml").read_text())["protocol"]
+    assert _checks.NESTING_MAX == g.MAX_NESTING_DEPTH == spec["max_nesting_depth"]
+
+
+def _nested(depth: int) -> Any:
+    v: Any = 1
+    for i in range(depth):
+        v = [v] if i % 2 else {"k": v}
+    return v
+
+
+@pytest.mark.parametrize("depth", [g.MAX_NESTING_DEPTH - 1, g.MAX_NESTING_DEPTH])
+def test_table_nesting_is_capped(depth: int) -> None:
+    """The table is level 1: values of ``depth`` nested containers make depth + 1."""
+    from protocol._checks import check_table
+
+    table = {"d": _nested(depth)}
+    if depth + 1 <= g.MAX_NESTING_DEPTH:
+        assert check_table(table, "t") is table
+    else:
+        with pytest.raises(g.MalformedFrame, match="nest deeper"):
+            check_table(table, "t")
+
+
+def test_nested_non_string_keys_are_malformed_at_any_depth() -> None:
+    from protocol._checks import check_table
+
+    for bad in ({"a": {b"k": 1}}, {"a": [1, [{"ok": {2: 1}}]]}):
+        with pytest.raises(g.MalformedFrame, match="map keys must be strings"):
+            check_table(bad, "t")
+
+
+def _worst_props(headers: dict[str, Any]) -> dict[str, Any]:
+    """Every property at its widest: names of 255 bytes, u64 maxima."""
+    from protocol._checks import U64_MAX
+
+    name = "n" * 255
+    props: dict[str, Any] = {}
+    for k, t in g.PROPERTY_TYPES.items():
+        props[k] = {"name": name, "u64": U64_MAX, "priority": 9, "bool": True,
+                    "table": headers}[t]
+    return props
+
+
+def test_one_message_frames_fit_body_plus_headers_plus_the_overhead() -> None:
+    """message_frame_overhead bounds every frame that carries one message: with all other
+    fields at their widest, length - body - encoded headers <= 3072. So a connection's
+    max_message_size (max_frame_size - 3072) fits any of them."""
+    name = "n" * 255
+    headers = {"h": "v" * 1000}
+    props = _worst_props(headers)
+    from protocol._checks import U32_MAX, U64_MAX
+
+    body = b"b" * 5000
+    u64, u32 = U64_MAX, U32_MAX
+    frames: dict[str, tuple[int, list[Any]]] = {
+        "publish": (g.Publish.TYPE, [u64, name, name, props, body, True]),
+        "publish_batch": (g.PublishBatch.TYPE, [u64, [[name, name, props, body, True]]]),
+        "publish_run": (g.PublishRun.TYPE, [u64, name, name, props, True, [body]]),
+        "return": (g.Return.TYPE, [u64, 312, "no route", name, name, props, body]),
+        "deliver": (g.Deliver.TYPE, [name, u64, True, name, name, props, body, u32]),
+        "deliver_batch": (g.DeliverBatch.TYPE,
+                          [name, [[u64, True, name, name, props, body, u32]]]),
+        "deliver_run": (g.DeliverRun.TYPE, [name, u64, name, name, props, [body]]),
+        "get_ok": (g.GetOk.TYPE, [u32, [[u64, True, name, name, props, body, u32]], u64]),
+    }
+    message = len(body) + len(msgpack.packb(headers))
+    for kind, (ftype, fields) in frames.items():
+        length = len(protocol.encode_fields(ftype, fields)) - 4
+        assert length - message <= g.MESSAGE_FRAME_OVERHEAD, kind
+
+
+def test_send_refuses_a_frame_over_the_peers_limit() -> None:
+    """LocalProtocolError, nothing encoded for the wire, state unchanged (section 5)."""
+    conn = Connection(Role.CLIENT)
+    conn.receive_data(protocol.encode(g.Hello("1.2", 4096, 0, {}, ["anonymous"], 1024)))
+    assert conn.send_limit == 4096
+    with pytest.raises(protocol.LocalProtocolError, match="AUTH frame of"):
+        conn.send(g.Auth("token", "t" * 5000))
+    assert conn.state is State.HELLO_RECEIVED
+    conn.send(g.Auth("token", "t" * 100))
+    state: State = conn.state
+    assert state is State.AWAIT_OPEN_OK
+    with pytest.raises(protocol.LocalProtocolError):
+        protocol.check_frames([b"\x00" * 4101], 4096)
+    protocol.check_frames([b"\x00" * 4100], 4096)
+
+
+def test_send_can_leave_out_fields_a_peer_does_not_speak() -> None:
+    conn = Connection(Role.CLIENT)
+    conn.receive_data(protocol.encode(g.Hello("1.1", CAP, 0, {}, ["anonymous"])))
+    data = conn.send(g.Auth("anonymous", "", {}, 0, 0, ["zstd"]), trim=1)
+    assert len(msgpack.unpackb(data[5:])) == 5
