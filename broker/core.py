@@ -89,6 +89,9 @@ class Broker:
         self._timer_seq = itertools.count()
         self._armed = 0
         self.dead_lettered = 0
+        # Set when deliveries of logged queues were journaled (Session.deliver): the next
+        # pump writes the log through before any session writes its frames.
+        self.deliveries_logged = False
         self.limited = False  # a queue has overflow reject-publish (publish checks capacity)
         # Plain counters for broker.metrics (read at scrape time, never on a hot path):
         # per-queue counters of deleted queues, so broker-wide totals never go down
@@ -761,6 +764,9 @@ class Broker:
                     q.dispatch(_deliver, now)
         if self.journal:
             self.flush_journal()
+        if self.deliveries_logged:  # their records reach the OS before the frames go out
+            self.deliveries_logged = False
+            self.store.write_through()
         pager = self.pager
         if pager is not None:
             if pager.resident > pager.budget:

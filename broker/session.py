@@ -512,7 +512,8 @@ class Session:
             if dl and (not self.min_deadline or dl < self.min_deadline):
                 self.min_deadline = dl
         if queue.logged:
-            self.broker.log_ids("a" if no_ack else "d", queue, batch)
+            broker.log_ids("a" if no_ack else "d", queue, batch)
+            broker.deliveries_logged = True
         self._deliveries.append((consumer, payload, sizes))
         self.broker.mark_session(self)
 
