@@ -26,6 +26,7 @@ import pytest
 import client
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, drain, queue_info, take, wait_until
+from tests.integration.http_helpers import http
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -357,6 +358,8 @@ async def test_retry_with_back_off_ten_rounds_then_delivery_limit(
         scrape = text.decode()
         assert _metric(scrape, "conveyor_queue_dead_letter_dropped_total", "work") == 1
         assert "conveyor_messages_dead_letter_dropped_total 1.0" in scrape
+        status, body = await http(b, "GET", "/api/queues/work")
+        assert status == 200 and body["counters"]["dead_letter_dropped"] == 1, body
         log = b.log_text()
         assert "queue 'work': message dead-lettered (delivery-limit) in an automatic " \
             "cycle back to 'work.retry'; dropped" in log
