@@ -367,6 +367,28 @@ async def test_retry_with_back_off_ten_rounds_then_delivery_limit(
         await asyncio.wait_for(conn.close(), WAIT)
 
 
+async def test_reject_after_an_out_of_order_ack_is_dead_lettered(connect_to: Connect) -> None:
+    """An ack past an unsettled delivery, then a reject of that delivery: the reject must
+    reach the broker before any cumulative ACK that covers its tag, or the broker takes
+    the rejected message as acked (its REJECT then gets "unknown delivery tag") and it
+    is neither dead-lettered nor redelivered."""
+    conn = await connect_to()
+    await _dlq(conn)
+    await conn.declare_queue("work", dead_letter_exchange="dlx")
+    for body in (b"m1", b"m2", b"m3"):
+        await conn.publish("", "work", body)
+    m1, m2, m3 = await take(await conn.consume("work", prefetch=3), 3)
+    m2.ack()  # out of order: waits for m1
+    m1.reject()
+    m3.ack()
+    await _wait_depth(conn, "dlq", 1, timeout=5)
+    (dead,) = await conn.get("dlq")
+    assert dead.body == b"m1" and dead.deaths[0]["reason"] == "rejected"
+    dead.ack()
+    info = await _info(conn, "work")
+    assert (info["messages"], info["unacked"], info["acked"]) == (0, 0, 2)
+
+
 # ---------------------------------------------------------------------- ack timeout
 async def test_ack_timeout_redelivers_to_another_consumer(
         connect_to: Connect, caplog: pytest.LogCaptureFixture) -> None:
