@@ -90,6 +90,9 @@ class Broker:
         self._timer_seq = itertools.count()
         self._armed = 0
         self.dead_lettered = 0
+        # Set when deliveries of logged queues were journaled (Session.deliver): the next
+        # pump writes the log through before any session writes its frames.
+        self.deliveries_logged = False
         self.limited = False  # a queue has overflow reject-publish (publish checks capacity)
         # Plain counters for broker.metrics (read at scrape time, never on a hot path):
         # per-queue counters of deleted queues, so broker-wide totals never go down
@@ -497,59 +500,86 @@ class Broker:
         """Messages leave ``q`` for good (rejected, expired, max-length, delivery-limit):
         republished to its dead-letter exchange with a death record, or dropped.
 
-        A queue its death records name for an automatic reason (anything but
-        "rejected") is not a target again, so no cycle loops a message forever.
+        Their removal from ``q`` is logged after the republishes, in the same journal
+        batch, so a crash keeps either both or neither. Each message is handled on its
+        own: one that cannot be dead-lettered (a bug, a header the broker cannot read) is
+        dropped, counted and logged, and the others go on (``Session.close`` and the
+        timers call this and must always complete).
         """
-        if q.logged:
-            self.log_ids("a", q, qms)
         if reason == "expired":
             q.expired += len(qms)
         dlx = q.opts.dead_letter_exchange
-        if dlx is None or q.deleted:
+        if dlx is not None and not q.deleted:
+            now = self.clock()
+            for qm in qms:
+                try:
+                    self._dead_letter_one(q, qm, dlx, reason, now)
+                except Exception:
+                    q.dead_letter_dropped += 1
+                    log.exception("queue %r: message could not be dead-lettered (%s); "
+                                  "dropped", q.name, reason,
+                                  extra={"event": "message.dead_letter_failed",
+                                         "queue": q.name, "reason": reason})
+        if q.logged:
+            self.log_ids("a", q, qms)
+
+    def _dead_letter_one(self, q: Queue, qm: QueuedMessage, dlx: str, reason: str,
+                         now: int) -> None:
+        """Republish one message of ``q`` to ``dlx`` with its new death record.
+
+        Cycle guard (RabbitMQ's rule): a target queue is skipped when the message's
+        history, newest first, reaches that queue through automatic deaths only (expired,
+        max-length, delivery-limit). A cycle with an explicit rejection in it is a
+        consumer's choice (retry with back-off) and goes on, so a rejection is never a
+        loop. A message the guard leaves without any target is dropped, counted in
+        ``dead_letter_dropped`` and logged.
+        """
+        m = qm.message
+        rk = q.opts.dead_letter_routing_key or m.routing_key
+        try:
+            targets = list(self.route(dlx, rk))
+        except NotFound:
+            log.warning("dead-letter exchange %r of queue %r does not exist; dropped",
+                        dlx, q.name)
             return
-        now = self.clock()
-        for qm in qms:
-            m = qm.message
-            try:
-                targets = list(self.route(dlx, q.opts.dead_letter_routing_key or m.routing_key))
-            except NotFound:
-                log.warning("dead-letter exchange %r of queue %r does not exist; dropped",
-                            dlx, q.name)
-                return
-            props = dict(m.properties)
-            headers = dict(props.get("headers") or {})
-            deaths = _death_records(headers.get("x-death"))
-            record = None
-            for d in deaths:
-                if d.get("queue") == q.name and d.get("reason") == reason:
-                    record = d
-                    deaths.remove(d)
-                    break
-            if record is None:
-                record = {"reason": reason, "queue": q.name, "exchange": m.exchange,
-                          "routing_key": m.routing_key, "count": 0}
-            record["count"] = record["count"] + 1
-            record["time"] = now
-            deaths.insert(0, record)
-            headers["x-death"] = deaths
-            props["headers"] = headers
-            props.pop("ttl", None)  # would expire again at once; the queue's TTL still applies
-            props.pop("delay", None)
-            looping = {d.get("queue") for d in deaths[1:] if d.get("reason") != "rejected"}
-            if reason != "rejected":
-                looping.add(q.name)
-            targets = [t for t in targets if t not in looping]
-            if not targets:
-                continue
-            full = [t for t in targets if self.queues[t].opts.rejects_publish
-                    and self.queues[t].is_full(m.size)]
-            targets = [t for t in targets if t not in full]
-            body = Pager.read(m)
-            dead = Message(dlx, q.opts.dead_letter_routing_key or m.routing_key, props, body,
-                           ts=now)
-            if self.enqueue(dead, targets):
-                q.dead_lettered += 1
-                self.dead_lettered += 1
+        props = dict(m.properties)
+        raw_headers = props.get("headers")
+        headers = dict(raw_headers) if isinstance(raw_headers, dict) else {}
+        deaths = _death_records(headers.get("x-death"))
+        record = None
+        for d in deaths:
+            if d.get("queue") == q.name and d.get("reason") == reason:
+                record = d
+                deaths.remove(d)
+                break
+        if record is None:
+            record = {"reason": reason, "queue": q.name, "exchange": m.exchange,
+                      "routing_key": m.routing_key, "count": 0}
+        count = record.get("count")
+        record["count"] = (count if type(count) is int and count >= 0 else 0) + 1
+        record["time"] = now
+        deaths.insert(0, record)
+        headers["x-death"] = deaths
+        props["headers"] = headers
+        props.pop("ttl", None)  # would expire again at once; the queue's TTL still applies
+        props.pop("delay", None)
+        if not targets:
+            return  # the exchange routes it nowhere: dropped, as a publish would be
+        kept = [t for t in targets if not _automatic_cycle(reason, deaths, t)]
+        if not kept:
+            q.dead_letter_dropped += 1
+            log.warning("queue %r: message dead-lettered (%s) in an automatic cycle "
+                        "back to %s; dropped", q.name, reason, ", ".join(map(repr, targets)),
+                        extra={"event": "message.dead_letter_cycle", "queue": q.name,
+                               "reason": reason, "targets": targets})
+            return
+        targets = [t for t in kept if not (self.queues[t].opts.rejects_publish
+                                           and self.queues[t].is_full(m.size))]
+        body = Pager.read(m)
+        dead = Message(dlx, rk, props, body, ts=now)
+        if self.enqueue(dead, targets):
+            q.dead_lettered += 1
+            self.dead_lettered += 1
 
     # ------------------------------------------------------------------ timers
     def arm_message(self, q: Queue, qm: QueuedMessage) -> None:
@@ -753,6 +783,9 @@ class Broker:
                         self.count_error(541)
         if self.journal:
             self.flush_journal()
+        if self.deliveries_logged:  # their records reach the OS before the frames go out
+            self.deliveries_logged = False
+            self.store.write_through()
         pager = self.pager
         if pager is not None:
             if pager.resident > pager.budget:
@@ -813,7 +846,8 @@ class Broker:
                  "messages": q.ready, "unacked": q.unacked, "consumers": len(q.consumers),
                  "arguments": q.arguments, "published": q.published,
                  "delivered": q.delivered, "acked": q.acked, "delayed": q.delayed,
-                 "paged": q.paged, "dead_lettered": q.dead_lettered, "expired": q.expired}
+                 "paged": q.paged, "dead_lettered": q.dead_lettered, "expired": q.expired,
+                 "dead_letter_dropped": q.dead_letter_dropped}
                 for q in sorted(self.queues.values(), key=lambda q: q.name)
             ]
             for row in rows:  # streams: offsets, groups (broker.stream)
@@ -846,7 +880,7 @@ class Broker:
 _RELEASE, _EXPIRE, _SWEEP, _QUEUE_EXPIRY = 0, 1, 2, 3
 # Queue counters kept broker-wide after the queue is deleted (Broker.retired).
 RETIRED_COUNTERS = ("published", "delivered", "acked", "redelivered", "dead_lettered",
-                    "expired")
+                    "expired", "dead_letter_dropped")
 SWEEP_MS = 100  # how often deliveries are checked against their ack deadline
 PUMPS_PER_TURN = 4  # connections pumped at once per loop turn (Broker.pump_input)
 
@@ -887,6 +921,19 @@ def _queue_difference(q: Queue, durable: bool, exclusive: bool, auto_delete: boo
 
 def _wall_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _automatic_cycle(reason: str, deaths: list[dict[str, Any]], target: str) -> bool:
+    """Would dead-lettering to ``target`` close a cycle of automatic deaths only?
+    ``deaths``: the message's history, newest first, its new record included."""
+    if reason == "rejected":
+        return False
+    for d in deaths:
+        if d.get("reason") == "rejected":
+            return False
+        if d.get("queue") == target:
+            return True
+    return False
 
 
 def _deliver(consumer: Consumer, batch: list[QueuedMessage]) -> None:

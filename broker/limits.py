@@ -86,12 +86,34 @@ def validate(config: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------- per message
+def strip_broker_headers(properties: dict[str, Any]) -> None:
+    """Remove client-supplied ``x-`` headers from published ``properties`` (in place).
+
+    Headers starting ``x-`` are the broker's (``x-death``, ``x-stream-offset`` ...), as
+    in RabbitMQ: a publisher cannot forge a death history the broker would then read
+    (a malformed ``x-death`` once broke dead-lettering for every message of the same
+    connection). Every publish path (binary PUBLISH*, the HTTP gateway) goes through
+    :func:`publish_size`, which calls this first.
+    """
+    headers = properties.get("headers")
+    if not isinstance(headers, dict) or not any(
+            type(k) is str and k[:2].lower() == "x-" for k in headers):
+        return
+    kept = {k: v for k, v in headers.items() if not (type(k) is str and k[:2].lower() == "x-")}
+    if kept:
+        properties["headers"] = kept
+    else:
+        del properties["headers"]
+
+
 def publish_size(limits: Limits, properties: dict[str, Any], body: bytes) -> int:
     """Check a published message's headers; return its size (as ``message_size``).
 
+    Client-supplied ``x-`` headers are removed first (:func:`strip_broker_headers`).
     Raises InvalidArgument (400) for too many headers and MessageTooLarge (413) for an
     encoded headers map over ``max_header_bytes``.
     """
+    strip_broker_headers(properties)
     headers = properties.get("headers")
     if not headers:
         return len(body)

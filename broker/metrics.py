@@ -19,12 +19,14 @@ Broker-wide counters (they never go down: a deleted queue's counts are kept)
                                            with requeue, ack timeout, connection lost)
   conveyor_messages_dead_lettered_total    republished to a dead-letter exchange
   conveyor_messages_expired_total          removed by TTL
+  conveyor_messages_dead_letter_dropped_total  dropped instead of dead-lettered (an
+                                           automatic dead-letter cycle, or a failure)
   conveyor_errors_total{code,name,kind}    ERROR frames (kind="error") and publish nacks
                                            (kind="nack") sent, by the spec's error code
   conveyor_connections_opened_total        connections that completed the handshake
 Per queue ({queue})
   conveyor_queue_published_total / _delivered_total / _acked_total / _redelivered_total /
-  _dead_lettered_total / _expired_total
+  _dead_lettered_total / _expired_total / _dead_letter_dropped_total
   conveyor_queue_messages_ready            depth: ready to deliver
   conveyor_queue_messages_unacked          delivered, not yet acknowledged
   conveyor_queue_messages_delayed          waiting for their delay
@@ -97,6 +99,10 @@ _COUNTERS = (
      "Messages republished to the queue's dead-letter exchange."),
     ("expired", "conveyor_queue_expired", "conveyor_messages_expired",
      "Messages removed by TTL."),
+    ("dead_letter_dropped", "conveyor_queue_dead_letter_dropped",
+     "conveyor_messages_dead_letter_dropped",
+     "Messages dropped instead of dead-lettered: an automatic dead-letter cycle (the "
+     "cycle guard) or a message that could not be dead-lettered."),
 )
 assert {c[0] for c in _COUNTERS} == set(RETIRED_COUNTERS)
 

@@ -105,6 +105,9 @@ class Queue:
         self.acked = 0
         self.dead_lettered = 0
         self.expired = 0
+        # messages dropped instead of dead-lettered: the cycle guard cut every target, or
+        # dead-lettering failed (Broker.dead_letter)
+        self.dead_letter_dropped = 0
         self.redelivered = 0  # messages requeued to be delivered again (broker.metrics)
 
     # ------------------------------------------------------------------ queries

@@ -624,7 +624,8 @@ class Session:
             if dl and (not self.min_deadline or dl < self.min_deadline):
                 self.min_deadline = dl
         if queue.logged:
-            self.broker.log_ids("a" if no_ack else "d", queue, batch)
+            broker.log_ids("a" if no_ack else "d", queue, batch)
+            broker.deliveries_logged = True
         self._deliveries.append((consumer, payload, sizes))
         self.broker.mark_session(self)
 
@@ -962,14 +963,39 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        self.flow.close()
+        try:
+            self.flow.close()
+        except Exception:
+            log.exception("%s: closing publish credit failed", self.id)
         settled = list(self.unacked.values())
         self.unacked.clear()
-        self._refuse(settled, requeue=True)
+        self._requeue_on_close(settled)
         for c in list(self.consumers.values()):
-            self.broker.remove_consumer(c)
+            try:
+                self.broker.remove_consumer(c)
+            except Exception:
+                log.exception("%s: removing consumer %r of queue %r failed", self.id, c.tag,
+                              c.queue.name)
         self.consumers.clear()
         self.broker.detach(self)
+
+    def _requeue_on_close(self, settled: list[Unacked]) -> None:
+        """Unacked deliveries of a closed connection go back (or dead-letter), queue by
+        queue. A failure is contained to its queue and logged (dead-lettering already
+        drops a single bad message, counted): the connection always ends, with no ghost
+        left holding consumers and deliveries, and the other queues get theirs back.
+        Persistent messages a failure left out are still in the log as delivered and
+        come back at the next start."""
+        by_queue: dict[Queue, list[Unacked]] = {}
+        for u in settled:
+            by_queue.setdefault(u[1], []).append(u)
+        for q, us in by_queue.items():
+            try:
+                self._refuse(us, requeue=True)
+            except Exception:
+                log.exception("%s: requeueing %d deliveries of queue %r failed", self.id,
+                              len(us), q.name, extra={"event": "session.requeue_failed",
+                                                      "queue": q.name})
 
 
 def _ignore(_: Any) -> None:

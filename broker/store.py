@@ -31,6 +31,10 @@ class Store(Protocol):
         """Call ``callback(None)`` once every record appended so far is durable, or
         ``callback(error)`` if it could not be written."""
 
+    def write_through(self) -> None:
+        """Hand the records appended so far to the OS now (no fsync): the broker calls
+        it before deliveries go out, so a process crash keeps their records."""
+
     def close(self) -> None:
         """Flush and release resources."""
 
@@ -49,6 +53,9 @@ class MemoryStore:
 
     def commit(self, callback: Callable[[BaseException | None], None]) -> None:
         callback(None)
+
+    def write_through(self) -> None:
+        return None
 
     def close(self) -> None:
         self.records.clear()

@@ -65,6 +65,8 @@ REC_SNAP_ENTRIES = 3
 REC_SNAP_END = 4
 SNAP_CHUNK_BYTES = 1 << 20
 MAX_RECORD = 1 << 31
+# Longest write_through waits for the writer thread to write the batch it holds.
+WRITE_THROUGH_WAIT_S = 0.05
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 Callback = Callable[[BaseException | None], None]
@@ -606,6 +608,12 @@ class WalStore:
         # Held while a batch is written: close() waits for the writer thread with it.
         self._io_lock = threading.RLock()
         self._kick_scheduled = False
+        # Set once the writer thread has written (not yet synced) the batch it was handed:
+        # from then on write_through may write after it, in order.
+        self._batch_written = threading.Event()
+        self._batch_written.set()
+        # Records written to the OS by write_through that no fdatasync covers yet.
+        self._unsynced = False
         self.failed: BaseException | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -648,13 +656,43 @@ class WalStore:
             callback(ConnectionError("store closed"))
             return
         if not self._pending and not self._busy and not self._callbacks \
-                and self.failed is None:
+                and self.failed is None and not self._unsynced:
             # Nothing appended since the last write completed: all of it is already
             # durable (transient publishes, for one), so confirm without a disk round.
             callback(None)
             return
         self._callbacks.append(callback)
         self._schedule()
+
+    def write_through(self) -> None:
+        """Write the records appended so far to the OS now, without fsync: called before
+        deliveries go to the socket, so a process crash (which keeps the page cache)
+        never loses the record of a delivery the consumer already has. Commits still
+        wait for an fdatasync. Records stay with the writer thread (written a moment
+        later) if it has not yet written the batch it holds (order first: waits at most
+        WRITE_THROUGH_WAIT_S), if they start a new segment, or while writes fail."""
+        if not self._pending or self.closed or self.failed is not None:
+            return
+        if self._busy and not self._batch_written.wait(WRITE_THROUGH_WAIT_S):
+            return
+        batch = self._pending
+        if any(index != self._file_index for index, _ in batch):
+            return  # the writer thread opens the new segment (its fsync off the loop)
+        self._pending = []
+        try:
+            if self._busy:  # the writer thread only syncs now; it holds the lock for that
+                self._write_locked(batch, sync=False)
+            else:
+                with self._io_lock:
+                    self._write_locked(batch, sync=False)
+        except OSError:
+            self._pending[:0] = batch  # what is left: the writer retries and reports
+            return
+        if self.fsync == "always":
+            self._unsynced = True
+        elif self.fsync == "interval" and self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.interval_ms / 1000, self._interval_sync)
 
     def close(self) -> None:
         """Write and fsync everything pending (synchronously), then close."""
@@ -717,13 +755,15 @@ class WalStore:
             return  # waiting for the retry timer
         batch, self._pending = self._pending, []
         cbs, self._callbacks = self._callbacks, []
-        if not batch and self.failed is None:
+        if not batch and self.failed is None and not self._unsynced:
             # These callbacks' records were in the batch that just completed.
             for cb in cbs:
                 cb(None)
             return
         if self.fsync == "always":
             self._busy = True
+            self._unsynced = False  # this batch's fdatasync covers what write_through wrote
+            self._batch_written.clear()
             self._inflight = batch
             loop = asyncio.get_running_loop()
             fut = loop.run_in_executor(None, self._write_batch, batch, True)
@@ -742,6 +782,7 @@ class WalStore:
     def _done(self, fut: asyncio.Future[None], batch: list[tuple[int, bytes]],
               cbs: list[Callback]) -> None:
         self._busy = False
+        self._batch_written.set()
         exc = fut.exception()
         if exc is not None:
             self._failed(exc, batch, cbs)
@@ -762,6 +803,8 @@ class WalStore:
         if self.failed is None:
             log.error("write to the log failed (%s); refusing publishes until it succeeds", exc)
         self.failed = exc
+        if self.fsync == "always":
+            self._unsynced = True  # what was written may not be synced: sync on the retry
         self._pending[:0] = batch  # keep the records; retried in order
         for cb in cbs:
             cb(exc)
@@ -827,6 +870,7 @@ class WalStore:
             self._size += len(data)
             self.records_written += j - i
             i = j
+        self._batch_written.set()  # written; only the fdatasync is left
         if sync:
             t = time.monotonic()
             os.fdatasync(self._fd)

@@ -150,11 +150,14 @@ class _ConsumingMixin:
     def _refuse(self, tag: int, epoch: int, how: str, requeue: bool) -> None:
         if epoch != self._epoch or self._proto is None:
             raise self._stale()
-        self._done[tag] = True
+        # The frame first: _send emits the pending acks ahead of it, and their cumulative
+        # ACK must stop short of this tag (were it already in _done, the ACK would cover
+        # it and the broker would take the refused message as acked).
         if how == "nack":
             self._send(encode_fields(_NACK, [tag, False, requeue]))
         else:
             self._send(encode_fields(_REJECT, [tag, requeue]))
+        self._done[tag] = True
 
     def _extend(self, tag: int, epoch: int, timeout_ms: int) -> None:
         if type(timeout_ms) is not int or not 0 <= timeout_ms <= U64_MAX:

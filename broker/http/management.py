@@ -59,7 +59,8 @@ def queue_json(c: HttpContext, q: Queue) -> dict[str, Any]:
         "ready": q.ready, "unacked": q.unacked, "messages": q.ready + q.unacked,
         "delayed": q.delayed, "paged": q.paged, "consumers": len(q.consumers),
         "counters": {"published": q.published, "delivered": q.delivered, "acked": q.acked,
-                     "dead_lettered": q.dead_lettered, "expired": q.expired},
+                     "dead_lettered": q.dead_lettered, "expired": q.expired,
+                     "dead_letter_dropped": q.dead_letter_dropped},
         "rates": c.stats.queue(q.name),
         "settings": {k: getattr(opts, k) for k in OPTION_NAMES},
         # streams: offsets and per-group committed offset and lag

@@ -275,7 +275,8 @@ async def test_cli_dlq_move_back_to_origin(broker: BrokerProcess) -> None:
         assert back["id-2"].properties["priority"] == 3
         for m in back.values():
             assert m.routing_key == "work" and m.exchange == ""
-            _check_death(dict(m.deaths[0]), "rejected")
+            # x- headers are the broker's: a republished message starts a new history
+            assert m.deaths == [] and "x-death" not in m.headers
             m.ack()
 
         # --to places the stray one (and leaves the DLQ empty).
@@ -291,27 +292,44 @@ async def test_cli_dlq_move_back_to_origin(broker: BrokerProcess) -> None:
         await asyncio.wait_for(conn.close(), WAIT)
 
 
-def _death(queue: str, reason: str = "rejected") -> dict[str, Any]:
-    return {"reason": reason, "queue": queue, "exchange": "", "routing_key": queue,
-            "count": 1, "time": int(time.time() * 1000)}
+async def _dead_letter_into(conn: client.Connection, queue: str,
+                            msgs: list[tuple[bytes, dict[str, Any]]]) -> None:
+    """Publish ``msgs`` (body, publish kwargs) to ``queue`` and reject them: the broker
+    dead-letters them (fanout "to-dlq") into "dlq" with an x-death record naming
+    ``queue``."""
+    await conn.declare_queue(queue, dead_letter_exchange="to-dlq")
+    for body, kw in msgs:
+        await conn.publish("", queue, body, **kw)
+    await _reject_all(conn, queue, len(msgs))
 
 
-async def test_cli_dlq_move_by_hand_made_x_death(broker: BrokerProcess) -> None:
-    """dlq-move reads only the x-death header, so hand-made records (newest first) test
-    its routing, --count, refusals and skips without the broker's dead-lettering."""
+async def test_cli_dlq_move_routes_by_the_newest_death(broker: BrokerProcess) -> None:
+    """dlq-move reads only the x-death header (the broker's: a client-published x-death
+    is stripped), so real dead letters from several queues test its routing, --count,
+    refusals and skips."""
     conn = await connect(broker.url)
     try:
-        for q in ("dlq", "orig-a", "orig-b"):
-            await conn.declare_queue(q)
-        newest_a = [_death("orig-a", "expired"), _death("orig-b")]
-        for i in range(3):
-            await conn.publish("", "dlq", b"a%d" % i, message_id=f"a{i}",
-                               headers={"x-death": newest_a, "n": i}, persistent=i != 1)
-        only_b = [_death("orig-b")]
-        await conn.publish("", "dlq", b"b", headers={"x-death": only_b})
-        await conn.publish("", "dlq", b"lost", headers={"x-death": [_death("gone")]})
-        await conn.publish("", "dlq", b"loop", headers={"x-death": [_death("dlq")]})
-        await conn.publish("", "dlq", b"bare", headers={"x-death": "not a list"})
+        await conn.declare_exchange("to-dlq", "fanout")
+        await conn.declare_queue("dlq", dead_letter_exchange="to-dlq")
+        await conn.bind("to-dlq", "dlq")
+        await _dead_letter_into(conn, "orig-a", [
+            (b"a%d" % i, {"message_id": f"a{i}", "headers": {"n": i}, "persistent": i != 1})
+            for i in range(3)])
+        await _dead_letter_into(conn, "orig-b", [(b"b", {})])
+        await _dead_letter_into(conn, "gone", [(b"lost", {})])
+        await conn.delete_queue("gone")
+        await conn.publish("", "dlq", b"loop")
+        consumer = await conn.consume("dlq", prefetch=10)
+        for m in await take(consumer, 6):
+            if m.body == b"loop":
+                m.reject()  # dead-lettered into "dlq" itself: its x-death names "dlq"
+            else:
+                m.nack(requeue=True)
+        await consumer.cancel()
+        await _wait_depth(conn, "dlq", 6)
+        # a forged x-death never reaches the queue: no usable record
+        await conn.publish("", "dlq", b"bare", headers={"x-death": [{"queue": "orig-b"}]})
+        await _wait_depth(conn, "dlq", 7)
 
         p = await arun(broker, "dlq-move", "--from", "dlq", "--count", "2")
         assert ok(p) == "moved 2, skipped 0\n"
@@ -323,20 +341,21 @@ async def test_cli_dlq_move_by_hand_made_x_death(broker: BrokerProcess) -> None:
         assert p.returncode == 1 and p.stdout == b"moved 2, skipped 3\n"
         assert p.stderr.count(b"\n") == 1 and b"Traceback" not in p.stderr
         # Nothing is lost: "lost" (no-route: no such queue), "loop" (names the DLQ
-        # itself) and "bare" (no usable x-death) are back in the DLQ.
+        # itself) and "bare" (no x-death) are back in the DLQ.
         assert [await _depth(conn, q) for q in ("dlq", "orig-a", "orig-b")] == [3, 3, 1]
         assert await queue_info(conn, "gone") is None
 
         moved = await conn.get("orig-a", 10)
-        assert [m.body for m in moved] == [b"a0", b"a1", b"a2"]
-        for i, m in enumerate(moved):
+        assert sorted(m.body for m in moved) == [b"a0", b"a1", b"a2"]
+        for m in moved:
+            i = int(m.body[1:])
             assert m.properties["message_id"] == f"a{i}"
             assert m.properties.get("persistent", True) is (i != 1)
-            assert m.headers == {"x-death": newest_a, "n": i}
+            assert m.headers == {"n": i}  # the old history stays behind (x- is the broker's)
             assert (m.exchange, m.routing_key) == ("", "orig-a")
             m.ack()
         (b,) = await conn.get("orig-b")
-        assert (b.body, b.deaths) == (b"b", only_b)
+        assert (b.body, b.deaths) == (b"b", [])
         b.ack()
 
         # --to takes the rest, x-death or not.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ import pytest
 import client
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, drain, queue_info, take, wait_until
+from tests.integration.http_helpers import http
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -238,16 +240,17 @@ async def test_dead_letter_routing_key_reasons_and_dropping(connect_to: Connect)
     p = dead.properties
     assert "ttl" not in p and "delay" not in p
     assert (p["priority"], p["correlation_id"], p["headers"]["app"]) == (2, "c", 1)
-    # Moved back and rejected again: the same (queue, reason) record counts 2.
+    # Moved back by a client and rejected again: x- headers are the broker's, so the
+    # republished x-death was stripped and the history starts afresh (as in RabbitMQ 4).
     await conn.publish("", "work", dead.body, properties=dict(dead.properties))
     dead.ack()
     (w,) = await conn.get("work")
+    assert w.headers == {"app": 1}
     w.reject()
     await _wait_depth(conn, "dlq", 1)
     again = await _get_one(conn, "dlq")
     assert len(again.deaths) == 1
-    # (the record keeps where the message was first published from)
-    _check_death(_death(again), "rejected", "work", count=2)
+    _check_death(_death(again), "rejected", "work", count=1)
     again.ack()
 
 
@@ -286,6 +289,105 @@ async def test_dead_letter_cycle_is_broken(connect_to: Connect) -> None:
     assert [(d["queue"], d["reason"]) for d in m.deaths] == [("b", "expired"),
                                                              ("a", "expired")]
     m.ack()
+
+
+async def _retry_recipe(conn: client.Connection, backoff_ms: int = 40) -> None:
+    """README's retry with back-off: "work" dead-letters to "work.retry" (its fanout
+    exchange), whose message_ttl_ms dead-letters back to "work"; delivery_limit 2 on
+    "work" stops a message that keeps coming back without a rejection."""
+    await conn.declare_exchange("work.retry", "fanout")
+    await conn.declare_exchange("work.back", "fanout")
+    await conn.declare_queue("work", dead_letter_exchange="work.retry", delivery_limit=2)
+    await conn.declare_queue("work.retry", message_ttl_ms=backoff_ms,
+                             dead_letter_exchange="work.back")
+    await conn.bind("work.retry", "work.retry")
+    await conn.bind("work.back", "work")
+
+
+def _metric(text: str, name: str, queue: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{queue="{queue}"}} '):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} for {queue!r} in the scrape")
+
+
+async def test_retry_with_back_off_ten_rounds_then_delivery_limit(
+        broker_factory: Callable[..., BrokerProcess]) -> None:
+    """Rejected ten times, the message comes back after each back-off with one more
+    rejection and one more expiry in its history (a cycle with a rejection in it is no
+    loop). Then it comes back without a rejection (nacked with requeue) until
+    delivery_limit dead-letters it: its history already has work.retry -(expired)-> work,
+    so work -(delivery-limit)-> work.retry would close a cycle of automatic deaths; the
+    guard cuts it, and the drop is counted (queue stats and metrics) and logged, not
+    silent."""
+    b = broker_factory("--http-port", "0")
+    conn = await client.connect(b.url, reconnect=False, timeout=WAIT)
+    try:
+        await _retry_recipe(conn)
+        await conn.publish("", "work", b"job", headers={"attempt": "first"})
+        consumer = await conn.consume("work", prefetch=1)
+        for rnd in range(1, 11):
+            (m,) = await take(consumer, 1, timeout=5)
+            assert m.body == b"job" and m.headers["attempt"] == "first"
+            assert m.delivery_count == 1 and not m.redelivered
+            deaths = [(d["queue"], d["reason"], d["count"]) for d in m.deaths]
+            if rnd == 1:
+                assert deaths == []
+            else:
+                assert deaths == [("work.retry", "expired", rnd - 1),
+                                  ("work", "rejected", rnd - 1)], (rnd, deaths)
+            m.reject()
+        (m,) = await take(consumer, 1, timeout=5)
+        assert [(d["queue"], d["count"]) for d in m.deaths] == [("work.retry", 10),
+                                                               ("work", 10)]
+        m.nack()  # requeue: delivery 1 of 2
+        (m,) = await take(consumer, 1, timeout=5)
+        assert (m.delivery_count, m.redelivered) == (2, True)
+        m.nack()  # past delivery_limit: dead-lettered (delivery-limit), cut by the guard
+
+        async def dropped() -> bool:
+            return int((await _info(conn, "work"))["dead_letter_dropped"]) == 1
+
+        await wait_until(dropped, 5)
+        assert await drain(consumer, quiet=0.3) == []
+        work, retry = await _info(conn, "work"), await _info(conn, "work.retry")
+        assert (work["messages"], work["unacked"], retry["messages"]) == (0, 0, 0)
+        assert (work["dead_lettered"], retry["dead_lettered"]) == (10, 10)
+        assert retry["dead_letter_dropped"] == 0
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"{b.http_url}/metrics", timeout=WAIT).read())
+        scrape = text.decode()
+        assert _metric(scrape, "conveyor_queue_dead_letter_dropped_total", "work") == 1
+        assert "conveyor_messages_dead_letter_dropped_total 1.0" in scrape
+        status, body = await http(b, "GET", "/api/queues/work")
+        assert status == 200 and body["counters"]["dead_letter_dropped"] == 1, body
+        log = b.log_text()
+        assert "queue 'work': message dead-lettered (delivery-limit) in an automatic " \
+            "cycle back to 'work.retry'; dropped" in log
+    finally:
+        await asyncio.wait_for(conn.close(), WAIT)
+
+
+async def test_reject_after_an_out_of_order_ack_is_dead_lettered(connect_to: Connect) -> None:
+    """An ack past an unsettled delivery, then a reject of that delivery: the reject must
+    reach the broker before any cumulative ACK that covers its tag, or the broker takes
+    the rejected message as acked (its REJECT then gets "unknown delivery tag") and it
+    is neither dead-lettered nor redelivered."""
+    conn = await connect_to()
+    await _dlq(conn)
+    await conn.declare_queue("work", dead_letter_exchange="dlx")
+    for body in (b"m1", b"m2", b"m3"):
+        await conn.publish("", "work", body)
+    m1, m2, m3 = await take(await conn.consume("work", prefetch=3), 3)
+    m2.ack()  # out of order: waits for m1
+    m1.reject()
+    m3.ack()
+    await _wait_depth(conn, "dlq", 1, timeout=5)
+    (dead,) = await conn.get("dlq")
+    assert dead.body == b"m1" and dead.deaths[0]["reason"] == "rejected"
+    dead.ack()
+    info = await _info(conn, "work")
+    assert (info["messages"], info["unacked"], info["acked"]) == (0, 0, 2)
 
 
 # ---------------------------------------------------------------------- ack timeout

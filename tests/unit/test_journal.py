@@ -73,6 +73,9 @@ class LogStore:
         self.commits += 1
         callback(None)
 
+    def write_through(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

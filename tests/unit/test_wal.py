@@ -147,6 +147,39 @@ async def test_fsync_always_syncs_before_confirming(tmp_path: Path) -> None:
         store.close()
 
 
+async def test_write_through_writes_at_once_and_commit_still_syncs(tmp_path: Path) -> None:
+    """write_through (before deliveries go out) puts the records in the file now, without
+    fsync; a commit after it still waits for an fdatasync."""
+    store = WalStore(tmp_path, 1, fsync="always")
+    seg = tmp_path / seg_name(1)
+    try:
+        store.append(batch(1))
+        assert seg.stat().st_size == 0  # the writer thread would write it later
+        store.write_through()
+        assert seg.stat().st_size > 0 and store.fsyncs == 0
+        assert [r for _off, recs in iter_segment(seg, last=True) for r in recs] == [
+            list(r) for r in batch(1)]
+        assert await commit(store) is None
+        assert store.fsyncs == 1
+        # while the writer thread syncs a batch, write_through writes after it, in order
+        store.append(batch(2))
+        fut = asyncio.ensure_future(commit(store))
+        for _ in range(20):  # until the kick hands batch 2 to the writer thread
+            if store._busy:
+                break
+            await asyncio.sleep(0)
+        store.append(batch(3))
+        store.write_through()
+        assert not store._pending  # written, after batch 2
+        assert await fut is None
+        assert await commit(store) is None  # batch 3 is synced by now
+        assert not store._unsynced and store.fsyncs >= 2
+        recs = [r for _off, rs in iter_segment(seg, last=True) for r in rs]
+        assert recs == [list(r) for n in (1, 2, 3) for r in batch(n)]
+    finally:
+        store.close()
+
+
 async def test_fsync_interval_syncs_on_a_timer(tmp_path: Path) -> None:
     store = WalStore(tmp_path, 1, fsync="interval", interval_ms=20)
     try:
