@@ -102,6 +102,9 @@ class Broker:
         # Stream queues (broker.stream); Durability sets their directory and fsync policy.
         self.streams = Streams(lambda: self.clock(), self.wake, self.pump_soon)
         self.now = 0  # ms: the clock as of the current dispatch round (set by pump)
+        # Run at the end of each pump while set: the HTTP gateway's long polls look for
+        # ready messages on their queues then (None when nobody waits: no cost).
+        self.after_pump: Callable[[], None] | None = None
         for name, etype in BUILTIN_EXCHANGES:
             self.exchanges[name] = make_exchange(etype, name, builtin=True)
 
@@ -757,6 +760,8 @@ class Broker:
             self._dirty_sessions = set()
             for s in sessions:
                 s.flush()
+        if self.after_pump is not None:
+            self.after_pump()
 
     def page_out(self) -> None:
         """Bring ready bodies in memory down to 3/4 of the budget, largest queues first
