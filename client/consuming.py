@@ -150,11 +150,14 @@ class _ConsumingMixin:
     def _refuse(self, tag: int, epoch: int, how: str, requeue: bool) -> None:
         if epoch != self._epoch or self._proto is None:
             raise self._stale()
-        self._done[tag] = True
+        # _send first writes the acks queued so far; marking the tag done only after
+        # keeps their cumulative ACK from covering (and the broker from forgetting) a
+        # tag whose NACK/REJECT is not on the wire yet.
         if how == "nack":
             self._send(encode_fields(_NACK, [tag, False, requeue]))
         else:
             self._send(encode_fields(_REJECT, [tag, requeue]))
+        self._done[tag] = True
 
     def _extend(self, tag: int, epoch: int, timeout_ms: int) -> None:
         if type(timeout_ms) is not int or not 0 <= timeout_ms <= U64_MAX:
