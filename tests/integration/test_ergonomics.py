@@ -3,7 +3,6 @@ awaitable settles, typed listings, and publish keywords checked by mypy."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import subprocess
@@ -209,3 +208,19 @@ def test_mypy_catches_unknown_and_mistyped_publish_keywords(tmp_path: Path) -> N
     assert len(errors) == 2, out
     assert 'snippet.py:7: error: Unexpected keyword argument "corelation_id"' in out, out
     assert "snippet.py:8: error:" in out and '"priority"' in out, out
+
+
+async def test_a_refusal_between_acks_reaches_the_broker(conn: client.Connection) -> None:
+    """ack, nack, ack, reject in one loop turn: the cumulative ACK written before the
+    REJECT must not cover its tag (the broker answered 'unknown delivery tag' and the
+    message stayed unacked instead of going back to the queue)."""
+    await conn.declare_queue("mix")
+    for b in (b"1", b"2", b"3", b"4"):
+        await conn.publish("", "mix", b)
+    m1, m2, m3, m4 = await conn.get("mix", 4)
+    m1.ack()
+    m2.nack(requeue=False)
+    m3.ack()
+    m4.reject(requeue=True)
+    [back] = await conn.get("mix")
+    assert back.body == b"4"
