@@ -127,8 +127,7 @@ async def test_settles_may_be_awaited_or_not(conn: client.Connection) -> None:
     await wait_until(lambda: _acked(conn, "aw", 3))
 
 
-async def test_typed_listings(conn: client.Connection,
-                              connect_to: object) -> None:
+async def test_typed_listings(conn: client.Connection, connect_to: object) -> None:
     await conn.declare_queue("ls-q", max_priority=3)
     await conn.declare_exchange("ls-x", "topic")
     await conn.bind("ls-x", "ls-q", "a.*")
@@ -167,8 +166,7 @@ async def test_streams_listing_keeps_their_fields(conn: client.Connection) -> No
     assert s.type == "stream" and s.extra["head_offset"] == 1
 
 
-async def test_unknown_publish_keyword_is_still_a_runtime_error(
-        conn: client.Connection) -> None:
+async def test_unknown_publish_keyword_is_still_a_runtime_error(conn: client.Connection) -> None:
     await conn.declare_queue("kw")
     with pytest.raises(TypeError, match="corelation_id"):
         await conn.publish("", "kw", b"x", corelation_id="c")  # type: ignore[call-arg]
@@ -177,7 +175,7 @@ async def test_unknown_publish_keyword_is_still_a_runtime_error(
     assert m.correlation_id == "c"
 
 
-SNIPPET = '''
+SNIPPET = """
 import client
 
 async def main(conn: client.Connection, m: client.Message) -> None:
@@ -191,7 +189,7 @@ async def main(conn: client.Connection, m: client.Message) -> None:
         same.body.decode()
     for q in await conn.queues():
         q.messages + 1
-'''
+"""
 
 
 def test_mypy_catches_unknown_and_mistyped_publish_keywords(tmp_path: Path) -> None:
@@ -199,10 +197,25 @@ def test_mypy_catches_unknown_and_mistyped_publish_keywords(tmp_path: Path) -> N
     snippet.write_text(SNIPPET)
     env = dict(os.environ, MYPYPATH=str(ROOT))
     p = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental",
-         "--cache-dir", str(tmp_path / "cache"), "--follow-imports", "silent",
-         str(snippet)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-        check=False)
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-incremental",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--follow-imports",
+            "silent",
+            str(snippet),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     out = p.stdout
     errors = [line for line in out.splitlines() if ": error:" in line]
     assert len(errors) == 2, out
