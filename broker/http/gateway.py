@@ -395,7 +395,10 @@ async def post_message(request: web.Request) -> web.Response:
 
 
 async def post_exchange_message(request: web.Request) -> web.Response:
-    exchange = queue_name(request, "exchange")
+    exchange = request.match_info["exchange"]
+    if not exchange or len(exchange.encode("utf-8", "surrogatepass")) > NAME_MAX:
+        raise InvalidArgument(f"exchange name must be 1..{NAME_MAX} bytes",
+                              {"exchange": exchange[:NAME_MAX]})
     c = ctx(request)
     p = principal(request)
     data = await json_object(request)
@@ -451,6 +454,7 @@ async def post_message_batch(request: web.Request) -> web.Response:
     p = principal(request)
     p.check_publish("", queue)
     entries = _entries(await json_object(request), frozenset({"id"}))
+    c.broker.get_queue(queue, None)  # a missing (or locked) queue fails the whole request
     gw = c.gateway
     ok: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
@@ -460,8 +464,6 @@ async def post_message_batch(request: web.Request) -> web.Response:
             body = _body_of(e)
             _take_rate(c, p, len(body))
             ok.append({"id": e["id"], "message_id": gw.publish(queue, body, props)})
-        except NotFound:
-            raise  # the queue itself: the whole request is 404
         except ConveyorError as exc:
             failed.append(_failure(e["id"], exc))
     if ok:
@@ -490,6 +492,9 @@ async def get_messages(request: web.Request) -> web.Response:
             left = end - loop.time()
             if left <= 0 or not await gw.wait_ready(queue, left):
                 break
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                break  # the caller hung up: take nothing it would never see
             messages = gw.receive(queue, batch, visibility_ms)
     return json_response({"messages": messages})
 

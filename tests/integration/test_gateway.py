@@ -229,6 +229,30 @@ async def test_long_poll_answers_when_a_message_arrives(hb: BrokerProcess) -> No
         await conn.close()
 
 
+async def test_a_hung_up_long_poll_takes_nothing(hb: BrokerProcess) -> None:
+    """A poller that disconnected while waiting must not take the message that wakes
+    it (it would sit invisible, delivered to nobody, for its visibility timeout)."""
+    conn = await connect(hb.url)
+    try:
+        await conn.declare_queue("gw-lp-gone")
+        url = f"http://127.0.0.1:{hb.http_port}/queues/gw-lp-gone/messages"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as s:
+            with pytest.raises(asyncio.TimeoutError):
+                async with s.get(url, params={"wait_time_seconds": 15}) as r:
+                    await r.read()
+        await asyncio.sleep(0.3)
+        await conn.publish("", "gw-lp-gone", b"for a live caller")
+        await asyncio.sleep(0.5)
+        info = await queue_info(conn, "gw-lp-gone")
+        assert info is not None and (info["messages"], info["unacked"]) == (1, 0), info
+        status, body = await http(hb, "GET", "/queues/gw-lp-gone/messages",
+                                  params={"visibility_timeout": 30})
+        assert status == 200 and [m["body"] for m in body["messages"]] == [
+            "for a live caller"]
+    finally:
+        await conn.close()
+
+
 async def test_long_poll_sees_a_delayed_message_become_ready(hb: BrokerProcess) -> None:
     conn = await connect(hb.url)
     try:
@@ -287,6 +311,9 @@ async def test_publish_to_an_exchange_with_a_routing_key(hb: BrokerProcess) -> N
                     {"routing_key": "k" * 300, "message": "x"}):
             status, body = await http(hb, "POST", "/exchanges/gw-logs/messages", json=bad)
             assert status == 400 and body["error"]["name"] == "invalid-argument", bad
+        status, body = await http(hb, "POST", f"/exchanges/{'x' * 256}/messages",
+                                  json={"message": "x"})
+        assert status == 400 and "exchange name" in body["error"]["message"]
         info = await queue_info(conn, "gw-errors")
         assert info is not None and info["published"] == 1
     finally:
