@@ -207,12 +207,24 @@ class Gateway:
         """After a pump: release the long polls of queues with a ready message (or
         deleted ones: they answer 404)."""
         queues = self.broker.queues
-        for name in [n for n, fs in self._waiters.items() if fs]:
+        for name in list(self._waiters):
             q = queues.get(name)
-            if q is None or q.deleted or q.peek() is not None:
-                for fut in self._waiters.pop(name):
-                    if not fut.done():
-                        fut.set_result(None)
+            if q is None or q.deleted:
+                woken = self._waiters.pop(name)
+            elif q.ready and q.peek() is not None:
+                # The oldest polls first, no more of them than there are messages (each
+                # takes at least one): a message does not wake a hundred pollers.
+                waiting = [f for f in self._waiters[name] if not f.done()]
+                woken, rest = waiting[:q.ready], waiting[q.ready:]
+                if rest:
+                    self._waiters[name] = rest
+                else:
+                    del self._waiters[name]
+            else:
+                continue
+            for fut in woken:
+                if not fut.done():
+                    fut.set_result(None)
         if not self._waiters:
             self.broker.after_pump = None
 
