@@ -109,9 +109,9 @@ class ConsumerListing:
 class ConnectionListing:
     """One open connection of :meth:`_TopologyMixin.connections`: its publish credit and
     whether (and how long) it has been blocked. ``extra``: the other fields the broker
-    reports."""
+    reports (a field the broker stops sending takes its default here)."""
 
-    id: str
+    id: str = ""
     subject: str = ""
     peer: str = ""
     published: int = 0
