@@ -105,6 +105,9 @@ class Broker:
         # Stream queues (broker.stream); Durability sets their directory and fsync policy.
         self.streams = Streams(lambda: self.clock(), self.wake, self.pump_soon)
         self.now = 0  # ms: the clock as of the current dispatch round (set by pump)
+        # Run at the end of each pump while set: the HTTP gateway's long polls look for
+        # ready messages on their queues then (None when nobody waits: no cost).
+        self.after_pump: Callable[[], None] | None = None
         for name, etype in BUILTIN_EXCHANGES:
             self.exchanges[name] = make_exchange(etype, name, builtin=True)
 
@@ -800,6 +803,8 @@ class Broker:
                 except Exception as exc:  # contained to that session's connection
                     log.exception("flushing connection %s failed; closing it", s.id)
                     self._session_failed(s, exc)
+        if self.after_pump is not None:
+            self.after_pump()
 
     def _session_failed(self, session: Session, exc: Exception) -> None:
         """A session's flush raised (a bug): only its own connection is closed, never the

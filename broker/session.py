@@ -914,43 +914,56 @@ class Session:
                                   {"max_messages": f.max_messages})
         self.principal.require("read", "queue", f.queue)
         q = self.broker.get_queue(f.queue, self.id)
-        q.last_used = self.broker.clock()
-        budget = self.max_frame_size - 1024
-        entries: list[DeliveryEntry] = []
-        taken: list[QueuedMessage] = []
+        timeout = q.opts.ack_timeout_ms
+        deadline = self.broker.clock() + timeout if timeout and not f.no_ack else 0
+        taken = self.take_ready(q, f.max_messages, self.max_frame_size - 1024,
+                                ENTRY_OVERHEAD, deadline, f.no_ack)
+        entries = [DeliveryEntry(tag, qm.redelivered, qm.message.exchange,
+                                 qm.message.routing_key, qm.message.properties,
+                                 Pager.read(qm.message), qm.delivery_count)
+                   for tag, qm in taken]
+        return GetOk(f.rid, entries, q.ready)
+
+    def take_ready(self, q: Queue, limit: int, budget: int, overhead: int, deadline: int,
+                   no_ack: bool = False) -> list[tuple[int, QueuedMessage]]:
+        """Pull up to ``limit`` ready messages off ``q`` under new delivery tags: GET and
+        the HTTP gateway's receive share this, so both count, log and time out alike.
+
+        At least one message, then more while their sizes plus ``overhead`` each fit in
+        ``budget`` bytes. Unless ``no_ack``, each stays unacked here until ``deadline``
+        (broker clock ms; 0 = none), when the ack-timeout sweep requeues it."""
+        broker = self.broker
+        q.last_used = broker.clock()
+        out: list[tuple[int, QueuedMessage]] = []
         size = 0
         tag = self._next_tag
-        while len(entries) < f.max_messages:
+        while len(out) < limit:
             head = q.peek()
             if head is None:
                 break
             if head.message.size > self.max_message_size and not self._fits("", head):
                 self._refuse_too_large(q, q.take(1, 0), None)  # fits no frame of ours
                 continue
-            esize = head.message.size + ENTRY_OVERHEAD
-            if entries and size + esize > budget:
+            esize = head.message.size + overhead
+            if out and size + esize > budget:
                 break  # does not fit this reply; stays at the head
-            timeout = q.opts.ack_timeout_ms
-            deadline = self.broker.clock() + timeout if timeout and not f.no_ack else 0
             qm = q.take(1, deadline)[0]
-            if deadline and (not self.min_deadline or deadline < self.min_deadline):
-                self.min_deadline = deadline
-            m = qm.message
             size += esize
             tag += 1
-            entries.append(DeliveryEntry(tag, qm.redelivered, m.exchange, m.routing_key,
-                                         m.properties, Pager.read(m), qm.delivery_count))
-            if f.no_ack:
+            if no_ack:
                 q.ack(1)
             else:
                 self.unacked[tag] = (qm, q, None)
-            taken.append(qm)
+            out.append((tag, qm))
         self._next_tag = tag
-        if taken:
-            self.broker.latency.observe_batch(taken, self.broker.clock())
-        if q.logged and taken:
-            self.broker.log_ids("a" if f.no_ack else "d", q, taken)
-        return GetOk(f.rid, entries, q.ready)
+        if out:
+            if deadline and (not self.min_deadline or deadline < self.min_deadline):
+                self.min_deadline = deadline
+            taken = [qm for _t, qm in out]
+            broker.latency.observe_batch(taken, broker.clock())
+            if q.logged:
+                broker.log_ids("a" if no_ack else "d", q, taken)
+        return out
 
     # ------------------------------------------------------------------ lifecycle
     def consumer_cancelled(self, consumer: Consumer, code: int, message: str) -> None:

@@ -29,7 +29,14 @@ from client.errors import (
     PublishTimeout,
     RequestTimeout,
 )
-from client.message import Death, Message
+from client.message import Death, Message, MessageProperties
+from client.topology import (
+    BindingListing,
+    ConnectionListing,
+    ConsumerListing,
+    ExchangeListing,
+    QueueListing,
+)
 from protocol import (
     AccessRefused,
     ConveyorError,
@@ -46,15 +53,20 @@ from protocol import (
 __all__ = [
     "AccessRefused",
     "Backpressure",
+    "BindingListing",
     "ClientError",
     "Connection",
     "ConnectionClosed",
+    "ConnectionListing",
     "Consumer",
     "ConsumerCancelled",
+    "ConsumerListing",
     "ConveyorError",
     "Death",
+    "ExchangeListing",
     "InvalidArgument",
     "Message",
+    "MessageProperties",
     "MessageTooLarge",
     "NoRoute",
     "NotFound",
@@ -64,6 +76,7 @@ __all__ = [
     "PublishTimeout",
     "QueueFull",
     "QueueInfo",
+    "QueueListing",
     "RequestError",
     "RequestTimeout",
     "ResourceLocked",

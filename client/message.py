@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Generator, Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict, cast
+
+from client.errors import ConnectionClosed
 
 if TYPE_CHECKING:
     from client.connection import Connection
@@ -13,6 +17,73 @@ PROPERTY_NAMES = (
     "message_id", "correlation_id", "reply_to", "content_type", "content_encoding", "type",
     "app_id", "headers", "timestamp", "ttl", "priority", "persistent", "delay",
 )
+
+
+class MessageProperties(TypedDict, total=False):
+    """The message properties publish takes as keywords (spec/protocol.toml
+    [properties]): a misspelt one is a type-checker error, not only a TypeError."""
+
+    message_id: str
+    correlation_id: str
+    reply_to: str
+    content_type: str
+    content_encoding: str
+    type: str
+    app_id: str
+    headers: dict[str, Any]
+    timestamp: int
+    ttl: int
+    priority: int
+    persistent: bool
+    delay: int
+
+
+class Settled:
+    """What :meth:`Message.ack`, ``nack`` and ``reject`` return: the frame is already
+    queued, so ``await msg.ack()`` (aio-pika's habit) and plain ``msg.ack()`` do the same
+    and leaving it un-awaited warns about nothing."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield  # a generator that finishes at once
+
+    def __repr__(self) -> str:
+        return "Settled()"
+
+
+SETTLED = Settled()
+
+
+class Processing:
+    """``async with message.process():`` - acks when the block ends normally; on an
+    exception, rejects (``requeue`` chooses: back to the queue, or dead-lettered or
+    dropped) and lets the exception propagate. A message the block settled itself, or
+    a no-ack one, is left alone."""
+
+    __slots__ = ("message", "reject_on_redelivered", "requeue")
+
+    def __init__(self, message: Message, requeue: bool, reject_on_redelivered: bool) -> None:
+        self.message = message
+        self.requeue = requeue
+        self.reject_on_redelivered = reject_on_redelivered
+
+    async def __aenter__(self) -> Message:
+        return self.message
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        m = self.message
+        if m.settled:
+            return
+        if exc_type is None:
+            m.ack()
+            return
+        requeue = self.requeue and not (self.reject_on_redelivered and m.redelivered)
+        # A lost connection: the broker requeues what it held; keep the real error.
+        with contextlib.suppress(ConnectionClosed):
+            m.reject(requeue=requeue)
 
 
 class Death(TypedDict):
@@ -132,8 +203,17 @@ class Message:
         origin = self._origin
         origin.conn._extend(self.delivery_tag, origin.epoch, timeout_ms)
 
-    def ack(self) -> None:
-        """Acknowledge: the broker forgets the message."""
+    def process(self, *, requeue: bool = False,
+                reject_on_redelivered: bool = False) -> Processing:
+        """``async with msg.process():`` acks on success, rejects on an exception (which
+        propagates). ``requeue=True`` puts a failed message back in the queue (unless
+        ``reject_on_redelivered`` and it was delivered before: a poison message then goes
+        to the dead-letter exchange, if any, instead of looping)."""
+        return Processing(self, requeue, reject_on_redelivered)
+
+    def ack(self) -> Settled:
+        """Acknowledge: the broker forgets the message. Queued at once; the result may
+        be awaited (``await msg.ack()``) or ignored."""
         if self.settled:
             raise RuntimeError(f"message {self.delivery_tag} already settled")
         origin = self._origin
@@ -162,14 +242,17 @@ class Message:
                 conn._grant(c, n)
             else:
                 c._to_grant = n
+        return SETTLED
 
-    def nack(self, requeue: bool = True) -> None:
+    def nack(self, requeue: bool = True) -> Settled:
         """Refuse; by default the message goes back to its original place in the queue."""
         self._refuse("nack", requeue)
+        return SETTLED
 
-    def reject(self, requeue: bool = False) -> None:
+    def reject(self, requeue: bool = False) -> Settled:
         """Refuse; by default the message is discarded."""
         self._refuse("reject", requeue)
+        return SETTLED
 
     def _refuse(self, how: str, requeue: bool) -> None:
         if self.settled:

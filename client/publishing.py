@@ -17,13 +17,13 @@ from asyncio import InvalidStateError
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Unpack, cast
 
 import msgpack
 
 from client._protocol import _Confirmed, _Protocol
 from client.errors import Backpressure, ConnectionClosed, PublishTimeout
-from client.message import PROPERTY_NAMES
+from client.message import PROPERTY_NAMES, MessageProperties
 from client.url import URL
 from protocol import (
     Confirm,
@@ -219,7 +219,8 @@ class _PublishingMixin:
 
     async def publish(self, exchange: str, routing_key: str, body: Body, *,
                       properties: dict[str, Any] | None = None, mandatory: bool = False,
-                      timeout: float | None = None, **props: Any) -> None:
+                      timeout: float | None = None,
+                      **props: Unpack[MessageProperties]) -> None:
         """Publish one message and wait until the broker confirms it.
 
         Raises the spec's error class on a nack (e.g. ``NotFound`` for a missing
@@ -227,10 +228,12 @@ class _PublishingMixin:
         if no confirm arrives in ``timeout`` seconds, ``ConnectionClosed`` if the
         connection drops first (the message may or may not have been stored).
         Keyword arguments are message properties (``message_id``, ``headers``, ``ttl``,
-        ``priority``, ``persistent``, ``delay``, ``reply_to``, ``correlation_id`` ...).
+        ``priority``, ``persistent``, ``delay``, ``reply_to``, ``correlation_id`` ...),
+        typed (:class:`client.message.MessageProperties`): a misspelt one is a type error.
         """
+        kw = cast(dict[str, Any], props)
         fut = await self._publish_many(
-            [(exchange, routing_key, _props(properties, props), _body(body), mandatory)], timeout)
+            [(exchange, routing_key, _props(properties, kw), _body(body), mandatory)], timeout)
         await self._await_confirm(fut, timeout)
 
     async def publish_batch(self, messages: Iterable[OutgoingMessage | Body], *,
@@ -327,7 +330,7 @@ class _PublishingMixin:
 
     def publish_nowait(self, exchange: str, routing_key: str, body: Body, *,
                        properties: dict[str, Any] | None = None, mandatory: bool = False,
-                       **props: Any) -> asyncio.Future[None]:
+                       **props: Unpack[MessageProperties]) -> asyncio.Future[None]:
         """Queue one message without waiting; the returned future resolves on its confirm.
 
         This is the pipelined form of :meth:`publish`: frames queued in one loop turn go
@@ -347,7 +350,7 @@ class _PublishingMixin:
                     f" (withheld: {proto.blocked})" if proto.blocked else ""))
             raise Backpressure("too many unconfirmed publishes or socket backed up")
         if props:
-            properties = _props(properties, props)
+            properties = _props(properties, cast(dict[str, Any], props))
         if type(body) is not bytes:
             body = _body(body)
         size = len(body)

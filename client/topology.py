@@ -10,8 +10,9 @@ from __future__ import annotations
 import builtins
 import itertools
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from client._protocol import _Protocol
 from client.consumer import Consumer
@@ -42,6 +43,98 @@ class QueueInfo:
     name: str
     message_count: int
     consumer_count: int
+
+
+@dataclass(frozen=True)
+class QueueListing:
+    """One queue of :meth:`_TopologyMixin.queues`: ready (``messages``) and unacked
+    counts, counters since the broker started. ``extra``: whatever else the broker
+    reports (streams: first_offset, head_offset, bytes, groups)."""
+
+    name: str
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    type: str = "classic"
+    messages: int = 0
+    unacked: int = 0
+    consumers: int = 0
+    delayed: int = 0
+    paged: int = 0
+    published: int = 0
+    delivered: int = 0
+    acked: int = 0
+    dead_lettered: int = 0
+    expired: int = 0
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class ExchangeListing:
+    """One exchange of :meth:`_TopologyMixin.exchanges`."""
+
+    name: str
+    type: str = "direct"
+    durable: bool = True
+    auto_delete: bool = False
+    bindings: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class BindingListing:
+    """One binding of :meth:`_TopologyMixin.bindings`."""
+
+    exchange: str
+    queue: str
+    routing_key: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class ConsumerListing:
+    """One consumer of :meth:`_TopologyMixin.consumers` (any connection's)."""
+
+    queue: str
+    consumer_tag: str
+    connection: str = ""
+    credit: int = 0
+    unacked: int = 0
+    no_ack: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class ConnectionListing:
+    """One open connection of :meth:`_TopologyMixin.connections`: its publish credit and
+    whether (and how long) it has been blocked. ``extra``: the other fields the broker
+    reports (a field the broker stops sending takes its default here)."""
+
+    id: str = ""
+    subject: str = ""
+    peer: str = ""
+    published: int = 0
+    blocked: bool = False
+    credit_messages: int = 0
+    credit_bytes: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+_L = TypeVar("_L", QueueListing, ExchangeListing, BindingListing, ConsumerListing,
+             ConnectionListing)
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _listing(cls: type[_L], row: dict[str, Any]) -> _L:
+    """``row`` as ``cls``: the fields it names, the rest in ``extra`` (a newer broker
+    may report more without breaking older clients)."""
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in fields(cls)) - {"extra"}
+    known = {k: v for k, v in row.items() if k in names}
+    rest = {k: v for k, v in row.items() if k not in names}
+    return cls(**known, extra=rest)
 
 
 def _queue_arguments(arguments: dict[str, Any] | None,
@@ -182,10 +275,30 @@ class _TopologyMixin:
         self._topology.pop(("bind", exchange, queue, routing_key), None)
 
     async def list(self, kind: str) -> builtins.list[dict[str, Any]]:
-        """``queues``, ``exchanges``, ``bindings`` or ``consumers`` as dicts."""
+        """``queues``, ``exchanges``, ``bindings``, ``consumers`` or ``connections`` as
+        dicts (the typed methods below return the same as frozen dataclasses)."""
         ok = await self._request(List(next(self._rids), kind))
         assert isinstance(ok, ListOk)
         return ok.items
+
+    async def queues(self) -> builtins.list[QueueListing]:
+        """Every queue, by name."""
+        return [_listing(QueueListing, r) for r in await self.list("queues")]
+
+    async def exchanges(self) -> builtins.list[ExchangeListing]:
+        """Every exchange (the built-in amq.* ones included), by name."""
+        return [_listing(ExchangeListing, r) for r in await self.list("exchanges")]
+
+    async def bindings(self) -> builtins.list[BindingListing]:
+        return [_listing(BindingListing, r) for r in await self.list("bindings")]
+
+    async def consumers(self) -> builtins.list[ConsumerListing]:
+        """Every consumer on the broker, not only this connection's."""
+        return [_listing(ConsumerListing, r) for r in await self.list("consumers")]
+
+    async def connections(self) -> builtins.list[ConnectionListing]:
+        """Every open connection (the HTTP gateway's included)."""
+        return [_listing(ConnectionListing, r) for r in await self.list("connections")]
 
     async def _restore(self) -> bool:
         """Re-declare remembered topology, then restart consumers, before applications

@@ -1,6 +1,6 @@
 """The aiohttp application and its listener, started and stopped by ``broker.app.serve``.
 
-Requests to ``/api``, ``/queues`` and ``/metrics`` are authenticated like binary
+Requests to ``/api``, ``/queues``, ``/exchanges`` and ``/metrics`` are authenticated like binary
 connections (broker.http.common.authenticate); every failure is a JSON error with the
 spec's error code and name: ``{"error": {"code": 404, "name": "not-found", ...}}``.
 """
@@ -43,7 +43,7 @@ log = logging.getLogger("conveyor.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATIC_DIR = Path(__file__).with_name("static")
 SPEC_PATH = Path(__file__).resolve().parents[2] / "spec" / "openapi.yaml"
-_GUARDED = ("/api/", "/api", "/queues/", "/metrics")
+_GUARDED = ("/api/", "/api", "/queues/", "/exchanges/", "/metrics")
 _NAMES = {code: name for name, code in ERROR_CODES.items()}
 # HTTP statuses aiohttp raises itself (no route, wrong method, body too big ...).
 _HTTP_NAMES = {400: "invalid-argument", 404: "not-found", 405: "not-implemented",
@@ -173,6 +173,7 @@ class HttpListener:
     async def stop(self) -> None:
         """Stop accepting, finish requests briefly, requeue the gateway's deliveries."""
         await self.context.stats.stop()
+        self.context.gateway.stop_waiting()  # long polls answer now, not in 20 s
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

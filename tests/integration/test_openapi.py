@@ -104,8 +104,10 @@ def test_schema_lists_every_route() -> None:
             "/api/queues/{name}/purge", "/api/queues/{name}/redrive", "/api/exchanges",
             "/api/bindings", "/api/consumers", "/api/connections", "/api/connections/{id}",
             "/queues/{queue}/messages", "/queues/{queue}/messages/{receipt_handle}",
-            "/metrics", "/"} <= paths
-    assert len(OPERATIONS) == 16
+            "/queues/{queue}/messages/{receipt_handle}/visibility",
+            "/queues/{queue}/messages/batch", "/queues/{queue}/messages/batch-delete",
+            "/exchanges/{exchange}/messages", "/metrics", "/"} <= paths
+    assert len(OPERATIONS) == 20
 
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: op.label)
@@ -133,6 +135,18 @@ def test_known_objects_conform(http_broker: BrokerProcess) -> None:
                                               query={"count": 3}),
         op["GET /queues/{queue}/messages"].Case(path_parameters={"queue": "st-dlq"},
                                                query={"batch_size": 2}),
+        op["GET /queues/{queue}/messages"].Case(path_parameters={"queue": "st-q"},
+                                               query={"wait_time_seconds": 2}),
+        op["POST /queues/{queue}/messages/batch"].Case(
+            headers=h, path_parameters={"queue": "st-q"},
+            body={"entries": [{"id": "a", "message": "x", "correlation_id": "c"},
+                              {"id": "b", "message": "y", "priority": 99}]}),
+        op["POST /queues/{queue}/messages/batch-delete"].Case(
+            headers=h, path_parameters={"queue": "st-q"},
+            body={"entries": [{"id": "a", "receipt_handle": "1.x"}]}),
+        op["POST /exchanges/{exchange}/messages"].Case(
+            headers=h, path_parameters={"exchange": "amq.topic"},
+            body={"routing_key": "k", "message": "hi", "type": "t"}),
         op["POST /queues/{queue}/messages"].Case(headers=h, path_parameters={"queue": "st-q"},
                                                 body={"message": "hi", "delay": 0.5,
                                                       "priority": 3, "ttl": 60}),
