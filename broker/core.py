@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from broker.counters import LatencyHistogram
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
 from broker.flow import FlowControl
-from broker.limits import Limits, check_consumer_count, check_queue_count
+from broker.limits import Limits, check_binding, check_consumer_count, check_queue_count
 from broker.message import GONE, READY, Message, QueuedMessage
 from broker.options import QueueOptions
 from broker.pager import Pager
@@ -343,6 +343,9 @@ class Broker:
         _check_arguments(arguments or {}, BINDING_ARGUMENTS, "binding")
         ex = self.get_exchange(exchange)
         q = self.get_queue(queue, session_id)
+        if (key, queue) not in ex.bindings:  # a repeated bind is no new binding
+            check_binding(self.limits, ex.type == "topic", key, len(ex.bindings),
+                          len(q.bindings))
         if ex.bind(key, queue):
             q.bindings.add((exchange, key))
             if ex.durable and q.logged:

@@ -12,7 +12,14 @@ max_connections                10000     AUTH answered ERROR 506 resource-error,
 max_connections_per_subject    1000      AUTH answered ERROR 506 resource-error, close
 max_queues                     10000     QUEUE_DECLARE fails with 506 resource-error
 max_consumers_per_connection   1000      CONSUME fails with 506 resource-error
+max_bindings_per_exchange      10000     BIND fails with 506 resource-error
+max_bindings_per_queue         1000      BIND fails with 506 resource-error
+max_binding_words              32        BIND (topic) fails with 400 invalid-argument
+max_binding_wildcards          16        BIND (topic) fails with 400 invalid-argument
 =============================  ========  ==========================================
+
+The binding limits bound what one publish to a topic exchange costs: routing visits each
+trie node at most once (broker.topic), and the trie has at most bindings x words nodes.
 
 Every refusal names the limit in ``details["limit"]`` together with its value, so a
 client can tell which limit it hit. Limits that existed before (frame size, message size,
@@ -38,6 +45,10 @@ DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_MAX_CONNECTIONS_PER_SUBJECT = 1_000
 DEFAULT_MAX_QUEUES = 10_000
 DEFAULT_MAX_CONSUMERS_PER_CONNECTION = 1_000
+DEFAULT_MAX_BINDINGS_PER_EXCHANGE = 10_000
+DEFAULT_MAX_BINDINGS_PER_QUEUE = 1_000
+DEFAULT_MAX_BINDING_WORDS = 32
+DEFAULT_MAX_BINDING_WILDCARDS = 16
 
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -53,6 +64,10 @@ class Limits:
     max_connections_per_subject: int = DEFAULT_MAX_CONNECTIONS_PER_SUBJECT
     max_queues: int = DEFAULT_MAX_QUEUES
     max_consumers_per_connection: int = DEFAULT_MAX_CONSUMERS_PER_CONNECTION
+    max_bindings_per_exchange: int = DEFAULT_MAX_BINDINGS_PER_EXCHANGE
+    max_bindings_per_queue: int = DEFAULT_MAX_BINDINGS_PER_QUEUE
+    max_binding_words: int = DEFAULT_MAX_BINDING_WORDS
+    max_binding_wildcards: int = DEFAULT_MAX_BINDING_WILDCARDS
 
     @classmethod
     def from_config(cls, config: Any) -> Limits:
@@ -69,6 +84,11 @@ SETTINGS: tuple[tuple[str, str], ...] = (
      "Most open connections per authenticated subject (AUTH refused 506)"),
     ("max_queues", "Most queues in the broker (QUEUE_DECLARE refused 506)"),
     ("max_consumers_per_connection", "Most consumers on one connection (CONSUME refused 506)"),
+    ("max_bindings_per_exchange", "Most bindings of one exchange (BIND refused 506)"),
+    ("max_bindings_per_queue", "Most bindings to one queue (BIND refused 506)"),
+    ("max_binding_words", "Most words in a topic binding pattern (BIND refused 400)"),
+    ("max_binding_wildcards",
+     "Most '*' and '#' words in a topic binding pattern (BIND refused 400)"),
 )
 
 
@@ -135,6 +155,39 @@ def check_consumer_count(limits: Limits, consumers: int) -> None:
             f"{limits.max_consumers_per_connection} (max_consumers_per_connection)",
             {"limit": "max_consumers_per_connection",
              "max_consumers_per_connection": limits.max_consumers_per_connection})
+
+
+def check_binding(limits: Limits, topic: bool, key: str, exchange_bindings: int,
+                  queue_bindings: int) -> None:
+    """Before adding a binding: the pattern's words and wildcards (topic exchanges, 400)
+    and the exchange's and the queue's binding counts (506 at the limit)."""
+    if topic and key:
+        words = key.split(".")
+        if len(words) > limits.max_binding_words:
+            raise InvalidArgument(
+                f"binding key has {len(words)} words; the maximum is "
+                f"{limits.max_binding_words} (max_binding_words)",
+                {"limit": "max_binding_words", "max_binding_words": limits.max_binding_words,
+                 "words": len(words)})
+        wild = sum(1 for w in words if w == "*" or w == "#")
+        if wild > limits.max_binding_wildcards:
+            raise InvalidArgument(
+                f"binding key has {wild} '*'/'#' words; the maximum is "
+                f"{limits.max_binding_wildcards} (max_binding_wildcards)",
+                {"limit": "max_binding_wildcards",
+                 "max_binding_wildcards": limits.max_binding_wildcards, "wildcards": wild})
+    if exchange_bindings >= limits.max_bindings_per_exchange:
+        raise ResourceError(
+            f"the exchange already has {exchange_bindings} bindings; the maximum is "
+            f"{limits.max_bindings_per_exchange} (max_bindings_per_exchange)",
+            {"limit": "max_bindings_per_exchange",
+             "max_bindings_per_exchange": limits.max_bindings_per_exchange})
+    if queue_bindings >= limits.max_bindings_per_queue:
+        raise ResourceError(
+            f"the queue already has {queue_bindings} bindings; the maximum is "
+            f"{limits.max_bindings_per_queue} (max_bindings_per_queue)",
+            {"limit": "max_bindings_per_queue",
+             "max_bindings_per_queue": limits.max_bindings_per_queue})
 
 
 # ---------------------------------------------------------------------- connections
