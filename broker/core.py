@@ -77,6 +77,9 @@ class Broker:
         self.queues: dict[str, Queue] = {}
         self.sessions: dict[str, Session] = {}
         self._dirty_queues: set[Queue] = set()
+        # Queues whose dispatch stopped at its batch cap: dispatched again next loop turn,
+        # once the batch was written (and a full socket paused its consumer).
+        self._more_queues: set[Queue] = set()
         self._dirty_sessions: set[Session] = set()
         self._ids = itertools.count(1)
         self.started = time.time()
@@ -734,6 +737,9 @@ class Broker:
             for q in dirty:
                 if not q.deleted:
                     q.dispatch(_deliver, now)
+                    if q.more:
+                        q.more = False
+                        self._more_queues.add(q)
         if self.journal:
             self.flush_journal()
         pager = self.pager
@@ -746,6 +752,10 @@ class Broker:
             self._dirty_sessions = set()
             for s in sessions:
                 s.flush()
+        if self._more_queues:
+            self._dirty_queues |= self._more_queues
+            self._more_queues = set()
+            self.pump_soon()  # without a loop (model tests) the next pump does them
 
     def page_out(self) -> None:
         """Bring ready bodies in memory down to 3/4 of the budget, largest queues first

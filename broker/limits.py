@@ -16,6 +16,7 @@ max_bindings_per_exchange      10000     BIND fails with 506 resource-error
 max_bindings_per_queue         1000      BIND fails with 506 resource-error
 max_binding_words              32        BIND (topic) fails with 400 invalid-argument
 max_binding_wildcards          16        BIND (topic) fails with 400 invalid-argument
+max_unacked_bytes_per_consumer 16 MiB    no refusal: dispatch waits for acks
 =============================  ========  ==========================================
 
 The binding limits bound what one publish to a topic exchange costs: routing visits each
@@ -49,6 +50,7 @@ DEFAULT_MAX_BINDINGS_PER_EXCHANGE = 10_000
 DEFAULT_MAX_BINDINGS_PER_QUEUE = 1_000
 DEFAULT_MAX_BINDING_WORDS = 32
 DEFAULT_MAX_BINDING_WILDCARDS = 16
+DEFAULT_MAX_UNACKED_BYTES_PER_CONSUMER = 16 << 20
 
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -68,6 +70,7 @@ class Limits:
     max_bindings_per_queue: int = DEFAULT_MAX_BINDINGS_PER_QUEUE
     max_binding_words: int = DEFAULT_MAX_BINDING_WORDS
     max_binding_wildcards: int = DEFAULT_MAX_BINDING_WILDCARDS
+    max_unacked_bytes_per_consumer: int = DEFAULT_MAX_UNACKED_BYTES_PER_CONSUMER
 
     @classmethod
     def from_config(cls, config: Any) -> Limits:
@@ -89,6 +92,8 @@ SETTINGS: tuple[tuple[str, str], ...] = (
     ("max_binding_words", "Most words in a topic binding pattern (BIND refused 400)"),
     ("max_binding_wildcards",
      "Most '*' and '#' words in a topic binding pattern (BIND refused 400)"),
+    ("max_unacked_bytes_per_consumer",
+     "Most bytes of unacked deliveries one consumer holds (more wait for its acks)"),
 )
 
 

@@ -131,11 +131,15 @@ class BrokerProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self.session is not None:
+            self.session.pause_writing(True)  # no dispatch to a peer that does not read
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.session is not None:
+            self.session.pause_writing(False)
         if self.transport is not None and not self._closing and not self._credit_held:
             self.transport.resume_reading()
 
