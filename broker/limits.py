@@ -17,6 +17,8 @@ max_bindings_per_queue         1000      BIND fails with 506 resource-error
 max_binding_words              32        BIND (topic) fails with 400 invalid-argument
 max_binding_wildcards          16        BIND (topic) fails with 400 invalid-argument
 max_unacked_bytes_per_consumer 16 MiB    no refusal: dispatch waits for acks
+max_unauthenticated            1000      the oldest unauthenticated connection: 506, close
+max_unauthenticated_per_ip     100       the oldest one from that address: 506, close
 =============================  ========  ==========================================
 
 The binding limits bound what one publish to a topic exchange costs: routing visits each
@@ -51,6 +53,8 @@ DEFAULT_MAX_BINDINGS_PER_QUEUE = 1_000
 DEFAULT_MAX_BINDING_WORDS = 32
 DEFAULT_MAX_BINDING_WILDCARDS = 16
 DEFAULT_MAX_UNACKED_BYTES_PER_CONSUMER = 16 << 20
+DEFAULT_MAX_UNAUTHENTICATED = 1_000
+DEFAULT_MAX_UNAUTHENTICATED_PER_IP = 100
 
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -71,6 +75,8 @@ class Limits:
     max_binding_words: int = DEFAULT_MAX_BINDING_WORDS
     max_binding_wildcards: int = DEFAULT_MAX_BINDING_WILDCARDS
     max_unacked_bytes_per_consumer: int = DEFAULT_MAX_UNACKED_BYTES_PER_CONSUMER
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
+    max_unauthenticated_per_ip: int = DEFAULT_MAX_UNAUTHENTICATED_PER_IP
 
     @classmethod
     def from_config(cls, config: Any) -> Limits:
@@ -94,6 +100,10 @@ SETTINGS: tuple[tuple[str, str], ...] = (
      "Most '*' and '#' words in a topic binding pattern (BIND refused 400)"),
     ("max_unacked_bytes_per_consumer",
      "Most bytes of unacked deliveries one consumer holds (more wait for its acks)"),
+    ("max_unauthenticated",
+     "Most connections still in the handshake; beyond, the oldest is closed (506)"),
+    ("max_unauthenticated_per_ip",
+     "Most connections in the handshake from one address; beyond, its oldest is closed"),
 )
 
 
