@@ -91,6 +91,9 @@ class Broker:
         self._timers: list[tuple[int, int, int, Queue | None, QueuedMessage | None]] = []
         self._timer_seq = itertools.count()
         self._armed = 0
+        # Heap entries whose queue was deleted or whose message was purged: dropped in one
+        # pass once they are a large share of the heap (Broker._drop_timers).
+        self._stale_timers = 0
         self.dead_lettered = 0
         self.limited = False  # a queue has overflow reject-publish (publish checks capacity)
         # Plain counters for broker.metrics (read at scrape time, never on a hot path):
@@ -299,6 +302,7 @@ class Broker:
     def _remove_queue(self, q: Queue, reason: str, event: str = "queue.deleted") -> int:
         n = q.purge()
         q.deleted = True
+        self._drop_timers(q, q.timers)
         retired = self.retired
         for key in RETIRED_COUNTERS:
             retired[key] += getattr(q, key)
@@ -334,6 +338,7 @@ class Broker:
                                   "(retention removes old segments)", {"queue": name})
         q.release(now)  # due by now: ready, so purged (replaying "qp" decides the same)
         n = q.purge()
+        self._drop_timers(q, q.purged_timers)
         if q.logged:
             self._log([("qp", name, now)])
         return n
@@ -552,6 +557,8 @@ class Broker:
     def _add_timer(self, due: int, kind: int, q: Queue | None,
                    qm: QueuedMessage | None) -> None:
         heapq.heappush(self._timers, (due, next(self._timer_seq), kind, q, qm))
+        if q is not None:
+            q.timers += 1
         if self.timer_hook is not None and (not self._armed or due < self._armed):
             self._armed = due
             self.timer_hook(max(0.0, (due - self.clock()) / 1000))
@@ -569,7 +576,9 @@ class Broker:
             _due, _seq, kind, q, qm = heapq.heappop(timers)
             if q is None:  # ack-timeout sweep
                 self._sweep(now)
-            elif q.deleted:
+                continue
+            q.timers -= 1
+            if q.deleted:
                 continue
             elif kind == _RELEASE:
                 if q.release(now) and q.consumers:
@@ -587,6 +596,29 @@ class Broker:
             self._armed = timers[0][0]
             self.timer_hook(max(0.0, (timers[0][0] - now) / 1000))
         self.pump()
+
+    def _drop_timers(self, q: Queue, stale: int) -> None:
+        """``stale`` timers of ``q`` point at nothing any more (deleted queue, purged
+        messages): once such entries are half the heap (or 65,536), drop them all in one
+        pass, so a deleted queue's messages (a TTL or delay of 2^63 ms keeps its timer for
+        ever) are freed, at O(1) amortised cost per entry."""
+        if not stale:
+            return
+        self._stale_timers += stale
+        heap = self._timers
+        if self._stale_timers * 2 < len(heap) and self._stale_timers < 65536:
+            return
+        keep = []
+        for t in heap:
+            tq = t[3]
+            if tq is not None and (tq.deleted or (
+                    t[2] == _EXPIRE and t[4] is not None and t[4].state == GONE)):
+                tq.timers -= 1
+                continue
+            keep.append(t)
+        heap[:] = keep  # in place: tick() may be iterating over this list
+        heapq.heapify(heap)
+        self._stale_timers = 0
 
     def start_timers(self) -> None:
         """Called once the transport set ``timer_hook``: starts the ack-timeout sweeps and

@@ -127,6 +127,10 @@ class Queue:
         # A dispatch stopped at DISPATCH_MESSAGES / DISPATCH_BYTES with credit left: the
         # broker dispatches again on the next loop turn, after the batch was written.
         self.more = False
+        # Entries of Broker._timers that refer to this queue, and of those, how many the
+        # last purge made pointless (TTL timers of purged messages).
+        self.timers = 0
+        self.purged_timers = 0
 
     # ------------------------------------------------------------------ queries
     @property
@@ -457,9 +461,13 @@ class Queue:
 
     def purge(self) -> int:
         n = self._count
+        timed = 0
         for part in (self._ready, self._paged, self._requeued, *(self._lanes or ())):
             for qm in part:
                 qm.state = GONE  # gone: a TTL timer still armed for it must skip it
+                if qm.expires:
+                    timed += 1
+        self.purged_timers = timed
         self._ready.clear()
         self._paged.clear()
         self._requeued.clear()
