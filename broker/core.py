@@ -511,7 +511,7 @@ class Broker:
                 log.warning("dead-letter exchange %r of queue %r does not exist; dropped",
                             dlx, q.name)
                 return
-            props = dict(m.properties)
+            props = dict(Pager.properties(m))  # headers may be paged with the body
             headers = dict(props.get("headers") or {})
             deaths = [dict(d) for d in headers.get("x-death") or () if isinstance(d, dict)]
             record = None
