@@ -13,9 +13,9 @@ import pytest
 
 from tests.broker_process import BrokerProcess
 from tests.integration.bystanders import Bystanders, rss_bytes
-from tests.integration.helpers import WAIT, connect, queue_info
+from tests.integration.helpers import WAIT, connect, queue_info, take
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(180)
 
 FOREVER = 1 << 63
 
@@ -125,3 +125,67 @@ async def test_headers_are_paged_with_their_bodies(
             m.ack()
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
+
+
+async def test_memory_watermark_is_not_overshot(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    """Four connections publish 64 KiB messages as fast as their credit allows into a
+    queue nothing consumes (no paging: a 1 GiB budget). Credit is granted only while what
+    it may cost fits under memory_high_watermark, so the broker's RSS stays near the
+    watermark instead of passing it by several credit windows between two samples; the
+    publishers end up blocked with reason "memory", while a consumer of another queue and
+    a new connection are still served."""
+    watermark = 128 << 20
+    b = broker_factory(
+        "--memory-high-watermark",
+        str(watermark),
+        "--memory-budget",
+        str(1 << 30),
+        "--fsync",
+        "never",
+    )
+    assert b.proc is not None
+    quiet = await connect(b.url)
+    await quiet.declare_queue("quiet", durable=False)
+    await quiet.publish_batch([b"q%d" % i for i in range(200)], routing_key="quiet")
+    publishers = [await connect(b.url) for _ in range(4)]
+    await publishers[0].declare_queue("flood", durable=False)
+    peak = rss_bytes(b.proc.pid)
+    body = b"f" * (64 << 10)
+
+    async def flood(conn: object) -> None:
+        deadline = asyncio.get_running_loop().time() + 8
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                await asyncio.wait_for(
+                    conn.publish_batch([body] * 32, routing_key="flood"),  # type: ignore[attr-defined]
+                    2.0,
+                )
+            except TimeoutError:
+                return  # blocked: what the watermark is for
+
+    tasks = [asyncio.create_task(flood(c)) for c in publishers]
+    try:
+        while not all(t.done() for t in tasks):
+            peak = max(peak, rss_bytes(b.proc.pid))
+            await asyncio.sleep(0.02)
+        for t in tasks:
+            t.result()
+        blocked = [c.blocked for c in publishers]
+        consumer = await quiet.consume("quiet", prefetch=50)
+        got = await take(consumer, 200, ack=True)
+        assert [m.body for m in got] == [b"q%d" % i for i in range(200)]
+        fresh = await connect(b.url)
+        assert await fresh.list("queues")
+        await asyncio.wait_for(fresh.close(), WAIT)
+    finally:
+        for c in [quiet, *publishers]:
+            await asyncio.wait_for(c.close(), WAIT)
+    print(
+        f"\npeak RSS {peak >> 20} MiB against a watermark of {watermark >> 20} MiB; "
+        f"publishers blocked: {blocked}"
+    )
+    assert "memory" in blocked
+    assert peak <= watermark + (16 << 20), peak >> 20
+    assert b.alive()
