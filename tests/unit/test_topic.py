@@ -493,3 +493,18 @@ def test_wildcard_heavy_trie_agrees(bindings: list[list[str]], key: list[str]) -
         trie.add(p, i)
     k = ".".join(key)
     assert trie.match(k) == {i for i, p in enumerate(pats) if naive_matches(p, k)}
+
+
+def test_topic_exchange_route_cache_follows_binding_changes() -> None:
+    from broker.exchange import ROUTE_CACHE, TopicExchange
+
+    ex = TopicExchange("t")
+    ex.bind("a.*", "q1")
+    assert ex.route("a.b") == {"q1"}
+    ex.bind("#", "q2")  # a cached key sees the new binding
+    assert ex.route("a.b") == {"q1", "q2"}
+    ex.unbind("a.*", "q1")
+    assert ex.route("a.b") == {"q2"}
+    for i in range(ROUTE_CACHE * 2):  # bounded: old keys fall out, answers stay right
+        assert ex.route(f"k{i}") == {"q2"}
+    assert len(ex._cache) <= ROUTE_CACHE
