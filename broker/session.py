@@ -132,6 +132,9 @@ class Session:
         # The transport's write buffer is full (pause_writing): nothing is dispatched to
         # this connection's consumers until it drains (resume_writing).
         self.write_paused = False
+        # Bytes of deliveries queued for the next flush (stream catch-up waits for a
+        # flush once one connection has DISPATCH_BYTES pending).
+        self.pending_bytes = 0
         self.published = 0
         self._now = 0  # ms; set per handled batch of frames
         self.published_bytes = 0  # body bytes of all publishes (publish credit, broker.flow)
@@ -244,6 +247,7 @@ class Session:
                 else:
                     self._encode_deliveries(consumer.tag, payload, sizes)
             self._deliveries = []
+            self.pending_bytes = 0
         if self.out:
             out = self.out
             self.out = []
@@ -518,6 +522,7 @@ class Session:
         if queue.logged:
             self.broker.log_ids("a" if no_ack else "d", queue, batch)
         self._deliveries.append((consumer, payload, sizes))
+        self.pending_bytes += sum(sizes)
         self.broker.mark_session(self)
 
     @staticmethod

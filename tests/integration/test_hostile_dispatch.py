@@ -85,3 +85,46 @@ async def test_non_reading_consumer_with_huge_credit_stays_within_budget(
     # Each consumer may hold about one dispatch batch in memory plus its socket buffers.
     assert peak - rss_before < 48 << 20, (rss_before, peak)
     assert b.alive()
+
+
+async def test_non_reading_stream_consumer_is_not_fed_without_bound(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    """The same on a stream (bodies on disk, read in chunks): a private-cursor consumer and
+    a group member, both with 2^32-1 credit, that never read."""
+    b = broker_factory("--fsync", "never")
+    assert b.proc is not None
+    producer = await connect(b.url)
+    await producer.declare_queue("log", arguments={"queue_type": "stream"})
+    for i in range(0, BACKLOG, 100):
+        await producer.publish_batch(
+            [b"%06d" % j + b"x" * (BODY - 6) for j in range(i, i + 100)],
+            routing_key="log",
+            timeout=WAIT * 6,
+        )
+    rss_before = rss_bytes(b.proc.pid)
+    by = await Bystanders(b.url).start()
+    attackers: list[wire.Conn] = []
+    peak = rss_before
+    try:
+        for args in ({"offset": "first"}, {"group": "g", "offset": "first"}):
+            a = wire.Conn(b.port)
+            a.handshake()
+            a.send_frame("consume", 1, "log", "", False, False, 0xFFFFFFFF, args)
+            attackers.append(a)
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_bytes(b.proc.pid))
+            await asyncio.sleep(0.1)
+    finally:
+        for a in attackers:
+            a.sock.close()
+        await by.stop()
+        await asyncio.wait_for(producer.close(), WAIT)
+    print(
+        f"\nbystanders {by.figures()}; broker RSS {rss_before >> 20} -> peak {peak >> 20} MiB "
+        "with the non-reading stream consumers"
+    )
+    by.check()
+    assert peak - rss_before < 48 << 20, (rss_before, peak)
+    assert b.alive()
