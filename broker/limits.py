@@ -14,15 +14,17 @@ max_queues                     10000     QUEUE_DECLARE fails with 506 resource-e
 max_consumers_per_connection   1000      CONSUME fails with 506 resource-error
 max_bindings_per_exchange      10000     BIND fails with 506 resource-error
 max_bindings_per_queue         1000      BIND fails with 506 resource-error
-max_binding_words              32        BIND (topic) fails with 400 invalid-argument
-max_binding_wildcards          16        BIND (topic) fails with 400 invalid-argument
+max_binding_words              16        BIND (topic) fails with 400 invalid-argument
+max_binding_wildcards          8         BIND (topic) fails with 400 invalid-argument
 max_unacked_bytes_per_consumer 16 MiB    no refusal: dispatch waits for acks
 max_unauthenticated            1000      the oldest unauthenticated connection: 506, close
 max_unauthenticated_per_ip     100       the oldest one from that address: 506, close
 =============================  ========  ==========================================
 
 The binding limits bound what one publish to a topic exchange costs: routing visits each
-trie node at most once (broker.topic), and the trie has at most bindings x words nodes.
+trie node at most once (broker.topic), and the trie has at most bindings x words nodes
+(with the defaults, the worst key against the worst 10,000 patterns costs ~15 ms; a
+topic exchange remembers the answer for its last 1,024 keys).
 
 Every refusal names the limit in ``details["limit"]`` together with its value, so a
 client can tell which limit it hit. Limits that existed before (frame size, message size,
@@ -50,8 +52,8 @@ DEFAULT_MAX_QUEUES = 10_000
 DEFAULT_MAX_CONSUMERS_PER_CONNECTION = 1_000
 DEFAULT_MAX_BINDINGS_PER_EXCHANGE = 10_000
 DEFAULT_MAX_BINDINGS_PER_QUEUE = 1_000
-DEFAULT_MAX_BINDING_WORDS = 32
-DEFAULT_MAX_BINDING_WILDCARDS = 16
+DEFAULT_MAX_BINDING_WORDS = 16
+DEFAULT_MAX_BINDING_WILDCARDS = 8
 DEFAULT_MAX_UNACKED_BYTES_PER_CONSUMER = 16 << 20
 DEFAULT_MAX_UNAUTHENTICATED = 1_000
 DEFAULT_MAX_UNAUTHENTICATED_PER_IP = 100
