@@ -83,6 +83,13 @@ class Config:
     max_queues: int = limits.DEFAULT_MAX_QUEUES
     max_queues_per_subject: int = limits.DEFAULT_MAX_QUEUES_PER_SUBJECT
     max_consumers_per_connection: int = limits.DEFAULT_MAX_CONSUMERS_PER_CONNECTION
+    max_bindings_per_exchange: int = limits.DEFAULT_MAX_BINDINGS_PER_EXCHANGE
+    max_bindings_per_queue: int = limits.DEFAULT_MAX_BINDINGS_PER_QUEUE
+    max_binding_words: int = limits.DEFAULT_MAX_BINDING_WORDS
+    max_binding_wildcards: int = limits.DEFAULT_MAX_BINDING_WILDCARDS
+    max_unacked_bytes_per_consumer: int = limits.DEFAULT_MAX_UNACKED_BYTES_PER_CONSUMER
+    max_unauthenticated: int = limits.DEFAULT_MAX_UNAUTHENTICATED
+    max_unauthenticated_per_ip: int = limits.DEFAULT_MAX_UNAUTHENTICATED_PER_IP
     # Publisher flow control (broker.flow; spec section 12 "Publisher flow control").
     publish_credit_messages: int = flow.DEFAULT_CREDIT_MESSAGES
     publish_credit_bytes: int = flow.DEFAULT_CREDIT_BYTES

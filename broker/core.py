@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 from broker.counters import LatencyHistogram
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
 from broker.flow import FlowControl
-from broker.limits import Limits, QueueOwners, check_consumer_count, check_queue_count
+from broker.limits import (
+    Limits,
+    QueueOwners,
+    check_binding,
+    check_consumer_count,
+    check_queue_count,
+)
 from broker.message import GONE, READY, Message, QueuedMessage
 from broker.options import QueueOptions
 from broker.pager import Pager
@@ -78,6 +84,9 @@ class Broker:
         self.queues: dict[str, Queue] = {}
         self.sessions: dict[str, Session] = {}
         self._dirty_queues: set[Queue] = set()
+        # Queues whose dispatch stopped at its batch cap: dispatched again next loop turn,
+        # once the batch was written (and a full socket paused its consumer).
+        self._more_queues: set[Queue] = set()
         self._dirty_sessions: set[Session] = set()
         self._ids = itertools.count(1)
         self.started = time.time()
@@ -89,6 +98,9 @@ class Broker:
         self._timers: list[tuple[int, int, int, Queue | None, QueuedMessage | None]] = []
         self._timer_seq = itertools.count()
         self._armed = 0
+        # Heap entries whose queue was deleted or whose message was purged: dropped in one
+        # pass once they are a large share of the heap (Broker._drop_timers).
+        self._stale_timers = 0
         self.dead_lettered = 0
         # Set when deliveries of logged queues were journaled (Session.deliver): the next
         # pump writes the log through before any session writes its frames.
@@ -317,6 +329,7 @@ class Broker:
     def _remove_queue(self, q: Queue, reason: str, event: str = "queue.deleted") -> int:
         n = q.purge()
         q.deleted = True
+        self._drop_timers(q, q.timers)
         retired = self.retired
         for key in RETIRED_COUNTERS:
             retired[key] += getattr(q, key)
@@ -353,6 +366,7 @@ class Broker:
                                   "(retention removes old segments)", {"queue": name})
         q.release(now)  # due by now: ready, so purged (replaying "qp" decides the same)
         n = q.purge()
+        self._drop_timers(q, q.purged_timers)
         if q.logged:
             self._log([("qp", name, now)])
         return n
@@ -365,6 +379,9 @@ class Broker:
         _check_arguments(arguments or {}, BINDING_ARGUMENTS, "binding")
         ex = self.get_exchange(exchange)
         q = self.get_queue(queue, session_id)
+        if (key, queue) not in ex.bindings:  # a repeated bind is no new binding
+            check_binding(self.limits, ex.type == "topic", key, len(ex.bindings),
+                          len(q.bindings))
         if ex.bind(key, queue):
             q.bindings.add((exchange, key))
             if ex.durable and q.logged:
@@ -545,7 +562,7 @@ class Broker:
             log.warning("dead-letter exchange %r of queue %r does not exist; dropped",
                         dlx, q.name)
             return
-        props = dict(m.properties)
+        props = dict(Pager.properties(m))  # headers may be paged with the body
         raw_headers = props.get("headers")
         headers = dict(raw_headers) if isinstance(raw_headers, dict) else {}
         deaths = _death_records(headers.get("x-death"))
@@ -595,6 +612,8 @@ class Broker:
     def _add_timer(self, due: int, kind: int, q: Queue | None,
                    qm: QueuedMessage | None) -> None:
         heapq.heappush(self._timers, (due, next(self._timer_seq), kind, q, qm))
+        if q is not None:
+            q.timers += 1
         if self.timer_hook is not None and (not self._armed or due < self._armed):
             self._armed = due
             self.timer_hook(max(0.0, (due - self.clock()) / 1000))
@@ -612,7 +631,9 @@ class Broker:
             _due, _seq, kind, q, qm = heapq.heappop(timers)
             if q is None:  # ack-timeout sweep
                 self._sweep(now)
-            elif q.deleted:
+                continue
+            q.timers -= 1
+            if q.deleted:
                 continue
             elif kind == _RELEASE:
                 if q.release(now) and q.consumers:
@@ -630,6 +651,29 @@ class Broker:
             self._armed = timers[0][0]
             self.timer_hook(max(0.0, (timers[0][0] - now) / 1000))
         self.pump()
+
+    def _drop_timers(self, q: Queue, stale: int) -> None:
+        """``stale`` timers of ``q`` point at nothing any more (deleted queue, purged
+        messages): once such entries are half the heap (or 65,536), drop them all in one
+        pass, so a deleted queue's messages (a TTL or delay of 2^63 ms keeps its timer for
+        ever) are freed, at O(1) amortised cost per entry."""
+        if not stale:
+            return
+        self._stale_timers += stale
+        heap = self._timers
+        if self._stale_timers * 2 < len(heap) and self._stale_timers < 65536:
+            return
+        keep = []
+        for t in heap:
+            tq = t[3]
+            if tq is not None and (tq.deleted or (
+                    t[2] == _EXPIRE and t[4] is not None and t[4].state == GONE)):
+                tq.timers -= 1
+                continue
+            keep.append(t)
+        heap[:] = keep  # in place: tick() may be iterating over this list
+        heapq.heapify(heap)
+        self._stale_timers = 0
 
     def start_timers(self) -> None:
         """Called once the transport set ``timer_hook``: starts the ack-timeout sweeps and
@@ -784,6 +828,9 @@ class Broker:
                     except Exception:  # a bug: this queue's turn fails, not the caller
                         log.exception("dispatching queue %r failed", q.name)
                         self.count_error(541)
+                    if q.more:
+                        q.more = False
+                        self._more_queues.add(q)
         if self.journal:
             self.flush_journal()
         if self.deliveries_logged:  # their records reach the OS before the frames go out
@@ -803,6 +850,10 @@ class Broker:
                 except Exception as exc:  # contained to that session's connection
                     log.exception("flushing connection %s failed; closing it", s.id)
                     self._session_failed(s, exc)
+        if self._more_queues:
+            self._dirty_queues |= self._more_queues
+            self._more_queues = set()
+            self.pump_soon()  # without a loop (model tests) the next pump does them
         if self.after_pump is not None:
             self.after_pump()
 

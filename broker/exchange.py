@@ -106,21 +106,37 @@ class FanoutExchange(Exchange):
         return self._queues.keys()  # type: ignore[return-value]
 
 
+ROUTE_CACHE = 1024  # routing keys whose topic match is remembered per exchange
+
+
 class TopicExchange(Exchange):
+    """Topic routing through a word trie (broker.topic), with the queues of the last
+    ROUTE_CACHE distinct routing keys remembered until the bindings change: publishers
+    mostly reuse a few keys, and a key whose match is costly costs it once."""
+
     type = "topic"
 
     def __init__(self, name: str, **kw: Any) -> None:
         super().__init__(name, **kw)
         self._trie: TopicTrie[str] = TopicTrie()
+        self._cache: dict[str, set[str]] = {}
 
     def _add(self, key: str, queue: str) -> None:
         self._trie.add(key, queue)
+        self._cache.clear()
 
     def _remove(self, key: str, queue: str) -> None:
         self._trie.remove(key, queue)
+        self._cache.clear()
 
     def route(self, routing_key: str) -> set[str] | frozenset[str]:
-        return self._trie.match(routing_key)
+        got = self._cache.get(routing_key)
+        if got is None:
+            got = self._trie.match(routing_key)
+            if len(self._cache) >= ROUTE_CACHE:
+                self._cache.clear()
+            self._cache[routing_key] = got
+        return got
 
 
 def make_exchange(etype: str, name: str, **kw: Any) -> Exchange:

@@ -136,8 +136,22 @@ def disk_free(path: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+# What admitting one byte / one message of credit may cost in resident memory before the
+# next sample sees it (the body, its copies on the way in and to the log; the message and
+# queue entry objects): credit is granted only while that fits under the watermark.
+CREDIT_BYTE_COST = 1
+CREDIT_MESSAGE_COST = 256
+
+
 class Watermarks:
-    """Broker-wide resource checks, sampled at most every ``WATERMARK_INTERVAL`` seconds."""
+    """Broker-wide resource checks, sampled at most every ``WATERMARK_INTERVAL`` seconds.
+
+    Memory is also accounted *before* it is used: each sample sets the headroom left
+    under ``memory_high_watermark`` after the resident memory, and each grant of credit
+    (:meth:`admit`) is taken from it. So between two samples publishers are granted no
+    more than the watermark leaves, however fast they publish; the overshoot is bounded
+    by the credit they held at the sample (at most one window per connection).
+    """
 
     def __init__(self, memory_high_watermark: int = 0, disk_free_limit: int = 0,
                  data_dir: str = "") -> None:
@@ -154,12 +168,15 @@ class Watermarks:
         self.refusal = ""
         self._reason = ""
         self._sampled = -math.inf
+        self.headroom = 0  # bytes of memory left to grant credit for until the next sample
 
     def reason(self, now: float) -> str:
         """"memory", "disk" or "" (cached for up to ``WATERMARK_INTERVAL`` seconds)."""
         if now - self._sampled >= WATERMARK_INTERVAL:
             self._sampled = now
             self._reason = self._sample()
+            # Credit may be granted for what is left under the watermark (admit).
+            self.headroom = self.memory_high_watermark - self.rss
         return self._reason
 
     def invalidate(self) -> None:
@@ -198,6 +215,18 @@ class Watermarks:
     def _refuse(self, free: int) -> None:
         self.refusal = (f"free space in the data directory is below disk_free_limit "
                         f"({free} < {self.disk_free_limit} bytes); not stored, retry later")
+
+    def admit(self, messages: int, nbytes: int, now: float) -> bool:
+        """Take the memory ``messages`` / ``nbytes`` of new credit may cost from the
+        headroom; False (nothing taken) if it does not fit."""
+        if not self.memory_high_watermark:
+            return True
+        self.reason(now)  # a sample due now refreshes the headroom first
+        cost = CREDIT_BYTE_COST * nbytes + CREDIT_MESSAGE_COST * messages
+        if cost > self.headroom:
+            return False
+        self.headroom -= cost
+        return True
 
     def _sample(self) -> str:
         was = self._reason
@@ -589,6 +618,14 @@ class PublisherFlow:
         give_b = self._allow(self._bytes, want_b, out_b, now)
         if (low_m and want_m and not give_m) or (low_b and want_b and not give_b):
             give_m = give_b = 0  # one of the two is exhausted: wait for both
+        wm = self._watermarks
+        if (give_m or give_b) and wm is not None and not wm.admit(give_m, give_b, now):
+            # What this grant may cost does not fit under the memory watermark.
+            if self._set_blocked("memory", now) or force:
+                self._send(0, 0)
+            self._hold_reading(out_m < 0 or out_b <= -self._overdraft)
+            self._arm(BLOCKED_POLL)
+            return
         if give_m or give_b:
             if self._messages is not None:
                 self._messages.grant(give_m)

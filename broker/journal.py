@@ -220,6 +220,7 @@ class Replay:
                     continue
                 if q.pager is None and m.body is None:
                     m.body = Pager.read(m)  # priority queues keep bodies in memory
+                    m.properties = Pager.properties(m)
                 qm = q.enqueue(m, now)
                 qm.delivery_count = e.count
                 qm.redelivered = e.count > 0
@@ -301,7 +302,10 @@ def snapshot_entries(messages: list[SnapshotMessage]) -> Iterator[list[Any]]:
     read = Pager.read_page
     for i, (mid, exchange, rk, props, ts, src) in enumerate(messages):
         messages[i] = None  # type: ignore[call-overload]  # written: release it now
-        yield [mid, exchange, rk, props, ts, src if type(src) is bytes else read(src)]
+        if type(src) is bytes:
+            yield [mid, exchange, rk, props, ts, src]
+        else:  # paged: the body, and the headers if they were paged with it
+            yield [mid, exchange, rk, Pager.page_properties(props, src), ts, read(src)]
 
 
 def snapshot_dict(broker: Broker) -> dict[str, Any]:

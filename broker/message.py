@@ -37,9 +37,9 @@ class Message:
         self.routing_key = routing_key
         self.properties = properties
         # None while the body lives only in a page file (broker.pager): read it back with
-        # Pager.read / Pager.load.
+        # Pager.read / Pager.load (which also bring back paged headers: Pager.properties).
         self.body: bytes | None = body
-        self.page: tuple[PageFile, int, int] | None = None
+        self.page: tuple[PageFile, int, int, int] | None = None
         # Computed once: frame-size budgets for every later delivery read it.
         self.size = size if size >= 0 else message_size(properties, body)
         self.persistent: bool = properties.get("persistent", True)

@@ -31,10 +31,26 @@ if TYPE_CHECKING:
     from broker.session import Session
 
 
-class Consumer:
-    """A push subscription: credit says how many more deliveries it may receive."""
+# What one dispatch hands one consumer at most: a consumer with a huge credit gets it in
+# batches, the next one only once the previous was written out (not while its transport
+# is paused), so the bodies read back from page files are the ones that can be sent.
+DISPATCH_MESSAGES = 4096
+DISPATCH_BYTES = 4 << 20
+# Bytes charged per unacked delivery on top of Message.size (its bookkeeping), so that a
+# consumer of tiny messages is bounded too (Consumer.unacked_bytes).
+UNACKED_OVERHEAD = 256
 
-    __slots__ = ("credit", "exclusive", "no_ack", "queue", "session", "tag", "unacked")
+
+class Consumer:
+    """A push subscription: credit says how many more deliveries it may receive.
+
+    ``unacked_bytes`` (sizes plus UNACKED_OVERHEAD each) is capped by
+    ``max_unacked_bytes_per_consumer``; ``held`` says dispatch stopped at that cap, so an
+    ack must wake the queue.
+    """
+
+    __slots__ = ("credit", "exclusive", "held", "no_ack", "queue", "session", "tag",
+                 "unacked", "unacked_bytes")
 
     def __init__(
         self, tag: str, queue: Queue, session: Session, no_ack: bool, exclusive: bool, credit: int
@@ -46,6 +62,8 @@ class Consumer:
         self.exclusive = exclusive
         self.credit = credit
         self.unacked = 0
+        self.unacked_bytes = 0
+        self.held = False
 
 
 PRIORITY_GUARD = 10
@@ -109,6 +127,13 @@ class Queue:
         # dead-lettering failed (Broker.dead_letter)
         self.dead_letter_dropped = 0
         self.redelivered = 0  # messages requeued to be delivered again (broker.metrics)
+        # A dispatch stopped at DISPATCH_MESSAGES / DISPATCH_BYTES with credit left: the
+        # broker dispatches again on the next loop turn, after the batch was written.
+        self.more = False
+        # Entries of Broker._timers that refer to this queue, and of those, how many the
+        # last purge made pointless (TTL timers of purged messages).
+        self.timers = 0
+        self.purged_timers = 0
 
     # ------------------------------------------------------------------ queries
     @property
@@ -329,9 +354,10 @@ class Queue:
         self._guard_next += 1
         return lanes[pick].popleft()
 
-    def take(self, limit: int, deadline: int = 0) -> list[QueuedMessage]:
+    def take(self, limit: int, deadline: int = 0, max_bytes: int = 0) -> list[QueuedMessage]:
         """Remove up to ``limit`` messages from the head for delivery (marks them unacked,
-        with ack deadline ``deadline``)."""
+        with ack deadline ``deadline``); with ``max_bytes``, stop once that many bytes of
+        messages were taken (at least one message is)."""
         out: list[QueuedMessage] = []
         requeued = self._requeued
         ready = self._ready
@@ -340,6 +366,8 @@ class Queue:
         freed = 0
         size = 0
         while len(out) < limit and self._count > len(out):
+            if max_bytes and size >= max_bytes:
+                break
             if requeued:
                 qm = heapq.heappop(requeued)
             elif lanes is not None:
@@ -436,9 +464,13 @@ class Queue:
 
     def purge(self) -> int:
         n = self._count
+        timed = 0
         for part in (self._ready, self._paged, self._requeued, *(self._lanes or ())):
             for qm in part:
                 qm.state = GONE  # gone: a TTL timer still armed for it must skip it
+                if qm.expires:
+                    timed += 1
+        self.purged_timers = timed
         self._ready.clear()
         self._paged.clear()
         self._requeued.clear()
@@ -485,9 +517,12 @@ class Queue:
                  now: int = 0) -> int:
         """Hand ready messages to consumers with credit, round-robin. Returns count sent.
 
-        With one consumer (or single-active-consumer) it takes a whole credit-sized batch
-        at once; with several it deals one message per consumer per turn so competing
-        consumers share fairly.
+        With one consumer (or single-active-consumer) it takes a credit-sized batch at
+        once; with several it deals one message per consumer per turn so competing
+        consumers share fairly. A consumer whose connection is not writing (transport
+        paused) or that holds ``max_unacked_bytes_per_consumer`` unacked is skipped, and a
+        dispatch hands out at most DISPATCH_MESSAGES / DISPATCH_BYTES (``more`` is set if
+        it stopped there), so memory follows what the sockets take.
         """
         consumers = self.consumers
         if not consumers or not self._count:
@@ -495,31 +530,54 @@ class Queue:
         timeout = self.opts.ack_timeout_ms
         deadline = now + timeout if timeout and now else 0
         sent = 0
+        cap = consumers[0].session.broker.limits.max_unacked_bytes_per_consumer
         if len(consumers) == 1 or self.opts.single_active_consumer:
             c = consumers[0]
-            if c.credit > 0:
-                batch = self.take(c.credit, 0 if c.no_ack else deadline)
+            if c.credit > 0 and not c.session.write_paused:
+                room = DISPATCH_BYTES
+                if not c.no_ack:
+                    room = min(room, cap - c.unacked_bytes)
+                    if room <= 0:
+                        c.held = True
+                        return 0
+                n = min(c.credit, DISPATCH_MESSAGES)
+                batch = self.take(n, 0 if c.no_ack else deadline, room)
                 if batch:
                     c.credit -= len(batch)
                     sent = len(batch)
                     deliver(c, batch)
+                    if c.credit > 0 and self._count:
+                        self.more = True
             return sent
         # Several consumers: deal round-robin; collect per consumer, deliver once each.
         pending: dict[int, tuple[Consumer, list[QueuedMessage]]] = {}
         n = len(consumers)
+        able = []
+        for c in consumers:
+            ok = c.credit > 0 and not c.session.write_paused
+            if ok and not c.no_ack and c.unacked_bytes >= cap:
+                c.held = True
+                ok = False
+            able.append(ok)
         idle = 0
+        size = 0
         i = self._rr % n
         while idle < n and self._count:
             c = consumers[i]
-            i = (i + 1) % n
-            if c.credit <= 0:
+            if not able[i] or c.credit <= 0:
+                i = (i + 1) % n
                 idle += 1
                 continue
+            i = (i + 1) % n
             idle = 0
+            if sent >= DISPATCH_MESSAGES or size >= DISPATCH_BYTES:
+                self.more = True
+                break
             got = self.take(1, 0 if c.no_ack else deadline)
             if not got:
                 break
             qm = got[0]
+            size += qm.message.size
             c.credit -= 1
             slot = pending.get(id(c))
             if slot is None:

@@ -13,15 +13,23 @@ import asyncio
 import contextlib
 import logging
 import platform
+import resource
 import socket
 import time
+from collections import OrderedDict
 from typing import Any, cast
 
 from broker.auth import TOKEN_RECHECK_S, Authenticator, certificate_name, is_loopback
 from broker.config import Config
 from broker.core import Broker
 from broker.flow import FlowControl
-from broker.limits import ConnectionCounter, Limits, connection_subject, raise_fd_limit
+from broker.limits import (
+    FD_RESERVE,
+    ConnectionCounter,
+    Limits,
+    connection_subject,
+    raise_fd_limit,
+)
 from broker.peeruid import peer_uid
 from broker.session import Session, connection_name
 from broker.tls import server_context
@@ -40,6 +48,7 @@ from protocol import (
     Hello,
     InternalError,
     OpenOk,
+    ResourceError,
     UnexpectedFrame,
     encode_fields,
     encode_many,
@@ -48,6 +57,7 @@ from protocol import Heartbeat as HeartbeatFrame
 from protocol._generated import (
     HEARTBEAT_MS_FLOOR,
     MAX_FRAME_SIZE_FLOOR,
+    MAX_FRAME_SIZE_PREAUTH,
     VERSION_MAJOR,
     VERSION_MINOR,
 )
@@ -64,7 +74,10 @@ class BrokerProtocol(asyncio.Protocol):
         self.server = server
         self.broker = server.broker
         self.config = server.config
-        self.conn = Connection(Role.SERVER, self.config.max_frame_size)
+        # Until OPEN_OK only small frames (spec: max_frame_size_preauth): a connection that
+        # has not authenticated cannot make the broker buffer a large frame.
+        self.conn = Connection(Role.SERVER, min(self.config.max_frame_size,
+                                                MAX_FRAME_SIZE_PREAUTH))
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.peer = "?"
@@ -97,6 +110,8 @@ class BrokerProtocol(asyncio.Protocol):
         if self.server.auth.cert_identity:  # mTLS: the verified certificate's name
             self.cert_name = certificate_name(transport.get_extra_info("peercert"))
         self.server.protocols.add(self)
+        if not self.server.handshakes.admit(self):
+            return
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(
             self.config.handshake_timeout_ms / 1000, self._handshake_expired
@@ -130,6 +145,7 @@ class BrokerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.protocols.discard(self)
+        self.server.handshakes.done(self)
         self.server.connections.release(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -145,11 +161,15 @@ class BrokerProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self.session is not None:
+            self.session.pause_writing(True)  # no dispatch to a peer that does not read
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.session is not None:
+            self.session.pause_writing(False)
         if self.transport is not None and not self._closing and not self._credit_held:
             self.transport.resume_reading()
 
@@ -267,6 +287,7 @@ class BrokerProtocol(asyncio.Protocol):
             if type(wanted) is list and "zstd" in wanted:
                 compression = "zstd"
         ok = OpenOk(sid, frame_max, hb, compression, self.session.max_message_size)
+        self.server.handshakes.done(self)  # authenticated: no longer sheddable
         self.conn.send(ok)  # advances the state machine to OPEN
         self._write_since(ok)
         if compression:  # both directions: COMPRESSED frames after OPEN_OK
@@ -408,6 +429,99 @@ class BrokerProtocol(asyncio.Protocol):
             self._shutdown_transport()
 
 
+class Handshakes:
+    """Connections that have not authenticated yet, oldest first, in total and per IP.
+
+    A new connection over ``max_unauthenticated_per_ip`` (from its address) or
+    ``max_unauthenticated`` (in total), or one that would bring the broker's sockets near
+    its open-file limit, makes the oldest unauthenticated connection go (ERROR 506, closed)
+    so that new clients, and authenticated ones, keep being served; only if every
+    connection is authenticated and the file limit is near is the new one refused. Each
+    such connection buffers at most one MAX_FRAME_SIZE_PREAUTH frame, so their memory
+    is bounded by the limits times 64 KiB.
+    """
+
+    LOG_INTERVAL = 5.0  # seconds between two "shedding" warnings (with counts)
+
+    def __init__(self, server: BrokerServer) -> None:
+        self.server = server
+        self.all: OrderedDict[BrokerProtocol, None] = OrderedDict()
+        self.by_ip: dict[str, OrderedDict[BrokerProtocol, None]] = {}
+        self.shed = 0  # counters for the log line (and tests)
+        self.refused = 0
+        self._logged = 0.0
+        self._unlogged = 0
+
+    def admit(self, p: BrokerProtocol) -> bool:
+        """Count ``p`` (just connected); False if it was refused and is being closed."""
+        limits = self.server.broker.limits
+        ip = p.peer_ip or p.peer
+        mine = self.by_ip.get(ip)
+        if mine is None:
+            mine = self.by_ip[ip] = OrderedDict()
+        if len(mine) >= limits.max_unauthenticated_per_ip:
+            self._shed(next(iter(mine)), ResourceError(
+                f"{ip} has {len(mine)} connections in the handshake; the maximum is "
+                f"{limits.max_unauthenticated_per_ip} (max_unauthenticated_per_ip): "
+                "the oldest are closed",
+                {"limit": "max_unauthenticated_per_ip",
+                 "max_unauthenticated_per_ip": limits.max_unauthenticated_per_ip}))
+        if len(self.all) >= limits.max_unauthenticated:
+            self._shed(next(iter(self.all)), ResourceError(
+                f"the broker has {len(self.all)} connections in the handshake; the maximum "
+                f"is {limits.max_unauthenticated} (max_unauthenticated): the oldest are "
+                "closed", {"limit": "max_unauthenticated",
+                           "max_unauthenticated": limits.max_unauthenticated}))
+        room = self.server.socket_room()
+        if len(self.server.protocols) > room:
+            err = ResourceError(
+                f"the broker is near its open-file limit ({len(self.server.protocols)} "
+                "connections): connections in the handshake are closed, oldest first",
+                {"limit": "open_files", "connections": room})
+            if not self.all:
+                self.refused += 1
+                self._warn()
+                p._fatal(err)
+                return False
+            self._shed(next(iter(self.all)), err)
+        self.all[p] = None
+        mine[p] = None
+        return True
+
+    def done(self, p: BrokerProtocol) -> None:
+        """``p`` authenticated or closed."""
+        if p in self.all:
+            del self.all[p]
+            ip = p.peer_ip or p.peer
+            mine = self.by_ip.get(ip)
+            if mine is not None:
+                mine.pop(p, None)
+                if not mine:
+                    del self.by_ip[ip]
+
+    def _shed(self, victim: BrokerProtocol, err: ResourceError) -> None:
+        self.done(victim)
+        self.shed += 1
+        self._warn()
+        victim._fatal(err)
+
+    def _warn(self) -> None:
+        """One warning per LOG_INTERVAL with what was shed or refused since the last."""
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged < self.LOG_INTERVAL:
+            return
+        self._logged = now
+        log.warning("too many connections in the handshake or near the open-file limit "
+                    "(%d open, %d unauthenticated): closed %d unauthenticated (oldest "
+                    "first) and refused %d since the last warning; %d/%d in total",
+                    len(self.server.protocols), len(self.all), self._unlogged,
+                    self.refused, self.shed, self.refused,
+                    extra={"event": "connections.shed", "shed": self.shed,
+                           "refused": self.refused})
+        self._unlogged = 0
+
+
 class BrokerServer:
     """Owns the listener, the broker model and every connection."""
 
@@ -419,6 +533,7 @@ class BrokerServer:
         self._guard_writes()
         self.connections = ConnectionCounter()  # open connections, total and per subject
         self.protocols: set[BrokerProtocol] = set()
+        self.handshakes = Handshakes(self)  # unauthenticated connections, oldest first
         self.auth = Authenticator(config)  # AUTH policy; its key is loaded by start()
         self._server: asyncio.Server | None = None  # plain TCP (config.plain)
         self._tls_server: asyncio.Server | None = None  # config.tls_cert + tls_key
@@ -447,6 +562,14 @@ class BrokerServer:
         """The TLS listener's port, 0 if there is none."""
         s = self._tls_server
         return int(s.sockets[0].getsockname()[1]) if s is not None else 0
+
+    def socket_room(self) -> int:
+        """How many client connections fit under the open-file limit, leaving room for the
+        broker's own files (log segments, page files, streams, HTTP)."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 30
+        return soft - max(FD_RESERVE, soft // 10)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

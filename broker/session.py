@@ -22,7 +22,7 @@ from broker.flow import PublisherFlow
 from broker.limits import check_seq_range, publish_size
 from broker.message import GONE, Message, QueuedMessage
 from broker.pager import Pager
-from broker.queue import Consumer, Queue
+from broker.queue import UNACKED_OVERHEAD, Consumer, Queue
 from broker.stream import Stream, StreamConsumer, check_consume_arguments
 from protocol import (
     Ack,
@@ -157,6 +157,12 @@ class Session:
         self.closed = False
         # AUTH.client_properties.connection_name (connection_name()): shown in logs and LIST.
         self.name = ""
+        # The transport's write buffer is full (pause_writing): nothing is dispatched to
+        # this connection's consumers until it drains (resume_writing).
+        self.write_paused = False
+        # Bytes of deliveries queued for the next flush (stream catch-up waits for a
+        # flush once one connection has DISPATCH_BYTES pending).
+        self.pending_bytes = 0
         self.published = 0
         self._now = 0  # ms; set per handled batch of frames
         self.published_bytes = 0  # body bytes of all publishes (publish credit, broker.flow)
@@ -273,6 +279,7 @@ class Session:
                         self._encode_deliveries(consumer.tag, payload, sizes)
                 except (ValueError, TypeError, OverflowError) as exc:
                     self._unencodable(consumer, payload, exc)
+            self.pending_bytes = 0
         if self.out:
             out = self.out
             self.out = []
@@ -620,6 +627,7 @@ class Session:
             queue.ack(len(batch))
         else:
             consumer.unacked += len(batch)
+            consumer.unacked_bytes += sum(sizes) + UNACKED_OVERHEAD * len(batch)
             dl = batch[0].deadline
             if dl and (not self.min_deadline or dl < self.min_deadline):
                 self.min_deadline = dl
@@ -627,6 +635,7 @@ class Session:
             broker.log_ids("a" if no_ack else "d", queue, batch)
             broker.deliveries_logged = True
         self._deliveries.append((consumer, payload, sizes))
+        self.pending_bytes += sum(sizes)
         self.broker.mark_session(self)
 
     def _refuse_too_large(self, queue: Queue, batch: list[QueuedMessage],
@@ -721,17 +730,37 @@ class Session:
             if not out and tag and tag not in self.timed_out:
                 raise PreconditionFailed(f"unknown delivery tag {tag}", {"delivery_tag": tag})
         c = None
-        k = 0
+        k = size = 0
         for u in out:  # consumers' unacked counts, updated once per run of one consumer
             if u[2] is not c:
                 if c is not None:
-                    c.unacked -= k
+                    self._unheld(c, k, size)
                 c = u[2]
-                k = 0
+                k = size = 0
             k += 1
+            size += u[0].message.size
         if c is not None:
-            c.unacked -= k
+            self._unheld(c, k, size)
         return out
+
+    def _unheld(self, c: Consumer, n: int, size: int) -> None:
+        """``n`` deliveries of ``size`` bytes to ``c`` were settled; a consumer that
+        dispatch held at its unacked-bytes cap is dispatched to again."""
+        c.unacked -= n
+        c.unacked_bytes -= size + UNACKED_OVERHEAD * n
+        if c.held:
+            c.held = False
+            self.broker.wake(c.queue)
+
+    def pause_writing(self, paused: bool) -> None:
+        """The transport's write buffer filled up (True) or drained (False): consumers of
+        this connection get nothing while it is full, and are dispatched to once it
+        drains."""
+        self.write_paused = paused
+        if not paused and not self.closed:
+            for c in self.consumers.values():
+                self.broker.wake(c.queue)
+            self.broker.pump_soon()
 
     def _on_ack(self, f: Ack) -> None:
         settled = self._settle(f.delivery_tag, f.multiple)
@@ -819,7 +848,7 @@ class Session:
         for tag in expired:
             u = self.unacked.pop(tag)
             if u[2] is not None:
-                u[2].unacked -= 1
+                self._unheld(u[2], 1, u[0].message.size)
             settled.append(u)
             self.timed_out[tag] = None
         while len(self.timed_out) > 100_000:

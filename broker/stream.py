@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from broker.message import DELIVERED, Message, QueuedMessage
-from broker.queue import Consumer, Queue
+from broker.queue import DISPATCH_BYTES, Consumer, Queue
 from broker.stream_store import Entry, StreamLog
 from protocol import InvalidArgument
 from protocol._checks import NAME_MAX, U64_MAX
@@ -356,6 +356,11 @@ class Stream(Queue):
             assert isinstance(c, StreamConsumer)
             if c.group is not None or c.credit <= 0 or c.cursor >= head:
                 continue
+            if c.session.write_paused:  # its socket is full: resume_writing wakes us
+                continue
+            if c.session.pending_bytes >= DISPATCH_BYTES:  # write that first (next turn)
+                more = True
+                continue
             entries = slog.read(c.cursor, min(c.credit, CHUNK), CHUNK_BYTES)
             if not entries:
                 c.cursor = max(c.cursor, slog.first_offset)
@@ -367,6 +372,9 @@ class Stream(Queue):
                 more = True
         for g in self.groups.values():
             if g.members:
+                if any(m.session.pending_bytes >= DISPATCH_BYTES for m in g.members):
+                    more = True  # a member has a batch to write first (next turn)
+                    continue
                 n, again = self._dispatch_group(g, deliver, head)
                 sent += n
                 more = more or again
@@ -386,7 +394,7 @@ class Stream(Queue):
 
     def _dispatch_group(self, g: Group, deliver: Callable[[Consumer, list[QueuedMessage]], None],
                         head: int) -> tuple[int, bool]:
-        members = [m for m in g.members if m.credit > 0]
+        members = [m for m in g.members if m.credit > 0 and not m.session.write_paused]
         if not members:
             return 0, False
         want = min(sum(min(m.credit, CHUNK) for m in members), CHUNK * 4)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["TopicTrie", "split_words", "topic_matches"]
+__all__ = ["TopicTrie", "normalize", "split_words", "topic_matches"]
 
 T = TypeVar("T", bound=Hashable)
 
@@ -59,63 +59,91 @@ def topic_matches(pattern: str, routing_key: str) -> bool:
     return ok[0]
 
 
+def normalize(words: list[str]) -> list[str]:
+    """The canonical form of a pattern's words: in every run of wildcards, the ``*`` words
+    first and at most one ``#`` after them.
+
+    A run of k ``*`` and at least one ``#`` matches "k or more words" whatever the order,
+    so ``#.#`` is ``#`` and ``#.*.#`` is ``*.#``. Equivalent patterns share one trie path,
+    which keeps a trie of wildcard-heavy patterns small.
+    """
+    out: list[str] = []
+    stars = 0
+    hashed = False
+    for word in words:
+        if word == STAR:
+            stars += 1
+        elif word == HASH:
+            hashed = True
+        else:
+            if stars or hashed:
+                out.extend([STAR] * stars)
+                if hashed:
+                    out.append(HASH)
+                stars, hashed = 0, False
+            out.append(word)
+    out.extend([STAR] * stars)
+    if hashed:
+        out.append(HASH)
+    return out
+
+
 class _Node(Generic[T]):
-    """One trie node: the word edges below it and the destinations bound exactly here."""
+    """One trie node: the word edges below it and the destinations bound exactly here
+    (with how many bound patterns normalise to this node for each)."""
 
-    __slots__ = ("children", "dests", "is_hash")
+    __slots__ = ("children", "dests")
 
-    def __init__(self, is_hash: bool) -> None:
+    def __init__(self) -> None:
         self.children: dict[str, _Node[T]] = {}
-        self.dests: set[T] = set()
-        # Reached through a '#' edge: such a node may also absorb further key words.
-        self.is_hash = is_hash
+        self.dests: dict[T, int] = {}
 
 
 class TopicTrie(Generic[T]):
-    """Bindings ``(pattern, dest)`` indexed by pattern words for fast topic routing.
+    """Bindings ``(pattern, dest)`` indexed by normalised pattern words for topic routing.
 
     Not thread-safe; the broker mutates and queries it from one event loop.
     """
 
-    __slots__ = ("_count", "_root")
+    __slots__ = ("_pairs", "_root")
 
     def __init__(self) -> None:
-        self._root: _Node[T] = _Node(is_hash=False)
-        self._count = 0
+        self._root: _Node[T] = _Node()
+        self._pairs: set[tuple[str, T]] = set()
 
     def __len__(self) -> int:
         """Number of distinct ``(pattern, dest)`` bindings."""
-        return self._count
+        return len(self._pairs)
 
     def add(self, pattern: str, dest: T) -> bool:
         """Bind ``dest`` under ``pattern``; False if that exact pair was already bound."""
+        if (pattern, dest) in self._pairs:
+            return False
+        self._pairs.add((pattern, dest))
         node = self._root
-        for word in split_words(pattern):
+        for word in normalize(split_words(pattern)):
             child = node.children.get(word)
             if child is None:
-                child = _Node(is_hash=word == HASH)
-                node.children[word] = child
+                child = node.children[word] = _Node()
             node = child
-        if dest in node.dests:
-            return False
-        node.dests.add(dest)
-        self._count += 1
+        node.dests[dest] = node.dests.get(dest, 0) + 1
         return True
 
     def remove(self, pattern: str, dest: T) -> bool:
         """Unbind the pair; False if absent. Prunes nodes left with no bindings or children."""
+        if (pattern, dest) not in self._pairs:
+            return False
+        self._pairs.discard((pattern, dest))
         path: list[tuple[_Node[T], str]] = []
         node = self._root
-        for word in split_words(pattern):
-            child = node.children.get(word)
-            if child is None:
-                return False
+        for word in normalize(split_words(pattern)):
             path.append((node, word))
-            node = child
-        if dest not in node.dests:
-            return False
-        node.dests.discard(dest)
-        self._count -= 1
+            node = node.children[word]
+        n = node.dests[dest] - 1
+        if n:
+            node.dests[dest] = n
+        else:
+            del node.dests[dest]
         # Prune bottom-up so that dead branches don't cost anything at match time.
         for parent, word in reversed(path):
             child = parent.children[word]
@@ -127,36 +155,66 @@ class TopicTrie(Generic[T]):
     def match(self, routing_key: str) -> set[T]:
         """Return every destination whose pattern matches ``routing_key`` (each once).
 
-        Walks states (node, key word index). A '#' node is entered without consuming a word
-        and may then consume one more word while staying put, which models "zero or more"
-        with O(1) transitions per state. Each state is visited at most once per call, so the
-        cost is bounded by trie nodes x (words + 1) even for patterns like ``#.#.#.#``.
+        Each trie node is visited at most once, carrying the set of key positions (a bit
+        mask over 0..words) at which a prefix of the key has matched the path to it: a
+        literal edge keeps the positions whose word is that literal and shifts them by
+        one, ``*`` shifts every position below the end, ``#`` fills every position from
+        the lowest one up. A node is left unvisited when its mask is empty, and below a
+        node only the literal edges that are words of the key are followed. So a publish
+        costs O(visited nodes) word-mask operations, never (nodes x words) states; the
+        trie's size is what broker.limits bounds (bindings per exchange, words and
+        wildcards per pattern).
         """
         words = split_words(routing_key)
         n = len(words)
+        positions: dict[str, int] = {}
+        for i, word in enumerate(words):
+            positions[word] = positions.get(word, 0) | (1 << i)
+        positions.pop(STAR, None)  # a key word "*" or "#" is a literal: no pattern has it
+        positions.pop(HASH, None)
+        before_end = (1 << n) - 1  # positions where one more word can be consumed
+        full = (1 << (n + 1)) - 1
+        end = 1 << n
         result: set[T] = set()
-        seen: set[tuple[int, int]] = set()
-        stack: list[tuple[_Node[T], int]] = [(self._root, 0)]
+        stack: list[tuple[_Node[T], int]] = [(self._root, 1)]
+        pop, push = stack.pop, stack.append
         while stack:
-            node, i = stack.pop()
-            state = (id(node), i)
-            if state in seen:
-                continue
-            seen.add(state)
-            children = node.children
-            if i == n:
+            node, mask = pop()
+            if mask & end and node.dests:
                 result.update(node.dests)
-            else:
-                word = words[i]
-                literal = children.get(word)
-                if literal is not None:
-                    stack.append((literal, i + 1))
-                star = children.get(STAR)
-                if star is not None and star is not literal:
-                    stack.append((star, i + 1))
-                if node.is_hash:
-                    stack.append((node, i + 1))
+            children = node.children
+            if not children:
+                continue
+            star = children.get(STAR)
+            if star is not None:
+                m = (mask & before_end) << 1
+                if m:
+                    push((star, m))
             hash_child = children.get(HASH)
             if hash_child is not None:
-                stack.append((hash_child, i))
+                push((hash_child, full & ~((mask & -mask) - 1)))
+            if len(children) <= len(positions):
+                for word, child in children.items():
+                    pos = positions.get(word)
+                    if pos is not None:
+                        m = (mask & pos) << 1
+                        if m:
+                            push((child, m))
+            else:
+                for word, pos in positions.items():
+                    found = children.get(word)
+                    if found is not None:
+                        m = (mask & pos) << 1
+                        if m:
+                            push((found, m))
         return result
+
+    def nodes(self) -> int:
+        """Trie nodes below the root (what a publish may have to visit)."""
+        total = 0
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            total += len(node.children)
+            stack.extend(node.children.values())
+        return total

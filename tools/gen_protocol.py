@@ -231,6 +231,7 @@ def gen_python(spec: dict[str, Any]) -> str:
         f"MAX_FRAME_SIZE_DEFAULT = {p['max_frame_size_default']}",
         f"MAX_FRAME_SIZE_FLOOR = {p['max_frame_size_floor']}",
         f"MAX_FRAME_SIZE_CEILING = {p['max_frame_size_ceiling']}",
+        f"MAX_FRAME_SIZE_PREAUTH = {p['max_frame_size_preauth']}",
         f"HEARTBEAT_MS_DEFAULT = {p['heartbeat_ms_default']}",
         f"HEARTBEAT_MS_FLOOR = {p['heartbeat_ms_floor']}",
         f"MAX_NESTING_DEPTH = {p['max_nesting_depth']}",

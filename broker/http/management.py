@@ -166,7 +166,7 @@ async def purge_queue(request: web.Request) -> web.Response:
 def message_json(qm: Any) -> dict[str, Any]:
     m = qm.message
     body, encoding = encode_body(Pager.read(m))
-    props = m.properties or {}
+    props = Pager.properties(m) or {}  # headers may be paged with the body
     mid = props.get("message_id")
     return {"id": str(mid) if mid is not None else str(m.id or ""), "body": body,
             "encoding": encoding, "exchange": m.exchange, "routing_key": m.routing_key,
@@ -250,7 +250,7 @@ def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int,
         if qm.state == DELAYED:
             continue
         m = qm.message
-        props = dict(m.properties or {})
+        props = dict(Pager.properties(m) or {})  # headers (x-death) may be paged
         dest = to or _death_queue(props)
         why = ""
         if dest is None:

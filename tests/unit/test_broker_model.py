@@ -1217,3 +1217,41 @@ def test_empty_batch_or_run_is_a_typed_error_and_uses_no_seq(conn: Conn) -> None
     # the connection goes on; seq 5 is still the next one
     assert conn.send(Publish(5, "", "q", {}, b"m", False)) == [Confirm(5, 5, True, 0, "")]
     assert ready_bodies(conn, "q") == [b"m"]
+
+
+# ---------------------------------------------------------------------- dispatch bounds
+def test_dispatch_is_bounded_by_batch_paused_transport_and_unacked_bytes() -> None:
+    """A consumer with 2^32-1 credit gets DISPATCH_BYTES per dispatch, nothing while its
+    transport is paused, and no more than max_unacked_bytes_per_consumer unacked; an ack
+    that takes it below the cap lets dispatch continue."""
+    from dataclasses import replace
+
+    from broker.queue import DISPATCH_BYTES, UNACKED_OVERHEAD
+    from protocol import Ack
+
+    broker = Broker()
+    body = b"x" * (64 << 10)
+    cap = 3 * DISPATCH_BYTES
+    broker.limits = replace(broker.limits, max_unacked_bytes_per_consumer=cap)
+    c = Conn(broker)
+    c.declare_queue("big")
+    c.publish_to_queue("big", [body] * 400)  # 25 MiB
+    tag, first = c.consume("big", 0xFFFFFFFF)
+    got = entries_of(first)
+    assert len(got) == DISPATCH_BYTES // len(body)  # one batch, the rest waits
+    c.session.pause_writing(True)
+    broker.pump()
+    assert c.take() == []  # the transport is full: nothing more
+    c.session.pause_writing(False)
+    for _ in range(10):
+        broker.pump()
+        got += entries_of(c.take())
+    per = len(body) + UNACKED_OVERHEAD
+    assert len(got) == -(-cap // per)  # stopped at the unacked-bytes cap
+    consumer = c.session.consumers[tag]
+    assert consumer.held and consumer.unacked_bytes >= cap
+    c.session.handle([Ack(got[9].delivery_tag, True)])
+    broker.pump()
+    more = entries_of(c.take())
+    assert more and len(more) <= 11
+    assert broker.queues["big"].ready == 400 - len(got) - len(more)

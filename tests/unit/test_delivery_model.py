@@ -274,3 +274,34 @@ def test_purge_keeps_delayed_messages_live_and_in_replay() -> None:
     assert _bodies(q2) == [b"later"] and q2.delayed == 1
     # A purge logged without a time (older logs) removes all but unacked, as before.
     assert _bodies(replayed([*commands[:-1], ["qp", "q"]])) == []
+
+
+# ---------------------------------------------------------------------- timers of the gone
+def test_delete_and_purge_drop_the_timers_of_their_messages() -> None:
+    """TTL and delay of 2^63 ms: the timers of a deleted queue's messages, and of purged
+    ones, leave the heap (and with them the messages), instead of waiting for ever."""
+    import sys
+
+    b, _now = _broker()
+    forever = 1 << 63
+    q = b.declare_queue(None, "doomed")
+    b.enqueue(_msg(b"t", "doomed", ttl=forever), ["doomed"])
+    for _ in range(999):
+        b.enqueue(_msg(b"x", "doomed", ttl=forever), ["doomed"])
+    for _ in range(1000):
+        b.enqueue(_msg(b"d", "doomed", delay=forever), ["doomed"])
+    keep = b.declare_queue(None, "keep")
+    b.enqueue(_msg(b"k", "keep", ttl=forever), ["keep"])
+    assert len(b._timers) == 2001
+    m = q.iter_messages()[0].message
+    b.delete_queue(None, "doomed")
+    assert sys.getrefcount(m) == 2  # ``m`` and the call's argument: nothing holds it
+    del m
+    assert [t[3] for t in b._timers] == [keep]
+    # Purge: the purged messages' TTL timers go too; the queue's other timers stay.
+    for _ in range(100):
+        b.enqueue(_msg(b"p", "keep", ttl=forever), ["keep"])
+    b.enqueue(_msg(b"later", "keep", delay=forever), ["keep"])
+    assert b.purge_queue(None, "keep") == 101
+    assert len(b._timers) == 1 and keep.delayed == 1
+    assert keep.timers == 1 and q.timers == 0

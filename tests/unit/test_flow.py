@@ -354,3 +354,19 @@ def test_config_round_trip() -> None:
         load(publish_credit_messages=0)
     with pytest.raises(ConfigError):
         load(disk_free_limit=-1)
+
+
+def test_credit_is_admitted_only_while_it_fits_under_the_memory_watermark() -> None:
+    """Between two samples the grants are taken from what the last sample left under the
+    watermark: the second grant that would pass it is refused until the next sample."""
+
+    class Resident(Watermarks):
+        def _sample(self) -> str:
+            self.rss = self.memory_high_watermark - (1 << 20)
+            return ""
+
+    wm = Resident(memory_high_watermark=100 << 20)
+    assert wm.admit(0, 600 << 10, 0.0)
+    assert not wm.admit(0, 600 << 10, 0.5)  # 1.2 MiB would pass the watermark
+    assert wm.admit(0, 300 << 10, 0.6)
+    assert wm.admit(0, 600 << 10, 1.1)  # a new sample: headroom again

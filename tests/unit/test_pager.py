@@ -130,3 +130,49 @@ def test_damaged_or_incomplete_snapshot_is_refused(tmp_path: Path) -> None:
     path.write_bytes(bytes(flipped))
     with pytest.raises(ValueError):
         iter_snapshot(path)
+
+
+def test_headers_are_paged_with_the_body_and_come_back(tmp_path: Path, pager: Pager) -> None:
+    """Messages whose headers are most of their size: paged messages hold no headers in
+    memory, and delivery, dead-lettering and snapshots (then replay) see them whole."""
+    broker = Broker(pager=pager, durable=True)
+    broker.declare_queue(None, "q", arguments={"dead_letter_exchange": "",
+                                               "dead_letter_routing_key": "dlq"})
+    broker.declare_queue(None, "dlq")
+
+    def headers(i: int) -> dict[str, object]:
+        return {"i": i, "blob": b"h" * 2000, "nested": {"k": [i, "v"]}}
+
+    shared = {"persistent": True, "headers": headers(-1)}  # one dict for a run
+    for i in range(300):
+        props = shared if i >= 200 else {"persistent": True, "headers": headers(i)}
+        broker.enqueue(Message("", "q", props, body(i, 100)), ["q"])
+    broker.pump()
+    q = broker.queues["q"]
+    paged = [qm.message for qm in q.iter_messages() if qm.message.body is None]
+    assert len(paged) > 200
+    assert all("headers" not in m.properties for m in paged)
+    assert shared["headers"] == headers(-1)  # the shared dict itself is left alone
+    assert Pager.properties(paged[0])["headers"]["blob"] == b"h" * 2000
+    broker.journal.clear()
+    head, messages = snapshot_state(broker)
+    path, _size = write_snapshot(tmp_path, 1, head, snapshot_entries(messages))
+    # Delivery: load brings the headers back.
+    taken = q.take(50)
+    assert [qm.message.properties["headers"] for qm in taken] == [headers(i) for i in range(50)]
+    # Dead-lettering a paged message keeps its headers (plus x-death).
+    tail = [qm for qm in q.iter_messages() if qm.message.body is None][-1]
+    assert q.remove(tail)
+    broker.dead_letter(q, [tail], "expired")
+    dead = broker.queues["dlq"].take(1)[0].message
+    assert dead.properties["headers"]["blob"] == b"h" * 2000 and "x-death" in dead.properties[
+        "headers"]
+    # A snapshot taken while they were paged has every header.
+    pager2 = Pager(tmp_path / "pages2", BUDGET)
+    replay = Replay(pager=pager2)
+    h, entries = iter_snapshot(path)
+    replay.load_snapshot(h, entries)
+    broker2 = Broker(pager=pager2, durable=True)
+    assert replay.build(broker2) >= 300
+    got = [qm.message.properties["headers"] for qm in broker2.queues["q"].take(1000)]
+    assert got == [headers(i) for i in range(200)] + [headers(-1)] * 100

@@ -146,6 +146,8 @@ class _FakeSession:
     def __init__(self) -> None:
         self.got: list[tuple[Consumer, list[QueuedMessage]]] = []
         self.consumers: dict[str, Consumer] = {}
+        self.write_paused = False  # what Stream.dispatch reads of a Session
+        self.pending_bytes = 0
 
 
 def _broker(tmp_path: Path) -> Broker:

@@ -18,7 +18,7 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from broker.topic import TopicTrie, split_words, topic_matches  # noqa: E402
+from broker.topic import TopicTrie, normalize, split_words, topic_matches  # noqa: E402
 
 # --------------------------------------------------------------------------- splitting
 
@@ -454,3 +454,57 @@ def test_add_remove_model(bindings: list[tuple[str, int]], data: st.DataObject) 
         assert trie.remove(p, d)
     assert len(trie) == 0
     assert _node_count(trie) == 0  # full removal prunes everything
+
+
+# --------------------------------------------------------------------------- hostile tries
+
+
+def test_wildcard_runs_normalise_to_one_path() -> None:
+    """Runs of wildcards are reordered ('*' first, one '#'): equivalent patterns share a
+    path, so thousands of '*'/'#'-only patterns make a trie of a few dozen nodes."""
+    assert normalize(split_words("#.#.*.#.a.*.#.*")) == ["*", "#", "a", "*", "*", "#"]
+    trie: TopicTrie[str] = TopicTrie()
+    import random
+
+    rng = random.Random(3)
+    patterns = {".".join(rng.choice("*#") for _ in range(rng.randint(1, 16)))
+                for _ in range(3000)}
+    for p in patterns:
+        trie.add(p, "q")
+    assert len(trie) == len(patterns)
+    assert _node_count(trie) <= 2 * 17  # '*' x k, optionally followed by '#'
+    for n in (0, 1, 5, 16, 17, 127):
+        key = ".".join(["a"] * n) if n else ""
+        expected = {"q"} if any(naive_matches(p, key) for p in patterns) else set()
+        assert trie.match(key) == expected, n
+    for p in patterns:  # equivalent patterns are counted per pair: removal is exact
+        assert trie.remove(p, "q")
+    assert len(trie) == 0 and _node_count(trie) == 0
+
+
+@given(bindings=st.lists(st.lists(st.sampled_from(["*", "#", "a", "b"]), max_size=8),
+                         max_size=12),
+       key=st.lists(st.sampled_from(["a", "b", "*"]), max_size=10))
+@settings(max_examples=300, deadline=None)
+def test_wildcard_heavy_trie_agrees(bindings: list[list[str]], key: list[str]) -> None:
+    trie: TopicTrie[int] = TopicTrie()
+    pats = [".".join(w) for w in bindings]
+    for i, p in enumerate(pats):
+        trie.add(p, i)
+    k = ".".join(key)
+    assert trie.match(k) == {i for i, p in enumerate(pats) if naive_matches(p, k)}
+
+
+def test_topic_exchange_route_cache_follows_binding_changes() -> None:
+    from broker.exchange import ROUTE_CACHE, TopicExchange
+
+    ex = TopicExchange("t")
+    ex.bind("a.*", "q1")
+    assert ex.route("a.b") == {"q1"}
+    ex.bind("#", "q2")  # a cached key sees the new binding
+    assert ex.route("a.b") == {"q1", "q2"}
+    ex.unbind("a.*", "q1")
+    assert ex.route("a.b") == {"q2"}
+    for i in range(ROUTE_CACHE * 2):  # bounded: old keys fall out, answers stay right
+        assert ex.route(f"k{i}") == {"q2"}
+    assert len(ex._cache) <= ROUTE_CACHE
