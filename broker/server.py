@@ -569,7 +569,9 @@ class BrokerServer:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft == resource.RLIM_INFINITY:
             return 1 << 30
-        return soft - max(FD_RESERVE, soft // 10)
+        # a tenth of the limit, at least FD_RESERVE, but never more than a quarter of a
+        # small limit (a broker started under `ulimit -n 64` still serves a few clients)
+        return soft - max(soft // 10, min(FD_RESERVE, soft // 4))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
