@@ -463,7 +463,7 @@ async def whoami(request: web.Request) -> web.Response:
     return json_response({
         "subject": p.subject, "anonymous": p.anonymous,
         "management": perms is None or "*" in perms.configure,
-        "permissions": may, "expires_at": p.expires_at or None,
+        "permissions": may, "expires_at": p.expires_at,
     })
 
 
