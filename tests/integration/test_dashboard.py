@@ -33,7 +33,7 @@ try:
     from playwright.async_api import Error as PlaywrightError
     from playwright.async_api import Page, async_playwright
 except ImportError:  # pragma: no cover - depends on the environment
-    async_playwright = None
+    async_playwright = None  # type: ignore[assignment]
 
 pytestmark = [
     pytest.mark.skipif(async_playwright is None,
@@ -387,7 +387,7 @@ async def page_texts(base: str) -> dict[str, Any]:
     async with browser_page(base, 1400) as (page, errors):
         await page.goto(f"{base}#/access", wait_until="load")
         await wait_js(page, "whoami", "document.querySelector('#ac-subject').textContent "
-                      "!== '–'")
+                      "!== '\u2013'")
         subject = await page.inner_text("#ac-subject")
         await page.goto(f"{base}#/streams", wait_until="load")
         await wait_js(page, "the stream group", "document.querySelector("
