@@ -9,10 +9,9 @@ changes wait until they are logged.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -32,7 +31,7 @@ from broker.http.common import (
 )
 from broker.http.gateway import SESSION_ID
 from broker.http.stats import HISTORY_INTERVAL, HISTORY_SAMPLES, history_row
-from broker.message import DELAYED, GONE, Message, QueuedMessage
+from broker.message import DELAYED, Message, QueuedMessage
 from broker.options import QueueOptions
 from broker.pager import Pager
 from broker.stream import Stream
@@ -193,14 +192,8 @@ async def peek(request: web.Request) -> web.Response:
 
 
 def waiting(q: Queue) -> Iterator[QueuedMessage]:
-    """Like ``Queue.iter_messages`` (delivery order, delayed last), lazily: a peek of a
-    few messages costs that many steps, not a copy of a deep queue."""
-    parts: list[Iterable[QueuedMessage]] = [heapq.nsmallest(len(q._requeued), q._requeued)]
-    if q._lanes:
-        parts += [iter(lane) for lane in reversed(q._lanes)]
-    parts += [iter(q._ready), iter(q._paged)]
-    parts.append(qm for _due, _seq, qm in sorted(q._delayed))
-    return (qm for qm in itertools.chain.from_iterable(parts) if qm.state != GONE)
+    """Waiting messages in delivery order, delayed last, lazily (Queue.iter_waiting)."""
+    return q.iter_waiting()
 
 
 def _death_record(props: dict[str, Any]) -> dict[str, Any] | None:
