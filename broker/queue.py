@@ -19,8 +19,9 @@ of high-priority work.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from broker.message import DELAYED, DELIVERED, GONE, READY, Message, QueuedMessage
@@ -168,6 +169,17 @@ class Queue:
         out = sorted(self._requeued) + lanes + list(self._ready) + list(self._paged)
         out += [qm for _due, _seq, qm in sorted(self._delayed)]
         return [qm for qm in out if qm.state != GONE]
+
+    def iter_waiting(self) -> Iterator[QueuedMessage]:
+        """``iter_messages`` lazily: taking the first few of a deep queue (a peek, a
+        redrive batch) costs that many steps, not a copy of the queue."""
+        parts: list[Iterable[QueuedMessage]] = [heapq.nsmallest(len(self._requeued),
+                                                                self._requeued)]
+        if self._lanes:
+            parts += [iter(lane) for lane in reversed(self._lanes)]
+        parts += [iter(self._ready), iter(self._paged)]
+        parts.append(qm for _due, _seq, qm in sorted(self._delayed))
+        return (qm for qm in itertools.chain.from_iterable(parts) if qm.state != GONE)
 
     def head_ts(self, scan: int = 1000) -> int:
         """Publish time (ms) of the oldest ready message, 0 if none (for the consumer-lag

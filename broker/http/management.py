@@ -1,5 +1,6 @@
 """Management API (JSON under ``/api``): overview, queues, exchanges, bindings,
-connections, consumers; purge, delete, peek and redrive of queues; closing connections.
+connections, consumers; purge, delete, peek, redrive and depth history of queues;
+declaring and deleting exchanges and bindings; closing connections; whoami.
 
 Every endpoint needs the management right (broker.http.common.require_admin). Changes go
 through the broker model like the binary protocol's requests, and answers to durable
@@ -8,15 +9,14 @@ changes wait until they are logged.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from broker.auth import ANONYMOUS, Principal
+from broker.auth import ACTIONS, ANONYMOUS, Principal
 from broker.flow import disk_free, process_rss
 from broker.http.common import (
     committed,
@@ -25,15 +25,18 @@ from broker.http.common import (
     int_query,
     json_object,
     json_response,
+    principal,
     queue_name,
     require_admin,
 )
 from broker.http.gateway import SESSION_ID
-from broker.message import DELAYED, GONE, Message, QueuedMessage
+from broker.http.stats import HISTORY_INTERVAL, HISTORY_SAMPLES, history_row
+from broker.message import DELAYED, Message, QueuedMessage
 from broker.options import QueueOptions
 from broker.pager import Pager
 from broker.stream import Stream
 from protocol import ConveyorError, InvalidArgument, NotFound, QueueFull
+from protocol._checks import NAME_MAX
 
 if TYPE_CHECKING:
     from broker.core import Broker
@@ -56,7 +59,8 @@ def queue_json(c: HttpContext, q: Queue) -> dict[str, Any]:
     return {
         "name": q.name, "durable": q.durable, "exclusive": q.exclusive_owner is not None,
         "auto_delete": q.auto_delete, "arguments": q.arguments,
-        "ready": q.ready, "unacked": q.unacked, "messages": q.ready + q.unacked,
+        # messages: the ready count, as in every listing; ready: the same number (older name)
+        "ready": q.ready, "unacked": q.unacked, "messages": q.ready,
         "delayed": q.delayed, "paged": q.paged, "consumers": len(q.consumers),
         "counters": {"published": q.published, "delivered": q.delivered, "acked": q.acked,
                      "dead_lettered": q.dead_lettered, "expired": q.expired,
@@ -188,14 +192,8 @@ async def peek(request: web.Request) -> web.Response:
 
 
 def waiting(q: Queue) -> Iterator[QueuedMessage]:
-    """Like ``Queue.iter_messages`` (delivery order, delayed last), lazily: a peek of a
-    few messages costs that many steps, not a copy of a deep queue."""
-    parts: list[Iterable[QueuedMessage]] = [heapq.nsmallest(len(q._requeued), q._requeued)]
-    if q._lanes:
-        parts += [iter(lane) for lane in reversed(q._lanes)]
-    parts += [iter(q._ready), iter(q._paged)]
-    parts.append(qm for _due, _seq, qm in sorted(q._delayed))
-    return (qm for qm in itertools.chain.from_iterable(parts) if qm.state != GONE)
+    """Waiting messages in delivery order, delayed last, lazily (Queue.iter_waiting)."""
+    return q.iter_waiting()
 
 
 def _death_record(props: dict[str, Any]) -> dict[str, Any] | None:
@@ -303,15 +301,163 @@ async def redrive(request: web.Request) -> web.Response:
     return json_response(result)
 
 
-# ---------------------------------------------------------------------- the rest
+async def queue_history(request: web.Request) -> web.Response:
+    """The queue's recorded depth/unacked/rates (one row per HISTORY_INTERVAL, the last
+    HISTORY_SAMPLES), then a row for now: a chart has data the moment it opens."""
+    require_admin(request)
+    c = ctx(request)
+    q = _queue(c, queue_name(request))
+    rows = c.stats.history(q.name)
+    rows.append(history_row(time.time() * 1000, q.ready, q.unacked, c.stats.queue(q.name)))
+    return json_response({"queue": q.name, "interval_s": HISTORY_INTERVAL,
+                          "max_samples": HISTORY_SAMPLES, "samples": rows})
+
+
+# ---------------------------------------------------------------------- exchanges, bindings
+def _name(value: Any, what: str, *, empty: bool = False) -> str:
+    """A name from a request: a string of at most NAME_MAX UTF-8 bytes (400 otherwise)."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string", {"field": what})
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} is not valid Unicode text", {"field": what}) from None
+    if size > NAME_MAX or (not value and not empty):
+        raise InvalidArgument(f"{what} must be {0 if empty else 1}..{NAME_MAX} bytes",
+                              {"field": what})
+    return value
+
+
+def _exchange_json(c: HttpContext, name: str) -> dict[str, Any]:
+    for row in c.broker.list("exchanges"):
+        if row["name"] == name:
+            return row
+    raise NotFound(f"no exchange {name!r}", {"exchange": name})
+
+
 async def list_exchanges(request: web.Request) -> web.Response:
     require_admin(request)
     return json_response(ctx(request).broker.list("exchanges"))
 
 
+async def put_exchange(request: web.Request) -> web.Response:
+    """Declare an exchange (idempotent: 200 if it exists with the same settings, 409 if
+    with others), like EXCHANGE_DECLARE."""
+    p = require_admin(request)
+    c = ctx(request)
+    name = _name(request.match_info["name"], "exchange")
+    data = await json_object(request, required=False)
+    unknown = set(data) - {"type", "durable", "auto_delete", "arguments"}
+    if unknown:
+        raise InvalidArgument(f"unknown field {sorted(unknown)[0]!r}")
+    etype = data.get("type", "direct")
+    durable, auto_delete = data.get("durable", True), data.get("auto_delete", False)
+    arguments = data.get("arguments") or {}
+    if not isinstance(etype, str):
+        raise InvalidArgument("type must be a string", {"field": "type"})
+    if type(durable) is not bool or type(auto_delete) is not bool:
+        raise InvalidArgument("durable and auto_delete must be booleans")
+    if not isinstance(arguments, dict):
+        raise InvalidArgument("arguments must be an object")
+    p.require_declare("exchange", name, False)
+    existed = name in c.broker.exchanges
+    c.broker.declare_exchange(name, etype, durable=durable, auto_delete=auto_delete,
+                              arguments=arguments)
+    await committed(c.broker)
+    return json_response(_exchange_json(c, name), status=200 if existed else 201)
+
+
+async def delete_exchange(request: web.Request) -> web.Response:
+    p = require_admin(request)
+    c = ctx(request)
+    name = _name(request.match_info["name"], "exchange")
+    if_unused = request.query.get("if_unused", "false")
+    if if_unused not in ("true", "false"):
+        raise InvalidArgument("if_unused must be true or false", {"if_unused": if_unused})
+    p.require("configure", "exchange", name)
+    c.broker.delete_exchange(name, if_unused=if_unused == "true")
+    await committed(c.broker)
+    return json_response({"exchange": name})
+
+
+async def _binding_request(request: web.Request, data: dict[str, Any]) -> tuple[str, str, str]:
+    unknown = set(data) - {"exchange", "queue", "routing_key"}
+    if unknown:
+        raise InvalidArgument(f"unknown field {sorted(unknown)[0]!r}")
+    for key in ("exchange", "queue"):
+        if key not in data:
+            raise InvalidArgument(f"{key} is required", {"field": key})
+    exchange = _name(data["exchange"], "exchange")
+    queue = _name(data["queue"], "queue")
+    key = _name(data.get("routing_key", ""), "routing_key", empty=True)
+    principal(request).require_bind(exchange, queue)
+    return exchange, queue, key
+
+
+def _bound(c: HttpContext, exchange: str, queue: str, key: str) -> bool:
+    """Is there such a binding? (404 for a missing exchange.)"""
+    return (key, queue) in c.broker.get_exchange(exchange).bindings
+
+
+def _binding_json(exchange: str, queue: str, key: str) -> dict[str, str]:
+    return {"exchange": exchange, "queue": queue, "routing_key": key}
+
+
 async def list_bindings(request: web.Request) -> web.Response:
     require_admin(request)
     return json_response(ctx(request).broker.list("bindings"))
+
+
+async def post_binding(request: web.Request) -> web.Response:
+    """Bind a queue to an exchange (BIND): 201, or 200 if the binding existed."""
+    require_admin(request)
+    c = ctx(request)
+    exchange, queue, key = await _binding_request(request, await json_object(request))
+    existed = _bound(c, exchange, queue, key)
+    c.broker.bind(None, exchange, queue, key)
+    created = not existed
+    await committed(c.broker)
+    return json_response(_binding_json(exchange, queue, key), status=201 if created else 200)
+
+
+async def _unbind(request: web.Request, data: dict[str, Any]) -> web.Response:
+    c = ctx(request)
+    exchange, queue, key = await _binding_request(request, data)
+    if not _bound(c, exchange, queue, key):
+        raise NotFound(f"no binding of {queue!r} to {exchange!r} with key {key!r}",
+                       {"exchange": exchange, "queue": queue, "routing_key": key})
+    c.broker.unbind(None, exchange, queue, key)
+    await committed(c.broker)
+    return json_response(_binding_json(exchange, queue, key))
+
+
+async def delete_binding(request: web.Request) -> web.Response:
+    """DELETE /api/bindings with a JSON body {exchange, queue, routing_key}."""
+    require_admin(request)
+    return await _unbind(request, await json_object(request))
+
+
+async def delete_binding_path(request: web.Request) -> web.Response:
+    """DELETE /api/bindings/{exchange}/{queue}/{key}; the key may be empty (a trailing
+    slash), names are percent-encoded path segments."""
+    require_admin(request)
+    m = request.match_info
+    return await _unbind(request, {"exchange": m["exchange"], "queue": m["queue"],
+                                   "routing_key": m["key"]})
+
+
+# ---------------------------------------------------------------------- the rest
+async def whoami(request: web.Request) -> web.Response:
+    """Who the caller is and what it may do (any caller that authenticates; the
+    dashboard shows it and hides what it may not use)."""
+    p = principal(request)
+    perms = p.permissions
+    may = {a: ["*"] if perms is None else list(getattr(perms, a)) for a in ACTIONS}
+    return json_response({
+        "subject": p.subject, "anonymous": p.anonymous,
+        "management": perms is None or "*" in perms.configure,
+        "permissions": may, "expires_at": p.expires_at,
+    })
 
 
 async def list_consumers(request: web.Request) -> web.Response:
@@ -330,6 +476,9 @@ async def list_connections(request: web.Request) -> web.Response:
         p = protos.get(info["id"])
         s = c.broker.sessions.get(info["id"])
         info = dict(info)
+        # LIST says why credit is withheld in "blocked" ("" if not); JSON: a flag + why
+        info["blocked_reason"] = info["blocked"]
+        info["blocked"] = bool(info["blocked"])
         info["consumers"] = len(s.consumers) if s is not None else 0
         info["unacked"] = len(s.unacked) if s is not None else 0
         info["tls"] = bool(p is not None and p.transport is not None
@@ -359,8 +508,15 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/queues/{name}/purge", purge_queue)
     r.add_get("/api/queues/{name}/peek", peek)
     r.add_post("/api/queues/{name}/redrive", redrive)
+    r.add_get("/api/queues/{name}/history", queue_history)
     r.add_get("/api/exchanges", list_exchanges)
+    r.add_put("/api/exchanges/{name}", put_exchange)
+    r.add_delete("/api/exchanges/{name}", delete_exchange)
     r.add_get("/api/bindings", list_bindings)
+    r.add_post("/api/bindings", post_binding)
+    r.add_delete("/api/bindings", delete_binding)
+    r.add_delete("/api/bindings/{exchange}/{queue}/{key:.*}", delete_binding_path)
+    r.add_get("/api/whoami", whoami)
     r.add_get("/api/consumers", list_consumers)
     r.add_get("/api/connections", list_connections)
     r.add_delete("/api/connections/{id}", close_connection)

@@ -4,6 +4,10 @@ Queues count what they took (``published``), handed out (``delivered``) and had
 acknowledged (``acked``). A sampler task reads them every ``INTERVAL`` seconds and keeps
 per-second rates per queue and broker-wide (a deleted queue's counters just stop
 contributing; rates never go negative).
+
+Every ``HISTORY_INTERVAL`` seconds it also records each queue's depth, unacked count and
+rates over that interval into a bounded ring (``History``), so a chart opened later has
+the last hour at once instead of starting empty.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from array import array
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,6 +24,42 @@ if TYPE_CHECKING:
 INTERVAL = 1.0
 COUNTERS = ("publish", "deliver", "ack")
 ZERO = {"publish": 0.0, "deliver": 0.0, "ack": 0.0}
+HISTORY_INTERVAL = 5.0  # seconds between two history samples of a queue
+HISTORY_SAMPLES = 720  # samples kept per queue: the last hour
+HISTORY_QUEUES = 1000  # queues with a history (8 floats x 720 each, ~35 KiB at most)
+HISTORY_FIELDS = ("t", "messages", "unacked", "publish", "deliver", "ack")
+_WIDTH = len(HISTORY_FIELDS)
+
+
+class _Ring:
+    """The last ``HISTORY_SAMPLES`` rows of one queue in one flat float array: it grows
+    to its bound, then overwrites its oldest row."""
+
+    __slots__ = ("data", "next")
+
+    def __init__(self) -> None:
+        self.data = array("d")
+        self.next = 0  # row to overwrite once full
+
+    def add(self, row: tuple[float, ...]) -> None:
+        if len(self.data) < HISTORY_SAMPLES * _WIDTH:
+            self.data.extend(row)
+            return
+        i = self.next * _WIDTH
+        self.data[i:i + _WIDTH] = array("d", row)
+        self.next = (self.next + 1) % HISTORY_SAMPLES
+
+    def rows(self) -> list[tuple[float, ...]]:
+        d = self.data
+        n = len(d) // _WIDTH
+        order = [(self.next + k) % n for k in range(n)] if n == HISTORY_SAMPLES else range(n)
+        return [tuple(d[i * _WIDTH:(i + 1) * _WIDTH]) for i in order]
+
+
+def history_row(t_ms: float, messages: int, unacked: int,
+                rates: dict[str, float]) -> dict[str, Any]:
+    return {"t": int(t_ms), "messages": messages, "unacked": unacked,
+            **{k: round(rates.get(k, 0.0), 2) for k in COUNTERS}}
 
 
 def _counts(broker: Broker) -> dict[str, tuple[int, int, int]]:
@@ -36,6 +77,9 @@ class Stats:
         self.rates: dict[str, float] = dict(ZERO)
         self._task: asyncio.Task[None] | None = None
         self.on_sample: list[Any] = []  # callables run after each sample (housekeeping)
+        self._rings: dict[str, _Ring] = {}
+        self._hist_last: dict[str, tuple[int, int, int]] = {}
+        self._hist_at = self._at
 
     def sample(self) -> None:
         now = time.monotonic()
@@ -53,11 +97,55 @@ class Stats:
         self.rates = {k: round(v, 2) for k, v in zip(COUNTERS, total, strict=True)}
         self._last = cur
         self._at = now
+        self._record_history(now, cur)
         for fn in self.on_sample:
             fn()
 
     def queue(self, name: str) -> dict[str, float]:
         return self.queue_rates.get(name, dict(ZERO))
+
+    def _record_history(self, now: float, cur: dict[str, tuple[int, int, int]]) -> None:
+        """A row per queue every HISTORY_INTERVAL (rates averaged over the interval); a
+        queue seen for the first time gets its first row at once."""
+        due = now - self._hist_at >= HISTORY_INTERVAL - 1e-3
+        rings = self._rings
+        for gone in [n for n in rings if n not in cur]:
+            del rings[gone]
+            self._hist_last.pop(gone, None)
+        if not due and all(n in rings for n in cur):
+            return
+        wall = time.time() * 1000
+        dt = max(now - self._hist_at, 1e-3)
+        queues = self.broker.queues
+        for name, counts in cur.items():
+            ring = rings.get(name)
+            if ring is None:
+                if len(rings) >= HISTORY_QUEUES:
+                    continue
+                ring = rings[name] = _Ring()
+                rates = self.queue(name)
+                if not due:
+                    self._hist_last[name] = counts
+            elif not due:
+                continue
+            else:
+                prev = self._hist_last.get(name, counts)
+                rates = {k: max(0, c - p) / dt
+                         for k, c, p in zip(COUNTERS, counts, prev, strict=True)}
+            q = queues[name]
+            ring.add((wall, q.ready, q.unacked, rates["publish"], rates["deliver"],
+                      rates["ack"]))
+        if due:
+            self._hist_last = dict(cur)
+            self._hist_at = now
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """The queue's recorded rows, oldest first (empty if it has none)."""
+        ring = self._rings.get(name)
+        if ring is None:
+            return []
+        return [history_row(t, int(m), int(u), dict(zip(COUNTERS, r, strict=True)))
+                for t, m, u, *r in ring.rows()]
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())

@@ -235,3 +235,165 @@ async def test_token_required_from_non_loopback_peers(
     token = await make_token(b, "admin", *ADMIN)
     status, _ = await http(b, "GET", "/api/overview", host=ip, token=token)
     assert status == 200
+
+
+async def test_exchanges_and_bindings_managed_over_http(hb: BrokerProcess) -> None:
+    """PUT/DELETE /api/exchanges/{x}, POST/DELETE /api/bindings: the broker routes by
+    them (a binary client sees the effect), durable ones are logged, bad input is 4xx."""
+    status, ex = await http(hb, "PUT", "/api/exchanges/h-x",
+                            json={"type": "topic", "durable": True})
+    assert (status, ex) == (201, {"name": "h-x", "type": "topic", "durable": True,
+                                  "auto_delete": False, "bindings": 0})
+    assert (await http(hb, "PUT", "/api/exchanges/h-x", json={"type": "topic"}))[0] == 200
+    status, err = await http(hb, "PUT", "/api/exchanges/h-x", json={"type": "fanout"})
+    assert status == 409 and err["error"]["name"] == "precondition-failed"
+    assert (await http(hb, "PUT", "/api/queues/h-q"))[0] == 201
+    status, b = await http(hb, "POST", "/api/bindings",
+                           json={"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"})
+    assert (status, b) == (201, {"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"})
+    assert (await http(hb, "POST", "/api/bindings",
+                       json={"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"}))[0] == 200
+    assert (await http(hb, "POST", "/api/bindings",
+                       json={"exchange": "h-x", "queue": "h-q"}))[0] == 201  # key ""
+    _s, listed = await http(hb, "GET", "/api/bindings")
+    assert {"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"} in listed
+    conn = await connect(hb.url)
+    try:
+        await conn.publish("h-x", "a.b", b"routed")
+        info = await queue_info(conn, "h-q")
+        assert info is not None and info["messages"] == 1
+    finally:
+        await conn.close()
+    # Bad inputs: typed 4xx, never 500.
+    for method, path, body, want in [
+        ("PUT", "/api/exchanges/h-y", {"type": "nope"}, 400),
+        ("PUT", "/api/exchanges/h-y", {"durable": "yes"}, 400),
+        ("PUT", "/api/exchanges/h-y", {"type": 3}, 400),
+        ("PUT", "/api/exchanges/h-y", {"what": 1}, 400),
+        ("PUT", "/api/exchanges/h-y", {"arguments": {"x": 1}}, 400),
+        ("PUT", "/api/exchanges/amq.mine", {}, 403),
+        ("PUT", "/api/exchanges/" + "x" * 256, {}, 400),
+        ("DELETE", "/api/exchanges/amq.topic", None, 403),
+        ("DELETE", "/api/exchanges/h-missing", None, 404),
+        ("DELETE", "/api/exchanges/h-x?if_unused=maybe", None, 400),
+        ("DELETE", "/api/exchanges/h-x?if_unused=true", None, 409),
+        ("POST", "/api/bindings", {"exchange": "h-x"}, 400),
+        ("POST", "/api/bindings", {"exchange": "h-x", "queue": 1}, 400),
+        ("POST", "/api/bindings", {"exchange": "h-x", "queue": "h-q", "routing_key": None}, 400),
+        ("POST", "/api/bindings", {"exchange": "h-x", "queue": "h-q", "x": 1}, 400),
+        ("POST", "/api/bindings", {"exchange": "h-x", "queue": "nope"}, 404),
+        ("POST", "/api/bindings", {"exchange": "nope", "queue": "h-q"}, 404),
+        ("POST", "/api/bindings", {"exchange": "", "queue": "h-q"}, 400),
+        ("POST", "/api/bindings", None, 400),
+        ("DELETE", "/api/bindings", {"exchange": "h-x", "queue": "h-q", "routing_key": "zz"}, 404),
+        ("DELETE", "/api/bindings/nope/h-q/k", None, 404),
+    ]:
+        status, err = await http(hb, method, path, json=body)
+        assert status == want, (method, path, body, status, err)
+        assert isinstance(err, dict) and err["error"]["code"] >= 400, err
+    # Unbind both ways: the body form and the path form (empty key: trailing slash).
+    status, b = await http(hb, "DELETE", "/api/bindings",
+                           json={"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"})
+    assert (status, b["routing_key"]) == (200, "a.*")
+    assert (await http(hb, "DELETE", "/api/bindings/h-x/h-q/"))[0] == 200
+    _s, listed = await http(hb, "GET", "/api/bindings")
+    assert [x for x in listed if x["exchange"] == "h-x"] == []
+    status, body = await http(hb, "DELETE", "/api/exchanges/h-x?if_unused=true")
+    assert (status, body) == (200, {"exchange": "h-x"})
+    _s, exchanges = await http(hb, "GET", "/api/exchanges")
+    assert "h-x" not in [e["name"] for e in exchanges]
+
+
+async def test_durable_exchange_and_binding_from_http_survive_a_restart(
+        broker_factory: Callable[..., BrokerProcess]) -> None:
+    b = broker_factory("--http-port", "0")
+    assert (await http(b, "PUT", "/api/exchanges/d-x", json={"type": "fanout"}))[0] == 201
+    assert (await http(b, "PUT", "/api/queues/d-q"))[0] == 201
+    assert (await http(b, "POST", "/api/bindings",
+                       json={"exchange": "d-x", "queue": "d-q"}))[0] == 201
+    b.kill()  # kill -9: the answers above waited for the log
+    b.start()
+    _s, exchanges = await http(b, "GET", "/api/exchanges")
+    assert {"name": "d-x", "type": "fanout", "durable": True, "auto_delete": False,
+            "bindings": 1} in exchanges
+    _s, bindings = await http(b, "GET", "/api/bindings")
+    assert {"exchange": "d-x", "queue": "d-q", "routing_key": ""} in bindings
+
+
+async def test_queue_arguments_on_create_and_messages_is_the_ready_count(
+        hb: BrokerProcess) -> None:
+    args = {"max_length": 5, "overflow": "reject-publish", "message_ttl_ms": 60000,
+            "dead_letter_exchange": "amq.fanout", "max_priority": 4,
+            "single_active_consumer": True, "delivery_limit": 3}
+    status, q = await http(hb, "PUT", "/api/queues/a-q", json={"arguments": args})
+    assert status == 201 and q["arguments"] == args
+    assert q["settings"]["max_length"] == 5 and q["settings"]["overflow"] == "reject-publish"
+    status, err = await http(hb, "PUT", "/api/queues/a-bad",
+                             json={"arguments": {"max_priority": "high"}})
+    assert status == 400, err
+    status, err = await http(hb, "PUT", "/api/queues/a-bad2", json={"arguments": {"zz": 1}})
+    assert status == 400, err
+    conn = await connect(hb.url)
+    try:
+        for i in range(3):
+            await conn.publish("", "a-q", f"m{i}".encode())
+        consumer = await conn.consume("a-q", prefetch=1)
+        await take(consumer, 1)
+        _s, q = await http(hb, "GET", "/api/queues/a-q")
+        # One name for depth: messages is the ready count (as in LIST and mq-cli).
+        assert (q["messages"], q["ready"], q["unacked"]) == (2, 2, 1)
+    finally:
+        await conn.close()
+
+
+async def test_connections_blocked_is_a_boolean_with_a_reason(hb: BrokerProcess) -> None:
+    conn = await connect(hb.url, name="flag")
+    try:
+        _s, [c] = await http(hb, "GET", "/api/connections")
+        assert c["blocked"] is False and c["blocked_reason"] == ""
+    finally:
+        await conn.close()
+
+
+async def test_queue_history_from_the_broker(hb: BrokerProcess) -> None:
+    """The broker keeps depth samples: a queue that existed before the page opened has
+    points at once, the newest being now."""
+    from broker.http.stats import HISTORY_INTERVAL
+    conn = await connect(hb.url)
+    try:
+        await conn.declare_queue("h-depth")
+        for i in range(4):
+            await conn.publish("", "h-depth", f"m{i}".encode())
+
+        async def two_points() -> bool:
+            _s, h = await http(hb, "GET", "/api/queues/h-depth/history")
+            return len(h["samples"]) >= 2
+
+        await wait_until(two_points, timeout=5, interval=0.3)
+        status, h = await http(hb, "GET", "/api/queues/h-depth/history")
+        assert status == 200 and h["queue"] == "h-depth"
+        assert h["interval_s"] == HISTORY_INTERVAL and h["max_samples"] >= 720
+        t = [s["t"] for s in h["samples"]]
+        assert t == sorted(t)
+        assert h["samples"][-1]["messages"] == 4 and h["samples"][-1]["unacked"] == 0
+        assert set(h["samples"][0]) == {"t", "messages", "unacked", "publish", "deliver", "ack"}
+        status, err = await http(hb, "GET", "/api/queues/nope/history")
+        assert status == 404 and err["error"]["name"] == "not-found"
+    finally:
+        await conn.close()
+
+
+async def test_whoami(hb: BrokerProcess) -> None:
+    status, me = await http(hb, "GET", "/api/whoami")
+    assert (status, me) == (200, {"subject": "anonymous", "anonymous": True,
+                                  "management": True, "expires_at": 0,
+                                  "permissions": {"configure": ["*"], "write": ["*"],
+                                                  "read": ["*"]}})
+    token = await make_token(hb, "reader", "--read", "logs.*", "--write", "logs.in")
+    status, me = await http(hb, "GET", "/api/whoami", token=token)
+    assert status == 200 and me["subject"] == "reader" and me["anonymous"] is False
+    assert me["management"] is False
+    assert me["permissions"] == {"configure": [], "write": ["logs.in"], "read": ["logs.*"]}
+    assert isinstance(me["expires_at"], int) and me["expires_at"] >= 0
+    status, _err = await http(hb, "PUT", "/api/exchanges/logs.x", token=token)
+    assert status == 403

@@ -106,8 +106,19 @@ def test_schema_lists_every_route() -> None:
             "/queues/{queue}/messages", "/queues/{queue}/messages/{receipt_handle}",
             "/queues/{queue}/messages/{receipt_handle}/visibility",
             "/queues/{queue}/messages/batch", "/queues/{queue}/messages/batch-delete",
-            "/exchanges/{exchange}/messages", "/metrics", "/"} <= paths
-    assert len(OPERATIONS) == 20
+            "/exchanges/{exchange}/messages", "/metrics", "/", "/api/queues/{name}/history",
+            "/api/exchanges/{name}", "/api/bindings/{exchange}/{queue}/{key}",
+            "/api/whoami"} <= paths
+    assert len(OPERATIONS) == 27
+
+
+def test_queue_declare_documents_every_queue_argument() -> None:
+    """PUT /api/queues/{name} takes the queue arguments of spec/protocol.toml."""
+    import tomllib
+    raw = schemathesis.openapi.from_path(SPEC).raw_schema
+    documented = raw["components"]["schemas"]["QueueDeclare"]["properties"]["arguments"]
+    toml = tomllib.loads((SPEC.parent / "protocol.toml").read_text())
+    assert set(documented["properties"]) == set(toml["queue_arguments"])
 
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: op.label)
@@ -156,6 +167,18 @@ def test_known_objects_conform(http_broker: BrokerProcess) -> None:
                                          body={"arguments": {"max_priority": 3}}),
         op["POST /api/queues/{name}/purge"].Case(headers=h, path_parameters={"name": "st-new"}),
         op["DELETE /api/queues/{name}"].Case(headers=h, path_parameters={"name": "st-new"}),
+        op["GET /api/queues/{name}/history"].Case(path_parameters={"name": "st-q"}),
+        op["PUT /api/exchanges/{name}"].Case(headers=h, path_parameters={"name": "st-x2"},
+                                            body={"type": "fanout", "auto_delete": False}),
+        op["POST /api/bindings"].Case(headers=h, body={"exchange": "st-x2", "queue": "st-q",
+                                                       "routing_key": "k"}),
+        op["POST /api/bindings"].Case(headers=h, body={"exchange": "st-x2", "queue": "st-q"}),
+        op["DELETE /api/bindings"].Case(headers=h, body={"exchange": "st-x2", "queue": "st-q",
+                                                         "routing_key": "k"}),
+        op["DELETE /api/bindings/{exchange}/{queue}/{key}"].Case(
+            headers=h, path_parameters={"exchange": "st-x2", "queue": "st-q", "key": ""}),
+        op["DELETE /api/exchanges/{name}"].Case(headers=h, path_parameters={"name": "st-x2"}),
+        op["GET /api/whoami"].Case(),
     ]
     for case in cases:
         response = case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=10)
@@ -176,6 +199,8 @@ DRIFT_CASES = [
     ("/api/bindings", "/api/bindings", 200),
     ("/api/consumers", "/api/consumers", 200),
     ("/api/connections", "/api/connections", 200),
+    ("/api/queues/{name}/history", "/api/queues/st-q/history", 200),
+    ("/api/whoami", "/api/whoami", 200),
     ("/api/queues/{name}/peek", "/api/queues/st-dlq/peek?count=2", 200),
     ("/queues/{queue}/messages", "/queues/st-gw/messages?batch_size=1", 200),
 ]
