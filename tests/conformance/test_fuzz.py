@@ -660,7 +660,7 @@ def test_hostile_inputs_do_not_hurt_the_broker_or_a_good_client(
 # A second, cheaper fuzzer: frames of spec/vectors/frames.json mutated at random (no
 # Hypothesis shrinking), many per connection, over many connections, so a long run can
 # push millions of frames. Default: CONVEYOR_FUZZ_FRAMES (20000) frames within
-# CONVEYOR_FUZZ_FRAMES_SECONDS (60 s). The integrator's long run:
+# CONVEYOR_FUZZ_FRAMES_SECONDS (60 s). The long run:
 #   CONVEYOR_FUZZ_FRAMES=1000000 CONVEYOR_FUZZ_FRAMES_SECONDS=7200 pytest -s -k mutated
 # It reports tracebacks and "Fatal error on transport" lines in the broker log (both must
 # be 0), the broker's RSS before and after, and the bystander client's confirm p99.
