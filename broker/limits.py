@@ -229,14 +229,7 @@ class QueueOwners:
             self.per_subject[subject] = self.per_subject.get(subject, 0) + 1
 
     def remove(self, queue: str) -> None:
-        subject = self.owner.pop(queue, None)
-        if subject is None:
-            return
-        n = self.per_subject[subject] - 1
-        if n:
-            self.per_subject[subject] = n
-        else:
-            del self.per_subject[subject]
+        _uncount(self.per_subject, self.owner.pop(queue, None))
 
 
 def connection_subject(subject: str, anonymous: bool, peer_ip: str,
@@ -350,11 +343,15 @@ class ConnectionCounter:
         self.per_subject[subject] = n + 1
 
     def release(self, key: object) -> None:
-        subject = self._subjects.pop(key, None)
-        if subject is None:
-            return
-        n = self.per_subject[subject] - 1
-        if n:
-            self.per_subject[subject] = n
-        else:
-            del self.per_subject[subject]
+        _uncount(self.per_subject, self._subjects.pop(key, None))
+
+
+def _uncount(per_subject: dict[str, int], subject: str | None) -> None:
+    """One fewer for ``subject`` (None: it was never counted); zero counts are removed."""
+    if subject is None:
+        return
+    n = per_subject[subject] - 1
+    if n:
+        per_subject[subject] = n
+    else:
+        del per_subject[subject]
