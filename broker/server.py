@@ -369,6 +369,7 @@ class BrokerProtocol(asyncio.Protocol):
         self._close_reason = self._close_reason or str(exc)
         self.broker.count_error(exc.code)
         self.conn.fail()
+        self._flush_session()  # replies to earlier requests go first: nothing after ERROR
         self._write([Error(0, exc.code, exc.message, exc.details)])
         self._shutdown_transport()
 
@@ -385,13 +386,16 @@ class BrokerProtocol(asyncio.Protocol):
     def _shutdown_transport(self) -> None:
         self._closing = True
         self.conn.fail()
+        self._flush_session()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _flush_session(self) -> None:
         if self.session is not None:
             try:
                 self.session.flush()
             except Exception:  # the failure that closes it; already logged by the pump
                 log.debug("flush while closing %s failed", self.peer, exc_info=True)
-        if self.transport is not None:
-            self.transport.close()
 
     # ------------------------------------------------------------------ timers
     def _handshake_expired(self) -> None:

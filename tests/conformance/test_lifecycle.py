@@ -146,3 +146,19 @@ def test_shutdown_when_client_never_answers_close(broker_factory: Any, tmp_path:
         assert c.expect_closed(timeout=5.0) == []  # we never answer CLOSE_OK
         assert b.proc.wait(10) == 0
         assert time.monotonic() - start < 5.0
+
+
+def test_replies_queued_before_a_fatal_error_go_out_before_it(broker: BrokerProcess) -> None:
+    """A reply the server owed for an earlier request of the same write goes out before
+    the fatal ERROR, never after it (section 6: ERROR rid 0 fatal is the last frame)."""
+    for _ in range(20):  # one write each: the reply is still queued when the fatal frame is read
+        c = open_conn(broker.port)
+        request = wire.encode("queue_declare", 6, "no-such-queue", False, False, False, True, {})
+        # sequence numbers past 2^64-1: a fatal 501 raised while the batch is handled
+        overflow = wire.encode("publish_batch", (1 << 64) - 1, [["", "q", {}, b"m", False]] * 2)
+        c.send(request + overflow)
+        frames = c.expect_closed()
+        kinds = [(f.kind, f["rid"], f["code"]) for f in frames if f.kind == "error"]
+        assert kinds[-1][1] == 0 and kinds[-1][2] in wire.FATAL_CODES, kinds
+        assert ("error", 6, wire.code("not-found")) in kinds[:-1], kinds
+        c.sock.close()
