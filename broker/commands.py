@@ -129,6 +129,11 @@ def publish(
     return (_P, mid, queues, exchange, routing_key, properties, body, ts)
 
 
+# The (queue, [ids]) records, passed as functions by callers that pick one per batch
+# (Broker.log_ids): a module attribute costs less than an enum member lookup.
+IdsRecord = Callable[[str, list[int]], Record]
+
+
 def deliver(queue: str, ids: list[int]) -> Record:
     return (_D, queue, ids)
 
@@ -141,10 +146,18 @@ def requeue(queue: str, ids: list[int]) -> Record:
     return (_R, queue, ids)
 
 
-def ids(op: Op, queue: str, mids: list[int]) -> Record:
-    """The (queue, [ids]) record of ``op``: Op.DELIVER, Op.ACK or Op.REQUEUE (for
-    callers that pick one per batch)."""
-    return (op._value_, queue, mids)
+def publish_run(mid: int, queues: list[str], messages: Iterable[Message]) -> list[Record]:
+    """``publish`` records of the persistent ones among ``messages`` (a publish run with
+    the same targets), numbered from ``mid``, each message's id set to its number: one
+    call per run, so the per-message cost is the tuple's alone."""
+    out: list[Record] = []
+    append = out.append
+    for m in messages:
+        if m.persistent:
+            m.id = mid
+            append((_P, mid, queues, m.exchange, m.routing_key, m.properties, m.body, m.ts))
+            mid += 1
+    return out
 
 
 def stream_entry(message: Message) -> tuple[int, str, str, dict[str, Any], bytes]:

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from broker import commands
-from broker.commands import Op
 from broker.counters import LatencyHistogram
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
 from broker.flow import FlowControl
@@ -497,16 +496,9 @@ class Broker:
             if q.logged:
                 logged.append(q.name)
         if logged:
-            append = self.journal.append
-            publish = commands.publish
-            mid = self.next_message_id
-            for m in messages:
-                if m.persistent:
-                    m.id = mid
-                    append(publish(mid, logged, m.exchange, m.routing_key, m.properties,
-                                   m.body, m.ts))
-                    mid += 1
-            self.next_message_id = mid
+            records = commands.publish_run(self.next_message_id, logged, messages)
+            self.journal.extend(records)
+            self.next_message_id += len(records)
 
     def _enforce_limit(self, q: Queue) -> None:
         """max_length / max_length_bytes with drop-head: the oldest go (dead-lettered)."""
@@ -545,7 +537,7 @@ class Broker:
                                   extra={"event": "message.dead_letter_failed",
                                          "queue": q.name, "reason": reason})
         if q.logged:
-            self.log_ids(Op.ACK, q, qms)
+            self.log_ids(commands.ack, q, qms)
 
     def _dead_letter_one(self, q: Queue, qm: QueuedMessage, dlx: str, reason: str,
                          now: int) -> None:
@@ -768,7 +760,7 @@ class Broker:
         queue.requeue(qms)
         self.wake(queue)
         if queue.logged:
-            self.log_ids(Op.REQUEUE, queue, qms)
+            self.log_ids(commands.requeue, queue, qms)
 
     def reject(self, queue: Queue, qms: list[QueuedMessage]) -> None:
         """Delivered messages refused without requeue: dead-lettered (or dropped)."""
@@ -777,12 +769,13 @@ class Broker:
             qm.state = GONE
         self.dead_letter(queue, qms, "rejected")
 
-    def log_ids(self, op: Op, queue: Queue, qms: list[QueuedMessage]) -> None:
-        """Log delivered (Op.DELIVER), gone (Op.ACK) or requeued (Op.REQUEUE) messages
-        of a logged queue."""
+    def log_ids(self, record: commands.IdsRecord, queue: Queue,
+                qms: list[QueuedMessage]) -> None:
+        """Log delivered (commands.deliver), gone (commands.ack) or requeued
+        (commands.requeue) messages of a logged queue."""
         ids = [qm.message.id for qm in qms if qm.message.id]
         if ids and not queue.deleted:
-            self.journal.append(commands.ids(op, queue.name, ids))
+            self.journal.append(record(queue.name, ids))
 
     # ------------------------------------------------------------------ pump
     def pump_input(self) -> None:

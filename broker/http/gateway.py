@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from broker import commands
 from broker.auth import Principal
-from broker.commands import Op
 from broker.flow import take_http
 from broker.http.common import (
     HttpContext,
@@ -280,7 +280,7 @@ class Gateway:
         if found and q is not None:
             q.ack(len(found))
             if q.logged:
-                self.broker.log_ids(Op.ACK, q, found)
+                self.broker.log_ids(commands.ack, q, found)
             self.broker.pump()
         return ok
 

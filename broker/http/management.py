@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from broker import commands
 from broker.auth import ANONYMOUS, Principal
-from broker.commands import Op
 from broker.flow import disk_free, process_rss
 from broker.http.common import (
     committed,
@@ -279,7 +279,7 @@ def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int,
                 props.pop("delay", None)
                 broker.enqueue(Message("", dest, props, body, m.size), [dest])
                 if source.remove(qm) and source.logged:
-                    broker.log_ids(Op.ACK, source, [qm])
+                    broker.log_ids(commands.ack, source, [qm])
                 moved += 1
                 continue
         skipped += 1

@@ -86,9 +86,9 @@ CASES: list[tuple[Any, tuple[Any, ...]]] = [
     (commands.deliver("q", [1, 2]), ("d", "q", [1, 2])),
     (commands.ack("q", [3]), ("a", "q", [3])),
     (commands.requeue("q", [4, 5]), ("r", "q", [4, 5])),
-    (commands.ids(Op.DELIVER, "q", [1]), ("d", "q", [1])),
-    (commands.ids(Op.ACK, "q", [1]), ("a", "q", [1])),
-    (commands.ids(Op.REQUEUE, "q", [1]), ("r", "q", [1])),
+    *[(r, ("p", 4 + i, ["q1"], "x", "k", {}, b"b%d" % i, 9)) for i, r in enumerate(
+        commands.publish_run(4, ["q1"], [Message("x", "k", {}, b"b%d" % i, ts=9)
+                                         for i in range(2)]))],
 ]
 
 
