@@ -31,9 +31,10 @@ Streams are not in this log: a stream's segments are its own log (:func:`stream_
 builds an appended item) and a consumer group's committed offsets are a file of their
 own (:func:`group_offsets`); neither has an op code.
 
-The constructors return plain tuples whose op is a plain ``str`` (the enum's value): they
-are on the publish and deliver paths and cost what the literal tuple did, and msgpack
-writes the same bytes as before.
+The constructors are plain functions returning tuples whose op is a plain ``str`` (the
+enum's value), so msgpack writes the bytes the literal tuples gave before. They are on
+the publish and deliver paths: a publish run takes one ``publish_run`` call, deliveries
+and acks one call per batch (``Broker.log_ids``), never an enum lookup per record.
 """
 
 from __future__ import annotations
