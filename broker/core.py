@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from broker import commands
 from broker.counters import LatencyHistogram
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
 from broker.flow import FlowControl
@@ -216,7 +217,7 @@ class Broker:
                            arguments=arguments)
         self.exchanges[name] = ex
         if durable:
-            self._log([("xd", name, etype, auto_delete, arguments)])
+            self._log([commands.exchange_declare(name, etype, auto_delete, arguments)])
         return ex
 
     def delete_exchange(self, name: str, *, if_unused: bool = False) -> None:
@@ -235,7 +236,7 @@ class Broker:
                 q.bindings.discard((ex.name, key))
         del self.exchanges[ex.name]
         if ex.durable:
-            self._log([("xr", ex.name)])
+            self._log([commands.exchange_delete(ex.name)])
 
     # ------------------------------------------------------------------ queues
     def declare_queue(
@@ -300,7 +301,7 @@ class Broker:
                 s.exclusive_queues.add(name)
         if durable and not exclusive and self.durable:
             q.logged = True
-            self._log([("qd", name, auto_delete, arguments)])
+            self._log([commands.queue_declare(name, auto_delete, arguments)])
         # Exclusive queues (often one per short-lived RPC client) only at debug level.
         log.log(logging.DEBUG if exclusive else logging.INFO, "queue %r declared", name,
                 extra={"event": "queue.declared", "queue": name, "durable": durable,
@@ -355,7 +356,7 @@ class Broker:
             if s is not None:
                 s.exclusive_queues.discard(q.name)
         elif q.logged:
-            self._log([("qr", q.name)])
+            self._log([commands.queue_delete(q.name)])
         return n
 
     def purge_queue(self, session_id: str | None, name: str) -> int:
@@ -368,7 +369,7 @@ class Broker:
         n = q.purge()
         self._drop_timers(q, q.purged_timers)
         if q.logged:
-            self._log([("qp", name, now)])
+            self._log([commands.queue_purge(name, now)])
         return n
 
     # ------------------------------------------------------------------ bindings
@@ -385,7 +386,7 @@ class Broker:
         if ex.bind(key, queue):
             q.bindings.add((exchange, key))
             if ex.durable and q.logged:
-                self._log([("b", exchange, queue, key)])
+                self._log([commands.bind(exchange, queue, key)])
 
     def unbind(self, session_id: str | None, exchange: str, queue: str, key: str = "") -> None:
         if not exchange:
@@ -395,7 +396,7 @@ class Broker:
         if ex.unbind(key, queue):
             q.bindings.discard((exchange, key))
             if ex.durable and q.logged:
-                self._log([("u", exchange, queue, key)])
+                self._log([commands.unbind(exchange, queue, key)])
             self._maybe_autodelete_exchange(ex)
 
     def _maybe_autodelete_exchange(self, ex: Exchange) -> None:
@@ -469,8 +470,9 @@ class Broker:
             mid = self.next_message_id
             self.next_message_id = mid + 1
             message.id = mid
-            self.journal.append(("p", mid, logged, message.exchange, message.routing_key,
-                                 message.properties, message.body, message.ts))
+            self.journal.append(commands.publish(mid, logged, message.exchange,
+                                                 message.routing_key, message.properties,
+                                                 message.body, message.ts))
         return n
 
     def enqueue_many(self, messages: list[Message], queue_names: Iterable[str],
@@ -494,15 +496,9 @@ class Broker:
             if q.logged:
                 logged.append(q.name)
         if logged:
-            journal = self.journal
-            mid = self.next_message_id
-            for m in messages:
-                if m.persistent:
-                    m.id = mid
-                    journal.append(("p", mid, logged, m.exchange, m.routing_key,
-                                    m.properties, m.body, m.ts))
-                    mid += 1
-            self.next_message_id = mid
+            records = commands.publish_run(self.next_message_id, logged, messages)
+            self.journal.extend(records)
+            self.next_message_id += len(records)
 
     def _enforce_limit(self, q: Queue) -> None:
         """max_length / max_length_bytes with drop-head: the oldest go (dead-lettered)."""
@@ -541,7 +537,7 @@ class Broker:
                                   extra={"event": "message.dead_letter_failed",
                                          "queue": q.name, "reason": reason})
         if q.logged:
-            self.log_ids("a", q, qms)
+            self.log_ids(commands.ack, q, qms)
 
     def _dead_letter_one(self, q: Queue, qm: QueuedMessage, dlx: str, reason: str,
                          now: int) -> None:
@@ -764,7 +760,7 @@ class Broker:
         queue.requeue(qms)
         self.wake(queue)
         if queue.logged:
-            self.log_ids("r", queue, qms)
+            self.log_ids(commands.requeue, queue, qms)
 
     def reject(self, queue: Queue, qms: list[QueuedMessage]) -> None:
         """Delivered messages refused without requeue: dead-lettered (or dropped)."""
@@ -773,11 +769,13 @@ class Broker:
             qm.state = GONE
         self.dead_letter(queue, qms, "rejected")
 
-    def log_ids(self, op: str, queue: Queue, qms: list[QueuedMessage]) -> None:
-        """Log delivered ('d'), acked ('a') or requeued ('r') messages of a logged queue."""
+    def log_ids(self, record: commands.IdsRecord, queue: Queue,
+                qms: list[QueuedMessage]) -> None:
+        """Log delivered (commands.deliver), gone (commands.ack) or requeued
+        (commands.requeue) messages of a logged queue."""
         ids = [qm.message.id for qm in qms if qm.message.id]
         if ids and not queue.deleted:
-            self.journal.append((op, queue.name, ids))
+            self.journal.append(record(queue.name, ids))
 
     # ------------------------------------------------------------------ pump
     def pump_input(self) -> None:

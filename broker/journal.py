@@ -1,29 +1,8 @@
-"""The commands a durable broker logs, and how recovery replays them.
+"""How recovery replays the logged commands (broker.commands) and what a snapshot holds.
 
-Each command is a msgpack array whose first element names it:
-
-====  =======================================  ==========================================
-op    fields                                   effect
-====  =======================================  ==========================================
-xd    name, type, auto_delete, arguments       exchange declared (durable)
-xr    name                                     exchange deleted
-qd    name, auto_delete, arguments             queue declared (durable, not exclusive)
-qr    name                                     queue deleted
-qp    name, time                               queue purged at ``time`` (ms): ready messages
-                                               removed (not unacked or still delayed ones)
-b     exchange, queue, key                     binding added
-u     exchange, queue, key                     binding removed
-p     id, [queues], exchange, key, props,      persistent message enqueued on those queues
-      body, ts                                 (ts: publish time in ms; delay/TTL count from it)
-d     queue, [ids]                             messages delivered (delivery count + 1)
-a     queue, [ids]                             messages acked or discarded (gone)
-r     queue, [ids]                             messages requeued (ready again)
-====  =======================================  ==========================================
-
-The same commands are what a replicated queue would ship to followers. Recovery applies
-them to a ``Replay`` (per queue: message id -> state, in publish order), then builds the
-broker; messages that were delivered and not acked come back ready, flagged redelivered,
-with their delivery count.
+Recovery applies a snapshot and then the commands logged after it to a ``Replay`` (per
+queue: message id -> state, in publish order), then builds the broker; messages that were
+delivered and not acked come back ready, flagged redelivered, with their delivery count.
 """
 
 from __future__ import annotations
@@ -33,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from broker.commands import Entry, apply
 from broker.exchange import make_exchange
 from broker.message import GONE, Message, QueuedMessage
 from broker.pager import Pager
@@ -45,20 +25,13 @@ log = logging.getLogger("conveyor.recovery")
 
 
 @dataclass
-class _Entry:
-    message: Message
-    count: int = 0
-    unacked: bool = False
-
-
-@dataclass
 class Replay:
     """State rebuilt from a snapshot plus commands; applied to a Broker at the end."""
 
     exchanges: dict[str, tuple[str, bool, dict[str, Any]]] = field(default_factory=dict)
     queues: dict[str, tuple[bool, dict[str, Any]]] = field(default_factory=dict)
     bindings: set[tuple[str, str, str]] = field(default_factory=set)
-    messages: dict[str, dict[int, _Entry]] = field(default_factory=dict)
+    messages: dict[str, dict[int, Entry]] = field(default_factory=dict)
     next_id: int = 1
     commands: int = 0
     # queue -> message_id -> publish time, for queues with a dedup window
@@ -114,72 +87,15 @@ class Replay:
                     self.lost += 1
                     continue
                 # held: a consumer had it unacked (a later purge must keep it)
-                table[mid] = _Entry(body, count, bool(held and held[0]))
+                table[mid] = Entry(body, count, bool(held and held[0]))
 
     # ------------------------------------------------------------------ commands
     def apply(self, batch: list[list[Any]]) -> None:
+        """Apply a batch of decoded commands in order, each through commands.APPLY (the
+        table a follower would use too); an unknown op is a ValueError."""
         for cmd in batch:
             self.commands += 1
-            op = cmd[0]
-            if op == "p":
-                _, mid, queues, exchange, rk, props, body, *rest = cmd
-                ts = rest[0] if rest else 0
-                m = self._new_message(mid, exchange, rk, props, body, ts)
-                msg_id = props.get("message_id") if props else None
-                if mid >= self.next_id:
-                    self.next_id = mid + 1
-                for q in queues:
-                    table = self.messages.get(q)
-                    if table is not None:
-                        table[mid] = _Entry(m)
-                        if msg_id is not None and self.queues[q][1].get("dedup_window_ms"):
-                            self.dedup.setdefault(q, {})[msg_id] = ts
-            elif op == "a":
-                table = self.messages.get(cmd[1])
-                if table is not None:
-                    for mid in cmd[2]:
-                        table.pop(mid, None)
-            elif op == "d":
-                table = self.messages.get(cmd[1])
-                if table is not None:
-                    for mid in cmd[2]:
-                        e = table.get(mid)
-                        if e is not None:
-                            e.count += 1
-                            e.unacked = True
-            elif op == "r":
-                table = self.messages.get(cmd[1])
-                if table is not None:
-                    for mid in cmd[2]:
-                        e = table.get(mid)
-                        if e is not None:
-                            e.unacked = False
-            elif op == "qp":
-                table = self.messages.get(cmd[1])
-                if table is not None:
-                    at = cmd[2] if len(cmd) > 2 else 0
-                    for mid in [k for k, e in table.items()
-                                if not e.unacked and not _delayed_at(e.message, at)]:
-                        del table[mid]
-            elif op == "xd":
-                self.exchanges[cmd[1]] = (cmd[2], cmd[3], cmd[4])
-            elif op == "xr":
-                self.exchanges.pop(cmd[1], None)
-                self.bindings = {b for b in self.bindings if b[0] != cmd[1]}
-            elif op == "qd":
-                self.queues[cmd[1]] = (cmd[2], cmd[3])
-                self.messages.setdefault(cmd[1], {})
-            elif op == "qr":
-                self.queues.pop(cmd[1], None)
-                self.messages.pop(cmd[1], None)
-                self.dedup.pop(cmd[1], None)
-                self.bindings = {b for b in self.bindings if b[1] != cmd[1]}
-            elif op == "b":
-                self.bindings.add((cmd[1], cmd[2], cmd[3]))
-            elif op == "u":
-                self.bindings.discard((cmd[1], cmd[2], cmd[3]))
-            else:
-                raise ValueError(f"unknown log command {op!r}")
+            apply(self, cmd)
 
     # ------------------------------------------------------------------ result
     def build(self, broker: Broker) -> int:
@@ -238,12 +154,6 @@ class Replay:
         for q, qm in spent:
             broker.dead_letter(q, [qm], "delivery-limit")
         return total
-
-
-def _delayed_at(m: Message, at: int) -> bool:
-    """Still invisible (its delay not over) at ``at`` ms, as Queue.release decides."""
-    delay: int = (m.properties.get("delay") or 0) if at and m.properties else 0
-    return bool(delay) and m.ts + delay > at
 
 
 SnapshotMessage = tuple[int, str, str, dict[str, Any], int, Any]

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 
+from broker import commands
 from broker.auth import ANONYMOUS, Principal
 from broker.core import Broker
 from broker.flow import PublisherFlow
@@ -328,7 +329,7 @@ class Session:
                 for qm in gone:
                     qm.state = GONE
                 if q.logged:
-                    self.broker.log_ids("a", q, gone)
+                    self.broker.log_ids(commands.ack, q, gone)
 
     def _encode_deliveries(self, tag: str, entries: list[list[Any]], sizes: list[int]) -> None:
         """DELIVER for one message, else DELIVER_BATCH frames that each fit the frame cap."""
@@ -632,7 +633,7 @@ class Session:
             if dl and (not self.min_deadline or dl < self.min_deadline):
                 self.min_deadline = dl
         if queue.logged:
-            broker.log_ids("a" if no_ack else "d", queue, batch)
+            broker.log_ids(commands.ack if no_ack else commands.deliver, queue, batch)
             broker.deliveries_logged = True
         self._deliveries.append((consumer, payload, sizes))
         self.pending_bytes += sum(sizes)
@@ -771,7 +772,7 @@ class Session:
                 return
             q.ack(1)
             if q.logged:
-                self.broker.log_ids("a", q, [qm])
+                self.broker.log_ids(commands.ack, q, [qm])
             return
         if not settled:
             return
@@ -795,7 +796,7 @@ class Session:
                 continue
             q.ack(len(qms))
             if q.logged:
-                self.broker.log_ids("a", q, qms)
+                self.broker.log_ids(commands.ack, q, qms)
 
     def _refuse(self, settled: list[Unacked], requeue: bool) -> None:
         by_queue: dict[Queue, list[QueuedMessage]] = {}
@@ -991,7 +992,7 @@ class Session:
             taken = [qm for _t, qm in out]
             broker.latency.observe_batch(taken, broker.clock())
             if q.logged:
-                broker.log_ids("a" if no_ack else "d", q, taken)
+                broker.log_ids(commands.ack if no_ack else commands.deliver, q, taken)
         return out
 
     # ------------------------------------------------------------------ lifecycle

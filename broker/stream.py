@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from broker.commands import group_offsets, stream_entry
 from broker.message import DELIVERED, Message, QueuedMessage
 from broker.queue import DISPATCH_BYTES, Consumer, Queue
 from broker.stream_store import Entry, StreamLog
@@ -229,9 +230,7 @@ class Stream(Queue):
 
     # ------------------------------------------------------------------ append
     def append(self, message: Message) -> None:
-        body = message.body if message.body is not None else b""
-        self._pending.append((message.ts, message.exchange, message.routing_key,
-                              message.properties, body))
+        self._pending.append(stream_entry(message))
         self.published += 1
         self.owner.pending.add(self)
 
@@ -499,7 +498,7 @@ class Stream(Queue):
         if not self.groups_dirty or self._saving or self.deleted:
             return
         self.groups_dirty = False
-        offsets = {n: g.committed for n, g in self.groups.items()}
+        offsets = group_offsets((n, g.committed) for n, g in self.groups.items())
         data = msgpack.packb(offsets)
         path = self._groups_path()
         loop: asyncio.AbstractEventLoop | None = None

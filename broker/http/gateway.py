@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from broker import commands
 from broker.auth import Principal
 from broker.flow import take_http
 from broker.http.common import (
@@ -279,7 +280,7 @@ class Gateway:
         if found and q is not None:
             q.ack(len(found))
             if q.logged:
-                self.broker.log_ids("a", q, found)
+                self.broker.log_ids(commands.ack, q, found)
             self.broker.pump()
         return ok
 

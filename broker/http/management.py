@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from broker import commands
 from broker.auth import ACTIONS, ANONYMOUS, Principal
 from broker.flow import disk_free, process_rss
 from broker.http.common import (
@@ -276,7 +277,7 @@ def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int,
                 props.pop("delay", None)
                 broker.enqueue(Message("", dest, props, body, m.size), [dest])
                 if source.remove(qm) and source.logged:
-                    broker.log_ids("a", source, [qm])
+                    broker.log_ids(commands.ack, source, [qm])
                 moved += 1
                 continue
         skipped += 1
