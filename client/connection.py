@@ -45,53 +45,34 @@ from client.topology import QueueInfo as QueueInfo
 from client.topology import _TopologyMixin
 from client.url import URL, parse_url
 from protocol import (
-    Bind,
-    Cancel,
     Cancelled,
     Close,
     CloseOk,
     Confirm,
-    Consume,
     ConsumeOk,
     ConveyorError,
     Deliver,
     DeliverBatch,
     DeliverRun,
     Error,
-    ExchangeDeclare,
-    ExchangeDelete,
     Frame,
-    Get,
-    GetOk,
-    List,
-    ListOk,
-    MessageCountOk,
-    Ok,
     PublishCredit,
-    QueueDeclare,
-    QueueDeclareOk,
-    QueueDelete,
-    QueuePurge,
     Return,
-    Unbind,
     UnexpectedFrame,
     encode,
     error_for_code,
 )
 from protocol import Heartbeat as HeartbeatFrame
+from protocol.limits import REPLY_CLASSES
 
 # (Body, Entry, OutgoingMessage and QueueInfo are imported "as" themselves: re-exported
 # for importers of this module, where they were defined before the split.)
 
 log = logging.getLogger("conveyor.client")
 
-# The reply each request frame gets (spec/protocol.toml, "Reply:"), besides ERROR: a reply
+# The reply each request frame gets besides ERROR ([replies] in spec/protocol.toml): a reply
 # is matched by request id *and* type, so a stray frame cannot complete the wrong request.
-_REPLIES: dict[type[Frame], type[Frame]] = {
-    ExchangeDeclare: Ok, ExchangeDelete: Ok, QueueDeclare: QueueDeclareOk,
-    QueueDelete: MessageCountOk, QueuePurge: MessageCountOk, Bind: Ok, Unbind: Ok,
-    List: ListOk, Consume: ConsumeOk, Cancel: Ok, Get: GetOk,
-}
+_REPLIES: dict[type[Frame], type[Frame]] = REPLY_CLASSES
 
 
 def _no_loop() -> asyncio.Future[Any]:
