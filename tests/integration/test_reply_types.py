@@ -74,7 +74,7 @@ async def test_a_reply_of_the_wrong_type_fails_its_request(broker: BrokerProcess
     port = await relay.start()
     conn: client.Connection = await connect(f"mq://127.0.0.1:{port}")
     try:
-        with pytest.raises(UnexpectedFrame, match="ok in reply to request .*queue_declare_ok"):
+        with pytest.raises(UnexpectedFrame, match=r"ok in reply to request .*queue_declare_ok"):
             await asyncio.wait_for(conn.declare_queue("q1", durable=False), WAIT)
         assert relay.rewritten == 1
         # Only that request failed: the connection still serves requests and replies.
