@@ -63,6 +63,7 @@ from protocol import (
     error_for_code,
 )
 from protocol import Heartbeat as HeartbeatFrame
+from protocol.connection import check_fields
 from protocol.limits import REPLY_CLASSES
 
 # (Body, Entry, OutgoingMessage and QueueInfo are imported "as" themselves: re-exported
@@ -536,6 +537,9 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         deadline = time.monotonic() + timeout
         await self._ready(deadline, internal)
         rid: int = frame.rid  # type: ignore[attr-defined]
+        # A field the broker's decoder would refuse (a 1,000-byte queue name) fails here
+        # with LocalProtocolError: sent, it would be a fatal 501 that closes the connection.
+        check_fields(frame)
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._requests[rid] = (fut, _REPLIES[type(frame)])
         self._send(encode(frame))

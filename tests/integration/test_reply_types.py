@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 import client
-from protocol import Ok, QueueDeclareOk, UnexpectedFrame, encode
+from protocol import LocalProtocolError, Ok, QueueDeclareOk, UnexpectedFrame, encode
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect
 
@@ -84,3 +84,20 @@ async def test_a_reply_of_the_wrong_type_fails_its_request(broker: BrokerProcess
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
         await relay.stop()
+
+
+async def test_a_request_the_broker_would_refuse_fails_locally(broker: BrokerProcess) -> None:
+    """A queue name over 255 bytes is refused by the client (LocalProtocolError, nothing
+    sent) instead of reaching the broker as a malformed frame that closes the connection."""
+    conn: client.Connection = await connect(broker.url)
+    try:
+        with pytest.raises(LocalProtocolError, match=r"queue_declare\.queue: longer than 255"):
+            await asyncio.wait_for(conn.declare_queue("q" * 1000, durable=False), WAIT)
+        with pytest.raises(LocalProtocolError, match=r"bind\.routing_key"):
+            await asyncio.wait_for(conn.bind("amq.fanout", "q", "k" * 256), WAIT)
+        info = await asyncio.wait_for(conn.declare_queue("q" * 255, durable=False), WAIT)
+        assert info.name == "q" * 255
+        assert conn.is_open
+    finally:
+        await asyncio.wait_for(conn.close(), WAIT)
+    assert "malformed" not in broker.log_text()
