@@ -92,10 +92,11 @@ def check_fields(frame: Frame) -> None:
 class Connection:
     """One side of a Conveyor connection: validates the stream and tracks its state.
 
-    ``receive_data`` returns the frames the application must act on; ``send`` returns the
-    bytes to write. Both raise ``ProtocolError`` subclasses (MalformedFrame,
-    FrameTooLarge, UnexpectedFrame, UnsupportedVersion) whose ``code`` the server puts in
-    its ERROR frame.
+    ``receive_data`` returns the frames the application must act on and raises
+    ``RemoteProtocolError`` subclasses (MalformedFrame, FrameTooLarge, UnexpectedFrame,
+    UnsupportedVersion) whose ``code`` the server puts in its ERROR frame. ``send``
+    returns the bytes to write and raises ``LocalProtocolError`` (nothing to write, state
+    unchanged) for a frame this side may not send.
     """
 
     __slots__ = ("_decoder", "_preamble", "peer_minor", "role", "send_limit", "state")
