@@ -18,7 +18,7 @@ from typing import Any
 
 from broker import flow, limits
 from protocol import DEFAULT_PORT
-from protocol._generated import (
+from protocol.limits import (
     HEARTBEAT_MS_DEFAULT,
     MAX_FRAME_SIZE_CEILING,
     MAX_FRAME_SIZE_DEFAULT,

@@ -50,18 +50,17 @@ from protocol import (
     OpenOk,
     ResourceError,
     UnexpectedFrame,
-    encode_fields,
     encode_many,
 )
 from protocol import Heartbeat as HeartbeatFrame
-from protocol._generated import (
+from protocol.connection import Connection, Role, State
+from protocol.limits import (
     HEARTBEAT_MS_FLOOR,
     MAX_FRAME_SIZE_FLOOR,
     MAX_FRAME_SIZE_PREAUTH,
     VERSION_MAJOR,
     VERSION_MINOR,
 )
-from protocol.connection import Connection, Role, State
 
 log = logging.getLogger("conveyor.server")
 VERSION = "0.1.0"
@@ -234,11 +233,9 @@ class BrokerProtocol(asyncio.Protocol):
 
     def _write_since(self, frame: Hello | OpenOk) -> None:
         """HELLO / OPEN_OK without their 1.2 trailing field to a client older than 1.2
-        (strict receivers refuse extra fields: spec/PROTOCOL.md section 18)."""
-        fields = frame.to_wire()
-        if self.conn.peer_minor < 2:
-            fields = fields[:-1]
-        self._write_chunks([encode_fields(frame.TYPE, fields)])
+        (strict receivers refuse extra fields: spec/PROTOCOL.md section 18). Through the
+        state machine's send, so they are checked (state, fields) and OPEN_OK opens it."""
+        self._write_chunks([self.conn.send(frame, trim=1 if self.conn.peer_minor < 2 else 0)])
 
     def _mechanisms(self) -> list[str]:
         """HELLO's list: a certificate identity AUTHs with mechanism "anonymous" (the
@@ -288,8 +285,7 @@ class BrokerProtocol(asyncio.Protocol):
                 compression = "zstd"
         ok = OpenOk(sid, frame_max, hb, compression, self.session.max_message_size)
         self.server.handshakes.done(self)  # authenticated: no longer sheddable
-        self.conn.send(ok)  # advances the state machine to OPEN
-        self._write_since(ok)
+        self._write_since(ok)  # advances the state machine to OPEN
         if compression:  # both directions: COMPRESSED frames after OPEN_OK
             self.conn.compression = True
             self.session.compress = True

@@ -75,9 +75,9 @@ from protocol import (
     encode_run,
 )
 from protocol import Consume as ConsumeFrame
-from protocol._generated import MESSAGE_FRAME_OVERHEAD
 from protocol.codec import check_frames, oversized_frames
 from protocol.errors import LocalProtocolError
+from protocol.limits import MESSAGE_FRAME_OVERHEAD
 
 log = logging.getLogger("conveyor.session")
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack

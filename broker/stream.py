@@ -40,8 +40,7 @@ from broker.message import DELIVERED, Message, QueuedMessage
 from broker.queue import DISPATCH_BYTES, Consumer, Queue
 from broker.stream_store import Entry, StreamLog
 from protocol import InvalidArgument
-from protocol._checks import NAME_MAX, U64_MAX
-from protocol._generated import CONSUME_ARGUMENT_TYPES
+from protocol.limits import CONSUME_ARGUMENT_TYPES, NAME_MAX, U64_MAX
 
 if TYPE_CHECKING:
     from broker.session import Session

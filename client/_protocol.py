@@ -24,6 +24,7 @@ from client.message import Message, Origin
 from protocol import (
     Auth,
     Close,
+    Compressed,
     Confirm,
     ConveyorError,
     Deliver,
@@ -34,14 +35,14 @@ from protocol import (
     Hello,
     OpenOk,
     PublishCredit,
+    UnexpectedFrame,
     error_for_code,
 )
 from protocol import Heartbeat as HeartbeatFrame
-from protocol._checks import U16_MAX, U32_MAX, U64_MAX
-from protocol._generated import NAME_FAST, STR_FAST, Compressed, UnexpectedFrame, check_props
-from protocol.codec import HEADER, _unpack_body, inflate
+from protocol.codec import HEADER, inflate, unpack_body
 from protocol.connection import Connection as WireConnection
 from protocol.connection import Role, State
+from protocol.limits import NAME_FAST, STR_FAST, U16_MAX, U32_MAX, U64_MAX, check_props
 
 if TYPE_CHECKING:
     from client.connection import Connection
@@ -301,7 +302,7 @@ class _Protocol(asyncio.Protocol):
         return None
 
     def _deliver_batch(self, body: bytes | bytearray) -> _Deliveries | DeliverBatch:
-        f = _unpack_body(body, DeliverBatch.NAME)
+        f = unpack_body(body, DeliverBatch.NAME)
         if type(f) is list and len(f) == 2 and type(f[1]) is list:
             fast = self._fast_deliveries(f[0], f[1])
             if fast is not None:
@@ -309,7 +310,7 @@ class _Protocol(asyncio.Protocol):
         return DeliverBatch.from_wire(f)
 
     def _deliver(self, body: bytes | bytearray) -> _Deliveries | Deliver:
-        f = _unpack_body(body, Deliver.NAME)
+        f = unpack_body(body, Deliver.NAME)
         if type(f) is list and len(f) == 8:
             fast = self._fast_deliveries(f[0], [f[1:]])
             if fast is not None:
@@ -319,7 +320,7 @@ class _Protocol(asyncio.Protocol):
     def _deliver_run(self, body: bytes | bytearray) -> _Deliveries | DeliverRun:
         """DELIVER_RUN (1.1): first deliveries sharing exchange, routing key, properties.
         Each message gets its own copy of the properties, as a DELIVER_BATCH entry has."""
-        f = _unpack_body(body, DeliverRun.NAME)
+        f = unpack_body(body, DeliverRun.NAME)
         if type(f) is list and len(f) == 6:
             tag, first, ex, rk, props, bodies = f
             if (type(tag) is str and len(tag) <= NAME_FAST and type(first) is int
@@ -336,7 +337,7 @@ class _Protocol(asyncio.Protocol):
         return DeliverRun.from_wire(f)
 
     def _compressed(self, body: bytes | bytearray) -> _Deliveries | DeliverBatch | DeliverRun:
-        f = Compressed.from_wire(_unpack_body(body, Compressed.NAME))
+        f = Compressed.from_wire(unpack_body(body, Compressed.NAME))
         if not self.compress:
             raise UnexpectedFrame("COMPRESSED frame but compression was not negotiated")
         data = inflate(f.data, self.max_frame_size) if f.inner_type in (
@@ -348,7 +349,7 @@ class _Protocol(asyncio.Protocol):
         raise UnexpectedFrame(f"COMPRESSED may not carry frame type {f.inner_type:#04x}")
 
     def _confirm(self, body: bytes | bytearray) -> _Confirmed | Confirm:
-        f = _unpack_body(body, Confirm.NAME)
+        f = unpack_body(body, Confirm.NAME)
         if type(f) is list and len(f) == 5:
             a0, a1, a2, a3, a4 = f
             if (type(a0) is int and 0 <= a0 <= U64_MAX and type(a1) is int

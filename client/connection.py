@@ -45,53 +45,35 @@ from client.topology import QueueInfo as QueueInfo
 from client.topology import _TopologyMixin
 from client.url import URL, parse_url
 from protocol import (
-    Bind,
-    Cancel,
     Cancelled,
     Close,
     CloseOk,
     Confirm,
-    Consume,
     ConsumeOk,
     ConveyorError,
     Deliver,
     DeliverBatch,
     DeliverRun,
     Error,
-    ExchangeDeclare,
-    ExchangeDelete,
     Frame,
-    Get,
-    GetOk,
-    List,
-    ListOk,
-    MessageCountOk,
-    Ok,
     PublishCredit,
-    QueueDeclare,
-    QueueDeclareOk,
-    QueueDelete,
-    QueuePurge,
     Return,
-    Unbind,
     UnexpectedFrame,
     encode,
     error_for_code,
 )
 from protocol import Heartbeat as HeartbeatFrame
+from protocol.connection import check_fields
+from protocol.limits import REPLY_CLASSES
 
 # (Body, Entry, OutgoingMessage and QueueInfo are imported "as" themselves: re-exported
 # for importers of this module, where they were defined before the split.)
 
 log = logging.getLogger("conveyor.client")
 
-# The reply each request frame gets (spec/protocol.toml, "Reply:"), besides ERROR: a reply
+# The reply each request frame gets besides ERROR ([replies] in spec/protocol.toml): a reply
 # is matched by request id *and* type, so a stray frame cannot complete the wrong request.
-_REPLIES: dict[type[Frame], type[Frame]] = {
-    ExchangeDeclare: Ok, ExchangeDelete: Ok, QueueDeclare: QueueDeclareOk,
-    QueueDelete: MessageCountOk, QueuePurge: MessageCountOk, Bind: Ok, Unbind: Ok,
-    List: ListOk, Consume: ConsumeOk, Cancel: Ok, Get: GetOk,
-}
+_REPLIES: dict[type[Frame], type[Frame]] = REPLY_CLASSES
 
 
 def _no_loop() -> asyncio.Future[Any]:
@@ -555,6 +537,9 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         deadline = time.monotonic() + timeout
         await self._ready(deadline, internal)
         rid: int = frame.rid  # type: ignore[attr-defined]
+        # A field the broker's decoder would refuse (a 1,000-byte queue name) fails here
+        # with LocalProtocolError: sent, it would be a fatal 501 that closes the connection.
+        check_fields(frame)
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._requests[rid] = (fut, _REPLIES[type(frame)])
         self._send(encode(frame))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from client.errors import ConsumerCancelled
 from client.message import Message
 from protocol import ConveyorError
-from protocol._checks import U64_MAX
+from protocol.limits import U64_MAX
 
 if TYPE_CHECKING:
     from client.connection import Connection

@@ -39,7 +39,7 @@ from protocol import (
 )
 from protocol import Nack as NackFrame
 from protocol import Reject as RejectFrame
-from protocol._checks import U64_MAX
+from protocol.limits import U64_MAX
 
 if TYPE_CHECKING:
     from client.connection import Connection

@@ -37,7 +37,7 @@ from protocol import (
     encode_run,
     error_for_code,
 )
-from protocol._checks import U64_MAX
+from protocol.limits import U64_MAX
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 

@@ -29,6 +29,7 @@ from protocol.errors import (
     FatalError,
     LocalProtocolError,
     ProtocolError,
+    RemoteProtocolError,
     RequestError,
     error_for_code,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "Frame",
     "LocalProtocolError",
     "ProtocolError",
+    "RemoteProtocolError",
     "RequestError",
     "check_frames",
     "compress_frame",

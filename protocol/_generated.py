@@ -6,6 +6,7 @@ DO NOT EDIT: run ``python tools/gen_protocol.py`` after changing the spec.
 # ruff: noqa
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -13,7 +14,7 @@ from protocol._checks import (
     NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_binlist, check_bool, check_bytes,
     check_list, check_str, check_strlist, check_table, check_tablelist, check_uint, fail,
 )
-from protocol.errors import FatalError, ProtocolError, RequestError
+from protocol.errors import FatalError, RemoteProtocolError, RequestError
 
 _tuple_new = tuple.__new__
 NAME_FAST = NAME_MAX // 4  # strings this short cannot exceed the byte limit
@@ -157,7 +158,7 @@ class RateLimited(RequestError):
     origin = 'peer'
 
 
-class MalformedFrame(ProtocolError):
+class MalformedFrame(RemoteProtocolError):
     """Bad preamble, bad msgpack, wrong field count or field type, unknown frame type."""
 
     code = 501
@@ -167,7 +168,7 @@ class MalformedFrame(ProtocolError):
     origin = 'peer'
 
 
-class FrameTooLarge(ProtocolError):
+class FrameTooLarge(RemoteProtocolError):
     """A frame's length field exceeds the negotiated maximum frame size."""
 
     code = 502
@@ -177,7 +178,7 @@ class FrameTooLarge(ProtocolError):
     origin = 'peer'
 
 
-class UnexpectedFrame(ProtocolError):
+class UnexpectedFrame(RemoteProtocolError):
     """A valid frame not allowed in the current connection state or direction."""
 
     code = 503
@@ -187,7 +188,7 @@ class UnexpectedFrame(ProtocolError):
     origin = 'peer'
 
 
-class UnsupportedVersion(ProtocolError):
+class UnsupportedVersion(RemoteProtocolError):
     """The preamble asks for a protocol version the server does not speak."""
 
     code = 505
@@ -2116,3 +2117,127 @@ FRAME_TYPES: dict[int, type[Frame]] = {
 
 CLIENT_FRAMES: frozenset[int] = frozenset({0x02, 0x04, 0x05, 0x06, 0x09, 0x10, 0x11, 0x12, 0x14, 0x15, 0x17, 0x18, 0x19, 0x20, 0x21, 0x25, 0x30, 0x32, 0x34, 0x37, 0x38, 0x39, 0x3a, 0x3c})
 SERVER_FRAMES: frozenset[int] = frozenset({0x01, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x13, 0x16, 0x1a, 0x22, 0x23, 0x24, 0x31, 0x33, 0x35, 0x36, 0x3d, 0x3b})
+
+
+# ------------------------------------------------------------------ lifecycle
+
+
+class Role(enum.Enum):
+    """Which side of the connection a state machine runs for."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    """Connection states (spec/PROTOCOL.md section 6)."""
+
+    AWAIT_PREAMBLE = 'await-preamble'  # server: waiting for the 8 preamble bytes
+    AWAIT_AUTH = 'await-auth'  # server: HELLO sent, waiting for AUTH
+    AUTHENTICATING = 'authenticating'  # server: AUTH received, deciding; no client frame may arrive
+    AWAIT_HELLO = 'await-hello'  # client: preamble sent, waiting for HELLO
+    AUTH_PIPELINED = 'auth-pipelined'  # client: AUTH sent with the preamble, before HELLO arrived (section 4); waiting for HELLO
+    HELLO_RECEIVED = 'hello-received'  # client: HELLO received, AUTH not yet sent
+    AWAIT_OPEN_OK = 'await-open-ok'  # client: AUTH sent, waiting for OPEN_OK
+    OPEN = 'open'  # both: normal operation
+    CLOSING = 'closing'  # both: this side sent CLOSE, waiting for CLOSE_OK
+    CLOSE_RECEIVED = 'close-received'  # both: the peer sent CLOSE, this side must answer CLOSE_OK
+    CLOSED = 'closed'  # both: nothing more is sent or decoded; close the transport
+
+# (role, state) -> frame types that may be received
+RECEIVE_ALLOWED: dict[tuple[Role, State], frozenset[int]] = {
+    (Role.SERVER, State.AWAIT_PREAMBLE): frozenset(),
+    (Role.SERVER, State.AWAIT_AUTH): frozenset({Auth.TYPE}),
+    (Role.SERVER, State.AUTHENTICATING): frozenset(),
+    (Role.SERVER, State.OPEN): frozenset({Heartbeat.TYPE, Close.TYPE, CloseOk.TYPE, Compressed.TYPE, ExchangeDeclare.TYPE, ExchangeDelete.TYPE, QueueDeclare.TYPE, QueueDelete.TYPE, QueuePurge.TYPE, Bind.TYPE, Unbind.TYPE, List.TYPE, Publish.TYPE, PublishBatch.TYPE, PublishRun.TYPE, Consume.TYPE, Cancel.TYPE, Credit.TYPE, Ack.TYPE, Nack.TYPE, Reject.TYPE, Get.TYPE, Extend.TYPE}),
+    (Role.CLIENT, State.AWAIT_HELLO): frozenset({Hello.TYPE, Error.TYPE}),
+    (Role.CLIENT, State.AUTH_PIPELINED): frozenset({Hello.TYPE, Error.TYPE}),
+    (Role.CLIENT, State.HELLO_RECEIVED): frozenset({Error.TYPE}),
+    (Role.CLIENT, State.AWAIT_OPEN_OK): frozenset({OpenOk.TYPE, Close.TYPE, Error.TYPE}),
+    (Role.CLIENT, State.OPEN): frozenset({Heartbeat.TYPE, Close.TYPE, CloseOk.TYPE, Error.TYPE, Ok.TYPE, Compressed.TYPE, QueueDeclareOk.TYPE, MessageCountOk.TYPE, ListOk.TYPE, Confirm.TYPE, Return.TYPE, PublishCredit.TYPE, ConsumeOk.TYPE, Cancelled.TYPE, Deliver.TYPE, DeliverBatch.TYPE, DeliverRun.TYPE, GetOk.TYPE}),
+    (Role.SERVER, State.CLOSING): frozenset({Close.TYPE, CloseOk.TYPE}),
+    (Role.CLIENT, State.CLOSING): frozenset({Close.TYPE, CloseOk.TYPE}),
+    (Role.SERVER, State.CLOSE_RECEIVED): frozenset(),
+    (Role.CLIENT, State.CLOSE_RECEIVED): frozenset(),
+    (Role.SERVER, State.CLOSED): frozenset(),
+    (Role.CLIENT, State.CLOSED): frozenset(),
+}
+
+# (role, state) -> frame types that may be sent (anything else: LocalProtocolError)
+SEND_ALLOWED: dict[tuple[Role, State], frozenset[int]] = {
+    (Role.SERVER, State.AWAIT_PREAMBLE): frozenset({Error.TYPE}),
+    (Role.SERVER, State.AWAIT_AUTH): frozenset({Hello.TYPE, Error.TYPE}),
+    (Role.SERVER, State.AUTHENTICATING): frozenset({OpenOk.TYPE, Error.TYPE}),
+    (Role.SERVER, State.OPEN): frozenset({Heartbeat.TYPE, Close.TYPE, CloseOk.TYPE, Error.TYPE, Ok.TYPE, Compressed.TYPE, QueueDeclareOk.TYPE, MessageCountOk.TYPE, ListOk.TYPE, Confirm.TYPE, Return.TYPE, PublishCredit.TYPE, ConsumeOk.TYPE, Cancelled.TYPE, Deliver.TYPE, DeliverBatch.TYPE, DeliverRun.TYPE, GetOk.TYPE}),
+    (Role.SERVER, State.CLOSING): frozenset({CloseOk.TYPE}),
+    (Role.SERVER, State.CLOSE_RECEIVED): frozenset({Heartbeat.TYPE, CloseOk.TYPE, Error.TYPE, Ok.TYPE, Compressed.TYPE, QueueDeclareOk.TYPE, MessageCountOk.TYPE, ListOk.TYPE, Confirm.TYPE, Return.TYPE, PublishCredit.TYPE, ConsumeOk.TYPE, Cancelled.TYPE, Deliver.TYPE, DeliverBatch.TYPE, DeliverRun.TYPE, GetOk.TYPE}),
+    (Role.CLIENT, State.AWAIT_HELLO): frozenset({Auth.TYPE}),
+    (Role.CLIENT, State.AUTH_PIPELINED): frozenset(),
+    (Role.CLIENT, State.HELLO_RECEIVED): frozenset({Auth.TYPE}),
+    (Role.CLIENT, State.AWAIT_OPEN_OK): frozenset(),
+    (Role.CLIENT, State.OPEN): frozenset({Heartbeat.TYPE, Close.TYPE, CloseOk.TYPE, Compressed.TYPE, ExchangeDeclare.TYPE, ExchangeDelete.TYPE, QueueDeclare.TYPE, QueueDelete.TYPE, QueuePurge.TYPE, Bind.TYPE, Unbind.TYPE, List.TYPE, Publish.TYPE, PublishBatch.TYPE, PublishRun.TYPE, Consume.TYPE, Cancel.TYPE, Credit.TYPE, Ack.TYPE, Nack.TYPE, Reject.TYPE, Get.TYPE, Extend.TYPE}),
+    (Role.CLIENT, State.CLOSING): frozenset({CloseOk.TYPE}),
+    (Role.CLIENT, State.CLOSE_RECEIVED): frozenset({CloseOk.TYPE}),
+    (Role.SERVER, State.CLOSED): frozenset(),
+    (Role.CLIENT, State.CLOSED): frozenset(),
+}
+
+# (role, state) where a frame not allowed is dropped instead of refused
+RECEIVE_DROPS: frozenset[tuple[Role, State]] = frozenset({(Role.SERVER, State.CLOSING), (Role.CLIENT, State.CLOSING)})
+
+# (role, state, received frame type) -> next state
+ON_RECEIVE: dict[tuple[Role, State, int], State] = {
+    (Role.SERVER, State.AWAIT_AUTH, Auth.TYPE): State.AUTHENTICATING,
+    (Role.CLIENT, State.AWAIT_HELLO, Hello.TYPE): State.HELLO_RECEIVED,
+    (Role.CLIENT, State.AUTH_PIPELINED, Hello.TYPE): State.AWAIT_OPEN_OK,
+    (Role.CLIENT, State.AWAIT_OPEN_OK, OpenOk.TYPE): State.OPEN,
+    (Role.CLIENT, State.AWAIT_OPEN_OK, Close.TYPE): State.CLOSE_RECEIVED,
+    (Role.SERVER, State.OPEN, Close.TYPE): State.CLOSE_RECEIVED,
+    (Role.CLIENT, State.OPEN, Close.TYPE): State.CLOSE_RECEIVED,
+    (Role.SERVER, State.CLOSING, CloseOk.TYPE): State.CLOSED,
+    (Role.CLIENT, State.CLOSING, CloseOk.TYPE): State.CLOSED,
+    (Role.SERVER, State.CLOSING, Close.TYPE): State.CLOSING,
+    (Role.CLIENT, State.CLOSING, Close.TYPE): State.CLOSING,
+}
+
+# (role, state, sent frame type) -> next state
+ON_SEND: dict[tuple[Role, State, int], State] = {
+    (Role.SERVER, State.AUTHENTICATING, OpenOk.TYPE): State.OPEN,
+    (Role.CLIENT, State.AWAIT_HELLO, Auth.TYPE): State.AUTH_PIPELINED,
+    (Role.CLIENT, State.HELLO_RECEIVED, Auth.TYPE): State.AWAIT_OPEN_OK,
+    (Role.SERVER, State.OPEN, Close.TYPE): State.CLOSING,
+    (Role.CLIENT, State.OPEN, Close.TYPE): State.CLOSING,
+    (Role.SERVER, State.CLOSE_RECEIVED, CloseOk.TYPE): State.CLOSED,
+    (Role.CLIENT, State.CLOSE_RECEIVED, CloseOk.TYPE): State.CLOSED,
+}
+
+
+# ------------------------------------------------------------------ replies
+# request frame type -> the frame type of its success reply (besides ERROR)
+REPLIES: dict[int, int] = {
+    ExchangeDeclare.TYPE: Ok.TYPE,
+    ExchangeDelete.TYPE: Ok.TYPE,
+    QueueDeclare.TYPE: QueueDeclareOk.TYPE,
+    QueueDelete.TYPE: MessageCountOk.TYPE,
+    QueuePurge.TYPE: MessageCountOk.TYPE,
+    Bind.TYPE: Ok.TYPE,
+    Unbind.TYPE: Ok.TYPE,
+    List.TYPE: ListOk.TYPE,
+    Consume.TYPE: ConsumeOk.TYPE,
+    Cancel.TYPE: Ok.TYPE,
+    Get.TYPE: GetOk.TYPE,
+}
+
+REPLY_CLASSES: dict[type[Frame], type[Frame]] = {
+    ExchangeDeclare: Ok,
+    ExchangeDelete: Ok,
+    QueueDeclare: QueueDeclareOk,
+    QueueDelete: MessageCountOk,
+    QueuePurge: MessageCountOk,
+    Bind: Ok,
+    Unbind: Ok,
+    List: ListOk,
+    Consume: ConsumeOk,
+    Cancel: Ok,
+    Get: GetOk,
+}

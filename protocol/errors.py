@@ -11,6 +11,9 @@ Two axes, as the spec's error table says:
   the request fails (:class:`RequestError`).
 * ``origin``: ``"peer"`` (the sender of the request made a mistake) or ``"server"``
   (ours); ``retriable`` says whether the same request may later succeed.
+
+Protocol violations are :class:`ProtocolError`: :class:`RemoteProtocolError` when the peer
+broke the spec, :class:`LocalProtocolError` when this side was about to.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "FatalError",
     "LocalProtocolError",
     "ProtocolError",
+    "RemoteProtocolError",
     "RequestError",
     "error_for_code",
 ]
@@ -90,18 +94,35 @@ class FatalError(ConveyorError):
     fatal = True
 
 
-class ProtocolError(FatalError):
-    """The byte stream broke the protocol (bad frame, size, state or version).
+class ProtocolError(ConveyorError):
+    """The protocol was broken; the subclass says by whom, so the right side is blamed.
 
-    Raised by the sans-IO decoder; the receiving side answers with an ERROR frame
-    carrying ``code`` and closes the connection.
+    :class:`RemoteProtocolError`: the peer broke it (our decoder caught it; the receiving
+    side answers with a fatal ERROR). :class:`LocalProtocolError`: this side was about to
+    break it (``Connection.send`` refused; nothing was sent and the connection is intact).
     """
 
 
-class LocalProtocolError(Exception):
-    """This side was about to break the protocol (e.g. send a frame over the peer's
-    max_frame_size). Not a wire error: nothing was sent, and the peer is not to blame;
-    the caller must not send the frame (spec/PROTOCOL.md section 5, "Size cap")."""
+class RemoteProtocolError(ProtocolError, FatalError):
+    """The peer's byte stream broke the protocol (bad frame, size, state or version).
+
+    Raised by the sans-IO decoder and state machine; the receiving side answers with an
+    ERROR frame carrying ``code`` and closes the connection. The generated 501/502/503/505
+    classes (``MalformedFrame`` ...) derive from it.
+    """
+
+
+class LocalProtocolError(ProtocolError):
+    """This side was about to break the protocol: a frame not allowed in this state or in
+    this direction, a field outside its limits, a frame over the peer's max_frame_size.
+
+    Not a wire error (code 0, never sent): nothing was written and the state is unchanged,
+    so the peer is not to blame and the connection stays usable; the caller must not send
+    the frame (spec/PROTOCOL.md sections 5 and 6)."""
+
+    code = 0
+    name = "local-protocol-error"
+    origin = "local"
 
 
 def error_for_code(

@@ -210,6 +210,7 @@ def gen_python(spec: dict[str, Any]) -> str:
         "# ruff: noqa",
         "from __future__ import annotations",
         "",
+        "import enum",
         "from dataclasses import dataclass, field",
         "from typing import Any, ClassVar, NamedTuple",
         "",
@@ -217,7 +218,7 @@ def gen_python(spec: dict[str, Any]) -> str:
         "    NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_binlist, check_bool, check_bytes,",
         "    check_list, check_str, check_strlist, check_table, check_tablelist, check_uint, fail,",
         ")",
-        "from protocol.errors import FatalError, ProtocolError, RequestError",
+        "from protocol.errors import FatalError, RemoteProtocolError, RequestError",
         "",
         "_tuple_new = tuple.__new__",
         "NAME_FAST = NAME_MAX // 4  # strings this short cannot exceed the byte limit",
@@ -247,7 +248,7 @@ def gen_python(spec: dict[str, Any]) -> str:
         if cls == "NotImplemented":
             cls = "NotImplementedByServer"
         if e.get("protocol_error"):
-            base = "ProtocolError"
+            base = "RemoteProtocolError"
         elif e["fatal"]:
             base = "FatalError"
         else:
@@ -349,8 +350,151 @@ def gen_python(spec: dict[str, Any]) -> str:
         f"{fr['code']:#04x}" for fr in spec["frame"] if fr["direction"] in ("client", "both")) + "})"]
     lines += ["SERVER_FRAMES: frozenset[int] = frozenset({" + ", ".join(
         f"{fr['code']:#04x}" for fr in spec["frame"] if fr["direction"] in ("server", "both")) + "})"]
+    lines += gen_lifecycle(spec)
     lines.append("")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- lifecycle and replies
+
+
+def frame_names(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {fr["name"]: fr for fr in spec["frame"]}
+
+
+def frame_set(spec: dict[str, Any], items: list[str], where: str) -> list[str]:
+    """Frame names of a lifecycle ``frames`` list ("@client", "@server", "-name", names),
+    in spec order."""
+    frames = frame_names(spec)
+    chosen: set[str] = set()
+    for item in items:
+        if item in ("@client", "@server"):
+            side = item[1:]
+            chosen |= {n for n, fr in frames.items() if fr["direction"] in (side, "both")}
+        elif item.startswith("-"):
+            if item[1:] not in frames:
+                raise SystemExit(f"{where}: unknown frame {item[1:]!r}")
+            chosen.discard(item[1:])
+        elif item in frames:
+            chosen.add(item)
+        else:
+            raise SystemExit(f"{where}: unknown frame {item!r}")
+    return [n for n in frames if n in chosen]
+
+
+def lifecycle_rows(spec: dict[str, Any], kind: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(role, state, row) for each role a ``receive``/``send``/``transition`` row covers,
+    checked against the state list and the frame directions."""
+    lc = spec["lifecycle"]
+    states = {s["name"]: s["role"] for s in lc["state"]}
+    frames = frame_names(spec)
+    out = []
+    for row in lc[kind]:
+        roles = ("server", "client") if row["role"] == "both" else (row["role"],)
+        where = f"lifecycle.{kind} {row['role']}/{row['state']}"
+        if row["state"] not in states:
+            raise SystemExit(f"{where}: unknown state")
+        for role in roles:
+            if states[row["state"]] not in (role, "both"):
+                raise SystemExit(f"{where}: state is not a {role} state")
+            if kind == "transition":
+                if row["next"] not in states:
+                    raise SystemExit(f"{where}: unknown next state {row['next']!r}")
+                if row["event"] in ("send", "receive"):
+                    sender = role if row["event"] == "send" else (
+                        "client" if role == "server" else "server")
+                    if frames[row["frame"]]["direction"] not in (sender, "both"):
+                        raise SystemExit(f"{where}: the {sender} never sends {row['frame']}")
+            else:
+                sender = role if kind == "send" else ("client" if role == "server" else "server")
+                for n in frame_set(spec, row["frames"], where):
+                    if frames[n]["direction"] not in (sender, "both"):
+                        raise SystemExit(f"{where}: the {sender} never sends {n}")
+            out.append((role, row["state"], row))
+    return out
+
+
+def state_member(name: str) -> str:
+    return name.replace("-", "_").upper()
+
+
+def gen_lifecycle(spec: dict[str, Any]) -> list[str]:
+    lc = spec["lifecycle"]
+    frames = frame_names(spec)
+    lines = ["", "", "# ------------------------------------------------------------------ lifecycle",
+             "", "", "class Role(enum.Enum):",
+             '    """Which side of the connection a state machine runs for."""', "",
+             '    CLIENT = "client"', '    SERVER = "server"', "", "",
+             "class State(enum.Enum):",
+             '    """Connection states (spec/PROTOCOL.md section 6)."""', ""]
+    for s in lc["state"]:
+        lines.append(f"    {state_member(s['name'])} = {s['name']!r}  # {s['role']}: {s['doc']}")
+
+    def key(role: str, state: str) -> str:
+        return f"(Role.{role.upper()}, State.{state_member(state)})"
+
+    def fset(names: list[str]) -> str:
+        if not names:
+            return "frozenset()"
+        return "frozenset({" + ", ".join(f"{camel(n)}.TYPE" for n in names) + "})"
+
+    for kind, const, doc in (
+        ("receive", "RECEIVE_ALLOWED", "frame types that may be received"),
+        ("send", "SEND_ALLOWED", "frame types that may be sent (anything else: LocalProtocolError)"),
+    ):
+        lines += ["", f"# (role, state) -> {doc}",
+                  f"{const}: dict[tuple[Role, State], frozenset[int]] = {{"]
+        for role, state, row in lifecycle_rows(spec, kind):
+            names = frame_set(spec, row["frames"], f"lifecycle.{kind}")
+            lines.append(f"    {key(role, state)}: {fset(names)},")
+        lines.append("}")
+    dropped = [(r, s) for r, s, row in lifecycle_rows(spec, "receive")
+               if row.get("otherwise") == "dropped"]
+    lines += ["", "# (role, state) where a frame not allowed is dropped instead of refused",
+              "RECEIVE_DROPS: frozenset[tuple[Role, State]] = frozenset({" +
+              ", ".join(key(r, s) for r, s in dropped) + "})"]
+    for event, const in (("receive", "ON_RECEIVE"), ("send", "ON_SEND")):
+        lines += ["", f"# (role, state, {'received' if event == 'receive' else 'sent'} frame type) -> next state",
+                  f"{const}: dict[tuple[Role, State, int], State] = {{"]
+        for role, state, row in lifecycle_rows(spec, "transition"):
+            if row["event"] == event:
+                lines.append(f"    (Role.{role.upper()}, State.{state_member(state)}, "
+                             f"{camel(row['frame'])}.TYPE): State.{state_member(row['next'])},")
+        lines.append("}")
+    # request -> reply
+    lines += ["", "", "# ------------------------------------------------------------------ replies",
+              "# request frame type -> the frame type of its success reply (besides ERROR)",
+              "REPLIES: dict[int, int] = {"]
+    for req, rep in replies(spec).items():
+        lines.append(f"    {camel(req)}.TYPE: {camel(rep)}.TYPE,")
+    lines += ["}", "", "REPLY_CLASSES: dict[type[Frame], type[Frame]] = {"]
+    for req, rep in replies(spec).items():
+        lines.append(f"    {camel(req)}: {camel(rep)},")
+    lines.append("}")
+    del frames
+    return lines
+
+
+def replies(spec: dict[str, Any]) -> dict[str, str]:
+    """The [replies] table, checked: every client frame with a rid is a request, every
+    reply a server frame with a rid."""
+    frames = frame_names(spec)
+    table: dict[str, str] = spec["replies"]
+
+    def has_rid(n: str) -> bool:
+        return bool(frames[n]["fields"]) and frames[n]["fields"][0][0] == "rid"
+
+    for req, rep in table.items():
+        if req not in frames or rep not in frames:
+            raise SystemExit(f"replies: unknown frame in {req} = {rep}")
+        if frames[req]["direction"] != "client" or not has_rid(req):
+            raise SystemExit(f"replies: {req} is not a client frame with a rid")
+        if frames[rep]["direction"] != "server" or not has_rid(rep):
+            raise SystemExit(f"replies: {rep} is not a server frame with a rid")
+    for n, fr in frames.items():
+        if fr["direction"] == "client" and has_rid(n) and n not in table:
+            raise SystemExit(f"replies: request {n} has no reply")
+    return {n: table[n] for n in frames if n in table}  # spec order
 
 
 # ---------------------------------------------------------------- vectors
@@ -444,6 +588,60 @@ def md_tables(spec: dict[str, Any]) -> dict[str, str]:
     for k, (ty, desc) in spec["consume_arguments"].items():
         rows.append(f"| `{k}` | {WIRE_TYPES.get(ty, ty)} | {desc} |")
     t["consume-arguments"] = "\n".join(rows)
+    t.update(md_lifecycle(spec))
+    return t
+
+
+def md_frames_text(row: dict[str, Any]) -> str:
+    """How a lifecycle row's frame set reads in the tables ("every client frame except AUTH")."""
+    if "accepted" in row:
+        return str(row["accepted"])
+    items = row["frames"]
+    names = [n.upper() for n in items if not n.startswith(("@", "-"))]
+    minus = [n[1:].upper() for n in items if n.startswith("-")]
+    sides = [n[1:] for n in items if n.startswith("@")]
+    if sides:
+        text = f"every {sides[0]} frame"
+        if minus:
+            text += " except " + (", ".join(minus[:-1]) + " and " + minus[-1] if len(minus) > 1
+                                  else minus[0])
+        return text
+    return ", ".join(names) if names else "none"
+
+
+def md_lifecycle(spec: dict[str, Any]) -> dict[str, str]:
+    lc = spec["lifecycle"]
+    for kind in ("receive", "send", "transition"):
+        lifecycle_rows(spec, kind)  # validate
+    t: dict[str, str] = {}
+    rows = ["| state | role | meaning |", "|---|---|---|"]
+    for s in lc["state"]:
+        rows.append(f"| `{state_member(s['name'])}` | {s['role']} | {s['doc']} |")
+    t["lifecycle-states"] = "\n".join(rows)
+    rows = ["| role | state | frames accepted | anything else |", "|---|---|---|---|"]
+    for r in lc["receive"]:
+        rows.append(f"| {r['role']} | `{state_member(r['state'])}` | {md_frames_text(r)} | "
+                    f"{r['otherwise']} |")
+    t["lifecycle-receive"] = "\n".join(rows)
+    rows = ["| role | state | frames it may send |", "|---|---|---|"]
+    for r in lc["send"]:
+        rows.append(f"| {r['role']} | `{state_member(r['state'])}` | {md_frames_text(r)} |")
+    t["lifecycle-send"] = "\n".join(rows)
+    rows = ["| role | state | event | next state |", "|---|---|---|---|"]
+    for r in lc["transition"]:
+        event = r.get("doc") or f"{r['event']} {r['frame'].upper()}"
+        rows.append(f"| {r['role']} | `{state_member(r['state'])}` | {event} | "
+                    f"`{state_member(r['next'])}` |")
+    fatal = ", ".join(str(e["code"]) for e in spec["error"] if e["fatal"])
+    rows.append(f"| both | any | send or receive ERROR with a fatal code ({fatal}) | `CLOSED` |")
+    rows.append("| both | any | a protocol error is detected in received bytes | `CLOSED` (the "
+                "server sends the fatal ERROR; in the Python API the application calls "
+                "`send(Error(...))` or `fail()`) |")
+    t["lifecycle-transitions"] = "\n".join(rows)
+    rows = ["| request | success reply |", "|---|---|"]
+    for req, rep in replies(spec).items():
+        rows.append(f"| `{req.upper()}` | `{rep.upper()}` |")
+    t["replies"] = "\n".join(rows)
     return t
 
 
