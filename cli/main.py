@@ -528,10 +528,11 @@ def publish(body: str | None, exchange: str, routing_key: str, count: int, persi
         return stored, unrouted
 
     stored, unrouted = _run(go)
-    _done(as_json, {"published": stored, "unrouted": unrouted, "exchange": exchange,
-                    "routing_key": routing_key},
-          f"published {stored} messages to exchange {exchange!r} with key {routing_key!r} "
-          "(all confirmed)")
+    if as_json or not unrouted:  # as text, the unrouted case is its stderr line alone
+        _done(as_json, {"published": stored, "unrouted": unrouted, "exchange": exchange,
+                        "routing_key": routing_key},
+              f"published {stored} messages to exchange {exchange!r} with key "
+              f"{routing_key!r} (all confirmed)")
     if unrouted:
         click.echo(f"mq-cli: published but not routed: {unrouted} of {stored + unrouted} "
                    f"message(s) matched no queue (exchange {exchange!r}, routing key "

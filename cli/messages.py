@@ -93,9 +93,9 @@ redelivered (on a queue with --delivery-limit a look uses one of its deliveries)
 message is settled only after its line was written. Nothing ready: a note on stderr,
 exit 0 (``--json``: no lines)."""
 
-get = click.option("--ack/--requeue", "ack", default=True, show_default=True,
-                   help="Remove the messages, or put them back.")(_get_command(False))
-get = click.command("get", help=_GET_DOC)(get)
+get = click.command("get", help=_GET_DOC)(
+    click.option("--ack/--requeue", "ack", default=True, show_default=True,
+                 help="Remove the messages, or put them back.")(_get_command(False)))
 peek = click.command("peek", help="Look at up to --count ready messages of QUEUE without "
                      "consuming them: ``get --requeue`` (same output; every message goes "
                      "back to the head of the queue in order; a look counts as a "
