@@ -274,3 +274,20 @@ def test_client_queue_info_messages_alias(broker: BrokerProcess) -> None:
             assert (info.messages, info.message_count, info.consumers) == (1, 1, 0)
 
     asyncio.run(go())
+
+
+def test_json_on_the_other_commands(tmp_path: Path, broker: BrokerProcess) -> None:
+    made = one(mq("token", "create", "-s", "ci", "--read", "*", "--json",
+                  "--data-dir", str(tmp_path / "d")))
+    assert made["subject"] == "ci" and made["token"].startswith("cvy1.") and made["jti"]
+    assert one(mq("token", "revoke", "--jti", made["jti"], "--json",
+                  "--data-dir", str(tmp_path / "d"))) == {"revoked": made["jti"]}
+    files = one(mq("gen-certs", "--out", str(tmp_path / "certs"), "--json"))["files"]
+    assert {Path(f).name for f in files} >= {"ca.pem", "server.pem", "client.pem"}
+    frames = lines(mq("top", "--json", "-n", "2", "--interval", "0.1", "--url", broker.url))
+    assert len(frames) == 2 and all(set(f) == {"connections", "queues"} for f in frames)
+    for q in ("dl", "dl2"):
+        ok(mq("declare-queue", q, "--url", broker.url))
+    ok(mq("publish", "x", "-k", "dl", "--url", broker.url))
+    assert one(mq("dlq-move", "--from", "dl", "--to", "dl2", "--timeout", "0.2", "--json",
+                  "--url", broker.url)) == {"moved": 1, "skipped": 0, "source": "dl"}
