@@ -77,7 +77,11 @@ def _get_command(peek: bool) -> Callable[..., None]:
                         m.nack(requeue=True)
                 return len(msgs)
 
-        n = _run(go)
+        try:
+            n = _run(go)
+        except BrokenPipeError:  # stdout closed before the flush: nothing was settled
+            from cli.main import _stdout_closed
+            _stdout_closed()
         if not as_json and n == 0:
             click.echo(f"{queue}: no ready messages", err=True)
 

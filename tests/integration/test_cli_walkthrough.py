@@ -291,3 +291,53 @@ def test_json_on_the_other_commands(tmp_path: Path, broker: BrokerProcess) -> No
     ok(mq("publish", "x", "-k", "dl", "--url", broker.url))
     assert one(mq("dlq-move", "--from", "dl", "--to", "dl2", "--timeout", "0.2", "--json",
                   "--url", broker.url)) == {"moved": 1, "skipped": 0, "source": "dl"}
+
+
+def test_queue_details_of_a_stream(broker: BrokerProcess) -> None:
+    u = ["--url", broker.url]
+    ok(mq("declare-queue", "events", "--type", "stream", *u))
+    ok(mq("publish", "e", "-k", "events", "-n", "5", *u))
+    assert ok(mq("consume", "-q", "events", "--group", "billing", "-n", "2", *u)) == "e\ne\n"
+    d = one(mq("queue", "events", "--interval", "0", "--json", *u))
+    assert (d["type"], d["first_offset"], d["head_offset"]) == ("stream", 0, 5)
+    assert d["groups"]["billing"]["lag"] == 3 and d["bytes"] > 0
+    text = ok(mq("queue", "events", "--interval", "0", *u))
+    assert "offsets: first=0 head=5" in text and "group billing:" in text
+    # A stream is read by offset: get/peek/move on it are refused with a typed error.
+    for args in (["peek", "events"], ["get", "events"], ["move", "events", "x"]):
+        p = mq(*args, *u)
+        assert p.returncode == 1 and b"invalid-argument (400)" in p.stderr, (args, p.stderr)
+        assert b"Traceback" not in p.stderr
+
+
+def test_get_into_a_closed_pipe_takes_nothing(broker: BrokerProcess) -> None:
+    u = ["--url", broker.url]
+    ok(mq("declare-queue", "piped", *u))
+    ok(mq("publish", "m", "-k", "piped", "-n", "200", *u))
+    for cmd in ("get", "peek"):
+        p = subprocess.run(f"{' '.join(CLI)} {cmd} piped -n 200 --url {broker.url} | head -1",
+                           shell=True, capture_output=True, timeout=30, env=_env(None),
+                           executable="/bin/bash", check=False)
+        assert p.stdout.startswith(b"#1 ") and b"Traceback" not in p.stderr, p.stderr
+    d = one(mq("queue", "piped", "--interval", "0", "--json", *u))
+    assert (d["messages"], d["unacked"]) == (200, 0)
+
+
+def test_env_url_beats_the_current_context_but_not_context_flag(
+        tmp_path: Path, broker_factory: Callable[..., BrokerProcess]) -> None:
+    a, b = broker_factory(), broker_factory()
+    cfg = tmp_path / "contexts.toml"
+    ok(mq("context", "add", "alpha", "--url", a.url, config=cfg))
+    ok(mq("declare-queue", "on-a", config=cfg))
+    env = dict(_env(cfg), CONVEYOR_URL=b.url)
+
+    def names(*args: str) -> set[str]:
+        p = subprocess.run([*CLI, "queues", "--json", *args], capture_output=True,
+                           timeout=30, env=env, check=False)
+        return _names(p)
+
+    assert names() == set()  # $CONVEYOR_URL: b
+    assert names("--context", "alpha") == {"on-a"}
+    cfg.write_text("contexts = 3\n")
+    p = mq("queues", config=cfg)
+    assert p.returncode == 2 and b"contexts file" in p.stderr and b"Traceback" not in p.stderr
