@@ -1,12 +1,17 @@
 """``mq-cli``: run the broker and talk to it from the shell.
 
 Every client command takes ``--url`` (default ``mq://127.0.0.1:5680``, or $CONVEYOR_URL),
-plus ``--tls-ca/--tls-cert/--tls-key`` for ``mqs://`` URLs and ``--token`` (cli.security).
-Exit status 0 on success; otherwise one line on stderr and a non-zero status:
-1 = the broker refused (with its error name and code), 2 = usage, 3 = cannot connect /
-connection lost, 4 = timed out, 5 = ``publish``: published but not routed (no queue took
-some messages; without --mandatory). A closed stdout (``mq-cli consume ... | head``) ends
-a command quietly with 141, the status of a process killed by SIGPIPE.
+plus ``--tls-ca/--tls-cert/--tls-key`` for ``mqs://`` URLs, ``--token`` (cli.security) and
+``--context NAME`` (cli.contexts), and ``--json``; a mutating command prints one line (or
+one JSON object) saying what it did. Exit status 0 on success; otherwise one line on
+stderr and a non-zero status: 1 = the broker refused (with its error name and code),
+2 = usage, 3 = cannot connect / connection lost, 4 = timed out, 5 = ``publish``: published
+but not routed (no queue took some messages; without --mandatory), or ``request``: no
+queue took the request. A closed stdout (``mq-cli consume ... | head``) ends a command
+quietly with 141, the status of a process killed by SIGPIPE.
+
+The inspection and messaging commands (get, peek, queue, move, subscribe, request) live
+in cli.messages, contexts in cli.contexts.
 """
 
 from __future__ import annotations
