@@ -130,8 +130,9 @@ def generate(out: Path, *, days: int = 825, ca_days: int = 3650,
 @click.option("--client-name", default="conveyor-client", show_default=True,
               help="Common name of the client certificate.")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--json", "as_json", is_flag=True, help='One JSON object: {"files": [...]}.')
 def gen_certs(out: str, days: int, sans: tuple[str, ...], client_name: str,
-              force: bool) -> None:
+              force: bool, as_json: bool) -> None:
     """Write a development CA and server + client certificates signed by it.
 
     \b
@@ -152,5 +153,10 @@ def gen_certs(out: str, days: int, sans: tuple[str, ...], client_name: str,
     except OSError as exc:
         click.echo(f"mq-cli: cannot write certificates: {exc}", err=True)
         sys.exit(1)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"files": [str(p) for p in written]}))
+        return
     for p in written:
         click.echo(str(p))

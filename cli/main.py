@@ -1,12 +1,17 @@
 """``mq-cli``: run the broker and talk to it from the shell.
 
 Every client command takes ``--url`` (default ``mq://127.0.0.1:5680``, or $CONVEYOR_URL),
-plus ``--tls-ca/--tls-cert/--tls-key`` for ``mqs://`` URLs and ``--token`` (cli.security).
-Exit status 0 on success; otherwise one line on stderr and a non-zero status:
-1 = the broker refused (with its error name and code), 2 = usage, 3 = cannot connect /
-connection lost, 4 = timed out, 5 = ``publish``: published but not routed (no queue took
-some messages; without --mandatory). A closed stdout (``mq-cli consume ... | head``) ends
-a command quietly with 141, the status of a process killed by SIGPIPE.
+plus ``--tls-ca/--tls-cert/--tls-key`` for ``mqs://`` URLs, ``--token`` (cli.security) and
+``--context NAME`` (cli.contexts), and ``--json``; a mutating command prints one line (or
+one JSON object) saying what it did. Exit status 0 on success; otherwise one line on
+stderr and a non-zero status: 1 = the broker refused (with its error name and code),
+2 = usage, 3 = cannot connect / connection lost, 4 = timed out, 5 = ``publish``: published
+but not routed (no queue took some messages; without --mandatory), or ``request``: no
+queue took the request. A closed stdout (``mq-cli consume ... | head``) ends a command
+quietly with 141, the status of a process killed by SIGPIPE.
+
+The inspection and messaging commands (get, peek, queue, move, subscribe, request) live
+in cli.messages, contexts in cli.contexts.
 """
 
 from __future__ import annotations
@@ -16,15 +21,23 @@ import base64
 import json
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import click
 
 from cli.certs import gen_certs
+from cli.contexts import context as context_group
+from cli.contexts import resolve as resolve_context
 from cli.flow_flags import flow_options
 from cli.limit_flags import limit_options
+from cli.messages import get as get_command
+from cli.messages import move as move_command
+from cli.messages import move_messages, queue_type
+from cli.messages import peek as peek_command
+from cli.messages import queue as queue_command
+from cli.messages import request as request_command
+from cli.messages import subscribe as subscribe_command
 from cli.security import client_options, connect_options, security_options
 from cli.stats import stats as stats_command
 from cli.stats import top as top_command
@@ -73,10 +86,21 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 async def _connect(url: str) -> Any:
     from client import connect
 
+    url, from_context = resolve_context(url)
     try:
-        return await connect(url, reconnect=False, timeout=10, **connect_options(url))
+        return await connect(url, reconnect=False, timeout=10,
+                             **{**from_context, **connect_options(url)})
     except OSError as exc:  # connecting failed is ConnectionClosed: this is a TLS file
         raise ValueError(f"cannot load TLS settings: {exc}") from None
+
+
+_json_flag = click.option("--json", "as_json", is_flag=True,
+                          help="Print what was done as one JSON object.")
+
+
+def _done(as_json: bool, obj: dict[str, Any], line: str) -> None:
+    """What a mutating command did: one line of text, or one JSON object (--json)."""
+    click.echo(json.dumps(obj) if as_json else line)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -168,15 +192,20 @@ def server(host: str | None, port: int | None, data_dir: str | None, config_path
               default="direct", show_default=True)
 @click.option("--durable/--transient", default=True, show_default=True)
 @click.option("--auto-delete", is_flag=True)
+@_json_flag
 @url_option
-def declare_exchange(name: str, etype: str, durable: bool, auto_delete: bool, url: str) -> None:
-    """Declare an exchange."""
+def declare_exchange(name: str, etype: str, durable: bool, auto_delete: bool, as_json: bool,
+                     url: str) -> None:
+    """Declare an exchange; prints what was declared."""
 
     async def go() -> None:
         async with await _connect(url) as conn:
             await conn.declare_exchange(name, etype, durable=durable, auto_delete=auto_delete)
 
     _run(go)
+    _done(as_json, {"exchange": name, "type": etype, "durable": durable,
+                    "auto_delete": auto_delete},
+          f"declared exchange {name} ({etype}{'' if durable else ', transient'})")
 
 
 @cli.command("declare-queue")
@@ -212,9 +241,10 @@ def declare_exchange(name: str, etype: str, durable: bool, auto_delete: bool, ur
               help="Streams: segment file size; retention deletes whole segments [64 MiB].")
 @click.option("--stream-compression", type=click.Choice(["none", "zstd"]),
               help="Streams: store record batches zstd-compressed [none].")
+@_json_flag
 @url_option
 def declare_queue(name: str, durable: bool, exclusive: bool, auto_delete: bool, url: str,
-                  max_age: str | None, **queue_arguments: Any) -> None:
+                  max_age: str | None, as_json: bool, **queue_arguments: Any) -> None:
     """Declare a queue; prints its name and depth.
 
     Options left out are not sent (the broker's default applies); redeclaring an existing
@@ -227,7 +257,9 @@ def declare_queue(name: str, durable: bool, exclusive: bool, auto_delete: bool, 
         async with await _connect(url) as conn:
             info = await conn.declare_queue(name, durable=durable, exclusive=exclusive,
                                             auto_delete=auto_delete, **queue_arguments)
-            click.echo(f"{info.name}\tmessages={info.message_count}\tconsumers={info.consumer_count}")
+            _done(as_json, {"queue": info.name, "messages": info.messages,
+                            "consumers": info.consumer_count},
+                  f"{info.name}\tmessages={info.messages}\tconsumers={info.consumer_count}")
 
     _run(go)
 
@@ -258,8 +290,9 @@ def _binding_command(unbind: bool) -> Callable[..., None]:
     @click.option("--exchange", "-e", required=True)
     @click.option("--queue", "-q", required=True)
     @click.option("--routing-key", "-k", default="", show_default=True)
+    @_json_flag
     @url_option
-    def command(exchange: str, queue: str, routing_key: str, url: str) -> None:
+    def command(exchange: str, queue: str, routing_key: str, as_json: bool, url: str) -> None:
         async def go() -> None:
             async with await _connect(url) as conn:
                 if unbind:
@@ -268,6 +301,11 @@ def _binding_command(unbind: bool) -> Callable[..., None]:
                     await conn.bind(exchange, queue, routing_key)
 
         _run(go)
+        verb = "unbound" if unbind else "bound"
+        _done(as_json, {verb: True, "exchange": exchange, "queue": queue,
+                        "routing_key": routing_key},
+              f"{verb} queue {queue} {'from' if unbind else 'to'} exchange {exchange} "
+              f"with key {routing_key!r}")
 
     return command
 
@@ -279,8 +317,9 @@ cli.command("unbind", help="Remove a binding.")(_binding_command(True))
 @cli.command("delete-exchange")
 @click.argument("name")
 @click.option("--if-unused", is_flag=True)
+@_json_flag
 @url_option
-def delete_exchange(name: str, if_unused: bool, url: str) -> None:
+def delete_exchange(name: str, if_unused: bool, as_json: bool, url: str) -> None:
     """Delete an exchange and its bindings."""
 
     async def go() -> None:
@@ -288,34 +327,38 @@ def delete_exchange(name: str, if_unused: bool, url: str) -> None:
             await conn.delete_exchange(name, if_unused=if_unused)
 
     _run(go)
+    _done(as_json, {"exchange": name, "deleted": True}, f"deleted exchange {name}")
 
 
 @cli.command("delete-queue")
 @click.argument("name")
 @click.option("--if-unused", is_flag=True)
 @click.option("--if-empty", is_flag=True)
+@_json_flag
 @url_option
-def delete_queue(name: str, if_unused: bool, if_empty: bool, url: str) -> None:
+def delete_queue(name: str, if_unused: bool, if_empty: bool, as_json: bool, url: str) -> None:
     """Delete a queue; prints how many messages it held."""
 
     async def go() -> None:
         async with await _connect(url) as conn:
             n = await conn.delete_queue(name, if_unused=if_unused, if_empty=if_empty)
-            click.echo(f"deleted {name}: {n} messages")
+            _done(as_json, {"queue": name, "deleted": True, "messages": n},
+                  f"deleted {name}: {n} messages")
 
     _run(go)
 
 
 @cli.command()
 @click.argument("name")
+@_json_flag
 @url_option
-def purge(name: str, url: str) -> None:
-    """Remove every ready message from a queue."""
+def purge(name: str, as_json: bool, url: str) -> None:
+    """Remove every ready message from a queue; prints how many."""
 
     async def go() -> None:
         async with await _connect(url) as conn:
             n = await conn.purge(name)
-            click.echo(f"purged {name}: {n} messages")
+            _done(as_json, {"queue": name, "purged": n}, f"purged {name}: {n} messages")
 
     _run(go)
 
@@ -358,10 +401,16 @@ def _group_lag(item: dict[str, Any]) -> str:
                     for g, info in sorted(groups.items())) or "-"
 
 
-cli.command("queues", help="List queues with depth, unacked and consumers; for streams, "
-                           "each consumer group's lag (GROUP_LAG, group=messages behind).")(
-    _listing("queues", ["name", "messages", "unacked", "consumers", "durable", "exclusive",
-                        "auto_delete", "group_lag"], {"group_lag": _group_lag}))
+cli.command("queues", help="List queues: type (classic, stream, priority), depth (MESSAGES: "
+                           "ready), unacked and consumers; for streams, each consumer "
+                           "group's lag (GROUP_LAG, group=messages behind).")(
+    _listing("queues", ["name", "type", "messages", "unacked", "consumers", "durable",
+                        "exclusive", "auto_delete", "group_lag"],
+             {"group_lag": _group_lag, "type": queue_type}))
+cli.command("consumers", help="List every consumer on the broker: queue, tag, connection, "
+                              "credit, unacked, no_ack.")(
+    _listing("consumers", ["queue", "consumer_tag", "connection", "credit", "unacked",
+                           "no_ack"]))
 cli.command("exchanges", help="List exchanges.")(
     _listing("exchanges", ["name", "type", "durable", "auto_delete", "bindings"]))
 cli.command("bindings", help="List bindings.")(
@@ -415,14 +464,16 @@ def _properties(content_type: str | None, message_id: str | None, correlation_id
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Seconds to wait for each batch's confirms.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [on a terminal].")
+@_json_flag
 @url_option
 def publish(body: str | None, exchange: str, routing_key: str, count: int, persistent: bool,
             mandatory: bool, content_type: str | None, message_id: str | None,
             correlation_id: str | None, reply_to: str | None, headers: tuple[str, ...],
             priority: int | None, ttl: int | None, delay: int | None, batch: int,
-            timeout: float, progress: bool | None, url: str) -> None:
+            timeout: float, progress: bool | None, as_json: bool, url: str) -> None:
     """Publish BODY, or one message per stdin line; exits 0 once every message is confirmed
-    and routed to a queue.
+    and routed to a queue, printing "published N messages ..." (--json: {"published": N,
+    "unrouted": 0, ...}).
 
     Messages that matched no queue are dropped by the broker: then "published but not
     routed" is printed with their count and the exit status is 5 (with --mandatory: an
@@ -482,13 +533,16 @@ def publish(body: str | None, exchange: str, routing_key: str, count: int, persi
         return stored, unrouted
 
     stored, unrouted = _run(go)
+    if as_json or not unrouted:  # as text, the unrouted case is its stderr line alone
+        _done(as_json, {"published": stored, "unrouted": unrouted, "exchange": exchange,
+                        "routing_key": routing_key},
+              f"published {stored} messages to exchange {exchange!r} with key "
+              f"{routing_key!r} (all confirmed)")
     if unrouted:
         click.echo(f"mq-cli: published but not routed: {unrouted} of {stored + unrouted} "
                    f"message(s) matched no queue (exchange {exchange!r}, routing key "
                    f"{routing_key!r}); {stored} stored", err=True)
         sys.exit(5)
-    if show:
-        click.echo(f"published {stored} messages (all confirmed)", err=True)
 
 
 def _counted(exc: Any, stored: int, sent: int) -> Any:
@@ -519,9 +573,13 @@ def _counted(exc: Any, stored: int, sent: int) -> Any:
                    "that exists resumes after what it committed; a NEW group starts at "
                    "--offset, by default at the first retained message (like Kafka's "
                    "auto.offset.reset=earliest).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (its length: --count, else the queue's depth "
+                   "when it starts) [on a terminal].")
 @url_option
 def consume(queue: str, count: int | None, timeout: float | None, ack: bool, prefetch: int,
-            as_json: bool, offset: str | None, group: str | None, url: str) -> None:
+            as_json: bool, offset: str | None, group: str | None, progress: bool | None,
+            url: str) -> None:
     """Print message bodies, one per line (or --json lines), acking each only once its
     line was written and flushed to stdout.
 
@@ -538,6 +596,7 @@ def consume(queue: str, count: int | None, timeout: float | None, ack: bool, pre
         offset = "first"  # where a new group starts (an existing one resumes)
     start = _stream_start(offset) if offset is not None else {}
     is_stream = offset is not None or group is not None
+    bar: Any = None
 
     def emit(msgs: list[Any]) -> None:
         """Write and flush the lines; settle after that (a stream read with --no-ack is
@@ -551,42 +610,59 @@ def consume(queue: str, count: int | None, timeout: float | None, ack: bool, pre
         if ack:
             for m in msgs:
                 m.ack()
+        if bar is not None:
+            bar.update(len(msgs))
 
     async def go() -> int:
-        got = 0
+        nonlocal bar
         async with await _connect(url) as conn:
-            if timeout == 0 and not is_stream:
-                # What is ready now, pulled (GET): a push consumer's first deliveries
-                # would race a zero wait.
-                while count is None or got < count:
-                    want = prefetch if count is None else min(prefetch, count - got)
-                    msgs = await conn.get(queue, want, no_ack=not ack)
-                    if not msgs:
-                        break
-                    emit(msgs)
-                    got += len(msgs)
-                return got
-            last: int | None = -1  # timeout 0 on a stream: stop at this offset
-            if timeout == 0:
-                last = await _stream_ready_last(conn, queue, group, start)
-                if last is None:
-                    return 0
-            consumer: Any
-            if is_stream:
-                consumer = await conn.stream(queue, prefetch=prefetch, group=group,
-                                             auto_commit=False, **start)
-            else:
-                consumer = await conn.consume(queue, prefetch=prefetch, no_ack=not ack)
-            wait = _STREAM_READY_WAIT if timeout == 0 else timeout
+            if progress or (progress is None and sys.stderr.isatty()):
+                length = count
+                if length is None:
+                    length = next((int(q.get("messages", 0)) for q in await conn.list("queues")
+                                   if q.get("name") == queue), 0)
+                bar = click.progressbar(length=length, label=f"consuming {queue}",
+                                        file=sys.stderr)
+            try:
+                return await consume_into(conn)
+            finally:
+                if bar is not None:
+                    bar.render_finish()
+
+    async def consume_into(conn: Any) -> int:
+        got = 0
+        if timeout == 0 and not is_stream:
+            # What is ready now, pulled (GET): a push consumer's first deliveries
+            # would race a zero wait.
             while count is None or got < count:
-                msgs = await consumer.get_batch(None if count is None else count - got, wait)
+                want = prefetch if count is None else min(prefetch, count - got)
+                msgs = await conn.get(queue, want, no_ack=not ack)
                 if not msgs:
                     break
                 emit(msgs)
                 got += len(msgs)
-                if timeout == 0 and (msgs[-1].offset or 0) >= (last or 0):
-                    break
-            await consumer.cancel()
+            return got
+        last: int | None = -1  # timeout 0 on a stream: stop at this offset
+        if timeout == 0:
+            last = await _stream_ready_last(conn, queue, group, start)
+            if last is None:
+                return 0
+        consumer: Any
+        if is_stream:
+            consumer = await conn.stream(queue, prefetch=prefetch, group=group,
+                                         auto_commit=False, **start)
+        else:
+            consumer = await conn.consume(queue, prefetch=prefetch, no_ack=not ack)
+        wait = _STREAM_READY_WAIT if timeout == 0 else timeout
+        while count is None or got < count:
+            msgs = await consumer.get_batch(None if count is None else count - got, wait)
+            if not msgs:
+                break
+            emit(msgs)
+            got += len(msgs)
+            if timeout == 0 and (msgs[-1].offset or 0) >= (last or 0):
+                break
+        await consumer.cancel()
         return got
 
     try:
@@ -670,9 +746,10 @@ def _as_json(msg: Any) -> dict[str, Any]:
               help="Take at most N messages from the DLQ.")
 @click.option("--timeout", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Stop once the DLQ has had no ready message for S seconds.")
+@_json_flag
 @url_option
 def dlq_move(source: str, target: str | None, count: int | None, timeout: float,
-             url: str) -> None:
+             as_json: bool, url: str) -> None:
     """Move dead letters back: republish each message (same body and properties) to --to,
     or to the queue it died in, via the default exchange; prints "moved N, skipped M".
 
@@ -685,54 +762,13 @@ def dlq_move(source: str, target: str | None, count: int | None, timeout: float,
         raise click.BadParameter("must differ from --from", param_hint="--to")
 
     async def go() -> tuple[int, int, str]:
-        from client import RequestError
-
-        moved = skipped = 0
-        why = ""
-        # Skipped messages stay unacked until the end: requeued at once, the next GET
-        # would hand them straight back.
-        held: list[Any] = []
         async with await _connect(url) as conn:
-            idle_since = time.monotonic()
-            while count is None or moved + skipped < count:
-                want = 100 if count is None else min(100, count - moved - skipped)
-                msgs = await conn.get(source, want)  # pull: nothing taken goes unhandled
-                if not msgs:
-                    if time.monotonic() - idle_since >= timeout:
-                        break
-                    await asyncio.sleep(min(0.05, timeout))
-                    continue
-                idle_since = time.monotonic()
-                sends: list[tuple[Any, str]] = []
-                for m in msgs:
-                    dest = target or _death_queue(m)
-                    if dest is None or dest == source:
-                        held.append(m)
-                        skipped += 1
-                        why = why or "no x-death record naming another queue (use --to)"
-                    else:
-                        sends.append((m, dest))
-                # mandatory: a target queue that does not exist is a refusal (no-route),
-                # not a message silently dropped after its ack.
-                results = await asyncio.gather(
-                    *(conn.publish("", dest, m.body, properties=m.properties, mandatory=True)
-                      for m, dest in sends), return_exceptions=True)
-                for (m, _), r in zip(sends, results, strict=True):
-                    if r is None:
-                        m.ack()
-                        moved += 1
-                    elif isinstance(r, RequestError):
-                        held.append(m)
-                        skipped += 1
-                        why = why or f"{r.name} ({r.code}): {r.message}"
-                    else:
-                        raise r  # timeout or lost connection: the unacked stay in the DLQ
-            for m in held:
-                m.nack(requeue=True)
-        return moved, skipped, why
+            return await move_messages(conn, source, lambda m: target or _death_queue(m),
+                                       count, timeout)
 
     moved, skipped, why = _run(go)
-    click.echo(f"moved {moved}, skipped {skipped}")
+    _done(as_json, {"moved": moved, "skipped": skipped, "source": source},
+          f"moved {moved}, skipped {skipped}")
     if skipped:
         click.echo(f"mq-cli: {skipped} message(s) left in {source}: {why}", err=True)
         sys.exit(1)
@@ -745,10 +781,32 @@ def _death_queue(msg: Any) -> str | None:
     return queue if isinstance(queue, str) and queue else None
 
 
+@cli.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]), default="bash")
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL (commands, options, choices).
+
+    \b
+    bash: eval "$(_MQ_CLI_COMPLETE=bash_source mq-cli)"   (in ~/.bashrc)
+          or: mq-cli completion bash > ~/.local/share/bash-completion/completions/mq-cli
+    zsh:  eval "$(_MQ_CLI_COMPLETE=zsh_source mq-cli)"    (in ~/.zshrc)
+    fish: _MQ_CLI_COMPLETE=fish_source mq-cli > ~/.config/fish/completions/mq-cli.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # every choice above is one of click's
+    click.echo(cls(cli, {}, "mq-cli", "_MQ_CLI_COMPLETE").source())
+
+
 cli.add_command(gen_certs)
 cli.add_command(token_group)
 cli.add_command(stats_command)
 cli.add_command(top_command)
+cli.add_command(context_group)
+for _cmd in (get_command, peek_command, queue_command, move_command, subscribe_command,
+             request_command):
+    cli.add_command(_cmd)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

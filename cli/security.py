@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
+from cli.contexts import store_context
+
 F = TypeVar("F", bound=Callable[..., Any])
 _META = "conveyor.connect_options"
 
@@ -70,7 +72,8 @@ def _store(ctx: click.Context, param: click.Parameter, value: Any) -> None:
 
 
 def client_options(f: F) -> F:
-    """``--tls-ca``, ``--tls-cert``, ``--tls-key`` (for ``mqs://`` URLs) and ``--token``."""
+    """``--tls-ca``, ``--tls-cert``, ``--tls-key`` (for ``mqs://`` URLs), ``--token`` and
+    ``--context`` (cli.contexts)."""
     options = [
         click.option("--tls-ca", "ca", envvar=["CONVEYOR_TLS_CA", "MQ_TLS_CA"],
                      type=click.Path(exists=True, dir_okay=False), expose_value=False,
@@ -90,6 +93,9 @@ def client_options(f: F) -> F:
                      expose_value=False, callback=_store,
                      help="Access token (mq-cli token create; env CONVEYOR_TOKEN); "
                           "default: the URL's user part, else anonymous."),
+        click.option("--context", "context", metavar="NAME", expose_value=False,
+                     callback=store_context,
+                     help="Use the named context's URL, token and CA (mq-cli context)."),
     ]
     for opt in reversed(options):
         f = opt(f)

@@ -8,6 +8,7 @@ counters (published / delivered / acked) in two samples ``--interval`` seconds a
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -106,6 +107,14 @@ def render(prev: Sample | None, cur: Sample, *, limit: int = 0) -> str:
     return "\n".join(lines)
 
 
+def _as_json(prev: Sample | None, cur: Sample) -> dict[str, Any]:
+    rates = _rates(prev, cur)
+    return {"connections": cur.connections,
+            "queues": [dict(q, publish_rate=rates[q["name"]][0],
+                            deliver_rate=rates[q["name"]][1], ack_rate=rates[q["name"]][2])
+                       for q in cur.queues]}
+
+
 @click.command("stats")
 @click.option("--interval", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Seconds between the two samples rates come from; 0 = no rates.")
@@ -126,14 +135,7 @@ def stats(interval: float, as_json: bool, url: str) -> None:
 
     prev, cur = _run(go)
     if as_json:
-        import json
-
-        rates = _rates(prev, cur)
-        click.echo(json.dumps({
-            "connections": cur.connections,
-            "queues": [dict(q, publish_rate=rates[q["name"]][0],
-                            deliver_rate=rates[q["name"]][1], ack_rate=rates[q["name"]][2])
-                       for q in cur.queues]}, indent=1))
+        click.echo(json.dumps(_as_json(prev, cur), indent=1))
         return
     click.echo(render(prev, cur))
 
@@ -145,8 +147,10 @@ def stats(interval: float, as_json: bool, url: str) -> None:
               help="Stop after N redraws [run until Ctrl-C].")
 @click.option("--limit", type=click.IntRange(0), default=0,
               help="Show at most this many queues (deepest first); 0 = all.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Each frame as one JSON line (as `stats --json`, on one line).")
 @_url_option
-def top(interval: float, iterations: int | None, limit: int, url: str) -> None:
+def top(interval: float, iterations: int | None, limit: int, as_json: bool, url: str) -> None:
     """Live view of the broker: the `stats` table redrawn every --interval seconds
     (Ctrl-C to quit)."""
     from cli.main import _connect, _run
@@ -161,6 +165,11 @@ def top(interval: float, iterations: int | None, limit: int, url: str) -> None:
                 if prev is not None:
                     await asyncio.sleep(max(0.0, prev.at + interval - time.monotonic()))
                 cur = await sample(conn)
+                if as_json:
+                    click.echo(json.dumps(_as_json(prev, cur)))
+                    prev = cur
+                    n += 1
+                    continue
                 text = render(prev, cur, limit=limit)
                 stamp = time.strftime("%H:%M:%S")
                 # ANSI clear on a terminal; a blank line between frames when piped.

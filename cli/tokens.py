@@ -87,11 +87,13 @@ def token() -> None:
               help="Publish rate limit (body bytes per second).")
 @click.option("--burst", type=click.IntRange(1), default=None,
               help="Messages a publisher may send at once above its rate.")
+@click.option("--json", "as_json", is_flag=True,
+              help='One JSON object: {"token", "subject", "jti", "exp"}.')
 @_location
 def create(subject: str, configure: tuple[str, ...], write: tuple[str, ...],
            read: tuple[str, ...], ttl: str, rate_messages: float | None,
            rate_bytes: float | None, burst: int | None, data_dir: str | None,
-           config_path: str | None, key: str | None) -> None:
+           config_path: str | None, key: str | None, as_json: bool) -> None:
     """Print a new signed token (creates the signing key if there is none).
 
     \b
@@ -108,7 +110,12 @@ def create(subject: str, configure: tuple[str, ...], write: tuple[str, ...],
         _fail(f"cannot use signing key {path}: {exc}")
     claims = new_claims(subject, seconds, configure=configure, write=write, read=read,
                         rate_messages=rate_messages, rate_bytes=rate_bytes, burst=burst)
-    click.echo(sign_token(signing_key, claims))
+    signed = sign_token(signing_key, claims)
+    if as_json:
+        click.echo(json.dumps({"token": signed, "subject": subject, "jti": claims.jti,
+                               "exp": claims.exp}))
+    else:
+        click.echo(signed)
 
 
 def _iso(t: int) -> str:
@@ -165,8 +172,9 @@ def inspect(token_text: str, data_dir: str | None, config_path: str | None,
 @click.option("--data-dir", default=None, help="The broker's data directory [./conveyor-data].")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="The broker's TOML config (for its data_dir).")
+@click.option("--json", "as_json", is_flag=True, help='One JSON object: {"revoked": JTI}.')
 def revoke(token_text: str | None, jti: str | None, data_dir: str | None,
-           config_path: str | None) -> None:
+           config_path: str | None, as_json: bool) -> None:
     """Add a token's id to DATA_DIR/auth/revoked: new connections with it are refused.
 
     The running broker also closes the connections already open with it within about a
@@ -189,4 +197,4 @@ def revoke(token_text: str | None, jti: str | None, data_dir: str | None,
         raise click.BadParameter(str(exc), param_hint="--jti") from None
     except OSError as exc:
         _fail(f"cannot write {path}: {exc}")
-    click.echo(f"revoked {jti}")
+    click.echo(json.dumps({"revoked": jti}) if as_json else f"revoked {jti}")

@@ -38,11 +38,23 @@ log = logging.getLogger("conveyor.client")
 
 @dataclass(frozen=True)
 class QueueInfo:
-    """Reply to a queue declare."""
+    """Reply to a queue declare. ``messages`` is the ready-message count, the name the
+    listings, the CLI and the HTTP API use for depth; ``message_count`` is its older
+    alias."""
 
     name: str
-    message_count: int
+    messages: int
     consumer_count: int
+
+    @property
+    def message_count(self) -> int:
+        """Alias of :attr:`messages` (kept for code written against it)."""
+        return self.messages
+
+    @property
+    def consumers(self) -> int:
+        """Alias of :attr:`consumer_count`, named as in :class:`QueueListing`."""
+        return self.consumer_count
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ MQ_CLI = str(Path(sys.executable).parent / "mq-cli")
 def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("CONVEYOR_URL", None)
+    env["CONVEYOR_CONFIG"] = "/nonexistent/contexts.toml"  # no context redirects a command
     return env
 
 
@@ -69,7 +70,8 @@ def test_declare_publish_stdin_and_consume_in_order(broker: BrokerProcess) -> No
     assert ok(run(broker, "declare-queue", "lines")) == "lines\tmessages=0\tconsumers=0\n"
     lines = [f"line {i} {'x' * (i % 37)}" for i in range(10_000)]
     data = ("\n".join(lines) + "\n").encode()
-    assert ok(run(broker, "publish", "-k", "lines", stdin=data)) == ""
+    assert ok(run(broker, "publish", "-k", "lines", stdin=data)) == \
+        "published 10000 messages to exchange '' with key 'lines' (all confirmed)\n"
     assert queues_json(broker)["lines"]["messages"] == 10_000
     assert ok(run(broker, "declare-queue", "lines")) == "lines\tmessages=10000\tconsumers=0\n"
 
@@ -81,7 +83,8 @@ def test_declare_publish_stdin_and_consume_in_order(broker: BrokerProcess) -> No
 
 def test_publish_body_count_and_consume(broker: BrokerProcess) -> None:
     ok(run(broker, "declare-queue", "five"))
-    assert ok(run(broker, "publish", "hello world", "-k", "five", "--count", "5")) == ""
+    assert ok(run(broker, "publish", "hello world", "-k", "five", "--count", "5")) == \
+        "published 5 messages to exchange '' with key 'five' (all confirmed)\n"
     assert queues_json(broker)["five"]["messages"] == 5
     out = ok(run(broker, "consume", "-q", "five", "--count", "3"))
     assert out == "hello world\n" * 3
@@ -131,10 +134,12 @@ async def test_consume_json_binary_body(broker: BrokerProcess) -> None:
 
 
 def test_exchange_bind_publish_consume(broker: BrokerProcess) -> None:
-    assert ok(run(broker, "declare-exchange", "events", "--type", "topic")) == ""
+    assert ok(run(broker, "declare-exchange", "events", "--type", "topic")) == \
+        "declared exchange events (topic)\n"
     ok(run(broker, "declare-queue", "ev-orders"))
     ok(run(broker, "declare-queue", "ev-all"))
-    assert ok(run(broker, "bind", "-e", "events", "-q", "ev-orders", "-k", "order.*")) == ""
+    assert ok(run(broker, "bind", "-e", "events", "-q", "ev-orders", "-k", "order.*")) == \
+        "bound queue ev-orders to exchange events with key 'order.*'\n"
     ok(run(broker, "bind", "-e", "events", "-q", "ev-all", "-k", "#"))
     ok(run(broker, "publish", "o1", "-e", "events", "-k", "order.created"))
     ok(run(broker, "publish", "u1", "-e", "events", "-k", "user.created"))
@@ -144,7 +149,8 @@ def test_exchange_bind_publish_consume(broker: BrokerProcess) -> None:
     bindings = json.loads(ok(run(broker, "bindings", "--json")))
     assert sorted((b["exchange"], b["queue"], b["routing_key"]) for b in bindings) == [
         ("events", "ev-all", "#"), ("events", "ev-orders", "order.*")]
-    assert ok(run(broker, "unbind", "-e", "events", "-q", "ev-orders", "-k", "order.*")) == ""
+    assert ok(run(broker, "unbind", "-e", "events", "-q", "ev-orders", "-k", "order.*")) == \
+        "unbound queue ev-orders from exchange events with key 'order.*'\n"
     ok(run(broker, "publish", "o3", "-e", "events", "-k", "order.created"))
     assert ok(run(broker, "consume", "-q", "ev-orders", "--timeout", "0.5")) == ""
     assert ok(run(broker, "consume", "-q", "ev-all", "--timeout", "0.5")) == "o3\n"
@@ -179,11 +185,11 @@ async def test_queue_and_exchange_listings(broker: BrokerProcess) -> None:
             "messages": 0, "unacked": 0, "consumers": 0, "durable": False, "auto_delete": True}
 
         table = ok(await arun(broker, "queues")).splitlines()
-        assert table[0].split() == ["NAME", "MESSAGES", "UNACKED", "CONSUMERS", "DURABLE",
-                                    "EXCLUSIVE", "AUTO_DELETE"]
+        assert table[0].split() == ["NAME", "TYPE", "MESSAGES", "UNACKED", "CONSUMERS",
+                                    "DURABLE", "EXCLUSIVE", "AUTO_DELETE"]
         assert [line.split() for line in table[1:]] == [
-            ["busy", "3", "2", "1", "True", "False", "False"],
-            ["idle", "0", "0", "0", "False", "False", "True"],
+            ["busy", "classic", "3", "2", "1", "True", "False", "False"],
+            ["idle", "classic", "0", "0", "0", "False", "False", "True"],
         ]
 
         exchanges = {e["name"]: e for e in json.loads(ok(await arun(broker, "exchanges",
@@ -216,7 +222,7 @@ def test_purge_and_delete_queue(broker: BrokerProcess) -> None:
     err = one_error_line(run(broker, "delete-queue", "trash"))
     assert "not-found (404)" in err
     ok(run(broker, "declare-exchange", "gone"))
-    assert ok(run(broker, "delete-exchange", "gone")) == ""
+    assert ok(run(broker, "delete-exchange", "gone")) == "deleted exchange gone\n"
     assert "gone" not in {e["name"] for e in json.loads(ok(run(broker, "exchanges", "--json")))}
 
 
@@ -263,7 +269,7 @@ def test_publish_unroutable_says_published_but_not_routed(broker: BrokerProcess)
     # Routed: exit 0, nothing said.
     ok(run(broker, "declare-queue", "fanned"))
     ok(run(broker, "bind", "-e", "fan", "-q", "fanned"))
-    assert ok(run(broker, "publish", "-e", "fan", stdin=b"a\nb\n")) == ""
+    assert ok(run(broker, "publish", "-e", "fan", stdin=b"a\nb\n")).startswith("published 2 ")
     assert queues_json(broker)["fanned"]["messages"] == 2
 
 
@@ -471,3 +477,18 @@ async def test_server_sigterm_with_connected_client(tmp_path: Path) -> None:
             await asyncio.wait_for(conn.close(), WAIT)
     finally:
         _stop(proc)
+
+
+def test_progress_bars_only_when_asked_or_on_a_terminal(broker: BrokerProcess) -> None:
+    ok(run(broker, "declare-queue", "bars"))
+    ok(run(broker, "publish", "p", "-k", "bars", "-n", "40"))
+    # Not a terminal: no bar, stderr stays empty (ok() checks).
+    assert ok(run(broker, "consume", "-q", "bars", "-n", "10")) == "p\n" * 10
+    p = run(broker, "consume", "-q", "bars", "-n", "10", "--progress")
+    assert (p.returncode, p.stdout) == (0, b"p\n" * 10)
+    # click draws a bar only on a terminal; elsewhere a forced one is its label line.
+    assert p.stderr == b"consuming bars\n"
+    ok(run(broker, "declare-queue", "bars2"))
+    p = run(broker, "move", "bars", "bars2", "--progress")
+    assert p.returncode == 0 and p.stdout == b"moved 20 messages from bars to bars2\n"
+    assert p.stderr == b"moving bars -> bars2\n"
