@@ -25,7 +25,7 @@ from protocol import (
     InvalidArgument,
     ResourceError,
 )
-from protocol._checks import NAME_MAX
+from protocol.limits import NAME_MAX
 
 if TYPE_CHECKING:
     from broker.core import Broker

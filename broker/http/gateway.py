@@ -60,8 +60,8 @@ from protocol import (
     RateLimited,
     ResourceError,
 )
-from protocol._checks import NAME_MAX
-from protocol._generated import check_props
+from protocol.limits import NAME_MAX
+from protocol.limits import check_props
 
 if TYPE_CHECKING:
     from broker.core import Broker

@@ -37,7 +37,7 @@ from broker.options import QueueOptions
 from broker.pager import Pager
 from broker.stream import Stream
 from protocol import ConveyorError, InvalidArgument, NotFound, QueueFull
-from protocol._checks import NAME_MAX
+from protocol.limits import NAME_MAX
 
 if TYPE_CHECKING:
     from broker.core import Broker

@@ -272,9 +272,6 @@ INTERNAL = re.compile(
     r"|from\s+protocol\.codec\s+import\s*\([^)]*\b_unpack_body\b)",
     re.M,
 )
-# broker/http is being reworked elsewhere at the moment: its two imports of _checks move to
-# protocol.limits with that work. Listed by file so that any new importer fails.
-PENDING = {"broker/http/common.py", "broker/http/gateway.py"}
 
 
 def test_nothing_outside_protocol_imports_its_internals() -> None:
@@ -282,7 +279,7 @@ def test_nothing_outside_protocol_imports_its_internals() -> None:
     for pkg in ("broker", "client", "cli"):
         for path in sorted((ROOT / pkg).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            if INTERNAL.search(path.read_text()) and rel not in PENDING:
+            if INTERNAL.search(path.read_text()):
                 offenders.append(rel)
     assert offenders == []
 
