@@ -60,8 +60,7 @@ from protocol import (
     RateLimited,
     ResourceError,
 )
-from protocol.limits import NAME_MAX
-from protocol.limits import check_props
+from protocol.limits import NAME_MAX, check_props
 
 if TYPE_CHECKING:
     from broker.core import Broker
