@@ -27,7 +27,7 @@ from broker.limits import (
     check_consumer_count,
     check_queue_count,
 )
-from broker.message import GONE, READY, Message, QueuedMessage
+from broker.message import GONE, READY, Message, QueuedMessage, death_records
 from broker.options import QueueOptions
 from broker.pager import Pager
 from broker.queue import Consumer, Queue
@@ -561,7 +561,7 @@ class Broker:
         props = dict(Pager.properties(m))  # headers may be paged with the body
         raw_headers = props.get("headers")
         headers = dict(raw_headers) if isinstance(raw_headers, dict) else {}
-        deaths = _death_records(headers.get("x-death"))
+        deaths = death_records(headers.get("x-death"))
         record = None
         for d in deaths:
             if d.get("queue") == q.name and d.get("reason") == reason:
@@ -938,22 +938,6 @@ RETIRED_COUNTERS = ("published", "delivered", "acked", "redelivered", "dead_lett
 SWEEP_MS = 100  # how often deliveries are checked against their ack deadline
 PUMPS_PER_TURN = 4  # connections pumped at once per loop turn (Broker.pump_input)
 
-
-def _death_records(raw: Any) -> list[dict[str, Any]]:
-    """The x-death records of a message's headers, as dead-lettering may use them: a
-    publisher can put anything under that key, so only maps whose queue and reason are
-    strings count (a count that is not a non-negative integer counts as 0); anything else
-    is dropped rather than breaking dead-lettering."""
-    if type(raw) is not list:
-        return []
-    out: list[dict[str, Any]] = []
-    for d in raw:
-        if type(d) is dict and type(d.get("queue")) is str and type(d.get("reason")) is str:
-            d = dict(d)
-            count = d.get("count")
-            d["count"] = count if type(count) is int and count >= 0 else 0
-            out.append(d)
-    return out
 
 
 def _queue_difference(q: Queue, durable: bool, exclusive: bool, auto_delete: bool,

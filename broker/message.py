@@ -74,3 +74,20 @@ class QueuedMessage:
 
     def __lt__(self, other: QueuedMessage) -> bool:  # heap order for requeues
         return self.seq < other.seq
+
+
+def death_records(raw: Any) -> list[dict[str, Any]]:
+    """The x-death records of a message's headers, as dead-lettering may use them: a
+    publisher can put anything under that key, so only maps whose queue and reason are
+    strings count (a count that is not a non-negative integer counts as 0); anything else
+    is dropped rather than breaking dead-lettering."""
+    if type(raw) is not list:
+        return []
+    out: list[dict[str, Any]] = []
+    for d in raw:
+        if type(d) is dict and type(d.get("queue")) is str and type(d.get("reason")) is str:
+            d = dict(d)
+            count = d.get("count")
+            d["count"] = count if type(count) is int and count >= 0 else 0
+            out.append(d)
+    return out

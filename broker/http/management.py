@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -32,7 +31,7 @@ from broker.http.common import (
 )
 from broker.http.gateway import SESSION_ID
 from broker.http.stats import HISTORY_INTERVAL, HISTORY_SAMPLES, history_row
-from broker.message import DELAYED, Message, QueuedMessage
+from broker.message import DELAYED, Message, death_records
 from broker.options import QueueOptions
 from broker.pager import Pager
 from broker.stream import Stream
@@ -187,21 +186,16 @@ async def peek(request: web.Request) -> web.Response:
     q = _queue(c, queue_name(request))
     p.require("read", "queue", q.name)
     count = int_query(request, "count", 10, 1, PEEK_MAX)
-    msgs = list(itertools.islice(waiting(q), count))
+    msgs = list(itertools.islice(q.iter_waiting(), count))
     return json_response({"queue": q.name, "ready": q.ready,
                           "messages": [message_json(qm) for qm in msgs]})
 
 
-def waiting(q: Queue) -> Iterator[QueuedMessage]:
-    """Waiting messages in delivery order, delayed last, lazily (Queue.iter_waiting)."""
-    return q.iter_waiting()
-
-
 def _death_record(props: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest well-formed x-death record, as dead-lettering reads them."""
     headers = props.get("headers")
-    deaths = headers.get("x-death") if isinstance(headers, dict) else None
-    first = deaths[0] if isinstance(deaths, list) and deaths else None
-    return first if isinstance(first, dict) else None
+    deaths = death_records(headers.get("x-death")) if isinstance(headers, dict) else []
+    return deaths[0] if deaths else None
 
 
 def _death_queue(props: dict[str, Any]) -> str | None:
@@ -243,7 +237,7 @@ def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int,
     now = broker.clock()
     if source.release(now):
         broker.wake(source)
-    for qm in list(itertools.islice(waiting(source), limit * 4 + 1000)):
+    for qm in list(itertools.islice(source.iter_waiting(), limit * 4 + 1000)):
         if moved + skipped >= limit:
             break
         if qm.state == DELAYED:
