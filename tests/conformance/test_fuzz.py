@@ -554,16 +554,22 @@ def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+def _broker_with_good_client(broker_factory: Callable[..., BrokerProcess],
+                             queue: str) -> tuple[BrokerProcess, int, GoodClient]:
+    """A broker for a fuzz run and the well-behaved client working beside it."""
+    b = broker_factory("--handshake-timeout-ms", "3000")
+    assert b.proc is not None
+    good = GoodClient(b.url, queue)
+    good.start()
+    assert good.ready.wait(20) and good.error is None, good.error
+    return b, b.proc.pid, good
+
+
 # ---------------------------------------------------------------------- the test
 def test_hostile_inputs_do_not_hurt_the_broker_or_a_good_client(
         broker_factory: Callable[..., BrokerProcess],
         record_property: Callable[[str, object], None]) -> None:
-    b = broker_factory("--handshake-timeout-ms", "3000")
-    assert b.proc is not None
-    pid = b.proc.pid
-    good = GoodClient(b.url, "fuzz-good")
-    good.start()
-    assert good.ready.wait(20) and good.error is None, good.error
+    b, pid, good = _broker_with_good_client(broker_factory, "fuzz-good")
     stats = Stats()
 
     # Warm-up (imports, logging paths, allocator pools), then the baseline.
@@ -806,12 +812,7 @@ def _mutated_connection(port: int, frames: list[bytes], stats: Counter[str]) -> 
 def test_mutated_vectors_over_many_connections(
         broker_factory: Callable[..., BrokerProcess],
         record_property: Callable[[str, object], None]) -> None:
-    b = broker_factory("--handshake-timeout-ms", "3000")
-    assert b.proc is not None
-    pid = b.proc.pid
-    good = GoodClient(b.url, "fuzz-mut-good")
-    good.start()
-    assert good.ready.wait(20) and good.error is None, good.error
+    b, pid, good = _broker_with_good_client(broker_factory, "fuzz-mut-good")
     rng = random.Random(int(os.environ.get("CONVEYOR_FUZZ_SEED", "1")))
     stats: Counter[str] = Counter()
     _mutated_connection(b.port, [wire.encode("heartbeat")], Counter())  # warm-up
