@@ -78,25 +78,34 @@ def _close(socks: list[socket.socket]) -> None:
         s.close()
 
 
+async def _flood(b: BrokerProcess, n: int, payload: bytes,
+                 wait: float) -> tuple[int, int, int, list[bytes]]:
+    """``n`` connections each send ``payload`` and stall while the bystanders work;
+    returns RSS before and during, how many stayed open after ``wait`` s, and what the
+    closed ones received. The bystanders' figures are checked here."""
+    assert b.proc is not None
+    by = await Bystanders(b.url).start()
+    rss_before = rss_bytes(b.proc.pid)
+    socks = await asyncio.to_thread(_open, b.port, n, payload)
+    try:
+        rss_after = rss_bytes(b.proc.pid)
+        still_open, closed = await asyncio.to_thread(_outcomes, socks, wait)
+    finally:
+        _close(socks)
+        await by.stop()
+    print(f"\nbystanders {by.figures()}; RSS {rss_before >> 20} -> {rss_after >> 20} MiB; "
+          f"{still_open} of {n} still open")
+    by.check()
+    return rss_before, rss_after, still_open, closed
+
+
 async def test_preauth_frames_are_small(broker_factory: Callable[..., BrokerProcess]) -> None:
     """300 connections each declaring a 1 MiB AUTH-time frame and sending half of it."""
     b = broker_factory()
     assert b.proc is not None
-    by = await Bystanders(b.url).start()
-    rss_before = rss_bytes(b.proc.pid)
     header = struct.pack(">IB", 1 << 20, wire.ftype("auth"))
-    socks = await asyncio.to_thread(_open, b.port, 300, PREAMBLE + header + b"\0" * (512 << 10))
-    try:
-        rss_after = rss_bytes(b.proc.pid)
-        still_open, closed = await asyncio.to_thread(_outcomes, socks, 5.0)
-    finally:
-        _close(socks)
-        await by.stop()
-    print(
-        f"\nbystanders {by.figures()}; RSS {rss_before >> 20} -> {rss_after >> 20} MiB; "
-        f"{still_open} of 300 still open"
-    )
-    by.check()
+    rss_before, rss_after, still_open, closed = await _flood(
+        b, 300, PREAMBLE + header + b"\0" * (512 << 10), 5.0)
     assert still_open == 0
     for data in closed:
         assert _last_error(data)["code"] == FRAME_TOO_LARGE
@@ -116,22 +125,10 @@ async def test_unauthenticated_connections_are_capped(
     flags[limit] = str(cap)
     b = broker_factory(*[x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", v)])
     assert b.proc is not None
-    by = await Bystanders(b.url).start()
-    rss_before = rss_bytes(b.proc.pid)
     body = MAX_FRAME_SIZE_PREAUTH - 100
     header = struct.pack(">IB", body, wire.ftype("auth"))
-    socks = await asyncio.to_thread(_open, b.port, 600, PREAMBLE + header + b"\0" * (body // 2))
-    try:
-        rss_after = rss_bytes(b.proc.pid)
-        still_open, closed = await asyncio.to_thread(_outcomes, socks, 3.0)
-    finally:
-        _close(socks)
-        await by.stop()
-    print(
-        f"\nbystanders {by.figures()}; RSS {rss_before >> 20} -> {rss_after >> 20} MiB; "
-        f"{still_open} of 600 still open"
-    )
-    by.check()
+    rss_before, rss_after, still_open, closed = await _flood(
+        b, 600, PREAMBLE + header + b"\0" * (body // 2), 3.0)
     assert 0 < still_open <= cap
     err = _last_error(closed[0])
     assert err["code"] == RESOURCE_ERROR and err["details"]["limit"] == limit
