@@ -292,7 +292,7 @@ async def test_dead_letter_cycle_is_broken(connect_to: Connect) -> None:
 
 
 async def _retry_recipe(conn: client.Connection, backoff_ms: int = 40) -> None:
-    """README's retry with back-off: "work" dead-letters to "work.retry" (its fanout
+    """docs/delivery.md's retry with back-off: "work" dead-letters to "work.retry" (its fanout
     exchange), whose message_ttl_ms dead-letters back to "work"; delivery_limit 2 on
     "work" stops a message that keeps coming back without a rejection."""
     await conn.declare_exchange("work.retry", "fanout")
