@@ -56,7 +56,7 @@ class SlowConsumers:
             for c in q.consumers:
                 if c.credit > 0:
                     continue
-                tag = c.session._next_tag  # moves with every delivery on the connection
+                tag = c.session.deliveries.next_tag  # moves with every delivery on the connection
                 t, seen = self._since.get(c, (now, tag))
                 if seen != tag:
                     t = now
