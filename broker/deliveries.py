@@ -69,8 +69,9 @@ class Deliveries:
         return tag in self._timed_out
 
     # ------------------------------------------------------------------ recording
-    def add(self, batch: list[QueuedMessage], queue: Queue, consumer: Consumer | None,
-            no_ack: bool) -> int:
+    def add(
+        self, batch: list[QueuedMessage], queue: Queue, consumer: Consumer | None, no_ack: bool
+    ) -> int:
         """Hand ``batch`` consecutive new tags and, unless ``no_ack``, record each as
         unacked until its ``deadline`` (the batch's first sets the min deadline: one
         dispatch or GET takes them all at once). Returns the first tag."""
@@ -81,8 +82,9 @@ class Deliveries:
         if len(batch) == 1:
             self._unacked[first] = (batch[0], queue, consumer)
         else:
-            self._unacked.update(zip(range(first, last + 1),
-                                     [(qm, queue, consumer) for qm in batch], strict=True))
+            self._unacked.update(
+                zip(range(first, last + 1), [(qm, queue, consumer) for qm in batch], strict=True)
+            )
         dl = batch[0].deadline
         if dl and (not self._min_deadline or dl < self._min_deadline):
             self._min_deadline = dl
