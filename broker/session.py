@@ -700,7 +700,12 @@ class Session:
     def _settle(self, tag: int, multiple: bool) -> list[Unacked]:
         """Remove and return the unacked deliveries an ack/nack/reject names."""
         out = self.deliveries.settle(tag, multiple)
-        self._release(out)
+        if len(out) == 1:  # a single ack: no per-run loop
+            u = out[0]
+            if u[2] is not None:
+                self._unheld(u[2], 1, u[0].message.size)
+        elif out:
+            self._release(out)
         return out
 
     def _release(self, out: list[Unacked]) -> None:
