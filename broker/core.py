@@ -894,20 +894,18 @@ class Broker:
     # ------------------------------------------------------------------ listings
     def list(self, kind: str) -> list[dict[str, Any]]:
         if kind == "queues":
-            rows = [
-                {"name": q.name, "durable": q.durable,
-                 "exclusive": q.exclusive_owner is not None, "auto_delete": q.auto_delete,
-                 "messages": q.ready, "unacked": q.unacked, "consumers": len(q.consumers),
-                 "arguments": q.arguments, "published": q.published,
-                 "delivered": q.delivered, "acked": q.acked, "delayed": q.delayed,
-                 "paged": q.paged, "dead_lettered": q.dead_lettered, "expired": q.expired,
-                 "dead_letter_dropped": q.dead_letter_dropped}
-                for q in sorted(self.queues.values(), key=lambda q: q.name)
+            return [
+                {"name": st.name, "durable": st.durable, "exclusive": st.exclusive,
+                 "auto_delete": st.auto_delete, "messages": st.ready, "unacked": st.unacked,
+                 "consumers": st.consumers, "arguments": st.arguments,
+                 "published": st.published, "delivered": st.delivered, "acked": st.acked,
+                 "delayed": st.delayed, "paged": st.paged, "dead_lettered": st.dead_lettered,
+                 "expired": st.expired, "dead_letter_dropped": st.dead_letter_dropped,
+                 # streams: offsets, groups (broker.stream)
+                 **st.type_fields()}
+                for st in [q.statistics() for q in sorted(self.queues.values(),
+                                                          key=lambda q: q.name)]
             ]
-            for row in rows:  # streams: offsets, groups (broker.stream)
-                sq = self.queues.get(str(row["name"]))
-                row.update(sq.info() if isinstance(sq, Stream) else {"type": "classic"})
-            return rows
         if kind == "exchanges":
             return [
                 {"name": e.name, "type": e.type, "durable": e.durable,

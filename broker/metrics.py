@@ -75,7 +75,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from broker.core import RETIRED_COUNTERS
 from broker.counters import Buckets
-from broker.stream import Stream
+from broker.queue import QueueStatistics
 from protocol.errors import error_for_code
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ if TYPE_CHECKING:
 
 VERSION = "0.1.0"
 
-# (Queue attribute, per-queue metric, broker-wide metric, help)
+# (QueueStatistics field, per-queue metric, broker-wide metric, help)
 _COUNTERS = (
     ("published", "conveyor_queue_published", "conveyor_messages_enqueued",
      "Messages put on the queue (one per queue a publish was routed to)."),
@@ -114,6 +114,9 @@ _GAUGES = (
     ("ready_bytes", "conveyor_queue_ready_bytes", "Bytes of ready message bodies and headers."),
 )
 
+# Every per-queue value is read from Queue.statistics(), never from the queue itself.
+assert {c[0] for c in (*_COUNTERS, *_GAUGES)} <= set(QueueStatistics.__dataclass_fields__)
+
 BLOCK_REASONS = ("memory", "disk", "queue-full", "rate")
 
 
@@ -139,7 +142,8 @@ class BrokerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         b = self.broker
         now_ms = b.clock()
-        queues = sorted(b.queues.values(), key=lambda q: q.name)
+        queues = [q.statistics() for q in sorted(b.queues.values(), key=lambda q: q.name)]
+        # (QueueStatistics snapshots: what every per-queue metric reads)
         sessions = list(b.sessions.values())
 
         info = GaugeMetricFamily("conveyor_build_info", "Broker version.", labels=["version"])
@@ -152,10 +156,10 @@ class BrokerCollector(Collector):
         for attr, qname, total_name, doc in _COUNTERS:
             fam = CounterMetricFamily(qname, doc, labels=["queue"])
             total = b.retired[attr]
-            for q in queues:
-                v = getattr(q, attr)
+            for st in queues:
+                v = getattr(st, attr)
                 total += v
-                fam.add_metric([q.name], v)
+                fam.add_metric([st.name], v)
             yield fam
             yield CounterMetricFamily(total_name, doc + " All queues, deleted ones included.",
                                       value=total)
@@ -167,8 +171,8 @@ class BrokerCollector(Collector):
         # ---- per-queue gauges
         for attr, name, doc in _GAUGES:
             gauge = GaugeMetricFamily(name, doc, labels=["queue"])
-            for q in queues:
-                gauge.add_metric([q.name], getattr(q, attr))
+            for st in queues:
+                gauge.add_metric([st.name], getattr(st, attr))
             yield gauge
         cons = GaugeMetricFamily("conveyor_queue_consumers", "Consumers subscribed.",
                                  labels=["queue"])
@@ -177,22 +181,22 @@ class BrokerCollector(Collector):
             "Consumer lag: age of the oldest ready message (0 when none is ready).",
             labels=["queue"])
         consumers = 0
-        for q in queues:
-            n = len(q.consumers)
+        for st in queues:
+            n = st.consumers
             consumers += n
-            cons.add_metric([q.name], n)
-            head = q.head_ts()
-            lag.add_metric([q.name], max(0.0, (now_ms - head) / 1000) if head else 0.0)
+            cons.add_metric([st.name], n)
+            head = st.head_ts
+            lag.add_metric([st.name], max(0.0, (now_ms - head) / 1000) if head else 0.0)
         yield cons
         yield lag
         stream_lag = GaugeMetricFamily(
             "conveyor_stream_group_lag",
             "Stream consumer groups: messages after the group's committed offset.",
             labels=["queue", "group"])
-        for q in queues:
-            if isinstance(q, Stream):
-                for gname, g in q.info()["groups"].items():
-                    stream_lag.add_metric([q.name, gname], g["lag"])
+        for st in queues:
+            if st.stream is not None:
+                for gname, g in st.stream["groups"].items():
+                    stream_lag.add_metric([st.name, gname], g["lag"])
         yield stream_lag
         yield GaugeMetricFamily("conveyor_queues", "Queues.", value=len(queues))
         yield GaugeMetricFamily("conveyor_consumers", "Consumers on all queues.",

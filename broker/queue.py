@@ -22,6 +22,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from broker.message import DELAYED, DELIVERED, GONE, READY, Message, QueuedMessage
@@ -68,6 +69,41 @@ class Consumer:
 
 
 PRIORITY_GUARD = 10
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatistics:
+    """A queue's state at one moment, for readers outside the model (LIST, the HTTP
+    management API, metrics, the slow-consumer check): they read this, never the
+    queue's containers, so a queue kind (Stream) answers for itself."""
+
+    name: str
+    type: str  # "classic" or "stream"
+    durable: bool
+    exclusive: bool
+    auto_delete: bool
+    arguments: dict[str, Any]
+    options: QueueOptions
+    ready: int
+    unacked: int
+    delayed: int
+    paged: int
+    consumers: int
+    ready_bytes: int  # bodies and headers of ready messages
+    head_ts: int  # publish time (ms) of the oldest ready message, 0 if none
+    published: int
+    delivered: int
+    acked: int
+    redelivered: int
+    dead_lettered: int
+    expired: int
+    dead_letter_dropped: int
+    stream: dict[str, Any] | None  # a stream's offsets, bytes and groups (Stream.info)
+
+    def type_fields(self) -> dict[str, Any]:
+        """The listing fields that depend on the queue's type: ``{"type": "classic"}``,
+        or a stream's ``type``, offsets, ``messages``, ``bytes`` and ``groups``."""
+        return dict(self.stream) if self.stream is not None else {"type": "classic"}
 
 
 class Queue:
@@ -180,6 +216,23 @@ class Queue:
         parts += [iter(self._ready), iter(self._paged)]
         parts.append(qm for _due, _seq, qm in sorted(self._delayed))
         return (qm for qm in itertools.chain.from_iterable(parts) if qm.state != GONE)
+
+    def statistics(self) -> QueueStatistics:
+        """A snapshot of the counts and counters listings and metrics show."""
+        return self._statistics("classic", None)
+
+    def _statistics(self, kind: str, stream: dict[str, Any] | None) -> QueueStatistics:
+        return QueueStatistics(
+            self.name, kind, self.durable, self.exclusive_owner is not None,
+            self.auto_delete, self.arguments, self.opts, self.ready, self.unacked,
+            self.delayed, self.paged, len(self.consumers), self.ready_bytes, self.head_ts(),
+            self.published, self.delivered, self.acked, self.redelivered,
+            self.dead_lettered, self.expired, self.dead_letter_dropped, stream)
+
+    def waiting(self) -> Iterator[QueuedMessage]:
+        """Waiting messages in delivery order, delayed ones last, lazily (management's
+        peek and redrive)."""
+        return self.iter_waiting()
 
     def head_ts(self, scan: int = 1000) -> int:
         """Publish time (ms) of the oldest ready message, 0 if none (for the consumer-lag

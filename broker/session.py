@@ -1,7 +1,8 @@
 """Per-connection logic: frames in, model calls, frames out.
 
-A Session owns a connection's consumers, its unacked deliveries (keyed by delivery tag,
-in tag order) and its publish-confirm bookkeeping. It never touches a socket: it queues
+A Session owns a connection's consumers, its unacked deliveries (a
+:class:`broker.deliveries.Deliveries`, shared with the HTTP gateway) and its
+publish-confirm bookkeeping. It never touches a socket: it queues
 encoded frames and hands them to the transport's ``write`` callback when :meth:`flush`
 runs, once per batch of input, so a burst of deliveries or confirms costs one write.
 Deliveries are encoded straight from field lists (no frame object per message).
@@ -10,8 +11,8 @@ Deliveries are encoded straight from field lists (no frame object per message).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
@@ -19,6 +20,7 @@ import msgpack
 from broker import commands
 from broker.auth import ANONYMOUS, Principal
 from broker.core import Broker
+from broker.deliveries import Deliveries, Unacked
 from broker.flow import PublisherFlow
 from broker.limits import check_seq_range, publish_size
 from broker.message import GONE, Message, QueuedMessage
@@ -91,9 +93,6 @@ ENTRY_OVERHEAD = 4608
 GET_OK_EXTRA = 16
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 
-
-# An unacked delivery: (message in its queue, the queue, the consumer or None for GET).
-Unacked = tuple[QueuedMessage, Queue, "Consumer | None"]
 _DELIVER = Deliver.TYPE
 _DELIVER_BATCH = DeliverBatch.TYPE
 _DELIVER_RUN = DeliverRun.TYPE
@@ -148,9 +147,9 @@ class Session:
         # bodies), Message.size of each)
         self._deliveries: list[tuple[Consumer, Any, list[int]]] = []
         self.consumers: dict[str, Consumer] = {}
-        self.unacked: OrderedDict[int, Unacked] = OrderedDict()
+        # Unacked deliveries, their tags and ack deadlines: written only through it.
+        self.deliveries = Deliveries()
         self.exclusive_queues: set[str] = set()
-        self._next_tag = 0
         self._ctag = 0
         self._confirms: list[list[Any]] = []
         self._conf_first = 0
@@ -171,11 +170,6 @@ class Session:
         self.principal: Principal = ANONYMOUS
         # Publish credit (broker.flow); inactive until the transport opens it after OPEN_OK.
         self.flow = PublisherFlow(self)
-        # Earliest ack deadline among unacked deliveries (0 = none): the broker's sweep
-        # skips this session until then.
-        self.min_deadline = 0
-        # Tags whose ack deadline passed (requeued): a late ack/nack of one is ignored.
-        self.timed_out: OrderedDict[int, None] = OrderedDict()
         self._handlers: dict[int, Callable[[Any], None]] = {
             Publish.TYPE: self._on_publish,
             PublishBatch.TYPE: self._on_publish_batch,
@@ -201,6 +195,11 @@ class Session:
             Get.TYPE: self._get,
         }
         broker.attach(self)
+
+    @property
+    def unacked(self) -> MappingProxyType[int, Unacked]:
+        """Read-only mapping delivery tag -> (message, queue, consumer or None)."""
+        return self.deliveries.view
 
     # ------------------------------------------------------------------ input
     def handle(self, frames: list[Frame]) -> None:
@@ -311,12 +310,10 @@ class Session:
         else:
             tags = [e[0] for e in payload]
         gone: list[QueuedMessage] = []
-        for t in tags:
-            u = self.unacked.pop(t, None)
-            if u is not None:
-                gone.append(u[0])
-                if u[2] is not None:
-                    u[2].unacked -= 1
+        for u in self.deliveries.pop_many(tags):
+            gone.append(u[0])
+            if u[2] is not None:
+                u[2].unacked -= 1
         log.error("%s: %d deliveries to consumer %r cannot be encoded (%s); dropped",
                   self.id, len(tags), consumer.tag, exc)
         self.broker.count_error(InternalError.code, n=len(tags))
@@ -598,22 +595,17 @@ class Session:
                 if not batch:
                     return
                 sizes = [qm.message.size for qm in batch]
-        first = self._next_tag + 1
         no_ack = consumer.no_ack
         queue = consumer.queue
-        self._next_tag = tag = first + len(batch) - 1
+        first = self.deliveries.add(batch, queue, consumer, no_ack)
+        tag = first + len(batch) - 1
         if len(batch) == 1:  # many queues with little each: no per-batch machinery
             qm = batch[0]
             m = qm.message
-            if not no_ack:
-                self.unacked[first] = (qm, queue, consumer)
             sizes = [m.size]
             payload: Any = [[first, qm.redelivered, m.exchange, m.routing_key, m.properties,
                              m.body, qm.delivery_count]]
         else:
-            if not no_ack:
-                self.unacked.update(zip(range(first, tag + 1),
-                                        [(qm, queue, consumer) for qm in batch], strict=True))
             run = self.runs and self._run_of(batch)
             if run:
                 payload = (first, run, [qm.message.body for qm in batch])
@@ -629,9 +621,6 @@ class Session:
         else:
             consumer.unacked += len(batch)
             consumer.unacked_bytes += sum(sizes) + UNACKED_OVERHEAD * len(batch)
-            dl = batch[0].deadline
-            if dl and (not self.min_deadline or dl < self.min_deadline):
-                self.min_deadline = dl
         if queue.logged:
             broker.log_ids(commands.ack if no_ack else commands.deliver, queue, batch)
             broker.deliveries_logged = True
@@ -710,26 +699,17 @@ class Session:
 
     def _settle(self, tag: int, multiple: bool) -> list[Unacked]:
         """Remove and return the unacked deliveries an ack/nack/reject names."""
-        unacked = self.unacked
-        if not multiple:
-            u = unacked.pop(tag, None)
-            if u is None:
-                if tag in self.timed_out:
-                    return []  # its ack deadline passed: already back in the queue
-                raise PreconditionFailed(f"unknown delivery tag {tag}", {"delivery_tag": tag})
-            out = [u]
-        elif unacked and (not tag or next(reversed(unacked)) <= tag):
-            out = list(unacked.values())  # the usual cumulative ack: everything
-            unacked.clear()
-        else:
-            out = []
-            while unacked:
-                first = next(iter(unacked))
-                if tag and first > tag:
-                    break
-                out.append(unacked.popitem(last=False)[1])
-            if not out and tag and tag not in self.timed_out:
-                raise PreconditionFailed(f"unknown delivery tag {tag}", {"delivery_tag": tag})
+        out = self.deliveries.settle(tag, multiple)
+        if len(out) == 1:  # a single ack: no per-run loop
+            u = out[0]
+            if u[2] is not None:
+                self._unheld(u[2], 1, u[0].message.size)
+        elif out:
+            self._release(out)
+        return out
+
+    def _release(self, out: list[Unacked]) -> None:
+        """Settled deliveries no longer count against their consumers."""
         c = None
         k = size = 0
         for u in out:  # consumers' unacked counts, updated once per run of one consumer
@@ -742,7 +722,6 @@ class Session:
             size += u[0].message.size
         if c is not None:
             self._unheld(c, k, size)
-        return out
 
     def _unheld(self, c: Consumer, n: int, size: int) -> None:
         """``n`` deliveries of ``size`` bytes to ``c`` were settled; a consumer that
@@ -764,7 +743,11 @@ class Session:
             self.broker.pump_soon()
 
     def _on_ack(self, f: Ack) -> None:
-        settled = self._settle(f.delivery_tag, f.multiple)
+        self.ack_settled(self._settle(f.delivery_tag, f.multiple))
+
+    def ack_settled(self, settled: list[Unacked]) -> None:
+        """Acknowledge deliveries already removed from :attr:`deliveries` (ACK, the
+        gateway's delete): one ack record per queue."""
         if len(settled) == 1:
             qm, q, _c = settled[0]
             if isinstance(q, Stream):
@@ -799,6 +782,8 @@ class Session:
                 self.broker.log_ids(commands.ack, q, qms)
 
     def _refuse(self, settled: list[Unacked], requeue: bool) -> None:
+        """Requeue (or dead-letter) deliveries already removed from :attr:`deliveries`
+        (NACK, REJECT, timeouts, the gateway's visibility 0), queue by queue."""
         by_queue: dict[Queue, list[QueuedMessage]] = {}
         for u in settled:
             by_queue.setdefault(u[1], []).append(u[0])
@@ -810,6 +795,11 @@ class Session:
             else:
                 self.broker.reject(q, qms)
 
+    def requeue_settled(self, settled: list[Unacked]) -> None:
+        """Put deliveries already removed from :attr:`deliveries` back in their queues
+        (the gateway's visibility 0)."""
+        self._refuse(settled, requeue=True)
+
     def _on_nack(self, f: Nack) -> None:
         self._refuse(self._settle(f.delivery_tag, f.multiple), f.requeue)
 
@@ -817,44 +807,22 @@ class Session:
         self._refuse(self._settle(f.delivery_tag, False), f.requeue)
 
     def _on_extend(self, f: Extend) -> None:
-        u = self.unacked.get(f.delivery_tag)
-        if u is None:
+        d = self.deliveries
+        if not d.extend(f.delivery_tag, f.timeout_ms, self.broker.clock()):
             why = ("its ack timeout already expired (the message was requeued)"
-                   if f.delivery_tag in self.timed_out else "unknown delivery tag")
+                   if d.timed_out(f.delivery_tag) else "unknown delivery tag")
             raise PreconditionFailed(f"cannot extend delivery {f.delivery_tag}: {why}",
                                      {"delivery_tag": f.delivery_tag})
-        qm, q, _c = u
-        ms = f.timeout_ms or q.opts.ack_timeout_ms
-        qm.deadline = self.broker.clock() + ms if ms else 0
-        if qm.deadline and (not self.min_deadline or qm.deadline < self.min_deadline):
-            self.min_deadline = qm.deadline
 
     def expire_deliveries(self, now: int) -> None:
         """Deliveries past their ack deadline go back to their queue (as if nacked)."""
-        if not self.min_deadline or now < self.min_deadline:
+        settled = self.deliveries.expire(now)
+        if not settled:
             return
-        expired: list[int] = []
-        nxt = 0
-        for tag, (qm, _q, _c) in self.unacked.items():
-            dl = qm.deadline
-            if dl:
-                if dl <= now:
-                    expired.append(tag)
-                elif not nxt or dl < nxt:
-                    nxt = dl
-        self.min_deadline = nxt
-        if not expired:
-            return
-        settled: list[Unacked] = []
-        for tag in expired:
-            u = self.unacked.pop(tag)
+        for u in settled:
             if u[2] is not None:
                 self._unheld(u[2], 1, u[0].message.size)
-            settled.append(u)
-            self.timed_out[tag] = None
-        while len(self.timed_out) > 100_000:
-            self.timed_out.popitem(last=False)
-        log.info("%s: %d deliveries passed their ack timeout; requeued", self.id, len(expired))
+        log.info("%s: %d deliveries passed their ack timeout; requeued", self.id, len(settled))
         self._refuse(settled, requeue=True)
 
     def _on_credit(self, f: Credit) -> None:
@@ -944,30 +912,32 @@ class Session:
                                   {"max_messages": f.max_messages})
         self.principal.require("read", "queue", f.queue)
         q = self.broker.get_queue(f.queue, self.id)
-        timeout = q.opts.ack_timeout_ms
-        deadline = self.broker.clock() + timeout if timeout and not f.no_ack else 0
         taken = self.take_ready(q, f.max_messages, self.max_frame_size - 1024,
-                                ENTRY_OVERHEAD, deadline, f.no_ack)
+                                ENTRY_OVERHEAD, None, f.no_ack)
         entries = [DeliveryEntry(tag, qm.redelivered, qm.message.exchange,
                                  qm.message.routing_key, qm.message.properties,
                                  Pager.read(qm.message), qm.delivery_count)
                    for tag, qm in taken]
         return GetOk(f.rid, entries, q.ready)
 
-    def take_ready(self, q: Queue, limit: int, budget: int, overhead: int, deadline: int,
-                   no_ack: bool = False) -> list[tuple[int, QueuedMessage]]:
+    def take_ready(self, q: Queue, limit: int, budget: int, overhead: int,
+                   timeout_ms: int | None, no_ack: bool = False
+                   ) -> list[tuple[int, QueuedMessage]]:
         """Pull up to ``limit`` ready messages off ``q`` under new delivery tags: GET and
         the HTTP gateway's receive share this, so both count, log and time out alike.
 
         At least one message, then more while their sizes plus ``overhead`` each fit in
-        ``budget`` bytes. Unless ``no_ack``, each stays unacked here until ``deadline``
-        (broker clock ms; 0 = none), when the ack-timeout sweep requeues it."""
+        ``budget`` bytes. Unless ``no_ack``, each stays unacked here until ``timeout_ms``
+        from now (None: the queue's ack timeout; 0 there: no deadline), when the
+        ack-timeout sweep requeues it."""
         broker = self.broker
-        q.last_used = broker.clock()
-        out: list[tuple[int, QueuedMessage]] = []
+        now = broker.clock()
+        q.last_used = now
+        ms = q.opts.ack_timeout_ms if timeout_ms is None else timeout_ms
+        deadline = now + ms if ms and not no_ack else 0
+        taken: list[QueuedMessage] = []
         size = 0
-        tag = self._next_tag
-        while len(out) < limit:
+        while len(taken) < limit:
             head = q.peek()
             if head is None:
                 break
@@ -975,25 +945,19 @@ class Session:
                 self._refuse_too_large(q, q.take(1, 0), None)  # fits no frame of ours
                 continue
             esize = head.message.size + overhead
-            if out and size + esize > budget:
+            if taken and size + esize > budget:
                 break  # does not fit this reply; stays at the head
-            qm = q.take(1, deadline)[0]
+            taken.append(q.take(1, deadline)[0])
             size += esize
-            tag += 1
-            if no_ack:
-                q.ack(1)
-            else:
-                self.unacked[tag] = (qm, q, None)
-            out.append((tag, qm))
-        self._next_tag = tag
-        if out:
-            if deadline and (not self.min_deadline or deadline < self.min_deadline):
-                self.min_deadline = deadline
-            taken = [qm for _t, qm in out]
-            broker.latency.observe_batch(taken, broker.clock())
-            if q.logged:
-                broker.log_ids(commands.ack if no_ack else commands.deliver, q, taken)
-        return out
+        if not taken:
+            return []
+        first = self.deliveries.add(taken, q, None, no_ack)
+        if no_ack:
+            q.ack(len(taken))
+        broker.latency.observe_batch(taken, broker.clock())
+        if q.logged:
+            broker.log_ids(commands.ack if no_ack else commands.deliver, q, taken)
+        return list(zip(range(first, first + len(taken)), taken, strict=True))
 
     # ------------------------------------------------------------------ lifecycle
     def consumer_cancelled(self, consumer: Consumer, code: int, message: str) -> None:
@@ -1010,9 +974,7 @@ class Session:
             self.flow.close()
         except Exception:
             log.exception("%s: closing publish credit failed", self.id)
-        settled = list(self.unacked.values())
-        self.unacked.clear()
-        self._requeue_on_close(settled)
+        self._requeue_on_close(self.deliveries.drain())
         for c in list(self.consumers.values()):
             try:
                 self.broker.remove_consumer(c)

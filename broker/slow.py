@@ -51,12 +51,12 @@ class SlowConsumers:
         since: dict[Consumer, tuple[float, int]] = {}
         slow: list[Consumer] = []
         for q in self.broker.queues.values():
-            if not q.consumers or not q.ready:
+            if not q.consumers or not q.statistics().ready:
                 continue
             for c in q.consumers:
                 if c.credit > 0:
                     continue
-                tag = c.session._next_tag  # moves with every delivery on the connection
+                tag = c.session.deliveries.next_tag  # moves with every delivery on the connection
                 t, seen = self._since.get(c, (now, tag))
                 if seen != tag:
                     t = now
@@ -78,15 +78,16 @@ class SlowConsumers:
             lines += 1
             self._logged[c] = now
             q = c.queue
+            ready = q.statistics().ready
             s = c.session
             stalled = round(now - since[c][0], 1)
             log.warning(
                 "slow consumer %s on queue %r (connection %s): no credit for %.0fs with %d "
-                "ready messages waiting, %d unacked", c.tag, q.name, s.id, stalled, q.ready,
+                "ready messages waiting, %d unacked", c.tag, q.name, s.id, stalled, ready,
                 c.unacked,
                 extra={"event": "consumer.slow", "queue": q.name, "consumer_tag": c.tag,
                        "connection": s.id, "peer": s.flow.peer, "stalled_seconds": stalled,
-                       "ready": q.ready, "unacked": c.unacked})
+                       "ready": ready, "unacked": c.unacked})
         if skipped:
             log.warning("%d more slow consumers not listed", skipped,
                         extra={"event": "consumer.slow", "more": skipped})

@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from hashlib import sha256
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,7 @@ import msgpack
 
 from broker.commands import group_offsets, stream_entry
 from broker.message import DELIVERED, Message, QueuedMessage
-from broker.queue import DISPATCH_BYTES, Consumer, Queue
+from broker.queue import DISPATCH_BYTES, Consumer, Queue, QueueStatistics
 from broker.stream_store import Entry, StreamLog
 from protocol import InvalidArgument
 from protocol.limits import CONSUME_ARGUMENT_TYPES, NAME_MAX, U64_MAX
@@ -217,6 +217,12 @@ class Stream(Queue):
 
     def head_ts(self, scan: int = 1000) -> int:
         return 0
+
+    def statistics(self) -> QueueStatistics:
+        return self._statistics("stream", self.info())
+
+    def waiting(self) -> Iterator[QueuedMessage]:
+        return iter(())  # in its own segments, read by offset (CONSUME), not waiting
 
     def info(self) -> dict[str, Any]:
         slog = self.log

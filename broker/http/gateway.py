@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from broker import commands
 from broker.auth import Principal
 from broker.flow import take_http
 from broker.http.common import (
@@ -155,13 +154,10 @@ class Gateway:
         """Take up to ``batch_size`` ready messages (Session.take_ready, GET's code)."""
         broker = self.broker
         q = broker.get_queue(queue, None)
-        now = broker.clock()
-        if visibility_ms is None:  # the queue's ack timeout (0 = none: until deleted)
-            ms = q.opts.ack_timeout_ms
-            deadline = now + ms if ms else 0
-        else:  # 0: visible again at the next sweep
-            deadline = now + max(visibility_ms, 1)
-        taken = self.session.take_ready(q, batch_size, RECEIVE_BYTES, 0, deadline)
+        # None: the queue's ack timeout (0 = none: until deleted); 0: visible again at
+        # the next sweep
+        timeout = None if visibility_ms is None else max(visibility_ms, 1)
+        taken = self.session.take_ready(q, batch_size, RECEIVE_BYTES, 0, timeout)
         out: list[dict[str, Any]] = []
         for tag, qm in taken:
             nonce = secrets.token_hex(8)
@@ -248,7 +244,7 @@ class Gateway:
             tag = int(tag_text)
         except ValueError:
             return None
-        u = self.session.unacked.get(tag)
+        u = self.session.deliveries.get(tag)
         if u is None:
             self._nonces.pop(tag, None)
             return None
@@ -264,22 +260,17 @@ class Gateway:
     def delete_many(self, queue: str, handles: list[str]) -> list[bool]:
         """Acknowledge several deliveries of ``queue`` (one ack record for all); for
         each handle, whether it named a live delivery."""
-        found: list[QueuedMessage] = []
+        tags: list[int] = []
         ok: list[bool] = []
-        q: Queue | None = None
         for handle in handles:
             hit = self._find(queue, handle)
             ok.append(hit is not None)
             if hit is None:
                 continue
-            tag, qm, q = hit
-            del self.session.unacked[tag]
-            del self._nonces[tag]
-            found.append(qm)
-        if found and q is not None:
-            q.ack(len(found))
-            if q.logged:
-                self.broker.log_ids(commands.ack, q, found)
+            tags.append(hit[0])
+            del self._nonces[hit[0]]
+        if tags:
+            self.session.ack_settled(self.session.deliveries.pop_many(tags))
             self.broker.pump()
         return ok
 
@@ -290,22 +281,18 @@ class Gateway:
         hit = self._find(queue, handle)
         if hit is None:
             return False
-        tag, qm, q = hit
+        tag = hit[0]
         session = self.session
         if visibility_ms == 0:
-            del session.unacked[tag]
             del self._nonces[tag]
-            self.broker.requeue(q, [qm])
+            session.requeue_settled(session.deliveries.pop_many([tag]))
             self.broker.pump()
             return True
-        qm.deadline = self.broker.clock() + visibility_ms
-        if not session.min_deadline or qm.deadline < session.min_deadline:
-            session.min_deadline = qm.deadline
-        return True
+        return session.deliveries.extend(tag, visibility_ms, self.broker.clock())
 
     def prune(self) -> None:
         """Forget handles whose delivery timed out (called about once a second)."""
-        unacked = self.session.unacked
+        unacked = self.session.deliveries
         if len(self._nonces) > len(unacked):
             for tag in [t for t in self._nonces if t not in unacked]:
                 del self._nonces[tag]

@@ -34,7 +34,6 @@ from broker.http.stats import HISTORY_INTERVAL, HISTORY_SAMPLES, history_row
 from broker.message import DELAYED, Message, death_records
 from broker.options import QueueOptions
 from broker.pager import Pager
-from broker.stream import Stream
 from protocol import ConveyorError, InvalidArgument, NotFound, QueueFull
 from protocol.limits import NAME_MAX
 
@@ -55,20 +54,21 @@ def _version() -> str:
 
 
 def queue_json(c: HttpContext, q: Queue) -> dict[str, Any]:
-    opts = q.opts
+    st = q.statistics()
+    opts = st.options
     return {
-        "name": q.name, "durable": q.durable, "exclusive": q.exclusive_owner is not None,
-        "auto_delete": q.auto_delete, "arguments": q.arguments,
+        "name": st.name, "durable": st.durable, "exclusive": st.exclusive,
+        "auto_delete": st.auto_delete, "arguments": st.arguments,
         # messages: the ready count, as in every listing; ready: the same number (older name)
-        "ready": q.ready, "unacked": q.unacked, "messages": q.ready,
-        "delayed": q.delayed, "paged": q.paged, "consumers": len(q.consumers),
-        "counters": {"published": q.published, "delivered": q.delivered, "acked": q.acked,
-                     "dead_lettered": q.dead_lettered, "expired": q.expired,
-                     "dead_letter_dropped": q.dead_letter_dropped},
-        "rates": c.stats.queue(q.name),
+        "ready": st.ready, "unacked": st.unacked, "messages": st.ready,
+        "delayed": st.delayed, "paged": st.paged, "consumers": st.consumers,
+        "counters": {"published": st.published, "delivered": st.delivered, "acked": st.acked,
+                     "dead_lettered": st.dead_lettered, "expired": st.expired,
+                     "dead_letter_dropped": st.dead_letter_dropped},
+        "rates": c.stats.queue(st.name),
         "settings": {k: getattr(opts, k) for k in OPTION_NAMES},
         # streams: offsets and per-group committed offset and lag
-        **(q.info() if isinstance(q, Stream) else {"type": "classic"}),
+        **st.type_fields(),
     }
 
 
@@ -88,9 +88,9 @@ async def overview(request: web.Request) -> web.Response:
     require_admin(request)
     c = ctx(request)
     b = c.broker
-    queues = b.queues.values()
-    ready = sum(q.ready for q in queues)
-    unacked = sum(q.unacked for q in queues)
+    stats = [q.statistics() for q in b.queues.values()]
+    ready = sum(st.ready for st in stats)
+    unacked = sum(st.unacked for st in stats)
     cfg = c.server.config
     return json_response({
         "product": "conveyor", "version": _version(),
@@ -186,8 +186,8 @@ async def peek(request: web.Request) -> web.Response:
     q = _queue(c, queue_name(request))
     p.require("read", "queue", q.name)
     count = int_query(request, "count", 10, 1, PEEK_MAX)
-    msgs = list(itertools.islice(q.iter_waiting(), count))
-    return json_response({"queue": q.name, "ready": q.ready,
+    msgs = list(itertools.islice(q.waiting(), count))
+    return json_response({"queue": q.name, "ready": q.statistics().ready,
                           "messages": [message_json(qm) for qm in msgs]})
 
 
@@ -237,7 +237,7 @@ def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int,
     now = broker.clock()
     if source.release(now):
         broker.wake(source)
-    for qm in list(itertools.islice(source.iter_waiting(), limit * 4 + 1000)):
+    for qm in list(itertools.islice(source.waiting(), limit * 4 + 1000)):
         if moved + skipped >= limit:
             break
         if qm.state == DELAYED:
@@ -303,7 +303,8 @@ async def queue_history(request: web.Request) -> web.Response:
     c = ctx(request)
     q = _queue(c, queue_name(request))
     rows = c.stats.history(q.name)
-    rows.append(history_row(time.time() * 1000, q.ready, q.unacked, c.stats.queue(q.name)))
+    st = q.statistics()
+    rows.append(history_row(time.time() * 1000, st.ready, st.unacked, c.stats.queue(q.name)))
     return json_response({"queue": q.name, "interval_s": HISTORY_INTERVAL,
                           "max_samples": HISTORY_SAMPLES, "samples": rows})
 
