@@ -8,7 +8,6 @@ every queue that changed and lets every session with output write it once.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import secrets
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker import commands
 from broker.counters import LatencyHistogram
+from broker.deadletter import automatic_cycle, dead_letter_properties
 from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
 from broker.flow import FlowControl
 from broker.limits import (
@@ -27,12 +27,14 @@ from broker.limits import (
     check_consumer_count,
     check_queue_count,
 )
-from broker.message import GONE, READY, Message, QueuedMessage, death_records
+from broker.message import GONE, READY, Message, QueuedMessage
 from broker.options import QueueOptions
 from broker.pager import Pager
 from broker.queue import Consumer, Queue
+from broker.scheduling import LoopScheduler
 from broker.store import MemoryStore, Record, Store
 from broker.stream import Stream, Streams, check_classic, check_declare
+from broker.timers import TimerHeap
 from protocol import (
     AccessRefused,
     InvalidArgument,
@@ -95,13 +97,9 @@ class Broker:
         # (due ms, seq, kind, queue, message); the transport calls :meth:`tick` when the
         # earliest is due, via ``timer_hook(seconds from now)`` it is given.
         self.clock: Callable[[], int] = _wall_ms
-        self.timer_hook: Callable[[float], None] | None = None
-        self._timers: list[tuple[int, int, int, Queue | None, QueuedMessage | None]] = []
-        self._timer_seq = itertools.count()
-        self._armed = 0
-        # Heap entries whose queue was deleted or whose message was purged: dropped in one
-        # pass once they are a large share of the heap (Broker._drop_timers).
-        self._stale_timers = 0
+        self.timers: TimerHeap[Queue, QueuedMessage] = TimerHeap(
+            lambda: self.clock(), _stale_timer)
+        self._timers = self.timers.heap
         self.dead_lettered = 0
         # Set when deliveries of logged queues were journaled (Session.deliver): the next
         # pump writes the log through before any session writes its frames.
@@ -116,7 +114,8 @@ class Broker:
         self.nacks: dict[int, int] = {}  # publish nacks (CONFIRM ok=false) sent, by code
         self.latency = LatencyHistogram()  # publish -> delivery, recorded per batch
         # Stream queues (broker.stream); Durability sets their directory and fsync policy.
-        self.streams = Streams(lambda: self.clock(), self.wake, self.pump_soon)
+        self.streams = Streams(lambda: self.clock(), self.wake, self.pump_soon,
+                               LoopScheduler())
         self.now = 0  # ms: the clock as of the current dispatch round (set by pump)
         # Run at the end of each pump while set: the HTTP gateway's long polls look for
         # ready messages on their queues then (None when nobody waits: no cost).
@@ -289,7 +288,7 @@ class Broker:
                       exclusive_owner=session_id if exclusive else None,
                       auto_delete=auto_delete, arguments=arguments)
         q.durable = durable  # reported as declared; exclusive queues never outlive their owner
-        if not opts.max_priority and not isinstance(q, Stream):
+        if q.takes_pager():
             q.pager = self.pager
         self.adopt_queue(q)
         self.queues[name] = q
@@ -348,8 +347,7 @@ class Broker:
         q.bindings.clear()
         self.queues.pop(q.name, None)
         self.queue_owners.remove(q.name)
-        if isinstance(q, Stream):
-            self.streams.remove(q)
+        q.on_removed()
         self._dirty_queues.discard(q)
         if q.exclusive_owner is not None:
             s = self.sessions.get(q.exclusive_owner)
@@ -362,9 +360,7 @@ class Broker:
     def purge_queue(self, session_id: str | None, name: str) -> int:
         q = self.get_queue(name, session_id)
         now = self.clock()
-        if isinstance(q, Stream):
-            raise InvalidArgument(f"queue {name!r} is a stream: streams cannot be purged "
-                                  "(retention removes old segments)", {"queue": name})
+        q.check_purgeable()
         q.release(now)  # due by now: ready, so purged (replaying "qp" decides the same)
         n = q.purge()
         self._drop_timers(q, q.purged_timers)
@@ -449,8 +445,7 @@ class Broker:
             if msg_id is not None and q.opts.dedup_window_ms and q.duplicate(msg_id, now):
                 n += 1  # the queue has it already: taken (a mandatory retry is no RETURN)
                 continue
-            if isinstance(q, Stream):
-                q.append(message)  # written at the end of the batch (Streams.flush)
+            if q.append_if_log(message):
                 n += 1
                 continue
             qm = q.enqueue(message, now)
@@ -482,7 +477,7 @@ class Broker:
         per run. Queues with dedup, a length limit or a stream take the general path."""
         queues = [self.queues[name] for name in queue_names]
         for q in queues:
-            if isinstance(q, Stream) or q.opts.dedup_window_ms or q.has_limit:
+            if q.appends_to_log or q.opts.dedup_window_ms or q.has_limit:
                 for m in messages:
                     self.enqueue(m, queue_names, now)
                 return
@@ -558,30 +553,13 @@ class Broker:
             log.warning("dead-letter exchange %r of queue %r does not exist; dropped",
                         dlx, q.name)
             return
-        props = dict(Pager.properties(m))  # headers may be paged with the body
-        raw_headers = props.get("headers")
-        headers = dict(raw_headers) if isinstance(raw_headers, dict) else {}
-        deaths = death_records(headers.get("x-death"))
-        record = None
-        for d in deaths:
-            if d.get("queue") == q.name and d.get("reason") == reason:
-                record = d
-                deaths.remove(d)
-                break
-        if record is None:
-            record = {"reason": reason, "queue": q.name, "exchange": m.exchange,
-                      "routing_key": m.routing_key, "count": 0}
-        count = record.get("count")
-        record["count"] = (count if type(count) is int and count >= 0 else 0) + 1
-        record["time"] = now
-        deaths.insert(0, record)
-        headers["x-death"] = deaths
-        props["headers"] = headers
-        props.pop("ttl", None)  # would expire again at once; the queue's TTL still applies
-        props.pop("delay", None)
+        # Headers may be paged with the body.
+        props, deaths = dead_letter_properties(
+            Pager.properties(m), queue=q.name, reason=reason, exchange=m.exchange,
+            routing_key=m.routing_key, now=now)
         if not targets:
             return  # the exchange routes it nowhere: dropped, as a publish would be
-        kept = [t for t in targets if not _automatic_cycle(reason, deaths, t)]
+        kept = [t for t in targets if not automatic_cycle(reason, deaths, t)]
         if not kept:
             q.dead_letter_dropped += 1
             log.warning("queue %r: message dead-lettered (%s) in an automatic cycle "
@@ -605,30 +583,30 @@ class Broker:
         if qm.expires:
             self._add_timer(qm.expires, _EXPIRE, q, qm)
 
+    @property
+    def timer_hook(self) -> Callable[[float], None] | None:
+        """The transport's wake-up (seconds from now), set by the server."""
+        return self.timers.hook
+
+    @timer_hook.setter
+    def timer_hook(self, hook: Callable[[float], None] | None) -> None:
+        self.timers.hook = hook
+
     def _add_timer(self, due: int, kind: int, q: Queue | None,
                    qm: QueuedMessage | None) -> None:
-        heapq.heappush(self._timers, (due, next(self._timer_seq), kind, q, qm))
-        if q is not None:
-            q.timers += 1
-        if self.timer_hook is not None and (not self._armed or due < self._armed):
-            self._armed = due
-            self.timer_hook(max(0.0, (due - self.clock()) / 1000))
+        self.timers.add(due, kind, q, qm)
 
     def next_timer(self) -> int:
         """When the earliest timer is due (ms since the epoch), 0 if none."""
-        return self._timers[0][0] if self._timers else 0
+        return self.timers.next_due()
 
     def tick(self) -> None:
         """Run every due timer, then dispatch; re-arm the transport's timer."""
         now = self.clock()
-        timers = self._timers
-        self._armed = 0
-        while timers and timers[0][0] <= now:
-            _due, _seq, kind, q, qm = heapq.heappop(timers)
+        for kind, q, qm in self.timers.due(now):
             if q is None:  # ack-timeout sweep
                 self._sweep(now)
                 continue
-            q.timers -= 1
             if q.deleted:
                 continue
             elif kind == _RELEASE:
@@ -643,9 +621,7 @@ class Broker:
                     self.dead_letter(q, [qm], "expired")
             elif kind == _QUEUE_EXPIRY:
                 self._check_queue_expiry(q, now)
-        if timers and self.timer_hook is not None:
-            self._armed = timers[0][0]
-            self.timer_hook(max(0.0, (timers[0][0] - now) / 1000))
+        self.timers.rearm(now)
         self.pump()
 
     def _drop_timers(self, q: Queue, stale: int) -> None:
@@ -653,32 +629,14 @@ class Broker:
         messages): once such entries are half the heap (or 65,536), drop them all in one
         pass, so a deleted queue's messages (a TTL or delay of 2^63 ms keeps its timer for
         ever) are freed, at O(1) amortised cost per entry."""
-        if not stale:
-            return
-        self._stale_timers += stale
-        heap = self._timers
-        if self._stale_timers * 2 < len(heap) and self._stale_timers < 65536:
-            return
-        keep = []
-        for t in heap:
-            tq = t[3]
-            if tq is not None and (tq.deleted or (
-                    t[2] == _EXPIRE and t[4] is not None and t[4].state == GONE)):
-                tq.timers -= 1
-                continue
-            keep.append(t)
-        heap[:] = keep  # in place: tick() may be iterating over this list
-        heapq.heapify(heap)
-        self._stale_timers = 0
+        self.timers.drop_stale(stale)
 
     def start_timers(self) -> None:
         """Called once the transport set ``timer_hook``: starts the ack-timeout sweeps and
         arms the timers added before (recovered delayed/expiring messages and queues)."""
-        self._armed = 0
+        self.timers.start()
         self._add_timer(self.clock() + SWEEP_MS, _SWEEP, None, None)
-        if self.timer_hook is not None and self._timers:
-            self._armed = self._timers[0][0]
-            self.timer_hook(max(0.0, (self._armed - self.clock()) / 1000))
+        self.timers.arm()
 
     def _sweep(self, now: int) -> None:
         """Deliveries past their ack deadline go back to their queues (or dead-letter)."""
@@ -930,6 +888,11 @@ class Broker:
 
 
 _RELEASE, _EXPIRE, _SWEEP, _QUEUE_EXPIRY = 0, 1, 2, 3
+
+
+def _stale_timer(kind: int, q: Queue, qm: QueuedMessage | None) -> bool:
+    """A timer entry of a deleted queue, or the TTL entry of a purged message."""
+    return q.deleted or (kind == _EXPIRE and qm is not None and qm.state == GONE)
 # Queue counters kept broker-wide after the queue is deleted (Broker.retired).
 RETIRED_COUNTERS = ("published", "delivered", "acked", "redelivered", "dead_lettered",
                     "expired", "dead_letter_dropped")
@@ -957,19 +920,6 @@ def _queue_difference(q: Queue, durable: bool, exclusive: bool, auto_delete: boo
 
 def _wall_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _automatic_cycle(reason: str, deaths: list[dict[str, Any]], target: str) -> bool:
-    """Would dead-lettering to ``target`` close a cycle of automatic deaths only?
-    ``deaths``: the message's history, newest first, its new record included."""
-    if reason == "rejected":
-        return False
-    for d in deaths:
-        if d.get("reason") == "rejected":
-            return False
-        if d.get("queue") == target:
-            return True
-    return False
 
 
 def _deliver(consumer: Consumer, batch: list[QueuedMessage]) -> None:

@@ -503,6 +503,40 @@ class Queue:
         """Delivered messages leave without an ack (rejected, dead-lettered)."""
         self.unacked -= n
 
+    # ----------------------------------------------------- kind hooks (Stream overrides)
+    #: True for a queue whose publishes are appended to a log at the end of the batch
+    #: (a stream) instead of going through ``enqueue``; such a queue takes the general
+    #: publish path and stream consumer arguments.
+    appends_to_log = False
+
+    def append_if_log(self, message: Message) -> bool:
+        """Take ``message`` by appending it to a log; False: use ``enqueue``."""
+        return False
+
+    def takes_pager(self) -> bool:
+        """Whether ready bodies may be paged out to disk (not with priority lanes)."""
+        return not self.opts.max_priority
+
+    def check_purgeable(self) -> None:
+        """Raise the typed error when this queue cannot be purged (a classic one can)."""
+
+    def on_removed(self) -> None:
+        """The queue was deleted from the topology: release what it keeps elsewhere."""
+
+    def drop_refused(self, qms: list[QueuedMessage]) -> bool:
+        """Delivered messages that could not be sent leave for good. True when the
+        caller still records their end (logs the acks, dead-letters them); a stream
+        settles its own bookkeeping instead."""
+        self.discard(len(qms))
+        for qm in qms:
+            qm.state = GONE
+        return True
+
+    def new_consumer(self, tag: str, session: Session, no_ack: bool, exclusive: bool,
+                     credit: int, arguments: dict[str, Any]) -> Consumer:
+        """The consumer kind this queue delivers to (arguments already checked)."""
+        return Consumer(tag, self, session, no_ack, exclusive, credit)
+
     def remove(self, qm: QueuedMessage) -> bool:
         """Take a READY or DELAYED message out wherever it is (TTL expiry). False if it
         is not waiting here any more."""

@@ -23,10 +23,10 @@ from broker.core import Broker
 from broker.deliveries import Deliveries, Unacked
 from broker.flow import PublisherFlow
 from broker.limits import check_seq_range, publish_size
-from broker.message import GONE, Message, QueuedMessage
+from broker.message import Message, QueuedMessage
 from broker.pager import Pager
 from broker.queue import UNACKED_OVERHEAD, Consumer, Queue
-from broker.stream import Stream, StreamConsumer, check_consume_arguments
+from broker.stream import Stream, check_consume_arguments
 from protocol import (
     Ack,
     Bind,
@@ -318,15 +318,8 @@ class Session:
                   self.id, len(tags), consumer.tag, exc)
         self.broker.count_error(InternalError.code, n=len(tags))
         q = consumer.queue
-        if gone:
-            if isinstance(q, Stream):
-                q.settle_refused(gone, requeue=False)
-            else:
-                q.discard(len(gone))
-                for qm in gone:
-                    qm.state = GONE
-                if q.logged:
-                    self.broker.log_ids(commands.ack, q, gone)
+        if gone and q.drop_refused(gone) and q.logged:
+            self.broker.log_ids(commands.ack, q, gone)
 
     def _encode_deliveries(self, tag: str, entries: list[list[Any]], sizes: list[int]) -> None:
         """DELIVER for one message, else DELIVER_BATCH frames that each fit the frame cap."""
@@ -646,12 +639,7 @@ class Session:
         if consumer is not None:
             consumer.credit += len(big)
             self.broker.wake(queue)
-        if isinstance(queue, Stream):
-            queue.settle_refused(big, requeue=False)
-        else:
-            queue.discard(len(big))
-            for qm in big:
-                qm.state = GONE
+        if queue.drop_refused(big):
             self.broker.dead_letter(queue, big, "too-large")
         self.broker.count_error(MessageTooLarge.code, n=len(big))
         largest = max([qm.message.size for qm in big])
@@ -890,11 +878,7 @@ class Session:
         elif tag in self.consumers:
             raise PreconditionFailed(f"consumer tag {tag!r} already in use on this connection",
                                      {"consumer_tag": tag})
-        if isinstance(q, Stream):
-            c: Consumer = StreamConsumer(tag, q, self, f.no_ack, f.exclusive, f.credit,
-                                         f.arguments)
-        else:
-            c = Consumer(tag, q, self, f.no_ack, f.exclusive, f.credit)
+        c = q.new_consumer(tag, self, f.no_ack, f.exclusive, f.credit, f.arguments)
         self.broker.add_consumer(c)
         self.consumers[tag] = c
         return ConsumeOk(f.rid, tag)

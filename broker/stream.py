@@ -43,6 +43,7 @@ from protocol import InvalidArgument
 from protocol.limits import CONSUME_ARGUMENT_TYPES, NAME_MAX, U64_MAX
 
 if TYPE_CHECKING:
+    from broker.interfaces import Scheduler
     from broker.session import Session
     from broker.store import Store
 
@@ -97,7 +98,7 @@ def check_consume_arguments(arguments: dict[str, Any], queue: Queue | None) -> N
             raise InvalidArgument(f"unknown consumer argument {key!r}", {"argument": key})
         if queue is None:
             continue
-        if not isinstance(queue, Stream):
+        if not queue.appends_to_log:
             raise InvalidArgument(f"consumer argument {key!r} applies to streams only",
                                   {"argument": key})
         ok = True
@@ -278,8 +279,7 @@ class Stream(Queue):
         publishes, dead-lettering) is forgotten on the next turn: it must not nack a
         later, stored publish."""
         self.log.failed = exc
-        with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().call_soon(self._forget, exc)
+        self.owner.scheduler.call_soon(self._forget, exc)
 
     def _forget(self, exc: OSError) -> None:
         if self.log.failed is exc:
@@ -465,6 +465,31 @@ class Stream(Queue):
             if g is not None and g.settle(qm.seq):
                 self.groups_dirty = True
 
+    # ---------------------------------------------------- kind hooks (see Queue)
+    appends_to_log = True
+
+    def append_if_log(self, message: Message) -> bool:
+        self.append(message)  # written at the end of the batch (Streams.flush)
+        return True
+
+    def takes_pager(self) -> bool:
+        return False
+
+    def check_purgeable(self) -> None:
+        raise InvalidArgument(f"queue {self.name!r} is a stream: streams cannot be purged "
+                              "(retention removes old segments)", {"queue": self.name})
+
+    def on_removed(self) -> None:
+        self.owner.remove(self)
+
+    def drop_refused(self, qms: list[QueuedMessage]) -> bool:
+        self.settle_refused(qms, requeue=False)
+        return False
+
+    def new_consumer(self, tag: str, session: Session, no_ack: bool, exclusive: bool,
+                     credit: int, arguments: dict[str, Any]) -> Consumer:
+        return StreamConsumer(tag, self, session, no_ack, exclusive, credit, arguments)
+
     def settle_refused(self, qms: list[QueuedMessage], requeue: bool) -> None:
         """Nacked/rejected, or their connection closed (requeue=True)."""
         self.unacked -= len(qms)
@@ -506,16 +531,13 @@ class Stream(Queue):
         offsets = group_offsets((n, g.committed) for n, g in self.groups.items())
         data = msgpack.packb(offsets)
         path = self._groups_path()
-        loop: asyncio.AbstractEventLoop | None = None
-        if not sync:
-            with contextlib.suppress(RuntimeError):
-                loop = asyncio.get_running_loop()
-        if loop is None:
+        scheduler = self.owner.scheduler
+        if sync or not scheduler.running():
             _write_atomic(path, data)
             self._stored(offsets)
             return
         self._saving = True
-        fut = loop.run_in_executor(None, _write_atomic, path, data)
+        fut = scheduler.run_in_executor(_write_atomic, path, data)
 
         def done(f: asyncio.Future[None]) -> None:
             self._saving = False
@@ -561,8 +583,9 @@ class Streams:
     """The broker's streams: where they live, buffered appends, commit, housekeeping."""
 
     def __init__(self, clock: Callable[[], int], wake: Callable[[Queue], None],
-                 pump_soon: Callable[[], None]) -> None:
+                 pump_soon: Callable[[], None], scheduler: Scheduler) -> None:
         self.dir: Path | None = None
+        self.scheduler = scheduler  # deferred work (group-offset writes, error expiry)
         self.pump_soon = pump_soon
         self.fsync = "always"
         self.interval_ms = 100
