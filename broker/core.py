@@ -33,7 +33,7 @@ from broker.pager import Pager
 from broker.queue import Consumer, Queue
 from broker.scheduling import LoopScheduler
 from broker.store import MemoryStore, Record, Store
-from broker.stream import Stream, Streams, check_classic, check_declare
+from broker.stream import Streams, check_classic, check_declare
 from broker.timers import TimerHeap
 from protocol import (
     AccessRefused,

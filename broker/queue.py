@@ -520,6 +520,21 @@ class Queue:
     def check_purgeable(self) -> None:
         """Raise the typed error when this queue cannot be purged (a classic one can)."""
 
+    # An ack of n deliveries of this kind is ack(n) and nothing else (a stream's commits each
+    # delivery's group offset instead), so Session may settle a transient run by count.
+    acks_by_count = True
+
+    def settle_acked(self, qms: list[QueuedMessage]) -> bool:
+        """Deliveries of this queue were acked. True when the caller logs the ack record
+        (the log is the broker's; a stream settles its groups and logs nothing)."""
+        self.ack(len(qms))
+        return self.logged
+
+    def settle_refused(self, qms: list[QueuedMessage], requeue: bool) -> bool:
+        """Deliveries were nacked/rejected or their connection closed. False: the caller
+        requeues or dead-letters them through the broker (a stream settles its groups)."""
+        return False
+
     def on_removed(self) -> None:
         """The queue was deleted from the topology: release what it keeps elsewhere."""
 

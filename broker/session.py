@@ -26,7 +26,7 @@ from broker.limits import check_seq_range, publish_size
 from broker.message import Message, QueuedMessage
 from broker.pager import Pager
 from broker.queue import UNACKED_OVERHEAD, Consumer, Queue
-from broker.stream import Stream, check_consume_arguments
+from broker.stream import check_consume_arguments
 from protocol import (
     Ack,
     Bind,
@@ -738,11 +738,7 @@ class Session:
         gateway's delete): one ack record per queue."""
         if len(settled) == 1:
             qm, q, _c = settled[0]
-            if isinstance(q, Stream):
-                q.settle_acked([qm])
-                return
-            q.ack(1)
-            if q.logged:
+            if q.settle_acked([qm]):
                 self.broker.log_ids(commands.ack, q, [qm])
             return
         if not settled:
@@ -750,7 +746,7 @@ class Session:
         by_queue: dict[Queue, list[QueuedMessage]] = {}
         q0 = settled[0][1]
         if all([u[1] is q0 for u in settled]):  # one queue: the usual case
-            if not q0.logged and not isinstance(q0, Stream):
+            if not q0.logged and q0.acks_by_count:
                 q0.ack(len(settled))
                 return
             by_queue[q0] = [u[0] for u in settled]
@@ -762,11 +758,7 @@ class Session:
                 else:
                     lst.append(u[0])
         for q, qms in by_queue.items():
-            if isinstance(q, Stream):
-                q.settle_acked(qms)
-                continue
-            q.ack(len(qms))
-            if q.logged:
+            if q.settle_acked(qms):
                 self.broker.log_ids(commands.ack, q, qms)
 
     def _refuse(self, settled: list[Unacked], requeue: bool) -> None:
@@ -776,9 +768,9 @@ class Session:
         for u in settled:
             by_queue.setdefault(u[1], []).append(u[0])
         for q, qms in by_queue.items():
-            if isinstance(q, Stream):
-                q.settle_refused(qms, requeue)
-            elif requeue:
+            if q.settle_refused(qms, requeue):
+                continue
+            if requeue:
                 self.broker.requeue(q, qms)
             else:
                 self.broker.reject(q, qms)

@@ -457,13 +457,16 @@ class Stream(Queue):
         return sent, again and any(m.credit > 0 for m in g.members)
 
     # ------------------------------------------------------------------ settlement
-    def settle_acked(self, qms: list[QueuedMessage]) -> None:
-        """Deliveries of this stream were acked (Session._on_ack)."""
+    acks_by_count = False
+
+    def settle_acked(self, qms: list[QueuedMessage]) -> bool:
+        """Deliveries of this stream were acked (Session.ack_settled): commit group offsets."""
         self.ack(len(qms))
         for qm in qms:
             g = qm.group if isinstance(qm, StreamDelivery) else None
             if g is not None and g.settle(qm.seq):
                 self.groups_dirty = True
+        return False
 
     # ---------------------------------------------------- kind hooks (see Queue)
     appends_to_log = True
@@ -490,7 +493,7 @@ class Stream(Queue):
                      credit: int, arguments: dict[str, Any]) -> Consumer:
         return StreamConsumer(tag, self, session, no_ack, exclusive, credit, arguments)
 
-    def settle_refused(self, qms: list[QueuedMessage], requeue: bool) -> None:
+    def settle_refused(self, qms: list[QueuedMessage], requeue: bool) -> bool:
         """Nacked/rejected, or their connection closed (requeue=True)."""
         self.unacked -= len(qms)
         woke = False
@@ -506,6 +509,7 @@ class Stream(Queue):
                 self.groups_dirty = True
         if woke and not self.deleted:
             self.owner.wake(self)
+        return True
 
     # ------------------------------------------------------------------ groups file
     def _groups_path(self) -> Path:
