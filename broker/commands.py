@@ -193,7 +193,7 @@ def delayed_at(m: Message, at: int) -> bool:
 def _apply_publish(state: Replay, cmd: list[Any]) -> None:
     _, mid, queues, exchange, rk, props, body, *rest = cmd
     ts = rest[0] if rest else 0
-    m = state._new_message(mid, exchange, rk, props, body, ts)
+    m = state.new_message(mid, exchange, rk, props, body, ts)
     msg_id = props.get("message_id") if props else None
     if mid >= state.next_id:
         state.next_id = mid + 1

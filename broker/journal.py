@@ -44,8 +44,9 @@ class Replay:
     # Messages a (repaired) snapshot indexes whose entries were in its damaged part.
     lost: int = 0
 
-    def _new_message(self, mid: int, exchange: str, rk: str, props: dict[str, Any],
-                     body: bytes, ts: int) -> Message:
+    def new_message(self, mid: int, exchange: str, rk: str, props: dict[str, Any],
+                    body: bytes, ts: int) -> Message:
+        """A recovered message, resident or handed to the pager (replay's commands call it)."""
         m = Message(exchange, rk, props, body, ts=ts)
         m.id = mid
         pager = self.pager
@@ -75,7 +76,7 @@ class Replay:
             self.bindings.add((ex, q, key))
         bodies: dict[int, Message] = {}
         for e in (snap.get("entries", ()) if entries is None else entries):
-            bodies[e[0]] = self._new_message(e[0], e[1], e[2], e[3], e[-1],
+            bodies[e[0]] = self.new_message(e[0], e[1], e[2], e[3], e[-1],
                                              e[4] if len(e) > 5 else 0)
         for qname, pairs in snap.get("dedup", {}).items():
             self.dedup[qname] = dict(pairs)

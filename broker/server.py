@@ -369,6 +369,23 @@ class BrokerProtocol(asyncio.Protocol):
         self._write([Error(0, exc.code, exc.message, exc.details)])
         self._shutdown_transport()
 
+    @property
+    def closing(self) -> bool:
+        """ERROR or CLOSE sent, or the transport is going: nothing more is read from it."""
+        return self._closing
+
+    @property
+    def close_ok(self) -> asyncio.Future[None]:
+        """Done when the peer answered this side's CLOSE (or the connection is gone)."""
+        return self._close_ok
+
+    def fatal(self, exc: ConveyorError, reason: str = "") -> None:
+        """Close this connection with ERROR ``exc``, for the server's own checks (handshake
+        admission, token recheck); ``reason``, if given, is what the close log line says."""
+        if reason:
+            self._close_reason = reason
+        self._fatal(exc)
+
     def _session_failed(self, exc: BaseException) -> None:
         """Broker.pump could not flush this connection's output: close it (541), or drop
         it if even the ERROR cannot be written."""
@@ -481,7 +498,7 @@ class Handshakes:
             if not self.all:
                 self.refused += 1
                 self._warn()
-                p._fatal(err)
+                p.fatal(err)
                 return False
             self._shed(next(iter(self.all)), err)
         self.all[p] = None
@@ -503,7 +520,7 @@ class Handshakes:
         self.done(victim)
         self.shed += 1
         self._warn()
-        victim._fatal(err)
+        victim.fatal(err)
 
     def _warn(self) -> None:
         """One warning per LOG_INTERVAL with what was shed or refused since the last."""
@@ -606,12 +623,11 @@ class BrokerServer:
         closed = False
         for p in list(self.protocols):
             s = p.session
-            if s is None or not s.principal.token_id or p._closing:
+            if s is None or not s.principal.token_id or p.closing:
                 continue
             err = self.auth.still_valid(s.principal, now)
             if err is not None:
-                p._close_reason = f"closed by the broker: {err.message}"
-                p._fatal(err)
+                p.fatal(err, f"closed by the broker: {err.message}")
                 closed = True
         if closed:
             self.broker.pump()
@@ -643,11 +659,11 @@ class BrokerServer:
         err = ConnectionForced("server shutting down")
         for p in protos:
             p.begin_close(err.code, err.message)
-        waiters: list[Any] = [p._close_ok for p in protos]
+        waiters: list[Any] = [p.close_ok for p in protos]
         if waiters:
             await asyncio.wait(waiters, timeout=self.config.shutdown_grace_ms / 1000)
             for p in protos:
-                if p.transport is not None and not p._close_ok.done():
+                if p.transport is not None and not p.close_ok.done():
                     p.transport.abort()
         for srv in (self._server, self._tls_server):
             if srv is not None:

@@ -135,7 +135,7 @@ def _messages(entries: list[Any], origin: Origin,
                 return None
             last, simple, key, kind = memo.last, memo.simple, memo.key, memo.kind
         m = _new(Message)  # Message.__init__, inlined
-        m._origin = origin
+        m.origin = origin
         m.delivery_tag = a0
         m.redelivered = a1
         m.exchange = a2
@@ -156,7 +156,7 @@ def _run_messages(origin: Origin, tags: range, exchange: str, routing_key: str,
     append = msgs.append
     for tag, body in zip(tags, bodies, strict=True):
         m = _new(Message)  # Message.__init__, inlined
-        m._origin = origin
+        m.origin = origin
         m.delivery_tag = tag
         m.redelivered = False
         m.exchange = exchange
@@ -245,7 +245,7 @@ class _Protocol(asyncio.Protocol):
         if not self.handshake.done():
             frames = self._handshake(frames)
         if frames:
-            self.owner._on_frames(self, frames)
+            self.owner.on_frames(self, frames)
 
     def _decode(self, data: bytes) -> list[Any]:
         """Split the stream into frames; every frame of this read is decoded (and any
@@ -295,7 +295,7 @@ class _Protocol(asyncio.Protocol):
     def _fast_deliveries(self, tag: Any, entries: list[Any]) -> _Deliveries | None:
         """Messages straight from delivery entries, or None to take the checked path."""
         if type(tag) is str and len(tag) <= NAME_FAST:
-            origin = Origin(self.owner, None, self.owner._epoch)
+            origin = Origin(self.owner, None, self.owner.epoch)
             decoded = _messages(entries, origin, self._props)
             if decoded is not None:
                 return _Deliveries(tag, origin, *decoded)
@@ -330,7 +330,7 @@ class _Protocol(asyncio.Protocol):
                     and first >= 0 and first + len(bodies) - 1 <= U64_MAX
                     and (not props or self._props.ok(props))
                     and set(map(type, bodies)) == {bytes}):
-                origin = Origin(self.owner, None, self.owner._epoch)
+                origin = Origin(self.owner, None, self.owner.epoch)
                 tags = range(first, first + len(bodies))
                 return _Deliveries(tag, origin, _run_messages(origin, tags, ex, rk, props,
                                                               bodies), list(tags))
@@ -422,7 +422,7 @@ class _Protocol(asyncio.Protocol):
             self.closed.set_result(None)
         self.drained.set()
         self.credited.set()  # publishers waiting for credit go on to wait for a reconnect
-        self.owner._on_lost(self, exc)
+        self.owner.on_lost(self, exc)
 
     def pause_writing(self) -> None:
         self.paused = True

@@ -235,7 +235,7 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
                     proto.transport.close()
         self._fail_all(ConnectionClosed("connection closed by the application"))
         for c in list(self._consumers.values()):
-            c._finish(ConnectionClosed("connection closed"))
+            c.finish(ConnectionClosed("connection closed"))
         for t in (self._hb_task, self._rpc_task):
             if t is not None:
                 t.cancel()
@@ -262,6 +262,23 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def open(self, timeout: float | None = None) -> Connection:
+        """Connect and handshake (what :func:`connect` does after creating it)."""
+        if self._closing or self._proto is not None:
+            raise ConnectionClosed("connection is closed" if self._closing else "already open")
+        await self._open(self.timeout if timeout is None else timeout)
+        return self
+
+    @property
+    def epoch(self) -> int:
+        """Counts connects and losses: a message remembers the epoch it came on, and one
+        from an earlier epoch cannot be settled (the broker has reassigned its tag)."""
+        return self._epoch
+
+    def create_future(self) -> asyncio.Future[Any]:
+        """A future of the connection's event loop (ConnectionClosed if never opened)."""
+        return self._new_future()
+
     @property
     def is_open(self) -> bool:
         return self._connected.is_set() and not self._closing
@@ -275,7 +292,8 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         return proto.max_message_size if proto is not None else 0
 
     # ------------------------------------------------------------------ frame input
-    def _on_frames(self, proto: _Protocol, frames: list[Any]) -> None:
+    def on_frames(self, proto: _Protocol, frames: list[Any]) -> None:
+        """Frames ``proto`` decoded (called by the protocol, not the application)."""
         if proto is not self._proto:
             # The initial PUBLISH_CREDIT may come before _open() has made proto current.
             for f in frames:
@@ -306,7 +324,7 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
             elif t is Cancelled:
                 c = self._consumers.pop(f.consumer_tag, None)
                 if c is not None:
-                    c._cancelled_by_server(f.code, f.message)
+                    c.on_cancelled(f.code, f.message)
             elif t is Close:
                 assert proto.transport is not None
                 proto.transport.write(proto.wire.send(CloseOk()))
@@ -361,7 +379,8 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         else:
             log.warning("broker reported: %s", exc)
 
-    def _on_lost(self, proto: _Protocol, exc: Exception | None) -> None:
+    def on_lost(self, proto: _Protocol, exc: Exception | None) -> None:
+        """``proto``'s transport is gone (called by the protocol, not the application)."""
         if proto is not self._proto:
             return
         self._proto = None
@@ -385,8 +404,7 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         self._fail_all(err)
         for c in self._consumers.values():
             # Unsettled buffered messages will be redelivered on the next connection.
-            c._buffer.clear()
-            c._to_grant = 0
+            c.on_connection_lost()
         if self._closing:
             return
         if self.reconnect:
@@ -395,7 +413,7 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         else:
             self._closing = True
             for c in self._consumers.values():
-                c._fail(err)
+                c.fail(err)
 
     def _fail_all(self, err: ConveyorError) -> None:
         """Settle every pending future: requests and RPCs with ``err``, unconfirmed
@@ -624,5 +642,4 @@ async def connect(url: str = "mq://127.0.0.1:5680", *, name: str = "", reconnect
                       max_frame_size=max_frame_size, max_unconfirmed=max_unconfirmed,
                       timeout=timeout, token=token, ssl_context=ssl_context, ca=ca, cert=cert,
                       key=key, compression=compression)
-    await conn._open(timeout)
-    return conn
+    return await conn.open(timeout)

@@ -6,10 +6,10 @@ import asyncio
 import datetime
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from client.errors import ConsumerCancelled
+from client.errors import ConsumerCancelled, stale_delivery
 from client.message import Message
 from protocol import ConveyorError
 from protocol.limits import U64_MAX
@@ -58,7 +58,7 @@ class Consumer:
             await self._wait()
         msg = buf.popleft()
         if self.no_ack:
-            self._settled(1)
+            self.on_settled(1)
         return msg
 
     async def _wait(self) -> None:
@@ -69,7 +69,7 @@ class Consumer:
                 if isinstance(self._error, _Stop):
                     raise StopAsyncIteration
                 raise self._error
-            self._waiter = self._conn._new_future()
+            self._waiter = self._conn.create_future()
             try:
                 await self._waiter
             finally:
@@ -86,7 +86,7 @@ class Consumer:
             pop = buf.popleft
             msgs = [pop() for _ in range(max_messages)]
         if self.no_ack:
-            self._settled(len(msgs))
+            self.on_settled(len(msgs))
         return msgs
 
     def batches(self, max_messages: int | None = None) -> AsyncIterator[list[Message]]:
@@ -98,7 +98,7 @@ class Consumer:
         """
         if max_messages is not None and max_messages < 1:
             raise ValueError("max_messages must be >= 1")
-        return _Batches(self, max_messages)
+        return _Batches(self._next_batch, max_messages)
 
     async def get(self, timeout: float | None = None) -> Message | None:
         """Next message, or None if none arrives within ``timeout`` seconds."""
@@ -140,56 +140,69 @@ class Consumer:
         connection closes, or can still be acked now."""
         if self.active:
             self.active = False
-            await self._conn._cancel_consumer(self)
-        self._finish(_Stop())
+            await self._conn.cancel_consumer(self)
+        self.finish(_Stop())
 
     # ------------------------------------------------------------------ connection side
-    def _push(self, msgs: list[Message]) -> None:
+    # Called by the connection, not the application.
+    def on_messages(self, msgs: list[Message]) -> None:
+        """Deliveries for this consumer, in order: buffered for the iterator."""
         self._buffer.extend(msgs)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
 
-    def _settled(self, n: int) -> None:
+    def on_settled(self, n: int) -> None:
         """``n`` deliveries were settled (or, no-ack, taken): their credit can go back."""
         n += self._to_grant
         if n >= self._grant_at and self.active:
             self._to_grant = 0
-            self._conn._grant(self, n)
+            self._conn.grant(self, n)
         else:
             self._to_grant = n
 
-    def _finish(self, error: BaseException) -> None:
+    def on_connection_lost(self) -> None:
+        """The connection is gone: buffered unsettled messages will be redelivered on the
+        next one, and the credit they held starts again from the full window."""
+        self._buffer.clear()
+        self._to_grant = 0
+
+    def finish(self, error: BaseException) -> None:
+        """End iteration with ``error`` (the first one given wins)."""
         if self._error is None:
             self._error = error
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
 
-    def _cancelled_by_server(self, code: int, message: str) -> None:
+    def on_cancelled(self, code: int, message: str) -> None:
+        """The broker cancelled this consumer (CANCELLED): iteration raises
+        ConsumerCancelled."""
         self.active = False
-        self._finish(ConsumerCancelled(f"consumer {self.tag} cancelled by the broker: {message}",
+        self.finish(ConsumerCancelled(f"consumer {self.tag} cancelled by the broker: {message}",
                                        {"code": code, "queue": self.queue}))
 
-    def _fail(self, error: ConveyorError) -> None:
+    def fail(self, error: ConveyorError) -> None:
+        """The consumer cannot go on (not restored, or no reconnect): iteration raises."""
         self.active = False
-        self._finish(error)
+        self.finish(error)
 
 
 class _Batches:
     """``Consumer.batches()``: an async iterator without a generator frame."""
 
-    __slots__ = ("_consumer", "_max")
+    __slots__ = ("_max", "_next")
 
-    def __init__(self, consumer: Consumer, max_messages: int | None) -> None:
-        self._consumer = consumer
+    def __init__(self, next_batch: Callable[[int | None], Awaitable[list[Message]]],
+                 max_messages: int | None) -> None:
+        self._next = next_batch  # the consumer's _next_batch (StreamConsumer's own)
         self._max = max_messages
 
     def __aiter__(self) -> _Batches:
         return self
 
     def __anext__(self) -> Awaitable[list[Message]]:  # StopAsyncIteration ends it
-        return self._consumer._next_batch(self._max)
+        return self._next(self._max)
 
 
 class _Stop(Exception):
@@ -279,9 +292,9 @@ class StreamConsumer(Consumer):
         after the newest, rather than at its original offset/timestamp."""
         if self.group is not None or self._last is None:
             return self._arguments
-        epoch = self._conn._epoch
+        epoch = self._conn.epoch
         for m in self._outstanding():
-            if not m.settled or m._origin.epoch != epoch:
+            if not m.settled or m.origin.epoch != epoch:
                 off = m.offset
                 if off is not None:
                     return {"offset": off}
@@ -305,7 +318,7 @@ class StreamConsumer(Consumer):
         if not self._started:
             self._started = True
             try:
-                await self._conn._start_consumer(self)
+                await self._conn.start_consumer(self)
             except BaseException:
                 self._started = False
                 raise
@@ -359,23 +372,23 @@ class StreamConsumer(Consumer):
     def _commit_previous(self) -> None:
         """auto_commit: ack what was handed out before (skipping what the application
         settled itself, or what came on a connection since lost: that is redelivered)."""
-        epoch = self._conn._epoch
+        epoch = self._conn.epoch
         prev = self._prev
         if prev is not None:
             self._prev = None
-            if not prev.settled and prev._origin.epoch == epoch:
+            if not prev.settled and prev.origin.epoch == epoch:
                 prev.ack()
         batch = self._prev_batch
         if batch:
             self._prev_batch = []
-            todo = [m for m in batch if not m.settled and m._origin.epoch == epoch]
+            todo = [m for m in batch if not m.settled and m.origin.epoch == epoch]
             if todo:
                 self._conn.ack_all(todo)
 
     def _trim_held(self) -> None:
         held = self._held
-        epoch = self._conn._epoch
-        while held and (held[0].settled or held[0]._origin.epoch != epoch):
+        epoch = self._conn.epoch
+        while held and (held[0].settled or held[0].origin.epoch != epoch):
             held.popleft()
 
     def commit(self, msg: Message) -> None:
@@ -383,18 +396,18 @@ class StreamConsumer(Consumer):
         a group, the committed offset moves up to ``msg``. Raises ``ConnectionClosed`` if
         ``msg`` came on a connection that is gone (it will be redelivered)."""
         conn = self._conn
-        epoch = conn._epoch
-        if msg._origin.epoch != epoch:
-            raise conn._stale()
+        epoch = conn.epoch
+        if msg.origin.epoch != epoch:
+            raise stale_delivery()
         tag = msg.delivery_tag
         todo: list[Message] = []
         for m in self._outstanding():
-            if m._origin.epoch == epoch and m.delivery_tag <= tag and not m.settled:
+            if m.origin.epoch == epoch and m.delivery_tag <= tag and not m.settled:
                 todo.append(m)
         if not msg.settled and msg not in todo:
             todo.append(msg)
         held = self._held
-        while held and (held[0].settled or held[0]._origin.epoch != epoch
+        while held and (held[0].settled or held[0].origin.epoch != epoch
                         or held[0].delivery_tag <= tag):
             held.popleft()
         if todo:

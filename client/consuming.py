@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from client._protocol import _Deliveries, _Protocol
 from client.consumer import Consumer, StreamConsumer, stream_arguments
-from client.errors import ConnectionClosed
+from client.errors import stale_delivery
 from client.message import Message, Origin
 from protocol import Ack as AckFrame
 from protocol import (
@@ -50,7 +50,7 @@ _REJECT = RejectFrame.TYPE
 _CREDIT = Credit.TYPE
 _EXTEND = Extend.TYPE
 _settled_of = attrgetter("settled")
-_origin_of = attrgetter("_origin")
+_origin_of = attrgetter("origin")
 _tag_of = attrgetter("delivery_tag")
 
 
@@ -90,7 +90,7 @@ class _ConsumingMixin:
             raise ValueError("prefetch must be >= 1")
         c = Consumer(cast("Connection", self), queue, prefetch, no_ack, exclusive,
                      consumer_tag, arguments or {})
-        await self._start_consumer(c)
+        await self.start_consumer(c)
         return c
 
     def stream(self, queue: str, *, offset: str | int = "next",
@@ -122,7 +122,8 @@ class _ConsumingMixin:
         return StreamConsumer(cast("Connection", self), queue, prefetch, auto_commit,
                               consumer_tag, args)
 
-    async def _start_consumer(self, c: Consumer, internal: bool = False) -> None:
+    async def start_consumer(self, c: Consumer, internal: bool = False) -> None:
+        """Subscribe ``c`` (CONSUME); ``internal``: while restoring after a reconnect."""
         rid = next(self._rids)
         self._pending_consumers[rid] = c
         try:
@@ -132,24 +133,42 @@ class _ConsumingMixin:
             self._pending_consumers.pop(rid, None)
         assert isinstance(ok, ConsumeOk) and c.active
 
-    async def _cancel_consumer(self, c: Consumer) -> None:
+    async def cancel_consumer(self, c: Consumer) -> None:
+        """Unsubscribe ``c`` (CANCEL; nothing to send if the connection is gone)."""
         self._consumers.pop(c.tag, None)
         if self._proto is None:
             return
         with contextlib.suppress(ConveyorError):
             await self._request(Cancel(next(self._rids), c.tag))
 
-    def _grant(self, c: Consumer, n: int) -> None:
+    def grant(self, c: Consumer, n: int) -> None:
+        """Give ``c`` ``n`` more deliveries of credit (CREDIT), if it is still subscribed."""
         if self._proto is not None and c.tag in self._consumers:
             self._send(encode_fields(_CREDIT, [c.tag, n]))  # after the acks that freed it
 
-    def _stale(self) -> ConnectionClosed:
-        return ConnectionClosed(
-            "the connection this message came on is gone; the broker will redeliver it")
+    def ack_delivery(self, tag: int, origin: Origin) -> None:
+        """:meth:`Message.ack`'s work: queue the ack of ``tag`` (coalesced into one
+        cumulative ACK per loop turn, see :meth:`_emit_acks`) and return the credit to
+        ``origin.consumer``. Runs once per message: the in-order case is inline."""
+        if origin.epoch != self._epoch:  # the epoch moves on when the connection is lost
+            raise stale_delivery()
+        unsettled = self._unsettled
+        if not self._done and unsettled and unsettled[0] == tag:
+            unsettled.popleft()  # in order: extends the cumulative ACK
+            self._ack_hi = tag
+        else:
+            self._done[tag] = False
+            self._ack_pending.append(tag)
+        if not self._flush_scheduled:
+            self._schedule_flush()
+        c = origin.consumer
+        if c is not None:
+            c.on_settled(1)
 
-    def _refuse(self, tag: int, epoch: int, how: str, requeue: bool) -> None:
+    def refuse_delivery(self, tag: int, epoch: int, how: str, requeue: bool) -> None:
+        """NACK (``how == "nack"``) or REJECT ``tag``, delivered in connection ``epoch``."""
         if epoch != self._epoch or self._proto is None:
-            raise self._stale()
+            raise stale_delivery()
         # The frame first: _send emits the pending acks ahead of it, and their cumulative
         # ACK must stop short of this tag (were it already in _done, the ACK would cover
         # it and the broker would take the refused message as acked).
@@ -159,13 +178,14 @@ class _ConsumingMixin:
             self._send(encode_fields(_REJECT, [tag, requeue]))
         self._done[tag] = True
 
-    def _extend(self, tag: int, epoch: int, timeout_ms: int) -> None:
+    def extend_delivery(self, tag: int, epoch: int, timeout_ms: int) -> None:
+        """EXTEND ``tag``'s ack deadline by ``timeout_ms`` (0 = the queue's)."""
         if type(timeout_ms) is not int or not 0 <= timeout_ms <= U64_MAX:
             # Checked here: an out-of-range integer would make the frame malformed, which
             # the broker answers by closing the connection.
             raise ValueError(f"timeout_ms must be an int in 0..{U64_MAX}, not {timeout_ms!r}")
         if epoch != self._epoch or self._proto is None:
-            raise self._stale()
+            raise stale_delivery()
         self._send(encode_fields(_EXTEND, [tag, timeout_ms]))
 
     def ack_all(self, messages: Iterable[Message]) -> None:
@@ -184,10 +204,10 @@ class _ConsumingMixin:
         live = self._proto is not None
         tags: builtins.list[int] = []
         append = tags.append
-        first_origin = msgs[0]._origin
+        first_origin = msgs[0].origin
         same_origin = True
         for m in msgs:
-            o = m._origin
+            o = m.origin
             if o is not first_origin or o.conn is not self:
                 if o.conn is not self:
                     raise ValueError(f"message {m.delivery_tag} came on another connection")
@@ -195,7 +215,7 @@ class _ConsumingMixin:
             if m.settled:
                 raise RuntimeError(f"message {m.delivery_tag} already settled")
             if o.epoch != epoch or not live:
-                raise self._stale()
+                raise stale_delivery()
             append(m.delivery_tag)
         n = len(tags)
         if len(set(tags)) != n:
@@ -216,15 +236,15 @@ class _ConsumingMixin:
             m.settled = True
         if same_origin:
             if first_origin.consumer is not None:
-                first_origin.consumer._settled(n)
+                first_origin.consumer.on_settled(n)
         else:
             counts: dict[Consumer, int] = {}
             for m in msgs:
-                c = m._origin.consumer
+                c = m.origin.consumer
                 if c is not None:
                     counts[c] = counts.get(c, 0) + 1
             for c, k in counts.items():
-                c._settled(k)
+                c.on_settled(k)
         if not self._flush_scheduled:
             self._schedule_flush()
 
@@ -236,7 +256,7 @@ class _ConsumingMixin:
             return False
         origins = set(map(_origin_of, msgs))  # one per delivery frame
         epoch = self._epoch
-        consumer = msgs[0]._origin.consumer
+        consumer = msgs[0].origin.consumer
         for o in origins:
             if o.conn is not self or o.epoch != epoch or o.consumer is not consumer:
                 return False
@@ -257,7 +277,7 @@ class _ConsumingMixin:
         for m in msgs:
             m.settled = True
         if consumer is not None:
-            consumer._settled(n)
+            consumer.on_settled(n)
         if not self._flush_scheduled:
             self._schedule_flush()
         return True
@@ -293,7 +313,7 @@ class _ConsumingMixin:
                 m.settled = True
         else:
             self._unsettled.extend(d.tags)
-        c._push(d.messages)
+        c.on_messages(d.messages)
 
     def _emit_acks(self) -> None:
         """One cumulative ACK for the settled prefix; single ACKs for acks past a gap."""

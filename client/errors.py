@@ -83,3 +83,10 @@ __all__ = [
     "RequestError",
     "RequestTimeout",
 ]
+
+
+def stale_delivery() -> ConnectionClosed:
+    """What settling a message from a connection since lost raises: its tag means nothing
+    to the broker now (it redelivers the message)."""
+    return ConnectionClosed(
+        "the connection this message came on is gone; the broker will redeliver it")

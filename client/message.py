@@ -120,7 +120,7 @@ class Message:
     """
 
     __slots__ = (
-        "_origin", "body", "delivery_count", "delivery_tag", "exchange", "properties",
+        "body", "delivery_count", "delivery_tag", "exchange", "origin", "properties",
         "redelivered", "routing_key", "settled",
     )
 
@@ -131,11 +131,13 @@ class Message:
     properties: dict[str, Any]
     body: bytes
     delivery_count: int
+    #: Where it came from (connection, consumer, connection epoch): what settling it needs.
+    origin: Origin
 
     def __init__(self, origin: Origin, entry: Sequence[Any]) -> None:
         """``entry`` is a validated delivery record: (delivery_tag, redelivered, exchange,
         routing_key, properties, body, delivery_count)."""
-        self._origin = origin
+        self.origin = origin
         (self.delivery_tag, self.redelivered, self.exchange, self.routing_key,
          self.properties, self.body, self.delivery_count) = entry
         self.settled = False
@@ -200,8 +202,8 @@ class Message:
         """
         if self.settled:
             raise RuntimeError(f"message {self.delivery_tag} already settled")
-        origin = self._origin
-        origin.conn._extend(self.delivery_tag, origin.epoch, timeout_ms)
+        origin = self.origin
+        origin.conn.extend_delivery(self.delivery_tag, origin.epoch, timeout_ms)
 
     def process(self, *, requeue: bool = False,
                 reject_on_redelivered: bool = False) -> Processing:
@@ -216,32 +218,11 @@ class Message:
         be awaited (``await msg.ack()``) or ignored."""
         if self.settled:
             raise RuntimeError(f"message {self.delivery_tag} already settled")
-        origin = self._origin
-        conn = origin.conn
-        if origin.epoch != conn._epoch:  # the epoch moves on when the connection is lost
-            raise conn._stale()
-        # Queue the ack on the connection (acks are coalesced at flush time: see
-        # Connection._emit_acks) and return the credit (Consumer._settled(1)). Inlined:
-        # this runs once per message.
-        tag = self.delivery_tag
-        unsettled = conn._unsettled
-        if not conn._done and unsettled and unsettled[0] == tag:
-            unsettled.popleft()  # in order: extends the cumulative ACK
-            conn._ack_hi = tag
-        else:
-            conn._done[tag] = False
-            conn._ack_pending.append(tag)
-        if not conn._flush_scheduled:
-            conn._schedule_flush()
+        # The connection queues the ack (coalesced at flush time) and returns the
+        # consumer's credit: one call, this runs once per message.
+        origin = self.origin
+        origin.conn.ack_delivery(self.delivery_tag, origin)
         self.settled = True
-        c = origin.consumer
-        if c is not None:
-            n = c._to_grant + 1
-            if n >= c._grant_at and c.active:
-                c._to_grant = 0
-                conn._grant(c, n)
-            else:
-                c._to_grant = n
         return SETTLED
 
     def nack(self, requeue: bool = True) -> Settled:
@@ -257,11 +238,11 @@ class Message:
     def _refuse(self, how: str, requeue: bool) -> None:
         if self.settled:
             raise RuntimeError(f"message {self.delivery_tag} already settled")
-        origin = self._origin
-        origin.conn._refuse(self.delivery_tag, origin.epoch, how, requeue)
+        origin = self.origin
+        origin.conn.refuse_delivery(self.delivery_tag, origin.epoch, how, requeue)
         self.settled = True
         if origin.consumer is not None:
-            origin.consumer._settled(1)
+            origin.consumer.on_settled(1)
 
     def __repr__(self) -> str:
         return (f"Message(tag={self.delivery_tag}, exchange={self.exchange!r}, "

@@ -181,7 +181,7 @@ class _TopologyMixin:
     if TYPE_CHECKING:  # defined by the connection and the consuming concern
         async def _request(self, frame: Frame, timeout: float | None = None,
                            internal: bool = False) -> Frame: ...
-        async def _start_consumer(self, c: Consumer, internal: bool = False) -> None: ...
+        async def start_consumer(self, c: Consumer, internal: bool = False) -> None: ...
 
     async def declare_exchange(self, name: str, type: str = "direct", *, durable: bool = True,
                                auto_delete: bool = False, passive: bool = False,
@@ -330,13 +330,13 @@ class _TopologyMixin:
                     log.warning("could not restore %s %s: %s", kind, kwargs, exc)
             for c in list(self._consumers.values()):
                 try:
-                    await self._start_consumer(c, internal=True)
+                    await self.start_consumer(c, internal=True)
                 except (ConnectionClosed, RequestTimeout):
                     raise
                 except ConveyorError as exc:
                     self._consumers.pop(c.tag, None)
                     self.restore_errors.append(f"consumer {c.tag} on {c.queue}: {exc}")
-                    c._fail(exc)
+                    c.fail(exc)
         except (ConnectionClosed, RequestTimeout):
             if self._proto is proto and proto is not None and proto.transport is not None:
                 proto.transport.abort()  # a timeout: start over from a fresh connection

@@ -268,7 +268,7 @@ async def test_publishes_and_acks_interleaved_in_one_loop_turn(
 class _Owner:
     """Just enough of a Connection for _Protocol._decode."""
 
-    _epoch = 1
+    epoch = 1
     url = client.connection.parse_url("mq://127.0.0.1:1")
     name = ""
 
