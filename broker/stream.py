@@ -554,6 +554,12 @@ class Stream(Queue):
 
         fut.add_done_callback(done)
 
+    def save_groups_at_close(self) -> None:
+        """Shutdown: write every group's offset now, in this thread, whatever is pending."""
+        self.groups_dirty = self.groups_dirty or bool(self.groups)
+        self._saving = False
+        self.save_groups(sync=True)
+
     def _stored(self, offsets: dict[str, int]) -> None:
         for name, committed in offsets.items():
             g = self.groups.get(name)
@@ -689,8 +695,6 @@ class Streams:
         """Graceful shutdown: write buffered appends, sync, save group offsets."""
         self.flush()
         for s in self.all.values():
-            s.groups_dirty = s.groups_dirty or bool(s.groups)
-            s._saving = False
             with contextlib.suppress(OSError):
-                s.save_groups(sync=True)
+                s.save_groups_at_close()
             s.log.close()

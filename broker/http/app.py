@@ -163,9 +163,8 @@ class HttpListener:
         self._site = web.TCPSite(self._runner, cfg.host, cfg.http_port, reuse_address=True,
                                  ssl_context=tls)
         await self._site.start()
-        server = self._site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else cfg.http_port
+        addresses = self._runner.addresses  # the bound (host, port, ...) of each socket
+        self.port = int(addresses[0][1]) if addresses else cfg.http_port
         self.context.stats.start()
         log.info("conveyor http listening on %s:%d%s", cfg.host, self.port,
                  " (TLS)" if tls else "")
