@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import connect
+from conveyor.client import connect
 from tests.broker_process import BrokerProcess
 
 

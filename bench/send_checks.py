@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import timeit
 
-from protocol import Confirm, Deliver, encode
-from protocol.connection import check_fields
+from conveyor.protocol import Confirm, Deliver, encode
+from conveyor.protocol.connection import check_fields
 
 N = 100_000
 

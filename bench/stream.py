@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import connect
+from conveyor.client import connect
 from tests.broker_process import BrokerProcess
 
 STREAM = "bench-stream"

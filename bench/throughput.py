@@ -145,8 +145,8 @@ class LocalBroker:
         return self.proc.pid if self.proc is not None else None
 
     def start(self) -> LocalBroker:
-        cmd = [sys.executable, "-m", "cli.main", "server", "--host", "127.0.0.1", "--port", "0",
-               "--data-dir", str(self.data_dir), *self.extra]
+        cmd = [sys.executable, "-m", "conveyor.cli.main", "server", "--host", "127.0.0.1",
+               "--port", "0", "--data-dir", str(self.data_dir), *self.extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
@@ -228,15 +228,14 @@ class ConveyorConn:
     _PROPS = {True: {"persistent": True}, False: {"persistent": False}}
 
     def __init__(self, conn: Any) -> None:
-        from client import Backpressure  # imported here: RabbitMQ-only runs never need it
+        from conveyor.client import Backpressure  # imported here: RabbitMQ-only runs never need it
 
         self.conn = conn
         self._backpressure = Backpressure
 
     @classmethod
     async def connect(cls, url: str, name: str, timeout: float) -> ConveyorConn:
-        import client
-
+        from conveyor import client
         return cls(await client.connect(url, name=name, reconnect=False, timeout=timeout))
 
     async def declare_exchange(self, name: str, type_: str, durable: bool) -> None:
@@ -277,7 +276,7 @@ class ConveyorConn:
         if isinstance(keys, str):
             return self.conn.publish_batch(bodies, exchange=exchange, routing_key=keys,
                                            properties=props, timeout=timeout)
-        from client import OutgoingMessage
+        from conveyor.client import OutgoingMessage
 
         msgs = [OutgoingMessage(b, k) for b, k in zip(bodies, keys, strict=True)]
         return self.conn.publish_batch(msgs, exchange=exchange, properties=props,

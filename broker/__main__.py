@@ -2,6 +2,6 @@
 
 import sys
 
-from cli.main import main
+from conveyor.cli.main import main
 
 main(["server", *sys.argv[1:]])

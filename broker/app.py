@@ -8,11 +8,11 @@ import gc
 import logging
 import signal
 
-from broker import logfmt
-from broker.config import Config
-from broker.durability import Durability
-from broker.server import BrokerServer
-from broker.slow import SlowConsumers
+from conveyor.broker import logfmt
+from conveyor.broker.config import Config
+from conveyor.broker.durability import Durability
+from conveyor.broker.server import BrokerServer
+from conveyor.broker.slow import SlowConsumers
 
 log = logging.getLogger("conveyor")
 
@@ -41,7 +41,7 @@ async def serve(config: Config, ready: asyncio.Future[int] | None = None) -> Non
         raise
     http = None
     if config.http_port >= 0:  # broker.http: management API, REST gateway, dashboard
-        from broker.http import HttpListener
+        from conveyor.broker.http import HttpListener
 
         http = HttpListener(server)
         try:

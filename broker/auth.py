@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol import AccessRefused, AuthenticationFailed
+from conveyor.protocol import AccessRefused, AuthenticationFailed
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
         Ed25519PublicKey,
     )
 
-    from broker.config import Config
+    from conveyor.broker.config import Config
 
 log = logging.getLogger("conveyor.auth")
 

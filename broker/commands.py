@@ -44,11 +44,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from broker.message import Message
-from broker.store import Record
+from conveyor.broker.message import Message
+from conveyor.broker.store import Record
 
 if TYPE_CHECKING:
-    from broker.journal import Replay
+    from conveyor.broker.journal import Replay
 
 
 class Op(StrEnum):

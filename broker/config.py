@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker import flow, limits
-from protocol import DEFAULT_PORT
-from protocol.limits import (
+from conveyor.broker import flow, limits
+from conveyor.protocol import DEFAULT_PORT
+from conveyor.protocol.limits import (
     HEARTBEAT_MS_DEFAULT,
     MAX_FRAME_SIZE_CEILING,
     MAX_FRAME_SIZE_DEFAULT,

@@ -15,27 +15,27 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from broker import commands
-from broker.counters import LatencyHistogram
-from broker.deadletter import automatic_cycle, dead_letter_properties
-from broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
-from broker.flow import FlowControl
-from broker.limits import (
+from conveyor.broker import commands
+from conveyor.broker.counters import LatencyHistogram
+from conveyor.broker.deadletter import automatic_cycle, dead_letter_properties
+from conveyor.broker.exchange import EXCHANGE_TYPES, Exchange, make_exchange
+from conveyor.broker.flow import FlowControl
+from conveyor.broker.limits import (
     Limits,
     QueueOwners,
     check_binding,
     check_consumer_count,
     check_queue_count,
 )
-from broker.message import GONE, READY, Message, QueuedMessage
-from broker.options import QueueOptions
-from broker.pager import Pager
-from broker.queue import Consumer, Queue
-from broker.scheduling import LoopScheduler
-from broker.store import MemoryStore, Record, Store
-from broker.stream import Streams, check_classic, check_declare
-from broker.timers import TimerHeap
-from protocol import (
+from conveyor.broker.message import GONE, READY, Message, QueuedMessage
+from conveyor.broker.options import QueueOptions
+from conveyor.broker.pager import Pager
+from conveyor.broker.queue import Consumer, Queue
+from conveyor.broker.scheduling import LoopScheduler
+from conveyor.broker.store import MemoryStore, Record, Store
+from conveyor.broker.stream import Streams, check_classic, check_declare
+from conveyor.broker.timers import TimerHeap
+from conveyor.protocol import (
     AccessRefused,
     InvalidArgument,
     NotFound,
@@ -45,7 +45,7 @@ from protocol import (
 )
 
 if TYPE_CHECKING:
-    from broker.session import Session
+    from conveyor.broker.session import Session
 
 log = logging.getLogger("conveyor.broker")
 

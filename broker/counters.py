@@ -10,7 +10,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 
-from broker.message import QueuedMessage
+from conveyor.broker.message import QueuedMessage
 
 # Publish-to-delivery latency bucket bounds, in ms (Message.ts has ms resolution).
 LATENCY_BOUNDS_MS: tuple[int, ...] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.message import death_records
+from conveyor.broker.message import death_records
 
 AUTOMATIC_REASONS = frozenset({"expired", "max-length", "delivery-limit"})
 

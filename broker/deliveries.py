@@ -15,11 +15,11 @@ from collections.abc import Iterable
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from protocol import PreconditionFailed
+from conveyor.protocol import PreconditionFailed
 
 if TYPE_CHECKING:
-    from broker.message import QueuedMessage
-    from broker.queue import Consumer, Queue
+    from conveyor.broker.message import QueuedMessage
+    from conveyor.broker.queue import Consumer, Queue
 
 # An unacked delivery: (message in its queue, the queue, the consumer or None for GET).
 Unacked = tuple["QueuedMessage", "Queue", "Consumer | None"]

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import IO
 
-from broker.config import Config
-from broker.core import Broker
-from broker.journal import Replay, snapshot_entries, snapshot_state
-from broker.pager import Pager
-from broker.wal import (
+from conveyor.broker.config import Config
+from conveyor.broker.core import Broker
+from conveyor.broker.journal import Replay, snapshot_entries, snapshot_state
+from conveyor.broker.pager import Pager
+from conveyor.broker.wal import (
     CorruptLog,
     WalStore,
     recover,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.topic import TopicTrie
+from conveyor.broker.topic import TopicTrie
 
 EXCHANGE_TYPES = ("direct", "fanout", "topic")
 

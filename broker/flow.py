@@ -42,11 +42,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from protocol import PublishCredit
+from conveyor.protocol import PublishCredit
 
 if TYPE_CHECKING:
-    from broker.auth import Principal
-    from broker.session import Session
+    from conveyor.broker.auth import Principal
+    from conveyor.broker.session import Session
 
 log = logging.getLogger("conveyor.flow")
 

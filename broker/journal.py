@@ -12,14 +12,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from broker.commands import Entry, apply
-from broker.exchange import make_exchange
-from broker.message import GONE, Message, QueuedMessage
-from broker.pager import Pager
-from broker.queue import Queue
+from conveyor.broker.commands import Entry, apply
+from conveyor.broker.exchange import make_exchange
+from conveyor.broker.message import GONE, Message, QueuedMessage
+from conveyor.broker.pager import Pager
+from conveyor.broker.queue import Queue
 
 if TYPE_CHECKING:
-    from broker.core import Broker
+    from conveyor.broker.core import Broker
 
 log = logging.getLogger("conveyor.recovery")
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import msgpack
 
-from protocol import InvalidArgument, MalformedFrame, MessageTooLarge, ResourceError
+from conveyor.protocol import InvalidArgument, MalformedFrame, MessageTooLarge, ResourceError
 
 DEFAULT_MAX_HEADERS = 128
 DEFAULT_MAX_HEADER_BYTES = 64 << 10

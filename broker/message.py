@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 if TYPE_CHECKING:
-    from broker.pager import PageFile
+    from conveyor.broker.pager import PageFile
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 

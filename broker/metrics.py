@@ -73,14 +73,14 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from broker.core import RETIRED_COUNTERS
-from broker.counters import Buckets
-from broker.queue import QueueStatistics
-from protocol.errors import error_for_code
+from conveyor.broker.core import RETIRED_COUNTERS
+from conveyor.broker.counters import Buckets
+from conveyor.broker.queue import QueueStatistics
+from conveyor.protocol.errors import error_for_code
 
 if TYPE_CHECKING:
-    from broker.core import Broker
-    from broker.server import BrokerServer
+    from conveyor.broker.core import Broker
+    from conveyor.broker.server import BrokerServer
 
 VERSION = "0.1.0"
 

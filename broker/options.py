@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol import InvalidArgument
-from protocol.limits import NAME_MAX, QUEUE_ARGUMENT_TYPES, U32_MAX, U64_MAX
+from conveyor.protocol import InvalidArgument
+from conveyor.protocol.limits import NAME_MAX, QUEUE_ARGUMENT_TYPES, U32_MAX, U64_MAX
 
 ACK_TIMEOUT_DEFAULT_MS = 30 * 60 * 1000
 OVERFLOW_MODES = ("drop-head", "reject-publish")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 if TYPE_CHECKING:
-    from broker.message import Message
+    from conveyor.broker.message import Message
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 

@@ -25,12 +25,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from broker.message import DELAYED, DELIVERED, GONE, READY, Message, QueuedMessage
-from broker.options import QueueOptions
+from conveyor.broker.message import DELAYED, DELIVERED, GONE, READY, Message, QueuedMessage
+from conveyor.broker.options import QueueOptions
 
 if TYPE_CHECKING:
-    from broker.pager import Pager
-    from broker.session import Session
+    from conveyor.broker.pager import Pager
+    from conveyor.broker.session import Session
 
 
 # What one dispatch hands one consumer at most: a consumer with a huge credit gets it in

@@ -10,7 +10,7 @@ T = TypeVar("T")
 
 
 class LoopScheduler:
-    """broker.interfaces.Scheduler on whichever asyncio loop is running at the call."""
+    """conveyor.broker.interfaces.Scheduler on whichever asyncio loop is running at the call."""
 
     def running(self) -> bool:
         try:

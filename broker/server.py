@@ -19,22 +19,22 @@ import time
 from collections import OrderedDict
 from typing import Any, cast
 
-from broker.auth import TOKEN_RECHECK_S, Authenticator, certificate_name, is_loopback
-from broker.config import Config
-from broker.core import Broker
-from broker.flow import FlowControl
-from broker.limits import (
+from conveyor.broker.auth import TOKEN_RECHECK_S, Authenticator, certificate_name, is_loopback
+from conveyor.broker.config import Config
+from conveyor.broker.core import Broker
+from conveyor.broker.flow import FlowControl
+from conveyor.broker.limits import (
     FD_RESERVE,
     ConnectionCounter,
     Limits,
     connection_subject,
     raise_fd_limit,
 )
-from broker.peeruid import peer_uid
-from broker.session import Session, connection_name
-from broker.tls import server_context
-from broker.wal import WalStore
-from protocol import (
+from conveyor.broker.peeruid import peer_uid
+from conveyor.broker.session import Session, connection_name
+from conveyor.broker.tls import server_context
+from conveyor.broker.wal import WalStore
+from conveyor.protocol import (
     Auth,
     AuthenticationFailed,
     Close,
@@ -52,9 +52,9 @@ from protocol import (
     UnexpectedFrame,
     encode_many,
 )
-from protocol import Heartbeat as HeartbeatFrame
-from protocol.connection import Connection, Role, State
-from protocol.limits import (
+from conveyor.protocol import Heartbeat as HeartbeatFrame
+from conveyor.protocol.connection import Connection, Role, State
+from conveyor.protocol.limits import (
     HEARTBEAT_MS_FLOOR,
     MAX_FRAME_SIZE_FLOOR,
     MAX_FRAME_SIZE_PREAUTH,
@@ -173,7 +173,7 @@ class BrokerProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _hold_reading(self, hold: bool) -> None:
-        """broker.flow: stop reading from a client that published beyond its credit, until
+        """conveyor.broker.flow: stop reading from a client that published beyond its credit, until
         the broker grants credit again (never a disconnect)."""
         self._credit_held = hold
         t = self.transport

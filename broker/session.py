@@ -17,17 +17,17 @@ from typing import Any
 
 import msgpack
 
-from broker import commands
-from broker.auth import ANONYMOUS, Principal
-from broker.core import Broker
-from broker.deliveries import Deliveries, Unacked
-from broker.flow import PublisherFlow
-from broker.limits import check_seq_range, publish_size
-from broker.message import Message, QueuedMessage
-from broker.pager import Pager
-from broker.queue import UNACKED_OVERHEAD, Consumer, Queue
-from broker.stream import check_consume_arguments
-from protocol import (
+from conveyor.broker import commands
+from conveyor.broker.auth import ANONYMOUS, Principal
+from conveyor.broker.core import Broker
+from conveyor.broker.deliveries import Deliveries, Unacked
+from conveyor.broker.flow import PublisherFlow
+from conveyor.broker.limits import check_seq_range, publish_size
+from conveyor.broker.message import Message, QueuedMessage
+from conveyor.broker.pager import Pager
+from conveyor.broker.queue import UNACKED_OVERHEAD, Consumer, Queue
+from conveyor.broker.stream import check_consume_arguments
+from conveyor.protocol import (
     Ack,
     Bind,
     Cancel,
@@ -76,10 +76,10 @@ from protocol import (
     encode_fields,
     encode_run,
 )
-from protocol import Consume as ConsumeFrame
-from protocol.codec import check_frames, oversized_frames
-from protocol.errors import LocalProtocolError
-from protocol.limits import MESSAGE_FRAME_OVERHEAD
+from conveyor.protocol import Consume as ConsumeFrame
+from conveyor.protocol.codec import check_frames, oversized_frames
+from conveyor.protocol.errors import LocalProtocolError
+from conveyor.protocol.limits import MESSAGE_FRAME_OVERHEAD
 
 log = logging.getLogger("conveyor.session")
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack

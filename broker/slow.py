@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from broker.core import Broker
-    from broker.queue import Consumer
+    from conveyor.broker.core import Broker
+    from conveyor.broker.queue import Consumer
 
 log = logging.getLogger("conveyor.consumers")
 

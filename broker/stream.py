@@ -35,17 +35,17 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from broker.commands import group_offsets, stream_entry
-from broker.message import DELIVERED, Message, QueuedMessage
-from broker.queue import DISPATCH_BYTES, Consumer, Queue, QueueStatistics
-from broker.stream_store import Entry, StreamLog
-from protocol import InvalidArgument
-from protocol.limits import CONSUME_ARGUMENT_TYPES, NAME_MAX, U64_MAX
+from conveyor.broker.commands import group_offsets, stream_entry
+from conveyor.broker.message import DELIVERED, Message, QueuedMessage
+from conveyor.broker.queue import DISPATCH_BYTES, Consumer, Queue, QueueStatistics
+from conveyor.broker.stream_store import Entry, StreamLog
+from conveyor.protocol import InvalidArgument
+from conveyor.protocol.limits import CONSUME_ARGUMENT_TYPES, NAME_MAX, U64_MAX
 
 if TYPE_CHECKING:
-    from broker.interfaces import Scheduler
-    from broker.session import Session
-    from broker.store import Store
+    from conveyor.broker.interfaces import Scheduler
+    from conveyor.broker.session import Session
+    from conveyor.broker.store import Store
 
 log = logging.getLogger("conveyor.stream")
 

@@ -54,7 +54,7 @@ from typing import Any
 import msgpack
 import zstandard
 
-from broker.wal import (
+from conveyor.broker.wal import (
     HEADER,
     HEADER_SIZE,
     MAX_RECORD,

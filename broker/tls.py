@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-from broker.config import Config
+from conveyor.broker.config import Config
 
 
 def server_context(config: Config) -> ssl.SSLContext | None:

@@ -48,7 +48,7 @@ from typing import Any
 
 import msgpack
 
-from broker.counters import FSYNC_BOUNDS_S, Buckets
+from conveyor.broker.counters import FSYNC_BOUNDS_S, Buckets
 
 log = logging.getLogger("conveyor.wal")
 

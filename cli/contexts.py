@@ -135,7 +135,7 @@ _json_flag = click.option("--json", "as_json", is_flag=True, help="One JSON obje
 def add(name: str, url: str, token: str | None, ca: str | None, make_current: bool,
         as_json: bool) -> None:
     """Add (or replace) context NAME. The first context added becomes the current one."""
-    from client.url import parse_url
+    from conveyor.client.url import parse_url
 
     if not name.strip():
         raise click.BadParameter("must not be empty", param_hint="NAME")

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from broker.flow import SETTINGS
+from conveyor.broker.flow import SETTINGS
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from broker.limits import SETTINGS, Limits
+from conveyor.broker.limits import SETTINGS, Limits
 
 F = TypeVar("F", bound=Callable[..., Any])
 

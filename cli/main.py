@@ -26,23 +26,23 @@ from typing import Any, TypeVar
 
 import click
 
-from cli.certs import gen_certs
-from cli.contexts import context as context_group
-from cli.contexts import resolve as resolve_context
-from cli.flow_flags import flow_options
-from cli.limit_flags import limit_options
-from cli.messages import get as get_command
-from cli.messages import move as move_command
-from cli.messages import move_messages, queue_type
-from cli.messages import peek as peek_command
-from cli.messages import queue as queue_command
-from cli.messages import request as request_command
-from cli.messages import subscribe as subscribe_command
-from cli.security import client_options, connect_options, security_options
-from cli.stats import stats as stats_command
-from cli.stats import top as top_command
-from cli.tokens import token as token_group
-from protocol import DEFAULT_PORT
+from conveyor.cli.certs import gen_certs
+from conveyor.cli.contexts import context as context_group
+from conveyor.cli.contexts import resolve as resolve_context
+from conveyor.cli.flow_flags import flow_options
+from conveyor.cli.limit_flags import limit_options
+from conveyor.cli.messages import get as get_command
+from conveyor.cli.messages import move as move_command
+from conveyor.cli.messages import move_messages, queue_type
+from conveyor.cli.messages import peek as peek_command
+from conveyor.cli.messages import queue as queue_command
+from conveyor.cli.messages import request as request_command
+from conveyor.cli.messages import subscribe as subscribe_command
+from conveyor.cli.security import client_options, connect_options, security_options
+from conveyor.cli.stats import stats as stats_command
+from conveyor.cli.stats import top as top_command
+from conveyor.cli.tokens import token as token_group
+from conveyor.protocol import DEFAULT_PORT
 
 T = TypeVar("T")
 DEFAULT_URL = f"mq://127.0.0.1:{DEFAULT_PORT}"
@@ -60,7 +60,7 @@ def url_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run a client coroutine, turning every failure into one line and an exit code."""
-    from client import ConnectionClosed, ConveyorError, PublishTimeout, RequestTimeout
+    from conveyor.client import ConnectionClosed, ConveyorError, PublishTimeout, RequestTimeout
 
     async def main() -> T:
         return await coro_fn()
@@ -84,7 +84,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 
 async def _connect(url: str) -> Any:
-    from client import connect
+    from conveyor.client import connect
 
     url, from_context = resolve_context(url)
     try:
@@ -154,9 +154,9 @@ def server(host: str | None, port: int | None, data_dir: str | None, config_path
            repair: bool | None, wire_compression: bool | None,
            **limits: int | None) -> None:
     """Run the broker in the foreground until SIGTERM / Ctrl-C."""
-    from broker import config as config_mod
-    from broker.app import run
-    from broker.durability import CorruptLog, DataDirLocked
+    from conveyor.broker import config as config_mod
+    from conveyor.broker.app import run
+    from conveyor.broker.durability import CorruptLog, DataDirLocked
 
     try:
         cfg = config_mod.load(config_path, host=host, port=port, data_dir=data_dir,
@@ -494,7 +494,7 @@ def publish(body: str | None, exchange: str, routing_key: str, count: int, persi
                 yield line.rstrip(b"\n").removesuffix(b"\r")
 
     async def go() -> tuple[int, int]:
-        from client import ConveyorError, NoRoute
+        from conveyor.client import ConveyorError, NoRoute
 
         stored = unrouted = sent = 0
         async with await _connect(url) as conn:

@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from cli.security import client_options
-from protocol import DEFAULT_PORT
+from conveyor.cli.security import client_options
+from conveyor.protocol import DEFAULT_PORT
 
 _url_flag = click.option(
     "--url", envvar="CONVEYOR_URL", default=f"mq://127.0.0.1:{DEFAULT_PORT}",
@@ -40,7 +40,7 @@ def _progress(show: bool | None, length: int, label: str) -> Any:
 
 
 def _print_message(msg: Any, as_json: bool, n: int) -> None:
-    from cli.main import _as_json
+    from conveyor.cli.main import _as_json
 
     if as_json:
         click.echo(json.dumps(_as_json(msg)))
@@ -62,7 +62,7 @@ def _get_command(peek: bool) -> Callable[..., None]:
     @_json_flag
     @_url_option
     def command(queue: str, count: int, as_json: bool, url: str, ack: bool = not peek) -> None:
-        from cli.main import _connect, _run
+        from conveyor.cli.main import _connect, _run
 
         async def go() -> int:
             async with await _connect(url) as conn:
@@ -80,7 +80,7 @@ def _get_command(peek: bool) -> Callable[..., None]:
         try:
             n = _run(go)
         except BrokenPipeError:  # stdout closed before the flush: nothing was settled
-            from cli.main import _stdout_closed
+            from conveyor.cli.main import _stdout_closed
             _stdout_closed()
         if not as_json and n == 0:
             click.echo(f"{queue}: no ready messages", err=True)
@@ -110,7 +110,7 @@ peek = click.command("peek", help="Look at up to --count ready messages of QUEUE
 async def queue_details(conn: Any, name: str, interval: float) -> dict[str, Any]:
     """The queue's LIST row, its consumers and (``interval`` > 0) rates per second from
     two samples that far apart."""
-    from client import NotFound
+    from conveyor.client import NotFound
 
     async def row() -> dict[str, Any]:
         found = next((q for q in await conn.list("queues") if q.get("name") == name), None)
@@ -158,7 +158,7 @@ def queue(name: str, interval: float, as_json: bool, url: str) -> None:
     """Details of queue NAME: type, flags, arguments, depth (messages = ready), unacked,
     delayed, paged (ready messages whose bodies wait on disk), counters and rates, its
     consumers, and for streams first/head offset, bytes and each group's offset and lag."""
-    from cli.main import _connect, _run
+    from conveyor.cli.main import _connect, _run
 
     async def go() -> dict[str, Any]:
         async with await _connect(url) as conn:
@@ -197,7 +197,7 @@ async def move_messages(conn: Any, source: str, target_of: Callable[[Any], str |
     at any point leaves it there (at worst also in the target). Messages without a target,
     whose target is ``source``, or that the broker refuses go back to ``source`` at the end
     (requeued at once, the next GET would hand them straight back)."""
-    from client import RequestError
+    from conveyor.client import RequestError
 
     moved = skipped = 0
     why = ""
@@ -264,7 +264,7 @@ def move(source: str, target: str, count: int | None, timeout: float,
 
     Each message leaves SOURCE only once its copy in TARGET is confirmed. A TARGET that
     does not exist refuses them: they stay in SOURCE, counted as skipped, exit 1."""
-    from cli.main import _connect, _run
+    from conveyor.cli.main import _connect, _run
 
     if source == target:
         raise click.BadParameter("must differ from SOURCE", param_hint="TARGET")
@@ -312,7 +312,7 @@ def subscribe(exchange: str, routing_key: str, count: int | None, timeout: float
     transient) bound for this command only: nothing is taken from other queues, and
     the queue disappears with the connection. On a terminal, stderr says when the
     subscription is live."""
-    from cli.main import _connect, _run
+    from conveyor.cli.main import _connect, _run
 
     async def go() -> int:
         got = 0
@@ -333,7 +333,7 @@ def subscribe(exchange: str, routing_key: str, count: int | None, timeout: float
                 if not msgs:
                     break
                 if as_json:
-                    from cli.main import _as_json
+                    from conveyor.cli.main import _as_json
                     out.write(b"".join(json.dumps(_as_json(m)).encode() + b"\n"
                                        for m in msgs))
                 else:
@@ -350,7 +350,7 @@ def subscribe(exchange: str, routing_key: str, count: int | None, timeout: float
     try:
         _run(go)
     except BrokenPipeError:
-        from cli.main import _stdout_closed
+        from conveyor.cli.main import _stdout_closed
         _stdout_closed()
 
 
@@ -373,8 +373,8 @@ def request(exchange: str, routing_key: str, body: str, timeout: float,
 
     Exit status 4 if no reply comes within --timeout, 5 if no queue takes the request
     (nobody can answer it)."""
-    from cli.main import _as_json, _connect, _properties, _run
-    from client import NoRoute
+    from conveyor.cli.main import _as_json, _connect, _properties, _run
+    from conveyor.client import NoRoute
 
     props = _properties(content_type, None, None, None, headers, None, None, None, False)
 

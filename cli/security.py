@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from cli.contexts import store_context
+from conveyor.cli.contexts import store_context
 
 F = TypeVar("F", bound=Callable[..., Any])
 _META = "conveyor.connect_options"

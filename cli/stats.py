@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from cli.security import client_options
-from protocol import DEFAULT_PORT
+from conveyor.cli.security import client_options
+from conveyor.protocol import DEFAULT_PORT
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 
@@ -123,7 +123,7 @@ def _as_json(prev: Sample | None, cur: Sample) -> dict[str, Any]:
 @_url_option
 def stats(interval: float, as_json: bool, url: str) -> None:
     """Overview and per-queue ready, unacked, consumers and publish/deliver/ack rates."""
-    from cli.main import _connect, _run
+    from conveyor.cli.main import _connect, _run
 
     async def go() -> tuple[Sample | None, Sample]:
         async with await _connect(url) as conn:
@@ -153,7 +153,7 @@ def stats(interval: float, as_json: bool, url: str) -> None:
 def top(interval: float, iterations: int | None, limit: int, as_json: bool, url: str) -> None:
     """Live view of the broker: the `stats` table redrawn every --interval seconds
     (Ctrl-C to quit)."""
-    from cli.main import _connect, _run
+    from conveyor.cli.main import _connect, _run
 
     clear = sys.stdout.isatty()
 

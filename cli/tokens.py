@@ -35,7 +35,7 @@ def _fail(message: str, status: int = 1) -> NoReturn:
 
 def _data_dir(data_dir: str | None, config_path: str | None) -> Path:
     if config_path:
-        from broker import config as config_mod
+        from conveyor.broker import config as config_mod
 
         try:
             cfg = config_mod.load(config_path, data_dir=data_dir)
@@ -46,7 +46,7 @@ def _data_dir(data_dir: str | None, config_path: str | None) -> Path:
 
 
 def _key_path(key: str | None, data_dir: str | None, config_path: str | None) -> Path:
-    from broker.auth import key_path
+    from conveyor.broker.auth import key_path
 
     return Path(key) if key else key_path(_data_dir(data_dir, config_path))
 
@@ -100,7 +100,7 @@ def create(subject: str, configure: tuple[str, ...], write: tuple[str, ...],
     mq-cli token create -s admin --configure '*' --write '*' --read '*' --ttl 30d
     mq-cli token create -s shop --write 'orders.*' --read 'shop-*' --ttl 24h
     """
-    from broker.auth import load_or_create_key, new_claims, sign_token
+    from conveyor.broker.auth import load_or_create_key, new_claims, sign_token
 
     seconds = parse_duration(ttl)
     path = _key_path(key, data_dir, config_path)
@@ -131,7 +131,7 @@ def inspect(token_text: str, data_dir: str | None, config_path: str | None,
 
     status: valid, expired, revoked, bad-signature, or unverified (no signing key found).
     """
-    from broker.auth import (
+    from conveyor.broker.auth import (
         RevocationList,
         TokenError,
         TokenVerifier,
@@ -180,7 +180,7 @@ def revoke(token_text: str | None, jti: str | None, data_dir: str | None,
     The running broker also closes the connections already open with it within about a
     second (ERROR 401 authentication-failed, reason revoked).
     """
-    from broker.auth import TokenError, append_revoked, revoked_path, unverified_claims
+    from conveyor.broker.auth import TokenError, append_revoked, revoked_path, unverified_claims
 
     if (token_text is None) == (jti is None):
         raise click.UsageError("give either TOKEN or --jti")

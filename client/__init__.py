@@ -1,6 +1,6 @@
 """Conveyor's asyncio client.
 
-    import client
+    from conveyor import client
     async with await client.connect("mq://127.0.0.1:5680") as conn:
         await conn.declare_queue("tasks")
         await conn.publish("", "tasks", b"hello")          # returns once confirmed
@@ -18,9 +18,9 @@ offset, e.g. ``async for msg in conn.stream("events", offset="first", group="bil
 (``msg.offset``, ``msg.timestamp``; acks commit the group's offset).
 """
 
-from client.connection import Connection, OutgoingMessage, QueueInfo, connect
-from client.consumer import Consumer, StreamConsumer
-from client.errors import (
+from conveyor.client.connection import Connection, OutgoingMessage, QueueInfo, connect
+from conveyor.client.consumer import Consumer, StreamConsumer
+from conveyor.client.errors import (
     Backpressure,
     ClientError,
     ConnectionClosed,
@@ -29,15 +29,15 @@ from client.errors import (
     PublishTimeout,
     RequestTimeout,
 )
-from client.message import Death, Message, MessageProperties
-from client.topology import (
+from conveyor.client.message import Death, Message, MessageProperties
+from conveyor.client.topology import (
     BindingListing,
     ConnectionListing,
     ConsumerListing,
     ExchangeListing,
     QueueListing,
 )
-from protocol import (
+from conveyor.protocol import (
     AccessRefused,
     ConveyorError,
     InvalidArgument,

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from client.errors import ConnectionClosed
-from client.message import Message, Origin
-from protocol import (
+from conveyor.client.errors import ConnectionClosed
+from conveyor.client.message import Message, Origin
+from conveyor.protocol import (
     Auth,
     Close,
     Compressed,
@@ -38,14 +38,14 @@ from protocol import (
     UnexpectedFrame,
     error_for_code,
 )
-from protocol import Heartbeat as HeartbeatFrame
-from protocol.codec import HEADER, inflate, unpack_body
-from protocol.connection import Connection as WireConnection
-from protocol.connection import Role, State
-from protocol.limits import NAME_FAST, STR_FAST, U16_MAX, U32_MAX, U64_MAX, check_props
+from conveyor.protocol import Heartbeat as HeartbeatFrame
+from conveyor.protocol.codec import HEADER, inflate, unpack_body
+from conveyor.protocol.connection import Connection as WireConnection
+from conveyor.protocol.connection import Role, State
+from conveyor.protocol.limits import NAME_FAST, STR_FAST, U16_MAX, U32_MAX, U64_MAX, check_props
 
 if TYPE_CHECKING:
-    from client.connection import Connection
+    from conveyor.client.connection import Connection
 
 log = logging.getLogger("conveyor.client")
 

@@ -31,20 +31,20 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
-from client._protocol import _Confirmed, _Deliveries, _Protocol
-from client.consumer import Consumer
-from client.consuming import _ConsumingMixin
-from client.errors import ConnectionClosed, PublishInDoubt, RequestTimeout
-from client.message import Message
-from client.publishing import Body as Body
-from client.publishing import Entry as Entry
-from client.publishing import OutgoingMessage as OutgoingMessage
-from client.publishing import _Pending, _props, _PublishingMixin
-from client.tls import tls_context
-from client.topology import QueueInfo as QueueInfo
-from client.topology import _TopologyMixin
-from client.url import URL, parse_url
-from protocol import (
+from conveyor.client._protocol import _Confirmed, _Deliveries, _Protocol
+from conveyor.client.consumer import Consumer
+from conveyor.client.consuming import _ConsumingMixin
+from conveyor.client.errors import ConnectionClosed, PublishInDoubt, RequestTimeout
+from conveyor.client.message import Message
+from conveyor.client.publishing import Body as Body
+from conveyor.client.publishing import Entry as Entry
+from conveyor.client.publishing import OutgoingMessage as OutgoingMessage
+from conveyor.client.publishing import _Pending, _props, _PublishingMixin
+from conveyor.client.tls import tls_context
+from conveyor.client.topology import QueueInfo as QueueInfo
+from conveyor.client.topology import _TopologyMixin
+from conveyor.client.url import URL, parse_url
+from conveyor.protocol import (
     Cancelled,
     Close,
     CloseOk,
@@ -62,9 +62,9 @@ from protocol import (
     encode,
     error_for_code,
 )
-from protocol import Heartbeat as HeartbeatFrame
-from protocol.connection import check_fields
-from protocol.limits import REPLY_CLASSES
+from conveyor.protocol import Heartbeat as HeartbeatFrame
+from conveyor.protocol.connection import check_fields
+from conveyor.protocol.limits import REPLY_CLASSES
 
 # (Body, Entry, OutgoingMessage and QueueInfo are imported "as" themselves: re-exported
 # for importers of this module, where they were defined before the split.)

@@ -9,13 +9,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from client.errors import ConsumerCancelled, stale_delivery
-from client.message import Message
-from protocol import ConveyorError
-from protocol.limits import U64_MAX
+from conveyor.client.errors import ConsumerCancelled, stale_delivery
+from conveyor.client.message import Message
+from conveyor.protocol import ConveyorError
+from conveyor.protocol.limits import U64_MAX
 
 if TYPE_CHECKING:
-    from client.connection import Connection
+    from conveyor.client.connection import Connection
 
 
 class Consumer:

@@ -20,12 +20,12 @@ from itertools import islice, repeat
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, cast
 
-from client._protocol import _Deliveries, _Protocol
-from client.consumer import Consumer, StreamConsumer, stream_arguments
-from client.errors import stale_delivery
-from client.message import Message, Origin
-from protocol import Ack as AckFrame
-from protocol import (
+from conveyor.client._protocol import _Deliveries, _Protocol
+from conveyor.client.consumer import Consumer, StreamConsumer, stream_arguments
+from conveyor.client.errors import stale_delivery
+from conveyor.client.message import Message, Origin
+from conveyor.protocol import Ack as AckFrame
+from conveyor.protocol import (
     Cancel,
     Consume,
     ConsumeOk,
@@ -37,12 +37,12 @@ from protocol import (
     GetOk,
     encode_fields,
 )
-from protocol import Nack as NackFrame
-from protocol import Reject as RejectFrame
-from protocol.limits import U64_MAX
+from conveyor.protocol import Nack as NackFrame
+from conveyor.protocol import Reject as RejectFrame
+from conveyor.protocol.limits import U64_MAX
 
 if TYPE_CHECKING:
-    from client.connection import Connection
+    from conveyor.client.connection import Connection
 
 _ACK = AckFrame.TYPE
 _NACK = NackFrame.TYPE

@@ -7,8 +7,8 @@ below are the client's own conditions, which never travel on the wire.
 
 from __future__ import annotations
 
-from protocol import *  # noqa: F403  (the generated error classes)
-from protocol.errors import ConveyorError, FatalError, ProtocolError, RequestError
+from conveyor.protocol import *  # noqa: F403  (the generated error classes)
+from conveyor.protocol.errors import ConveyorError, FatalError, ProtocolError, RequestError
 
 
 class ClientError(ConveyorError):

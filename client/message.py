@@ -7,11 +7,11 @@ from collections.abc import Generator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
-from client.errors import ConnectionClosed
+from conveyor.client.errors import ConnectionClosed
 
 if TYPE_CHECKING:
-    from client.connection import Connection
-    from client.consumer import Consumer
+    from conveyor.client.connection import Connection
+    from conveyor.client.consumer import Consumer
 
 PROPERTY_NAMES = (
     "message_id", "correlation_id", "reply_to", "content_type", "content_encoding", "type",

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Unpack, cast
 
 import msgpack
 
-from client._protocol import _Confirmed, _Protocol
-from client.errors import Backpressure, ConnectionClosed, PublishTimeout
-from client.message import PROPERTY_NAMES, MessageProperties
-from client.url import URL
-from protocol import (
+from conveyor.client._protocol import _Confirmed, _Protocol
+from conveyor.client.errors import Backpressure, ConnectionClosed, PublishTimeout
+from conveyor.client.message import PROPERTY_NAMES, MessageProperties
+from conveyor.client.url import URL
+from conveyor.protocol import (
     Confirm,
     ConveyorError,
     NoRoute,
@@ -37,7 +37,7 @@ from protocol import (
     encode_run,
     error_for_code,
 )
-from protocol.limits import U64_MAX
+from conveyor.protocol.limits import U64_MAX
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from client._protocol import _Protocol
-from client.consumer import Consumer
-from client.errors import ConnectionClosed, RequestTimeout
-from protocol import (
+from conveyor.client._protocol import _Protocol
+from conveyor.client.consumer import Consumer
+from conveyor.client.errors import ConnectionClosed, RequestTimeout
+from conveyor.protocol import (
     Bind,
     ConveyorError,
     ExchangeDeclare,

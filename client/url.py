@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from protocol import DEFAULT_PORT
+from conveyor.protocol import DEFAULT_PORT
 
 DEFAULT_TLS_PORT = 5681  # mqs:// without a port (the broker's default tls_port)
 

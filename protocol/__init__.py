@@ -4,8 +4,8 @@ Everything here is generated from or checked against ``spec/protocol.toml``; not
 here touches sockets or event loops.
 """
 
-from protocol._generated import *  # noqa: F403
-from protocol._generated import (
+from conveyor.protocol._generated import *  # noqa: F403
+from conveyor.protocol._generated import (
     DEFAULT_PORT,
     ERROR_CODES,
     FATAL_CODES,
@@ -13,7 +13,7 @@ from protocol._generated import (
     PREAMBLE,
     Frame,
 )
-from protocol.codec import (
+from conveyor.protocol.codec import (
     Decoder,
     check_frames,
     compress_frame,
@@ -24,7 +24,7 @@ from protocol.codec import (
     inflate,
     parse_preamble,
 )
-from protocol.errors import (
+from conveyor.protocol.errors import (
     ConveyorError,
     FatalError,
     LocalProtocolError,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol.errors import error_for_code
+from conveyor.protocol.errors import error_for_code
 
 MALFORMED = 501
 NAME_MAX = 255

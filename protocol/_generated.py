@@ -10,11 +10,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
-from protocol._checks import (
+from conveyor.protocol._checks import (
     NAME_MAX, STR_MAX, U16_MAX, U32_MAX, U64_MAX, check_arity, check_binlist, check_bool, check_bytes,
     check_list, check_str, check_strlist, check_table, check_tablelist, check_uint, fail,
 )
-from protocol.errors import FatalError, RemoteProtocolError, RequestError
+from conveyor.protocol.errors import FatalError, RemoteProtocolError, RequestError
 
 _tuple_new = tuple.__new__
 NAME_FAST = NAME_MAX // 4  # strings this short cannot exceed the byte limit

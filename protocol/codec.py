@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import zstandard
 
-from protocol._generated import (
+from conveyor.protocol._generated import (
     FRAME_TYPES,
     MAGIC,
     MAX_FRAME_SIZE_CEILING,
@@ -39,7 +39,7 @@ from protocol._generated import (
     UnexpectedFrame,
     UnsupportedVersion,
 )
-from protocol.errors import LocalProtocolError
+from conveyor.protocol.errors import LocalProtocolError
 
 HEADER = struct.Struct(">IB")
 HEADER_SIZE = HEADER.size

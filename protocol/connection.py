@@ -25,7 +25,7 @@ a frame over the peer's cap) raises LocalProtocolError before any byte is produc
 
 from __future__ import annotations
 
-from protocol._generated import (
+from conveyor.protocol._generated import (
     CLIENT_FRAMES,
     FATAL_CODES,
     MAX_FRAME_SIZE_DEFAULT,
@@ -49,8 +49,8 @@ from protocol._generated import (
     State,
     UnexpectedFrame,
 )
-from protocol.codec import Decoder, check_frames, encode, encode_fields, parse_preamble
-from protocol.errors import LocalProtocolError, RemoteProtocolError
+from conveyor.protocol.codec import Decoder, check_frames, encode, encode_fields, parse_preamble
+from conveyor.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "ON_RECEIVE",

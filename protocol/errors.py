@@ -130,7 +130,7 @@ def error_for_code(
 ) -> ConveyorError:
     """Build the exception class registered for ``code`` (unknown codes -> base class)."""
     # Importing here guarantees the generated subclasses have registered.
-    from protocol import _generated  # noqa: F401
+    from conveyor.protocol import _generated  # noqa: F401
 
     cls = ConveyorError._registry.get(code)
     if cls is None:

@@ -10,7 +10,7 @@ Validators raise the wire error ``MalformedFrame`` naming the field, as the deco
 
 from __future__ import annotations
 
-from protocol._checks import (
+from conveyor.protocol._checks import (
     NAME_MAX,
     NESTING_MAX,
     STR_MAX,
@@ -23,7 +23,7 @@ from protocol._checks import (
     check_table,
     check_uint,
 )
-from protocol._generated import (
+from conveyor.protocol._generated import (
     CONSUME_ARGUMENT_TYPES,
     HEARTBEAT_MS_DEFAULT,
     HEARTBEAT_MS_FLOOR,

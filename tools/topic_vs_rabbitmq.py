@@ -16,7 +16,7 @@ import asyncio
 import random
 import sys
 
-from broker.topic import TopicTrie
+from conveyor.broker.topic import TopicTrie
 
 WORDS = ["", "a", "b", "c", "*", "#", "ab"]
 KEY_WORDS = ["", "a", "b", "c", "ab", "*", "#"]

@@ -9,6 +9,6 @@ port; -1 (the default) leaves it off. The whole API is described in spec/openapi
 
 from __future__ import annotations
 
-from broker.http.app import HttpListener
+from conveyor.broker.http.app import HttpListener
 
 __all__ = ["HttpListener"]

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from broker.http import gateway, management
-from broker.http.common import (
+from conveyor import data_path
+from conveyor.broker.http import gateway, management
+from conveyor.broker.http.common import (
     CTX,
     PRINCIPAL,
     HttpContext,
@@ -30,19 +31,20 @@ from broker.http.common import (
     json_response,
     require_admin,
 )
-from broker.http.gateway import Gateway
-from broker.http.stats import Stats, basic_metrics
-from broker.tls import server_context
-from protocol import ERROR_CODES, AuthenticationFailed, ConveyorError
+from conveyor.broker.http.gateway import Gateway
+from conveyor.broker.http.stats import Stats, basic_metrics
+from conveyor.broker.tls import server_context
+from conveyor.protocol import ERROR_CODES, AuthenticationFailed, ConveyorError
 
 if TYPE_CHECKING:
-    from broker.server import BrokerServer
+    from conveyor.broker.server import BrokerServer
 
 log = logging.getLogger("conveyor.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATIC_DIR = Path(__file__).with_name("static")
-SPEC_PATH = Path(__file__).resolve().parents[2] / "spec" / "openapi.yaml"
+# Package data (conveyor/spec in a wheel; in a checkout, the symlink to the repository's spec/).
+SPEC_PATH = data_path("spec", "openapi.yaml")
 _GUARDED = ("/api/", "/api", "/queues/", "/exchanges/", "/metrics")
 _NAMES = {code: name for name, code in ERROR_CODES.items()}
 # HTTP statuses aiohttp raises itself (no route, wrong method, body too big ...).
@@ -90,7 +92,7 @@ async def metrics(request: web.Request) -> web.Response:
         text = c.metrics()
     else:
         try:  # broker.metrics (prometheus_client): the full set, OpenMetrics on request
-            from broker.metrics import render_metrics
+            from conveyor.broker.metrics import render_metrics
         except ImportError:
             text = basic_metrics(c.broker, c.stats,
                                  sum(1 for p in c.server.protocols if p.session is not None))

@@ -17,21 +17,21 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from broker.auth import ANONYMOUS, Principal
-from protocol import (
+from conveyor.broker.auth import ANONYMOUS, Principal
+from conveyor.protocol import (
     AccessRefused,
     AuthenticationFailed,
     ConveyorError,
     InvalidArgument,
     ResourceError,
 )
-from protocol.limits import NAME_MAX
+from conveyor.protocol.limits import NAME_MAX
 
 if TYPE_CHECKING:
-    from broker.core import Broker
-    from broker.http.gateway import Gateway
-    from broker.http.stats import Stats
-    from broker.server import BrokerServer
+    from conveyor.broker.core import Broker
+    from conveyor.broker.http.gateway import Gateway
+    from conveyor.broker.http.stats import Stats
+    from conveyor.broker.server import BrokerServer
 
 JSON_TYPE = "application/json"
 # Anonymous state changes must carry this header (any value): a cross-site form or a

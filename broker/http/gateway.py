@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from broker.auth import Principal
-from broker.flow import take_http
-from broker.http.common import (
+from conveyor.broker.auth import Principal
+from conveyor.broker.flow import take_http
+from conveyor.broker.http.common import (
     HttpContext,
     committed,
     ctx,
@@ -45,12 +45,12 @@ from broker.http.common import (
     principal,
     queue_name,
 )
-from broker.limits import publish_size
-from broker.message import Message, QueuedMessage
-from broker.pager import Pager
-from broker.queue import Queue
-from broker.session import Session
-from protocol import (
+from conveyor.broker.limits import publish_size
+from conveyor.broker.message import Message, QueuedMessage
+from conveyor.broker.pager import Pager
+from conveyor.broker.queue import Queue
+from conveyor.broker.session import Session
+from conveyor.protocol import (
     ConveyorError,
     InvalidArgument,
     MessageTooLarge,
@@ -59,10 +59,10 @@ from protocol import (
     RateLimited,
     ResourceError,
 )
-from protocol.limits import NAME_MAX, check_props
+from conveyor.protocol.limits import NAME_MAX, check_props
 
 if TYPE_CHECKING:
-    from broker.core import Broker
+    from conveyor.broker.core import Broker
 
 log = logging.getLogger("conveyor.http.gateway")
 

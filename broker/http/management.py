@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from broker import commands
-from broker.auth import ACTIONS, ANONYMOUS, Principal
-from broker.flow import disk_free, process_rss
-from broker.http.common import (
+from conveyor.broker import commands
+from conveyor.broker.auth import ACTIONS, ANONYMOUS, Principal
+from conveyor.broker.flow import disk_free, process_rss
+from conveyor.broker.http.common import (
     committed,
     ctx,
     encode_body,
@@ -29,19 +29,19 @@ from broker.http.common import (
     queue_name,
     require_admin,
 )
-from broker.http.gateway import SESSION_ID
-from broker.http.stats import HISTORY_INTERVAL, HISTORY_SAMPLES, history_row
-from broker.message import DELAYED, Message, death_records
-from broker.options import QueueOptions
-from broker.pager import Pager
-from protocol import ConveyorError, InvalidArgument, NotFound, QueueFull
-from protocol.limits import NAME_MAX
+from conveyor.broker.http.gateway import SESSION_ID
+from conveyor.broker.http.stats import HISTORY_INTERVAL, HISTORY_SAMPLES, history_row
+from conveyor.broker.message import DELAYED, Message, death_records
+from conveyor.broker.options import QueueOptions
+from conveyor.broker.pager import Pager
+from conveyor.protocol import ConveyorError, InvalidArgument, NotFound, QueueFull
+from conveyor.protocol.limits import NAME_MAX
 
 if TYPE_CHECKING:
-    from broker.core import Broker
-    from broker.http.common import HttpContext
-    from broker.queue import Queue
-    from broker.server import BrokerProtocol
+    from conveyor.broker.core import Broker
+    from conveyor.broker.http.common import HttpContext
+    from conveyor.broker.queue import Queue
+    from conveyor.broker.server import BrokerProtocol
 
 PEEK_MAX = 1000
 REDRIVE_MAX = 100_000
@@ -49,7 +49,7 @@ OPTION_NAMES = QueueOptions.__slots__
 
 
 def _version() -> str:
-    from broker.server import VERSION
+    from conveyor.broker.server import VERSION
     return VERSION
 
 

@@ -19,7 +19,7 @@ from array import array
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from broker.core import Broker
+    from conveyor.broker.core import Broker
 
 INTERVAL = 1.0
 COUNTERS = ("publish", "deliver", "ack")

@@ -47,7 +47,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import client
+from conveyor import client
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import msgpack
 
-from broker.core import Broker
-from broker.session import Session
-from broker.wal import frame_record, seg_name
-from protocol import (
+from conveyor.broker.core import Broker
+from conveyor.broker.session import Session
+from conveyor.broker.wal import frame_record, seg_name
+from conveyor.protocol import (
     SERVER_FRAMES,
     Ack,
     Bind,
@@ -168,9 +168,9 @@ def drive() -> tuple[Broker, FrameStore]:
 
 def write(out: Path) -> None:
     """Write the fixture: the WAL segment and the state recovery builds from it."""
-    from broker.config import Config
-    from broker.durability import Durability
-    from broker.journal import snapshot_dict
+    from conveyor.broker.config import Config
+    from conveyor.broker.durability import Durability
+    from conveyor.broker.journal import snapshot_dict
 
     _broker, store = drive()
     wal = out / "wal"

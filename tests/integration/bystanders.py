@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import client
+from conveyor import client
 from tests.integration.helpers import WAIT, connect
 
 HEARTBEAT_MS = 1000  # two missed intervals (2 s of a blocked broker loop) drop a connection

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import client
+from conveyor import client
 
 # Default bound for one wait inside a test.
 WAIT = 10.0

@@ -12,7 +12,7 @@ import aiohttp
 
 from tests.broker_process import BrokerProcess
 
-CLI = [sys.executable, "-m", "cli.main"]
+CLI = [sys.executable, "-m", "conveyor.cli.main"]
 
 
 async def http(b: BrokerProcess, method: str, path: str, *, json: Any = None,

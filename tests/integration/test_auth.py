@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-import client
-from broker.auth import key_path, load_key, load_or_create_key, new_claims, sign_token
-from protocol import AccessRefused, AuthenticationFailed
+from conveyor import client
+from conveyor.broker.auth import key_path, load_key, load_or_create_key, new_claims, sign_token
+from conveyor.protocol import AccessRefused, AuthenticationFailed
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
 from tests.integration.helpers import WAIT, connect, non_loopback_ip, take, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
-CLI = [sys.executable, "-m", "cli.main"]
+CLI = [sys.executable, "-m", "conveyor.cli.main"]
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-import client
+from conveyor import client
 from tests.broker_process import LISTEN_RE, BrokerProcess
 from tests.integration.helpers import WAIT, connect, take, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
-CLI = [sys.executable, "-m", "cli.main"]
+CLI = [sys.executable, "-m", "conveyor.cli.main"]
 MQ_CLI = str(Path(sys.executable).parent / "mq-cli")
 
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-import client
+from conveyor import client
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-CLI = [sys.executable, "-m", "cli.main"]
+CLI = [sys.executable, "-m", "conveyor.cli.main"]
 
 
 def _env(config: Path | None, **extra: str) -> dict[str, str]:

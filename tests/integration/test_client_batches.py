@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-import client
-from protocol import (
+from conveyor import client
+from conveyor.protocol import (
     SERVER_FRAMES,
     Confirm,
     ConveyorError,
@@ -18,8 +18,8 @@ from protocol import (
     DeliverBatch,
     encode_fields,
 )
-from protocol.codec import Decoder
-from protocol.connection import State
+from conveyor.protocol.codec import Decoder
+from conveyor.protocol.connection import State
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, queue_info, wait_until
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import client
+from conveyor import client
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, queue_info
 
@@ -115,7 +115,7 @@ async def test_a_reply_of_the_wrong_type_fails_its_request_with_a_typed_error(
         broker: BrokerProcess) -> None:
     # Two requests under one request id (what a confused peer would produce): the GET_OK
     # that comes first must not complete the LIST waiting on that id.
-    from protocol import Get, encode
+    from conveyor.protocol import Get, encode
 
     async with await connect(broker.url) as conn:
         await conn.declare_queue("twins")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-import client
+from conveyor import client
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, queue_info, take, wait_until
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-import client
-import client._protocol as cproto
-import client.publishing as cpub
-from protocol._generated import Compressed
+import conveyor.client._protocol as cproto
+import conveyor.client.publishing as cpub
+from conveyor import client
+from conveyor.protocol._generated import Compressed
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, take
 

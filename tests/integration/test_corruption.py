@@ -17,8 +17,8 @@ from typing import Any
 import msgpack
 import pytest
 
-import client
-from broker.wal import HEADER, HEADER_SIZE, frame_record, iter_segment
+from conveyor import client
+from conveyor.broker.wal import HEADER, HEADER_SIZE, frame_record, iter_segment
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, take
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-import client
+from conveyor import client
 from tests.broker_process import BrokerProcess
 
 ROUNDS = int(os.environ.get("CONVEYOR_CRASH_ROUNDS", "24"))

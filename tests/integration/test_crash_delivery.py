@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import client
+from conveyor import client
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from broker.auth import key_path, load_or_create_key, new_claims, sign_token
+from conveyor.broker.auth import key_path, load_or_create_key, new_claims, sign_token
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, queue_info, take, wait_until
 

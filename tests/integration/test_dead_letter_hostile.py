@@ -20,8 +20,8 @@ from typing import Any
 import msgpack
 import pytest
 
-import client
-from broker.wal import frame_record, iter_segment
+from conveyor import client
+from conveyor.broker.wal import frame_record, iter_segment
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, drain, queue_info, take, wait_until
 from tests.integration.http_helpers import http

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-import client
-from protocol._generated import QUEUE_ARGUMENT_TYPES
+from conveyor import client
+from conveyor.protocol._generated import QUEUE_ARGUMENT_TYPES
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, queue_info, take, wait_until
 from tests.integration.test_cli import arun, ok, one_error_line, queues_json, run

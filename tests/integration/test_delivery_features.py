@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-import client
+from conveyor import client
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, drain, queue_info, take, wait_until
 from tests.integration.http_helpers import http

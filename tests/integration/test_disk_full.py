@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import client
+from conveyor import client
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
 from tests.loopfs import fill, free_bytes, small_fs_or_skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from client import connect
+from conveyor.client import connect
 from tests.broker_process import BrokerProcess
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import client
+from conveyor import client
 from tests.integration.helpers import queue_info, take, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -183,8 +183,7 @@ async def test_unknown_publish_keyword_is_still_a_runtime_error(conn: client.Con
 
 
 SNIPPET = """
-import client
-
+from conveyor import client
 async def main(conn: client.Connection, m: client.Message) -> None:
     await conn.publish("", "q", b"x", correlation_id="c", headers={"a": 1}, ttl=5)
     conn.publish_nowait("", "q", b"x", priority=3)

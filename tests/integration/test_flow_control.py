@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-import client
-from broker.config import Config
-from broker.server import BrokerServer
+from conveyor import client
+from conveyor.broker.config import Config
+from conveyor.broker.server import BrokerServer
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, wait_until
 
@@ -238,7 +238,7 @@ async def test_cli_lists_connections(broker: BrokerProcess) -> None:
     conn = await connect(broker.url)
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli.main", "connections", "--url", broker.url,
+            sys.executable, "-m", "conveyor.cli.main", "connections", "--url", broker.url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), WAIT)
         assert proc.returncode == 0, err

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol._generated import MAX_FRAME_SIZE_CEILING, MAX_FRAME_SIZE_PREAUTH
+from conveyor.protocol._generated import MAX_FRAME_SIZE_CEILING, MAX_FRAME_SIZE_PREAUTH
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
 from tests.integration.bystanders import Bystanders, rss_bytes

@@ -14,8 +14,8 @@ from functools import partial
 
 import pytest
 
-import client
-from broker.topic import topic_matches
+from conveyor import client
+from conveyor.broker.topic import topic_matches
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
 from tests.integration.bystanders import HEARTBEAT_MS, Bystanders, rss_bytes

@@ -358,7 +358,7 @@ async def test_connections_blocked_is_a_boolean_with_a_reason(hb: BrokerProcess)
 async def test_queue_history_from_the_broker(hb: BrokerProcess) -> None:
     """The broker keeps depth samples: a queue that existed before the page opened has
     points at once, the newest being now."""
-    from broker.http.stats import HISTORY_INTERVAL
+    from conveyor.broker.http.stats import HISTORY_INTERVAL
     conn = await connect(hb.url)
     try:
         await conn.declare_queue("h-depth")

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cli.certs import generate
-from protocol import AuthenticationFailed
+from conveyor.cli.certs import generate
+from conveyor.protocol import AuthenticationFailed
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import connect, queue_info, take, wait_until
 from tests.integration.http_helpers import cli, http

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-import client
+from conveyor import client
 from tests.broker_process import BrokerProcess
 from tests.conformance import wire
 from tests.integration.helpers import WAIT, connect, take

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-import client
+from conveyor import client
 from tests.integration.helpers import (
     WAIT,
     bodies,

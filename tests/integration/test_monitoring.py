@@ -18,7 +18,7 @@ from tests.integration.helpers import WAIT, connect, take, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
-CLI = [sys.executable, "-m", "cli.main"]
+CLI = [sys.executable, "-m", "conveyor.cli.main"]
 
 
 def cli(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -110,7 +110,7 @@ async def test_top_redraws_n_times(broker: BrokerProcess) -> None:
 
 
 def _has_http_listener() -> bool:
-    from cli.main import server
+    from conveyor.cli.main import server
 
     return any(p.name == "http_port" for p in server.params) and hasattr(
         BrokerProcess(__import__("pathlib").Path("/nonexistent")), "http_port")

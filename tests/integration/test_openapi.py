@@ -77,7 +77,7 @@ def http_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProc
     # A client connection (with a consumer) that stays open while the module runs, so the
     # connection and consumer listings have items for their schemas to check.
     env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_URL"}
-    held = subprocess.Popen([sys.executable, "-m", "cli.main", "consume", "-q", "st-held",
+    held = subprocess.Popen([sys.executable, "-m", "conveyor.cli.main", "consume", "-q", "st-held",
                              "--url", b.url], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     try:

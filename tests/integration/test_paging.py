@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from client import connect
+from conveyor.client import connect
 from tests.broker_process import BrokerProcess
 
 BODY = 16 * 1024

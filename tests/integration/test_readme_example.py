@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import client
+from conveyor import client
 from tests.broker_process import BrokerProcess
 
 ROOT = Path(__file__).resolve().parents[2]

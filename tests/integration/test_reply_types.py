@@ -13,8 +13,8 @@ import struct
 import msgpack
 import pytest
 
-import client
-from protocol import LocalProtocolError, Ok, QueueDeclareOk, UnexpectedFrame, encode
+from conveyor import client
+from conveyor.protocol import LocalProtocolError, Ok, QueueDeclareOk, UnexpectedFrame, encode
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-import client
-from client.consumer import stream_arguments, timestamp_ms
+from conveyor import client
+from conveyor.client.consumer import stream_arguments, timestamp_ms
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, queue_info, wait_until
 
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(max(120, N_MESSAGES // 2000))
 COMMIT_DELAY = 0.5
 COMMIT_SLACK = 0.4
 
-CLI = [sys.executable, "-m", "cli.main"]
+CLI = [sys.executable, "-m", "conveyor.cli.main"]
 
 
 # ---------------------------------------------------------------------- helpers

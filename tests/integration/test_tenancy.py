@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-import client
-from cli.certs import generate
-from protocol import AccessRefused, AuthenticationFailed, ResourceError
+from conveyor import client
+from conveyor.cli.certs import generate
+from conveyor.protocol import AccessRefused, AuthenticationFailed, ResourceError
 from tests.broker_process import LISTEN_RE, BrokerProcess
 from tests.conformance import wire
 from tests.integration.helpers import WAIT, connect, queue_info, take, wait_until
@@ -386,7 +386,7 @@ class LimitedBroker(BrokerProcess):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process lifetime
         soft, hard = self.nofile
-        cmd = ["prlimit", f"--nofile={soft}:{hard}", sys.executable, "-m", "cli.main",
+        cmd = ["prlimit", f"--nofile={soft}:{hard}", sys.executable, "-m", "conveyor.cli.main",
                "server", "--host", "127.0.0.1", "--port", str(port),
                "--data-dir", str(self.data_dir), *self.extra]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-import client
-from protocol._generated import PREAMBLE
+from conveyor import client
+from conveyor.protocol._generated import PREAMBLE
 from tests.broker_process import BrokerProcess
 from tests.integration.helpers import WAIT, connect, take
 
 pytestmark = pytest.mark.timeout(90)
 
-CLI = [sys.executable, "-m", "cli.main"]
+CLI = [sys.executable, "-m", "conveyor.cli.main"]
 OPENSSL = shutil.which("openssl")
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-import client
+from conveyor import client
 from tests.conformance import wire
 
 SERVER_MAX = wire.MAX_FRAME_SIZE_DEFAULT - 8192  # the broker's default max_message_size

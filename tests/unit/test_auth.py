@@ -1,4 +1,4 @@
-"""broker.auth: permissions, the token format, revocation, the failure throttle, the
+"""conveyor.broker.auth: permissions, the token format, revocation, the failure throttle, the
 loopback rule; broker.config's security settings."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker import auth
-from broker.auth import (
+from conveyor.broker import auth
+from conveyor.broker.auth import (
     ANONYMOUS,
     Authenticator,
     FailureThrottle,
@@ -27,8 +27,8 @@ from broker.auth import (
     new_claims,
     sign_token,
 )
-from broker.config import Config, ConfigError, load
-from protocol import AccessRefused, AuthenticationFailed
+from conveyor.broker.config import Config, ConfigError, load
+from conveyor.protocol import AccessRefused, AuthenticationFailed
 
 
 @pytest.fixture

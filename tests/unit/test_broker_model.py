@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from broker.core import Broker
-from broker.session import Session
-from protocol import (
+from conveyor.broker.core import Broker
+from conveyor.broker.session import Session
+from conveyor.protocol import (
     SERVER_FRAMES,
     Ack,
     Bind,
@@ -1226,8 +1226,8 @@ def test_dispatch_is_bounded_by_batch_paused_transport_and_unacked_bytes() -> No
     that takes it below the cap lets dispatch continue."""
     from dataclasses import replace
 
-    from broker.queue import DISPATCH_BYTES, UNACKED_OVERHEAD
-    from protocol import Ack
+    from conveyor.broker.queue import DISPATCH_BYTES, UNACKED_OVERHEAD
+    from conveyor.protocol import Ack
 
     broker = Broker()
     body = b"x" * (64 << 10)

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import protocol
-from protocol import _generated as g
-from protocol.codec import HEADER_SIZE
-from protocol.connection import Connection, Role, State
+from conveyor import protocol
+from conveyor.protocol import _generated as g
+from conveyor.protocol.codec import HEADER_SIZE
+from conveyor.protocol.connection import Connection, Role, State
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "spec" / "vectors"
@@ -877,7 +877,7 @@ def test_connection_rejects_wrong_direction_when_open() -> None:
 def test_nesting_limit_matches_the_spec() -> None:
     import tomllib
 
-    from protocol import _checks
+    from conveyor.protocol import _checks
 
     spec = tomllib.loads((ROOT / "spec" / "protocol.toml").read_text())["protocol"]
     assert _checks.NESTING_MAX == g.MAX_NESTING_DEPTH == spec["max_nesting_depth"]
@@ -893,7 +893,7 @@ def _nested(depth: int) -> Any:
 @pytest.mark.parametrize("depth", [g.MAX_NESTING_DEPTH - 1, g.MAX_NESTING_DEPTH])
 def test_table_nesting_is_capped(depth: int) -> None:
     """The table is level 1: values of ``depth`` nested containers make depth + 1."""
-    from protocol._checks import check_table
+    from conveyor.protocol._checks import check_table
 
     table = {"d": _nested(depth)}
     if depth + 1 <= g.MAX_NESTING_DEPTH:
@@ -904,7 +904,7 @@ def test_table_nesting_is_capped(depth: int) -> None:
 
 
 def test_nested_non_string_keys_are_malformed_at_any_depth() -> None:
-    from protocol._checks import check_table
+    from conveyor.protocol._checks import check_table
 
     for bad in ({"a": {b"k": 1}}, {"a": [1, [{"ok": {2: 1}}]]}):
         with pytest.raises(g.MalformedFrame, match="map keys must be strings"):
@@ -913,7 +913,7 @@ def test_nested_non_string_keys_are_malformed_at_any_depth() -> None:
 
 def _worst_props(headers: dict[str, Any]) -> dict[str, Any]:
     """Every property at its widest: names of 255 bytes, u64 maxima."""
-    from protocol._checks import U64_MAX
+    from conveyor.protocol._checks import U64_MAX
 
     name = "n" * 255
     props: dict[str, Any] = {}
@@ -930,7 +930,7 @@ def test_one_message_frames_fit_body_plus_headers_plus_the_overhead() -> None:
     name = "n" * 255
     headers = {"h": "v" * 1000}
     props = _worst_props(headers)
-    from protocol._checks import U32_MAX, U64_MAX
+    from conveyor.protocol._checks import U32_MAX, U64_MAX
 
     body = b"b" * 5000
     u64, u32 = U64_MAX, U32_MAX

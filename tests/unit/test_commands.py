@@ -17,13 +17,13 @@ from typing import Any
 import msgpack
 import pytest
 
-from broker import commands
-from broker.commands import APPLY, Op
-from broker.config import Config
-from broker.durability import Durability
-from broker.journal import Replay, snapshot_dict
-from broker.message import Message
-from broker.wal import recover, seg_name
+from conveyor.broker import commands
+from conveyor.broker.commands import APPLY, Op
+from conveyor.broker.config import Config
+from conveyor.broker.durability import Durability
+from conveyor.broker.journal import Replay, snapshot_dict
+from conveyor.broker.message import Message
+from conveyor.broker.wal import recover, seg_name
 from tests.broker_process import BrokerProcess
 from tests.data.make_commands_fixture import drive
 from tests.integration.helpers import WAIT, connect, drain

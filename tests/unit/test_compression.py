@@ -10,12 +10,12 @@ import msgpack
 import pytest
 import zstandard
 
-import protocol._generated as g
-from broker import stream_store
-from broker.options import QueueOptions
-from protocol import InvalidArgument, compress_frame, encode_fields
-from protocol.codec import Decoder
-from protocol.connection import Connection, Role
+import conveyor.protocol._generated as g
+from conveyor.broker import stream_store
+from conveyor.broker.options import QueueOptions
+from conveyor.protocol import InvalidArgument, compress_frame, encode_fields
+from conveyor.protocol.codec import Decoder
+from conveyor.protocol.connection import Connection, Role
 
 CAP = 1 << 20
 

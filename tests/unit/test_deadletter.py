@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.deadletter import automatic_cycle, dead_letter_properties
-from broker.message import death_records
+from conveyor.broker.deadletter import automatic_cycle, dead_letter_properties
+from conveyor.broker.message import death_records
 
 
 def _dl(props: dict[str, Any], queue: str = "q", reason: str = "rejected",

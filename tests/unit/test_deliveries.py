@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from broker.core import Broker
-from broker.deliveries import Deliveries
-from broker.message import Message
-from broker.queue import Queue, QueueStatistics
-from broker.session import Session
-from protocol import Ack, Extend, Get, Nack, PreconditionFailed
+from conveyor.broker.core import Broker
+from conveyor.broker.deliveries import Deliveries
+from conveyor.broker.message import Message
+from conveyor.broker.queue import Queue, QueueStatistics
+from conveyor.broker.session import Session
+from conveyor.protocol import Ack, Extend, Get, Nack, PreconditionFailed
 
 T0 = 1_700_000_000_000
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.core import Broker
-from broker.journal import Replay
-from broker.message import Message
-from broker.queue import Queue
-from broker.store import MemoryStore
+from conveyor.broker.core import Broker
+from conveyor.broker.journal import Replay
+from conveyor.broker.message import Message
+from conveyor.broker.queue import Queue
+from conveyor.broker.store import MemoryStore
 
 T0 = 1_700_000_000_000
 P = T0 + 1  # publish time of a message enqueued at T0: the truncating clock, rounded up
@@ -160,7 +160,7 @@ def test_duplicate_counts_as_taken_for_mandatory() -> None:
 def test_full_reject_publish_queue_confirms_a_retry_it_holds() -> None:
     import pytest
 
-    from protocol import QueueFull
+    from conveyor.protocol import QueueFull
 
     b, now = _broker()
     q = b.declare_queue(None, "q", arguments={"max_length": 1, "overflow": "reject-publish",

@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import pytest
 
-from broker.auth import Principal
-from broker.core import Broker
-from broker.flow import FlowControl, PublisherFlow, TokenBucket, Watermarks
-from broker.session import Session
-from protocol import (
+from conveyor.broker.auth import Principal
+from conveyor.broker.core import Broker
+from conveyor.broker.flow import FlowControl, PublisherFlow, TokenBucket, Watermarks
+from conveyor.broker.session import Session
+from conveyor.protocol import (
     SERVER_FRAMES,
     Confirm,
     Decoder,
@@ -345,7 +345,7 @@ def test_token_bucket_does_not_accrue_while_the_client_holds_a_full_window() -> 
 
 
 def test_config_round_trip() -> None:
-    from broker.config import Config, ConfigError, load
+    from conveyor.broker.config import Config, ConfigError, load
 
     fc = FlowControl.from_config(Config(publish_rate_messages=1000, memory_high_watermark=7))
     assert fc.rate_messages == 1000.0 and fc.watermarks is not None

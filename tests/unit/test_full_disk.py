@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.flow import WATERMARK_INTERVAL, Watermarks, disk_free
-from broker.stream import _write_atomic
-from broker.stream_store import StreamLog
+from conveyor.broker.flow import WATERMARK_INTERVAL, Watermarks, disk_free
+from conveyor.broker.stream import _write_atomic
+from conveyor.broker.stream_store import StreamLog
 from tests.loopfs import fill, small_fs_or_skip
 
 

@@ -15,11 +15,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from broker.core import Broker
-from broker.journal import Replay, snapshot_dict
-from broker.session import Session
-from broker.store import MemoryStore
-from protocol import (
+from conveyor.broker.core import Broker
+from conveyor.broker.journal import Replay, snapshot_dict
+from conveyor.broker.session import Session
+from conveyor.broker.store import MemoryStore
+from conveyor.protocol import (
     SERVER_FRAMES,
     Ack,
     Bind,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from broker import config
-from broker.core import Broker
-from broker.limits import (
+from conveyor.broker import config
+from conveyor.broker.core import Broker
+from conveyor.broker.limits import (
     SETTINGS,
     ConnectionCounter,
     Limits,
@@ -16,9 +16,9 @@ from broker.limits import (
     check_seq_range,
     publish_size,
 )
-from broker.message import message_size
-from protocol import InvalidArgument, MalformedFrame, MessageTooLarge, ResourceError
-from protocol.errors import DETAIL_STR_MAX, MESSAGE_MAX
+from conveyor.broker.message import message_size
+from conveyor.protocol import InvalidArgument, MalformedFrame, MessageTooLarge, ResourceError
+from conveyor.protocol.errors import DETAIL_STR_MAX, MESSAGE_MAX
 
 
 def test_defaults_match_config_and_settings() -> None:

@@ -1,4 +1,4 @@
-"""broker.metrics over a broker driven by direct calls (no sockets), the plain counters
+"""conveyor.broker.metrics over a broker driven by direct calls (no sockets), the plain counters
 behind it, the monitoring files' metric names, slow-consumer log lines and JSON logs."""
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.core import Broker
-from broker.counters import LATENCY_BOUNDS_MS, LatencyHistogram
-from broker.flow import Watermarks
-from broker.logfmt import JsonFormatter
-from broker.message import Message, QueuedMessage
-from broker.metrics import render_metrics
-from broker.pager import Pager
-from broker.slow import SlowConsumers
-from broker.wal import WalStore
-from protocol import Ack, Credit, Nack, Publish, QueueDeclare
+from conveyor.broker.core import Broker
+from conveyor.broker.counters import LATENCY_BOUNDS_MS, LatencyHistogram
+from conveyor.broker.flow import Watermarks
+from conveyor.broker.logfmt import JsonFormatter
+from conveyor.broker.message import Message, QueuedMessage
+from conveyor.broker.metrics import render_metrics
+from conveyor.broker.pager import Pager
+from conveyor.broker.slow import SlowConsumers
+from conveyor.broker.wal import WalStore
+from conveyor.protocol import Ack, Credit, Nack, Publish, QueueDeclare
 from tests.unit.test_broker_model import Conn
 
 T0 = 1_700_000_000_000

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.core import Broker
-from broker.journal import Replay, snapshot_entries, snapshot_state
-from broker.message import Message
-from broker.pager import Pager
-from broker.wal import iter_snapshot, write_snapshot
+from conveyor.broker.core import Broker
+from conveyor.broker.journal import Replay, snapshot_entries, snapshot_state
+from conveyor.broker.message import Message
+from conveyor.broker.pager import Pager
+from conveyor.broker.wal import iter_snapshot, write_snapshot
 
 BUDGET = 64 * 1024
 

@@ -11,17 +11,13 @@ ships spec/ and monitoring/ where the broker looks for them.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 import tomllib
-import zipfile
 from pathlib import Path
 
 import pytest
 
-import protocol
-from protocol import (
+from conveyor import protocol
+from conveyor.protocol import (
     Auth,
     Close,
     CloseOk,
@@ -40,7 +36,7 @@ from protocol import (
     UnexpectedFrame,
     encode,
 )
-from protocol.connection import (
+from conveyor.protocol.connection import (
     ON_SEND,
     RECEIVE_ALLOWED,
     SEND_ALLOWED,
@@ -48,7 +44,7 @@ from protocol.connection import (
     Role,
     State,
 )
-from protocol.limits import REPLIES, REPLY_CLASSES
+from conveyor.protocol.limits import REPLIES, REPLY_CLASSES
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = tomllib.loads((ROOT / "spec" / "protocol.toml").read_text())
@@ -250,9 +246,9 @@ def test_replies_cover_every_request_with_a_rid() -> None:
 
 
 def test_client_matches_replies_with_the_generated_map() -> None:
-    import client.connection
+    from conveyor.client import connection
 
-    assert client.connection._REPLIES is REPLY_CLASSES
+    assert connection._REPLIES is REPLY_CLASSES
 
 
 def test_protocol_md_reply_table_is_the_spec() -> None:
@@ -266,10 +262,10 @@ def test_protocol_md_reply_table_is_the_spec() -> None:
 
 
 INTERNAL = re.compile(
-    r"^\s*(from\s+protocol(\.codec)?\s+import\s+[^\n]*\b_(generated|checks|unpack_body)\b"
-    r"|from\s+protocol\._(generated|checks)\b"
-    r"|import\s+protocol\._(generated|checks)\b"
-    r"|from\s+protocol\.codec\s+import\s*\([^)]*\b_unpack_body\b)",
+    r"^\s*(from\s+(conveyor\.)?protocol(\.codec)?\s+import\s+[^\n]*\b_(generated|checks|unpack_body)\b"
+    r"|from\s+(conveyor\.)?protocol\._(generated|checks)\b"
+    r"|import\s+(conveyor\.)?protocol\._(generated|checks)\b"
+    r"|from\s+(conveyor\.)?protocol\.codec\s+import\s*\([^)]*\b_unpack_body\b)",
     re.M,
 )
 
@@ -292,99 +288,11 @@ def test_the_internal_import_check_can_fail() -> None:
         "from protocol import _generated",
         "from protocol.codec import HEADER, _unpack_body",
         "from protocol.codec import (\n    HEADER,\n    _unpack_body,\n)",
+        "from conveyor.protocol._generated import X",
+        "import conveyor.protocol._checks as c",
+        "from conveyor.protocol.codec import HEADER, _unpack_body",
     ):
         assert INTERNAL.search(line), line
     assert not INTERNAL.search("from protocol.limits import NAME_MAX")
     assert not INTERNAL.search("from protocol.codec import unpack_body")
-
-
-# ------------------------------------------------------------------ package data
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wheel built from a copy of this tree (the build writes build/ and egg-info)."""
-    base = tmp_path_factory.mktemp("wheel")
-    src = base / "src"
-    shutil.copytree(
-        ROOT,
-        src,
-        ignore=shutil.ignore_patterns(
-            ".git", "__pycache__", "*.egg-info", "build", "dist", ".*_cache", "data", "tests"
-        ),
-    )
-    out = base / "dist"
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot build a wheel here: {result.stderr.strip()[-300:]}")
-    (whl,) = out.glob("*.whl")
-    return whl
-
-
-def test_wheel_ships_spec_monitoring_and_license(wheel: Path) -> None:
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for want in (
-        "spec/openapi.yaml",
-        "spec/protocol.toml",
-        "spec/PROTOCOL.md",
-        "spec/vectors/frames.json",
-        "spec/vectors/invalid.json",
-        "monitoring/alerts.yml",
-        "monitoring/grafana-dashboard.json",
-    ):
-        assert want in names, want
-    licenses = [n for n in names if ".dist-info/" in n and n.endswith("/LICENSE")]
-    assert licenses, sorted(names)[-8:]
-    text = zipfile.ZipFile(wheel).read(licenses[0])
-    assert b"Apache License" in text and b"Version 2.0, January 2004" in text
-
-
-def test_installed_broker_finds_the_packaged_openapi(wheel: Path, tmp_path: Path) -> None:
-    """Installed from the wheel, with no checkout on the path, the HTTP API's lookup of
-    spec/openapi.yaml finds the copy the wheel installed (it was a 404 before)."""
-    target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "--no-index",
-            "-q",
-            "--target",
-            str(target),
-            str(wheel),
-        ],
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
-    probe = (
-        "import broker, broker.http.app as app, pathlib, sys\n"
-        "print(pathlib.Path(broker.__file__).resolve())\n"
-        "print(app.SPEC_PATH.resolve(), app.SPEC_PATH.is_file())\n"
-    )
-    elsewhere = tmp_path / "cwd"
-    elsewhere.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=elsewhere,
-        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    broker_file, spec_line = result.stdout.splitlines()
-    assert broker_file.startswith(str(target.resolve()))
-    spec_path, found = spec_line.rsplit(" ", 1)
-    assert spec_path == str((target / "spec" / "openapi.yaml").resolve())
-    assert found == "True"
+    assert not INTERNAL.search("from conveyor.protocol.limits import NAME_MAX")

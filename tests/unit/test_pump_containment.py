@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.core import Broker
-from broker.message import Message
-from broker.session import Session
-from protocol import SERVER_FRAMES, Consume, Decoder, Deliver, DeliverBatch, Frame
+from conveyor.broker.core import Broker
+from conveyor.broker.message import Message
+from conveyor.broker.session import Session
+from conveyor.protocol import SERVER_FRAMES, Consume, Decoder, Deliver, DeliverBatch, Frame
 
 
 class Peer:

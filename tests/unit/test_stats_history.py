@@ -6,9 +6,15 @@ import time
 
 import pytest
 
-import broker.http.stats as stats_mod
-from broker.core import Broker
-from broker.http.stats import HISTORY_FIELDS, HISTORY_INTERVAL, HISTORY_SAMPLES, Stats, _Ring
+import conveyor.broker.http.stats as stats_mod
+from conveyor.broker.core import Broker
+from conveyor.broker.http.stats import (
+    HISTORY_FIELDS,
+    HISTORY_INTERVAL,
+    HISTORY_SAMPLES,
+    Stats,
+    _Ring,
+)
 
 
 def test_ring_keeps_the_last_samples_in_order() -> None:

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from broker.core import Broker
-from broker.message import Message, QueuedMessage
-from broker.queue import Consumer
-from broker.stream import Stream, StreamConsumer
-from broker.stream_store import INDEX, StreamLog, seg_file
-from broker.wal import CorruptLog
-from protocol import InvalidArgument
+from conveyor.broker.core import Broker
+from conveyor.broker.message import Message, QueuedMessage
+from conveyor.broker.queue import Consumer
+from conveyor.broker.stream import Stream, StreamConsumer
+from conveyor.broker.stream_store import INDEX, StreamLog, seg_file
+from conveyor.broker.wal import CorruptLog
+from conveyor.protocol import InvalidArgument
 
 
 def _items(n: int, start_ts: int = 1000, size: int = 100) -> list[tuple[Any, ...]]:

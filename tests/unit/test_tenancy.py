@@ -7,11 +7,11 @@ import socket
 
 import pytest
 
-from broker.auth import ANONYMOUS, Permissions, Principal
-from broker.flow import FlowControl, _shared, take_http
-from broker.limits import Limits, QueueOwners, connection_subject
-from broker.peeruid import peer_uid
-from protocol import ResourceError
+from conveyor.broker.auth import ANONYMOUS, Permissions, Principal
+from conveyor.broker.flow import FlowControl, _shared, take_http
+from conveyor.broker.limits import Limits, QueueOwners, connection_subject
+from conveyor.broker.peeruid import peer_uid
+from conveyor.protocol import ResourceError
 
 
 def test_queue_owners_count_per_subject() -> None:

@@ -18,7 +18,7 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from broker.topic import TopicTrie, normalize, split_words, topic_matches  # noqa: E402
+from conveyor.broker.topic import TopicTrie, normalize, split_words, topic_matches  # noqa: E402
 
 # --------------------------------------------------------------------------- splitting
 
@@ -496,7 +496,7 @@ def test_wildcard_heavy_trie_agrees(bindings: list[list[str]], key: list[str]) -
 
 
 def test_topic_exchange_route_cache_follows_binding_changes() -> None:
-    from broker.exchange import ROUTE_CACHE, TopicExchange
+    from conveyor.broker.exchange import ROUTE_CACHE, TopicExchange
 
     ex = TopicExchange("t")
     ex.bind("a.*", "q1")

@@ -16,10 +16,10 @@ from typing import Any
 import msgpack
 import pytest
 
-from broker import wal
-from broker.config import Config
-from broker.durability import Durability
-from broker.wal import (
+from conveyor.broker import wal
+from conveyor.broker.config import Config
+from conveyor.broker.durability import Durability
+from conveyor.broker.wal import (
     HEADER,
     HEADER_SIZE,
     CorruptLog,
@@ -963,7 +963,7 @@ async def test_a_snapshot_that_does_not_read_back_deletes_nothing(
             flip(path, size - 3)  # the disk returned something else than was written
             return path, size
 
-        monkeypatch.setattr("broker.durability.write_snapshot", bad_write)
+        monkeypatch.setattr("conveyor.broker.durability.write_snapshot", bad_write)
         with pytest.raises(OSError, match="did not read back"):
             await d.snapshot()
         assert sorted(wal_dir.glob("snap-*.snap")) == [first, second]
