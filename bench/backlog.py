@@ -38,8 +38,11 @@ async def fill(b: BrokerProcess, count: int, size: int, peak: list[float]) -> fl
         batch = max(1, (4 << 20) // size)
         for start in range(0, count, batch):
             n = min(batch, count - start)
-            await conn.publish_batch([b"%08d" % i + pad for i in range(start, start + n)],
-                                     routing_key="backlog", timeout=120)
+            await conn.publish_batch(
+                [b"%08d" % i + pad for i in range(start, start + n)],
+                routing_key="backlog",
+                timeout=120,
+            )
             if start % (batch * 16) == 0:
                 peak[0] = max(peak[0], rss_mib(b))
     return time.monotonic() - t0
@@ -77,14 +80,22 @@ def main() -> int:
     parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(f"memory_budget = {args.budget_mib << 20}\n")
     b = BrokerProcess(parent / "data", "--config", str(cfg), startup_timeout=3600).start()
-    out: dict[str, object] = {"gib": args.gib, "body": args.body, "messages": count,
-                              "budget_mib": args.budget_mib}
+    out: dict[str, object] = {
+        "gib": args.gib,
+        "body": args.body,
+        "messages": count,
+        "budget_mib": args.budget_mib,
+    }
     try:
         out["rss_idle_mib"] = round(rss_mib(b), 1)
         peak = [0.0]
         secs = asyncio.run(fill(b, count, args.body, peak))
-        out.update(fill_seconds=round(secs, 1), fill_mib_s=round(count * args.body / secs / 2**20),
-                   rss_fill_peak_mib=round(peak[0], 1), rss_after_fill_mib=round(rss_mib(b), 1))
+        out.update(
+            fill_seconds=round(secs, 1),
+            fill_mib_s=round(count * args.body / secs / 2**20),
+            rss_fill_peak_mib=round(peak[0], 1),
+            rss_after_fill_mib=round(rss_mib(b), 1),
+        )
         disk = sum(p.stat().st_size for p in (parent / "data").rglob("*") if p.is_file())
         out["disk_gib"] = round(disk / 2**30, 2)
         b.kill()
@@ -94,8 +105,12 @@ def main() -> int:
         out["rss_after_recovery_mib"] = round(rss_mib(b), 1)
         peak = [0.0]
         got, in_order, secs = asyncio.run(drain(b, count, peak))
-        out.update(drained=got, in_order=in_order, drain_seconds=round(secs, 1),
-                   rss_drain_peak_mib=round(peak[0], 1))
+        out.update(
+            drained=got,
+            in_order=in_order,
+            drain_seconds=round(secs, 1),
+            rss_drain_peak_mib=round(peak[0], 1),
+        )
     finally:
         b.stop()
         if args.dir is None:

@@ -77,8 +77,9 @@ async def publish(url: str, count: int, size: int, batch: int, inflight: int) ->
 
         async def send(lo: int, hi: int) -> int:
             try:
-                return await conn.publish_batch([b"%08d" % i + pad for i in range(lo, hi)],
-                                                routing_key=STREAM, timeout=120)
+                return await conn.publish_batch(
+                    [b"%08d" % i + pad for i in range(lo, hi)], routing_key=STREAM, timeout=120
+                )
             finally:
                 sem.release()
 
@@ -124,8 +125,9 @@ async def catch_up(url: str, count: int, prefetch: int) -> tuple[int, bool, floa
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--size", type=int, default=128, help="body bytes")
     ap.add_argument("--batch", type=int, default=2000, help="messages per publish_batch")
@@ -133,45 +135,70 @@ def main() -> int:
     ap.add_argument("--prefetch", type=int, default=2000, help="the group's credit window")
     ap.add_argument("--broker-args", default="", help="extra flags for the broker")
     ap.add_argument("--dir", default=None, help="data directory parent (default: a temp dir)")
-    ap.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                    help="print the results as JSON (or write them to PATH)")
+    ap.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="print the results as JSON (or write them to PATH)",
+    )
     args = ap.parse_args()
     parent = Path(args.dir or tempfile.mkdtemp(prefix="conveyor-stream-bench-"))
     parent.mkdir(parents=True, exist_ok=True)
     b = BrokerProcess(parent / "data", *args.broker_args.split(), startup_timeout=120).start()
-    out: dict[str, Any] = {"messages": args.messages, "size": args.size,
-                           "batch": args.batch, "inflight": args.inflight,
-                           "prefetch": args.prefetch, "python": platform.python_version()}
+    out: dict[str, Any] = {
+        "messages": args.messages,
+        "size": args.size,
+        "batch": args.batch,
+        "inflight": args.inflight,
+        "prefetch": args.prefetch,
+        "python": platform.python_version(),
+    }
     try:
         out["rss_idle_mib"] = round(rss_mib(b), 1)
         with RssSampler(b) as rss:
-            secs = asyncio.run(publish(b.url, args.messages, args.size, args.batch,
-                                       args.inflight))
-        out.update(publish_seconds=round(secs, 2), publish_rate=round(args.messages / secs),
-                   publish_mib_s=round(args.messages * args.size / secs / 2**20, 1),
-                   rss_publish_peak_mib=round(rss.peak, 1))
+            secs = asyncio.run(publish(b.url, args.messages, args.size, args.batch, args.inflight))
+        out.update(
+            publish_seconds=round(secs, 2),
+            publish_rate=round(args.messages / secs),
+            publish_mib_s=round(args.messages * args.size / secs / 2**20, 1),
+            rss_publish_peak_mib=round(rss.peak, 1),
+        )
         streams = parent / "data" / "streams"
-        out["disk_mib"] = round(sum(p.stat().st_size for p in streams.rglob("*")
-                                    if p.is_file()) / 2**20, 1) if streams.exists() else None
+        out["disk_mib"] = (
+            round(sum(p.stat().st_size for p in streams.rglob("*") if p.is_file()) / 2**20, 1)
+            if streams.exists()
+            else None
+        )
         with RssSampler(b) as rss:
-            got, in_order, secs, lag = asyncio.run(catch_up(b.url, args.messages,
-                                                            args.prefetch))
-        out.update(read=got, in_order=in_order, read_seconds=round(secs, 2),
-                   read_rate=round(got / secs), rss_read_peak_mib=round(rss.peak, 1),
-                   lag_after=lag, rss_end_mib=round(rss_mib(b), 1))
+            got, in_order, secs, lag = asyncio.run(catch_up(b.url, args.messages, args.prefetch))
+        out.update(
+            read=got,
+            in_order=in_order,
+            read_seconds=round(secs, 2),
+            read_rate=round(got / secs),
+            rss_read_peak_mib=round(rss.peak, 1),
+            lag_after=lag,
+            rss_end_mib=round(rss_mib(b), 1),
+        )
     finally:
         b.stop()
         if args.dir is None:
             shutil.rmtree(parent, ignore_errors=True)
     ok = out.get("read") == args.messages and bool(out.get("in_order"))
     if args.json is None:
-        print(f"published {args.messages} x {args.size} B in {out['publish_seconds']} s: "
-              f"{out['publish_rate']} msg/s ({out['publish_mib_s']} MiB/s), broker RSS peak "
-              f"{out['rss_publish_peak_mib']} MiB")
+        print(
+            f"published {args.messages} x {args.size} B in {out['publish_seconds']} s: "
+            f"{out['publish_rate']} msg/s ({out['publish_mib_s']} MiB/s), broker RSS peak "
+            f"{out['rss_publish_peak_mib']} MiB"
+        )
         if "read_rate" in out:
-            print(f"group caught up from 'first': {out['read']} messages in "
-                  f"{out['read_seconds']} s: {out['read_rate']} msg/s, in order: "
-                  f"{out['in_order']}, broker RSS peak {out['rss_read_peak_mib']} MiB")
+            print(
+                f"group caught up from 'first': {out['read']} messages in "
+                f"{out['read_seconds']} s: {out['read_rate']} msg/s, in order: "
+                f"{out['in_order']}, broker RSS peak {out['rss_read_peak_mib']} MiB"
+            )
     elif args.json == "-":
         print(json.dumps(out, indent=2))
     else:

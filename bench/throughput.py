@@ -54,8 +54,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, even without pip install -e
     sys.path.insert(0, str(REPO))
 
-SCENARIOS = ("transient", "durable", "fanout", "competing", "latency", "publishers",
-             "many-queues", "large")
+SCENARIOS = (
+    "transient",
+    "durable",
+    "fanout",
+    "competing",
+    "latency",
+    "publishers",
+    "many-queues",
+    "large",
+)
 DEFAULT_MESSAGES = {"large": 20000, "latency": 20000, "publishers": 20000}
 DEFAULT_SIZE = {"large": 65536}
 HEADER = 16  # 8 bytes send timestamp + 8 bytes sequence number
@@ -77,7 +85,7 @@ def proc_cpu_s(pid: int | None) -> float | None:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
@@ -145,13 +153,30 @@ class LocalBroker:
         return self.proc.pid if self.proc is not None else None
 
     def start(self) -> LocalBroker:
-        cmd = [sys.executable, "-m", "conveyor.cli.main", "server", "--host", "127.0.0.1",
-               "--port", "0", "--data-dir", str(self.data_dir), *self.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "conveyor.cli.main",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--data-dir",
+            str(self.data_dir),
+            *self.extra,
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env,
-                                         cwd=REPO, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                cwd=REPO,
+                preexec_fn=_die_with_parent,
+            )
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         buf = b""
@@ -168,8 +193,10 @@ class LocalBroker:
                 buf += chunk
         if m is None:
             self.stop()
-            raise BenchError(f"broker did not start (stdout {buf[-300:]!r}); log tail:\n"
-                             + self.log_text()[-2000:])
+            raise BenchError(
+                f"broker did not start (stdout {buf[-300:]!r}); log tail:\n"
+                + self.log_text()[-2000:]
+            )
         self.port = int(m.group(2))
         # Keep draining stdout so a chatty broker can never block on a full pipe.
         threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True).start()
@@ -189,8 +216,11 @@ class LocalBroker:
 
     def issues(self) -> list[str]:
         """WARNING / ERROR / CRITICAL / Traceback lines of the broker log."""
-        return [ln for ln in self.log_text().splitlines()
-                if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", ln)]
+        return [
+            ln
+            for ln in self.log_text().splitlines()
+            if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", ln)
+        ]
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (graceful), SIGKILL after ``timeout``; idempotent."""
@@ -236,6 +266,7 @@ class ConveyorConn:
     @classmethod
     async def connect(cls, url: str, name: str, timeout: float) -> ConveyorConn:
         from conveyor import client
+
         return cls(await client.connect(url, name=name, reconnect=False, timeout=timeout))
 
     async def declare_exchange(self, name: str, type_: str, durable: bool) -> None:
@@ -256,8 +287,9 @@ class ConveyorConn:
     async def prepare(self, exchange: str) -> None:
         pass
 
-    def publish(self, exchange: str, key: str, body: bytes, persistent: bool,
-                timeout: float) -> Awaitable[Any]:
+    def publish(
+        self, exchange: str, key: str, body: bytes, persistent: bool, timeout: float
+    ) -> Awaitable[Any]:
         """One message; the awaitable completes when the broker confirmed it.
 
         Uses the pipelined ``publish_nowait`` (a future, no task per message); only when
@@ -269,23 +301,33 @@ class ConveyorConn:
         except self._backpressure:
             return self.conn.publish(exchange, key, body, properties=props, timeout=timeout)
 
-    def publish_batch(self, exchange: str, keys: str | list[str], bodies: list[bytes],
-                      persistent: bool, timeout: float) -> Awaitable[Any]:
+    def publish_batch(
+        self,
+        exchange: str,
+        keys: str | list[str],
+        bodies: list[bytes],
+        persistent: bool,
+        timeout: float,
+    ) -> Awaitable[Any]:
         """Many messages in PUBLISH_BATCH frames; completes when all are confirmed."""
         props = self._PROPS[persistent]
         if isinstance(keys, str):
-            return self.conn.publish_batch(bodies, exchange=exchange, routing_key=keys,
-                                           properties=props, timeout=timeout)
+            return self.conn.publish_batch(
+                bodies, exchange=exchange, routing_key=keys, properties=props, timeout=timeout
+            )
         from conveyor.client import OutgoingMessage
 
         msgs = [OutgoingMessage(b, k) for b, k in zip(bodies, keys, strict=True)]
-        return self.conn.publish_batch(msgs, exchange=exchange, properties=props,
-                                       timeout=timeout)
+        return self.conn.publish_batch(msgs, exchange=exchange, properties=props, timeout=timeout)
 
-    async def start_consumer(self, queue: str, prefetch: int, handle: Handler,
-                             on_error: ErrorSink,
-                             handle_many: Callable[[list[bytes]], None] | None = None
-                             ) -> _Consumer:
+    async def start_consumer(
+        self,
+        queue: str,
+        prefetch: int,
+        handle: Handler,
+        on_error: ErrorSink,
+        handle_many: Callable[[list[bytes]], None] | None = None,
+    ) -> _Consumer:
         consumer = await self.conn.consume(queue, prefetch=prefetch, no_ack=False)
 
         async def loop() -> None:
@@ -326,15 +368,18 @@ class AmqpConn:
         self.conn = conn
         self.channel = channel
         self.exchanges: dict[str, Any] = {"": channel.default_exchange}
-        self.modes = {True: aio_pika.DeliveryMode.PERSISTENT,
-                      False: aio_pika.DeliveryMode.NOT_PERSISTENT}
+        self.modes = {
+            True: aio_pika.DeliveryMode.PERSISTENT,
+            False: aio_pika.DeliveryMode.NOT_PERSISTENT,
+        }
 
     @classmethod
     async def connect(cls, url: str, name: str, timeout: float) -> AmqpConn:
         import aio_pika
 
-        conn = await aio_pika.connect(url, timeout=timeout,
-                                      client_properties={"connection_name": name})
+        conn = await aio_pika.connect(
+            url, timeout=timeout, client_properties={"connection_name": name}
+        )
         return cls(conn, await conn.channel(publisher_confirms=True))
 
     async def declare_exchange(self, name: str, type_: str, durable: bool) -> None:
@@ -357,22 +402,37 @@ class AmqpConn:
         if exchange not in self.exchanges:
             self.exchanges[exchange] = await self.channel.get_exchange(exchange, ensure=False)
 
-    def publish(self, exchange: str, key: str, body: bytes, persistent: bool,
-                timeout: float) -> Awaitable[Any]:
+    def publish(
+        self, exchange: str, key: str, body: bytes, persistent: bool, timeout: float
+    ) -> Awaitable[Any]:
         msg = self.aio_pika.Message(body, delivery_mode=self.modes[persistent])
         return self.exchanges[exchange].publish(msg, key, mandatory=False, timeout=timeout)
 
-    def publish_batch(self, exchange: str, keys: str | list[str], bodies: list[bytes],
-                      persistent: bool, timeout: float) -> Awaitable[Any]:
+    def publish_batch(
+        self,
+        exchange: str,
+        keys: str | list[str],
+        bodies: list[bytes],
+        persistent: bool,
+        timeout: float,
+    ) -> Awaitable[Any]:
         # AMQP has no batch publish: pipeline the batch and await all confirms.
         ks = [keys] * len(bodies) if isinstance(keys, str) else keys
-        return asyncio.gather(*[self.publish(exchange, k, b, persistent, timeout)
-                                for k, b in zip(ks, bodies, strict=True)])
+        return asyncio.gather(
+            *[
+                self.publish(exchange, k, b, persistent, timeout)
+                for k, b in zip(ks, bodies, strict=True)
+            ]
+        )
 
-    async def start_consumer(self, queue: str, prefetch: int, handle: Handler,
-                             on_error: ErrorSink,
-                             handle_many: Callable[[list[bytes]], None] | None = None
-                             ) -> _Consumer:
+    async def start_consumer(
+        self,
+        queue: str,
+        prefetch: int,
+        handle: Handler,
+        on_error: ErrorSink,
+        handle_many: Callable[[list[bytes]], None] | None = None,
+    ) -> _Consumer:
         channel = await self.conn.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
         q = await channel.get_queue(queue, ensure=False)
@@ -447,8 +507,16 @@ class Plan:
 def build_plan(scenario: str, opts: argparse.Namespace, tag: str, producers: int = 1) -> Plan:
     n, size = opts.messages_for(scenario), opts.size_for(scenario)
     durable = scenario in ("durable", "publishers")
-    plan = Plan(scenario, tag, n, size, durable=durable, persistent=durable, producers=producers,
-                batch=opts.batch)
+    plan = Plan(
+        scenario,
+        tag,
+        n,
+        size,
+        durable=durable,
+        persistent=durable,
+        producers=producers,
+        batch=opts.batch,
+    )
     q = f"{tag}.q"
     if scenario == "fanout":
         plan.exchange, plan.exchange_type = f"{tag}.fanout", "fanout"
@@ -502,8 +570,9 @@ def bodies_factory(size: int) -> Callable[[int, int], list[bytes]]:
 class Tracker:
     """Consumer side: latencies, exactly-once check per copy, completion future."""
 
-    def __init__(self, messages: int, copies: int, consumers: int,
-                 signal_: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, messages: int, copies: int, consumers: int, signal_: Callable[[], None] | None = None
+    ) -> None:
         self.messages = messages
         self.expected = messages * copies
         self.seen = [bytearray(messages) for _ in range(copies)]
@@ -595,13 +664,20 @@ class Tracker:
                 first = [i for i, v in enumerate(seen) if not v][:5]
                 parts.append(f"copy {copy}: {miss} missing (first seqs {first})")
         extra = f"; {self.duplicates} duplicates" if self.duplicates else ""
-        return (f"delivered {self.unique} of {self.expected} "
-                f"(missing {self.expected - self.unique}{extra}): " + "; ".join(parts))
+        return (
+            f"delivered {self.unique} of {self.expected} "
+            f"(missing {self.expected - self.unique}{extra}): " + "; ".join(parts)
+        )
 
     def report(self) -> dict[str, Any]:
-        return {"unique": self.unique, "duplicates": self.duplicates, "foreign": self.foreign,
-                "last_ns": self.last_ns, "per_consumer": self.per_consumer,
-                "lat": self.lat.tobytes()}
+        return {
+            "unique": self.unique,
+            "duplicates": self.duplicates,
+            "foreign": self.foreign,
+            "last_ns": self.last_ns,
+            "per_consumer": self.per_consumer,
+            "lat": self.lat.tobytes(),
+        }
 
     async def wait(self, stall: float, published: Callable[[], bool]) -> None:
         """Until every message arrived; fail if nothing arrives for ``stall`` seconds
@@ -613,8 +689,10 @@ class Tracker:
                 return
             except TimeoutError:
                 if published() and self.unique == last:
-                    raise BenchError(f"stalled: no delivery for {stall:.0f} s after the "
-                                     f"last publish; {self.missing()}") from None
+                    raise BenchError(
+                        f"stalled: no delivery for {stall:.0f} s after the "
+                        f"last publish; {self.missing()}"
+                    ) from None
                 last = self.unique
 
 
@@ -646,8 +724,16 @@ def _quiet(f: asyncio.Future[Any]) -> None:
         f.exception()
 
 
-async def produce(conn: Conn, plan: Plan, seqs: range, *, batch: int, window: int,
-                  timeout: float, stats: ProduceStats) -> None:
+async def produce(
+    conn: Conn,
+    plan: Plan,
+    seqs: range,
+    *,
+    batch: int,
+    window: int,
+    timeout: float,
+    stats: ProduceStats,
+) -> None:
     """Publish ``seqs`` and wait for every confirm.
 
     ``batch`` messages per publish call (``publish`` for 1, ``publish_batch`` above).
@@ -661,12 +747,13 @@ async def produce(conn: Conn, plan: Plan, seqs: range, *, batch: int, window: in
     exchange, keys, persistent = plan.exchange, plan.keys, plan.persistent
     nkeys = len(keys)
     if batch <= 1:
+
         def call(a: int, b: int) -> Awaitable[Any]:
             return conn.publish(exchange, keys[a % nkeys], make(a), persistent, timeout)
     else:
+
         def call(a: int, b: int) -> Awaitable[Any]:
-            ks: str | list[str] = keys[0] if nkeys == 1 else [keys[s % nkeys]
-                                                             for s in range(a, b)]
+            ks: str | list[str] = keys[0] if nkeys == 1 else [keys[s % nkeys] for s in range(a, b)]
             return conn.publish_batch(exchange, ks, make_many(a, b), persistent, timeout)
 
     step = max(1, batch)
@@ -721,8 +808,9 @@ def _confirmed_all(aws: list[Awaitable[Any]]) -> asyncio.Future[Any]:
     return asyncio.ensure_future(wait())
 
 
-async def produce_lockstep(conn: Conn, plan: Plan, signal_: Signal, timeout: float,
-                           stats: ProduceStats) -> None:
+async def produce_lockstep(
+    conn: Conn, plan: Plan, signal_: Signal, timeout: float, stats: ProduceStats
+) -> None:
     """Latency scenario: publish one message, wait for its delivery (and confirm), repeat."""
     make = body_factory(plan.size)
     exchange, key, persistent = plan.exchange, plan.keys[0], plan.persistent
@@ -735,14 +823,23 @@ async def produce_lockstep(conn: Conn, plan: Plan, signal_: Signal, timeout: flo
 
 
 # ---------------------------------------------------------------------------- consumer side
-async def start_consumers(backend: Backend, plan: Plan, prefetch: int, tracker: Tracker,
-                          timeout: float) -> tuple[list[_Consumer], list[Conn]]:
+async def start_consumers(
+    backend: Backend, plan: Plan, prefetch: int, tracker: Tracker, timeout: float
+) -> tuple[list[_Consumer], list[Conn]]:
     nconns = max(c for _, _, c in plan.consumers) + 1
     conns = [await backend.connect(f"bench-consumer-{i}", timeout) for i in range(nconns)]
-    consumers = await asyncio.gather(*[
-        conns[ci].start_consumer(queue, prefetch, tracker.handler(copy, i), tracker.fail,
-                                 tracker.batch_handler(copy, i) if plan.batch > 1 else None)
-        for i, (queue, copy, ci) in enumerate(plan.consumers)])
+    consumers = await asyncio.gather(
+        *[
+            conns[ci].start_consumer(
+                queue,
+                prefetch,
+                tracker.handler(copy, i),
+                tracker.fail,
+                tracker.batch_handler(copy, i) if plan.batch > 1 else None,
+            )
+            for i, (queue, copy, ci) in enumerate(plan.consumers)
+        ]
+    )
     return list(consumers), conns
 
 
@@ -782,10 +879,15 @@ async def _consumer_process_main(pipe: Any, spec: dict[str, Any]) -> None:
                     published.set_result(None)
 
     _add_pipe_reader(loop, pipe.fileno(), on_readable)
-    tracker = Tracker(plan.messages, plan.copies, len(plan.consumers),
-                      (lambda: pipe.send(("tick",))) if plan.lockstep else None)
-    consumers, conns = await start_consumers(backend, plan, spec["prefetch"], tracker,
-                                             spec["timeout"])
+    tracker = Tracker(
+        plan.messages,
+        plan.copies,
+        len(plan.consumers),
+        (lambda: pipe.send(("tick",))) if plan.lockstep else None,
+    )
+    consumers, conns = await start_consumers(
+        backend, plan, spec["prefetch"], tracker, spec["timeout"]
+    )
     cpu0 = self_cpu_s()
     pipe.send(("ready",))
     try:
@@ -811,8 +913,9 @@ class ConsumerProcess:
     def __init__(self, spec: dict[str, Any], signal_: Signal | None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.pipe, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_consumer_process, args=(child, spec), daemon=True,
-                                name="bench-consumers")
+        self.proc = ctx.Process(
+            target=_consumer_process, args=(child, spec), daemon=True, name="bench-consumers"
+        )
         self.signal = signal_
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -851,8 +954,9 @@ class ConsumerProcess:
         loop.remove_reader(self.pipe.fileno())
         self._drain()  # the result may still be unread when the exit is noticed first
         self.proc.join(1)
-        self._fail(BenchError(f"consumer process exited (code {self.proc.exitcode}) "
-                              "before reporting"))
+        self._fail(
+            BenchError(f"consumer process exited (code {self.proc.exitcode}) before reporting")
+        )
 
     def _fail(self, exc: BenchError) -> None:
         for f in (self.ready, self.result):
@@ -875,8 +979,9 @@ class ConsumerProcess:
         self.pipe.close()
 
 
-def _add_pipe_reader(loop: asyncio.AbstractEventLoop, fd: int,
-                     callback: Callable[[], None]) -> None:
+def _add_pipe_reader(
+    loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[[], None]
+) -> None:
     """add_reader for a multiprocessing pipe. uvloop makes the fd non-blocking, which
     breaks ``recv`` of a message larger than what has arrived so far: undo that (the
     callback only runs once data is there, and a message is written whole)."""
@@ -899,8 +1004,14 @@ def percentiles(lat_ns: array.array[int]) -> dict[str, float | None]:
     def pct(p: float) -> float:
         return round(s[max(0, math.ceil(p * n) - 1)] / 1e6, 3)
 
-    return {"p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p999": pct(0.999),
-            "max": round(s[-1] / 1e6, 3), "mean": round(sum(s) / n / 1e6, 3)}
+    return {
+        "p50": pct(0.50),
+        "p90": pct(0.90),
+        "p99": pct(0.99),
+        "p999": pct(0.999),
+        "max": round(s[-1] / 1e6, 3),
+        "mean": round(sum(s) / n / 1e6, 3),
+    }
 
 
 async def setup_topology(admin: Conn, plan: Plan) -> None:
@@ -913,8 +1024,9 @@ async def setup_topology(admin: Conn, plan: Plan) -> None:
 async def teardown_topology(admin: Conn, plan: Plan) -> None:
     with contextlib.suppress(Exception):
         async with asyncio.timeout(30):
-            await asyncio.gather(*[admin.delete_queue(q) for q in plan.queues],
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *[admin.delete_queue(q) for q in plan.queues], return_exceptions=True
+            )
             if plan.exchange_type:
                 await admin.delete_exchange(plan.exchange)
 
@@ -936,18 +1048,32 @@ async def run_once(backend: Backend, plan: Plan, opts: argparse.Namespace) -> di
         async with deadline:
             await setup_topology(admin, plan)
             if opts.processes:
-                child = ConsumerProcess({
-                    "plan": plan, "backend": backend, "prefetch": opts.prefetch,
-                    "timeout": opts.timeout, "stall": opts.stall,
-                    "deadline_ns": t_start + int((limit - 1.0) * 1e9)}, signal_)
+                child = ConsumerProcess(
+                    {
+                        "plan": plan,
+                        "backend": backend,
+                        "prefetch": opts.prefetch,
+                        "timeout": opts.timeout,
+                        "stall": opts.stall,
+                        "deadline_ns": t_start + int((limit - 1.0) * 1e9),
+                    },
+                    signal_,
+                )
                 await child.ready
             else:
-                tracker = Tracker(plan.messages, plan.copies, len(plan.consumers),
-                                  signal_.fire if signal_ is not None else None)
-                consumers, cconns = await start_consumers(backend, plan, opts.prefetch,
-                                                          tracker, opts.timeout)
-            pconns = [admin] + [await backend.connect(f"bench-producer-{i}", opts.timeout)
-                                for i in range(1, plan.producers)]
+                tracker = Tracker(
+                    plan.messages,
+                    plan.copies,
+                    len(plan.consumers),
+                    signal_.fire if signal_ is not None else None,
+                )
+                consumers, cconns = await start_consumers(
+                    backend, plan, opts.prefetch, tracker, opts.timeout
+                )
+            pconns = [admin] + [
+                await backend.connect(f"bench-producer-{i}", opts.timeout)
+                for i in range(1, plan.producers)
+            ]
             for c in pconns:
                 await c.prepare(plan.exchange)
             bcpu0, ccpu0 = proc_cpu_s(backend.broker_pid), self_cpu_s()
@@ -958,10 +1084,20 @@ async def run_once(backend: Backend, plan: Plan, opts: argparse.Namespace) -> di
                 n, p = plan.messages, plan.producers
                 bounds = [n * i // p for i in range(p + 1)]
                 window = 1 if plan.scenario == "publishers" else opts.effective_window(plan.size)
-                await asyncio.gather(*[
-                    produce(c, plan, range(bounds[i], bounds[i + 1]), batch=opts.batch,
-                            window=window, timeout=limit, stats=stats)
-                    for i, c in enumerate(pconns)])
+                await asyncio.gather(
+                    *[
+                        produce(
+                            c,
+                            plan,
+                            range(bounds[i], bounds[i + 1]),
+                            batch=opts.batch,
+                            window=window,
+                            timeout=limit,
+                            stats=stats,
+                        )
+                        for i, c in enumerate(pconns)
+                    ]
+                )
             t_pub = time.perf_counter_ns()
             if child is not None:
                 child.published()
@@ -973,12 +1109,20 @@ async def run_once(backend: Backend, plan: Plan, opts: argparse.Namespace) -> di
                 report["cpu_s"] = 0.0
             ccpu1, bcpu1 = self_cpu_s(), proc_cpu_s(backend.broker_pid)
     except TimeoutError as exc:
-        state = (tracker.missing() if tracker is not None
-                 else "the consumer process did not report in time")
-        what = (f"time limit of {limit:.0f} s reached" if deadline.expired()
-                else f"{type(exc).__name__}: {exc}")
-        raise BenchError(f"{what}: published {stats.issued}, confirmed {stats.confirmed} "
-                         f"of {plan.messages}; {state}") from None
+        state = (
+            tracker.missing()
+            if tracker is not None
+            else "the consumer process did not report in time"
+        )
+        what = (
+            f"time limit of {limit:.0f} s reached"
+            if deadline.expired()
+            else f"{type(exc).__name__}: {exc}"
+        )
+        raise BenchError(
+            f"{what}: published {stats.issued}, confirmed {stats.confirmed} "
+            f"of {plan.messages}; {state}"
+        ) from None
     finally:
         await stop_consumers(consumers, cconns)
         if child is not None:
@@ -990,8 +1134,7 @@ async def run_once(backend: Backend, plan: Plan, opts: argparse.Namespace) -> di
     lat.frombytes(report["lat"])
     deliveries = report["unique"]
     if deliveries != plan.messages * plan.copies:
-        raise BenchError(f"expected {plan.messages * plan.copies} deliveries, "
-                         f"got {deliveries}")
+        raise BenchError(f"expected {plan.messages * plan.copies} deliveries, got {deliveries}")
     elapsed = max(report["last_ns"] - t0, 1) / 1e9
     publish_s = max(t_pub - t0, 1) / 1e9
     bcpu = None if bcpu0 is None or bcpu1 is None else round(bcpu1 - bcpu0, 3)
@@ -1009,8 +1152,10 @@ async def run_once(backend: Backend, plan: Plan, opts: argparse.Namespace) -> di
         "broker_rss_mb": proc_mem_mb(backend.broker_pid),
         "broker_rss_peak_mb": proc_mem_mb(backend.broker_pid, "VmHWM"),
         "client_cpu_s": round(ccpu1 - ccpu0 + report["cpu_s"], 3),
-        "client_cpu_detail": {"main_process": round(ccpu1 - ccpu0, 3),
-                              "consumer_process": round(report["cpu_s"], 3)},
+        "client_cpu_detail": {
+            "main_process": round(ccpu1 - ccpu0, 3),
+            "consumer_process": round(report["cpu_s"], 3),
+        },
         "duplicates": report["duplicates"],
         "per_consumer": report["per_consumer"] if len(report["per_consumer"]) <= 64 else None,
         "loadavg_1m": round(os.getloadavg()[0], 2),
@@ -1018,8 +1163,9 @@ async def run_once(backend: Backend, plan: Plan, opts: argparse.Namespace) -> di
     }
 
 
-async def run_scenario_once(backend: Backend, scenario: str, opts: argparse.Namespace,
-                            run_no: int) -> dict[str, Any]:
+async def run_scenario_once(
+    backend: Backend, scenario: str, opts: argparse.Namespace, run_no: int
+) -> dict[str, Any]:
     tag = f"bench.{os.getpid()}.{scenario}.r{run_no}"
     if scenario != "publishers":
         result = await run_once(backend, build_plan(scenario, opts, tag), opts)
@@ -1027,8 +1173,7 @@ async def run_scenario_once(backend: Backend, scenario: str, opts: argparse.Name
         return result
     levels = []
     for p in opts.publishers:
-        r = await run_once(backend, build_plan(scenario, opts, f"{tag}.p{p}", producers=p),
-                           opts)
+        r = await run_once(backend, build_plan(scenario, opts, f"{tag}.p{p}", producers=p), opts)
         r["publishers"] = p
         levels.append(r)
     top = dict(levels[-1])  # the highest concurrency level is the run's headline
@@ -1043,12 +1188,27 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(runs, key=lambda r: r["e2e_rate"])[(len(runs) - 1) // 2]
 
 
-def summarize(scenario: str, backend: Backend, runs: list[dict[str, Any]],
-              opts: argparse.Namespace) -> dict[str, Any]:
+def summarize(
+    scenario: str, backend: Backend, runs: list[dict[str, Any]], opts: argparse.Namespace
+) -> dict[str, Any]:
     med = median_run(runs)
-    keys = ("messages", "deliveries", "size", "publish_rate", "e2e_rate", "latency_ms",
-            "publish_s", "elapsed_s", "broker_cpu_s", "broker_cpu_util", "broker_rss_mb",
-            "broker_rss_peak_mb", "client_cpu_s", "client_cpu_detail", "duplicates")
+    keys = (
+        "messages",
+        "deliveries",
+        "size",
+        "publish_rate",
+        "e2e_rate",
+        "latency_ms",
+        "publish_s",
+        "elapsed_s",
+        "broker_cpu_s",
+        "broker_cpu_util",
+        "broker_rss_mb",
+        "broker_rss_peak_mb",
+        "client_cpu_s",
+        "client_cpu_detail",
+        "duplicates",
+    )
     out: dict[str, Any] = {"scenario": scenario, "backend": backend.kind}
     out.update({k: med.get(k) for k in keys})
     if "levels" in med:
@@ -1066,22 +1226,29 @@ def fmt_rate(x: float | None) -> str:
 def print_summary(res: dict[str, Any]) -> None:
     s = res["settings"]
     lat = res["latency_ms"]
-    print(f"\n== {res['scenario']} [{res['backend']}]: {res['messages']:,} msgs x "
-          f"{res['size']:,} B, batch {s['batch']}, prefetch {s['prefetch']}, window "
-          f"{s['window']}, {'consumer process' if s['processes'] else 'one process'}, "
-          f"median of {len(res['runs'])} run(s)")
+    print(
+        f"\n== {res['scenario']} [{res['backend']}]: {res['messages']:,} msgs x "
+        f"{res['size']:,} B, batch {s['batch']}, prefetch {s['prefetch']}, window "
+        f"{s['window']}, {'consumer process' if s['processes'] else 'one process'}, "
+        f"median of {len(res['runs'])} run(s)"
+    )
     unit = "deliveries/s" if res["deliveries"] != res["messages"] else "msg/s"
-    print(f"   publish {fmt_rate(res['publish_rate'])} msg/s   end-to-end "
-          f"{fmt_rate(res['e2e_rate'])} {unit}   ({res['elapsed_s']:.2f} s)")
-    print(f"   latency ms  p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  "
-          f"max {lat['max']}")
+    print(
+        f"   publish {fmt_rate(res['publish_rate'])} msg/s   end-to-end "
+        f"{fmt_rate(res['e2e_rate'])} {unit}   ({res['elapsed_s']:.2f} s)"
+    )
+    print(f"   latency ms  p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
     bcpu = res["broker_cpu_s"]
-    print(f"   broker cpu {'-' if bcpu is None else f'{bcpu:.2f} s'} "
-          f"(util {res['broker_cpu_util']})  rss {res['broker_rss_mb']} MiB "
-          f"(peak {res['broker_rss_peak_mb']})   client cpu {res['client_cpu_s']:.2f} s")
+    print(
+        f"   broker cpu {'-' if bcpu is None else f'{bcpu:.2f} s'} "
+        f"(util {res['broker_cpu_util']})  rss {res['broker_rss_mb']} MiB "
+        f"(peak {res['broker_rss_peak_mb']})   client cpu {res['client_cpu_s']:.2f} s"
+    )
     for lv in res.get("levels", []):
-        print(f"   {lv['publishers']:>3} publishers: publish {fmt_rate(lv['publish_rate'])} "
-              f"msg/s  e2e {fmt_rate(lv['e2e_rate'])} msg/s  p99 {lv['latency_ms']['p99']} ms")
+        print(
+            f"   {lv['publishers']:>3} publishers: publish {fmt_rate(lv['publish_rate'])} "
+            f"msg/s  e2e {fmt_rate(lv['e2e_rate'])} msg/s  p99 {lv['latency_ms']['p99']} ms"
+        )
     if len(res["runs"]) > 1:
         print("   runs e2e: " + "  ".join(fmt_rate(r["e2e_rate"]) for r in res["runs"]))
     if res["duplicates"]:
@@ -1115,8 +1282,12 @@ def write_plots(plot_dir: Path, results: list[tuple[dict[str, Any], dict[str, An
             if lat_ms:
                 lo, hi = max(min(lat_ms), 1e-3), max(lat_ms)
                 edges = [lo * (hi / lo) ** (i / 80) for i in range(81)] if hi > lo else 50
-                ax.hist(lat_ms, bins=edges, alpha=0.6,
-                        label=f"{res['backend']} p50 {res['latency_ms']['p50']} ms")
+                ax.hist(
+                    lat_ms,
+                    bins=edges,
+                    alpha=0.6,
+                    label=f"{res['backend']} p50 {res['latency_ms']['p50']} ms",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("latency (ms, send to delivery)")
         ax.set_ylabel("messages")
@@ -1127,10 +1298,18 @@ def write_plots(plot_dir: Path, results: list[tuple[dict[str, Any], dict[str, An
             fig, ax = plt.subplots(figsize=(8, 4.5))
             for res, _ in items:
                 xs = [lv["publishers"] for lv in res["levels"]]
-                ax.plot(xs, [lv["publish_rate"] for lv in res["levels"]], "o-",
-                        label=f"{res['backend']} publish")
-                ax.plot(xs, [lv["e2e_rate"] for lv in res["levels"]], "s--",
-                        label=f"{res['backend']} end-to-end")
+                ax.plot(
+                    xs,
+                    [lv["publish_rate"] for lv in res["levels"]],
+                    "o-",
+                    label=f"{res['backend']} publish",
+                )
+                ax.plot(
+                    xs,
+                    [lv["e2e_rate"] for lv in res["levels"]],
+                    "s--",
+                    label=f"{res['backend']} end-to-end",
+                )
             ax.set_xscale("log")
             ax.set_xlabel("concurrent confirmed publishers")
             ax.set_ylabel("messages / s")
@@ -1144,11 +1323,14 @@ def write_plots(plot_dir: Path, results: list[tuple[dict[str, Any], dict[str, An
         fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(names)), 4.5))
         width = 0.8 / len(backends)
         for i, backend in enumerate(backends):
-            rates = [next((r["e2e_rate"] for r, _ in by_scenario[n] if r["backend"] == backend),
-                          0) for n in names]
+            rates = [
+                next((r["e2e_rate"] for r, _ in by_scenario[n] if r["backend"] == backend), 0)
+                for n in names
+            ]
             ax.bar([x + i * width for x in range(len(names))], rates, width, label=backend)
-        ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(names))],
-                      names, rotation=20)
+        ax.set_xticks(
+            [x + width * (len(backends) - 1) / 2 for x in range(len(names))], names, rotation=20
+        )
         ax.set_yscale("log")
         ax.set_ylabel("end-to-end messages (deliveries) / s, log scale")
         ax.set_title("Conveyor beside RabbitMQ (same bench, same machine)")
@@ -1168,44 +1350,81 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="bench/throughput.py", description=__doc__.split("\n\n")[0],
-        formatter_class=_HelpFormatter)
+        prog="bench/throughput.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("--scenario", required=True, choices=[*SCENARIOS, "all"])
-    p.add_argument("--messages", type=int, default=None,
-                   help="messages per run [200000; large, latency, publishers: 20000 "
-                        "(publishers: per concurrency level)]")
-    p.add_argument("--size", type=int, default=None,
-                   help=f"body bytes, >= {HEADER} [128; large: 65536]")
+    p.add_argument(
+        "--messages",
+        type=int,
+        default=None,
+        help="messages per run [200000; large, latency, publishers: 20000 "
+        "(publishers: per concurrency level)]",
+    )
+    p.add_argument(
+        "--size", type=int, default=None, help=f"body bytes, >= {HEADER} [128; large: 65536]"
+    )
     p.add_argument("--runs", type=int, default=3, help="report the median run by e2e_rate")
-    p.add_argument("--batch", type=int, default=1,
-                   help="messages per publish call (>1: publish_batch)")
+    p.add_argument(
+        "--batch", type=int, default=1, help="messages per publish call (>1: publish_batch)"
+    )
     p.add_argument("--prefetch", type=int, default=1000, help="consumer credit window")
-    p.add_argument("--window", type=int, default=1000,
-                   help="messages in flight (unconfirmed) per producer")
-    p.add_argument("--window-bytes", type=int, default=32 << 20,
-                   help="caps the window for large bodies")
-    p.add_argument("--processes", action="store_true",
-                   help="run the consumers in a separate process (multiprocessing)")
+    p.add_argument(
+        "--window", type=int, default=1000, help="messages in flight (unconfirmed) per producer"
+    )
+    p.add_argument(
+        "--window-bytes", type=int, default=32 << 20, help="caps the window for large bodies"
+    )
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="run the consumers in a separate process (multiprocessing)",
+    )
     p.add_argument("--consumers", type=int, default=4, help="fanout queues / competing consumers")
     p.add_argument("--queues", type=int, default=1000, help="many-queues: number of queues")
-    p.add_argument("--publishers", type=lambda s: [int(x) for x in s.split(",")],
-                   default=[1, 8, 64], help="publishers scenario concurrency levels")
-    p.add_argument("--time-limit", type=float, default=120.0,
-                   help="seconds per measured run (per level for publishers)")
-    p.add_argument("--stall", type=float, default=10.0,
-                   help="fail if no delivery for this long after the last publish")
+    p.add_argument(
+        "--publishers",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 8, 64],
+        help="publishers scenario concurrency levels",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=120.0,
+        help="seconds per measured run (per level for publishers)",
+    )
+    p.add_argument(
+        "--stall",
+        type=float,
+        default=10.0,
+        help="fail if no delivery for this long after the last publish",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="connect / request timeout")
     p.add_argument("--url", default=None, help="use a running broker instead of starting one")
-    p.add_argument("--broker-pid", type=int, default=None,
-                   help="with --url: pid of the broker, for its CPU and RSS")
+    p.add_argument(
+        "--broker-pid",
+        type=int,
+        default=None,
+        help="with --url: pid of the broker, for its CPU and RSS",
+    )
     p.add_argument("--broker-args", default="", help="extra flags for the started broker")
     p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write PNG plots here (matplotlib)")
-    p.add_argument("--compare", choices=["rabbitmq"], default=None,
-                   help="also run against RabbitMQ (aio-pika), alternating runs")
+    p.add_argument(
+        "--compare",
+        choices=["rabbitmq"],
+        default=None,
+        help="also run against RabbitMQ (aio-pika), alternating runs",
+    )
     p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1/", help="for --compare")
-    p.add_argument("--amqp-broker-pid", type=int, default=None,
-                   help="RabbitMQ's pid for CPU/RSS [the only beam.smp process, if any]")
+    p.add_argument(
+        "--amqp-broker-pid",
+        type=int,
+        default=None,
+        help="RabbitMQ's pid for CPU/RSS [the only beam.smp process, if any]",
+    )
     opts = p.parse_args(argv)
     if opts.size is not None and opts.size < HEADER:
         p.error(f"--size must be >= {HEADER}")
@@ -1231,8 +1450,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         s: dict[str, Any] = {
             "batch": 1 if scenario == "latency" else opts.batch,
             "prefetch": opts.prefetch,
-            "window": (1 if scenario in ("latency", "publishers")
-                       else effective_window(size_for(scenario))),
+            "window": (
+                1 if scenario in ("latency", "publishers") else effective_window(size_for(scenario))
+            ),
             "runs": opts.runs,
             "processes": opts.processes,
             "time_limit_s": opts.time_limit,
@@ -1267,8 +1487,12 @@ def _version(module: str) -> str | None:
 
 def _git_commit() -> str | None:
     with contextlib.suppress(Exception):
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or None
     return None
 
@@ -1286,10 +1510,12 @@ async def bench(opts: argparse.Namespace, backends: list[Backend]) -> list[dict[
             for b in backends:  # alternate backends run by run
                 r = await run_scenario_once(b, scenario, opts, i)
                 runs[b.kind].append(r)
-                print(f"{scenario} [{b.kind}] run {i}/{opts.runs}: publish "
-                      f"{fmt_rate(r['publish_rate'])} msg/s, e2e {fmt_rate(r['e2e_rate'])}/s, "
-                      f"p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms",
-                      flush=True)
+                print(
+                    f"{scenario} [{b.kind}] run {i}/{opts.runs}: publish "
+                    f"{fmt_rate(r['publish_rate'])} msg/s, e2e {fmt_rate(r['e2e_rate'])}/s, "
+                    f"p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms",
+                    flush=True,
+                )
         first: dict[str, Any] | None = None
         for b in backends:
             res = summarize(scenario, b, runs[b.kind], opts)
@@ -1298,11 +1524,15 @@ async def bench(opts: argparse.Namespace, backends: list[Backend]) -> list[dict[
             if first is None:
                 first = res
             else:
-                ratio = {k: (round(first[k] / res[k], 3) if res[k] else None)
-                         for k in ("publish_rate", "e2e_rate")}
+                ratio = {
+                    k: (round(first[k] / res[k], 3) if res[k] else None)
+                    for k in ("publish_rate", "e2e_rate")
+                }
                 first["compare"] = {b.kind: res, "ratio": ratio}
-                print(f"   ratio conveyor/{b.kind}: publish {ratio['publish_rate']}x, "
-                      f"end-to-end {ratio['e2e_rate']}x (median runs)")
+                print(
+                    f"   ratio conveyor/{b.kind}: publish {ratio['publish_rate']}x, "
+                    f"end-to-end {ratio['e2e_rate']}x (median runs)"
+                )
         assert first is not None
         summaries.append(first)
     if opts.plot is not None:
@@ -1316,8 +1546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import aio_pika  # noqa: F401
         except ImportError:
-            print("bench: --compare rabbitmq needs aio-pika: pip install aio-pika",
-                  file=sys.stderr)
+            print("bench: --compare rabbitmq needs aio-pika: pip install aio-pika", file=sys.stderr)
             return 2
     try:
         import uvloop
@@ -1343,8 +1572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             broker = LocalBroker(shlex.split(opts.broker_args))
             atexit.register(broker.cleanup)
             broker.start()
-            print(f"bench: broker pid {broker.pid} on {broker.url} (data {broker.data_dir})",
-                  flush=True)
+            print(
+                f"bench: broker pid {broker.pid} on {broker.url} (data {broker.data_dir})",
+                flush=True,
+            )
             backends = [Backend("conveyor", broker.url, broker.pid)]
         if opts.compare == "rabbitmq":
             pid = opts.amqp_broker_pid or find_pid_by_comm("beam.smp")
@@ -1368,8 +1599,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = broker.stop()
             issues = broker.issues()
             if issues:
-                print(f"bench: broker log has {len(issues)} warning/error line(s), first ones:",
-                      file=sys.stderr)
+                print(
+                    f"bench: broker log has {len(issues)} warning/error line(s), first ones:",
+                    file=sys.stderr,
+                )
                 for ln in issues[:10]:
                     print("   " + ln[:300], file=sys.stderr)
             if rc not in (0, None, -signal.SIGTERM):
@@ -1378,8 +1611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if code == 0 and opts.json is not None:
         for s in summaries:
             s["broker_log_issues"] = issues[:50]
-        doc = summaries[0] if len(summaries) == 1 else {"scenario": "all",
-                                                         "results": summaries}
+        doc = summaries[0] if len(summaries) == 1 else {"scenario": "all", "results": summaries}
         opts.json.parent.mkdir(parents=True, exist_ok=True)
         opts.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"bench: wrote {opts.json}")

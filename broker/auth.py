@@ -76,7 +76,8 @@ class Permissions:
     write: tuple[str, ...] = ()
     read: tuple[str, ...] = ()
     _match: dict[str, Callable[[str], Any] | None] = field(
-        init=False, repr=False, compare=False, hash=False)
+        init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_match", {a: _compile(getattr(self, a)) for a in ACTIONS})
@@ -167,8 +168,7 @@ class Principal:
             return isinstance(name, str) and any(p.allows(a, name) for a in ACTIONS)
 
         if kind == "bindings":
-            return [it for it in items
-                    if any_perm(it.get("exchange")) or any_perm(it.get("queue"))]
+            return [it for it in items if any_perm(it.get("exchange")) or any_perm(it.get("queue"))]
         if kind in ("queues", "exchanges"):
             return [it for it in items if any_perm(it.get("name"))]
         if kind == "consumers":
@@ -178,8 +178,8 @@ class Principal:
 
     def _refused(self, action: str, kind: str, name: str) -> AccessRefused:
         return AccessRefused(
-            f"{self.subject!r} may not {action} {kind} {name!r}",
-            {kind: name, "action": action})
+            f"{self.subject!r} may not {action} {kind} {name!r}", {kind: name, "action": action}
+        )
 
 
 ANONYMOUS = Principal("anonymous", anonymous=True)
@@ -220,10 +220,22 @@ class Claims:
     burst: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"sub": self.sub, "iat": self.iat, "exp": self.exp,
-                               "jti": self.jti, "perms": self.permissions.to_json()}
-        rate = {k: v for k, v in (("messages", self.rate_messages), ("bytes", self.rate_bytes),
-                                  ("burst", self.burst)) if v is not None}
+        out: dict[str, Any] = {
+            "sub": self.sub,
+            "iat": self.iat,
+            "exp": self.exp,
+            "jti": self.jti,
+            "perms": self.permissions.to_json(),
+        }
+        rate = {
+            k: v
+            for k, v in (
+                ("messages", self.rate_messages),
+                ("bytes", self.rate_bytes),
+                ("burst", self.burst),
+            )
+            if v is not None
+        }
         if rate:
             out["rate"] = rate
         return out
@@ -248,34 +260,70 @@ class Claims:
         lists: dict[str, tuple[str, ...]] = {}
         for a in ACTIONS:
             pats = perms.get(a, [])
-            if (not isinstance(pats, list) or len(pats) > MAX_PATTERNS
-                    or not all(isinstance(p, str) for p in pats)):
+            if (
+                not isinstance(pats, list)
+                or len(pats) > MAX_PATTERNS
+                or not all(isinstance(p, str) for p in pats)
+            ):
                 raise bad(f"perms.{a} must be a list of strings")
             lists[a] = tuple(pats)
         rate = raw.get("rate", {})
         if not isinstance(rate, dict) or set(rate) - {"messages", "bytes", "burst"}:
             raise bad("rate must be {messages, bytes, burst}")
         for k, v in rate.items():
-            if (type(v) not in (int, float) or not math.isfinite(v) or v <= 0
-                    or (k == "burst" and type(v) is not int)):
+            if (
+                type(v) not in (int, float)
+                or not math.isfinite(v)
+                or v <= 0
+                or (k == "burst" and type(v) is not int)
+            ):
                 raise bad(f"rate.{k} must be a positive number")
-        return cls(sub, iat, exp, jti, Permissions(**lists),
-                   rate.get("messages"), rate.get("bytes"), rate.get("burst"))
+        return cls(
+            sub,
+            iat,
+            exp,
+            jti,
+            Permissions(**lists),
+            rate.get("messages"),
+            rate.get("bytes"),
+            rate.get("burst"),
+        )
 
     def principal(self) -> Principal:
-        return Principal(self.sub, rate_messages=self.rate_messages,
-                         rate_bytes=self.rate_bytes, burst_messages=self.burst,
-                         permissions=self.permissions, token_id=self.jti, expires_at=self.exp)
+        return Principal(
+            self.sub,
+            rate_messages=self.rate_messages,
+            rate_bytes=self.rate_bytes,
+            burst_messages=self.burst,
+            permissions=self.permissions,
+            token_id=self.jti,
+            expires_at=self.exp,
+        )
 
 
-def new_claims(subject: str, ttl: float, *, configure: Iterable[str] = (),
-               write: Iterable[str] = (), read: Iterable[str] = (),
-               rate_messages: float | None = None, rate_bytes: float | None = None,
-               burst: int | None = None, now: float | None = None) -> Claims:
+def new_claims(
+    subject: str,
+    ttl: float,
+    *,
+    configure: Iterable[str] = (),
+    write: Iterable[str] = (),
+    read: Iterable[str] = (),
+    rate_messages: float | None = None,
+    rate_bytes: float | None = None,
+    burst: int | None = None,
+    now: float | None = None,
+) -> Claims:
     iat = int(time.time() if now is None else now)
-    return Claims(subject, iat, iat + math.ceil(ttl), secrets.token_urlsafe(12),
-                  Permissions(tuple(configure), tuple(write), tuple(read)),
-                  rate_messages, rate_bytes, burst)
+    return Claims(
+        subject,
+        iat,
+        iat + math.ceil(ttl),
+        secrets.token_urlsafe(12),
+        Permissions(tuple(configure), tuple(write), tuple(read)),
+        rate_messages,
+        rate_bytes,
+        burst,
+    )
 
 
 def sign_token(key: Ed25519PrivateKey, claims: Claims) -> str:
@@ -347,8 +395,9 @@ def load_or_create_key(path: str | Path) -> Ed25519PrivateKey:
         return load_key(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -422,8 +471,12 @@ class RevocationList:
 class TokenVerifier:
     """Checks a token's signature, expiry and revocation; never stores tokens."""
 
-    def __init__(self, public_key: Ed25519PublicKey, revoked: RevocationList | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        public_key: Ed25519PublicKey,
+        revoked: RevocationList | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.public_key = public_key
         self.revoked = revoked
         self.clock = clock
@@ -446,8 +499,11 @@ class TokenVerifier:
         if self.revoked is not None and claims.jti in self.revoked:
             raise TokenError("revoked", f"token {claims.jti} has been revoked")
         if self.clock() >= claims.exp:
-            raise TokenError("expired", f"token {claims.jti} expired at "
-                             f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(claims.exp))}")
+            raise TokenError(
+                "expired",
+                f"token {claims.jti} expired at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(claims.exp))}",
+            )
         return claims
 
     def inspect(self, token: str) -> dict[str, Any]:
@@ -457,10 +513,22 @@ class TokenVerifier:
         sig_ok = self.signature_ok(signed, sig)
         revoked = self.revoked is not None and claims.jti in self.revoked
         expired = self.clock() >= claims.exp
-        status = ("bad-signature" if not sig_ok else "revoked" if revoked
-                  else "expired" if expired else "valid")
-        return {"claims": claims.to_json(), "signature": "valid" if sig_ok else "invalid",
-                "expired": expired, "revoked": revoked, "status": status}
+        status = (
+            "bad-signature"
+            if not sig_ok
+            else "revoked"
+            if revoked
+            else "expired"
+            if expired
+            else "valid"
+        )
+        return {
+            "claims": claims.to_json(),
+            "signature": "valid" if sig_ok else "invalid",
+            "expired": expired,
+            "revoked": revoked,
+            "status": status,
+        }
 
 
 # ---------------------------------------------------------------------- failed attempts
@@ -471,8 +539,14 @@ class FailureThrottle:
     adds one and is answered after ``base * 2 ** (score - 1)`` seconds, at most ``cap``.
     """
 
-    def __init__(self, base: float = 0.2, cap: float = 5.0, half_life: float = 60.0,
-                 max_entries: int = 10000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        base: float = 0.2,
+        cap: float = 5.0,
+        half_life: float = 60.0,
+        max_entries: int = 10000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.base = base
         self.cap = cap
         self.half_life = half_life
@@ -550,23 +624,34 @@ def load_identities(path: str | Path) -> dict[str, Principal]:
     raw = tomllib.loads(Path(path).read_text())
     table = raw.get("identities")
     if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected an [identities.\"NAME\"] table per certificate")
+        raise ValueError(f'{path}: expected an [identities."NAME"] table per certificate')
     out: dict[str, Principal] = {}
     for name, entry in table.items():
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: identities.{name} must be a table")
-        rate = {k: entry.pop(k) for k in ("rate_messages", "rate_bytes", "burst")
-                if k in entry}
-        claims = {"sub": name, "iat": 0, "exp": 0, "jti": "certificate",
-                  "perms": entry,
-                  "rate": {{"rate_messages": "messages", "rate_bytes": "bytes"}.get(k, k): v
-                           for k, v in rate.items()}}
+        rate = {k: entry.pop(k) for k in ("rate_messages", "rate_bytes", "burst") if k in entry}
+        claims = {
+            "sub": name,
+            "iat": 0,
+            "exp": 0,
+            "jti": "certificate",
+            "perms": entry,
+            "rate": {
+                {"rate_messages": "messages", "rate_bytes": "bytes"}.get(k, k): v
+                for k, v in rate.items()
+            },
+        }
         try:
             c = Claims.from_json(claims)
         except TokenError as exc:
             raise ValueError(f"{path}: identities.{name}: {exc.message}") from None
-        out[name] = Principal(name, rate_messages=c.rate_messages, rate_bytes=c.rate_bytes,
-                              burst_messages=c.burst, permissions=c.permissions)
+        out[name] = Principal(
+            name,
+            rate_messages=c.rate_messages,
+            rate_bytes=c.rate_bytes,
+            burst_messages=c.burst,
+            permissions=c.permissions,
+        )
     return out
 
 
@@ -598,16 +683,17 @@ class Authenticator:
             key = load_or_create_key(path)
         except ValueError as exc:  # reported like the other start-up I/O problems
             raise OSError(f"cannot use token signing key {path}: {exc}") from None
-        self.verifier = TokenVerifier(key.public_key(), RevocationList(
-            revoked_path(self.data_dir)))
+        self.verifier = TokenVerifier(key.public_key(), RevocationList(revoked_path(self.data_dir)))
         if self.identities_path:
             try:
                 self.identities = load_identities(self.identities_path)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise OSError(f"cannot use certificate identities: {exc}") from None
         if self.cert_identity:
-            log.info("client certificates identify TLS connections (common name%s)",
-                     f"; {len(self.identities)} known" if self.identities is not None else "")
+            log.info(
+                "client certificates identify TLS connections (common name%s)",
+                f"; {len(self.identities)} known" if self.identities is not None else "",
+            )
         if self.require_auth:
             log.info("authentication required: every connection needs a token")
         elif self.allow_anonymous:
@@ -617,16 +703,23 @@ class Authenticator:
                 log.warning(
                     "!!! ANONYMOUS ACCESS FROM ANY ADDRESS (--allow-anonymous) on %s: anyone "
                     "who can reach this broker may do anything. Use tokens instead. !!!",
-                    self.host)
+                    self.host,
+                )
         elif is_loopback(self.host):
-            log.info("anonymous connections are accepted from loopback peers only; "
-                     "--require-auth refuses them")
+            log.info(
+                "anonymous connections are accepted from loopback peers only; "
+                "--require-auth refuses them"
+            )
         else:
-            log.info("listening on non-loopback %s: other hosts must authenticate with a "
-                     "token; anonymous connections only from loopback peers", self.host)
+            log.info(
+                "listening on non-loopback %s: other hosts must authenticate with a "
+                "token; anonymous connections only from loopback peers",
+                self.host,
+            )
 
-    def still_valid(self, principal: Principal, now: float | None = None
-                    ) -> AuthenticationFailed | None:
+    def still_valid(
+        self, principal: Principal, now: float | None = None
+    ) -> AuthenticationFailed | None:
         """Why an open connection's token no longer holds (expired, revoked), or None.
         The transport asks every ``TOKEN_RECHECK_S`` and closes the connection with the
         error (401 authentication-failed)."""
@@ -637,11 +730,13 @@ class Authenticator:
             return AuthenticationFailed(
                 f"token {principal.token_id} expired at "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(principal.expires_at))}",
-                {"reason": "expired"})
+                {"reason": "expired"},
+            )
         v = self.verifier
         if v is not None and v.revoked is not None and principal.token_id in v.revoked:
-            return AuthenticationFailed(f"token {principal.token_id} has been revoked",
-                                        {"reason": "revoked"})
+            return AuthenticationFailed(
+                f"token {principal.token_id} has been revoked", {"reason": "revoked"}
+            )
         return None
 
     def certificate_principal(self, name: str) -> Principal:
@@ -654,7 +749,8 @@ class Authenticator:
         if p is None:
             raise AuthenticationFailed(
                 f"client certificate {name!r} is not listed in the broker's identities",
-                {"reason": "certificate-unknown"})
+                {"reason": "certificate-unknown"},
+            )
         return p
 
     def anonymous_ok(self, peer_ip: str) -> bool:
@@ -670,8 +766,9 @@ class Authenticator:
         """The principal for an AUTH, or AuthenticationFailed (401) saying why."""
         if mechanism == "token":
             if self.verifier is None:
-                raise AuthenticationFailed("token authentication is not available",
-                                           {"reason": "unavailable"})
+                raise AuthenticationFailed(
+                    "token authentication is not available", {"reason": "unavailable"}
+                )
             try:
                 return self.verifier.verify(token).principal()
             except TokenError as exc:
@@ -679,10 +776,14 @@ class Authenticator:
         if mechanism == "anonymous":
             if self.anonymous_ok(peer_ip):
                 return ANONYMOUS
-            why = ("this broker requires a token (--require-auth)" if self.require_auth
-                   else "anonymous connections are only accepted from loopback addresses; "
-                        "authenticate with a token")
+            why = (
+                "this broker requires a token (--require-auth)"
+                if self.require_auth
+                else "anonymous connections are only accepted from loopback addresses; "
+                "authenticate with a token"
+            )
             raise AuthenticationFailed(why, {"reason": "anonymous-refused"})
         raise AuthenticationFailed(
             f"mechanism {mechanism!r} not offered; use one of {self.mechanisms(peer_ip)}",
-            {"mechanism": mechanism, "reason": "mechanism"})
+            {"mechanism": mechanism, "reason": "mechanism"},
+        )

@@ -106,7 +106,8 @@ class Config:
     def validate(self) -> Config:
         if not MAX_FRAME_SIZE_FLOOR * 4 <= self.max_frame_size <= MAX_FRAME_SIZE_CEILING:
             raise ConfigError(
-                f"max_frame_size must be {MAX_FRAME_SIZE_FLOOR * 4}..{MAX_FRAME_SIZE_CEILING}")
+                f"max_frame_size must be {MAX_FRAME_SIZE_FLOOR * 4}..{MAX_FRAME_SIZE_CEILING}"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be 0..65535")
         if self.heartbeat_ms < 0 or self.handshake_timeout_ms <= 0:
@@ -135,12 +136,16 @@ class Config:
             raise ConfigError(f"port and tls_port are both {self.port}")
         if not -1 <= self.http_port <= 65535:
             raise ConfigError("http_port must be -1 (off) or 0..65535")
-        if self.http_port > 0 and self.http_port in (self.port if self.plain else -1,
-                                                     self.tls_port if self.tls_cert else -1):
+        if self.http_port > 0 and self.http_port in (
+            self.port if self.plain else -1,
+            self.tls_port if self.tls_cert else -1,
+        ):
             raise ConfigError(f"http_port {self.http_port} is also a broker port")
         if (self.tls_client_subject_identity or self.tls_identities) and not self.tls_ca:
-            raise ConfigError("tls_client_subject_identity and tls_identities need tls_ca "
-                              "(verified client certificates)")
+            raise ConfigError(
+                "tls_client_subject_identity and tls_identities need tls_ca "
+                "(verified client certificates)"
+            )
         if self.http_tls and not self.tls_cert:
             raise ConfigError("http_tls needs tls_cert and tls_key")
         if self.allow_anonymous and self.require_auth:
@@ -176,9 +181,10 @@ def load(path: str | None = None, **overrides: Any) -> Config:
             values[key] = value
     for name, value in values.items():
         want = FIELDS[name].type
-        if (want == "int" and type(value) is not int) or (
-            want == "str" and type(value) is not str) or (
-            want == "bool" and type(value) is not bool
+        if (
+            (want == "int" and type(value) is not int)
+            or (want == "str" and type(value) is not str)
+            or (want == "bool" and type(value) is not bool)
         ):
             raise ConfigError(f"setting {name!r} must be {want}, got {value!r}")
     return Config(**values).validate()

@@ -64,8 +64,14 @@ def _check_arguments(arguments: dict[str, Any], allowed: frozenset[str], what: s
 class Broker:
     """All routing and queue state of one broker."""
 
-    def __init__(self, store: Store | None = None, *, max_message_size: int = 1 << 20,
-                 durable: bool = False, pager: Pager | None = None) -> None:
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        max_message_size: int = 1 << 20,
+        durable: bool = False,
+        pager: Pager | None = None,
+    ) -> None:
         self.store: Store = store or MemoryStore()
         # Keeps ready bodies within a memory budget by paging queue tails to disk.
         self.pager = pager
@@ -97,8 +103,7 @@ class Broker:
         # (due ms, seq, kind, queue, message); the transport calls :meth:`tick` when the
         # earliest is due, via ``timer_hook(seconds from now)`` it is given.
         self.clock: Callable[[], int] = _wall_ms
-        self.timers: TimerHeap[Queue, QueuedMessage] = TimerHeap(
-            lambda: self.clock(), _stale_timer)
+        self.timers: TimerHeap[Queue, QueuedMessage] = TimerHeap(lambda: self.clock(), _stale_timer)
         self._timers = self.timers.heap
         self.dead_lettered = 0
         # Set when deliveries of logged queues were journaled (Session.deliver): the next
@@ -114,8 +119,7 @@ class Broker:
         self.nacks: dict[int, int] = {}  # publish nacks (CONFIRM ok=false) sent, by code
         self.latency = LatencyHistogram()  # publish -> delivery, recorded per batch
         # Stream queues (broker.stream); Durability sets their directory and fsync policy.
-        self.streams = Streams(lambda: self.clock(), self.wake, self.pump_soon,
-                               LoopScheduler())
+        self.streams = Streams(lambda: self.clock(), self.wake, self.pump_soon, LoopScheduler())
         self.now = 0  # ms: the clock as of the current dispatch round (set by pump)
         # Run at the end of each pump while set: the HTTP gateway's long polls look for
         # ready messages on their queues then (None when nobody waits: no cost).
@@ -197,23 +201,26 @@ class Broker:
             )
         _check_arguments(arguments, EXCHANGE_ARGUMENTS, "exchange")
         if existing is not None:
-            for key, was, asked in (("type", existing.type, etype),
-                                    ("durable", existing.durable, durable),
-                                    ("auto_delete", existing.auto_delete, auto_delete),
-                                    ("arguments", existing.arguments, arguments)):
+            for key, was, asked in (
+                ("type", existing.type, etype),
+                ("durable", existing.durable, durable),
+                ("auto_delete", existing.auto_delete, auto_delete),
+                ("arguments", existing.arguments, arguments),
+            ):
                 if was != asked:
                     raise PreconditionFailed(
                         f"exchange {name!r} exists with different settings: {key}: {was!r} "
                         f"vs {asked!r} (existing vs requested)",
-                        {"exchange": name, "setting": key, "existing": was,
-                         "requested": asked},
+                        {"exchange": name, "setting": key, "existing": was, "requested": asked},
                     )
             return existing
         if name.startswith("amq."):
-            raise AccessRefused(f"exchange names starting 'amq.' are reserved: {name!r}",
-                                {"exchange": name})
-        ex = make_exchange(etype, name, durable=durable, auto_delete=auto_delete,
-                           arguments=arguments)
+            raise AccessRefused(
+                f"exchange names starting 'amq.' are reserved: {name!r}", {"exchange": name}
+            )
+        ex = make_exchange(
+            etype, name, durable=durable, auto_delete=auto_delete, arguments=arguments
+        )
         self.exchanges[name] = ex
         if durable:
             self._log([commands.exchange_declare(name, etype, auto_delete, arguments)])
@@ -224,8 +231,9 @@ class Broker:
             raise AccessRefused(f"exchange {name!r} cannot be deleted", {"exchange": name})
         ex = self.get_exchange(name)
         if if_unused and ex.bindings:
-            raise PreconditionFailed(f"exchange {name!r} has {len(ex.bindings)} bindings",
-                                     {"exchange": name})
+            raise PreconditionFailed(
+                f"exchange {name!r} has {len(ex.bindings)} bindings", {"exchange": name}
+            )
         self._remove_exchange(ex)
 
     def _remove_exchange(self, ex: Exchange) -> None:
@@ -262,8 +270,9 @@ class Broker:
         if not name:
             name = f"amq.gen-{secrets.token_urlsafe(12)}"
         elif name.startswith("amq.") and name not in self.queues:
-            raise AccessRefused(f"queue names starting 'amq.' are reserved: {name!r}",
-                                {"queue": name})
+            raise AccessRefused(
+                f"queue names starting 'amq.' are reserved: {name!r}", {"queue": name}
+            )
         existing = self.queues.get(name)
         if existing is not None:
             self.get_queue(name, session_id)  # exclusivity check
@@ -284,9 +293,13 @@ class Broker:
         if opts.queue_type == "stream":
             q = self.streams.create(name, arguments, fresh=True)
         else:
-            q = Queue(name, durable=durable and not exclusive,
-                      exclusive_owner=session_id if exclusive else None,
-                      auto_delete=auto_delete, arguments=arguments)
+            q = Queue(
+                name,
+                durable=durable and not exclusive,
+                exclusive_owner=session_id if exclusive else None,
+                auto_delete=auto_delete,
+                arguments=arguments,
+            )
         q.durable = durable  # reported as declared; exclusive queues never outlive their owner
         if q.takes_pager():
             q.pager = self.pager
@@ -302,9 +315,18 @@ class Broker:
             q.logged = True
             self._log([commands.queue_declare(name, auto_delete, arguments)])
         # Exclusive queues (often one per short-lived RPC client) only at debug level.
-        log.log(logging.DEBUG if exclusive else logging.INFO, "queue %r declared", name,
-                extra={"event": "queue.declared", "queue": name, "durable": durable,
-                       "exclusive": exclusive, "auto_delete": auto_delete})
+        log.log(
+            logging.DEBUG if exclusive else logging.INFO,
+            "queue %r declared",
+            name,
+            extra={
+                "event": "queue.declared",
+                "queue": name,
+                "durable": durable,
+                "exclusive": exclusive,
+                "auto_delete": auto_delete,
+            },
+        )
         return q
 
     def _queue_owner(self, session_id: str | None) -> str | None:
@@ -315,13 +337,18 @@ class Broker:
         return p.subject if p is not None and p.permissions is not None else None
 
     def delete_queue(
-        self, session_id: str | None, name: str, *, if_unused: bool = False,
+        self,
+        session_id: str | None,
+        name: str,
+        *,
+        if_unused: bool = False,
         if_empty: bool = False,
     ) -> int:
         q = self.get_queue(name, session_id)
         if if_unused and q.consumers:
-            raise PreconditionFailed(f"queue {name!r} has {len(q.consumers)} consumers",
-                                     {"queue": name})
+            raise PreconditionFailed(
+                f"queue {name!r} has {len(q.consumers)} consumers", {"queue": name}
+            )
         if if_empty and q.ready:
             raise PreconditionFailed(f"queue {name!r} has {q.ready} messages", {"queue": name})
         return self._remove_queue(q, f"queue {name!r} deleted")
@@ -333,9 +360,13 @@ class Broker:
         retired = self.retired
         for key in RETIRED_COUNTERS:
             retired[key] += getattr(q, key)
-        log.log(logging.DEBUG if q.exclusive_owner is not None else logging.INFO,
-                "%s (%d ready messages dropped)", reason, n,
-                extra={"event": event, "queue": q.name, "reason": reason, "messages": n})
+        log.log(
+            logging.DEBUG if q.exclusive_owner is not None else logging.INFO,
+            "%s (%d ready messages dropped)",
+            reason,
+            n,
+            extra={"event": event, "queue": q.name, "reason": reason, "messages": n},
+        )
         for c in list(q.consumers):
             c.session.consumer_cancelled(c, 404, reason)
         q.consumers.clear()
@@ -369,16 +400,21 @@ class Broker:
         return n
 
     # ------------------------------------------------------------------ bindings
-    def bind(self, session_id: str | None, exchange: str, queue: str, key: str = "",
-             arguments: dict[str, Any] | None = None) -> None:
+    def bind(
+        self,
+        session_id: str | None,
+        exchange: str,
+        queue: str,
+        key: str = "",
+        arguments: dict[str, Any] | None = None,
+    ) -> None:
         if not exchange:
             raise AccessRefused("the default exchange cannot be bound", {"exchange": exchange})
         _check_arguments(arguments or {}, BINDING_ARGUMENTS, "binding")
         ex = self.get_exchange(exchange)
         q = self.get_queue(queue, session_id)
         if (key, queue) not in ex.bindings:  # a repeated bind is no new binding
-            check_binding(self.limits, ex.type == "topic", key, len(ex.bindings),
-                          len(q.bindings))
+            check_binding(self.limits, ex.type == "topic", key, len(ex.bindings), len(q.bindings))
         if ex.bind(key, queue):
             q.bindings.add((exchange, key))
             if ex.durable and q.logged:
@@ -409,8 +445,9 @@ class Broker:
             raise NotFound(f"no exchange {exchange!r}", {"exchange": exchange})
         return ex.route(routing_key)
 
-    def check_capacity(self, queue_names: Iterable[str], size: int,
-                       message_id: str | None = None) -> None:
+    def check_capacity(
+        self, queue_names: Iterable[str], size: int, message_id: str | None = None
+    ) -> None:
         """Refuse a publish (409) if a target queue with overflow reject-publish is full;
         checked before anything is enqueued, so a refused publish is nowhere. A retry of a
         message the queue took within its dedup window is no refusal (it is confirmed)."""
@@ -418,11 +455,15 @@ class Broker:
         for qname in queue_names:
             q = queues[qname]
             if q.opts.rejects_publish and q.is_full(size):
-                if message_id is not None and q.opts.dedup_window_ms and q.seen(
-                        message_id, self.clock()):
+                if (
+                    message_id is not None
+                    and q.opts.dedup_window_ms
+                    and q.seen(message_id, self.clock())
+                ):
                     continue
-                raise QueueFull(f"queue {qname!r} is full (overflow reject-publish)",
-                                {"queue": qname})
+                raise QueueFull(
+                    f"queue {qname!r} is full (overflow reject-publish)", {"queue": qname}
+                )
 
     def enqueue(self, message: Message, queue_names: Iterable[str], now: int = 0) -> int:
         """Put ``message`` on each named queue; returns how many took it (a duplicate
@@ -465,13 +506,20 @@ class Broker:
             mid = self.next_message_id
             self.next_message_id = mid + 1
             message.id = mid
-            self.journal.append(commands.publish(mid, logged, message.exchange,
-                                                 message.routing_key, message.properties,
-                                                 message.body, message.ts))
+            self.journal.append(
+                commands.publish(
+                    mid,
+                    logged,
+                    message.exchange,
+                    message.routing_key,
+                    message.properties,
+                    message.body,
+                    message.ts,
+                )
+            )
         return n
 
-    def enqueue_many(self, messages: list[Message], queue_names: Iterable[str],
-                     now: int) -> None:
+    def enqueue_many(self, messages: list[Message], queue_names: Iterable[str], now: int) -> None:
         """``enqueue`` for a run of new messages that share their targets (a publish
         batch): the same commands in the same order, with the per-queue work done once
         per run. Queues with dedup, a length limit or a stream take the general path."""
@@ -527,15 +575,22 @@ class Broker:
                     self._dead_letter_one(q, qm, dlx, reason, now)
                 except Exception:
                     q.dead_letter_dropped += 1
-                    log.exception("queue %r: message could not be dead-lettered (%s); "
-                                  "dropped", q.name, reason,
-                                  extra={"event": "message.dead_letter_failed",
-                                         "queue": q.name, "reason": reason})
+                    log.exception(
+                        "queue %r: message could not be dead-lettered (%s); dropped",
+                        q.name,
+                        reason,
+                        extra={
+                            "event": "message.dead_letter_failed",
+                            "queue": q.name,
+                            "reason": reason,
+                        },
+                    )
         if q.logged:
             self.log_ids(commands.ack, q, qms)
 
-    def _dead_letter_one(self, q: Queue, qm: QueuedMessage, dlx: str, reason: str,
-                         now: int) -> None:
+    def _dead_letter_one(
+        self, q: Queue, qm: QueuedMessage, dlx: str, reason: str, now: int
+    ) -> None:
         """Republish one message of ``q`` to ``dlx`` with its new death record.
 
         Cycle guard (RabbitMQ's rule): a target queue is skipped when the message's
@@ -550,25 +605,40 @@ class Broker:
         try:
             targets = list(self.route(dlx, rk))
         except NotFound:
-            log.warning("dead-letter exchange %r of queue %r does not exist; dropped",
-                        dlx, q.name)
+            log.warning("dead-letter exchange %r of queue %r does not exist; dropped", dlx, q.name)
             return
         # Headers may be paged with the body.
         props, deaths = dead_letter_properties(
-            Pager.properties(m), queue=q.name, reason=reason, exchange=m.exchange,
-            routing_key=m.routing_key, now=now)
+            Pager.properties(m),
+            queue=q.name,
+            reason=reason,
+            exchange=m.exchange,
+            routing_key=m.routing_key,
+            now=now,
+        )
         if not targets:
             return  # the exchange routes it nowhere: dropped, as a publish would be
         kept = [t for t in targets if not automatic_cycle(reason, deaths, t)]
         if not kept:
             q.dead_letter_dropped += 1
-            log.warning("queue %r: message dead-lettered (%s) in an automatic cycle "
-                        "back to %s; dropped", q.name, reason, ", ".join(map(repr, targets)),
-                        extra={"event": "message.dead_letter_cycle", "queue": q.name,
-                               "reason": reason, "targets": targets})
+            log.warning(
+                "queue %r: message dead-lettered (%s) in an automatic cycle back to %s; dropped",
+                q.name,
+                reason,
+                ", ".join(map(repr, targets)),
+                extra={
+                    "event": "message.dead_letter_cycle",
+                    "queue": q.name,
+                    "reason": reason,
+                    "targets": targets,
+                },
+            )
             return
-        targets = [t for t in kept if not (self.queues[t].opts.rejects_publish
-                                           and self.queues[t].is_full(m.size))]
+        targets = [
+            t
+            for t in kept
+            if not (self.queues[t].opts.rejects_publish and self.queues[t].is_full(m.size))
+        ]
         body = Pager.read(m)
         dead = Message(dlx, rk, props, body, ts=now)
         if self.enqueue(dead, targets):
@@ -592,8 +662,7 @@ class Broker:
     def timer_hook(self, hook: Callable[[float], None] | None) -> None:
         self.timers.hook = hook
 
-    def _add_timer(self, due: int, kind: int, q: Queue | None,
-                   qm: QueuedMessage | None) -> None:
+    def _add_timer(self, due: int, kind: int, q: Queue | None, qm: QueuedMessage | None) -> None:
         self.timers.add(due, kind, q, qm)
 
     def next_timer(self) -> int:
@@ -651,8 +720,9 @@ class Broker:
         if q.consumers:
             return  # re-armed when the last consumer leaves
         if now - q.last_used >= ttl:
-            self._remove_queue(q, f"queue {q.name!r} expired (unused for {ttl} ms)",
-                               "queue.expired")
+            self._remove_queue(
+                q, f"queue {q.name!r} expired (unused for {ttl} ms)", "queue.expired"
+            )
         else:
             self._add_timer(q.last_used + ttl, _QUEUE_EXPIRY, q, None)
 
@@ -727,8 +797,7 @@ class Broker:
             qm.state = GONE
         self.dead_letter(queue, qms, "rejected")
 
-    def log_ids(self, record: commands.IdsRecord, queue: Queue,
-                qms: list[QueuedMessage]) -> None:
+    def log_ids(self, record: commands.IdsRecord, queue: Queue, qms: list[QueuedMessage]) -> None:
         """Log delivered (commands.deliver), gone (commands.ack) or requeued
         (commands.requeue) messages of a logged queue."""
         ids = [qm.message.id for qm in qms if qm.message.id]
@@ -853,21 +922,39 @@ class Broker:
     def list(self, kind: str) -> list[dict[str, Any]]:
         if kind == "queues":
             return [
-                {"name": st.name, "durable": st.durable, "exclusive": st.exclusive,
-                 "auto_delete": st.auto_delete, "messages": st.ready, "unacked": st.unacked,
-                 "consumers": st.consumers, "arguments": st.arguments,
-                 "published": st.published, "delivered": st.delivered, "acked": st.acked,
-                 "delayed": st.delayed, "paged": st.paged, "dead_lettered": st.dead_lettered,
-                 "expired": st.expired, "dead_letter_dropped": st.dead_letter_dropped,
-                 # streams: offsets, groups (broker.stream)
-                 **st.type_fields()}
-                for st in [q.statistics() for q in sorted(self.queues.values(),
-                                                          key=lambda q: q.name)]
+                {
+                    "name": st.name,
+                    "durable": st.durable,
+                    "exclusive": st.exclusive,
+                    "auto_delete": st.auto_delete,
+                    "messages": st.ready,
+                    "unacked": st.unacked,
+                    "consumers": st.consumers,
+                    "arguments": st.arguments,
+                    "published": st.published,
+                    "delivered": st.delivered,
+                    "acked": st.acked,
+                    "delayed": st.delayed,
+                    "paged": st.paged,
+                    "dead_lettered": st.dead_lettered,
+                    "expired": st.expired,
+                    "dead_letter_dropped": st.dead_letter_dropped,
+                    # streams: offsets, groups (broker.stream)
+                    **st.type_fields(),
+                }
+                for st in [
+                    q.statistics() for q in sorted(self.queues.values(), key=lambda q: q.name)
+                ]
             ]
         if kind == "exchanges":
             return [
-                {"name": e.name, "type": e.type, "durable": e.durable,
-                 "auto_delete": e.auto_delete, "bindings": len(e.bindings)}
+                {
+                    "name": e.name,
+                    "type": e.type,
+                    "durable": e.durable,
+                    "auto_delete": e.auto_delete,
+                    "bindings": len(e.bindings),
+                }
                 for e in sorted(self.exchanges.values(), key=lambda e: e.name)
             ]
         if kind == "bindings":
@@ -878,9 +965,16 @@ class Broker:
             ]
         if kind == "consumers":
             return [
-                {"queue": c.queue.name, "consumer_tag": c.tag, "connection": s.id,
-                 "credit": c.credit, "unacked": c.unacked, "no_ack": c.no_ack}
-                for s in self.sessions.values() for c in s.consumers.values()
+                {
+                    "queue": c.queue.name,
+                    "consumer_tag": c.tag,
+                    "connection": s.id,
+                    "credit": c.credit,
+                    "unacked": c.unacked,
+                    "no_ack": c.no_ack,
+                }
+                for s in self.sessions.values()
+                for c in s.consumers.values()
             ]
         if kind == "connections":  # publish credit and why it is withheld (broker.flow)
             return [{**s.flow.info(), "name": s.name} for s in self.sessions.values()]
@@ -893,22 +987,33 @@ _RELEASE, _EXPIRE, _SWEEP, _QUEUE_EXPIRY = 0, 1, 2, 3
 def _stale_timer(kind: int, q: Queue, qm: QueuedMessage | None) -> bool:
     """A timer entry of a deleted queue, or the TTL entry of a purged message."""
     return q.deleted or (kind == _EXPIRE and qm is not None and qm.state == GONE)
+
+
 # Queue counters kept broker-wide after the queue is deleted (Broker.retired).
-RETIRED_COUNTERS = ("published", "delivered", "acked", "redelivered", "dead_lettered",
-                    "expired", "dead_letter_dropped")
+RETIRED_COUNTERS = (
+    "published",
+    "delivered",
+    "acked",
+    "redelivered",
+    "dead_lettered",
+    "expired",
+    "dead_letter_dropped",
+)
 SWEEP_MS = 100  # how often deliveries are checked against their ack deadline
 PUMPS_PER_TURN = 4  # connections pumped at once per loop turn (Broker.pump_input)
 
 
-
-def _queue_difference(q: Queue, durable: bool, exclusive: bool, auto_delete: bool,
-                      opts: QueueOptions) -> tuple[str, Any, Any] | None:
+def _queue_difference(
+    q: Queue, durable: bool, exclusive: bool, auto_delete: bool, opts: QueueOptions
+) -> tuple[str, Any, Any] | None:
     """The first setting a redeclare asks differently for, as (name, existing value,
     requested value), or None. Arguments are compared by their effective values, so
     an absent key equals its default (``{}`` matches ``{"max_priority": 0}``)."""
-    for key, was, asked in (("durable", q.durable, durable),
-                            ("exclusive", q.exclusive_owner is not None, exclusive),
-                            ("auto_delete", q.auto_delete, auto_delete)):
+    for key, was, asked in (
+        ("durable", q.durable, durable),
+        ("exclusive", q.exclusive_owner is not None, exclusive),
+        ("auto_delete", q.auto_delete, auto_delete),
+    ):
         if was != asked:
             return key, was, asked
     for key in QueueOptions.__slots__:

@@ -13,11 +13,40 @@ from collections.abc import Sequence
 from conveyor.broker.message import QueuedMessage
 
 # Publish-to-delivery latency bucket bounds, in ms (Message.ts has ms resolution).
-LATENCY_BOUNDS_MS: tuple[int, ...] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000,
-                                      10000, 30000, 60000, 300000)
+LATENCY_BOUNDS_MS: tuple[int, ...] = (
+    1,
+    2,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    300000,
+)
 # WAL fdatasync duration bucket bounds, in seconds.
-FSYNC_BOUNDS_S: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                     0.25, 0.5, 1.0, 2.5, 5.0)
+FSYNC_BOUNDS_S: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
 
 
 class Buckets:

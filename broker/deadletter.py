@@ -40,8 +40,13 @@ def dead_letter_properties(
             deaths.remove(d)
             break
     if record is None:
-        record = {"reason": reason, "queue": queue, "exchange": exchange,
-                  "routing_key": routing_key, "count": 0}
+        record = {
+            "reason": reason,
+            "queue": queue,
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "count": 0,
+        }
     count = record.get("count")
     record["count"] = (count if type(count) is int and count >= 0 else 0) + 1
     record["time"] = now

@@ -87,12 +87,22 @@ class Durability:
         cfg = self.config
         pager = Pager(self.data_dir / "pages", cfg.memory_budget)
         replay = Replay(pager=pager)
-        rec = recover(self.wal_dir, repair=self.config.repair,
-                      on_snapshot=replay.load_snapshot, on_batch=replay.apply)
-        store = WalStore(self.wal_dir, rec.next_segment, fsync=cfg.fsync,
-                         interval_ms=cfg.fsync_interval_ms, segment_bytes=cfg.segment_bytes)
-        broker = Broker(store, durable=True, pager=pager,
-                        max_message_size=cfg.effective_max_message_size())
+        rec = recover(
+            self.wal_dir,
+            repair=self.config.repair,
+            on_snapshot=replay.load_snapshot,
+            on_batch=replay.apply,
+        )
+        store = WalStore(
+            self.wal_dir,
+            rec.next_segment,
+            fsync=cfg.fsync,
+            interval_ms=cfg.fsync_interval_ms,
+            segment_bytes=cfg.segment_bytes,
+        )
+        broker = Broker(
+            store, durable=True, pager=pager, max_message_size=cfg.effective_max_message_size()
+        )
         broker.streams.configure(self.data_dir / "streams", cfg.fsync, cfg.fsync_interval_ms)
         broker.streams.repair = cfg.repair
         self.recovered_messages = replay.build(broker)
@@ -100,34 +110,53 @@ class Durability:
         store.bytes_since_snapshot = rec.bytes_replayed
         self._keep_from = rec.snapshot_index
         if replay.lost:
-            log.error("--repair: %d messages whose entries were in the damaged part of the "
-                      "snapshot are lost", replay.lost)
+            log.error(
+                "--repair: %d messages whose entries were in the damaged part of the "
+                "snapshot are lost",
+                replay.lost,
+            )
         if rec.quarantined:
             # What was replayed from a quarantined segment now exists only in memory (the
             # next start skips the *.corrupt file): snapshot it before anything new is
             # logged, so the repaired state survives the next restart.
             head, messages = snapshot_state(broker)
-            path, size = write_snapshot(self.wal_dir, store.seg_index, head,
-                                        snapshot_entries(messages))
+            path, size = write_snapshot(
+                self.wal_dir, store.seg_index, head, snapshot_entries(messages)
+            )
             try:
                 verify_snapshot(path)
             except ValueError as exc:
-                raise CorruptLog(path, 0, f"the snapshot of the repaired state did not read "
-                                 f"back ({exc})", "check the disk, then start with --repair "
-                                 "again") from None
+                raise CorruptLog(
+                    path,
+                    0,
+                    f"the snapshot of the repaired state did not read back ({exc})",
+                    "check the disk, then start with --repair again",
+                ) from None
             store.bytes_since_snapshot = 0
             self._last_snapshot_size = size
             self._keep_from = store.seg_index  # the repaired state: the only sound base
             log.warning("after the repair: snapshot %s holds the recovered state", path.name)
         self.recovery_seconds = time.monotonic() - t0
-        log.info("recovered %d messages in %d queues from %s (%s snapshot, %d log batches, "
-                 "%.1f MB) in %.2fs", self.recovered_messages, len(replay.queues),
-                 self.wal_dir, "with" if rec.had_snapshot else "no",
-                 rec.batches, rec.bytes_replayed / 1e6, self.recovery_seconds,
-                 extra={"event": "recovery", "messages": self.recovered_messages,
-                        "queues": len(replay.queues), "snapshot": rec.had_snapshot,
-                        "batches": rec.batches, "bytes": rec.bytes_replayed,
-                        "seconds": round(self.recovery_seconds, 3)})
+        log.info(
+            "recovered %d messages in %d queues from %s (%s snapshot, %d log batches, "
+            "%.1f MB) in %.2fs",
+            self.recovered_messages,
+            len(replay.queues),
+            self.wal_dir,
+            "with" if rec.had_snapshot else "no",
+            rec.batches,
+            rec.bytes_replayed / 1e6,
+            self.recovery_seconds,
+            extra={
+                "event": "recovery",
+                "messages": self.recovered_messages,
+                "queues": len(replay.queues),
+                "snapshot": rec.had_snapshot,
+                "batches": rec.batches,
+                "bytes": rec.bytes_replayed,
+                "seconds": round(self.recovery_seconds, 3),
+            },
+        )
         self.store = store
         self.broker = broker
         return broker
@@ -144,7 +173,8 @@ class Durability:
             due_bytes = max(self.config.snapshot_bytes, 2 * self._last_snapshot_size)
             age_ms = (time.monotonic() - self._last_snapshot) * 1000
             if store.bytes_since_snapshot >= due_bytes or (
-                    store.bytes_since_snapshot and age_ms >= self.config.snapshot_interval_ms):
+                store.bytes_since_snapshot and age_ms >= self.config.snapshot_interval_ms
+            ):
                 try:
                     await self.snapshot()
                 except OSError as exc:
@@ -162,8 +192,9 @@ class Durability:
             head, messages = snapshot_state(self.broker)
             loop = asyncio.get_running_loop()
             try:
-                path, size = await loop.run_in_executor(None, write_snapshot, self.wal_dir,
-                                                        index, head, snapshot_entries(messages))
+                path, size = await loop.run_in_executor(
+                    None, write_snapshot, self.wal_dir, index, head, snapshot_entries(messages)
+                )
             except OSError:
                 # Nothing is covered yet: keep the count, so the snapshot stays due and is
                 # retried (disk full) instead of waiting for as much log again.
@@ -176,17 +207,25 @@ class Durability:
                 # Keep everything the previous snapshot needs; recovery would skip this one.
                 dest = path.with_suffix(".corrupt")
                 path.rename(dest)
-                raise OSError(f"snapshot {path.name} did not read back ({exc}); set aside "
-                              f"as {dest.name}, the previous one and its log are kept") from None
+                raise OSError(
+                    f"snapshot {path.name} did not read back ({exc}); set aside "
+                    f"as {dest.name}, the previous one and its log are kept"
+                ) from None
             keep = self._keep_from
             deleted = self.store.delete_segments_before(keep) if keep else 0
             self._keep_from = index
             self._last_snapshot_size = size
             self._last_snapshot = time.monotonic()
             self.snapshots += 1
-            log.info("snapshot %s: %.1f MB, verified; %d segments deleted (kept %s and the "
-                     "log after it), %.2fs", path.name, self._last_snapshot_size / 1e6, deleted,
-                     snap_name(keep) if keep else "the whole log", time.monotonic() - t0)
+            log.info(
+                "snapshot %s: %.1f MB, verified; %d segments deleted (kept %s and the "
+                "log after it), %.2fs",
+                path.name,
+                self._last_snapshot_size / 1e6,
+                deleted,
+                snap_name(keep) if keep else "the whole log",
+                time.monotonic() - t0,
+            )
             return path
         finally:
             self._snapshotting = False

@@ -62,22 +62,28 @@ U32_MAX = 0xFFFFFFFF
 
 # (setting, help) for the `mq-cli server` flags (cli/flow_flags.py), in documentation order.
 SETTINGS: tuple[tuple[str, str], ...] = (
-    ("publish_credit_messages",
-     f"Publish credit window per connection, in messages [{DEFAULT_CREDIT_MESSAGES}]"),
-    ("publish_credit_bytes",
-     f"Publish credit window per connection, in body bytes [{DEFAULT_CREDIT_BYTES}]"),
-    ("publish_rate_messages",
-     "Default publish rate per connection, messages/s; 0 = unlimited [0]"),
+    (
+        "publish_credit_messages",
+        f"Publish credit window per connection, in messages [{DEFAULT_CREDIT_MESSAGES}]",
+    ),
+    (
+        "publish_credit_bytes",
+        f"Publish credit window per connection, in body bytes [{DEFAULT_CREDIT_BYTES}]",
+    ),
+    ("publish_rate_messages", "Default publish rate per connection, messages/s; 0 = unlimited [0]"),
     ("publish_rate_bytes", "Default publish rate per connection, body bytes/s; 0 = unlimited [0]"),
-    ("publish_burst_messages",
-     "Token-bucket depth in messages; 0 = one second of the rate [0]"),
-    ("memory_high_watermark",
-     "Withhold publish credit while the broker's resident memory is above this many bytes; "
-     "0 = 40% of physical memory or of a lower container (cgroup) limit [0]"),
-    ("disk_free_limit",
-     "Withhold publish credit, and nack publishes with 506, while the data directory's "
-     "file system has less free space than this many bytes; 0 = off "
-     f"[{DEFAULT_DISK_FREE_LIMIT}]"),
+    ("publish_burst_messages", "Token-bucket depth in messages; 0 = one second of the rate [0]"),
+    (
+        "memory_high_watermark",
+        "Withhold publish credit while the broker's resident memory is above this many bytes; "
+        "0 = 40% of physical memory or of a lower container (cgroup) limit [0]",
+    ),
+    (
+        "disk_free_limit",
+        "Withhold publish credit, and nack publishes with 506, while the data directory's "
+        "file system has less free space than this many bytes; 0 = off "
+        f"[{DEFAULT_DISK_FREE_LIMIT}]",
+    ),
 )
 
 
@@ -87,8 +93,13 @@ def validate(config: Any) -> str | None:
         return "publish_credit_messages must be 1..4294967295"
     if config.publish_credit_bytes < 4096:
         return "publish_credit_bytes must be >= 4096"
-    for name in ("publish_rate_messages", "publish_rate_bytes", "publish_burst_messages",
-                 "memory_high_watermark", "disk_free_limit"):
+    for name in (
+        "publish_rate_messages",
+        "publish_rate_bytes",
+        "publish_burst_messages",
+        "memory_high_watermark",
+        "disk_free_limit",
+    ):
         if getattr(config, name) < 0:
             return f"{name} must be >= 0"
     return None
@@ -153,8 +164,9 @@ class Watermarks:
     by the credit they held at the sample (at most one window per connection).
     """
 
-    def __init__(self, memory_high_watermark: int = 0, disk_free_limit: int = 0,
-                 data_dir: str = "") -> None:
+    def __init__(
+        self, memory_high_watermark: int = 0, disk_free_limit: int = 0, data_dir: str = ""
+    ) -> None:
         if memory_high_watermark == 0:
             phys = physical_memory()
             memory_high_watermark = int(phys * MEMORY_FRACTION) if phys else 0
@@ -171,7 +183,7 @@ class Watermarks:
         self.headroom = 0  # bytes of memory left to grant credit for until the next sample
 
     def reason(self, now: float) -> str:
-        """"memory", "disk" or "" (cached for up to ``WATERMARK_INTERVAL`` seconds)."""
+        """ "memory", "disk" or "" (cached for up to ``WATERMARK_INTERVAL`` seconds)."""
         if now - self._sampled >= WATERMARK_INTERVAL:
             self._sampled = now
             self._reason = self._sample()
@@ -202,8 +214,12 @@ class Watermarks:
             self._refuse(free)
             if not self._reason:
                 self._reason = "disk"
-                log.warning("disk watermark: about %d bytes free in %s < %d; publishers "
-                            "blocked", free, self.data_dir, self.disk_free_limit)
+                log.warning(
+                    "disk watermark: about %d bytes free in %s < %d; publishers blocked",
+                    free,
+                    self.data_dir,
+                    self.disk_free_limit,
+                )
 
     def refusing(self, now: float) -> str:
         """The refusal while free space is below the limit, sampled again when due
@@ -213,8 +229,10 @@ class Watermarks:
         return self.refusal
 
     def _refuse(self, free: int) -> None:
-        self.refusal = (f"free space in the data directory is below disk_free_limit "
-                        f"({free} < {self.disk_free_limit} bytes); not stored, retry later")
+        self.refusal = (
+            f"free space in the data directory is below disk_free_limit "
+            f"({free} < {self.disk_free_limit} bytes); not stored, retry later"
+        )
 
     def admit(self, messages: int, nbytes: int, now: float) -> bool:
         """Take the memory ``messages`` / ``nbytes`` of new credit may cost from the
@@ -244,11 +262,18 @@ class Watermarks:
                 self.refusal = ""
         if reason != was:
             if reason == "memory":
-                log.warning("memory watermark: resident %d bytes > %d; publishers blocked",
-                            self.rss, self.memory_high_watermark)
+                log.warning(
+                    "memory watermark: resident %d bytes > %d; publishers blocked",
+                    self.rss,
+                    self.memory_high_watermark,
+                )
             elif reason == "disk":
-                log.warning("disk watermark: %s bytes free in %s < %d; publishers blocked",
-                            self.free, self.data_dir, self.disk_free_limit)
+                log.warning(
+                    "disk watermark: %s bytes free in %s < %d; publishers blocked",
+                    self.free,
+                    self.data_dir,
+                    self.disk_free_limit,
+                )
             else:
                 log.warning("resource watermarks clear again; publishers resume")
         return reason
@@ -273,12 +298,15 @@ class FlowControl:
 
     @classmethod
     def from_config(cls, config: Any) -> FlowControl:
-        return cls(config.publish_credit_messages, config.publish_credit_bytes,
-                   float(config.publish_rate_messages), float(config.publish_rate_bytes),
-                   config.publish_burst_messages,
-                   Watermarks(config.memory_high_watermark, config.disk_free_limit,
-                              config.data_dir),
-                   config.effective_max_message_size())
+        return cls(
+            config.publish_credit_messages,
+            config.publish_credit_bytes,
+            float(config.publish_rate_messages),
+            float(config.publish_rate_bytes),
+            config.publish_burst_messages,
+            Watermarks(config.memory_high_watermark, config.disk_free_limit, config.data_dir),
+            config.effective_max_message_size(),
+        )
 
 
 class TokenBucket:
@@ -336,8 +364,9 @@ class SharedBucket:
 
     __slots__ = ("bucket", "key", "registry")
 
-    def __init__(self, bucket: TokenBucket, key: tuple[Any, ...],
-                 registry: dict[tuple[Any, ...], list[Any]]) -> None:
+    def __init__(
+        self, bucket: TokenBucket, key: tuple[Any, ...], registry: dict[tuple[Any, ...], list[Any]]
+    ) -> None:
         self.bucket = bucket
         self.key = key
         self.registry = registry
@@ -373,8 +402,14 @@ class SharedBucket:
             del self.registry[self.key]
 
 
-def _shared(registry: dict[tuple[Any, ...], list[Any]], key: tuple[Any, ...], rate: float,
-            burst: float, window: int, now: float) -> SharedBucket | None:
+def _shared(
+    registry: dict[tuple[Any, ...], list[Any]],
+    key: tuple[Any, ...],
+    rate: float,
+    burst: float,
+    window: int,
+    now: float,
+) -> SharedBucket | None:
     """The share of the bucket ``key`` names (created, full, by the first connection)."""
     entry = registry.get(key)
     if entry is None:
@@ -399,12 +434,12 @@ def _rates(fc: FlowControl, p: Principal) -> tuple[float, float, int, float]:
 
 def _subject_rated(p: Principal) -> bool:
     """A restricted principal with its own rate: limited per subject, not per connection."""
-    return p.permissions is not None and (p.rate_messages is not None
-                                          or p.rate_bytes is not None)
+    return p.permissions is not None and (p.rate_messages is not None or p.rate_bytes is not None)
 
 
-def _subject_keys(p: Principal, rate_m: float, rate_b: float, burst_m: int, seconds: float
-                  ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+def _subject_keys(
+    p: Principal, rate_m: float, rate_b: float, burst_m: int, seconds: float
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return ("m", p.subject, rate_m, burst_m), ("b", p.subject, rate_b, seconds)
 
 
@@ -420,9 +455,13 @@ def take_http(fc: FlowControl, p: Principal, nbytes: int, now: float) -> float:
     rate_m, rate_b, burst_m, seconds = _rates(fc, p)
     reg = fc.shared
     buckets: list[TokenBucket] = []
-    for key, rate, burst, window in zip(_subject_keys(p, rate_m, rate_b, burst_m, seconds),
-                                        (rate_m, rate_b), (burst_m or rate_m, rate_b * seconds),
-                                        (fc.credit_messages, fc.credit_bytes), strict=True):
+    for key, rate, burst, window in zip(
+        _subject_keys(p, rate_m, rate_b, burst_m, seconds),
+        (rate_m, rate_b),
+        (burst_m or rate_m, rate_b * seconds),
+        (fc.credit_messages, fc.credit_bytes),
+        strict=True,
+    ):
         entry = reg.get(key)
         if entry is None:
             bucket = _bucket(rate, burst, window, now)
@@ -486,8 +525,12 @@ class PublisherFlow:
         self._due = 0.0
 
     # ------------------------------------------------------------------ transport
-    def open(self, call_later: Callable[[float, Callable[[], None]], Any],
-             hold_reading: Callable[[bool], None], peer: str = "") -> None:
+    def open(
+        self,
+        call_later: Callable[[float, Callable[[], None]], Any],
+        hold_reading: Callable[[bool], None],
+        peer: str = "",
+    ) -> None:
         """The connection is open: take the principal's rates and send the initial grant.
 
         ``call_later(delay, fn)`` arms a loop timer; ``hold_reading(True/False)`` stops and
@@ -505,10 +548,12 @@ class PublisherFlow:
         if _subject_rated(p):
             # A token's (or certificate's) rate: one bucket per subject, all connections.
             key_m, key_b = _subject_keys(p, rate_m, rate_b, burst_m, seconds)
-            self._messages = _shared(fc.shared, key_m, rate_m, burst_m or rate_m,
-                                     self.window_messages, now)
-            self._bytes = _shared(fc.shared, key_b, rate_b, rate_b * seconds,
-                                  self.window_bytes, now)
+            self._messages = _shared(
+                fc.shared, key_m, rate_m, burst_m or rate_m, self.window_messages, now
+            )
+            self._bytes = _shared(
+                fc.shared, key_b, rate_b, rate_b * seconds, self.window_bytes, now
+            )
         else:
             self._messages = _bucket(rate_m, burst_m or rate_m, self.window_messages, now)
             # (A message larger than the byte burst still passes: byte credit > 0 admits
@@ -556,8 +601,10 @@ class PublisherFlow:
         """Called by the session after an input batch that contained publishes."""
         s = self.session
         self.seen = s.published
-        if (self.granted_messages - s.published > self.half_messages
-                and self.granted_bytes - s.published_bytes > self.half_bytes):
+        if (
+            self.granted_messages - s.published > self.half_messages
+            and self.granted_bytes - s.published_bytes > self.half_bytes
+        ):
             return  # plenty of credit left (the common case)
         self.update(self.clock())
 
@@ -706,8 +753,16 @@ class PublisherFlow:
         blocked_s = self.blocked_total
         if self.blocked:
             blocked_s += self.clock() - self.blocked_since
-        return {"id": s.id, "peer": self.peer, "subject": s.principal.subject,
-                "credit_messages": m, "credit_bytes": b, "blocked": self.blocked,
-                "blocked_ms": int(blocked_s * 1000), "published": s.published,
-                "published_bytes": s.published_bytes,
-                "rate_messages": self.rate_messages, "rate_bytes": self.rate_bytes}
+        return {
+            "id": s.id,
+            "peer": self.peer,
+            "subject": s.principal.subject,
+            "credit_messages": m,
+            "credit_bytes": b,
+            "blocked": self.blocked,
+            "blocked_ms": int(blocked_s * 1000),
+            "published": s.published,
+            "published_bytes": s.published_bytes,
+            "rate_messages": self.rate_messages,
+            "rate_bytes": self.rate_bytes,
+        }

@@ -44,8 +44,9 @@ class Replay:
     # Messages a (repaired) snapshot indexes whose entries were in its damaged part.
     lost: int = 0
 
-    def new_message(self, mid: int, exchange: str, rk: str, props: dict[str, Any],
-                    body: bytes, ts: int) -> Message:
+    def new_message(
+        self, mid: int, exchange: str, rk: str, props: dict[str, Any], body: bytes, ts: int
+    ) -> Message:
         """A recovered message, resident or handed to the pager (replay's commands call it)."""
         m = Message(exchange, rk, props, body, ts=ts)
         m.id = mid
@@ -62,8 +63,9 @@ class Replay:
         return m
 
     # ------------------------------------------------------------------ snapshot
-    def load_snapshot(self, snap: dict[str, Any],
-                      entries: Iterable[list[Any]] | None = None) -> None:
+    def load_snapshot(
+        self, snap: dict[str, Any], entries: Iterable[list[Any]] | None = None
+    ) -> None:
         """Load a snapshot's head and its message entries ([id, exchange, routing key,
         properties, body]); ``entries`` defaults to the head's own "entries" list."""
         self.next_id = snap["next_id"]
@@ -75,9 +77,10 @@ class Replay:
         for ex, q, key in snap["bindings"]:
             self.bindings.add((ex, q, key))
         bodies: dict[int, Message] = {}
-        for e in (snap.get("entries", ()) if entries is None else entries):
-            bodies[e[0]] = self.new_message(e[0], e[1], e[2], e[3], e[-1],
-                                             e[4] if len(e) > 5 else 0)
+        for e in snap.get("entries", ()) if entries is None else entries:
+            bodies[e[0]] = self.new_message(
+                e[0], e[1], e[2], e[3], e[-1], e[4] if len(e) > 5 else 0
+            )
         for qname, pairs in snap.get("dedup", {}).items():
             self.dedup[qname] = dict(pairs)
         for qname, entries in snap["queue_messages"].items():
@@ -103,8 +106,9 @@ class Replay:
         """Create the recovered objects in ``broker``; returns the number of messages."""
         for name, (etype, auto_delete, args) in self.exchanges.items():
             if name not in broker.exchanges:
-                broker.exchanges[name] = make_exchange(etype, name, durable=True,
-                                                       auto_delete=auto_delete, arguments=args)
+                broker.exchanges[name] = make_exchange(
+                    etype, name, durable=True, auto_delete=auto_delete, arguments=args
+                )
         if self.pager is not None:
             self.pager.flush()
         total = 0
@@ -192,19 +196,34 @@ def snapshot_state(broker: Broker) -> tuple[dict[str, Any], list[SnapshotMessage
         entries.sort()
     head = {
         "version": 2,
-        "dedup": {name: q.dedup_entries() for name, q in logged.items()
-                  if q.opts.dedup_window_ms},
+        "dedup": {name: q.dedup_entries() for name, q in logged.items() if q.opts.dedup_window_ms},
         "next_id": broker.next_message_id,
-        "exchanges": [[e.name, e.type, e.auto_delete, e.arguments]
-                      for e in broker.exchanges.values() if e.durable and not e.builtin],
+        "exchanges": [
+            [e.name, e.type, e.auto_delete, e.arguments]
+            for e in broker.exchanges.values()
+            if e.durable and not e.builtin
+        ],
         "queues": [[q.name, q.auto_delete, q.arguments] for q in logged.values()],
-        "bindings": [[e.name, q, k] for e in broker.exchanges.values() if e.durable
-                     for k, q in e.bindings if q in logged],
-        "queue_messages": {name: [list(x) for x in entries]
-                           for name, entries in per_queue.items()},
+        "bindings": [
+            [e.name, q, k]
+            for e in broker.exchanges.values()
+            if e.durable
+            for k, q in e.bindings
+            if q in logged
+        ],
+        "queue_messages": {name: [list(x) for x in entries] for name, entries in per_queue.items()},
     }
-    return head, [(m.id, m.exchange, m.routing_key, m.properties, m.ts,
-                    m.page if m.page is not None else m.body) for m in bodies.values()]
+    return head, [
+        (
+            m.id,
+            m.exchange,
+            m.routing_key,
+            m.properties,
+            m.ts,
+            m.page if m.page is not None else m.body,
+        )
+        for m in bodies.values()
+    ]
 
 
 def snapshot_entries(messages: list[SnapshotMessage]) -> Iterator[list[Any]]:

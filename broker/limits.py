@@ -94,23 +94,35 @@ SETTINGS: tuple[tuple[str, str], ...] = (
     ("max_headers", "Most application headers per message (publish nacked 400)"),
     ("max_header_bytes", "Largest encoded headers map per message (publish nacked 413)"),
     ("max_connections", "Most open connections in total (AUTH refused 506)"),
-    ("max_connections_per_subject",
-     "Most open connections per authenticated subject (AUTH refused 506)"),
+    (
+        "max_connections_per_subject",
+        "Most open connections per authenticated subject (AUTH refused 506)",
+    ),
     ("max_queues", "Most queues in the broker (QUEUE_DECLARE refused 506)"),
-    ("max_queues_per_subject",
-     "Most queues one token subject may create (QUEUE_DECLARE refused 506)"),
+    (
+        "max_queues_per_subject",
+        "Most queues one token subject may create (QUEUE_DECLARE refused 506)",
+    ),
     ("max_consumers_per_connection", "Most consumers on one connection (CONSUME refused 506)"),
     ("max_bindings_per_exchange", "Most bindings of one exchange (BIND refused 506)"),
     ("max_bindings_per_queue", "Most bindings to one queue (BIND refused 506)"),
     ("max_binding_words", "Most words in a topic binding pattern (BIND refused 400)"),
-    ("max_binding_wildcards",
-     "Most '*' and '#' words in a topic binding pattern (BIND refused 400)"),
-    ("max_unacked_bytes_per_consumer",
-     "Most bytes of unacked deliveries one consumer holds (more wait for its acks)"),
-    ("max_unauthenticated",
-     "Most connections still in the handshake; beyond, the oldest is closed (506)"),
-    ("max_unauthenticated_per_ip",
-     "Most connections in the handshake from one address; beyond, its oldest is closed"),
+    (
+        "max_binding_wildcards",
+        "Most '*' and '#' words in a topic binding pattern (BIND refused 400)",
+    ),
+    (
+        "max_unacked_bytes_per_consumer",
+        "Most bytes of unacked deliveries one consumer holds (more wait for its acks)",
+    ),
+    (
+        "max_unauthenticated",
+        "Most connections still in the handshake; beyond, the oldest is closed (506)",
+    ),
+    (
+        "max_unauthenticated_per_ip",
+        "Most connections in the handshake from one address; beyond, its oldest is closed",
+    ),
 )
 
 
@@ -134,7 +146,8 @@ def strip_broker_headers(properties: dict[str, Any]) -> None:
     """
     headers = properties.get("headers")
     if not isinstance(headers, dict) or not any(
-            type(k) is str and k[:2].lower() == "x-" for k in headers):
+        type(k) is str and k[:2].lower() == "x-" for k in headers
+    ):
         return
     kept = {k: v for k, v in headers.items() if not (type(k) is str and k[:2].lower() == "x-")}
     if kept:
@@ -158,18 +171,24 @@ def publish_size(limits: Limits, properties: dict[str, Any], body: bytes) -> int
     if n > limits.max_headers:
         raise InvalidArgument(
             f"message has {n} headers; the maximum is {limits.max_headers} (max_headers)",
-            {"limit": "max_headers", "max_headers": limits.max_headers, "headers": n})
+            {"limit": "max_headers", "max_headers": limits.max_headers, "headers": n},
+        )
     try:
         size = len(_packb(headers))
     except (ValueError, OverflowError, TypeError) as exc:  # nesting beyond the packer's
-        raise InvalidArgument(f"headers cannot be stored: {exc}",
-                              {"limit": "max_header_bytes"}) from None
+        raise InvalidArgument(
+            f"headers cannot be stored: {exc}", {"limit": "max_header_bytes"}
+        ) from None
     if size > limits.max_header_bytes:
         raise MessageTooLarge(
             f"headers of {size} bytes exceed the maximum of {limits.max_header_bytes} "
             "(max_header_bytes)",
-            {"limit": "max_header_bytes", "max_header_bytes": limits.max_header_bytes,
-             "header_bytes": size})
+            {
+                "limit": "max_header_bytes",
+                "max_header_bytes": limits.max_header_bytes,
+                "header_bytes": size,
+            },
+        )
     return len(body) + size
 
 
@@ -179,7 +198,8 @@ def check_seq_range(first_seq: int, entries: int, frame: str = "publish_batch") 
     if first_seq and first_seq + entries - 1 > U64_MAX:
         raise MalformedFrame(
             f"{frame}: sequence numbers {first_seq}.. of {entries} entries pass 2^64-1",
-            {"first_seq": first_seq, "entries": entries})
+            {"first_seq": first_seq, "entries": entries},
+        )
 
 
 # ---------------------------------------------------------------------- broker model
@@ -188,7 +208,9 @@ def check_queue_count(limits: Limits, queues: int) -> None:
     if queues >= limits.max_queues:
         raise ResourceError(
             f"the broker already has {queues} queues; the maximum is {limits.max_queues} "
-            "(max_queues)", {"limit": "max_queues", "max_queues": limits.max_queues})
+            "(max_queues)",
+            {"limit": "max_queues", "max_queues": limits.max_queues},
+        )
 
 
 def check_consumer_count(limits: Limits, consumers: int) -> None:
@@ -197,8 +219,11 @@ def check_consumer_count(limits: Limits, consumers: int) -> None:
         raise ResourceError(
             f"this connection already has {consumers} consumers; the maximum is "
             f"{limits.max_consumers_per_connection} (max_consumers_per_connection)",
-            {"limit": "max_consumers_per_connection",
-             "max_consumers_per_connection": limits.max_consumers_per_connection})
+            {
+                "limit": "max_consumers_per_connection",
+                "max_consumers_per_connection": limits.max_consumers_per_connection,
+            },
+        )
 
 
 class QueueOwners:
@@ -220,8 +245,12 @@ class QueueOwners:
             raise ResourceError(
                 f"{subject!r} already created {n} queues; the maximum is "
                 f"{limits.max_queues_per_subject} (max_queues_per_subject)",
-                {"limit": "max_queues_per_subject", "subject": subject,
-                 "max_queues_per_subject": limits.max_queues_per_subject})
+                {
+                    "limit": "max_queues_per_subject",
+                    "subject": subject,
+                    "max_queues_per_subject": limits.max_queues_per_subject,
+                },
+            )
 
     def add(self, queue: str, subject: str) -> None:
         if queue not in self.owner:
@@ -232,8 +261,7 @@ class QueueOwners:
         _uncount(self.per_subject, self.owner.pop(queue, None))
 
 
-def connection_subject(subject: str, anonymous: bool, peer_ip: str,
-                       uid: int | None = None) -> str:
+def connection_subject(subject: str, anonymous: bool, peer_ip: str, uid: int | None = None) -> str:
     """What ``max_connections_per_subject`` counts a connection under: its subject, but
     for anonymous connections the peer address and, on loopback, the local user owning
     the client socket ("anonymous@127.0.0.1/uid:1000"; broker.peeruid), so anonymous
@@ -267,14 +295,17 @@ def raise_fd_limit(limits: Limits) -> tuple[int, str]:
     except (ValueError, OSError) as exc:
         return 0, f"cannot read or raise the open-file limit: {exc}"
     if soft != resource.RLIM_INFINITY and soft < want:
-        return soft, (f"open-file limit {soft} is below max_connections {limits.max_connections}"
-                      f" + {FD_RESERVE}: raise `ulimit -n` (hard limit) or lower "
-                      "max_connections")
+        return soft, (
+            f"open-file limit {soft} is below max_connections {limits.max_connections}"
+            f" + {FD_RESERVE}: raise `ulimit -n` (hard limit) or lower "
+            "max_connections"
+        )
     return soft, ""
 
 
-def check_binding(limits: Limits, topic: bool, key: str, exchange_bindings: int,
-                  queue_bindings: int) -> None:
+def check_binding(
+    limits: Limits, topic: bool, key: str, exchange_bindings: int, queue_bindings: int
+) -> None:
     """Before adding a binding: the pattern's words and wildcards (topic exchanges, 400)
     and the exchange's and the queue's binding counts (506 at the limit)."""
     if topic and key:
@@ -283,27 +314,41 @@ def check_binding(limits: Limits, topic: bool, key: str, exchange_bindings: int,
             raise InvalidArgument(
                 f"binding key has {len(words)} words; the maximum is "
                 f"{limits.max_binding_words} (max_binding_words)",
-                {"limit": "max_binding_words", "max_binding_words": limits.max_binding_words,
-                 "words": len(words)})
+                {
+                    "limit": "max_binding_words",
+                    "max_binding_words": limits.max_binding_words,
+                    "words": len(words),
+                },
+            )
         wild = sum(1 for w in words if w == "*" or w == "#")
         if wild > limits.max_binding_wildcards:
             raise InvalidArgument(
                 f"binding key has {wild} '*'/'#' words; the maximum is "
                 f"{limits.max_binding_wildcards} (max_binding_wildcards)",
-                {"limit": "max_binding_wildcards",
-                 "max_binding_wildcards": limits.max_binding_wildcards, "wildcards": wild})
+                {
+                    "limit": "max_binding_wildcards",
+                    "max_binding_wildcards": limits.max_binding_wildcards,
+                    "wildcards": wild,
+                },
+            )
     if exchange_bindings >= limits.max_bindings_per_exchange:
         raise ResourceError(
             f"the exchange already has {exchange_bindings} bindings; the maximum is "
             f"{limits.max_bindings_per_exchange} (max_bindings_per_exchange)",
-            {"limit": "max_bindings_per_exchange",
-             "max_bindings_per_exchange": limits.max_bindings_per_exchange})
+            {
+                "limit": "max_bindings_per_exchange",
+                "max_bindings_per_exchange": limits.max_bindings_per_exchange,
+            },
+        )
     if queue_bindings >= limits.max_bindings_per_queue:
         raise ResourceError(
             f"the queue already has {queue_bindings} bindings; the maximum is "
             f"{limits.max_bindings_per_queue} (max_bindings_per_queue)",
-            {"limit": "max_bindings_per_queue",
-             "max_bindings_per_queue": limits.max_bindings_per_queue})
+            {
+                "limit": "max_bindings_per_queue",
+                "max_bindings_per_queue": limits.max_bindings_per_queue,
+            },
+        )
 
 
 # ---------------------------------------------------------------------- connections
@@ -331,14 +376,19 @@ class ConnectionCounter:
             raise ResourceError(
                 f"the broker already has {self.total} open connections; the maximum is "
                 f"{limits.max_connections} (max_connections)",
-                {"limit": "max_connections", "max_connections": limits.max_connections})
+                {"limit": "max_connections", "max_connections": limits.max_connections},
+            )
         n = self.per_subject.get(subject, 0)
         if n >= limits.max_connections_per_subject:
             raise ResourceError(
                 f"{subject!r} already has {n} open connections; the maximum is "
                 f"{limits.max_connections_per_subject} (max_connections_per_subject)",
-                {"limit": "max_connections_per_subject", "subject": subject,
-                 "max_connections_per_subject": limits.max_connections_per_subject})
+                {
+                    "limit": "max_connections_per_subject",
+                    "subject": subject,
+                    "max_connections_per_subject": limits.max_connections_per_subject,
+                },
+            )
         self._subjects[key] = subject
         self.per_subject[subject] = n + 1
 

@@ -26,12 +26,26 @@ def message_size(properties: dict[str, Any], body: bytes) -> int:
 class Message:
     """A published message (body and properties are never copied; the body may be paged)."""
 
-    __slots__ = ("body", "exchange", "id", "page", "persistent", "properties", "routing_key",
-                 "size", "ts")
+    __slots__ = (
+        "body",
+        "exchange",
+        "id",
+        "page",
+        "persistent",
+        "properties",
+        "routing_key",
+        "size",
+        "ts",
+    )
 
     def __init__(
-        self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes,
-        size: int = -1, ts: int = 0,
+        self,
+        exchange: str,
+        routing_key: str,
+        properties: dict[str, Any],
+        body: bytes,
+        size: int = -1,
+        ts: int = 0,
     ) -> None:
         self.exchange = exchange
         self.routing_key = routing_key
@@ -60,8 +74,7 @@ class QueuedMessage:
     since the epoch, 0 = none.
     """
 
-    __slots__ = ("deadline", "delivery_count", "expires", "message", "redelivered", "seq",
-                 "state")
+    __slots__ = ("deadline", "delivery_count", "expires", "message", "redelivered", "seq", "state")
 
     def __init__(self, seq: int, message: Message) -> None:
         self.seq = seq

@@ -86,23 +86,45 @@ VERSION = "0.1.0"
 
 # (QueueStatistics field, per-queue metric, broker-wide metric, help)
 _COUNTERS = (
-    ("published", "conveyor_queue_published", "conveyor_messages_enqueued",
-     "Messages put on the queue (one per queue a publish was routed to)."),
-    ("delivered", "conveyor_queue_delivered", "conveyor_messages_delivered",
-     "Messages delivered to consumers or GET (redeliveries included)."),
-    ("acked", "conveyor_queue_acked", "conveyor_messages_acked",
-     "Deliveries acknowledged (or delivered no-ack)."),
-    ("redelivered", "conveyor_queue_redelivered", "conveyor_messages_redelivered",
-     "Messages requeued to be delivered again (nack/reject with requeue, ack timeout, "
-     "lost connection)."),
-    ("dead_lettered", "conveyor_queue_dead_lettered", "conveyor_messages_dead_lettered",
-     "Messages republished to the queue's dead-letter exchange."),
-    ("expired", "conveyor_queue_expired", "conveyor_messages_expired",
-     "Messages removed by TTL."),
-    ("dead_letter_dropped", "conveyor_queue_dead_letter_dropped",
-     "conveyor_messages_dead_letter_dropped",
-     "Messages dropped instead of dead-lettered: an automatic dead-letter cycle (the "
-     "cycle guard) or a message that could not be dead-lettered."),
+    (
+        "published",
+        "conveyor_queue_published",
+        "conveyor_messages_enqueued",
+        "Messages put on the queue (one per queue a publish was routed to).",
+    ),
+    (
+        "delivered",
+        "conveyor_queue_delivered",
+        "conveyor_messages_delivered",
+        "Messages delivered to consumers or GET (redeliveries included).",
+    ),
+    (
+        "acked",
+        "conveyor_queue_acked",
+        "conveyor_messages_acked",
+        "Deliveries acknowledged (or delivered no-ack).",
+    ),
+    (
+        "redelivered",
+        "conveyor_queue_redelivered",
+        "conveyor_messages_redelivered",
+        "Messages requeued to be delivered again (nack/reject with requeue, ack timeout, "
+        "lost connection).",
+    ),
+    (
+        "dead_lettered",
+        "conveyor_queue_dead_lettered",
+        "conveyor_messages_dead_lettered",
+        "Messages republished to the queue's dead-letter exchange.",
+    ),
+    ("expired", "conveyor_queue_expired", "conveyor_messages_expired", "Messages removed by TTL."),
+    (
+        "dead_letter_dropped",
+        "conveyor_queue_dead_letter_dropped",
+        "conveyor_messages_dead_letter_dropped",
+        "Messages dropped instead of dead-lettered: an automatic dead-letter cycle (the "
+        "cycle guard) or a message that could not be dead-lettered.",
+    ),
 )
 assert {c[0] for c in _COUNTERS} == set(RETIRED_COUNTERS)
 
@@ -123,7 +145,8 @@ BLOCK_REASONS = ("memory", "disk", "queue-full", "rate")
 def _histogram(name: str, doc: str, hist: Buckets, scale: float = 1.0) -> Metric:
     cum = hist.cumulative()
     buckets: list[tuple[str, float]] = [
-        (_le(b * scale), float(c)) for b, c in zip(hist.bounds, cum, strict=False)]
+        (_le(b * scale), float(c)) for b, c in zip(hist.bounds, cum, strict=False)
+    ]
     buckets.append(("+Inf", float(cum[-1])))
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=hist.sum * scale)
 
@@ -149,8 +172,9 @@ class BrokerCollector(Collector):
         info = GaugeMetricFamily("conveyor_build_info", "Broker version.", labels=["version"])
         info.add_metric([VERSION], 1)
         yield info
-        yield GaugeMetricFamily("conveyor_start_time_seconds",
-                                "When the broker started (Unix time).", value=b.started)
+        yield GaugeMetricFamily(
+            "conveyor_start_time_seconds", "When the broker started (Unix time).", value=b.started
+        )
 
         # ---- per-queue counters and broker-wide totals
         for attr, qname, total_name, doc in _COUNTERS:
@@ -161,12 +185,15 @@ class BrokerCollector(Collector):
                 total += v
                 fam.add_metric([st.name], v)
             yield fam
-            yield CounterMetricFamily(total_name, doc + " All queues, deleted ones included.",
-                                      value=total)
+            yield CounterMetricFamily(
+                total_name, doc + " All queues, deleted ones included.", value=total
+            )
         published = b.retired_published + sum([s.published for s in sessions])
-        yield CounterMetricFamily("conveyor_messages_published",
-                                  "Publishes received from clients (refused ones included).",
-                                  value=published)
+        yield CounterMetricFamily(
+            "conveyor_messages_published",
+            "Publishes received from clients (refused ones included).",
+            value=published,
+        )
 
         # ---- per-queue gauges
         for attr, name, doc in _GAUGES:
@@ -174,12 +201,14 @@ class BrokerCollector(Collector):
             for st in queues:
                 gauge.add_metric([st.name], getattr(st, attr))
             yield gauge
-        cons = GaugeMetricFamily("conveyor_queue_consumers", "Consumers subscribed.",
-                                 labels=["queue"])
+        cons = GaugeMetricFamily(
+            "conveyor_queue_consumers", "Consumers subscribed.", labels=["queue"]
+        )
         lag = GaugeMetricFamily(
             "conveyor_queue_consumer_lag_seconds",
             "Consumer lag: age of the oldest ready message (0 when none is ready).",
-            labels=["queue"])
+            labels=["queue"],
+        )
         consumers = 0
         for st in queues:
             n = st.consumers
@@ -192,27 +221,33 @@ class BrokerCollector(Collector):
         stream_lag = GaugeMetricFamily(
             "conveyor_stream_group_lag",
             "Stream consumer groups: messages after the group's committed offset.",
-            labels=["queue", "group"])
+            labels=["queue", "group"],
+        )
         for st in queues:
             if st.stream is not None:
                 for gname, g in st.stream["groups"].items():
                     stream_lag.add_metric([st.name, gname], g["lag"])
         yield stream_lag
         yield GaugeMetricFamily("conveyor_queues", "Queues.", value=len(queues))
-        yield GaugeMetricFamily("conveyor_consumers", "Consumers on all queues.",
-                                value=consumers)
+        yield GaugeMetricFamily("conveyor_consumers", "Consumers on all queues.", value=consumers)
 
         # ---- connections and publisher flow control
-        yield GaugeMetricFamily("conveyor_connections",
-                                "Open client connections (past the handshake).",
-                                value=len(sessions))
-        yield CounterMetricFamily("conveyor_connections_opened",
-                                  "Connections that completed the handshake.",
-                                  value=b.connections_opened)
+        yield GaugeMetricFamily(
+            "conveyor_connections",
+            "Open client connections (past the handshake).",
+            value=len(sessions),
+        )
+        yield CounterMetricFamily(
+            "conveyor_connections_opened",
+            "Connections that completed the handshake.",
+            value=b.connections_opened,
+        )
         if self.server is not None:
-            yield GaugeMetricFamily("conveyor_tcp_connections",
-                                    "TCP connections, including ones still in the handshake.",
-                                    value=len(self.server.protocols))
+            yield GaugeMetricFamily(
+                "conveyor_tcp_connections",
+                "TCP connections, including ones still in the handshake.",
+                value=len(self.server.protocols),
+            )
         blocked = dict.fromkeys(BLOCK_REASONS, 0)
         for s in sessions:
             why = s.flow.blocked
@@ -220,7 +255,9 @@ class BrokerCollector(Collector):
                 blocked[why] = blocked.get(why, 0) + 1
         blocked_fam = GaugeMetricFamily(
             "conveyor_publishers_blocked",
-            "Connections whose publish credit is withheld, by reason.", labels=["reason"])
+            "Connections whose publish credit is withheld, by reason.",
+            labels=["reason"],
+        )
         for why, n in blocked.items():
             blocked_fam.add_metric([why], n)
         yield blocked_fam
@@ -228,63 +265,89 @@ class BrokerCollector(Collector):
 
         # ---- errors
         errs = CounterMetricFamily(
-            "conveyor_errors", "ERROR frames (kind=error) and publish nacks (kind=nack) sent, "
-            "by error code.", labels=["code", "name", "kind"])
+            "conveyor_errors",
+            "ERROR frames (kind=error) and publish nacks (kind=nack) sent, by error code.",
+            labels=["code", "name", "kind"],
+        )
         for kind, counts in (("error", b.errors), ("nack", b.nacks)):
             for code, n in sorted(counts.items()):
                 errs.add_metric([str(code), _error_name(code), kind], n)
         yield errs
 
         # ---- latency and the log
-        yield _histogram("conveyor_delivery_latency_seconds",
-                         "Publish to delivery latency inside the broker.", b.latency, 0.001)
+        yield _histogram(
+            "conveyor_delivery_latency_seconds",
+            "Publish to delivery latency inside the broker.",
+            b.latency,
+            0.001,
+        )
         store: Any = b.store
         hist = getattr(store, "fsync_hist", None)
         if isinstance(hist, Buckets):
-            yield _histogram("conveyor_wal_fsync_duration_seconds",
-                             "Duration of one fdatasync of the write-ahead log (group commit).",
-                             hist)
-            yield CounterMetricFamily("conveyor_wal_records_written",
-                                      "Record batches written to the write-ahead log.",
-                                      value=store.records_written)
-            yield GaugeMetricFamily("conveyor_wal_write_failing",
-                                    "1 while writes to the write-ahead log fail.",
-                                    value=0 if store.failed is None else 1)
+            yield _histogram(
+                "conveyor_wal_fsync_duration_seconds",
+                "Duration of one fdatasync of the write-ahead log (group commit).",
+                hist,
+            )
+            yield CounterMetricFamily(
+                "conveyor_wal_records_written",
+                "Record batches written to the write-ahead log.",
+                value=store.records_written,
+            )
+            yield GaugeMetricFamily(
+                "conveyor_wal_write_failing",
+                "1 while writes to the write-ahead log fail.",
+                value=0 if store.failed is None else 1,
+            )
 
     def _resources(self) -> Iterator[Metric]:
         b = self.broker
         wm = b.flow.watermarks
         alarm = GaugeMetricFamily(
             "conveyor_resource_alarm",
-            "1 while a resource watermark blocks all publishers.", labels=["resource"])
+            "1 while a resource watermark blocks all publishers.",
+            labels=["resource"],
+        )
         reason = wm.reason(time.monotonic()) if wm is not None else ""
         for res in ("memory", "disk"):
             alarm.add_metric([res], 1 if reason == res else 0)
         yield alarm
         if wm is not None:
             if wm.memory_high_watermark:
-                yield GaugeMetricFamily("conveyor_memory_resident_bytes",
-                                        "Resident memory at the last watermark check.",
-                                        value=wm.rss)
-                yield GaugeMetricFamily("conveyor_memory_high_watermark_bytes",
-                                        "Resident memory above which publishers are blocked.",
-                                        value=wm.memory_high_watermark)
+                yield GaugeMetricFamily(
+                    "conveyor_memory_resident_bytes",
+                    "Resident memory at the last watermark check.",
+                    value=wm.rss,
+                )
+                yield GaugeMetricFamily(
+                    "conveyor_memory_high_watermark_bytes",
+                    "Resident memory above which publishers are blocked.",
+                    value=wm.memory_high_watermark,
+                )
             if wm.disk_free_limit:
                 if wm.free is not None:
-                    yield GaugeMetricFamily("conveyor_disk_free_bytes",
-                                            "Free disk space of the data directory.",
-                                            value=wm.free)
-                yield GaugeMetricFamily("conveyor_disk_free_limit_bytes",
-                                        "Free disk space below which publishers are blocked.",
-                                        value=wm.disk_free_limit)
+                    yield GaugeMetricFamily(
+                        "conveyor_disk_free_bytes",
+                        "Free disk space of the data directory.",
+                        value=wm.free,
+                    )
+                yield GaugeMetricFamily(
+                    "conveyor_disk_free_limit_bytes",
+                    "Free disk space below which publishers are blocked.",
+                    value=wm.disk_free_limit,
+                )
         pager = b.pager
         if pager is not None:
-            yield GaugeMetricFamily("conveyor_pager_resident_bytes",
-                                    "Ready message bodies held in memory.",
-                                    value=pager.resident)
-            yield GaugeMetricFamily("conveyor_pager_budget_bytes",
-                                    "Memory budget for ready bodies (the rest is paged).",
-                                    value=pager.budget)
+            yield GaugeMetricFamily(
+                "conveyor_pager_resident_bytes",
+                "Ready message bodies held in memory.",
+                value=pager.resident,
+            )
+            yield GaugeMetricFamily(
+                "conveyor_pager_budget_bytes",
+                "Memory budget for ready bodies (the rest is paged).",
+                value=pager.budget,
+            )
 
 
 _NAMES: dict[int, str] = {}
@@ -298,11 +361,13 @@ def _error_name(code: int) -> str:
 
 
 _REGISTRIES: weakref.WeakKeyDictionary[Broker, tuple[CollectorRegistry, BrokerCollector]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
-def registry_for(broker: Broker, server: BrokerServer | None = None,
-                 *, process: bool = True) -> CollectorRegistry:
+def registry_for(
+    broker: Broker, server: BrokerServer | None = None, *, process: bool = True
+) -> CollectorRegistry:
     """The broker's dedicated registry (created once per broker): its collector and, with
     ``process``, the standard process_* metrics (CPU, memory, open files)."""
     got = _REGISTRIES.get(broker)
@@ -318,8 +383,9 @@ def registry_for(broker: Broker, server: BrokerServer | None = None,
     return got[0]
 
 
-def render_metrics(broker: Broker, server: BrokerServer | None = None,
-                   accept: str | None = None) -> tuple[bytes, str]:
+def render_metrics(
+    broker: Broker, server: BrokerServer | None = None, accept: str | None = None
+) -> tuple[bytes, str]:
     """The ``/metrics`` response: (body, Content-Type). ``accept`` is the request's Accept
     header: OpenMetrics if it asks for it, else the Prometheus text format."""
     encoder, content_type = choose_encoder(accept or "")

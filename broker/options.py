@@ -62,8 +62,7 @@ class QueueOptions:
 
     @property
     def rejects_publish(self) -> bool:
-        return self.overflow == "reject-publish" and bool(self.max_length or
-                                                          self.max_length_bytes)
+        return self.overflow == "reject-publish" and bool(self.max_length or self.max_length_bytes)
 
 
 def _check(key: str, value: Any) -> Any:
@@ -87,6 +86,7 @@ def _check(key: str, value: Any) -> Any:
         if ok and key == "stream_compression" and value not in STREAM_COMPRESSIONS:
             ok, want = False, " or ".join(repr(m) for m in STREAM_COMPRESSIONS)
     if not ok:
-        raise InvalidArgument(f"queue argument {key!r} must be {want}, got {value!r}",
-                              {"argument": key})
+        raise InvalidArgument(
+            f"queue argument {key!r} must be {want}, got {value!r}", {"argument": key}
+        )
     return value

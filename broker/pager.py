@@ -114,8 +114,7 @@ class Pager:
                 if page[3] and "headers" in props:
                     copy = bare.get(id(props))
                     if copy is None:
-                        copy = bare[id(props)] = {k: v for k, v in props.items()
-                                                  if k != "headers"}
+                        copy = bare[id(props)] = {k: v for k, v in props.items() if k != "headers"}
                     m.properties = copy
         self.paged_out += len(messages)
 
@@ -157,8 +156,9 @@ class Pager:
         return Pager.page_properties(m.properties, m.page)
 
     @staticmethod
-    def page_properties(props: dict[str, Any],
-                        page: tuple[PageFile, int, int, int] | None) -> dict[str, Any]:
+    def page_properties(
+        props: dict[str, Any], page: tuple[PageFile, int, int, int] | None
+    ) -> dict[str, Any]:
         """``props`` with the headers stored in ``page`` if they are not in it (safe from
         any thread: snapshots)."""
         if page is None or not page[3] or "headers" in props:
@@ -184,9 +184,9 @@ class Pager:
             data = os.pread(f.fd, end - start, start)
             for m, (_f, off, n, h) in todo[i:j]:
                 o = off - start
-                m.body = data[o: o + n]
+                m.body = data[o : o + n]
                 if h and "headers" not in m.properties:
-                    m.properties = {**m.properties, "headers": _unpack(data[o + n: o + n + h])}
+                    m.properties = {**m.properties, "headers": _unpack(data[o + n : o + n + h])}
             i = j
         self.paged_in += len(todo)
 

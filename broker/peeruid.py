@@ -37,8 +37,7 @@ def _packed(ip: str) -> tuple[int, bytes]:
     return socket.AF_INET6, addr.packed
 
 
-def peer_uid(peer: tuple[str, int], local: tuple[str, int], timeout: float = 0.05
-             ) -> int | None:
+def peer_uid(peer: tuple[str, int], local: tuple[str, int], timeout: float = 0.05) -> int | None:
     """The uid owning the TCP socket ``peer`` -> ``local`` on this host, or None."""
     try:
         family, src = _packed(peer[0])
@@ -47,9 +46,11 @@ def peer_uid(peer: tuple[str, int], local: tuple[str, int], timeout: float = 0.0
         return None
     if family != family2:
         return None
-    req = (_REQ.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
-           + _SOCKID.pack(peer[1], local[1], src, dst)
-           + _TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+    req = (
+        _REQ.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
+        + _SOCKID.pack(peer[1], local[1], src, dst)
+        + _TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    )
     msg = _NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + req
     try:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:

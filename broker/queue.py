@@ -51,8 +51,17 @@ class Consumer:
     ack must wake the queue.
     """
 
-    __slots__ = ("credit", "exclusive", "held", "no_ack", "queue", "session", "tag",
-                 "unacked", "unacked_bytes")
+    __slots__ = (
+        "credit",
+        "exclusive",
+        "held",
+        "no_ack",
+        "queue",
+        "session",
+        "tag",
+        "unacked",
+        "unacked_bytes",
+    )
 
     def __init__(
         self, tag: str, queue: Queue, session: Session, no_ack: bool, exclusive: bool, credit: int
@@ -129,8 +138,8 @@ class Queue:
         self._ready: deque[QueuedMessage] = deque()
         self._paged: deque[QueuedMessage] = deque()
         self._lanes: list[deque[QueuedMessage]] | None = (
-            [deque() for _ in range(self.opts.max_priority + 1)]
-            if self.opts.max_priority else None)
+            [deque() for _ in range(self.opts.max_priority + 1)] if self.opts.max_priority else None
+        )
         self._streak = 0  # consecutive top-lane deliveries while lower lanes wait
         self._guard_next = 0
         self._requeued: list[QueuedMessage] = []
@@ -209,8 +218,9 @@ class Queue:
     def iter_waiting(self) -> Iterator[QueuedMessage]:
         """``iter_messages`` lazily: taking the first few of a deep queue (a peek, a
         redrive batch) costs that many steps, not a copy of the queue."""
-        parts: list[Iterable[QueuedMessage]] = [heapq.nsmallest(len(self._requeued),
-                                                                self._requeued)]
+        parts: list[Iterable[QueuedMessage]] = [
+            heapq.nsmallest(len(self._requeued), self._requeued)
+        ]
         if self._lanes:
             parts += [iter(lane) for lane in reversed(self._lanes)]
         parts += [iter(self._ready), iter(self._paged)]
@@ -223,11 +233,29 @@ class Queue:
 
     def _statistics(self, kind: str, stream: dict[str, Any] | None) -> QueueStatistics:
         return QueueStatistics(
-            self.name, kind, self.durable, self.exclusive_owner is not None,
-            self.auto_delete, self.arguments, self.opts, self.ready, self.unacked,
-            self.delayed, self.paged, len(self.consumers), self.ready_bytes, self.head_ts(),
-            self.published, self.delivered, self.acked, self.redelivered,
-            self.dead_lettered, self.expired, self.dead_letter_dropped, stream)
+            self.name,
+            kind,
+            self.durable,
+            self.exclusive_owner is not None,
+            self.auto_delete,
+            self.arguments,
+            self.opts,
+            self.ready,
+            self.unacked,
+            self.delayed,
+            self.paged,
+            len(self.consumers),
+            self.ready_bytes,
+            self.head_ts(),
+            self.published,
+            self.delivered,
+            self.acked,
+            self.redelivered,
+            self.dead_lettered,
+            self.expired,
+            self.dead_letter_dropped,
+            stream,
+        )
 
     def waiting(self) -> Iterator[QueuedMessage]:
         """Waiting messages in delivery order, delayed ones last, lazily (management's
@@ -262,13 +290,17 @@ class Queue:
     def is_full(self, extra_bytes: int = 0) -> bool:
         """At max_length / max_length_bytes (for reject-publish)."""
         o = self.opts
-        return bool((o.max_length and self._count >= o.max_length) or (
-            o.max_length_bytes and self.ready_bytes + extra_bytes > o.max_length_bytes))
+        return bool(
+            (o.max_length and self._count >= o.max_length)
+            or (o.max_length_bytes and self.ready_bytes + extra_bytes > o.max_length_bytes)
+        )
 
     def over_limit(self) -> bool:
         o = self.opts
-        return bool((o.max_length and self._count > o.max_length) or (
-            o.max_length_bytes and self.ready_bytes > o.max_length_bytes))
+        return bool(
+            (o.max_length and self._count > o.max_length)
+            or (o.max_length_bytes and self.ready_bytes > o.max_length_bytes)
+        )
 
     def duplicate(self, message_id: str, now: int) -> bool:
         """True if ``message_id`` was enqueued within the dedup window; else record it."""
@@ -335,8 +367,11 @@ class Queue:
         """
         pager = self.pager
         if self._lanes is not None or self.opts.message_ttl_ms or (pager and self._paged):
-            return [qm for qm in map(self.enqueue, messages, [now] * len(messages))
-                    if qm.state != READY or qm.expires]
+            return [
+                qm
+                for qm in map(self.enqueue, messages, [now] * len(messages))
+                if qm.state != READY or qm.expires
+            ]
         armed: list[QueuedMessage] = []
         append = self._ready.append
         seq = self._next_seq
@@ -547,8 +582,15 @@ class Queue:
             qm.state = GONE
         return True
 
-    def new_consumer(self, tag: str, session: Session, no_ack: bool, exclusive: bool,
-                     credit: int, arguments: dict[str, Any]) -> Consumer:
+    def new_consumer(
+        self,
+        tag: str,
+        session: Session,
+        no_ack: bool,
+        exclusive: bool,
+        credit: int,
+        arguments: dict[str, Any],
+    ) -> Consumer:
         """The consumer kind this queue delivers to (arguments already checked)."""
         return Consumer(tag, self, session, no_ack, exclusive, credit)
 
@@ -627,8 +669,9 @@ class Queue:
         if idx < self._rr:
             self._rr -= 1
 
-    def dispatch(self, deliver: Callable[[Consumer, list[QueuedMessage]], None],
-                 now: int = 0) -> int:
+    def dispatch(
+        self, deliver: Callable[[Consumer, list[QueuedMessage]], None], now: int = 0
+    ) -> int:
         """Hand ready messages to consumers with credit, round-robin. Returns count sent.
 
         With one consumer (or single-active-consumer) it takes a credit-sized batch at

@@ -75,8 +75,7 @@ class BrokerProtocol(asyncio.Protocol):
         self.config = server.config
         # Until OPEN_OK only small frames (spec: max_frame_size_preauth): a connection that
         # has not authenticated cannot make the broker buffer a large frame.
-        self.conn = Connection(Role.SERVER, min(self.config.max_frame_size,
-                                                MAX_FRAME_SIZE_PREAUTH))
+        self.conn = Connection(Role.SERVER, min(self.config.max_frame_size, MAX_FRAME_SIZE_PREAUTH))
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.peer = "?"
@@ -202,7 +201,8 @@ class BrokerProtocol(asyncio.Protocol):
                 self._on_auth(f)
             elif isinstance(f, Close):
                 self._close_reason = self._close_reason or (
-                    f"closed by the client ({f.code} {f.message})".replace(" )", ")"))
+                    f"closed by the client ({f.code} {f.message})".replace(" )", ")")
+                )
                 if self.session is not None:
                     if batch:
                         self.session.handle(batch)
@@ -224,8 +224,11 @@ class BrokerProtocol(asyncio.Protocol):
             f"{VERSION_MAJOR}.{min(self.conn.peer_minor, VERSION_MINOR)}",
             self.config.max_frame_size,
             self.config.heartbeat_ms,
-            {"product": "conveyor", "version": VERSION,
-             "platform": platform.python_implementation()},
+            {
+                "product": "conveyor",
+                "version": VERSION,
+                "platform": platform.python_implementation(),
+            },
             self._mechanisms(),
             self.broker.max_message_size,
         )
@@ -269,8 +272,13 @@ class BrokerProtocol(asyncio.Protocol):
         self.session.on_failure = self._session_failed
         self.session.runs = self.conn.peer_minor >= 1  # DELIVER_RUN is 1.1
         try:  # max_connections, max_connections_per_subject: ERROR 506 instead of OPEN_OK
-            self.server.connections.admit(self.broker.limits, self, connection_subject(
-                principal.subject, principal.anonymous, self.peer_ip, self._local_uid()))
+            self.server.connections.admit(
+                self.broker.limits,
+                self,
+                connection_subject(
+                    principal.subject, principal.anonymous, self.peer_ip, self._local_uid()
+                ),
+            )
         except ConveyorError as exc:
             self.session.close()
             self.session = None
@@ -290,8 +298,7 @@ class BrokerProtocol(asyncio.Protocol):
             self.conn.compression = True
             self.session.compress = True
         # The initial PUBLISH_CREDIT follows OPEN_OK (spec section 12).
-        self.session.flow.open(asyncio.get_running_loop().call_later, self._hold_reading,
-                               self.peer)
+        self.session.flow.open(asyncio.get_running_loop().call_later, self._hold_reading, self.peer)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -300,11 +307,22 @@ class BrokerProtocol(asyncio.Protocol):
         self._opened_at = time.monotonic()
         library = f.client_properties.get("library", "?")
         name = self.session.name
-        log.info("connection %s%s open from %s (subject %s, %s)", sid,
-                 f" ({name!r})" if name else "", self.peer, principal.subject, library,
-                 extra={"event": "connection.open", "peer": self.peer, "id": sid,
-                        "connection_name": name, "subject": principal.subject,
-                        "library": str(library)})
+        log.info(
+            "connection %s%s open from %s (subject %s, %s)",
+            sid,
+            f" ({name!r})" if name else "",
+            self.peer,
+            principal.subject,
+            library,
+            extra={
+                "event": "connection.open",
+                "peer": self.peer,
+                "id": sid,
+                "connection_name": name,
+                "subject": principal.subject,
+                "library": str(library),
+            },
+        )
 
     def _local_uid(self) -> int | None:
         """The local user owning an anonymous loopback client's socket (None otherwise):
@@ -321,24 +339,44 @@ class BrokerProtocol(asyncio.Protocol):
 
     def _log_close(self, session: Session, exc: Exception | None) -> None:
         reason = self._close_reason or (
-            f"connection lost: {exc}" if exc is not None else "the client disconnected")
+            f"connection lost: {exc}" if exc is not None else "the client disconnected"
+        )
         duration = round(time.monotonic() - self._opened_at, 3) if self._opened_at else 0.0
-        log.info("connection %s%s from %s closed after %.1fs: %s", session.id,
-                 f" ({session.name!r})" if session.name else "", self.peer, duration, reason,
-                 extra={"event": "connection.close", "peer": self.peer, "id": session.id,
-                        "connection_name": session.name,
-                        "subject": session.principal.subject, "duration": duration,
-                        "reason": reason})
+        log.info(
+            "connection %s%s from %s closed after %.1fs: %s",
+            session.id,
+            f" ({session.name!r})" if session.name else "",
+            self.peer,
+            duration,
+            reason,
+            extra={
+                "event": "connection.close",
+                "peer": self.peer,
+                "id": session.id,
+                "connection_name": session.name,
+                "subject": session.principal.subject,
+                "duration": duration,
+                "reason": reason,
+            },
+        )
 
     def _auth_failed(self, exc: AuthenticationFailed) -> None:
         """401 and close, answered only after a delay that grows with the failures from this
         address (broker.auth.FailureThrottle); reading stops meanwhile, so nothing the peer
         sends can get an earlier answer."""
         delay = self.server.auth.throttle.failure(self.peer_ip or self.peer)
-        log.info("authentication failed from %s (%s); answering in %.1fs",
-                 self.peer, exc.message, delay,
-                 extra={"event": "auth.failed", "peer": self.peer, "reason": exc.message,
-                        "delay": round(delay, 3)})
+        log.info(
+            "authentication failed from %s (%s); answering in %.1fs",
+            self.peer,
+            exc.message,
+            delay,
+            extra={
+                "event": "auth.failed",
+                "peer": self.peer,
+                "reason": exc.message,
+                "delay": round(delay, 3),
+            },
+        )
         if self._timer is not None:  # the handshake timeout: the delay is bounded anyway
             self._timer.cancel()
         if self.transport is not None:
@@ -477,24 +515,38 @@ class Handshakes:
         if mine is None:
             mine = self.by_ip[ip] = OrderedDict()
         if len(mine) >= limits.max_unauthenticated_per_ip:
-            self._shed(next(iter(mine)), ResourceError(
-                f"{ip} has {len(mine)} connections in the handshake; the maximum is "
-                f"{limits.max_unauthenticated_per_ip} (max_unauthenticated_per_ip): "
-                "the oldest are closed",
-                {"limit": "max_unauthenticated_per_ip",
-                 "max_unauthenticated_per_ip": limits.max_unauthenticated_per_ip}))
+            self._shed(
+                next(iter(mine)),
+                ResourceError(
+                    f"{ip} has {len(mine)} connections in the handshake; the maximum is "
+                    f"{limits.max_unauthenticated_per_ip} (max_unauthenticated_per_ip): "
+                    "the oldest are closed",
+                    {
+                        "limit": "max_unauthenticated_per_ip",
+                        "max_unauthenticated_per_ip": limits.max_unauthenticated_per_ip,
+                    },
+                ),
+            )
         if len(self.all) >= limits.max_unauthenticated:
-            self._shed(next(iter(self.all)), ResourceError(
-                f"the broker has {len(self.all)} connections in the handshake; the maximum "
-                f"is {limits.max_unauthenticated} (max_unauthenticated): the oldest are "
-                "closed", {"limit": "max_unauthenticated",
-                           "max_unauthenticated": limits.max_unauthenticated}))
+            self._shed(
+                next(iter(self.all)),
+                ResourceError(
+                    f"the broker has {len(self.all)} connections in the handshake; the maximum "
+                    f"is {limits.max_unauthenticated} (max_unauthenticated): the oldest are "
+                    "closed",
+                    {
+                        "limit": "max_unauthenticated",
+                        "max_unauthenticated": limits.max_unauthenticated,
+                    },
+                ),
+            )
         room = self.server.socket_room()
         if len(self.server.protocols) > room:
             err = ResourceError(
                 f"the broker is near its open-file limit ({len(self.server.protocols)} "
                 "connections): connections in the handshake are closed, oldest first",
-                {"limit": "open_files", "connections": room})
+                {"limit": "open_files", "connections": room},
+            )
             if not self.all:
                 self.refused += 1
                 self._warn()
@@ -529,13 +581,18 @@ class Handshakes:
         if now - self._logged < self.LOG_INTERVAL:
             return
         self._logged = now
-        log.warning("too many connections in the handshake or near the open-file limit "
-                    "(%d open, %d unauthenticated): closed %d unauthenticated (oldest "
-                    "first) and refused %d since the last warning; %d/%d in total",
-                    len(self.server.protocols), len(self.all), self._unlogged,
-                    self.refused, self.shed, self.refused,
-                    extra={"event": "connections.shed", "shed": self.shed,
-                           "refused": self.refused})
+        log.warning(
+            "too many connections in the handshake or near the open-file limit "
+            "(%d open, %d unauthenticated): closed %d unauthenticated (oldest "
+            "first) and refused %d since the last warning; %d/%d in total",
+            len(self.server.protocols),
+            len(self.all),
+            self._unlogged,
+            self.refused,
+            self.shed,
+            self.refused,
+            extra={"event": "connections.shed", "shed": self.shed, "refused": self.refused},
+        )
         self._unlogged = 0
 
 
@@ -600,17 +657,30 @@ class BrokerServer:
         tls = server_context(cfg)
         if cfg.plain:
             self._server = await loop.create_server(
-                lambda: BrokerProtocol(self), cfg.host, cfg.port, reuse_address=True,
+                lambda: BrokerProtocol(self),
+                cfg.host,
+                cfg.port,
+                reuse_address=True,
                 backlog=1024,
             )
             log.info("conveyor %s listening on %s:%d", VERSION, cfg.host, self.port)
         if tls is not None:
             self._tls_server = await loop.create_server(
-                lambda: BrokerProtocol(self), cfg.host, cfg.tls_port, reuse_address=True,
-                backlog=1024, ssl=tls, ssl_handshake_timeout=cfg.handshake_timeout_ms / 1000,
+                lambda: BrokerProtocol(self),
+                cfg.host,
+                cfg.tls_port,
+                reuse_address=True,
+                backlog=1024,
+                ssl=tls,
+                ssl_handshake_timeout=cfg.handshake_timeout_ms / 1000,
             )
-            log.info("conveyor %s listening for TLS on %s:%d%s", VERSION, cfg.host,
-                     self.tls_port, " (client certificates required)" if cfg.tls_ca else "")
+            log.info(
+                "conveyor %s listening for TLS on %s:%d%s",
+                VERSION,
+                cfg.host,
+                self.tls_port,
+                " (client certificates required)" if cfg.tls_ca else "",
+            )
         self.broker.timer_hook = self._arm_timer
         self.broker.start_timers()
         self._recheck = loop.call_later(TOKEN_RECHECK_S, self._recheck_tokens)
@@ -631,8 +701,7 @@ class BrokerServer:
                 closed = True
         if closed:
             self.broker.pump()
-        self._recheck = asyncio.get_running_loop().call_later(TOKEN_RECHECK_S,
-                                                              self._recheck_tokens)
+        self._recheck = asyncio.get_running_loop().call_later(TOKEN_RECHECK_S, self._recheck_tokens)
 
     def _arm_timer(self, delay: float) -> None:
         """The broker's earliest timer moved: one loop timer calls Broker.tick then."""

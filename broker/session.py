@@ -102,8 +102,10 @@ _CONFIRM = Confirm.TYPE
 def _empty(frame: str, field: str, first_seq: int) -> InvalidArgument:
     """A batch or run without messages (the spec says at least one): 400, nothing
     published, no sequence number used; the connection stays open."""
-    return InvalidArgument(f"{frame}: {field} is empty (at least one message)",
-                           {"frame": frame, "first_seq": first_seq})
+    return InvalidArgument(
+        f"{frame}: {field} is empty (at least one message)",
+        {"frame": frame, "first_seq": first_seq},
+    )
 
 
 def _disk_refusal(broker: Broker) -> bool:
@@ -130,8 +132,9 @@ class Session:
         # Largest message (body + encoded headers) this connection may publish or be
         # delivered, announced in OPEN_OK: any frame carrying one such message fits
         # max_frame_size (spec/PROTOCOL.md, "Limits"), so nothing sent exceeds the cap.
-        self.max_message_size = max(0, min(broker.max_message_size,
-                                           max_frame_size - MESSAGE_FRAME_OVERHEAD))
+        self.max_message_size = max(
+            0, min(broker.max_message_size, max_frame_size - MESSAGE_FRAME_OVERHEAD)
+        )
         # Highest publish sequence number used so far: numbers must increase.
         self._last_seq = 0
         # Set by the transport: closes this connection only, after a failure in flush.
@@ -252,8 +255,12 @@ class Session:
             return
         for rid, reply in replies:
             if err is not None and not isinstance(reply, Error):
-                reply = Error(rid, ResourceError.code,
-                              f"done but not yet on disk ({err}); retry the request", {})
+                reply = Error(
+                    rid,
+                    ResourceError.code,
+                    f"done but not yet on disk ({err}); retry the request",
+                    {},
+                )
                 self.broker.count_error(ResourceError.code)
             self.out.append(encode(reply))
         self.broker.mark_session(self)
@@ -314,8 +321,13 @@ class Session:
             gone.append(u[0])
             if u[2] is not None:
                 u[2].unacked -= 1
-        log.error("%s: %d deliveries to consumer %r cannot be encoded (%s); dropped",
-                  self.id, len(tags), consumer.tag, exc)
+        log.error(
+            "%s: %d deliveries to consumer %r cannot be encoded (%s); dropped",
+            self.id,
+            len(tags),
+            consumer.tag,
+            exc,
+        )
         self.broker.count_error(InternalError.code, n=len(tags))
         q = consumer.queue
         if gone and q.drop_refused(gone) and q.logged:
@@ -348,8 +360,12 @@ class Session:
         if self.compress:
             out[start:] = [compress_frame(f) for f in out[start:]]
 
-    def _encode_run(self, tag: str, payload: tuple[int, tuple[str, str, dict[str, Any]],
-                                                   list[bytes]], sizes: list[int]) -> None:
+    def _encode_run(
+        self,
+        tag: str,
+        payload: tuple[int, tuple[str, str, dict[str, Any]], list[bytes]],
+        sizes: list[int],
+    ) -> None:
         """DELIVER_RUN frames that each fit the frame cap (the shared fields once each)."""
         first, (ex, rk, props), bodies = payload
         budget = self.max_frame_size - ENTRY_OVERHEAD - (sizes[0] - len(bodies[0]))
@@ -365,7 +381,8 @@ class Session:
             raise InvalidArgument(
                 f"{frame}: sequence number {first} is not above the last one used, "
                 f"{self._last_seq}; nothing published",
-                {"frame": frame, "seq": first, "last_seq": self._last_seq})
+                {"frame": frame, "seq": first, "last_seq": self._last_seq},
+            )
         self._last_seq = first + n - 1
 
     def _on_publish(self, f: Publish) -> None:
@@ -384,8 +401,12 @@ class Session:
             self._check_seq("publish_batch", seq, len(entries))
         self.published_bytes += sum([len(e.body) for e in entries])
         broker = self.broker
-        if (self.principal.permissions is None and not broker.limited
-                and broker.store.failed is None and not _disk_refusal(broker)):
+        if (
+            self.principal.permissions is None
+            and not broker.limited
+            and broker.store.failed is None
+            and not _disk_refusal(broker)
+        ):
             self._publish_run(seq, entries)
             return
         publish = self._publish
@@ -408,10 +429,14 @@ class Session:
         props = f.properties
         ex, rk, mandatory = f.exchange, f.routing_key, f.mandatory
         targets: Any = None
-        if (self.principal.permissions is None and not broker.limited
-                and broker.store.failed is None and not _disk_refusal(broker)
-                and "headers" not in props
-                and max(map(len, bodies)) <= self.max_message_size):
+        if (
+            self.principal.permissions is None
+            and not broker.limited
+            and broker.store.failed is None
+            and not _disk_refusal(broker)
+            and "headers" not in props
+            and max(map(len, bodies)) <= self.max_message_size
+        ):
             try:
                 targets = broker.route(ex, rk)
             except RequestError:
@@ -427,8 +452,9 @@ class Session:
         ts = self._now + 1
         # One properties dict for the run: the broker never changes a message's properties
         # in place (dead-lettering and streams copy), and DELIVER_RUN finds them shared.
-        self._enqueue_run([Message(ex, rk, props, body, len(body), ts) for body in bodies],
-                          targets, seq)
+        self._enqueue_run(
+            [Message(ex, rk, props, body, len(body), ts) for body in bodies], targets, seq
+        )
 
     def _publish_run(self, seq: int, entries: list[PublishEntry]) -> None:
         """A batch's publishes when no per-message policy applies (no token permissions,
@@ -460,8 +486,12 @@ class Session:
                     key = None
                     targets = ()
             size = len(body)
-            if (key is None or size > max_size or (props and "headers" in props)
-                    or (mandatory and not targets)):
+            if (
+                key is None
+                or size > max_size
+                or (props and "headers" in props)
+                or (mandatory and not targets)
+            ):
                 if run:
                     self._enqueue_run(run, targets, first)
                     run = []
@@ -492,8 +522,15 @@ class Session:
                 self._conf_first = first
                 self._conf_last = last
 
-    def _publish(self, seq: int, exchange: str, routing_key: str, properties: dict[str, Any],
-                 body: bytes, mandatory: bool) -> None:
+    def _publish(
+        self,
+        seq: int,
+        exchange: str,
+        routing_key: str,
+        properties: dict[str, Any],
+        body: bytes,
+        mandatory: bool,
+    ) -> None:
         broker = self.broker
         self.published += 1
         try:
@@ -510,7 +547,8 @@ class Session:
                 raise MessageTooLarge(
                     f"message of {size} bytes exceeds the maximum of "
                     f"{self.max_message_size} (max_message_size)",
-                    {"limit": "max_message_size", "max_message_size": self.max_message_size})
+                    {"limit": "max_message_size", "max_message_size": self.max_message_size},
+                )
             targets = broker.route(exchange, routing_key)
             if broker.limited:  # some queue has overflow reject-publish
                 targets = list(targets)
@@ -525,8 +563,9 @@ class Session:
             return
         msg = Message(exchange, routing_key, properties, body, size)
         if not broker.enqueue(msg, targets, self._now) and mandatory:
-            self.out.append(encode(
-                Return(seq, 312, "no route", exchange, routing_key, properties, body)))
+            self.out.append(
+                encode(Return(seq, 312, "no route", exchange, routing_key, properties, body))
+            )
         if seq:
             if seq == self._conf_last + 1 and self._conf_first:
                 self._conf_last = seq
@@ -563,10 +602,12 @@ class Session:
         if err is not None:
             # Not on disk: every ack in this batch becomes a nack the publisher can retry.
             why = f"could not store the message: {err}"
-            self.broker.count_error(ResourceError.code, nack=True,
-                                    n=sum([c[1] - c[0] + 1 for c in confirms if c[2]]))
-            confirms = [[c[0], c[1], False, ResourceError.code, why] if c[2] else c
-                        for c in confirms]
+            self.broker.count_error(
+                ResourceError.code, nack=True, n=sum([c[1] - c[0] + 1 for c in confirms if c[2]])
+            )
+            confirms = [
+                [c[0], c[1], False, ResourceError.code, why] if c[2] else c for c in confirms
+            ]
         self.out.extend([encode_fields(_CONFIRM, c) for c in confirms])
         self.broker.mark_session(self)
         self.broker.pump_soon()
@@ -596,17 +637,36 @@ class Session:
             qm = batch[0]
             m = qm.message
             sizes = [m.size]
-            payload: Any = [[first, qm.redelivered, m.exchange, m.routing_key, m.properties,
-                             m.body, qm.delivery_count]]
+            payload: Any = [
+                [
+                    first,
+                    qm.redelivered,
+                    m.exchange,
+                    m.routing_key,
+                    m.properties,
+                    m.body,
+                    qm.delivery_count,
+                ]
+            ]
         else:
             run = self.runs and self._run_of(batch)
             if run:
                 payload = (first, run, [qm.message.body for qm in batch])
             else:
-                payload = [[t, qm.redelivered, m.exchange, m.routing_key, m.properties, m.body,
-                            qm.delivery_count]
-                           for t, qm, m in zip(range(first, tag + 1), batch,
-                                               [qm.message for qm in batch], strict=True)]
+                payload = [
+                    [
+                        t,
+                        qm.redelivered,
+                        m.exchange,
+                        m.routing_key,
+                        m.properties,
+                        m.body,
+                        qm.delivery_count,
+                    ]
+                    for t, qm, m in zip(
+                        range(first, tag + 1), batch, [qm.message for qm in batch], strict=True
+                    )
+                ]
         broker = self.broker
         broker.latency.observe_batch(batch, broker.now)  # pump's clock reading: no call here
         if no_ack:
@@ -621,8 +681,9 @@ class Session:
         self.pending_bytes += sum(sizes)
         self.broker.mark_session(self)
 
-    def _refuse_too_large(self, queue: Queue, batch: list[QueuedMessage],
-                          consumer: Consumer | None) -> list[QueuedMessage]:
+    def _refuse_too_large(
+        self, queue: Queue, batch: list[QueuedMessage], consumer: Consumer | None
+    ) -> list[QueuedMessage]:
         """Messages of ``batch`` over this connection's max_message_size whose frame
         (measured) does not fit its max_frame_size cannot be sent to it: they leave the
         queue (dead-lettered with reason "too-large", which never routes back to this
@@ -644,18 +705,36 @@ class Session:
         self.broker.count_error(MessageTooLarge.code, n=len(big))
         largest = max([qm.message.size for qm in big])
         where = f"consumer {consumer.tag!r}" if consumer is not None else "GET"
-        log.warning("%s: %d message(s) of queue %r (up to %d bytes) exceed the connection's "
-                    "max_message_size %d; dead-lettered, not delivered to %s", self.id,
-                    len(big), queue.name, largest, limit, where)
-        details: dict[str, Any] = {"queue": queue.name, "messages": len(big),
-                                   "size": largest, "max_message_size": limit}
+        log.warning(
+            "%s: %d message(s) of queue %r (up to %d bytes) exceed the connection's "
+            "max_message_size %d; dead-lettered, not delivered to %s",
+            self.id,
+            len(big),
+            queue.name,
+            largest,
+            limit,
+            where,
+        )
+        details: dict[str, Any] = {
+            "queue": queue.name,
+            "messages": len(big),
+            "size": largest,
+            "max_message_size": limit,
+        }
         if consumer is not None:
             details["consumer_tag"] = consumer.tag
-        self.out.append(encode(Error(
-            0, MessageTooLarge.code,
-            f"{len(big)} message(s) of queue {queue.name!r} (up to {largest} bytes) exceed "
-            f"this connection's max_message_size of {limit}: dead-lettered (reason "
-            f"too-large), not delivered", details)))
+        self.out.append(
+            encode(
+                Error(
+                    0,
+                    MessageTooLarge.code,
+                    f"{len(big)} message(s) of queue {queue.name!r} (up to {largest} bytes) exceed "
+                    f"this connection's max_message_size of {limit}: dead-lettered (reason "
+                    f"too-large), not delivered",
+                    details,
+                )
+            )
+        )
         self.broker.mark_session(self)
         return keep
 
@@ -665,8 +744,9 @@ class Session:
         for GET_OK's rid and message count (DELIVER and DELIVER_RUN are smaller)."""
         m = qm.message
         body = Pager.read(m)
-        size = len(_packb([tag, [[U64_MAX, True, m.exchange, m.routing_key, m.properties,
-                                  body, U32_MAX]]]))
+        size = len(
+            _packb([tag, [[U64_MAX, True, m.exchange, m.routing_key, m.properties, body, U32_MAX]]])
+        )
         return size + GET_OK_EXTRA <= self.max_frame_size
 
     @staticmethod
@@ -679,9 +759,13 @@ class Session:
         ex, rk, props = m0.exchange, m0.routing_key, m0.properties
         for qm in batch:
             m = qm.message
-            if (qm.delivery_count != 1 or qm.redelivered or m.routing_key != rk
-                    or (m.properties is not props and m.properties != props)
-                    or m.exchange != ex):
+            if (
+                qm.delivery_count != 1
+                or qm.redelivered
+                or m.routing_key != rk
+                or (m.properties is not props and m.properties != props)
+                or m.exchange != ex
+            ):
                 return None
         return ex, rk, props
 
@@ -789,10 +873,14 @@ class Session:
     def _on_extend(self, f: Extend) -> None:
         d = self.deliveries
         if not d.extend(f.delivery_tag, f.timeout_ms, self.broker.clock()):
-            why = ("its ack timeout already expired (the message was requeued)"
-                   if d.timed_out(f.delivery_tag) else "unknown delivery tag")
-            raise PreconditionFailed(f"cannot extend delivery {f.delivery_tag}: {why}",
-                                     {"delivery_tag": f.delivery_tag})
+            why = (
+                "its ack timeout already expired (the message was requeued)"
+                if d.timed_out(f.delivery_tag)
+                else "unknown delivery tag"
+            )
+            raise PreconditionFailed(
+                f"cannot extend delivery {f.delivery_tag}: {why}", {"delivery_tag": f.delivery_tag}
+            )
 
     def expire_deliveries(self, now: int) -> None:
         """Deliveries past their ack deadline go back to their queue (as if nacked)."""
@@ -815,9 +903,14 @@ class Session:
     # ------------------------------------------------------------------ requests
     def _exchange_declare(self, f: ExchangeDeclare) -> Frame:
         self.principal.require_declare("exchange", f.exchange, f.passive)
-        self.broker.declare_exchange(f.exchange, f.type, durable=f.durable,
-                                     auto_delete=f.auto_delete, passive=f.passive,
-                                     arguments=f.arguments)
+        self.broker.declare_exchange(
+            f.exchange,
+            f.type,
+            durable=f.durable,
+            auto_delete=f.auto_delete,
+            passive=f.passive,
+            arguments=f.arguments,
+        )
         return Ok(f.rid)
 
     def _exchange_delete(self, f: ExchangeDelete) -> Frame:
@@ -827,15 +920,20 @@ class Session:
 
     def _queue_declare(self, f: QueueDeclare) -> Frame:
         self.principal.require_declare("queue", f.queue, f.passive)
-        q = self.broker.declare_queue(self.id, f.queue, durable=f.durable, exclusive=f.exclusive,
-                                      auto_delete=f.auto_delete, passive=f.passive,
-                                      arguments=f.arguments)
+        q = self.broker.declare_queue(
+            self.id,
+            f.queue,
+            durable=f.durable,
+            exclusive=f.exclusive,
+            auto_delete=f.auto_delete,
+            passive=f.passive,
+            arguments=f.arguments,
+        )
         return QueueDeclareOk(f.rid, q.name, q.ready, len(q.consumers))
 
     def _queue_delete(self, f: QueueDelete) -> Frame:
         self.principal.require("configure", "queue", f.queue)
-        n = self.broker.delete_queue(self.id, f.queue, if_unused=f.if_unused,
-                                     if_empty=f.if_empty)
+        n = self.broker.delete_queue(self.id, f.queue, if_unused=f.if_unused, if_empty=f.if_empty)
         return MessageCountOk(f.rid, n)
 
     def _queue_purge(self, f: QueuePurge) -> Frame:
@@ -868,8 +966,9 @@ class Session:
                 self._ctag += 1
                 tag = f"ctag-{self._ctag}"
         elif tag in self.consumers:
-            raise PreconditionFailed(f"consumer tag {tag!r} already in use on this connection",
-                                     {"consumer_tag": tag})
+            raise PreconditionFailed(
+                f"consumer tag {tag!r} already in use on this connection", {"consumer_tag": tag}
+            )
         c = q.new_consumer(tag, self, f.no_ack, f.exclusive, f.credit, f.arguments)
         self.broker.add_consumer(c)
         self.consumers[tag] = c
@@ -884,21 +983,37 @@ class Session:
 
     def _get(self, f: Get) -> Frame:
         if not 1 <= f.max_messages <= GET_MAX:
-            raise InvalidArgument(f"max_messages must be 1..{GET_MAX}",
-                                  {"max_messages": f.max_messages})
+            raise InvalidArgument(
+                f"max_messages must be 1..{GET_MAX}", {"max_messages": f.max_messages}
+            )
         self.principal.require("read", "queue", f.queue)
         q = self.broker.get_queue(f.queue, self.id)
-        taken = self.take_ready(q, f.max_messages, self.max_frame_size - 1024,
-                                ENTRY_OVERHEAD, None, f.no_ack)
-        entries = [DeliveryEntry(tag, qm.redelivered, qm.message.exchange,
-                                 qm.message.routing_key, qm.message.properties,
-                                 Pager.read(qm.message), qm.delivery_count)
-                   for tag, qm in taken]
+        taken = self.take_ready(
+            q, f.max_messages, self.max_frame_size - 1024, ENTRY_OVERHEAD, None, f.no_ack
+        )
+        entries = [
+            DeliveryEntry(
+                tag,
+                qm.redelivered,
+                qm.message.exchange,
+                qm.message.routing_key,
+                qm.message.properties,
+                Pager.read(qm.message),
+                qm.delivery_count,
+            )
+            for tag, qm in taken
+        ]
         return GetOk(f.rid, entries, q.ready)
 
-    def take_ready(self, q: Queue, limit: int, budget: int, overhead: int,
-                   timeout_ms: int | None, no_ack: bool = False
-                   ) -> list[tuple[int, QueuedMessage]]:
+    def take_ready(
+        self,
+        q: Queue,
+        limit: int,
+        budget: int,
+        overhead: int,
+        timeout_ms: int | None,
+        no_ack: bool = False,
+    ) -> list[tuple[int, QueuedMessage]]:
         """Pull up to ``limit`` ready messages off ``q`` under new delivery tags: GET and
         the HTTP gateway's receive share this, so both count, log and time out alike.
 
@@ -955,8 +1070,9 @@ class Session:
             try:
                 self.broker.remove_consumer(c)
             except Exception:
-                log.exception("%s: removing consumer %r of queue %r failed", self.id, c.tag,
-                              c.queue.name)
+                log.exception(
+                    "%s: removing consumer %r of queue %r failed", self.id, c.tag, c.queue.name
+                )
         self.consumers.clear()
         self.broker.detach(self)
 
@@ -974,9 +1090,13 @@ class Session:
             try:
                 self._refuse(us, requeue=True)
             except Exception:
-                log.exception("%s: requeueing %d deliveries of queue %r failed", self.id,
-                              len(us), q.name, extra={"event": "session.requeue_failed",
-                                                      "queue": q.name})
+                log.exception(
+                    "%s: requeueing %d deliveries of queue %r failed",
+                    self.id,
+                    len(us),
+                    q.name,
+                    extra={"event": "session.requeue_failed", "queue": q.name},
+                )
 
 
 def _ignore(_: Any) -> None:

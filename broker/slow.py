@@ -31,9 +31,15 @@ MAX_LINES = 10
 
 
 class SlowConsumers:
-    def __init__(self, broker: Broker, *, stall_seconds: float = STALL_SECONDS,
-                 repeat_seconds: float = REPEAT_SECONDS, max_lines: int = MAX_LINES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        stall_seconds: float = STALL_SECONDS,
+        repeat_seconds: float = REPEAT_SECONDS,
+        max_lines: int = MAX_LINES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.broker = broker
         self.stall_seconds = stall_seconds
         self.repeat_seconds = repeat_seconds
@@ -83,14 +89,30 @@ class SlowConsumers:
             stalled = round(now - since[c][0], 1)
             log.warning(
                 "slow consumer %s on queue %r (connection %s): no credit for %.0fs with %d "
-                "ready messages waiting, %d unacked", c.tag, q.name, s.id, stalled, ready,
+                "ready messages waiting, %d unacked",
+                c.tag,
+                q.name,
+                s.id,
+                stalled,
+                ready,
                 c.unacked,
-                extra={"event": "consumer.slow", "queue": q.name, "consumer_tag": c.tag,
-                       "connection": s.id, "peer": s.flow.peer, "stalled_seconds": stalled,
-                       "ready": ready, "unacked": c.unacked})
+                extra={
+                    "event": "consumer.slow",
+                    "queue": q.name,
+                    "consumer_tag": c.tag,
+                    "connection": s.id,
+                    "peer": s.flow.peer,
+                    "stalled_seconds": stalled,
+                    "ready": ready,
+                    "unacked": c.unacked,
+                },
+            )
         if skipped:
-            log.warning("%d more slow consumers not listed", skipped,
-                        extra={"event": "consumer.slow", "more": skipped})
+            log.warning(
+                "%d more slow consumers not listed",
+                skipped,
+                extra={"event": "consumer.slow", "more": skipped},
+            )
         return slow
 
     def start(self, interval: float = 1.0) -> None:

@@ -50,10 +50,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("conveyor.stream")
 
 # Arguments a stream refuses (they describe classic-queue behaviour).
-CLASSIC_ONLY = frozenset({
-    "max_priority", "message_ttl_ms", "dedup_window_ms", "max_length", "overflow",
-    "delivery_limit", "dead_letter_exchange", "dead_letter_routing_key",
-    "single_active_consumer", "ack_timeout_ms", "expires_ms"})
+CLASSIC_ONLY = frozenset(
+    {
+        "max_priority",
+        "message_ttl_ms",
+        "dedup_window_ms",
+        "max_length",
+        "overflow",
+        "delivery_limit",
+        "dead_letter_exchange",
+        "dead_letter_routing_key",
+        "single_active_consumer",
+        "ack_timeout_ms",
+        "expires_ms",
+    }
+)
 STREAM_ONLY = frozenset({"max_age_ms", "stream_compression", "stream_segment_bytes"})
 CHUNK = 256  # entries read per consumer per dispatch round (catch-up stays bounded)
 CHUNK_BYTES = 1 << 20
@@ -71,23 +82,28 @@ def stream_dir_name(name: str) -> str:
     return "q-" + quoted
 
 
-def check_declare(arguments: dict[str, Any], durable: bool, exclusive: bool,
-                  auto_delete: bool) -> None:
+def check_declare(
+    arguments: dict[str, Any], durable: bool, exclusive: bool, auto_delete: bool
+) -> None:
     """400 unless a stream declaration is durable, shared and uses stream arguments."""
     if not durable or exclusive or auto_delete:
-        raise InvalidArgument("a stream must be durable, not exclusive and not auto_delete",
-                              {"argument": "queue_type"})
+        raise InvalidArgument(
+            "a stream must be durable, not exclusive and not auto_delete",
+            {"argument": "queue_type"},
+        )
     for key in arguments:
         if key in CLASSIC_ONLY:
-            raise InvalidArgument(f"queue argument {key!r} does not apply to a stream",
-                                  {"argument": key})
+            raise InvalidArgument(
+                f"queue argument {key!r} does not apply to a stream", {"argument": key}
+            )
 
 
 def check_classic(arguments: dict[str, Any]) -> None:
     for key in arguments:
         if key in STREAM_ONLY:
-            raise InvalidArgument(f"queue argument {key!r} applies to streams only",
-                                  {"argument": key})
+            raise InvalidArgument(
+                f"queue argument {key!r} applies to streams only", {"argument": key}
+            )
 
 
 def check_consume_arguments(arguments: dict[str, Any], queue: Queue | None) -> None:
@@ -99,12 +115,14 @@ def check_consume_arguments(arguments: dict[str, Any], queue: Queue | None) -> N
         if queue is None:
             continue
         if not queue.appends_to_log:
-            raise InvalidArgument(f"consumer argument {key!r} applies to streams only",
-                                  {"argument": key})
+            raise InvalidArgument(
+                f"consumer argument {key!r} applies to streams only", {"argument": key}
+            )
         ok = True
         if key == "offset":
             ok = value in ("first", "last", "next") or (
-                type(value) is int and 0 <= value <= U64_MAX)
+                type(value) is int and 0 <= value <= U64_MAX
+            )
         elif key == "timestamp":
             ok = type(value) is int and 0 <= value <= U64_MAX
         elif key == "group":
@@ -118,8 +136,16 @@ class StreamConsumer(Consumer):
 
     __slots__ = ("cursor", "group", "group_name", "start")
 
-    def __init__(self, tag: str, queue: Queue, session: Session, no_ack: bool,
-                 exclusive: bool, credit: int, arguments: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        tag: str,
+        queue: Queue,
+        session: Session,
+        no_ack: bool,
+        exclusive: bool,
+        credit: int,
+        arguments: dict[str, Any],
+    ) -> None:
         super().__init__(tag, queue, session, no_ack, exclusive, credit)
         self.start: int | str = arguments.get("offset", "next")
         ts = arguments.get("timestamp")
@@ -190,8 +216,9 @@ class Group:
 class Stream(Queue):
     """A stream queue (see the module docstring)."""
 
-    def __init__(self, name: str, slog: StreamLog, owner: Streams,
-                 arguments: dict[str, Any]) -> None:
+    def __init__(
+        self, name: str, slog: StreamLog, owner: Streams, arguments: dict[str, Any]
+    ) -> None:
         super().__init__(name, durable=True, arguments=arguments)
         self.log = slog
         self.owner = owner
@@ -210,8 +237,9 @@ class Stream(Queue):
         return False
 
     def peek(self) -> QueuedMessage | None:
-        raise InvalidArgument(f"queue {self.name!r} is a stream: use CONSUME with an offset",
-                              {"queue": self.name})
+        raise InvalidArgument(
+            f"queue {self.name!r} is a stream: use CONSUME with an offset", {"queue": self.name}
+        )
 
     def iter_messages(self) -> list[QueuedMessage]:
         return []  # on disk in its own segments, not in WAL snapshots
@@ -228,11 +256,21 @@ class Stream(Queue):
     def info(self) -> dict[str, Any]:
         slog = self.log
         head = slog.head
-        return {"type": "stream", "first_offset": slog.first_offset, "head_offset": head,
-                "messages": slog.count, "bytes": slog.disk_bytes,
-                "groups": {name: {"committed": g.stored, "lag": max(head - g.stored, 0),
-                                  "members": len(g.members)}
-                           for name, g in sorted(self.groups.items())}}
+        return {
+            "type": "stream",
+            "first_offset": slog.first_offset,
+            "head_offset": head,
+            "messages": slog.count,
+            "bytes": slog.disk_bytes,
+            "groups": {
+                name: {
+                    "committed": g.stored,
+                    "lag": max(head - g.stored, 0),
+                    "members": len(g.members),
+                }
+                for name, g in sorted(self.groups.items())
+            },
+        }
 
     # ------------------------------------------------------------------ append
     def append(self, message: Message) -> None:
@@ -256,8 +294,12 @@ class Stream(Queue):
             self.log.append(items)
         except OSError as exc:
             stored = self.log.head - head  # records of the batch written before the failure
-            log.error("stream %r: append failed (%s); %d messages not stored", self.name,
-                      exc, len(items) - stored)
+            log.error(
+                "stream %r: append failed (%s); %d messages not stored",
+                self.name,
+                exc,
+                len(items) - stored,
+            )
             self._failed(exc)
             self.published -= len(items) - stored
             self.owner.unsynced.add(self)
@@ -288,7 +330,8 @@ class Stream(Queue):
     def retain(self, now: int) -> None:
         o = self.opts
         if (o.max_age_ms or o.max_length_bytes) and self.log.retain(
-                now, o.max_age_ms, o.max_length_bytes):
+            now, o.max_age_ms, o.max_length_bytes
+        ):
             first = self.log.first_offset
             for g in self.groups.values():
                 if g.committed < first:
@@ -346,8 +389,9 @@ class Stream(Queue):
         d.redelivered = count > 1
         return d
 
-    def dispatch(self, deliver: Callable[[Consumer, list[QueuedMessage]], None],
-                 now: int = 0) -> int:
+    def dispatch(
+        self, deliver: Callable[[Consumer, list[QueuedMessage]], None], now: int = 0
+    ) -> int:
         if not self.consumers:
             return 0
         if self._pending:
@@ -387,8 +431,12 @@ class Stream(Queue):
             self.owner.pump_soon()
         return sent
 
-    def _hand(self, c: StreamConsumer, batch: list[QueuedMessage],
-              deliver: Callable[[Consumer, list[QueuedMessage]], None]) -> int:
+    def _hand(
+        self,
+        c: StreamConsumer,
+        batch: list[QueuedMessage],
+        deliver: Callable[[Consumer, list[QueuedMessage]], None],
+    ) -> int:
         n = len(batch)
         c.credit -= n
         self.unacked += n
@@ -396,8 +444,9 @@ class Stream(Queue):
         deliver(c, batch)  # with no_ack, Session.deliver acks them (Queue.ack)
         return n
 
-    def _dispatch_group(self, g: Group, deliver: Callable[[Consumer, list[QueuedMessage]], None],
-                        head: int) -> tuple[int, bool]:
+    def _dispatch_group(
+        self, g: Group, deliver: Callable[[Consumer, list[QueuedMessage]], None], head: int
+    ) -> tuple[int, bool]:
         members = [m for m in g.members if m.credit > 0 and not m.session.write_paused]
         if not members:
             return 0, False
@@ -479,8 +528,11 @@ class Stream(Queue):
         return False
 
     def check_purgeable(self) -> None:
-        raise InvalidArgument(f"queue {self.name!r} is a stream: streams cannot be purged "
-                              "(retention removes old segments)", {"queue": self.name})
+        raise InvalidArgument(
+            f"queue {self.name!r} is a stream: streams cannot be purged "
+            "(retention removes old segments)",
+            {"queue": self.name},
+        )
 
     def on_removed(self) -> None:
         self.owner.remove(self)
@@ -489,8 +541,15 @@ class Stream(Queue):
         self.settle_refused(qms, requeue=False)
         return False
 
-    def new_consumer(self, tag: str, session: Session, no_ack: bool, exclusive: bool,
-                     credit: int, arguments: dict[str, Any]) -> Consumer:
+    def new_consumer(
+        self,
+        tag: str,
+        session: Session,
+        no_ack: bool,
+        exclusive: bool,
+        credit: int,
+        arguments: dict[str, Any],
+    ) -> Consumer:
         return StreamConsumer(tag, self, session, no_ack, exclusive, credit, arguments)
 
     def settle_refused(self, qms: list[QueuedMessage], requeue: bool) -> bool:
@@ -521,8 +580,7 @@ class Stream(Queue):
         except FileNotFoundError:
             return
         except (OSError, ValueError, msgpack.UnpackException) as exc:
-            log.error("stream %r: unreadable groups file (%s); groups start over",
-                      self.name, exc)
+            log.error("stream %r: unreadable groups file (%s); groups start over", self.name, exc)
             return
         for name, committed in dict(data).items():
             self.groups[str(name)] = Group(str(name), int(committed))
@@ -592,8 +650,13 @@ def _ignore(_n: int) -> None:
 class Streams:
     """The broker's streams: where they live, buffered appends, commit, housekeeping."""
 
-    def __init__(self, clock: Callable[[], int], wake: Callable[[Queue], None],
-                 pump_soon: Callable[[], None], scheduler: Scheduler) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], int],
+        wake: Callable[[Queue], None],
+        pump_soon: Callable[[], None],
+        scheduler: Scheduler,
+    ) -> None:
         self.dir: Path | None = None
         self.scheduler = scheduler  # deferred work (group-offset writes, error expiry)
         self.pump_soon = pump_soon
@@ -618,16 +681,21 @@ class Streams:
         """A new stream (``fresh``: any leftover directory of that name is wiped) or one
         reopened from its directory (recovery)."""
         if self.dir is None:
-            raise InvalidArgument("streams need a broker with a data directory",
-                                  {"argument": "queue_type"})
+            raise InvalidArgument(
+                "streams need a broker with a data directory", {"argument": "queue_type"}
+            )
         path = self.dir / stream_dir_name(name)
         if fresh and path.exists():
             shutil.rmtree(path, ignore_errors=True)
         opts_seg = int(arguments.get("stream_segment_bytes") or 64 << 20)
-        slog = StreamLog(path, segment_bytes=opts_seg, fsync=self.fsync,
-                         interval_ms=self.interval_ms,
-                         compression=str(arguments.get("stream_compression") or "none"),
-                         repair=self.repair).open()
+        slog = StreamLog(
+            path,
+            segment_bytes=opts_seg,
+            fsync=self.fsync,
+            interval_ms=self.interval_ms,
+            compression=str(arguments.get("stream_compression") or "none"),
+            repair=self.repair,
+        ).open()
         s = Stream(name, slog, self, arguments)
         self.all[name] = s
         return s
@@ -658,8 +726,9 @@ class Streams:
 
     def commit(self, store: Store, callback: Callable[[BaseException | None], None]) -> None:
         """``callback`` once the WAL and every stream written so far are durable."""
-        waiting = [s for s in self.unsynced if s.log.durable < s.log.written
-                   or s.log.failed is not None]
+        waiting = [
+            s for s in self.unsynced if s.log.durable < s.log.written or s.log.failed is not None
+        ]
         self.unsynced = set(waiting)
         if not waiting:
             store.commit(callback)

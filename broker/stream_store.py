@@ -99,8 +99,16 @@ class CorruptSegment(Exception):
 class Segment:
     """One segment file and its in-memory sparse index."""
 
-    __slots__ = ("first", "index", "last_ts", "next", "path", "records_since",
-                 "since_index", "size")
+    __slots__ = (
+        "first",
+        "index",
+        "last_ts",
+        "next",
+        "path",
+        "records_since",
+        "since_index",
+        "size",
+    )
 
     def __init__(self, path: Path, first: int) -> None:
         self.path = path
@@ -134,8 +142,9 @@ def _decode(body: bytes, rtype: int = REC_STREAM) -> list[list[Any]]:
     return out
 
 
-def scan_records(data: bytes | memoryview, start: int) -> tuple[list[tuple[int, list[list[Any]]]],
-                                                                 int, str]:
+def scan_records(
+    data: bytes | memoryview, start: int
+) -> tuple[list[tuple[int, list[list[Any]]]], int, str]:
     """Records of ``data`` from ``start``: ([(position, entries)], end of the last valid
     record, why the scan stopped early or "")."""
     out: list[tuple[int, list[list[Any]]]] = []
@@ -149,7 +158,7 @@ def scan_records(data: bytes | memoryview, start: int) -> tuple[list[tuple[int, 
             return out, pos, f"impossible length {length}"
         if pos + 8 + length > end:
             return out, pos, "record runs past end of file"
-        body = bytes(data[pos + 8: pos + 8 + length])
+        body = bytes(data[pos + 8 : pos + 8 + length])
         if zlib.crc32(body) != crc:
             return out, pos, "checksum mismatch"
         if rtype not in RECORD_TYPES:
@@ -178,10 +187,17 @@ def _verify(data: bytes, stop: int) -> str:
 class StreamLog:
     """The segments of one stream: append, read by offset or time, retention, fsync."""
 
-    def __init__(self, directory: Path, *, segment_bytes: int = 64 << 20,
-                 fsync: str = "always", interval_ms: int = 100,
-                 cache_bytes: int = CACHE_BYTES, compression: str = "none",
-                 repair: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        segment_bytes: int = 64 << 20,
+        fsync: str = "always",
+        interval_ms: int = 100,
+        cache_bytes: int = CACHE_BYTES,
+        compression: str = "none",
+        repair: bool = False,
+    ) -> None:
         self.dir = directory
         self.compression = compression  # "zstd": new records are REC_STREAM_ZSTD
         self.segment_bytes = max(segment_bytes, 4096)
@@ -251,8 +267,13 @@ class StreamLog:
                 p.unlink()
         for a, b in itertools.pairwise(segs):
             if a.next != b.first:
-                log.warning("stream %s: offsets %d..%d are missing (segment %s)", self.dir,
-                            a.next, b.first - 1, b.path.name)
+                log.warning(
+                    "stream %s: offsets %d..%d are missing (segment %s)",
+                    self.dir,
+                    a.next,
+                    b.first - 1,
+                    b.path.name,
+                )
         self.segments = segs
         self._firsts = [s.first for s in segs]
         if segs:
@@ -287,8 +308,7 @@ class StreamLog:
             rec_len = (records[i + 1][0] if i + 1 < len(records) else end) - pos
             if not entries:
                 continue
-            if (i == 0 and hint) or not seg.index or since >= INDEX_BYTES or \
-                    recs >= INDEX_RECORDS:
+            if (i == 0 and hint) or not seg.index or since >= INDEX_BYTES or recs >= INDEX_RECORDS:
                 seg.index.append((entries[0][0], pos, max(seg.last_ts, entries[0][1])))
                 since = recs = 0
             since += rec_len
@@ -305,16 +325,22 @@ class StreamLog:
             nxt = None if written else followed_at(data, end, RECORD_TYPES)
             if last and nxt is None and not written:
                 kept = cut_torn_tail(seg.path, end, data)
-                self.truncated = (f"{seg.path.name}: torn tail at byte {end} ({why}); "
-                                  f"truncated {seg.size - end} bytes (kept in {kept.name})")
+                self.truncated = (
+                    f"{seg.path.name}: torn tail at byte {end} ({why}); "
+                    f"truncated {seg.size - end} bytes (kept in {kept.name})"
+                )
                 log.warning("stream %s", self.truncated)
             elif not self.repair:
                 detail = why if nxt is None else f"{why}; valid records follow at byte {nxt}"
                 if not last and nxt is None:
                     detail += " (not the last segment: later ones were written after it)"
-                raise CorruptLog(seg.path, end, f"stream segment: {detail}",
-                                 "start with --repair to cut the damaged records out of "
-                                 "the stream segment (the original is kept as *.corrupt)")
+                raise CorruptLog(
+                    seg.path,
+                    end,
+                    f"stream segment: {detail}",
+                    "start with --repair to cut the damaged records out of "
+                    "the stream segment (the original is kept as *.corrupt)",
+                )
             else:
                 self._repair(seg, data, end, why)
                 del data
@@ -347,9 +373,12 @@ class StreamLog:
             recs, end, why = scan_records(data, d.end)
             if not d.salvaged:
                 first = recs[0][1][0][0] if recs and recs[0][1] else None
-                lost.append(f"offsets {after}..{first - 1}" if first is not None
-                            else f"offsets from {after} to the segment's end")
-            parts.append(data[d.end:end])
+                lost.append(
+                    f"offsets {after}..{first - 1}"
+                    if first is not None
+                    else f"offsets from {after} to the segment's end"
+                )
+            parts.append(data[d.end : end])
             for _p, entries in recs:
                 if entries:
                     after = entries[-1][0] + 1
@@ -370,9 +399,12 @@ class StreamLog:
         os.replace(tmp, seg.path)
         seg.idx_path.unlink(missing_ok=True)  # positions changed: rebuilt by the reload
         _fsync_dir(self.dir)
-        msg = (f"stream segment {seg.path}: damaged at byte {at}; "
-               + "; ".join(notes) + ("; lost " + ", ".join(lost) if lost else "; nothing lost")
-               + f"; the original is kept as {corrupt.name}")
+        msg = (
+            f"stream segment {seg.path}: damaged at byte {at}; "
+            + "; ".join(notes)
+            + ("; lost " + ", ".join(lost) if lost else "; nothing lost")
+            + f"; the original is kept as {corrupt.name}"
+        )
         log.error(msg)
         self.repaired.append(msg)
 
@@ -613,8 +645,12 @@ class StreamLog:
                         break
                     payload = f.read(length - 1)
                     if zlib.crc32(payload, zlib.crc32(bytes([rtype]))) != crc:
-                        log.error("stream segment %s: checksum mismatch at byte %d; "
-                                  "skipping the rest of it", seg.path, pos)
+                        log.error(
+                            "stream segment %s: checksum mismatch at byte %d; "
+                            "skipping the rest of it",
+                            seg.path,
+                            pos,
+                        )
                         break
                     pos += 8 + length
                     if rtype not in RECORD_TYPES:
@@ -710,7 +746,6 @@ class StreamLog:
 def _sync(fds: list[int]) -> None:
     for fd in fds:
         os.fdatasync(fd)
-
 
 
 def _read_index(path: Path) -> list[tuple[int, int, int]]:

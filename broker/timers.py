@@ -29,8 +29,9 @@ class TimerHeap(Generic[O, I]):
     ``hook(seconds from now)`` is called whenever a new earliest entry appears, so
     the transport wakes the broker (``due``) when it is time."""
 
-    def __init__(self, clock: Callable[[], int],
-                 is_stale: Callable[[int, O, I | None], bool]) -> None:
+    def __init__(
+        self, clock: Callable[[], int], is_stale: Callable[[int, O, I | None], bool]
+    ) -> None:
         self.clock = clock
         self.hook: Callable[[float], None] | None = None
         self.heap: list[tuple[int, int, int, O | None, I | None]] = []

@@ -75,9 +75,14 @@ Callback = Callable[[BaseException | None], None]
 class CorruptLog(Exception):
     """Damage in the middle of the log: startup refuses unless --repair is given."""
 
-    def __init__(self, path: Path, offset: int, why: str,
-                 hint: str = "start with --repair to replay every valid record and set the "
-                             "damaged file aside") -> None:
+    def __init__(
+        self,
+        path: Path,
+        offset: int,
+        why: str,
+        hint: str = "start with --repair to replay every valid record and set the "
+        "damaged file aside",
+    ) -> None:
         super().__init__(f"{path}: damaged record at byte offset {offset}: {why}")
         self.path = path
         self.offset = offset
@@ -104,8 +109,7 @@ def _index(name: str) -> int:
 # ---------------------------------------------------------------------- reading
 
 
-def check_record(data: bytes | memoryview, pos: int,
-                 types: tuple[int, ...]) -> tuple[str, int]:
+def check_record(data: bytes | memoryview, pos: int, types: tuple[int, ...]) -> tuple[str, int]:
     """Whether a record starts at ``pos``: ("", its total size) if its header, CRC and type
     check out, else (why not, 0)."""
     end = len(data)
@@ -118,7 +122,7 @@ def check_record(data: bytes | memoryview, pos: int,
         return f"impossible length {length}", 0
     if pos + 8 + length > end:
         return "record runs past end of file", 0
-    if zlib.crc32(data[pos + 8: pos + 8 + length]) != crc:
+    if zlib.crc32(data[pos + 8 : pos + 8 + length]) != crc:
         return "checksum mismatch", 0
     if rtype not in types:
         return f"unknown record type {rtype}", 0
@@ -131,8 +135,9 @@ def is_written(why: str) -> bool:
     return why.startswith(("unknown record type", "undecodable payload"))
 
 
-def find_record(data: bytes | memoryview, start: int, types: tuple[int, ...], *,
-                chained: bool = False) -> int | None:
+def find_record(
+    data: bytes | memoryview, start: int, types: tuple[int, ...], *, chained: bool = False
+) -> int | None:
     """Position of the first valid record (header, CRC and type) at or after ``start``, or
     None. Candidates are found by their type byte, so zeros and most garbage are skipped
     at memchr speed, and only one with a plausible length costs a CRC. ``chained``: only
@@ -151,10 +156,19 @@ def find_record(data: bytes | memoryview, start: int, types: tuple[int, ...], *,
                 break
             length, crc, _t = HEADER.unpack_from(raw, pos)
             stop = pos + 8 + length
-            if 1 <= length <= end - pos - 8 and (not chained or stop == end or (
-                    end - stop >= HEADER_SIZE and raw[stop + 8] in types
-                    and 1 <= int.from_bytes(raw[stop: stop + 4], "big") <= end - stop - 8)) \
-                    and zlib.crc32(view[i: stop]) == crc:
+            if (
+                1 <= length <= end - pos - 8
+                and (
+                    not chained
+                    or stop == end
+                    or (
+                        end - stop >= HEADER_SIZE
+                        and raw[stop + 8] in types
+                        and 1 <= int.from_bytes(raw[stop : stop + 4], "big") <= end - stop - 8
+                    )
+                )
+                and zlib.crc32(view[i:stop]) == crc
+            ):
                 best = pos
                 break
             i = raw.find(marker, i + 1)
@@ -184,13 +198,16 @@ class Damage:
 
     def describe(self) -> str:
         if self.salvaged:
-            return (f"byte {self.offset}: {self.why}; the record's length field was wrong, "
-                    f"its content checks out and was kept")
+            return (
+                f"byte {self.offset}: {self.why}; the record's length field was wrong, "
+                f"its content checks out and was kept"
+            )
         return f"byte {self.offset}: {self.why}; dropped {self.end - self.offset} bytes"
 
 
-def resync(data: bytes | memoryview, pos: int, why: str, types: tuple[int, ...],
-           size: int = 0) -> Damage:
+def resync(
+    data: bytes | memoryview, pos: int, why: str, types: tuple[int, ...], size: int = 0
+) -> Damage:
     """The damaged span starting at ``pos``: up to the next valid record (``size``: the
     damaged record's own size when its checksum was valid, so it is skipped whole)."""
     if size:
@@ -200,7 +217,7 @@ def resync(data: bytes | memoryview, pos: int, why: str, types: tuple[int, ...],
     d = Damage(pos, end, why)
     if nxt is not None and end - pos > HEADER_SIZE:
         _length, crc, rtype = HEADER.unpack_from(data, pos)
-        if rtype in types and zlib.crc32(data[pos + 8: end]) == crc:
+        if rtype in types and zlib.crc32(data[pos + 8 : end]) == crc:
             d.salvaged = True
     return d
 
@@ -208,7 +225,7 @@ def resync(data: bytes | memoryview, pos: int, why: str, types: tuple[int, ...],
 def reframe(data: bytes | memoryview, d: Damage) -> bytes:
     """A salvaged span as a record again, with its length field corrected."""
     _length, crc, rtype = HEADER.unpack_from(data, d.offset)
-    return HEADER.pack(d.end - d.offset - 8, crc, rtype) + bytes(data[d.offset + 9: d.end])
+    return HEADER.pack(d.end - d.offset - 8, crc, rtype) + bytes(data[d.offset + 9 : d.end])
 
 
 def keep_torn(path: Path, offset: int, data: bytes | memoryview) -> Path:
@@ -241,8 +258,9 @@ def cut_torn_tail(path: Path, offset: int, data: bytes | memoryview) -> Path:
 _COMMAND_TYPES = (REC_COMMANDS,)
 
 
-def iter_segment(path: Path, *, last: bool,
-                 damage: list[Damage] | None = None) -> Iterator[tuple[int, list[Any]]]:
+def iter_segment(
+    path: Path, *, last: bool, damage: list[Damage] | None = None
+) -> Iterator[tuple[int, list[Any]]]:
     """Yield (offset, commands) per valid record.
 
     Damage is a torn tail (a crash mid-write) only when no valid record follows it in the
@@ -260,8 +278,9 @@ def iter_segment(path: Path, *, last: bool,
         commands: Any = None
         if not why:
             try:
-                commands = msgpack.unpackb(data[pos + 9: pos + size], raw=False,
-                                           strict_map_key=False)
+                commands = msgpack.unpackb(
+                    data[pos + 9 : pos + size], raw=False, strict_map_key=False
+                )
             except (ValueError, msgpack.UnpackException) as exc:
                 why = f"undecodable payload ({exc})"
         if not why:
@@ -280,8 +299,7 @@ def iter_segment(path: Path, *, last: bool,
         damage.append(d)
         if d.salvaged:
             try:
-                commands = msgpack.unpackb(data[pos + 9: d.end], raw=False,
-                                           strict_map_key=False)
+                commands = msgpack.unpackb(data[pos + 9 : d.end], raw=False, strict_map_key=False)
             except (ValueError, msgpack.UnpackException):
                 d.salvaged = False
             else:
@@ -425,7 +443,7 @@ def salvage_snapshot(path: Path) -> tuple[Any, list[list[Any]], list[Damage]]:
             size = d.end - pos
         rtype = data[pos + 8]
         try:
-            obj = _unpack(data[pos + 9: pos + size])
+            obj = _unpack(data[pos + 9 : pos + size])
         except (ValueError, msgpack.UnpackException) as exc:
             damage.append(Damage(pos, pos + size, f"undecodable payload ({exc})"))
             obj = None
@@ -439,9 +457,13 @@ def salvage_snapshot(path: Path) -> tuple[Any, list[list[Any]], list[Damage]]:
         pos += size
     if head is None:
         at = damage[0].offset if damage else 0
-        raise CorruptLog(path, at, "the snapshot's head record (topology and queue "
-                         "indexes) is damaged: it cannot be rebuilt, even with --repair",
-                         "restore the data directory from a backup")
+        raise CorruptLog(
+            path,
+            at,
+            "the snapshot's head record (topology and queue "
+            "indexes) is damaged: it cannot be rebuilt, even with --repair",
+            "restore the data directory from a backup",
+        )
     return head, entries, damage
 
 
@@ -459,9 +481,13 @@ def _log_is_complete(segs: list[Path], start: int, has_snapshots: bool) -> str:
     return ""
 
 
-def recover(wal_dir: Path, *, repair: bool = False,
-            on_snapshot: Callable[[Any, Iterator[list[Any]]], None] | None = None,
-            on_batch: Callable[[list[Any]], None] | None = None) -> Recovered:
+def recover(
+    wal_dir: Path,
+    *,
+    repair: bool = False,
+    on_snapshot: Callable[[Any, Iterator[list[Any]]], None] | None = None,
+    on_batch: Callable[[list[Any]], None] | None = None,
+) -> Recovered:
     """Read the newest valid snapshot and every later segment; fix a torn tail.
 
     A damaged snapshot is skipped for the previous one (the broker keeps it and the log
@@ -507,17 +533,19 @@ def recover(wal_dir: Path, *, repair: bool = False,
         snapshot, entries, start = head, iter(salvaged), _index(newest.name)
         if on_snapshot is None:
             snapshot = dict(head, entries=salvaged)
-        msg = (f"{newest.name}: damaged ({why}) and nothing to fall back on; rebuilt from "
-               f"its intact records ({len(salvaged)} message entries kept; "
-               + "; ".join(d.describe() for d in snap_spans) + ")")
+        msg = (
+            f"{newest.name}: damaged ({why}) and nothing to fall back on; rebuilt from "
+            f"its intact records ({len(salvaged)} message entries kept; "
+            + "; ".join(d.describe() for d in snap_spans)
+            + ")"
+        )
         log.error(msg)
         quarantined.append(msg)
         damaged = [(newest, why)]
         gap = _log_is_complete(segs, start, True)
     if gap:
         if not repair:
-            raise CorruptLog(wal_dir / (snap_name(start) if start > 1 else seg_name(1)), 0,
-                             gap)
+            raise CorruptLog(wal_dir / (snap_name(start) if start > 1 else seg_name(1)), 0, gap)
         msg = f"--repair: {gap}; replaying the segments that exist"
         log.error(msg)
         quarantined.append(msg)
@@ -546,8 +574,10 @@ def recover(wal_dir: Path, *, repair: bool = False,
         except _TornTail as torn:
             size = path.stat().st_size
             kept = cut_torn_tail(path, torn.offset, path.read_bytes())
-            msg = (f"{path.name}: torn tail at byte {torn.offset} ({torn.why}); truncated "
-                   f"{size - torn.offset} bytes (kept in {kept.name})")
+            msg = (
+                f"{path.name}: torn tail at byte {torn.offset} ({torn.why}); truncated "
+                f"{size - torn.offset} bytes (kept in {kept.name})"
+            )
             log.warning(msg)
             truncated.append(msg)
             total += torn.offset
@@ -559,10 +589,12 @@ def recover(wal_dir: Path, *, repair: bool = False,
             dest = path.with_suffix(".corrupt")
             path.rename(dest)
             dropped = sum(1 for d in spans if not d.salvaged)
-            msg = (f"{path.name}: damaged at byte {spans[0].offset}; replayed the "
-                   f"{in_segment} valid records, dropped {dropped} damaged ones ("
-                   + "; ".join(d.describe() for d in spans)
-                   + f") and quarantined the file as {dest.name}")
+            msg = (
+                f"{path.name}: damaged at byte {spans[0].offset}; replayed the "
+                f"{in_segment} valid records, dropped {dropped} damaged ones ("
+                + "; ".join(d.describe() for d in spans)
+                + f") and quarantined the file as {dest.name}"
+            )
             log.error(msg)
             quarantined.append(msg)
     fell_back: list[str] = []
@@ -570,15 +602,30 @@ def recover(wal_dir: Path, *, repair: bool = False,
         dest = sp.with_suffix(".corrupt")
         sp.rename(dest)
         if sp != rebuilt:
-            msg = (f"snapshot {sp.name} is damaged ({why}); recovered automatically from "
-                   + (f"the previous snapshot {snap_name(start)}" if had_snapshot and
-                      start < _index(sp.name) else "the start of the log")
-                   + f" and the log after it; the damaged file is kept as {dest.name}")
+            msg = (
+                f"snapshot {sp.name} is damaged ({why}); recovered automatically from "
+                + (
+                    f"the previous snapshot {snap_name(start)}"
+                    if had_snapshot and start < _index(sp.name)
+                    else "the start of the log"
+                )
+                + f" and the log after it; the damaged file is kept as {dest.name}"
+            )
             log.warning(msg)
             fell_back.append(msg)
     next_seg = max([_index(p.name) for p in segs] + [start - 1, 0]) + 1
-    return Recovered(snapshot, records, next_seg, truncated, quarantined, total, batches,
-                     had_snapshot, start if had_snapshot else 0, fell_back)
+    return Recovered(
+        snapshot,
+        records,
+        next_seg,
+        truncated,
+        quarantined,
+        total,
+        batches,
+        had_snapshot,
+        start if had_snapshot else 0,
+        fell_back,
+    )
 
 
 # ---------------------------------------------------------------------- writing
@@ -587,8 +634,15 @@ def recover(wal_dir: Path, *, repair: bool = False,
 class WalStore:
     """The durable Store: see the module docstring."""
 
-    def __init__(self, wal_dir: Path, next_segment: int, *, fsync: str = "always",
-                 interval_ms: int = 100, segment_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        wal_dir: Path,
+        next_segment: int,
+        *,
+        fsync: str = "always",
+        interval_ms: int = 100,
+        segment_bytes: int = 64 << 20,
+    ) -> None:
         if fsync not in ("always", "interval", "never"):
             raise ValueError(f"unknown fsync policy {fsync!r}")
         self.dir = wal_dir
@@ -655,8 +709,13 @@ class WalStore:
         if self.closed:
             callback(ConnectionError("store closed"))
             return
-        if not self._pending and not self._busy and not self._callbacks \
-                and self.failed is None and not self._unsynced:
+        if (
+            not self._pending
+            and not self._busy
+            and not self._callbacks
+            and self.failed is None
+            and not self._unsynced
+        ):
             # Nothing appended since the last write completed: all of it is already
             # durable (transient publishes, for one), so confirm without a disk round.
             callback(None)
@@ -779,8 +838,9 @@ class WalStore:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.interval_ms / 1000, self._interval_sync)
 
-    def _done(self, fut: asyncio.Future[None], batch: list[tuple[int, bytes]],
-              cbs: list[Callback]) -> None:
+    def _done(
+        self, fut: asyncio.Future[None], batch: list[tuple[int, bytes]], cbs: list[Callback]
+    ) -> None:
         self._busy = False
         self._batch_written.set()
         exc = fut.exception()
@@ -798,8 +858,9 @@ class WalStore:
         for cb in cbs:
             cb(None)
 
-    def _failed(self, exc: BaseException, batch: list[tuple[int, bytes]],
-                cbs: list[Callback]) -> None:
+    def _failed(
+        self, exc: BaseException, batch: list[tuple[int, bytes]], cbs: list[Callback]
+    ) -> None:
         if self.failed is None:
             log.error("write to the log failed (%s); refusing publishes until it succeeds", exc)
         self.failed = exc
@@ -895,8 +956,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_snapshot(wal_dir: Path, index: int, head: Any,
-                   entries: Iterable[Any] = ()) -> tuple[Path, int]:
+def write_snapshot(
+    wal_dir: Path, index: int, head: Any, entries: Iterable[Any] = ()
+) -> tuple[Path, int]:
     """Atomically write a snapshot (temp file, fsync, rename, fsync the directory);
     returns its path and size.
 
@@ -923,6 +985,7 @@ def _write_snapshot_tmp(tmp: Path, head: Any, entries: Iterable[Any]) -> int:
     """Write and fsync a snapshot's temp file; returns its size."""
     size = 0
     with open(tmp, "wb") as f:
+
         def put(rtype: int, obj: Any) -> None:
             nonlocal size
             data = frame_record(_packb(obj), rtype)

@@ -28,9 +28,15 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def generate(out: Path, *, days: int = 825, ca_days: int = 3650,
-             sans: tuple[str, ...] = DEFAULT_SANS, subject: str = "conveyor",
-             client_name: str = "conveyor-client") -> list[Path]:
+def generate(
+    out: Path,
+    *,
+    days: int = 825,
+    ca_days: int = 3650,
+    sans: tuple[str, ...] = DEFAULT_SANS,
+    subject: str = "conveyor",
+    client_name: str = "conveyor-client",
+) -> list[Path]:
     """Write ca.pem/ca.key, server.pem/server.key and client.pem/client.key into ``out``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -40,28 +46,46 @@ def generate(out: Path, *, days: int = 825, ca_days: int = 3650,
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate small clock skew
 
     def key_pem(k: ec.EllipticCurvePrivateKey) -> bytes:
-        return k.private_bytes(serialization.Encoding.PEM,
-                               serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption())
+        return k.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, subject),
-                          x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        return x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, subject),
+                x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            ]
+        )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = name(f"{subject} development CA")
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=ca_days))
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=ca_days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -70,21 +94,35 @@ def generate(out: Path, *, days: int = 825, ca_days: int = 3650,
         k = ec.generate_private_key(ec.SECP256R1())
         b = (
             x509.CertificateBuilder()
-            .subject_name(name(cn)).issuer_name(ca_name)
+            .subject_name(name(cn))
+            .issuer_name(ca_name)
             .public_key(k.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+            .not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(k.public_key()),
-                           critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(k.public_key()), critical=False
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                critical=False)
+                critical=False,
+            )
         )
         if alt:
             b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
@@ -97,8 +135,9 @@ def generate(out: Path, *, days: int = 825, ca_days: int = 3650,
             alt.append(x509.IPAddress(ipaddress.ip_address(s)))
         except ValueError:
             alt.append(x509.DNSName(s))
-    server_pem, server_key = leaf(sans[0] if sans else subject, ExtendedKeyUsageOID.SERVER_AUTH,
-                                  alt)
+    server_pem, server_key = leaf(
+        sans[0] if sans else subject, ExtendedKeyUsageOID.SERVER_AUTH, alt
+    )
     client_pem, client_key = leaf(client_name, ExtendedKeyUsageOID.CLIENT_AUTH, [])
 
     out.mkdir(parents=True, exist_ok=True)
@@ -119,20 +158,38 @@ def generate(out: Path, *, days: int = 825, ca_days: int = 3650,
 
 
 @click.command("gen-certs")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
-              help="Directory for ca.pem, ca.key, server.pem, server.key, client.pem, "
-                   "client.key.")
-@click.option("--days", type=click.IntRange(1, 3650), default=825, show_default=True,
-              help="Validity of the server and client certificates.")
-@click.option("--san", "sans", multiple=True,
-              help="Server name or IP address (repeatable) "
-                   "[localhost, 127.0.0.1, ::1]; replaces the defaults.")
-@click.option("--client-name", default="conveyor-client", show_default=True,
-              help="Common name of the client certificate.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for ca.pem, ca.key, server.pem, server.key, client.pem, client.key.",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=825,
+    show_default=True,
+    help="Validity of the server and client certificates.",
+)
+@click.option(
+    "--san",
+    "sans",
+    multiple=True,
+    help="Server name or IP address (repeatable) "
+    "[localhost, 127.0.0.1, ::1]; replaces the defaults.",
+)
+@click.option(
+    "--client-name",
+    default="conveyor-client",
+    show_default=True,
+    help="Common name of the client certificate.",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @click.option("--json", "as_json", is_flag=True, help='One JSON object: {"files": [...]}.')
-def gen_certs(out: str, days: int, sans: tuple[str, ...], client_name: str,
-              force: bool, as_json: bool) -> None:
+def gen_certs(
+    out: str, days: int, sans: tuple[str, ...], client_name: str, force: bool, as_json: bool
+) -> None:
     """Write a development CA and server + client certificates signed by it.
 
     \b
@@ -144,12 +201,13 @@ def gen_certs(out: str, days: int, sans: tuple[str, ...], client_name: str,
     target = Path(out)
     existing = [f for f in FILES if (target / f).exists()]
     if existing and not force:
-        click.echo(f"mq-cli: {target} already has {', '.join(existing)}; use --force to "
-                   "overwrite", err=True)
+        click.echo(
+            f"mq-cli: {target} already has {', '.join(existing)}; use --force to overwrite",
+            err=True,
+        )
         sys.exit(1)
     try:
-        written = generate(target, days=days, sans=sans or DEFAULT_SANS,
-                           client_name=client_name)
+        written = generate(target, days=days, sans=sans or DEFAULT_SANS, client_name=client_name)
     except OSError as exc:
         click.echo(f"mq-cli: cannot write certificates: {exc}", err=True)
         sys.exit(1)

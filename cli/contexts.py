@@ -47,7 +47,8 @@ def load() -> dict[str, Any]:
         raise click.UsageError(f"cannot read contexts file {path}: {exc}") from None
     contexts = raw.get("contexts", {})
     if not isinstance(contexts, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("url"), str) for v in contexts.values()):
+        isinstance(v, dict) and isinstance(v.get("url"), str) for v in contexts.values()
+    ):
         raise click.UsageError(f"contexts file {path}: each [contexts.NAME] needs a url")
     current = raw.get("current")
     return {"current": current if isinstance(current, str) else None, "contexts": contexts}
@@ -128,12 +129,17 @@ _json_flag = click.option("--json", "as_json", is_flag=True, help="One JSON obje
 @click.argument("name")
 @click.option("--url", required=True, help="Broker URL (mq:// or mqs://).")
 @click.option("--token", default=None, help="Access token sent with AUTH.")
-@click.option("--ca", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="CA file that signed the broker's certificate (mqs://).")
+@click.option(
+    "--ca",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA file that signed the broker's certificate (mqs://).",
+)
 @click.option("--use", "make_current", is_flag=True, help="Also make it the current one.")
 @_json_flag
-def add(name: str, url: str, token: str | None, ca: str | None, make_current: bool,
-        as_json: bool) -> None:
+def add(
+    name: str, url: str, token: str | None, ca: str | None, make_current: bool, as_json: bool
+) -> None:
     """Add (or replace) context NAME. The first context added becomes the current one."""
     from conveyor.client.url import parse_url
 
@@ -153,9 +159,11 @@ def add(name: str, url: str, token: str | None, ca: str | None, make_current: bo
     if make_current or data["current"] is None:
         data["current"] = name
     path = save(data)
-    _emit(as_json, {"context": name, "url": url, "current": data["current"] == name,
-                    "file": str(path)},
-          f"added context {name} ({url}){' (current)' if data['current'] == name else ''}")
+    _emit(
+        as_json,
+        {"context": name, "url": url, "current": data["current"] == name, "file": str(path)},
+        f"added context {name} ({url}){' (current)' if data['current'] == name else ''}",
+    )
 
 
 @context.command("use")
@@ -169,8 +177,11 @@ def use(name: str, as_json: bool) -> None:
         raise click.BadParameter(f"no context {name!r} (known: {known})", param_hint="NAME")
     data["current"] = name
     save(data)
-    _emit(as_json, {"context": name, "url": data["contexts"][name]["url"], "current": True},
-          f"using context {name} ({data['contexts'][name]['url']})")
+    _emit(
+        as_json,
+        {"context": name, "url": data["contexts"][name]["url"], "current": True},
+        f"using context {name} ({data['contexts'][name]['url']})",
+    )
 
 
 @context.command("rm")
@@ -192,9 +203,16 @@ def rm(name: str, as_json: bool) -> None:
 def ls(as_json: bool) -> None:
     """List contexts; the current one is marked ``*`` (tokens are not shown)."""
     data = load()
-    rows = [{"name": n, "url": c["url"], "current": n == data["current"],
-             "token": bool(c.get("token")), "ca": c.get("ca") or ""}
-            for n, c in sorted(data["contexts"].items())]
+    rows = [
+        {
+            "name": n,
+            "url": c["url"],
+            "current": n == data["current"],
+            "token": bool(c.get("token")),
+            "ca": c.get("ca") or "",
+        }
+        for n, c in sorted(data["contexts"].items())
+    ]
     if as_json:
         click.echo(json.dumps(rows))
         return

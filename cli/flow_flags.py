@@ -19,6 +19,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def flow_options(f: F) -> F:
     """Add ``--publish-credit-messages`` ... ``--disk-free-limit``."""
     for name, help_ in reversed(SETTINGS):
-        f = click.option(f"--{name.replace('_', '-')}", name, type=int, default=None,
-                         help=f"{help_}.")(f)
+        f = click.option(
+            f"--{name.replace('_', '-')}", name, type=int, default=None, help=f"{help_}."
+        )(f)
     return f

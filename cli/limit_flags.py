@@ -20,9 +20,18 @@ def limit_options(f: F) -> F:
     """Add ``--max-headers`` ... ``--max-consumers-per-connection`` (default: the config's)."""
     defaults = Limits()
     for name, help_ in reversed(SETTINGS):
-        f = click.option(f"--{name.replace('_', '-')}", name, type=int, default=None,
-                         help=f"{help_} [{getattr(defaults, name)}].")(f)
+        f = click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            type=int,
+            default=None,
+            help=f"{help_} [{getattr(defaults, name)}].",
+        )(f)
     return click.option(
-        "--handshake-timeout-ms", "handshake_timeout_ms", type=int, default=None,
+        "--handshake-timeout-ms",
+        "handshake_timeout_ms",
+        type=int,
+        default=None,
         help="Close a connection that has not finished the handshake (preamble, AUTH) "
-             "this long after connecting [10000].")(f)
+        "this long after connecting [10000].",
+    )(f)

@@ -20,12 +20,13 @@ from conveyor.cli.security import client_options
 from conveyor.protocol import DEFAULT_PORT
 
 _url_flag = click.option(
-    "--url", envvar="CONVEYOR_URL", default=f"mq://127.0.0.1:{DEFAULT_PORT}",
+    "--url",
+    envvar="CONVEYOR_URL",
+    default=f"mq://127.0.0.1:{DEFAULT_PORT}",
     show_default=True,
     help="Broker URL: mq://[TOKEN@]host:port, or mqs:// for TLS (env CONVEYOR_URL).",
 )
-_json_flag = click.option("--json", "as_json", is_flag=True,
-                          help="One JSON object per line.")
+_json_flag = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 
 
 def _url_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,8 +47,10 @@ def _print_message(msg: Any, as_json: bool, n: int) -> None:
         click.echo(json.dumps(_as_json(msg)))
         return
     view = _as_json(msg)
-    meta = (f"#{n} exchange={msg.exchange!r} routing_key={msg.routing_key!r} "
-            f"redelivered={msg.redelivered} delivery_count={msg.delivery_count}")
+    meta = (
+        f"#{n} exchange={msg.exchange!r} routing_key={msg.routing_key!r} "
+        f"redelivered={msg.redelivered} delivery_count={msg.delivery_count}"
+    )
     click.echo(meta)
     click.echo(f"  properties: {json.dumps(msg.properties)}")
     if msg.deaths:
@@ -57,8 +60,14 @@ def _print_message(msg: Any, as_json: bool, n: int) -> None:
 
 def _get_command(peek: bool) -> Callable[..., None]:
     @click.argument("queue")
-    @click.option("--count", "-n", type=click.IntRange(1, 10_000), default=1 if not peek else 10,
-                  show_default=True, help="At most this many messages (those ready now).")
+    @click.option(
+        "--count",
+        "-n",
+        type=click.IntRange(1, 10_000),
+        default=1 if not peek else 10,
+        show_default=True,
+        help="At most this many messages (those ready now).",
+    )
     @_json_flag
     @_url_option
     def command(queue: str, count: int, as_json: bool, url: str, ack: bool = not peek) -> None:
@@ -81,6 +90,7 @@ def _get_command(peek: bool) -> Callable[..., None]:
             n = _run(go)
         except BrokenPipeError:  # stdout closed before the flush: nothing was settled
             from conveyor.cli.main import _stdout_closed
+
             _stdout_closed()
         if not as_json and n == 0:
             click.echo(f"{queue}: no ready messages", err=True)
@@ -98,12 +108,21 @@ message is settled only after its line was written. Nothing ready: a note on std
 exit 0 (``--json``: no lines)."""
 
 get = click.command("get", help=_GET_DOC)(
-    click.option("--ack/--requeue", "ack", default=True, show_default=True,
-                 help="Remove the messages, or put them back.")(_get_command(False)))
-peek = click.command("peek", help="Look at up to --count ready messages of QUEUE without "
-                     "consuming them: ``get --requeue`` (same output; every message goes "
-                     "back to the head of the queue in order; a look counts as a "
-                     "delivery, see ``get --help``).")(_get_command(True))
+    click.option(
+        "--ack/--requeue",
+        "ack",
+        default=True,
+        show_default=True,
+        help="Remove the messages, or put them back.",
+    )(_get_command(False))
+)
+peek = click.command(
+    "peek",
+    help="Look at up to --count ready messages of QUEUE without "
+    "consuming them: ``get --requeue`` (same output; every message goes "
+    "back to the head of the queue in order; a look counts as a "
+    "delivery, see ``get --help``).",
+)(_get_command(True))
 
 
 # ---------------------------------------------------------------------- queue details
@@ -126,8 +145,7 @@ async def queue_details(conn: Any, name: str, interval: float) -> dict[str, Any]
         await asyncio.sleep(interval)
         out = await row()
         dt = time.monotonic() - at
-        for rate, counter in (("publish", "published"), ("deliver", "delivered"),
-                              ("ack", "acked")):
+        for rate, counter in (("publish", "published"), ("deliver", "delivered"), ("ack", "acked")):
             rates[rate] = round(max(0, out.get(counter, 0) - first.get(counter, 0)) / dt, 2)
     out["rates"] = rates
     out["type"] = queue_type(out)
@@ -144,14 +162,29 @@ def queue_type(item: dict[str, Any]) -> str:
     return "priority" if isinstance(prio, int) and prio > 0 else str(item.get("type", "classic"))
 
 
-_COUNTERS = ("messages", "unacked", "consumers", "delayed", "paged", "published",
-             "delivered", "acked", "dead_lettered", "expired")
+_COUNTERS = (
+    "messages",
+    "unacked",
+    "consumers",
+    "delayed",
+    "paged",
+    "published",
+    "delivered",
+    "acked",
+    "dead_lettered",
+    "expired",
+)
 
 
 @click.command("queue")
 @click.argument("name")
-@click.option("--interval", type=click.FloatRange(0, 60), default=1.0, show_default=True,
-              help="Seconds between the two samples the rates come from; 0 = no rates.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds between the two samples the rates come from; 0 = no rates.",
+)
 @_json_flag
 @_url_option
 def queue(name: str, interval: float, as_json: bool, url: str) -> None:
@@ -172,24 +205,35 @@ def queue(name: str, interval: float, as_json: bool, url: str) -> None:
     click.echo(f"queue {d['name']}  type {d['type']}  {' '.join(flags) or 'transient'}")
     click.echo("  " + "  ".join(f"{k}={d.get(k, 0)}" for k in _COUNTERS))
     r = d["rates"]
-    click.echo(f"  rates/s: publish={r['publish']} deliver={r['deliver']} ack={r['ack']}"
-               + ("" if interval > 0 else " (--interval 0: not sampled)"))
+    click.echo(
+        f"  rates/s: publish={r['publish']} deliver={r['deliver']} ack={r['ack']}"
+        + ("" if interval > 0 else " (--interval 0: not sampled)")
+    )
     click.echo(f"  arguments: {json.dumps(d.get('arguments') or {})}")
     if d["type"] == "stream":
-        click.echo(f"  offsets: first={d.get('first_offset', 0)} head={d.get('head_offset', 0)}"
-                   f" bytes={d.get('bytes', 0)}")
+        click.echo(
+            f"  offsets: first={d.get('first_offset', 0)} head={d.get('head_offset', 0)}"
+            f" bytes={d.get('bytes', 0)}"
+        )
         for g, info in sorted((d.get("groups") or {}).items()):
             click.echo(f"  group {g}: {json.dumps(info)}")
     for c in d["consumer_list"]:
-        click.echo(f"  consumer {c.get('consumer_tag')} connection={c.get('connection')} "
-                   f"credit={c.get('credit')} unacked={c.get('unacked')} "
-                   f"no_ack={c.get('no_ack')}")
+        click.echo(
+            f"  consumer {c.get('consumer_tag')} connection={c.get('connection')} "
+            f"credit={c.get('credit')} unacked={c.get('unacked')} "
+            f"no_ack={c.get('no_ack')}"
+        )
 
 
 # ---------------------------------------------------------------------- move
-async def move_messages(conn: Any, source: str, target_of: Callable[[Any], str | None],
-                        count: int | None, timeout: float, bar: Any = None,
-                        ) -> tuple[int, int, str]:
+async def move_messages(
+    conn: Any,
+    source: str,
+    target_of: Callable[[Any], str | None],
+    count: int | None,
+    timeout: float,
+    bar: Any = None,
+) -> tuple[int, int, str]:
     """Republish messages of ``source`` (same body and properties, default exchange) to
     ``target_of(msg)``; returns (moved, skipped, why the first skip happened).
 
@@ -225,8 +269,12 @@ async def move_messages(conn: Any, source: str, target_of: Callable[[Any], str |
             # mandatory: a target queue that does not exist is a refusal (no-route),
             # not a message silently dropped after its ack.
             results = await asyncio.gather(
-                *(conn.publish("", dest, m.body, properties=m.properties, mandatory=True)
-                  for m, dest in sends), return_exceptions=True)
+                *(
+                    conn.publish("", dest, m.body, properties=m.properties, mandatory=True)
+                    for m, dest in sends
+                ),
+                return_exceptions=True,
+            )
             for (m, _), r in zip(sends, results, strict=True):
                 if r is None:
                     m.ack()
@@ -250,15 +298,28 @@ async def move_messages(conn: Any, source: str, target_of: Callable[[Any], str |
 @click.command("move")
 @click.argument("source")
 @click.argument("target")
-@click.option("--count", "-n", type=click.IntRange(1), default=None,
-              help="Move at most N messages [all].")
-@click.option("--timeout", type=click.FloatRange(0), default=0.5, show_default=True,
-              help="Stop once SOURCE has had no ready message for S seconds.")
+@click.option(
+    "--count", "-n", type=click.IntRange(1), default=None, help="Move at most N messages [all]."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    default=0.5,
+    show_default=True,
+    help="Stop once SOURCE has had no ready message for S seconds.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar [on a terminal].")
 @_json_flag
 @_url_option
-def move(source: str, target: str, count: int | None, timeout: float,
-         progress: bool | None, as_json: bool, url: str) -> None:
+def move(
+    source: str,
+    target: str,
+    count: int | None,
+    timeout: float,
+    progress: bool | None,
+    as_json: bool,
+    url: str,
+) -> None:
     """Move ready messages from queue SOURCE to queue TARGET (any two queues), keeping
     body and properties (headers, x-death, message_id ...); prints how many moved.
 
@@ -274,18 +335,22 @@ def move(source: str, target: str, count: int | None, timeout: float,
             total = count
             if total is None:
                 rows = await conn.list("queues")
-                total = next((int(q.get("messages", 0)) for q in rows
-                              if q.get("name") == source), 0)
+                total = next(
+                    (int(q.get("messages", 0)) for q in rows if q.get("name") == source), 0
+                )
             bar = _progress(progress, total, f"moving {source} -> {target}")
             return await move_messages(conn, source, lambda _m: target, count, timeout, bar)
 
     moved, skipped, why = _run(go)
     if as_json:
-        click.echo(json.dumps({"moved": moved, "skipped": skipped, "source": source,
-                               "target": target}))
+        click.echo(
+            json.dumps({"moved": moved, "skipped": skipped, "source": source, "target": target})
+        )
     else:
-        click.echo(f"moved {moved} messages from {source} to {target}"
-                   + (f", skipped {skipped}" if skipped else ""))
+        click.echo(
+            f"moved {moved} messages from {source} to {target}"
+            + (f", skipped {skipped}" if skipped else "")
+        )
     if skipped:
         click.echo(f"mq-cli: {skipped} message(s) left in {source}: {why}", err=True)
         sys.exit(1)
@@ -295,16 +360,27 @@ def move(source: str, target: str, count: int | None, timeout: float,
 @click.command("subscribe")
 @click.argument("exchange")
 @click.argument("routing_key", metavar="KEY", default="")
-@click.option("--count", "-n", type=click.IntRange(1), default=None,
-              help="Stop after N messages.")
-@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=None,
-              help="Stop after S seconds with no message (exit 0).")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bar (with --count) [on a terminal].")
+@click.option("--count", "-n", type=click.IntRange(1), default=None, help="Stop after N messages.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Stop after S seconds with no message (exit 0).",
+)
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar (with --count) [on a terminal]."
+)
 @_json_flag
 @_url_option
-def subscribe(exchange: str, routing_key: str, count: int | None, timeout: float | None,
-              progress: bool | None, as_json: bool, url: str) -> None:
+def subscribe(
+    exchange: str,
+    routing_key: str,
+    count: int | None,
+    timeout: float | None,
+    progress: bool | None,
+    as_json: bool,
+    url: str,
+) -> None:
     """Print what EXCHANGE routes with KEY (a topic pattern for topic exchanges) from now
     on, until Ctrl-C, --count or --timeout; like ``nats sub``.
 
@@ -317,25 +393,23 @@ def subscribe(exchange: str, routing_key: str, count: int | None, timeout: float
     async def go() -> int:
         got = 0
         async with await _connect(url) as conn:
-            info = await conn.declare_queue("", exclusive=True, auto_delete=True,
-                                            durable=False)
+            info = await conn.declare_queue("", exclusive=True, auto_delete=True, durable=False)
             await conn.bind(exchange, info.name, routing_key)
             if sys.stderr.isatty():
-                click.echo(f"subscribed to {exchange!r} key {routing_key!r} via {info.name}",
-                           err=True)
-            bar = _progress(progress if count is not None else False, count or 0,
-                            "receiving")
+                click.echo(
+                    f"subscribed to {exchange!r} key {routing_key!r} via {info.name}", err=True
+                )
+            bar = _progress(progress if count is not None else False, count or 0, "receiving")
             consumer = await conn.consume(info.name, prefetch=256, no_ack=True)
             out = sys.stdout.buffer
             while count is None or got < count:
-                msgs = await consumer.get_batch(None if count is None else count - got,
-                                                timeout)
+                msgs = await consumer.get_batch(None if count is None else count - got, timeout)
                 if not msgs:
                     break
                 if as_json:
                     from conveyor.cli.main import _as_json
-                    out.write(b"".join(json.dumps(_as_json(m)).encode() + b"\n"
-                                       for m in msgs))
+
+                    out.write(b"".join(json.dumps(_as_json(m)).encode() + b"\n" for m in msgs))
                 else:
                     out.write(b"".join(m.body + b"\n" for m in msgs))
                 out.flush()
@@ -351,6 +425,7 @@ def subscribe(exchange: str, routing_key: str, count: int | None, timeout: float
         _run(go)
     except BrokenPipeError:
         from conveyor.cli.main import _stdout_closed
+
         _stdout_closed()
 
 
@@ -359,15 +434,27 @@ def subscribe(exchange: str, routing_key: str, count: int | None, timeout: float
 @click.argument("exchange")
 @click.argument("routing_key", metavar="KEY")
 @click.argument("body", required=False, default="")
-@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=5.0,
-              show_default=True, help="Seconds to wait for the reply.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the reply.",
+)
 @click.option("--header", "headers", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--content-type")
 @_json_flag
 @_url_option
-def request(exchange: str, routing_key: str, body: str, timeout: float,
-            headers: tuple[str, ...], content_type: str | None, as_json: bool,
-            url: str) -> None:
+def request(
+    exchange: str,
+    routing_key: str,
+    body: str,
+    timeout: float,
+    headers: tuple[str, ...],
+    content_type: str | None,
+    as_json: bool,
+    url: str,
+) -> None:
     """Send BODY to EXCHANGE with KEY as a request (reply_to and correlation_id set) and
     print the reply's body (``--json``: the reply with its properties); like ``nats req``.
 
@@ -381,15 +468,19 @@ def request(exchange: str, routing_key: str, body: str, timeout: float,
     async def go() -> Any:
         async with await _connect(url) as conn:
             try:
-                return await conn.rpc(exchange, routing_key, body.encode(), timeout=timeout,
-                                      properties=props)
+                return await conn.rpc(
+                    exchange, routing_key, body.encode(), timeout=timeout, properties=props
+                )
             except NoRoute:
                 return None
 
     reply = _run(go)
     if reply is None:
-        click.echo(f"mq-cli: no route: no queue took the request (exchange {exchange!r}, "
-                   f"routing key {routing_key!r})", err=True)
+        click.echo(
+            f"mq-cli: no route: no queue took the request (exchange {exchange!r}, "
+            f"routing key {routing_key!r})",
+            err=True,
+        )
         sys.exit(5)
     if as_json:
         click.echo(json.dumps(_as_json(reply)))

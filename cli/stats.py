@@ -23,7 +23,9 @@ from conveyor.protocol import DEFAULT_PORT
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 
 _url_flag = click.option(
-    "--url", envvar="CONVEYOR_URL", default=f"mq://127.0.0.1:{DEFAULT_PORT}",
+    "--url",
+    envvar="CONVEYOR_URL",
+    default=f"mq://127.0.0.1:{DEFAULT_PORT}",
     show_default=True,
     help="Broker URL: mq://[TOKEN@]host:port, or mqs:// for TLS (env CONVEYOR_URL).",
 )
@@ -56,8 +58,9 @@ def _rates(prev: Sample | None, cur: Sample) -> dict[str, tuple[float, float, fl
         if p is None or dt <= 0:
             out[q["name"]] = (0.0, 0.0, 0.0)
             continue
-        pub, dlv, ack = (max(0.0, (q.get(k, 0) - p.get(k, 0)) / dt)
-                         for k in ("published", "delivered", "acked"))
+        pub, dlv, ack = (
+            max(0.0, (q.get(k, 0) - p.get(k, 0)) / dt) for k in ("published", "delivered", "acked")
+        )
         out[q["name"]] = (pub, dlv, ack)
     return out
 
@@ -88,38 +91,66 @@ def render(prev: Sample | None, cur: Sample, *, limit: int = 0) -> str:
     queues = sorted(cur.queues, key=lambda q: (-q.get("messages", 0), q["name"]))
     if limit:
         queues = queues[:limit]
-    rows = [[q["name"], str(q.get("messages", 0)), str(q.get("unacked", 0)),
-             str(q.get("consumers", 0)), *(_fmt_rate(r) for r in rates[q["name"]])]
-            for q in queues]
+    rows = [
+        [
+            q["name"],
+            str(q.get("messages", 0)),
+            str(q.get("unacked", 0)),
+            str(q.get("consumers", 0)),
+            *(_fmt_rate(r) for r in rates[q["name"]]),
+        ]
+        for q in queues
+    ]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
 
     def line(vals: list[str]) -> str:
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                         for i, (v, w) in enumerate(zip(vals, widths, strict=True)))
+        return "  ".join(
+            v.ljust(w) if i == 0 else v.rjust(w)
+            for i, (v, w) in enumerate(zip(vals, widths, strict=True))
+        )
 
     lines.append(line(cols))
     lines.extend(line(r) for r in rows)
     if blocked:
         lines.append("")
-        lines.append("blocked publishers: " + ", ".join(
-            f"{c.get('id')} ({c.get('blocked')})" for c in blocked[:10])
-            + (f" and {len(blocked) - 10} more" if len(blocked) > 10 else ""))
+        lines.append(
+            "blocked publishers: "
+            + ", ".join(f"{c.get('id')} ({c.get('blocked')})" for c in blocked[:10])
+            + (f" and {len(blocked) - 10} more" if len(blocked) > 10 else "")
+        )
     return "\n".join(lines)
 
 
 def _as_json(prev: Sample | None, cur: Sample) -> dict[str, Any]:
     rates = _rates(prev, cur)
-    return {"connections": cur.connections,
-            "queues": [dict(q, publish_rate=rates[q["name"]][0],
-                            deliver_rate=rates[q["name"]][1], ack_rate=rates[q["name"]][2])
-                       for q in cur.queues]}
+    return {
+        "connections": cur.connections,
+        "queues": [
+            dict(
+                q,
+                publish_rate=rates[q["name"]][0],
+                deliver_rate=rates[q["name"]][1],
+                ack_rate=rates[q["name"]][2],
+            )
+            for q in cur.queues
+        ],
+    }
 
 
 @click.command("stats")
-@click.option("--interval", type=click.FloatRange(0), default=1.0, show_default=True,
-              help="Seconds between the two samples rates come from; 0 = no rates.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object (queues, connections, "
-              "rates) instead of the table.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between the two samples rates come from; 0 = no rates.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object (queues, connections, rates) instead of the table.",
+)
 @_url_option
 def stats(interval: float, as_json: bool, url: str) -> None:
     """Overview and per-queue ready, unacked, consumers and publish/deliver/ack rates."""
@@ -141,14 +172,32 @@ def stats(interval: float, as_json: bool, url: str) -> None:
 
 
 @click.command("top")
-@click.option("--interval", type=click.FloatRange(0.1), default=1.0, show_default=True,
-              help="Seconds between redraws.")
-@click.option("--iterations", "-n", type=click.IntRange(1), default=None,
-              help="Stop after N redraws [run until Ctrl-C].")
-@click.option("--limit", type=click.IntRange(0), default=0,
-              help="Show at most this many queues (deepest first); 0 = all.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Each frame as one JSON line (as `stats --json`, on one line).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between redraws.",
+)
+@click.option(
+    "--iterations",
+    "-n",
+    type=click.IntRange(1),
+    default=None,
+    help="Stop after N redraws [run until Ctrl-C].",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(0),
+    default=0,
+    help="Show at most this many queues (deepest first); 0 = all.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Each frame as one JSON line (as `stats --json`, on one line).",
+)
 @_url_option
 def top(interval: float, iterations: int | None, limit: int, as_json: bool, url: str) -> None:
     """Live view of the broker: the `stats` table redrawn every --interval seconds

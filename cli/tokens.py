@@ -20,11 +20,12 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> float:
-    """"90", "90s", "15m", "24h", "7d", "2w" -> seconds."""
+    """ "90", "90s", "15m", "24h", "7d", "2w" -> seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
     if not m or float(m.group(1)) <= 0:
-        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 24h or 7d",
-                                 param_hint="--ttl")
+        raise click.BadParameter(
+            f"{text!r} is not a duration like 30s, 15m, 24h or 7d", param_hint="--ttl"
+        )
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
@@ -52,13 +53,23 @@ def _key_path(key: str | None, data_dir: str | None, config_path: str | None) ->
 
 
 def _location(f: Any) -> Any:
-    f = click.option("--key", "key", default=None, type=click.Path(dir_okay=False),
-                     help="Ed25519 signing key (PEM) [DATA_DIR/auth/signing.key].")(f)
-    f = click.option("--config", "config_path", default=None,
-                     type=click.Path(dir_okay=False),
-                     help="The broker's TOML config (for its data_dir).")(f)
-    return click.option("--data-dir", default=None,
-                        help="The broker's data directory [./conveyor-data].")(f)
+    f = click.option(
+        "--key",
+        "key",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="Ed25519 signing key (PEM) [DATA_DIR/auth/signing.key].",
+    )(f)
+    f = click.option(
+        "--config",
+        "config_path",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="The broker's TOML config (for its data_dir).",
+    )(f)
+    return click.option(
+        "--data-dir", default=None, help="The broker's data directory [./conveyor-data]."
+    )(f)
 
 
 @click.group("token")
@@ -72,28 +83,64 @@ def token() -> None:
 
 @token.command("create")
 @click.option("--subject", "-s", required=True, help="Who the token is for (logged).")
-@click.option("--configure", multiple=True, metavar="GLOB",
-              help="Declare/delete/purge exchanges and queues matching GLOB (repeatable).")
-@click.option("--write", multiple=True, metavar="GLOB",
-              help="Publish to exchanges (or default-exchange queues), bind queues "
-                   "matching GLOB (repeatable).")
-@click.option("--read", multiple=True, metavar="GLOB",
-              help="Consume/get from queues, bind from exchanges matching GLOB (repeatable).")
-@click.option("--ttl", default="24h", show_default=True,
-              help="Lifetime: seconds or 30s, 15m, 24h, 7d, 2w.")
-@click.option("--rate-messages", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Publish rate limit for connections using it (messages per second).")
-@click.option("--rate-bytes", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Publish rate limit (body bytes per second).")
-@click.option("--burst", type=click.IntRange(1), default=None,
-              help="Messages a publisher may send at once above its rate.")
-@click.option("--json", "as_json", is_flag=True,
-              help='One JSON object: {"token", "subject", "jti", "exp"}.')
+@click.option(
+    "--configure",
+    multiple=True,
+    metavar="GLOB",
+    help="Declare/delete/purge exchanges and queues matching GLOB (repeatable).",
+)
+@click.option(
+    "--write",
+    multiple=True,
+    metavar="GLOB",
+    help="Publish to exchanges (or default-exchange queues), bind queues "
+    "matching GLOB (repeatable).",
+)
+@click.option(
+    "--read",
+    multiple=True,
+    metavar="GLOB",
+    help="Consume/get from queues, bind from exchanges matching GLOB (repeatable).",
+)
+@click.option(
+    "--ttl", default="24h", show_default=True, help="Lifetime: seconds or 30s, 15m, 24h, 7d, 2w."
+)
+@click.option(
+    "--rate-messages",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Publish rate limit for connections using it (messages per second).",
+)
+@click.option(
+    "--rate-bytes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Publish rate limit (body bytes per second).",
+)
+@click.option(
+    "--burst",
+    type=click.IntRange(1),
+    default=None,
+    help="Messages a publisher may send at once above its rate.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help='One JSON object: {"token", "subject", "jti", "exp"}.'
+)
 @_location
-def create(subject: str, configure: tuple[str, ...], write: tuple[str, ...],
-           read: tuple[str, ...], ttl: str, rate_messages: float | None,
-           rate_bytes: float | None, burst: int | None, data_dir: str | None,
-           config_path: str | None, key: str | None, as_json: bool) -> None:
+def create(
+    subject: str,
+    configure: tuple[str, ...],
+    write: tuple[str, ...],
+    read: tuple[str, ...],
+    ttl: str,
+    rate_messages: float | None,
+    rate_bytes: float | None,
+    burst: int | None,
+    data_dir: str | None,
+    config_path: str | None,
+    key: str | None,
+    as_json: bool,
+) -> None:
     """Print a new signed token (creates the signing key if there is none).
 
     \b
@@ -108,12 +155,21 @@ def create(subject: str, configure: tuple[str, ...], write: tuple[str, ...],
         signing_key = load_or_create_key(path)
     except (OSError, ValueError) as exc:
         _fail(f"cannot use signing key {path}: {exc}")
-    claims = new_claims(subject, seconds, configure=configure, write=write, read=read,
-                        rate_messages=rate_messages, rate_bytes=rate_bytes, burst=burst)
+    claims = new_claims(
+        subject,
+        seconds,
+        configure=configure,
+        write=write,
+        read=read,
+        rate_messages=rate_messages,
+        rate_bytes=rate_bytes,
+        burst=burst,
+    )
     signed = sign_token(signing_key, claims)
     if as_json:
-        click.echo(json.dumps({"token": signed, "subject": subject, "jti": claims.jti,
-                               "exp": claims.exp}))
+        click.echo(
+            json.dumps({"token": signed, "subject": subject, "jti": claims.jti, "exp": claims.exp})
+        )
     else:
         click.echo(signed)
 
@@ -125,8 +181,9 @@ def _iso(t: int) -> str:
 @token.command("inspect")
 @click.argument("token_text", metavar="TOKEN")
 @_location
-def inspect(token_text: str, data_dir: str | None, config_path: str | None,
-            key: str | None) -> None:
+def inspect(
+    token_text: str, data_dir: str | None, config_path: str | None, key: str | None
+) -> None:
     """Print a token's claims and status as JSON; exit 0 only if it is valid.
 
     status: valid, expired, revoked, bad-signature, or unverified (no signing key found).
@@ -142,8 +199,11 @@ def inspect(token_text: str, data_dir: str | None, config_path: str | None,
 
     token_text = token_text.strip()
     path = _key_path(key, data_dir, config_path)
-    revoked = (None if key and not data_dir and not config_path
-               else RevocationList(revoked_path(_data_dir(data_dir, config_path))))
+    revoked = (
+        None
+        if key and not data_dir and not config_path
+        else RevocationList(revoked_path(_data_dir(data_dir, config_path)))
+    )
     try:
         if path.exists():
             verifier = TokenVerifier(load_key(path).public_key(), revoked)
@@ -151,9 +211,13 @@ def inspect(token_text: str, data_dir: str | None, config_path: str | None,
         else:
             claims = unverified_claims(token_text)
             is_revoked = revoked is not None and claims.jti in revoked
-            info = {"claims": claims.to_json(), "signature": f"unknown (no key at {path})",
-                    "expired": time.time() >= claims.exp, "revoked": is_revoked,
-                    "status": "revoked" if is_revoked else "unverified"}
+            info = {
+                "claims": claims.to_json(),
+                "signature": f"unknown (no key at {path})",
+                "expired": time.time() >= claims.exp,
+                "revoked": is_revoked,
+                "status": "revoked" if is_revoked else "unverified",
+            }
     except TokenError as exc:
         _fail(f"{exc.reason}: {exc.message}")
     except (OSError, ValueError) as exc:
@@ -170,11 +234,21 @@ def inspect(token_text: str, data_dir: str | None, config_path: str | None,
 @click.argument("token_text", metavar="[TOKEN]", required=False)
 @click.option("--jti", default=None, help="Revoke by token id instead of the token.")
 @click.option("--data-dir", default=None, help="The broker's data directory [./conveyor-data].")
-@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="The broker's TOML config (for its data_dir).")
+@click.option(
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The broker's TOML config (for its data_dir).",
+)
 @click.option("--json", "as_json", is_flag=True, help='One JSON object: {"revoked": JTI}.')
-def revoke(token_text: str | None, jti: str | None, data_dir: str | None,
-           config_path: str | None, as_json: bool) -> None:
+def revoke(
+    token_text: str | None,
+    jti: str | None,
+    data_dir: str | None,
+    config_path: str | None,
+    as_json: bool,
+) -> None:
     """Add a token's id to DATA_DIR/auth/revoked: new connections with it are refused.
 
     The running broker also closes the connections already open with it within about a

@@ -53,14 +53,16 @@ _OPEN = State.OPEN
 _unpack_header = HEADER.unpack_from
 _U64_MAX = U64_MAX
 
+
 class _Deliveries:
     """A DELIVER_BATCH decoded on the client's fast path, straight into messages (no
     frame or record objects). ``origin.consumer`` is filled in when it is dispatched."""
 
     __slots__ = ("consumer_tag", "messages", "origin", "tags")
 
-    def __init__(self, consumer_tag: str, origin: Origin, messages: list[Message],
-                 tags: list[int]) -> None:
+    def __init__(
+        self, consumer_tag: str, origin: Origin, messages: list[Message], tags: list[int]
+    ) -> None:
         self.consumer_tag = consumer_tag
         self.origin = origin
         self.messages = messages
@@ -107,8 +109,9 @@ class _PropsCheck:
 _new = object.__new__
 
 
-def _messages(entries: list[Any], origin: Origin,
-              memo: _PropsCheck) -> tuple[list[Message], list[int]] | None:
+def _messages(
+    entries: list[Any], origin: Origin, memo: _PropsCheck
+) -> tuple[list[Message], list[int]] | None:
     """Messages (and their tags) for DELIVER_BATCH entries that are all full 7-item
     records the generated ``DeliveryEntry`` checks accept on their fast path; None means
     "not sure": the caller then runs the generated decoder, which raises the precise
@@ -123,12 +126,21 @@ def _messages(entries: list[Any], origin: Origin,
         if type(f) is not list or len(f) != 7:
             return None
         a0, a1, a2, a3, a4, a5, a6 = f
-        if (type(a0) is not int or a0 < 0 or a0 > _U64_MAX
-                or (a1 is not True and a1 is not False)
-                or type(a2) is not str or len(a2) > NAME_FAST
-                or type(a3) is not str or len(a3) > NAME_FAST
-                or type(a4) is not dict or type(a5) is not bytes
-                or type(a6) is not int or a6 < 0 or a6 > U32_MAX):
+        if (
+            type(a0) is not int
+            or a0 < 0
+            or a0 > _U64_MAX
+            or (a1 is not True and a1 is not False)
+            or type(a2) is not str
+            or len(a2) > NAME_FAST
+            or type(a3) is not str
+            or len(a3) > NAME_FAST
+            or type(a4) is not dict
+            or type(a5) is not bytes
+            or type(a6) is not int
+            or a6 < 0
+            or a6 > U32_MAX
+        ):
             return None
         if a4 and not (a4 == last and simple and (key is None or type(a4[key]) is kind)):
             if not memo.ok(a4):
@@ -149,8 +161,14 @@ def _messages(entries: list[Any], origin: Origin,
     return msgs, tags
 
 
-def _run_messages(origin: Origin, tags: range, exchange: str, routing_key: str,
-                  props: dict[str, Any], bodies: list[bytes]) -> list[Message]:
+def _run_messages(
+    origin: Origin,
+    tags: range,
+    exchange: str,
+    routing_key: str,
+    props: dict[str, Any],
+    bodies: list[bytes],
+) -> list[Message]:
     """Messages of a DELIVER_RUN: first deliveries, each with its own properties dict."""
     msgs: list[Message] = []
     append = msgs.append
@@ -174,8 +192,7 @@ class _Confirmed:
 
     __slots__ = ("ack", "code", "first_seq", "last_seq", "message")
 
-    def __init__(self, first_seq: int, last_seq: int, ack: bool, code: int,
-                 message: str) -> None:
+    def __init__(self, first_seq: int, last_seq: int, ack: bool, code: int, message: str) -> None:
         self.first_seq = first_seq
         self.last_seq = last_seq
         self.ack = ack
@@ -281,7 +298,7 @@ class _Protocol(asyncio.Protocol):
                 if stop > end:
                     break
                 if ftype in _FAST and wire.state is _OPEN:
-                    out.append(_FAST[ftype](self, buf[pos + 5:stop]))
+                    out.append(_FAST[ftype](self, buf[pos + 5 : stop]))
                 else:
                     out.extend(wire.receive_data(buf[pos:stop]))
                 pos = stop
@@ -323,25 +340,38 @@ class _Protocol(asyncio.Protocol):
         f = unpack_body(body, DeliverRun.NAME)
         if type(f) is list and len(f) == 6:
             tag, first, ex, rk, props, bodies = f
-            if (type(tag) is str and len(tag) <= NAME_FAST and type(first) is int
-                    and type(ex) is str and len(ex) <= NAME_FAST
-                    and type(rk) is str and len(rk) <= NAME_FAST
-                    and type(props) is dict and type(bodies) is list and bodies
-                    and first >= 0 and first + len(bodies) - 1 <= U64_MAX
-                    and (not props or self._props.ok(props))
-                    and set(map(type, bodies)) == {bytes}):
+            if (
+                type(tag) is str
+                and len(tag) <= NAME_FAST
+                and type(first) is int
+                and type(ex) is str
+                and len(ex) <= NAME_FAST
+                and type(rk) is str
+                and len(rk) <= NAME_FAST
+                and type(props) is dict
+                and type(bodies) is list
+                and bodies
+                and first >= 0
+                and first + len(bodies) - 1 <= U64_MAX
+                and (not props or self._props.ok(props))
+                and set(map(type, bodies)) == {bytes}
+            ):
                 origin = Origin(self.owner, None, self.owner.epoch)
                 tags = range(first, first + len(bodies))
-                return _Deliveries(tag, origin, _run_messages(origin, tags, ex, rk, props,
-                                                              bodies), list(tags))
+                return _Deliveries(
+                    tag, origin, _run_messages(origin, tags, ex, rk, props, bodies), list(tags)
+                )
         return DeliverRun.from_wire(f)
 
     def _compressed(self, body: bytes | bytearray) -> _Deliveries | DeliverBatch | DeliverRun:
         f = Compressed.from_wire(unpack_body(body, Compressed.NAME))
         if not self.compress:
             raise UnexpectedFrame("COMPRESSED frame but compression was not negotiated")
-        data = inflate(f.data, self.max_frame_size) if f.inner_type in (
-            DeliverBatch.TYPE, DeliverRun.TYPE) else b""
+        data = (
+            inflate(f.data, self.max_frame_size)
+            if f.inner_type in (DeliverBatch.TYPE, DeliverRun.TYPE)
+            else b""
+        )
         if f.inner_type == DeliverBatch.TYPE:
             return self._deliver_batch(data)
         if f.inner_type == DeliverRun.TYPE:
@@ -352,10 +382,17 @@ class _Protocol(asyncio.Protocol):
         f = unpack_body(body, Confirm.NAME)
         if type(f) is list and len(f) == 5:
             a0, a1, a2, a3, a4 = f
-            if (type(a0) is int and 0 <= a0 <= U64_MAX and type(a1) is int
-                    and 0 <= a1 <= U64_MAX and (a2 is True or a2 is False)
-                    and type(a3) is int and 0 <= a3 <= U16_MAX
-                    and type(a4) is str and len(a4) <= STR_FAST):
+            if (
+                type(a0) is int
+                and 0 <= a0 <= U64_MAX
+                and type(a1) is int
+                and 0 <= a1 <= U64_MAX
+                and (a2 is True or a2 is False)
+                and type(a3) is int
+                and 0 <= a3 <= U16_MAX
+                and type(a4) is str
+                and len(a4) <= STR_FAST
+            ):
                 return _Confirmed(a0, a1, a2, a3, a4)
         return Confirm.from_wire(f)
 
@@ -367,13 +404,22 @@ class _Protocol(asyncio.Protocol):
                 major, _, minor = f.version.partition(".")
                 self.server_minor = int(minor) if minor.isdigit() and major == "1" else 0
                 self.max_message_size = f.max_message_size
-                props: dict[str, Any] = {"library": "conveyor-py", "version": "0.1.0",
-                                         "connection_name": o.name}
+                props: dict[str, Any] = {
+                    "library": "conveyor-py",
+                    "version": "0.1.0",
+                    "connection_name": o.name,
+                }
                 wanted = [o.compression] if o.compression else []
                 if wanted and self.server_minor < 2:
                     props["compression"] = wanted  # where servers before 1.2 look
-                auth = Auth("token" if o.token else "anonymous", o.token, props,
-                            o.max_frame_size, o.heartbeat_ms, wanted)
+                auth = Auth(
+                    "token" if o.token else "anonymous",
+                    o.token,
+                    props,
+                    o.max_frame_size,
+                    o.heartbeat_ms,
+                    wanted,
+                )
                 assert self.transport is not None
                 # AUTH.compression is 1.2: an older server would refuse the extra field.
                 self.transport.write(self.wire.send(auth, trim=1 if self.server_minor < 2 else 0))
@@ -417,7 +463,8 @@ class _Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.handshake.done():
             self.handshake.set_exception(
-                ConnectionClosed(f"connection lost during handshake: {exc}"))
+                ConnectionClosed(f"connection lost during handshake: {exc}")
+            )
         if not self.closed.done():
             self.closed.set_result(None)
         self.drained.set()

@@ -185,9 +185,14 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         try:
             _t, proto = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _Protocol(self), self.url.host, self.url.port, ssl=self._ssl,
-                    ssl_handshake_timeout=timeout if self._ssl is not None else None),
-                timeout)
+                    lambda: _Protocol(self),
+                    self.url.host,
+                    self.url.port,
+                    ssl=self._ssl,
+                    ssl_handshake_timeout=timeout if self._ssl is not None else None,
+                ),
+                timeout,
+            )
             ok = await asyncio.wait_for(proto.handshake, timeout)
         except (OSError, TimeoutError) as exc:
             raise ConnectionClosed(f"cannot connect to {self.url}: {exc or 'timed out'}") from None
@@ -226,8 +231,9 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
             self._flush()
             try:
                 proto.transport.write(proto.wire.send(Close(200, "client closing")))
-                await asyncio.wait_for(asyncio.shield(proto.closed),
-                                       max(deadline - time.monotonic(), 1.0))
+                await asyncio.wait_for(
+                    asyncio.shield(proto.closed), max(deadline - time.monotonic(), 1.0)
+                )
             except (TimeoutError, ConveyorError):
                 pass
             finally:
@@ -309,14 +315,30 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
             elif t is DeliverBatch:
                 self._on_deliveries(f.consumer_tag, f.entries)
             elif t is DeliverRun:
-                self._on_deliveries(f.consumer_tag, [
-                    (tag, False, f.exchange, f.routing_key, dict(f.properties), body, 1)
-                    for tag, body in zip(range(f.first_tag, f.first_tag + len(f.bodies)),
-                                         f.bodies, strict=True)])
+                self._on_deliveries(
+                    f.consumer_tag,
+                    [
+                        (tag, False, f.exchange, f.routing_key, dict(f.properties), body, 1)
+                        for tag, body in zip(
+                            range(f.first_tag, f.first_tag + len(f.bodies)), f.bodies, strict=True
+                        )
+                    ],
+                )
             elif t is Deliver:
-                self._on_deliveries(f.consumer_tag, [(
-                    f.delivery_tag, f.redelivered, f.exchange, f.routing_key, f.properties,
-                    f.body, f.delivery_count)])
+                self._on_deliveries(
+                    f.consumer_tag,
+                    [
+                        (
+                            f.delivery_tag,
+                            f.redelivered,
+                            f.exchange,
+                            f.routing_key,
+                            f.properties,
+                            f.body,
+                            f.delivery_count,
+                        )
+                    ],
+                )
             elif t is Error:
                 self._on_error(f)
             elif t is Return:
@@ -357,12 +379,14 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
                 if t is expected:
                     fut.set_result(f)
                 else:
-                    fut.set_exception(UnexpectedFrame(
-                        f"{f.NAME} in reply to request {rid}, which expects {expected.NAME}",
-                        {"rid": rid, "frame": f.NAME}))
+                    fut.set_exception(
+                        UnexpectedFrame(
+                            f"{f.NAME} in reply to request {rid}, which expects {expected.NAME}",
+                            {"rid": rid, "frame": f.NAME},
+                        )
+                    )
                 if not self._requests:
                     self._wake_drain()
-
 
     def _on_error(self, f: Error) -> None:
         exc = error_for_code(f.code, f.message, f.details)
@@ -396,11 +420,18 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         self._ack_pending.clear()
         self._ack_hi = 0
         reason = self._closed_error or (
-            ConnectionClosed("connection closed by the application") if self._closing
-            else ConnectionClosed(f"connection to {self.url} lost" + (f": {exc}" if exc else "")))
+            ConnectionClosed("connection closed by the application")
+            if self._closing
+            else ConnectionClosed(f"connection to {self.url} lost" + (f": {exc}" if exc else ""))
+        )
         self._closed_error = None
-        err = reason if isinstance(reason, ConnectionClosed) else ConnectionClosed(
-            f"connection closed by the broker: {reason}", {"code": reason.code})
+        err = (
+            reason
+            if isinstance(reason, ConnectionClosed)
+            else ConnectionClosed(
+                f"connection closed by the broker: {reason}", {"code": reason.code}
+            )
+        )
         self._fail_all(err)
         for c in self._consumers.values():
             # Unsettled buffered messages will be redelivered on the next connection.
@@ -434,7 +465,8 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
             n = len(unconfirmed)
             doubt = PublishInDoubt(
                 f"{err.message}: {n} publish(es) not confirmed, may or may not be stored",
-                {**err.details, "in_doubt": n})
+                {**err.details, "in_doubt": n},
+            )
             for p in {id(p): p for p in unconfirmed.values()}.values():
                 pf = p.future if type(p) is _Pending else cast("asyncio.Future[None]", p)
                 if not pf.done():
@@ -526,8 +558,12 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         if self._ack_hi or self._ack_pending:
             self._emit_acks()
         proto = self._proto
-        if self._wbuf and proto is not None and proto.transport is not None \
-                and not proto.transport.is_closing():
+        if (
+            self._wbuf
+            and proto is not None
+            and proto.transport is not None
+            and not proto.transport.is_closing()
+        ):
             data = b"".join(self._wbuf)
             self._wbuf.clear()
             proto.transport.write(data)
@@ -549,8 +585,9 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
             except TimeoutError:
                 raise ConnectionClosed(f"not connected to {self.url}") from None
 
-    async def _request(self, frame: Frame, timeout: float | None = None,
-                       internal: bool = False) -> Frame:
+    async def _request(
+        self, frame: Frame, timeout: float | None = None, internal: bool = False
+    ) -> Frame:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         await self._ready(deadline, internal)
@@ -567,11 +604,18 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
             self._requests.pop(rid, None)
             raise RequestTimeout(f"no reply to {frame.NAME} within {timeout}s") from None
 
-
     # ------------------------------------------------------------------ request/reply
-    async def rpc(self, exchange: str, routing_key: str, body: Body, *,
-                  timeout: float | None = None, properties: dict[str, Any] | None = None,
-                  mandatory: bool = True, **props: Any) -> Message:
+    async def rpc(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: Body,
+        *,
+        timeout: float | None = None,
+        properties: dict[str, Any] | None = None,
+        mandatory: bool = True,
+        **props: Any,
+    ) -> Message:
         """Send a request and wait for its reply (reply_to + correlation_id).
 
         Replies arrive on one server-named exclusive queue per connection, created on
@@ -588,8 +632,9 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
         try:
             p = _props(properties, props)
             p = {**p, "reply_to": self._rpc_queue, "correlation_id": corr}
-            await self.publish(exchange, routing_key, body, properties=p, mandatory=mandatory,
-                               timeout=timeout)
+            await self.publish(
+                exchange, routing_key, body, properties=p, mandatory=mandatory, timeout=timeout
+            )
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise RequestTimeout(f"no reply from {routing_key!r} within {timeout}s") from None
@@ -597,8 +642,11 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
             self._rpc_waiters.pop(corr, None)
 
     async def _ensure_rpc_queue(self) -> None:
-        if self._rpc_queue is not None and self._rpc_consumer is not None \
-                and self._rpc_consumer.active:
+        if (
+            self._rpc_queue is not None
+            and self._rpc_consumer is not None
+            and self._rpc_consumer.active
+        ):
             return
         info = await self.declare_queue("", exclusive=True, auto_delete=True, durable=False)
         self._rpc_queue = info.name
@@ -621,12 +669,22 @@ class Connection(_TopologyMixin, _PublishingMixin, _ConsumingMixin):
                 self._rpc_consumer = None
 
 
-async def connect(url: str = "mq://127.0.0.1:5680", *, name: str = "", reconnect: bool = True,
-                  timeout: float = 30.0, heartbeat_ms: int = 0, max_frame_size: int = 0,
-                  max_unconfirmed: int = 65536, token: str | None = None,
-                  ssl_context: ssl.SSLContext | None = None, ca: str | None = None,
-                  cert: str | None = None, key: str | None = None,
-                  compression: str | None = None) -> Connection:
+async def connect(
+    url: str = "mq://127.0.0.1:5680",
+    *,
+    name: str = "",
+    reconnect: bool = True,
+    timeout: float = 30.0,
+    heartbeat_ms: int = 0,
+    max_frame_size: int = 0,
+    max_unconfirmed: int = 65536,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    compression: str | None = None,
+) -> Connection:
     """Open a connection (``async with await connect(...) as conn`` closes it cleanly).
 
     ``timeout`` bounds connecting and is the default for requests and publishes.
@@ -638,8 +696,19 @@ async def connect(url: str = "mq://127.0.0.1:5680", *, name: str = "", reconnect
     ``compression="zstd"`` asks the broker for zstd-compressed PUBLISH_BATCH/DELIVER_BATCH
     frames (off by default); ``conn.negotiated_compression`` says whether it agreed.
     """
-    conn = Connection(url, name=name, reconnect=reconnect, heartbeat_ms=heartbeat_ms,
-                      max_frame_size=max_frame_size, max_unconfirmed=max_unconfirmed,
-                      timeout=timeout, token=token, ssl_context=ssl_context, ca=ca, cert=cert,
-                      key=key, compression=compression)
+    conn = Connection(
+        url,
+        name=name,
+        reconnect=reconnect,
+        heartbeat_ms=heartbeat_ms,
+        max_frame_size=max_frame_size,
+        max_unconfirmed=max_unconfirmed,
+        timeout=timeout,
+        token=token,
+        ssl_context=ssl_context,
+        ca=ca,
+        cert=cert,
+        key=key,
+        compression=compression,
+    )
     return await conn.open(timeout)

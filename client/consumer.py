@@ -32,8 +32,16 @@ class Consumer:
     :meth:`ack_all` settles such a list in one call.
     """
 
-    def __init__(self, conn: Connection, queue: str, prefetch: int, no_ack: bool,
-                 exclusive: bool, tag: str, arguments: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        queue: str,
+        prefetch: int,
+        no_ack: bool,
+        exclusive: bool,
+        tag: str,
+        arguments: dict[str, Any],
+    ) -> None:
         self._conn = conn
         self.queue = queue
         self.prefetch = prefetch
@@ -109,8 +117,9 @@ class Consumer:
         except StopAsyncIteration:
             return None
 
-    async def get_batch(self, max_messages: int | None = None,
-                        timeout: float | None = None) -> list[Message]:
+    async def get_batch(
+        self, max_messages: int | None = None, timeout: float | None = None
+    ) -> list[Message]:
         """The buffered messages (at least one, at most ``max_messages``), or an empty list
         if none arrives within ``timeout`` seconds or the consumer was cancelled."""
         if max_messages is not None and max_messages < 1:
@@ -179,8 +188,12 @@ class Consumer:
         """The broker cancelled this consumer (CANCELLED): iteration raises
         ConsumerCancelled."""
         self.active = False
-        self.finish(ConsumerCancelled(f"consumer {self.tag} cancelled by the broker: {message}",
-                                       {"code": code, "queue": self.queue}))
+        self.finish(
+            ConsumerCancelled(
+                f"consumer {self.tag} cancelled by the broker: {message}",
+                {"code": code, "queue": self.queue},
+            )
+        )
 
     def fail(self, error: ConveyorError) -> None:
         """The consumer cannot go on (not restored, or no reconnect): iteration raises."""
@@ -193,8 +206,9 @@ class _Batches:
 
     __slots__ = ("_max", "_next")
 
-    def __init__(self, next_batch: Callable[[int | None], Awaitable[list[Message]]],
-                 max_messages: int | None) -> None:
+    def __init__(
+        self, next_batch: Callable[[int | None], Awaitable[list[Message]]], max_messages: int | None
+    ) -> None:
         self._next = next_batch  # the consumer's _next_batch (StreamConsumer's own)
         self._max = max_messages
 
@@ -213,24 +227,26 @@ _FIRST_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 STREAM_OFFSETS = ("first", "last", "next")
 
 
-def stream_arguments(offset: str | int = "next",
-                     timestamp: datetime.datetime | float | int | None = None,
-                     group: str | None = None) -> dict[str, Any]:
+def stream_arguments(
+    offset: str | int = "next",
+    timestamp: datetime.datetime | float | int | None = None,
+    group: str | None = None,
+) -> dict[str, Any]:
     """CONSUME arguments (spec [consume_arguments]) for reading a stream; checked here so
     a mistake fails before anything is sent. ``timestamp``: a ``datetime`` (naive = local
     time) or milliseconds since the epoch (the unit of :attr:`Message.timestamp`)."""
     args: dict[str, Any] = {}
     if isinstance(offset, str):
         if offset not in STREAM_OFFSETS:
-            raise ValueError(f"offset must be 'first', 'last', 'next' or an int >= 0, "
-                             f"not {offset!r}")
+            raise ValueError(
+                f"offset must be 'first', 'last', 'next' or an int >= 0, not {offset!r}"
+            )
         if offset != "next":
             args["offset"] = offset
     elif type(offset) is int and 0 <= offset <= U64_MAX:
         args["offset"] = offset
     else:
-        raise ValueError(f"offset must be 'first', 'last', 'next' or an int >= 0, "
-                         f"not {offset!r}")
+        raise ValueError(f"offset must be 'first', 'last', 'next' or an int >= 0, not {offset!r}")
     if timestamp is not None:
         args["timestamp"] = timestamp_ms(timestamp)
     if group is not None:
@@ -273,8 +289,15 @@ class StreamConsumer(Consumer):
     or :meth:`commit`. Without a group acks commit nothing but still return credit.
     """
 
-    def __init__(self, conn: Connection, queue: str, prefetch: int, auto_commit: bool,
-                 tag: str, arguments: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        queue: str,
+        prefetch: int,
+        auto_commit: bool,
+        tag: str,
+        arguments: dict[str, Any],
+    ) -> None:
         super().__init__(conn, queue, prefetch, False, False, tag, arguments)
         self.group: str | None = arguments.get("group")
         self.auto_commit = auto_commit
@@ -407,8 +430,9 @@ class StreamConsumer(Consumer):
         if not msg.settled and msg not in todo:
             todo.append(msg)
         held = self._held
-        while held and (held[0].settled or held[0].origin.epoch != epoch
-                        or held[0].delivery_tag <= tag):
+        while held and (
+            held[0].settled or held[0].origin.epoch != epoch or held[0].delivery_tag <= tag
+        ):
             held.popleft()
         if todo:
             todo.sort(key=lambda m: m.delivery_tag)

@@ -72,14 +72,23 @@ class _ConsumingMixin:
     _ack_hi: int
 
     if TYPE_CHECKING:  # defined by the connection
-        async def _request(self, frame: Frame, timeout: float | None = None,
-                           internal: bool = False) -> Frame: ...
+
+        async def _request(
+            self, frame: Frame, timeout: float | None = None, internal: bool = False
+        ) -> Frame: ...
         def _send(self, data: bytes) -> None: ...
         def _schedule_flush(self) -> None: ...
 
-    async def consume(self, queue: str, *, prefetch: int = 256, no_ack: bool = False,
-                      exclusive: bool = False, consumer_tag: str = "",
-                      arguments: dict[str, Any] | None = None) -> Consumer:
+    async def consume(
+        self,
+        queue: str,
+        *,
+        prefetch: int = 256,
+        no_ack: bool = False,
+        exclusive: bool = False,
+        consumer_tag: str = "",
+        arguments: dict[str, Any] | None = None,
+    ) -> Consumer:
         """Start a push consumer; iterate it with ``async for``.
 
         ``prefetch`` (>= 1) bounds unacked deliveries; ``no_ack=True`` is at-most-once.
@@ -88,15 +97,29 @@ class _ConsumingMixin:
         """
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
-        c = Consumer(cast("Connection", self), queue, prefetch, no_ack, exclusive,
-                     consumer_tag, arguments or {})
+        c = Consumer(
+            cast("Connection", self),
+            queue,
+            prefetch,
+            no_ack,
+            exclusive,
+            consumer_tag,
+            arguments or {},
+        )
         await self.start_consumer(c)
         return c
 
-    def stream(self, queue: str, *, offset: str | int = "next",
-               timestamp: datetime | float | int | None = None, group: str | None = None,
-               prefetch: int = 1000, auto_commit: bool = True,
-               consumer_tag: str = "") -> StreamConsumer:
+    def stream(
+        self,
+        queue: str,
+        *,
+        offset: str | int = "next",
+        timestamp: datetime | float | int | None = None,
+        group: str | None = None,
+        prefetch: int = 1000,
+        auto_commit: bool = True,
+        consumer_tag: str = "",
+    ) -> StreamConsumer:
         """Read a stream (a queue declared with ``queue_type="stream"``) in offset order:
         ``async for msg in conn.stream("events", offset="first")``; ``msg.offset`` and
         ``msg.timestamp`` say where each message sits. Reading removes nothing.
@@ -119,16 +142,19 @@ class _ConsumingMixin:
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
         args = stream_arguments(offset, timestamp, group)
-        return StreamConsumer(cast("Connection", self), queue, prefetch, auto_commit,
-                              consumer_tag, args)
+        return StreamConsumer(
+            cast("Connection", self), queue, prefetch, auto_commit, consumer_tag, args
+        )
 
     async def start_consumer(self, c: Consumer, internal: bool = False) -> None:
         """Subscribe ``c`` (CONSUME); ``internal``: while restoring after a reconnect."""
         rid = next(self._rids)
         self._pending_consumers[rid] = c
         try:
-            ok = await self._request(Consume(rid, c.queue, c.tag, c.no_ack, c.exclusive,
-                                             c.prefetch, c.arguments), internal=internal)
+            ok = await self._request(
+                Consume(rid, c.queue, c.tag, c.no_ack, c.exclusive, c.prefetch, c.arguments),
+                internal=internal,
+            )
         finally:
             self._pending_consumers.pop(rid, None)
         assert isinstance(ok, ConsumeOk) and c.active
@@ -194,8 +220,7 @@ class _ConsumingMixin:
         settled or listed twice, ``ConnectionClosed`` if one came on a connection that is
         gone (the broker redelivers those), ``ValueError`` if one came on another
         connection."""
-        msgs = messages if isinstance(messages, (builtins.list, tuple)) else \
-            builtins.list(messages)
+        msgs = messages if isinstance(messages, (builtins.list, tuple)) else builtins.list(messages)
         if not msgs:
             return
         if self._ack_run(msgs):
@@ -282,8 +307,14 @@ class _ConsumingMixin:
             self._schedule_flush()
         return True
 
-    async def get(self, queue: str, max_messages: int = 1, *, no_ack: bool = False,
-                  timeout: float | None = None) -> builtins.list[Message]:
+    async def get(
+        self,
+        queue: str,
+        max_messages: int = 1,
+        *,
+        no_ack: bool = False,
+        timeout: float | None = None,
+    ) -> builtins.list[Message]:
         """Pull up to ``max_messages`` ready messages (an empty list if none)."""
         ok = await self._request(Get(next(self._rids), queue, max_messages, no_ack), timeout)
         assert isinstance(ok, GetOk)
@@ -299,9 +330,11 @@ class _ConsumingMixin:
     def _on_deliveries(self, consumer_tag: str, entries: Sequence[Sequence[Any]]) -> None:
         """Messages for a consumer; ``entries`` are validated 7-item delivery records."""
         origin = Origin(cast("Connection", self), None, self._epoch)
-        self._on_messages(_Deliveries(consumer_tag, origin,
-                                      [Message(origin, e) for e in entries],
-                                      [e[0] for e in entries]))
+        self._on_messages(
+            _Deliveries(
+                consumer_tag, origin, [Message(origin, e) for e in entries], [e[0] for e in entries]
+            )
+        )
 
     def _on_messages(self, d: _Deliveries) -> None:
         c = self._consumers.get(d.consumer_tag)
@@ -339,4 +372,3 @@ class _ConsumingMixin:
             if done.get(tag) is False:
                 wbuf.append(encode_fields(_ACK, [tag, False]))
                 done[tag] = True
-

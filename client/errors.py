@@ -89,4 +89,5 @@ def stale_delivery() -> ConnectionClosed:
     """What settling a message from a connection since lost raises: its tag means nothing
     to the broker now (it redelivers the message)."""
     return ConnectionClosed(
-        "the connection this message came on is gone; the broker will redeliver it")
+        "the connection this message came on is gone; the broker will redeliver it"
+    )

@@ -14,8 +14,19 @@ if TYPE_CHECKING:
     from conveyor.client.consumer import Consumer
 
 PROPERTY_NAMES = (
-    "message_id", "correlation_id", "reply_to", "content_type", "content_encoding", "type",
-    "app_id", "headers", "timestamp", "ttl", "priority", "persistent", "delay",
+    "message_id",
+    "correlation_id",
+    "reply_to",
+    "content_type",
+    "content_encoding",
+    "type",
+    "app_id",
+    "headers",
+    "timestamp",
+    "ttl",
+    "priority",
+    "persistent",
+    "delay",
 )
 
 
@@ -72,8 +83,12 @@ class Processing:
     async def __aenter__(self) -> Message:
         return self.message
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         m = self.message
         if m.settled:
             return
@@ -120,8 +135,15 @@ class Message:
     """
 
     __slots__ = (
-        "body", "delivery_count", "delivery_tag", "exchange", "origin", "properties",
-        "redelivered", "routing_key", "settled",
+        "body",
+        "delivery_count",
+        "delivery_tag",
+        "exchange",
+        "origin",
+        "properties",
+        "redelivered",
+        "routing_key",
+        "settled",
     )
 
     delivery_tag: int
@@ -138,8 +160,15 @@ class Message:
         """``entry`` is a validated delivery record: (delivery_tag, redelivered, exchange,
         routing_key, properties, body, delivery_count)."""
         self.origin = origin
-        (self.delivery_tag, self.redelivered, self.exchange, self.routing_key,
-         self.properties, self.body, self.delivery_count) = entry
+        (
+            self.delivery_tag,
+            self.redelivered,
+            self.exchange,
+            self.routing_key,
+            self.properties,
+            self.body,
+            self.delivery_count,
+        ) = entry
         self.settled = False
 
     # Convenience accessors for the common properties.
@@ -205,8 +234,7 @@ class Message:
         origin = self.origin
         origin.conn.extend_delivery(self.delivery_tag, origin.epoch, timeout_ms)
 
-    def process(self, *, requeue: bool = False,
-                reject_on_redelivered: bool = False) -> Processing:
+    def process(self, *, requeue: bool = False, reject_on_redelivered: bool = False) -> Processing:
         """``async with msg.process():`` acks on success, rejects on an exception (which
         propagates). ``requeue=True`` puts a failed message back in the queue (unless
         ``reject_on_redelivered`` and it was delivered before: a poison message then goes
@@ -245,5 +273,7 @@ class Message:
             origin.consumer.on_settled(1)
 
     def __repr__(self) -> str:
-        return (f"Message(tag={self.delivery_tag}, exchange={self.exchange!r}, "
-                f"routing_key={self.routing_key!r}, body={self.body[:40]!r})")
+        return (
+            f"Message(tag={self.delivery_tag}, exchange={self.exchange!r}, "
+            f"routing_key={self.routing_key!r}, body={self.body[:40]!r})"
+        )

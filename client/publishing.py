@@ -70,12 +70,14 @@ _ENTRY_WEIGHT = 128
 
 def _entry_weight(e: Entry) -> int:
     props = e[2]
-    return len(e[3]) + _ENTRY_WEIGHT + (
-        len(_packb(props["headers"])) if props and "headers" in props else 0)
+    return (
+        len(e[3])
+        + _ENTRY_WEIGHT
+        + (len(_packb(props["headers"])) if props and "headers" in props else 0)
+    )
 
 
 _U64_MAX = U64_MAX
-
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,9 @@ def _body_bytes(entries: Sequence[Entry]) -> int:
     return sum([len(e[3]) for e in entries])
 
 
-def _credit_fit(entries: Sequence[Entry], start: int, messages: int,
-                nbytes: int) -> tuple[int, int]:
+def _credit_fit(
+    entries: Sequence[Entry], start: int, messages: int, nbytes: int
+) -> tuple[int, int]:
     """How many of ``entries[start:]`` the credit allows (each needs a message and byte
     credit > 0 before it; the last may overdraw the bytes), and their body bytes."""
     k = used = 0
@@ -149,7 +152,6 @@ def _props(properties: dict[str, Any] | None, kw: dict[str, Any]) -> dict[str, A
     return props
 
 
-
 def _body(body: Body) -> bytes:
     if isinstance(body, str):
         return body.encode()
@@ -158,33 +160,42 @@ def _body(body: Body) -> bytes:
     return bytes(body)
 
 
-def _check_fits(entries: Sequence[tuple[str, str, dict[str, Any], bytes, bool]],
-                max_frame: int, max_message: int = 0) -> None:
+def _check_fits(
+    entries: Sequence[tuple[str, str, dict[str, Any], bytes, bool]],
+    max_frame: int,
+    max_message: int = 0,
+) -> None:
     """Refuse (413) a message over the broker's announced maximum message size
     (OPEN_OK.max_message_size, 0 = not stated), or one that cannot fit in one frame: a
     sender must never exceed the negotiated max_frame_size, or the broker closes the
     connection (502)."""
     for ex, rk, props, body, mandatory in entries:
-        size = len(body) + (len(_packb(props["headers"])) if props and "headers" in props
-                            else 0)
+        size = len(body) + (len(_packb(props["headers"])) if props and "headers" in props else 0)
         if max_message and size > max_message:
             raise error_for_code(
-                413, f"message of {size} bytes (body plus headers) exceeds the broker's "
+                413,
+                f"message of {size} bytes (body plus headers) exceeds the broker's "
                 f"maximum message size of {max_message} bytes on this connection",
-                {"limit": "max_message_size", "max_message_size": max_message})
+                {"limit": "max_message_size", "max_message_size": max_message},
+            )
         if not max_frame:
             continue
         if size + 4096 <= max_frame:
             continue  # names and properties other than headers are small
         # Measure exactly, as sent (alone in a PUBLISH or PUBLISH_BATCH, worst-case seq).
         entry = [ex, rk, props, body, mandatory]
-        frame = (encode_fields(_PUBLISH, [_U64_MAX, *entry]) if len(entries) == 1
-                 else encode_fields(_PUBLISH_BATCH, [_U64_MAX, [entry]]))
+        frame = (
+            encode_fields(_PUBLISH, [_U64_MAX, *entry])
+            if len(entries) == 1
+            else encode_fields(_PUBLISH_BATCH, [_U64_MAX, [entry]])
+        )
         if len(frame) - 4 > max_frame:
-            raise error_for_code(413, f"message of {len(body)} bytes does not fit the negotiated "
-                                 f"maximum frame size of {max_frame} bytes",
-                                 {"max_frame_size": max_frame})
-
+            raise error_for_code(
+                413,
+                f"message of {len(body)} bytes does not fit the negotiated "
+                f"maximum frame size of {max_frame} bytes",
+                {"max_frame_size": max_frame},
+            )
 
 
 class _PublishingMixin:
@@ -212,15 +223,23 @@ class _PublishingMixin:
     _ack_pending: list[int]
 
     if TYPE_CHECKING:  # defined by the connection and the consuming concern
+
         async def _ready(self, deadline: float, internal: bool = False) -> _Protocol: ...
         def _schedule_flush(self) -> None: ...
         def _write_out(self) -> None: ...
         def _emit_acks(self) -> None: ...
 
-    async def publish(self, exchange: str, routing_key: str, body: Body, *,
-                      properties: dict[str, Any] | None = None, mandatory: bool = False,
-                      timeout: float | None = None,
-                      **props: Unpack[MessageProperties]) -> None:
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: Body,
+        *,
+        properties: dict[str, Any] | None = None,
+        mandatory: bool = False,
+        timeout: float | None = None,
+        **props: Unpack[MessageProperties],
+    ) -> None:
         """Publish one message and wait until the broker confirms it.
 
         Raises the spec's error class on a nack (e.g. ``NotFound`` for a missing
@@ -233,13 +252,20 @@ class _PublishingMixin:
         """
         kw = cast(dict[str, Any], props)
         fut = await self._publish_many(
-            [(exchange, routing_key, _props(properties, kw), _body(body), mandatory)], timeout)
+            [(exchange, routing_key, _props(properties, kw), _body(body), mandatory)], timeout
+        )
         await self._await_confirm(fut, timeout)
 
-    async def publish_batch(self, messages: Iterable[OutgoingMessage | Body], *,
-                            exchange: str = "", routing_key: str = "",
-                            properties: dict[str, Any] | None = None, mandatory: bool = False,
-                            timeout: float | None = None) -> int:
+    async def publish_batch(
+        self,
+        messages: Iterable[OutgoingMessage | Body],
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: dict[str, Any] | None = None,
+        mandatory: bool = False,
+        timeout: float | None = None,
+    ) -> int:
         """Publish many messages pipelined in PUBLISH_BATCH frames; wait for every confirm.
 
         Items are :class:`OutgoingMessage` or plain bodies (which use the ``exchange``,
@@ -251,8 +277,16 @@ class _PublishingMixin:
         if type(messages) is list and set(map(type, messages)) == {bytes}:
             # The common shape, all bodies with the shared settings: no Python-level loop.
             n = len(messages)
-            entries = _Sized(zip(repeat(exchange, n), repeat(routing_key, n), repeat(base, n),
-                                 messages, repeat(mandatory, n), strict=True))
+            entries = _Sized(
+                zip(
+                    repeat(exchange, n),
+                    repeat(routing_key, n),
+                    repeat(base, n),
+                    messages,
+                    repeat(mandatory, n),
+                    strict=True,
+                )
+            )
             headers = len(_packb(base["headers"])) if "headers" in base else 0
             entries.bodies = sum(map(len, messages))
             entries.size = entries.bodies + n * (_ENTRY_WEIGHT + headers)
@@ -262,10 +296,15 @@ class _PublishingMixin:
             entries = []
             for m in messages:
                 if isinstance(m, OutgoingMessage):
-                    entries.append((exchange if m.exchange is None else m.exchange,
-                                    m.routing_key or routing_key,
-                                    m.properties if m.properties is not None else base,
-                                    _body(m.body), m.mandatory or mandatory))
+                    entries.append(
+                        (
+                            exchange if m.exchange is None else m.exchange,
+                            m.routing_key or routing_key,
+                            m.properties if m.properties is not None else base,
+                            _body(m.body),
+                            m.mandatory or mandatory,
+                        )
+                    )
                 else:
                     entries.append((exchange, routing_key, base, _body(m), mandatory))
         if not entries:
@@ -292,8 +331,12 @@ class _PublishingMixin:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         proto = await self._ready(deadline)
-        while (len(self._unconfirmed) >= self.max_unconfirmed or proto.paused
-               or proto.credit_messages <= 0 or proto.credit_bytes <= 0):
+        while (
+            len(self._unconfirmed) >= self.max_unconfirmed
+            or proto.paused
+            or proto.credit_messages <= 0
+            or proto.credit_bytes <= 0
+        ):
             remaining = deadline - time.monotonic()
             try:
                 if remaining <= 0:
@@ -309,8 +352,11 @@ class _PublishingMixin:
                     waiter = proto.credited.wait()
                 await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
-                why = f" (publish credit withheld: {proto.blocked})" if proto.blocked else \
-                    " (flow control)"
+                why = (
+                    f" (publish credit withheld: {proto.blocked})"
+                    if proto.blocked
+                    else " (flow control)"
+                )
                 raise PublishTimeout(f"broker is not accepting publishes{why}") from None
             proto = await self._ready(deadline)
 
@@ -328,9 +374,16 @@ class _PublishingMixin:
         proto = self._proto
         return (proto.credit_messages, proto.credit_bytes) if proto is not None else (0, 0)
 
-    def publish_nowait(self, exchange: str, routing_key: str, body: Body, *,
-                       properties: dict[str, Any] | None = None, mandatory: bool = False,
-                       **props: Unpack[MessageProperties]) -> asyncio.Future[None]:
+    def publish_nowait(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: Body,
+        *,
+        properties: dict[str, Any] | None = None,
+        mandatory: bool = False,
+        **props: Unpack[MessageProperties],
+    ) -> asyncio.Future[None]:
         """Queue one message without waiting; the returned future resolves on its confirm.
 
         This is the pipelined form of :meth:`publish`: frames queued in one loop turn go
@@ -343,11 +396,16 @@ class _PublishingMixin:
         if proto is None or not self._accepting:
             raise ConnectionClosed(f"not connected to {self.url}")
         unconfirmed = self._unconfirmed
-        if (len(unconfirmed) >= self.max_unconfirmed or proto.paused
-                or proto.credit_messages <= 0 or proto.credit_bytes <= 0):
+        if (
+            len(unconfirmed) >= self.max_unconfirmed
+            or proto.paused
+            or proto.credit_messages <= 0
+            or proto.credit_bytes <= 0
+        ):
             if proto.credit_messages <= 0 or proto.credit_bytes <= 0:
-                raise Backpressure("no publish credit" + (
-                    f" (withheld: {proto.blocked})" if proto.blocked else ""))
+                raise Backpressure(
+                    "no publish credit" + (f" (withheld: {proto.blocked})" if proto.blocked else "")
+                )
             raise Backpressure("too many unconfirmed publishes or socket backed up")
         if props:
             properties = _props(properties, cast(dict[str, Any], props))
@@ -382,8 +440,12 @@ class _PublishingMixin:
             self._pub_key = (exchange, routing_key, properties, mandatory)
         else:
             k = self._pub_key
-            if k is not None and (properties is not k[2] or routing_key != k[1]
-                                  or exchange != k[0] or mandatory != k[3]):
+            if k is not None and (
+                properties is not k[2]
+                or routing_key != k[1]
+                or exchange != k[0]
+                or mandatory != k[3]
+            ):
                 self._pub_key = None
         pub.append(entry)
         size += self._pub_size
@@ -394,13 +456,19 @@ class _PublishingMixin:
             self._schedule_flush()
         return fut
 
-    async def _publish_many(self, entries: Sequence[Entry],
-                            timeout: float | None) -> asyncio.Future[None]:
+    async def _publish_many(
+        self, entries: Sequence[Entry], timeout: float | None
+    ) -> asyncio.Future[None]:
         proto = self._proto
         n = len(entries)
-        if (proto is None or not self._accepting or proto.paused
-                or len(self._unconfirmed) >= self.max_unconfirmed
-                or proto.credit_messages < n or proto.credit_bytes <= 0):
+        if (
+            proto is None
+            or not self._accepting
+            or proto.paused
+            or len(self._unconfirmed) >= self.max_unconfirmed
+            or proto.credit_messages < n
+            or proto.credit_bytes <= 0
+        ):
             return await self._publish_paced(entries, timeout)
         nbytes = _body_bytes(entries)
         if nbytes - len(entries[-1][3]) >= proto.credit_bytes:
@@ -409,8 +477,9 @@ class _PublishingMixin:
         proto.credit_bytes -= nbytes
         return self._enqueue(entries, proto.max_frame_size)
 
-    async def _publish_paced(self, entries: Sequence[Entry],
-                             timeout: float | None) -> asyncio.Future[None]:
+    async def _publish_paced(
+        self, entries: Sequence[Entry], timeout: float | None
+    ) -> asyncio.Future[None]:
         """Queue ``entries`` as publish credit and capacity allow, waiting (up to
         ``timeout`` in all) in between; one future settles with the last confirm."""
         timeout = self.timeout if timeout is None else timeout
@@ -437,18 +506,20 @@ class _PublishingMixin:
             if pending is None:
                 loop = self._loop or asyncio.get_running_loop()
                 pending = _Pending(loop.create_future(), n)
-            self._enqueue(entries[i:i + k], proto.max_frame_size, pending)
+            self._enqueue(entries[i : i + k], proto.max_frame_size, pending)
             i += k
             if i >= n:
                 return pending.future
 
-    def _enqueue(self, entries: Sequence[Entry], max_frame: int,
-                 pending: _Pending | None = None) -> asyncio.Future[None]:
+    def _enqueue(
+        self, entries: Sequence[Entry], max_frame: int, pending: _Pending | None = None
+    ) -> asyncio.Future[None]:
         """Assign sequence numbers, register the confirm future, queue the frames.
         ``pending``: these entries are part of a larger call tracked by it."""
         proto = self._proto
-        if pending is None and (type(entries) is not _Sized or proto is None
-                                or entries.largest > proto.fit_limit):
+        if pending is None and (
+            type(entries) is not _Sized or proto is None or entries.largest > proto.fit_limit
+        ):
             _check_fits(entries, max_frame, proto.max_message_size if proto else 0)
         loop = self._loop
         if loop is None:
@@ -474,12 +545,12 @@ class _PublishingMixin:
         key = entries.key if type(entries) is _Sized else None
         if not self._pub:
             self._pub_key = key
-        elif key is None or (k := self._pub_key) is None or key[2] is not k[2] \
-                or key != k:
+        elif key is None or (k := self._pub_key) is None or key[2] is not k[2] or key != k:
             self._pub_key = None
         self._pub.extend(entries)
-        self._pub_size += entries.size if type(entries) is _Sized else \
-            sum(map(_entry_weight, entries))
+        self._pub_size += (
+            entries.size if type(entries) is _Sized else sum(map(_entry_weight, entries))
+        )
         if self._pub_size > _WRITE_AHEAD or idle:
             # Written now rather than at the end of the loop turn: a burst goes out in
             # pieces the broker can start on while the rest is produced, and a publish
@@ -508,8 +579,9 @@ class _PublishingMixin:
             return
         frame = encode_fields(_PUBLISH_BATCH, [first, pub])
         if len(frame) - 4 <= limit:  # measured: fits the negotiated frame size
-            self._wbuf.append(compress_frame(frame) if proto is not None and proto.compress
-                              else frame)
+            self._wbuf.append(
+                compress_frame(frame) if proto is not None and proto.compress else frame
+            )
             return
         start = len(self._wbuf)
         # Too large for one frame: split by upper estimates of each entry's size.
@@ -528,14 +600,21 @@ class _PublishingMixin:
         if proto is not None and proto.compress:
             self._wbuf[start:] = [compress_frame(f) for f in self._wbuf[start:]]
 
-    def _emit_run(self, first: int, key: tuple[str, str, dict[str, Any], bool],
-                  bodies: list[bytes], limit: int, compress: bool) -> None:
+    def _emit_run(
+        self,
+        first: int,
+        key: tuple[str, str, dict[str, Any], bool],
+        bodies: list[bytes],
+        limit: int,
+        compress: bool,
+    ) -> None:
         """PUBLISH_RUN frames (1.1) for publishes that share exchange, routing key,
         properties and mandatory: the shared fields once, then the bodies."""
         ex, rk, props, mandatory = key
         headers = len(_packb(props["headers"])) if "headers" in props else 0
-        frames = encode_run(_PUBLISH_RUN, [first, ex, rk, props, mandatory], 0, bodies,
-                            limit - 4096 - headers)
+        frames = encode_run(
+            _PUBLISH_RUN, [first, ex, rk, props, mandatory], 0, bodies, limit - 4096 - headers
+        )
         self._wbuf.extend([compress_frame(f) for f in frames] if compress else frames)
 
     def _on_return(self, seq: int) -> None:
@@ -584,14 +663,20 @@ class _PublishingMixin:
         if p.nacked is None and not p.returned:
             p.future.set_result(None)
             return
-        counts = {"stored": p.count - p.refused - len(p.returned), "refused": p.refused,
-                  "returned": len(p.returned)}
+        counts = {
+            "stored": p.count - p.refused - len(p.returned),
+            "refused": p.refused,
+            "returned": len(p.returned),
+        }
         if p.nacked is not None:  # the first refusal's class and message
             exc = type(p.nacked)(p.nacked.message, {**p.nacked.details, **counts})
             if type(p.nacked) is ConveyorError:  # a code without a class of its own
                 exc.code = p.nacked.code  # type: ignore[misc]
             p.future.set_exception(exc)
         else:
-            p.future.set_exception(NoRoute(
-                f"{len(p.returned)} mandatory message(s) matched no queue",
-                {"returned_seqs": p.returned, **counts}))
+            p.future.set_exception(
+                NoRoute(
+                    f"{len(p.returned)} mandatory message(s) matched no queue",
+                    {"returned_seqs": p.returned, **counts},
+                )
+            )

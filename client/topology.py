@@ -133,8 +133,9 @@ class ConnectionListing:
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
-_L = TypeVar("_L", QueueListing, ExchangeListing, BindingListing, ConsumerListing,
-             ConnectionListing)
+_L = TypeVar(
+    "_L", QueueListing, ExchangeListing, BindingListing, ConsumerListing, ConnectionListing
+)
 _FIELDS: dict[type, frozenset[str]] = {}
 
 
@@ -149,8 +150,7 @@ def _listing(cls: type[_L], row: dict[str, Any]) -> _L:
     return cls(**known, extra=rest)
 
 
-def _queue_arguments(arguments: dict[str, Any] | None,
-                     typed: dict[str, Any]) -> dict[str, Any]:
+def _queue_arguments(arguments: dict[str, Any] | None, typed: dict[str, Any]) -> dict[str, Any]:
     """``arguments`` with the typed declare_queue parameters that were given merged in."""
     args = dict(arguments or {})
     for k, v in typed.items():
@@ -163,8 +163,11 @@ def _queue_arguments(arguments: dict[str, Any] | None,
 
 
 # The frame that re-declares each kind of remembered topology (see _restore).
-_TOPOLOGY_FRAMES: dict[str, Any] = {"exchange": ExchangeDeclare, "queue": QueueDeclare,
-                                     "bind": Bind}
+_TOPOLOGY_FRAMES: dict[str, Any] = {
+    "exchange": ExchangeDeclare,
+    "queue": QueueDeclare,
+    "bind": Bind,
+}
 
 
 class _TopologyMixin:
@@ -179,17 +182,31 @@ class _TopologyMixin:
     _topology: dict[tuple[Any, ...], tuple[str, dict[str, Any]]]
 
     if TYPE_CHECKING:  # defined by the connection and the consuming concern
-        async def _request(self, frame: Frame, timeout: float | None = None,
-                           internal: bool = False) -> Frame: ...
+
+        async def _request(
+            self, frame: Frame, timeout: float | None = None, internal: bool = False
+        ) -> Frame: ...
         async def start_consumer(self, c: Consumer, internal: bool = False) -> None: ...
 
-    async def declare_exchange(self, name: str, type: str = "direct", *, durable: bool = True,
-                               auto_delete: bool = False, passive: bool = False,
-                               arguments: dict[str, Any] | None = None) -> None:
+    async def declare_exchange(
+        self,
+        name: str,
+        type: str = "direct",
+        *,
+        durable: bool = True,
+        auto_delete: bool = False,
+        passive: bool = False,
+        arguments: dict[str, Any] | None = None,
+    ) -> None:
         """Declare an exchange (direct, topic or fanout); idempotent for equal settings."""
         kw: dict[str, Any] = {
-            "exchange": name, "type": type, "durable": durable, "auto_delete": auto_delete,
-            "passive": passive, "arguments": arguments or {}}
+            "exchange": name,
+            "type": type,
+            "durable": durable,
+            "auto_delete": auto_delete,
+            "passive": passive,
+            "arguments": arguments or {},
+        }
         await self._request(ExchangeDeclare(next(self._rids), **kw))
         if not passive:
             self._topology[("exchange", name)] = ("exchange", kw)
@@ -201,18 +218,29 @@ class _TopologyMixin:
             del self._topology[key]
 
     async def declare_queue(
-        self, name: str = "", *, durable: bool = True, exclusive: bool = False,
-        auto_delete: bool = False, passive: bool = False,
+        self,
+        name: str = "",
+        *,
+        durable: bool = True,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        passive: bool = False,
         arguments: dict[str, Any] | None = None,
-        ack_timeout_ms: int | None = None, delivery_limit: int | None = None,
-        dead_letter_exchange: str | None = None, dead_letter_routing_key: str | None = None,
-        message_ttl_ms: int | None = None, expires_ms: int | None = None,
-        max_priority: int | None = None, max_length: int | None = None,
+        ack_timeout_ms: int | None = None,
+        delivery_limit: int | None = None,
+        dead_letter_exchange: str | None = None,
+        dead_letter_routing_key: str | None = None,
+        message_ttl_ms: int | None = None,
+        expires_ms: int | None = None,
+        max_priority: int | None = None,
+        max_length: int | None = None,
         max_length_bytes: int | None = None,
         overflow: Literal["drop-head", "reject-publish"] | None = None,
-        dedup_window_ms: int | None = None, single_active_consumer: bool | None = None,
+        dedup_window_ms: int | None = None,
+        single_active_consumer: bool | None = None,
         queue_type: Literal["classic", "stream"] | None = None,
-        max_age_ms: int | None = None, stream_segment_bytes: int | None = None,
+        max_age_ms: int | None = None,
+        stream_segment_bytes: int | None = None,
         stream_compression: Literal["none", "zstd"] | None = None,
     ) -> QueueInfo:
         """Declare a queue; an empty name asks the broker to pick a unique one.
@@ -240,27 +268,44 @@ class _TopologyMixin:
           ``stream_segment_bytes`` sets the segment size; ``stream_compression="zstd"``
           stores its record batches zstd-compressed
         """
-        args = _queue_arguments(arguments, {
-            "ack_timeout_ms": ack_timeout_ms, "delivery_limit": delivery_limit,
-            "dead_letter_exchange": dead_letter_exchange,
-            "dead_letter_routing_key": dead_letter_routing_key,
-            "message_ttl_ms": message_ttl_ms, "expires_ms": expires_ms,
-            "max_priority": max_priority, "max_length": max_length,
-            "max_length_bytes": max_length_bytes, "overflow": overflow,
-            "dedup_window_ms": dedup_window_ms,
-            "single_active_consumer": single_active_consumer, "queue_type": queue_type,
-            "max_age_ms": max_age_ms, "stream_segment_bytes": stream_segment_bytes,
-            "stream_compression": stream_compression})
-        kw: dict[str, Any] = {"queue": name, "durable": durable, "exclusive": exclusive,
-              "auto_delete": auto_delete, "passive": passive, "arguments": args}
+        args = _queue_arguments(
+            arguments,
+            {
+                "ack_timeout_ms": ack_timeout_ms,
+                "delivery_limit": delivery_limit,
+                "dead_letter_exchange": dead_letter_exchange,
+                "dead_letter_routing_key": dead_letter_routing_key,
+                "message_ttl_ms": message_ttl_ms,
+                "expires_ms": expires_ms,
+                "max_priority": max_priority,
+                "max_length": max_length,
+                "max_length_bytes": max_length_bytes,
+                "overflow": overflow,
+                "dedup_window_ms": dedup_window_ms,
+                "single_active_consumer": single_active_consumer,
+                "queue_type": queue_type,
+                "max_age_ms": max_age_ms,
+                "stream_segment_bytes": stream_segment_bytes,
+                "stream_compression": stream_compression,
+            },
+        )
+        kw: dict[str, Any] = {
+            "queue": name,
+            "durable": durable,
+            "exclusive": exclusive,
+            "auto_delete": auto_delete,
+            "passive": passive,
+            "arguments": args,
+        }
         ok = await self._request(QueueDeclare(next(self._rids), **kw))
         assert isinstance(ok, QueueDeclareOk)
         if not passive and name:
             self._topology[("queue", name)] = ("queue", kw)
         return QueueInfo(ok.queue, ok.message_count, ok.consumer_count)
 
-    async def delete_queue(self, name: str, *, if_unused: bool = False,
-                           if_empty: bool = False) -> int:
+    async def delete_queue(
+        self, name: str, *, if_unused: bool = False, if_empty: bool = False
+    ) -> int:
         """Delete a queue; returns how many ready messages it held."""
         ok = await self._request(QueueDelete(next(self._rids), name, if_unused, if_empty))
         assert isinstance(ok, MessageCountOk)
@@ -275,10 +320,19 @@ class _TopologyMixin:
         assert isinstance(ok, MessageCountOk)
         return ok.message_count
 
-    async def bind(self, exchange: str, queue: str, routing_key: str = "",
-                   arguments: dict[str, Any] | None = None) -> None:
-        kw: dict[str, Any] = {"exchange": exchange, "queue": queue, "routing_key": routing_key,
-              "arguments": arguments or {}}
+    async def bind(
+        self,
+        exchange: str,
+        queue: str,
+        routing_key: str = "",
+        arguments: dict[str, Any] | None = None,
+    ) -> None:
+        kw: dict[str, Any] = {
+            "exchange": exchange,
+            "queue": queue,
+            "routing_key": routing_key,
+            "arguments": arguments or {},
+        }
         await self._request(Bind(next(self._rids), **kw))
         self._topology[("bind", exchange, queue, routing_key)] = ("bind", kw)
 

@@ -86,8 +86,9 @@ def encode_fields(ftype: int, fields: list[Any]) -> bytes:
     return _pack_header(len(body) + 1, ftype) + body
 
 
-def encode_run(ftype: int, fields: list[Any], first_at: int, bodies: list[bytes],
-               budget: int) -> list[bytes]:
+def encode_run(
+    ftype: int, fields: list[Any], first_at: int, bodies: list[bytes], budget: int
+) -> list[bytes]:
     """PUBLISH_RUN / DELIVER_RUN frames for ``bodies``: ``fields`` are the frame's fields
     before the bodies, ``fields[first_at]`` the seq or tag of the first body. Bodies are
     split so each frame's bodies take at most ``budget`` bytes (the caller leaves room for
@@ -123,8 +124,8 @@ def check_frames(frames: list[bytes], cap: int) -> None:
         f = frames[i]
         name = FRAME_TYPES[f[4]].NAME.upper() if f[4] in FRAME_TYPES else f"type {f[4]:#04x}"
         raise LocalProtocolError(
-            f"{name} frame of {len(f) - 4} bytes exceeds the peer's maximum frame size "
-            f"of {cap}")
+            f"{name} frame of {len(f) - 4} bytes exceeds the peer's maximum frame size of {cap}"
+        )
 
 
 def compress_frame(frame: bytes) -> bytes:

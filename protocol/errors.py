@@ -67,8 +67,9 @@ class ConveyorError(Exception):
         super().__init__(message)
         self.message = message
         if details:
-            details = {k: clip(v, DETAIL_STR_MAX) if type(v) is str else v
-                       for k, v in details.items()}
+            details = {
+                k: clip(v, DETAIL_STR_MAX) if type(v) is str else v for k, v in details.items()
+            }
         self.details: dict[str, Any] = details or {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

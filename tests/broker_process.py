@@ -21,8 +21,14 @@ HTTP_LISTEN_RE = re.compile(rb"conveyor http listening on ([\d.]+):(\d+)")
 
 
 class BrokerProcess:
-    def __init__(self, data_dir: Path, *extra: str, startup_timeout: float = 20.0,
-                 command: list[str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra: str,
+        startup_timeout: float = 20.0,
+        command: list[str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.data_dir = data_dir
         # How to run `mq-cli`: this interpreter's package by default; an installed script
         # (e.g. a fresh venv's bin/mq-cli) for the packaging test.
@@ -51,11 +57,19 @@ class BrokerProcess:
     def start(self, port: int = 0) -> BrokerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process lifetime
-        cmd = [*self.command, "server", "--host", "127.0.0.1",
-               "--port", str(port), "--data-dir", str(self.data_dir), *self.extra]
+        cmd = [
+            *self.command,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(self.data_dir),
+            *self.extra,
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env,
-                                     cwd=self.cwd)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, cwd=self.cwd)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + self.startup_timeout
         line = b""

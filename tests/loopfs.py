@@ -34,8 +34,14 @@ _PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
 
 def _quiet(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False,
-                          env=dict(os.environ, PATH=_PATH))
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=dict(os.environ, PATH=_PATH),
+    )
 
 
 def _run(*cmd: str) -> str:
@@ -59,8 +65,7 @@ def mounted_ext4(workdir: Path, size: int = 64 << 20, inodes: int = 0) -> Iterat
     mnt.mkdir()
     with open(image, "wb") as f:
         f.truncate(size)
-    _run("mkfs.ext4", "-q", "-F", "-m", "0", *(["-N", str(inodes)] if inodes else []),
-         str(image))
+    _run("mkfs.ext4", "-q", "-F", "-m", "0", *(["-N", str(inodes)] if inodes else []), str(image))
     dev = _run("losetup", "--find", "--show", str(image))
     try:
         _run("mount", "-t", "ext4", dev, str(mnt))

@@ -26,16 +26,35 @@ VECTORS = ROOT / "spec" / "vectors" / "frames.json"
 DOC = ROOT / "spec" / "PROTOCOL.md"
 
 PY_TYPES = {
-    "rid": "int", "u16": "int", "u32": "int", "u64": "int", "priority": "int",
-    "bool": "bool", "name": "str", "str": "str", "bytes": "bytes",
-    "table": "dict[str, Any]", "props": "dict[str, Any]", "strlist": "list[str]",
-    "tablelist": "list[dict[str, Any]]", "binlist": "list[bytes]",
+    "rid": "int",
+    "u16": "int",
+    "u32": "int",
+    "u64": "int",
+    "priority": "int",
+    "bool": "bool",
+    "name": "str",
+    "str": "str",
+    "bytes": "bytes",
+    "table": "dict[str, Any]",
+    "props": "dict[str, Any]",
+    "strlist": "list[str]",
+    "tablelist": "list[dict[str, Any]]",
+    "binlist": "list[bytes]",
 }
 WIRE_TYPES = {
-    "rid": "uint32 (1..2^32-1)", "u16": "uint16", "u32": "uint32", "u64": "uint64",
-    "priority": "uint 0..9", "bool": "bool", "name": "string <= 255 bytes",
-    "str": "string <= 65535 bytes", "bytes": "bin", "table": "map string -> any",
-    "props": "properties map", "strlist": "array of name", "tablelist": "array of table",
+    "rid": "uint32 (1..2^32-1)",
+    "u16": "uint16",
+    "u32": "uint32",
+    "u64": "uint64",
+    "priority": "uint 0..9",
+    "bool": "bool",
+    "name": "string <= 255 bytes",
+    "str": "string <= 65535 bytes",
+    "bytes": "bin",
+    "table": "map string -> any",
+    "props": "properties map",
+    "strlist": "array of name",
+    "tablelist": "array of table",
     "binlist": "array of bin",
 }
 
@@ -134,37 +153,51 @@ def field_stmts(i: int, fname: str, ftype: str, default: Any, src: str, indent: 
 
 def gen_record(cls: str, fields: list[list[Any]], doc: str, where_prefix: str) -> list[str]:
     """Records (entries of batch frames) are NamedTuples: immutable and cheap to build."""
-    out = ["", "", f"class {cls}(NamedTuple):", f'    """{doc} (treat field values as read-only)"""', ""]
+    out = [
+        "",
+        "",
+        f"class {cls}(NamedTuple):",
+        f'    """{doc} (treat field values as read-only)"""',
+        "",
+    ]
     for fname, ftype, default, _desc in fields:
         dflt = "" if default == "REQUIRED" else f" = {default_src(default, ftype)}"
         out.append(f"    {fname}: {py_type(ftype)}{dflt}")
     required = sum(1 for f in fields if f[2] == "REQUIRED")
     total = len(fields)
     out += ["", "    def to_wire(self) -> list[Any]:", "        return list(self)", ""]
-    out += ["    @classmethod", f"    def from_wire(cls, f: Any, where: str = {where_prefix!r}) -> {cls}:",
-            f"        check_arity(f, {required}, {total}, where)", "        n = len(f)"]
+    out += [
+        "    @classmethod",
+        f"    def from_wire(cls, f: Any, where: str = {where_prefix!r}) -> {cls}:",
+        f"        check_arity(f, {required}, {total}, where)",
+        "        n = len(f)",
+    ]
     for i, (fname, ftype, default, _) in enumerate(fields):
         out += field_stmts(i, fname, ftype, default, f"f[{i}]", "        ")
     out.append(f"        return _tuple_new(cls, ({', '.join(f'a{i}' for i in range(total))},))")
     # list decoder: full-arity entries are validated inline and become tuples directly
-    out += ["", "    @classmethod",
-            f"    def list_from_wire(cls, v: Any, where: str) -> list[{cls}]:",
-            "        if type(v) is not list:",
-            "            check_list(v, where)",
-            f"        out: list[{cls}] = []",
-            "        append = out.append",
-            "        for f in v:",
-            f"            if type(f) is not list or len(f) != {total}:",
-            "                append(cls.from_wire(f, where))",
-            "                continue"]
+    out += [
+        "",
+        "    @classmethod",
+        f"    def list_from_wire(cls, v: Any, where: str) -> list[{cls}]:",
+        "        if type(v) is not list:",
+        "            check_list(v, where)",
+        f"        out: list[{cls}] = []",
+        "        append = out.append",
+        "        for f in v:",
+        f"            if type(f) is not list or len(f) != {total}:",
+        "                append(cls.from_wire(f, where))",
+        "                continue",
+    ]
     for i, (fname, ftype, _default, _) in enumerate(fields):
         out += field_stmts(i, fname, ftype, "REQUIRED", f"f[{i}]", "            ")
     out += ["            append(_tuple_new(cls, f))", "        return out"]
     return out
 
 
-def gen_class(cls: str, base: str, fields: list[list[Any]], doc: str, classvars: list[str],
-              where_prefix: str) -> list[str]:
+def gen_class(
+    cls: str, base: str, fields: list[list[Any]], doc: str, classvars: list[str], where_prefix: str
+) -> list[str]:
     seen_default = False
     for fname, _t, default, _d in fields:
         if default == "REQUIRED" and seen_default:
@@ -268,88 +301,137 @@ def gen_python(spec: dict[str, Any]) -> str:
     lines += ["", "", "ERROR_CODES: dict[str, int] = {"]
     lines += [f"    {e['name']!r}: {e['code']}," for e in spec["error"]]
     lines += ["}", ""]
-    lines += ["FATAL_CODES: frozenset[int] = frozenset({" +
-              ", ".join(str(e["code"]) for e in spec["error"] if e["fatal"]) + "})"]
+    lines += [
+        "FATAL_CODES: frozenset[int] = frozenset({"
+        + ", ".join(str(e["code"]) for e in spec["error"] if e["fatal"])
+        + "})"
+    ]
     # properties
-    lines += ["", "", "# ------------------------------------------------------------------ properties",
-              "PROPERTY_TYPES: dict[str, str] = {"]
+    lines += [
+        "",
+        "",
+        "# ------------------------------------------------------------------ properties",
+        "PROPERTY_TYPES: dict[str, str] = {",
+    ]
     lines += [f"    {k!r}: {v[0]!r}," for k, v in spec["properties"].items()]
     # check_props: one dict lookup and the type's fast guard per key; anything else (or an
     # unknown key) goes to the precise checker, which raises or accepts.
-    lines += ["}", "", "", "def _check_prop(k: Any, x: Any, where: str) -> None:",
-              '    """One property, checked precisely (raises MalformedFrame naming it)."""',
-              "    if type(k) is not str:",
-              '        raise fail(where, "map keys must be strings")']
+    lines += [
+        "}",
+        "",
+        "",
+        "def _check_prop(k: Any, x: Any, where: str) -> None:",
+        '    """One property, checked precisely (raises MalformedFrame naming it)."""',
+        "    if type(k) is not str:",
+        '        raise fail(where, "map keys must be strings")',
+    ]
     first = True
     for k, (t, _d) in spec["properties"].items():
         kw = "if" if first else "elif"
         first = False
         lines.append(f"    {kw} k == {k!r}:")
         lines.append(f"        {check_expr(t, 'x', 'x')}".replace("'x')", "where + '.' + k)"))
-    lines += ["    else:", '        raise fail(where, f"unknown property {k!r}")', "",
-              "", "_PROP_KIND: dict[str, int] = {"]
+    lines += [
+        "    else:",
+        '        raise fail(where, f"unknown property {k!r}")',
+        "",
+        "",
+        "_PROP_KIND: dict[str, int] = {",
+    ]
     kinds = {"name": 0, "bool": 1, "u64": 2}
     lines += [f"    {k!r}: {kinds.get(t, 9)},  # {t}" for k, (t, _d) in spec["properties"].items()]
-    lines += ["}", "", "", "def check_props(v: Any, where: str) -> dict[str, Any]:",
-              '    """Validate a message properties map: known keys with their types only.',
-              "",
-              "    Runs per published message: the common valid case is a dict lookup and one",
-              '    inline guard per key; anything else is checked (and reported) by _check_prop."""',
-              "    if type(v) is not dict:",
-              "        check_table(v, where)",
-              "    kinds = _PROP_KIND",
-              "    for k, x in v.items():",
-              "        kind = kinds.get(k, 9) if type(k) is str else 9",
-              "        if kind == 0:",
-              "            if type(x) is str and len(x) <= NAME_FAST:",
-              "                continue",
-              "        elif kind == 1:",
-              "            if x is True or x is False:",
-              "                continue",
-              "        elif kind == 2:",
-              "            if type(x) is int and 0 <= x <= U64_MAX:",
-              "                continue",
-              "        _check_prop(k, x, where)",
-              "    return v  # type: ignore[no-any-return]"]
+    lines += [
+        "}",
+        "",
+        "",
+        "def check_props(v: Any, where: str) -> dict[str, Any]:",
+        '    """Validate a message properties map: known keys with their types only.',
+        "",
+        "    Runs per published message: the common valid case is a dict lookup and one",
+        '    inline guard per key; anything else is checked (and reported) by _check_prop."""',
+        "    if type(v) is not dict:",
+        "        check_table(v, where)",
+        "    kinds = _PROP_KIND",
+        "    for k, x in v.items():",
+        "        kind = kinds.get(k, 9) if type(k) is str else 9",
+        "        if kind == 0:",
+        "            if type(x) is str and len(x) <= NAME_FAST:",
+        "                continue",
+        "        elif kind == 1:",
+        "            if x is True or x is False:",
+        "                continue",
+        "        elif kind == 2:",
+        "            if type(x) is int and 0 <= x <= U64_MAX:",
+        "                continue",
+        "        _check_prop(k, x, where)",
+        "    return v  # type: ignore[no-any-return]",
+    ]
     # queue arguments: validated by the broker (a bad one is 400, not a malformed frame)
-    lines += ["", "", "# ------------------------------------------------------------------ queue arguments",
-              "QUEUE_ARGUMENT_TYPES: dict[str, str] = {"]
+    lines += [
+        "",
+        "",
+        "# ------------------------------------------------------------------ queue arguments",
+        "QUEUE_ARGUMENT_TYPES: dict[str, str] = {",
+    ]
     lines += [f"    {k!r}: {v[0]!r}," for k, v in spec["queue_arguments"].items()]
     lines += ["}"]
     lines += ["", "CONSUME_ARGUMENT_TYPES: dict[str, str] = {"]
     lines += [f"    {k!r}: {v[0]!r}," for k, v in spec["consume_arguments"].items()]
     lines += ["}"]
     # records
-    lines += ["", "", "# ------------------------------------------------------------------ records"]
+    lines += [
+        "",
+        "",
+        "# ------------------------------------------------------------------ records",
+    ]
     for rname, rec in spec["record"].items():
         lines += gen_record(camel(rname), rec["fields"], rec["doc"], rname)
     # frames
-    lines += ["", "", "# ------------------------------------------------------------------ frames", "",
-              "", "class Frame:",
-              '    """Base of every frame: TYPE is the wire type byte, NAME the spec name."""',
-              "",
-              "    __slots__ = ()",
-              "    TYPE: ClassVar[int]",
-              "    NAME: ClassVar[str]",
-              "    DIRECTION: ClassVar[str]",
-              "",
-              "    def to_wire(self) -> list[Any]:",
-              "        raise NotImplementedError",
-              "",
-              "    @classmethod",
-              "    def from_wire(cls, f: Any, where: str = '') -> Frame:",
-              "        raise NotImplementedError"]
+    lines += [
+        "",
+        "",
+        "# ------------------------------------------------------------------ frames",
+        "",
+        "",
+        "class Frame:",
+        '    """Base of every frame: TYPE is the wire type byte, NAME the spec name."""',
+        "",
+        "    __slots__ = ()",
+        "    TYPE: ClassVar[int]",
+        "    NAME: ClassVar[str]",
+        "    DIRECTION: ClassVar[str]",
+        "",
+        "    def to_wire(self) -> list[Any]:",
+        "        raise NotImplementedError",
+        "",
+        "    @classmethod",
+        "    def from_wire(cls, f: Any, where: str = '') -> Frame:",
+        "        raise NotImplementedError",
+    ]
     for fr in spec["frame"]:
-        cv = [f"TYPE: ClassVar[int] = {fr['code']:#04x}", f"NAME: ClassVar[str] = {fr['name']!r}",
-              f"DIRECTION: ClassVar[str] = {fr['direction']!r}"]
+        cv = [
+            f"TYPE: ClassVar[int] = {fr['code']:#04x}",
+            f"NAME: ClassVar[str] = {fr['name']!r}",
+            f"DIRECTION: ClassVar[str] = {fr['direction']!r}",
+        ]
         lines += gen_class(camel(fr["name"]), "Frame", fr["fields"], fr["doc"], cv, fr["name"])
     lines += ["", "", "FRAME_TYPES: dict[int, type[Frame]] = {"]
     lines += [f"    {fr['code']:#04x}: {camel(fr['name'])}," for fr in spec["frame"]]
     lines += ["}", ""]
-    lines += ["CLIENT_FRAMES: frozenset[int] = frozenset({" + ", ".join(
-        f"{fr['code']:#04x}" for fr in spec["frame"] if fr["direction"] in ("client", "both")) + "})"]
-    lines += ["SERVER_FRAMES: frozenset[int] = frozenset({" + ", ".join(
-        f"{fr['code']:#04x}" for fr in spec["frame"] if fr["direction"] in ("server", "both")) + "})"]
+    lines += [
+        "CLIENT_FRAMES: frozenset[int] = frozenset({"
+        + ", ".join(
+            f"{fr['code']:#04x}" for fr in spec["frame"] if fr["direction"] in ("client", "both")
+        )
+        + "})"
+    ]
+    lines += [
+        "SERVER_FRAMES: frozenset[int] = frozenset({"
+        + ", ".join(
+            f"{fr['code']:#04x}" for fr in spec["frame"] if fr["direction"] in ("server", "both")
+        )
+        + "})"
+    ]
     lines += gen_lifecycle(spec)
     lines.append("")
     return "\n".join(lines)
@@ -401,8 +483,11 @@ def lifecycle_rows(spec: dict[str, Any], kind: str) -> list[tuple[str, str, dict
                 if row["next"] not in states:
                     raise SystemExit(f"{where}: unknown next state {row['next']!r}")
                 if row["event"] in ("send", "receive"):
-                    sender = role if row["event"] == "send" else (
-                        "client" if role == "server" else "server")
+                    sender = (
+                        role
+                        if row["event"] == "send"
+                        else ("client" if role == "server" else "server")
+                    )
                     if frames[row["frame"]]["direction"] not in (sender, "both"):
                         raise SystemExit(f"{where}: the {sender} never sends {row['frame']}")
             else:
@@ -421,12 +506,23 @@ def state_member(name: str) -> str:
 def gen_lifecycle(spec: dict[str, Any]) -> list[str]:
     lc = spec["lifecycle"]
     frames = frame_names(spec)
-    lines = ["", "", "# ------------------------------------------------------------------ lifecycle",
-             "", "", "class Role(enum.Enum):",
-             '    """Which side of the connection a state machine runs for."""', "",
-             '    CLIENT = "client"', '    SERVER = "server"', "", "",
-             "class State(enum.Enum):",
-             '    """Connection states (spec/PROTOCOL.md section 6)."""', ""]
+    lines = [
+        "",
+        "",
+        "# ------------------------------------------------------------------ lifecycle",
+        "",
+        "",
+        "class Role(enum.Enum):",
+        '    """Which side of the connection a state machine runs for."""',
+        "",
+        '    CLIENT = "client"',
+        '    SERVER = "server"',
+        "",
+        "",
+        "class State(enum.Enum):",
+        '    """Connection states (spec/PROTOCOL.md section 6)."""',
+        "",
+    ]
     for s in lc["state"]:
         lines.append(f"    {state_member(s['name'])} = {s['name']!r}  # {s['role']}: {s['doc']}")
 
@@ -440,31 +536,52 @@ def gen_lifecycle(spec: dict[str, Any]) -> list[str]:
 
     for kind, const, doc in (
         ("receive", "RECEIVE_ALLOWED", "frame types that may be received"),
-        ("send", "SEND_ALLOWED", "frame types that may be sent (anything else: LocalProtocolError)"),
+        (
+            "send",
+            "SEND_ALLOWED",
+            "frame types that may be sent (anything else: LocalProtocolError)",
+        ),
     ):
-        lines += ["", f"# (role, state) -> {doc}",
-                  f"{const}: dict[tuple[Role, State], frozenset[int]] = {{"]
+        lines += [
+            "",
+            f"# (role, state) -> {doc}",
+            f"{const}: dict[tuple[Role, State], frozenset[int]] = {{",
+        ]
         for role, state, row in lifecycle_rows(spec, kind):
             names = frame_set(spec, row["frames"], f"lifecycle.{kind}")
             lines.append(f"    {key(role, state)}: {fset(names)},")
         lines.append("}")
-    dropped = [(r, s) for r, s, row in lifecycle_rows(spec, "receive")
-               if row.get("otherwise") == "dropped"]
-    lines += ["", "# (role, state) where a frame not allowed is dropped instead of refused",
-              "RECEIVE_DROPS: frozenset[tuple[Role, State]] = frozenset({" +
-              ", ".join(key(r, s) for r, s in dropped) + "})"]
+    dropped = [
+        (r, s) for r, s, row in lifecycle_rows(spec, "receive") if row.get("otherwise") == "dropped"
+    ]
+    lines += [
+        "",
+        "# (role, state) where a frame not allowed is dropped instead of refused",
+        "RECEIVE_DROPS: frozenset[tuple[Role, State]] = frozenset({"
+        + ", ".join(key(r, s) for r, s in dropped)
+        + "})",
+    ]
     for event, const in (("receive", "ON_RECEIVE"), ("send", "ON_SEND")):
-        lines += ["", f"# (role, state, {'received' if event == 'receive' else 'sent'} frame type) -> next state",
-                  f"{const}: dict[tuple[Role, State, int], State] = {{"]
+        lines += [
+            "",
+            f"# (role, state, {'received' if event == 'receive' else 'sent'} frame type) -> next state",
+            f"{const}: dict[tuple[Role, State, int], State] = {{",
+        ]
         for role, state, row in lifecycle_rows(spec, "transition"):
             if row["event"] == event:
-                lines.append(f"    (Role.{role.upper()}, State.{state_member(state)}, "
-                             f"{camel(row['frame'])}.TYPE): State.{state_member(row['next'])},")
+                lines.append(
+                    f"    (Role.{role.upper()}, State.{state_member(state)}, "
+                    f"{camel(row['frame'])}.TYPE): State.{state_member(row['next'])},"
+                )
         lines.append("}")
     # request -> reply
-    lines += ["", "", "# ------------------------------------------------------------------ replies",
-              "# request frame type -> the frame type of its success reply (besides ERROR)",
-              "REPLIES: dict[int, int] = {"]
+    lines += [
+        "",
+        "",
+        "# ------------------------------------------------------------------ replies",
+        "# request frame type -> the frame type of its success reply (besides ERROR)",
+        "REPLIES: dict[int, int] = {",
+    ]
     for req, rep in replies(spec).items():
         lines.append(f"    {camel(req)}.TYPE: {camel(rep)}.TYPE,")
     lines += ["}", "", "REPLY_CLASSES: dict[type[Frame], type[Frame]] = {"]
@@ -507,7 +624,10 @@ def to_wire_value(ftype: str, v: Any, spec: dict[str, Any]) -> Any:
         return [to_wire_value("bytes", x, spec) for x in v]
     if ftype.startswith("list:"):
         rec = spec["record"][ftype[5:]]
-        return [[to_wire_value(f[1], x, spec) for f, x in zip(rec["fields"], e, strict=False)] for e in v]
+        return [
+            [to_wire_value(f[1], x, spec) for f, x in zip(rec["fields"], e, strict=False)]
+            for e in v
+        ]
     return v
 
 
@@ -518,7 +638,10 @@ def to_json_value(ftype: str, v: Any, spec: dict[str, Any]) -> Any:
         return [to_json_value("bytes", x, spec) for x in v]
     if ftype.startswith("list:"):
         rec = spec["record"][ftype[5:]]
-        return [{f[0]: to_json_value(f[1], x, spec) for f, x in zip(rec["fields"], e, strict=False)} for e in v]
+        return [
+            {f[0]: to_json_value(f[1], x, spec) for f, x in zip(rec["fields"], e, strict=False)}
+            for e in v
+        ]
     return v
 
 
@@ -529,10 +652,14 @@ def gen_vectors(spec: dict[str, Any]) -> str:
         wire = [to_wire_value(f[1], v, spec) for f, v in zip(fr["fields"], ex, strict=True)]
         body = msgpack.packb(wire, use_bin_type=True)
         frame = struct.pack(">IB", len(body) + 1, fr["code"]) + body
-        decoded = {f[0]: to_json_value(f[1], v, spec) for f, v in zip(fr["fields"], ex, strict=True)}
-        vecs.append({"type": fr["name"], "code": fr["code"], "hex": frame.hex(), "decoded": decoded})
+        decoded = {
+            f[0]: to_json_value(f[1], v, spec) for f, v in zip(fr["fields"], ex, strict=True)
+        }
+        vecs.append(
+            {"type": fr["name"], "code": fr["code"], "hex": frame.hex(), "decoded": decoded}
+        )
     doc = {
-        "description": "Valid frames: hex bytes on the wire <-> decoded fields. Bytes values are {\"$bin\": hex}. Generated from spec/protocol.toml.",
+        "description": 'Valid frames: hex bytes on the wire <-> decoded fields. Bytes values are {"$bin": hex}. Generated from spec/protocol.toml.',
         "vectors": vecs,
     }
     return json.dumps(doc, indent=1, sort_keys=False) + "\n"
@@ -551,11 +678,15 @@ def md_tables(spec: dict[str, Any]) -> dict[str, str]:
     t: dict[str, str] = {}
     rows = ["| type | name | direction | purpose |", "|---|---|---|---|"]
     for fr in spec["frame"]:
-        rows.append(f"| `{fr['code']:#04x}` | {fr['name'].upper()} | {fr['direction']} | {fr['doc']} |")
+        rows.append(
+            f"| `{fr['code']:#04x}` | {fr['name'].upper()} | {fr['direction']} | {fr['doc']} |"
+        )
     t["frame-types"] = "\n".join(rows)
     parts = []
     for fr in spec["frame"]:
-        parts.append(f"#### {fr['name'].upper()} (`{fr['code']:#04x}`, {fr['direction']})\n\n{fr['doc']}\n")
+        parts.append(
+            f"#### {fr['name'].upper()} (`{fr['code']:#04x}`, {fr['direction']})\n\n{fr['doc']}\n"
+        )
         if fr["fields"]:
             parts.append("| # | field | type | default | meaning |\n|---|---|---|---|---|")
             for i, (n, ty, d, desc) in enumerate(fr["fields"]):
@@ -573,8 +704,10 @@ def md_tables(spec: dict[str, Any]) -> dict[str, str]:
     t["frames"] = "\n".join(parts).rstrip()
     rows = ["| code | name | fatal | retriable | origin | meaning |", "|---|---|---|---|---|---|"]
     for e in spec["error"]:
-        rows.append(f"| {e['code']} | `{e['name']}` | {'yes' if e['fatal'] else 'no'} | "
-                    f"{'yes' if e['retriable'] else 'no'} | {e['origin']} | {e['doc']} |")
+        rows.append(
+            f"| {e['code']} | `{e['name']}` | {'yes' if e['fatal'] else 'no'} | "
+            f"{'yes' if e['retriable'] else 'no'} | {e['origin']} | {e['doc']} |"
+        )
     t["errors"] = "\n".join(rows)
     rows = ["| key | type | meaning |", "|---|---|---|"]
     for k, (ty, desc) in spec["properties"].items():
@@ -603,8 +736,9 @@ def md_frames_text(row: dict[str, Any]) -> str:
     if sides:
         text = f"every {sides[0]} frame"
         if minus:
-            text += " except " + (", ".join(minus[:-1]) + " and " + minus[-1] if len(minus) > 1
-                                  else minus[0])
+            text += " except " + (
+                ", ".join(minus[:-1]) + " and " + minus[-1] if len(minus) > 1 else minus[0]
+            )
         return text
     return ", ".join(names) if names else "none"
 
@@ -620,8 +754,10 @@ def md_lifecycle(spec: dict[str, Any]) -> dict[str, str]:
     t["lifecycle-states"] = "\n".join(rows)
     rows = ["| role | state | frames accepted | anything else |", "|---|---|---|---|"]
     for r in lc["receive"]:
-        rows.append(f"| {r['role']} | `{state_member(r['state'])}` | {md_frames_text(r)} | "
-                    f"{r['otherwise']} |")
+        rows.append(
+            f"| {r['role']} | `{state_member(r['state'])}` | {md_frames_text(r)} | "
+            f"{r['otherwise']} |"
+        )
     t["lifecycle-receive"] = "\n".join(rows)
     rows = ["| role | state | frames it may send |", "|---|---|---|"]
     for r in lc["send"]:
@@ -630,13 +766,17 @@ def md_lifecycle(spec: dict[str, Any]) -> dict[str, str]:
     rows = ["| role | state | event | next state |", "|---|---|---|---|"]
     for r in lc["transition"]:
         event = r.get("doc") or f"{r['event']} {r['frame'].upper()}"
-        rows.append(f"| {r['role']} | `{state_member(r['state'])}` | {event} | "
-                    f"`{state_member(r['next'])}` |")
+        rows.append(
+            f"| {r['role']} | `{state_member(r['state'])}` | {event} | "
+            f"`{state_member(r['next'])}` |"
+        )
     fatal = ", ".join(str(e["code"]) for e in spec["error"] if e["fatal"])
     rows.append(f"| both | any | send or receive ERROR with a fatal code ({fatal}) | `CLOSED` |")
-    rows.append("| both | any | a protocol error is detected in received bytes | `CLOSED` (the "
-                "server sends the fatal ERROR; in the Python API the application calls "
-                "`send(Error(...))` or `fail()`) |")
+    rows.append(
+        "| both | any | a protocol error is detected in received bytes | `CLOSED` (the "
+        "server sends the fatal ERROR; in the Python API the application calls "
+        "`send(Error(...))` or `fail()`) |"
+    )
     t["lifecycle-transitions"] = "\n".join(rows)
     rows = ["| request | success reply |", "|---|---|"]
     for req, rep in replies(spec).items():
@@ -647,9 +787,12 @@ def md_lifecycle(spec: dict[str, Any]) -> dict[str, str]:
 
 def render_doc(current: str, tables: dict[str, str]) -> str:
     for name, body in tables.items():
-        pat = re.compile(rf"(<!-- BEGIN GENERATED: {name} -->\n).*?(<!-- END GENERATED: {name} -->)", re.S)
+        pat = re.compile(
+            rf"(<!-- BEGIN GENERATED: {name} -->\n).*?(<!-- END GENERATED: {name} -->)", re.S
+        )
         if not pat.search(current):
             raise SystemExit(f"spec/PROTOCOL.md lacks the GENERATED markers for {name}")
+
         def fill(m: re.Match[str], b: str = body) -> str:
             return m.group(1) + b + "\n" + m.group(2)
 

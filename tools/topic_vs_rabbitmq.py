@@ -52,8 +52,7 @@ async def main() -> int:
     conn = await aio_pika.connect_robust(opts.amqp_url)
     async with conn:
         ch = await conn.channel(publisher_confirms=True)
-        ex = await ch.declare_exchange("topic-check", aio_pika.ExchangeType.TOPIC,
-                                       auto_delete=True)
+        ex = await ch.declare_exchange("topic-check", aio_pika.ExchangeType.TOPIC, auto_delete=True)
         queues = []
         for i, p in enumerate(patterns):
             q = await ch.declare_queue(f"topic-check-{i}", auto_delete=True, exclusive=True)
@@ -82,8 +81,10 @@ async def main() -> int:
                     print(f"MISMATCH pattern={p!r} key={k!r} conveyor={ours} rabbitmq={theirs}")
     pairs = len(patterns) * len(keys)
     matched = sum(len(v) for v in got.values())
-    print(f"{pairs} pattern/key pairs ({len(patterns)} patterns x {len(keys)} keys), "
-          f"{matched} matches in RabbitMQ, {mismatches} disagreements")
+    print(
+        f"{pairs} pattern/key pairs ({len(patterns)} patterns x {len(keys)} keys), "
+        f"{matched} matches in RabbitMQ, {mismatches} disagreements"
+    )
     return 1 if mismatches else 0
 
 

@@ -48,8 +48,12 @@ SPEC_PATH = data_path("spec", "openapi.yaml")
 _GUARDED = ("/api/", "/api", "/queues/", "/exchanges/", "/metrics")
 _NAMES = {code: name for name, code in ERROR_CODES.items()}
 # HTTP statuses aiohttp raises itself (no route, wrong method, body too big ...).
-_HTTP_NAMES = {400: "invalid-argument", 404: "not-found", 405: "not-implemented",
-               413: "message-too-large"}
+_HTTP_NAMES = {
+    400: "invalid-argument",
+    404: "not-found",
+    405: "not-implemented",
+    413: "message-too-large",
+}
 
 
 @web.middleware
@@ -94,14 +98,20 @@ async def metrics(request: web.Request) -> web.Response:
         try:  # broker.metrics (prometheus_client): the full set, OpenMetrics on request
             from conveyor.broker.metrics import render_metrics
         except ImportError:
-            text = basic_metrics(c.broker, c.stats,
-                                 sum(1 for p in c.server.protocols if p.session is not None))
+            text = basic_metrics(
+                c.broker, c.stats, sum(1 for p in c.server.protocols if p.session is not None)
+            )
         else:
             body, ctype = render_metrics(c.broker, c.server, request.headers.get("Accept"))
-            return web.Response(body=body, headers={"Content-Type": ctype,
-                                                    "X-Content-Type-Options": "nosniff"})
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+            return web.Response(
+                body=body, headers={"Content-Type": ctype, "X-Content-Type-Options": "nosniff"}
+            )
+    return web.Response(
+        text=text,
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 async def openapi(_request: web.Request) -> web.Response:
@@ -119,14 +129,17 @@ async def dashboard(_request: web.Request) -> web.StreamResponse:
     return web.FileResponse(index)
 
 
-def create_app(server: BrokerServer, metrics_renderer: Callable[[], str] | None = None
-               ) -> web.Application:
+def create_app(
+    server: BrokerServer, metrics_renderer: Callable[[], str] | None = None
+) -> web.Application:
     """The application: management API, gateway, /metrics, /openapi.yaml, dashboard."""
     cfg = server.config
     broker = server.broker
     # A base64 body is 4/3 of the message, plus JSON and headers.
-    app = web.Application(middlewares=[errors_and_auth],
-                          client_max_size=cfg.effective_max_message_size() * 4 // 3 + 65536)
+    app = web.Application(
+        middlewares=[errors_and_auth],
+        client_max_size=cfg.effective_max_message_size() * 4 // 3 + 65536,
+    )
     gw = Gateway(broker, cfg.max_frame_size)
     stats = Stats(broker)
     stats.on_sample.append(gw.prune)
@@ -144,8 +157,9 @@ def create_app(server: BrokerServer, metrics_renderer: Callable[[], str] | None 
 class HttpListener:
     """Runs :func:`create_app` on ``config.host``:``config.http_port`` (0 = any free)."""
 
-    def __init__(self, server: BrokerServer,
-                 metrics_renderer: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self, server: BrokerServer, metrics_renderer: Callable[[], str] | None = None
+    ) -> None:
         self.server = server
         self.app = create_app(server, metrics_renderer)
         self._runner: web.AppRunner | None = None
@@ -162,14 +176,14 @@ class HttpListener:
         await self._runner.setup()
         # http_tls: the binary TLS listener's certificate, key and client-CA settings.
         tls = server_context(cfg) if cfg.http_tls else None
-        self._site = web.TCPSite(self._runner, cfg.host, cfg.http_port, reuse_address=True,
-                                 ssl_context=tls)
+        self._site = web.TCPSite(
+            self._runner, cfg.host, cfg.http_port, reuse_address=True, ssl_context=tls
+        )
         await self._site.start()
         addresses = self._runner.addresses  # the bound (host, port, ...) of each socket
         self.port = int(addresses[0][1]) if addresses else cfg.http_port
         self.context.stats.start()
-        log.info("conveyor http listening on %s:%d%s", cfg.host, self.port,
-                 " (TLS)" if tls else "")
+        log.info("conveyor http listening on %s:%d%s", cfg.host, self.port, " (TLS)" if tls else "")
 
     async def stop(self) -> None:
         """Stop accepting, finish requests briefly, requeue the gateway's deliveries."""

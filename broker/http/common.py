@@ -71,8 +71,19 @@ def ctx(request: web.Request) -> HttpContext:
 # ---------------------------------------------------------------------- errors
 # Spec error code -> HTTP status. Most spec codes are HTTP-like already; the others map
 # to the closest HTTP meaning (the JSON body keeps the spec's code and name).
-_STATUS = {312: 404, 405: 409, 406: 409, 408: 408, 501: 400, 502: 413, 503: 400,
-           505: 400, 506: 503, 540: 501, 541: 500}
+_STATUS = {
+    312: 404,
+    405: 409,
+    406: 409,
+    408: 408,
+    501: 400,
+    502: 413,
+    503: 400,
+    505: 400,
+    506: 503,
+    540: 501,
+    541: 500,
+}
 
 
 def http_status(code: int) -> int:
@@ -81,8 +92,9 @@ def http_status(code: int) -> int:
     return code if 400 <= code < 600 else 500
 
 
-def error_body(code: int, name: str, message: str,
-               details: dict[str, Any] | None = None) -> dict[str, Any]:
+def error_body(
+    code: int, name: str, message: str, details: dict[str, Any] | None = None
+) -> dict[str, Any]:
     err: dict[str, Any] = {"code": code, "name": name, "message": message}
     if details:
         err["details"] = details
@@ -90,14 +102,19 @@ def error_body(code: int, name: str, message: str,
 
 
 def error_response(exc: ConveyorError, headers: dict[str, str] | None = None) -> web.Response:
-    return json_response(error_body(exc.code, exc.name, exc.message, exc.details),
-                         status=http_status(exc.code), headers=headers)
+    return json_response(
+        error_body(exc.code, exc.name, exc.message, exc.details),
+        status=http_status(exc.code),
+        headers=headers,
+    )
 
 
-def json_response(data: Any, status: int = 200,
-                  headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(text=json_text(data), status=status,
-                        content_type=JSON_TYPE, headers=headers)
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        text=json_text(data), status=status, content_type=JSON_TYPE, headers=headers
+    )
 
 
 def json_text(data: Any) -> str:
@@ -140,13 +157,14 @@ def authenticate(request: web.Request) -> Principal:
         return auth.authenticate("anonymous", "", peer_ip)
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise AuthenticationFailed("expected 'Authorization: Bearer <token>'",
-                                   {"reason": "malformed"})
+        raise AuthenticationFailed(
+            "expected 'Authorization: Bearer <token>'", {"reason": "malformed"}
+        )
     return auth.authenticate("token", token.strip(), peer_ip)
 
 
 def _hostname(netloc: str) -> str:
-    """"host", "host:port", "[::1]:port" -> the lower-case host name."""
+    """ "host", "host:port", "[::1]:port" -> the lower-case host name."""
     netloc = netloc.strip().lower()
     if netloc.startswith("["):
         return netloc[1:].partition("]")[0]
@@ -174,8 +192,9 @@ def check_origin(request: web.Request) -> None:
     own = f"{request.scheme}://{request.host}".lower()
     name = _hostname(urlsplit(origin).netloc) if "://" in origin else ""
     if origin.strip().lower() != own and name not in allowed_hosts(ctx(request).server):
-        raise AccessRefused(f"cross-origin request from {origin!r} refused",
-                            {"reason": "origin", "origin": origin})
+        raise AccessRefused(
+            f"cross-origin request from {origin!r} refused", {"reason": "origin", "origin": origin}
+        )
 
 
 def check_anonymous(request: web.Request) -> None:
@@ -187,20 +206,27 @@ def check_anonymous(request: web.Request) -> None:
         raise AccessRefused(
             f"Host {request.host!r} is not an allowed name for anonymous access "
             "(use localhost/127.0.0.1, --http-allowed-hosts, or a token)",
-            {"reason": "host", "host": request.host})
+            {"reason": "host", "host": request.host},
+        )
     if request.method not in SAFE_METHODS and REQUEST_HEADER not in request.headers:
         raise AccessRefused(
             f"anonymous {request.method} needs the {REQUEST_HEADER} header (or a token)",
-            {"reason": "csrf", "header": REQUEST_HEADER})
+            {"reason": "csrf", "header": REQUEST_HEADER},
+        )
 
 
 def check_body_type(request: web.Request) -> None:
     """A state change with a body must say ``Content-Type: application/json`` (a
     cross-site form can only send text/plain, form or multipart bodies)."""
-    if (request.method not in SAFE_METHODS and request.body_exists
-            and request.content_type != JSON_TYPE):
-        raise InvalidArgument(f"request bodies must be {JSON_TYPE}, not "
-                              f"{request.content_type!r}", {"reason": "content-type"})
+    if (
+        request.method not in SAFE_METHODS
+        and request.body_exists
+        and request.content_type != JSON_TYPE
+    ):
+        raise InvalidArgument(
+            f"request bodies must be {JSON_TYPE}, not {request.content_type!r}",
+            {"reason": "content-type"},
+        )
 
 
 def principal(request: web.Request) -> Principal:
@@ -216,7 +242,8 @@ def require_admin(request: web.Request) -> Principal:
     if perms is not None and "*" not in perms.configure:
         raise AccessRefused(
             f"{p.subject!r} may not use the management API (needs configure '*')",
-            {"action": "configure"})
+            {"action": "configure"},
+        )
     return p
 
 
@@ -250,8 +277,10 @@ async def json_object(request: web.Request, required: bool = True) -> dict[str, 
         return {}
     depth = json_depth(raw)
     if depth > MAX_JSON_DEPTH:
-        raise InvalidArgument(f"body nests arrays/objects more than {MAX_JSON_DEPTH} deep",
-                              {"limit": "max_json_depth", "max_json_depth": MAX_JSON_DEPTH})
+        raise InvalidArgument(
+            f"body nests arrays/objects more than {MAX_JSON_DEPTH} deep",
+            {"limit": "max_json_depth", "max_json_depth": MAX_JSON_DEPTH},
+        )
     try:
         data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -301,14 +330,14 @@ def decode_body(text: Any, encoding: Any) -> bytes:
         try:
             return text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate ("\ud800") from JSON
-            raise InvalidArgument("message is not valid Unicode text; send base64",
-                                  {"field": "message"}) from None
+            raise InvalidArgument(
+                "message is not valid Unicode text; send base64", {"field": "message"}
+            ) from None
     if encoding == "base64":
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidArgument("message is not valid base64",
-                                  {"field": "message"}) from None
+            raise InvalidArgument("message is not valid base64", {"field": "message"}) from None
     raise InvalidArgument("encoding must be 'utf-8' or 'base64'", {"field": "encoding"})
 
 
@@ -323,6 +352,7 @@ async def committed(broker: Broker) -> None:
         def resolve() -> None:
             if not fut.done():
                 fut.set_result(err)
+
         loop.call_soon_threadsafe(resolve)
 
     broker.commit(done)  # the log and any stream appended to (broker.stream)

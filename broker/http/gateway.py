@@ -76,10 +76,27 @@ HANDLE_MAX = 100  # characters of a receipt handle
 ENTRY_ID_MAX = 80  # characters of a batch entry's id (SQS's limit)
 U64_MAX = (1 << 64) - 1
 # Name-typed message properties a send may set (spec/protocol.toml [properties]).
-NAME_PROPERTIES = ("correlation_id", "reply_to", "content_type", "content_encoding", "type",
-                   "app_id")
-PUBLISH_FIELDS = frozenset({"message", "encoding", "priority", "delay", "ttl", "message_id",
-                            "headers", "timestamp", *NAME_PROPERTIES})
+NAME_PROPERTIES = (
+    "correlation_id",
+    "reply_to",
+    "content_type",
+    "content_encoding",
+    "type",
+    "app_id",
+)
+PUBLISH_FIELDS = frozenset(
+    {
+        "message",
+        "encoding",
+        "priority",
+        "delay",
+        "ttl",
+        "message_id",
+        "headers",
+        "timestamp",
+        *NAME_PROPERTIES,
+    }
+)
 EXCHANGE_FIELDS = frozenset({"routing_key", "mandatory"})
 
 
@@ -108,16 +125,24 @@ class Gateway:
         self.broker.pump()
         return str(properties["message_id"])
 
-    def publish_exchange(self, exchange: str, routing_key: str, body: bytes,
-                         properties: dict[str, Any], mandatory: bool) -> tuple[str, int]:
+    def publish_exchange(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: dict[str, Any],
+        mandatory: bool,
+    ) -> tuple[str, int]:
         """Route through ``exchange`` like a binary PUBLISH; returns (message id, how
         many queues took it). ``mandatory`` and no queue bound: 404 no-route, nothing
         stored."""
         broker = self.broker
         targets = list(broker.route(exchange, routing_key))  # 404 for a missing exchange
         if not targets and mandatory:
-            raise NoRoute(f"no queue is bound to {exchange!r} for {routing_key!r}",
-                          {"exchange": exchange, "routing_key": routing_key})
+            raise NoRoute(
+                f"no queue is bound to {exchange!r} for {routing_key!r}",
+                {"exchange": exchange, "routing_key": routing_key},
+            )
         size = self._admit(body, properties, targets)
         n = broker.enqueue(Message(exchange, routing_key, properties, body, size), targets)
         broker.pump()
@@ -133,8 +158,9 @@ class Gateway:
         wm = broker.flow.watermarks
         why = wm.reason(time.monotonic()) if wm is not None else ""
         if why:
-            raise ResourceError(f"{why} watermark reached; publishers are blocked, retry later",
-                                {"reason": why})
+            raise ResourceError(
+                f"{why} watermark reached; publishers are blocked, retry later", {"reason": why}
+            )
         try:
             check_props(properties, "message")
         except Exception as exc:  # noqa: BLE001 - the codec's own "malformed" error
@@ -142,15 +168,17 @@ class Gateway:
         size = publish_size(broker.limits, properties, body)
         if size > broker.max_message_size:
             raise MessageTooLarge(
-                f"message of {len(body)} bytes exceeds the maximum of "
-                f"{broker.max_message_size}", {"max_message_size": broker.max_message_size})
+                f"message of {len(body)} bytes exceeds the maximum of {broker.max_message_size}",
+                {"max_message_size": broker.max_message_size},
+            )
         if broker.limited:
             broker.check_capacity(targets, size, properties.get("message_id"))
         return size
 
     # ------------------------------------------------------------------ receive
-    def receive(self, queue: str, batch_size: int, visibility_ms: int | None
-                ) -> list[dict[str, Any]]:
+    def receive(
+        self, queue: str, batch_size: int, visibility_ms: int | None
+    ) -> list[dict[str, Any]]:
         """Take up to ``batch_size`` ready messages (Session.take_ready, GET's code)."""
         broker = self.broker
         q = broker.get_queue(queue, None)
@@ -166,12 +194,19 @@ class Gateway:
             body, encoding = encode_body(Pager.read(m))
             props = m.properties or {}
             mid = props.get("message_id")
-            out.append({"id": str(mid) if mid is not None else str(m.id or ""),
-                        "body": body, "encoding": encoding,
-                        "receipt_handle": f"{tag}.{nonce}",
-                        "delivery_count": qm.delivery_count, "redelivered": qm.redelivered,
-                        "exchange": m.exchange, "routing_key": m.routing_key,
-                        "properties": props})
+            out.append(
+                {
+                    "id": str(mid) if mid is not None else str(m.id or ""),
+                    "body": body,
+                    "encoding": encoding,
+                    "receipt_handle": f"{tag}.{nonce}",
+                    "delivery_count": qm.delivery_count,
+                    "redelivered": qm.redelivered,
+                    "exchange": m.exchange,
+                    "routing_key": m.routing_key,
+                    "properties": props,
+                }
+            )
         if taken:
             broker.pump()
         return out
@@ -211,7 +246,7 @@ class Gateway:
                 # The oldest polls first, no more of them than there are messages (each
                 # takes at least one): a message does not wake a hundred pollers.
                 waiting = [f for f in self._waiters[name] if not f.done()]
-                woken, rest = waiting[:q.ready], waiting[q.ready:]
+                woken, rest = waiting[: q.ready], waiting[q.ready :]
                 if rest:
                     self._waiters[name] = rest
                 else:
@@ -312,19 +347,18 @@ def _seconds(data: dict[str, Any], key: str) -> int | None:
     if v is None:
         return None
     if type(v) not in (int, float) or not math.isfinite(v) or not 0 <= v <= SECONDS_MAX:
-        raise InvalidArgument(f"{key} must be a number of seconds 0..{SECONDS_MAX}",
-                              {"field": key})
+        raise InvalidArgument(f"{key} must be a number of seconds 0..{SECONDS_MAX}", {"field": key})
     return round(float(v) * 1000)
 
 
-def message_properties(data: dict[str, Any], extra: frozenset[str] = frozenset()
-                       ) -> dict[str, Any]:
+def message_properties(data: dict[str, Any], extra: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The message properties of a send body (``extra``: other fields the caller
     reads itself, e.g. a batch entry's ``id``)."""
     unknown = set(data) - PUBLISH_FIELDS - extra
     if unknown:
-        raise InvalidArgument(f"unknown field {sorted(unknown)[0]!r}",
-                              {"field": sorted(unknown)[0]})
+        raise InvalidArgument(
+            f"unknown field {sorted(unknown)[0]!r}", {"field": sorted(unknown)[0]}
+        )
     props: dict[str, Any] = {"persistent": True}
     priority = data.get("priority")
     if priority is not None:
@@ -353,15 +387,17 @@ def message_properties(data: dict[str, Any], extra: frozenset[str] = frozenset()
     ts = data.get("timestamp")
     if ts is not None:
         if type(ts) is not int or not 0 <= ts <= U64_MAX:
-            raise InvalidArgument("timestamp must be an integer (ms since the epoch)",
-                                  {"field": "timestamp"})
+            raise InvalidArgument(
+                "timestamp must be an integer (ms since the epoch)", {"field": "timestamp"}
+            )
         props["timestamp"] = ts
     mid = data.get("message_id")
     if mid is None:
         mid = uuid.uuid4().hex
     elif not isinstance(mid, str) or not mid or len(mid.encode("utf-8", "replace")) > 255:
-        raise InvalidArgument("message_id must be a string of 1..255 bytes",
-                              {"field": "message_id"})
+        raise InvalidArgument(
+            "message_id must be a string of 1..255 bytes", {"field": "message_id"}
+        )
     props["message_id"] = mid
     return props
 
@@ -375,8 +411,10 @@ def _body_of(data: dict[str, Any]) -> bytes:
 def _take_rate(c: HttpContext, p: Principal, n: int) -> None:
     wait = take_http(c.broker.flow, p, n, time.monotonic())
     if wait:  # the subject's rate, shared with its binary connections
-        raise RateLimited(f"{p.subject!r} is over its publish rate; retry in {wait:.2f}s",
-                          {"retry_after": round(wait, 3)})
+        raise RateLimited(
+            f"{p.subject!r} is over its publish rate; retry in {wait:.2f}s",
+            {"retry_after": round(wait, 3)},
+        )
 
 
 async def post_message(request: web.Request) -> web.Response:
@@ -396,15 +434,17 @@ async def post_message(request: web.Request) -> web.Response:
 async def post_exchange_message(request: web.Request) -> web.Response:
     exchange = request.match_info["exchange"]
     if not exchange or len(exchange.encode("utf-8", "surrogatepass")) > NAME_MAX:
-        raise InvalidArgument(f"exchange name must be 1..{NAME_MAX} bytes",
-                              {"exchange": exchange[:NAME_MAX]})
+        raise InvalidArgument(
+            f"exchange name must be 1..{NAME_MAX} bytes", {"exchange": exchange[:NAME_MAX]}
+        )
     c = ctx(request)
     p = principal(request)
     data = await json_object(request)
     rk = data.get("routing_key", "")
     if not isinstance(rk, str) or len(rk.encode("utf-8", "replace")) > NAME_MAX:
-        raise InvalidArgument(f"routing_key must be a string of 0..{NAME_MAX} bytes",
-                              {"field": "routing_key"})
+        raise InvalidArgument(
+            f"routing_key must be a string of 0..{NAME_MAX} bytes", {"field": "routing_key"}
+        )
     mandatory = data.get("mandatory", False)
     if type(mandatory) is not bool:
         raise InvalidArgument("mandatory must be true or false", {"field": "mandatory"})
@@ -421,20 +461,23 @@ def _entries(data: dict[str, Any], extra: frozenset[str]) -> list[dict[str, Any]
     """A batch body's ``entries``: 1..BATCH_MAX objects with distinct string ids."""
     unknown = set(data) - {"entries"}
     if unknown:
-        raise InvalidArgument(f"unknown field {sorted(unknown)[0]!r}",
-                              {"field": sorted(unknown)[0]})
+        raise InvalidArgument(
+            f"unknown field {sorted(unknown)[0]!r}", {"field": sorted(unknown)[0]}
+        )
     entries = data.get("entries")
     if not isinstance(entries, list) or not 1 <= len(entries) <= BATCH_MAX:
-        raise InvalidArgument(f"entries must be a list of 1..{BATCH_MAX} objects",
-                              {"field": "entries"})
+        raise InvalidArgument(
+            f"entries must be a list of 1..{BATCH_MAX} objects", {"field": "entries"}
+        )
     seen: set[str] = set()
     for e in entries:
         if not isinstance(e, dict):
             raise InvalidArgument("each entry must be an object", {"field": "entries"})
         eid = e.get("id")
         if not isinstance(eid, str) or not 1 <= len(eid) <= ENTRY_ID_MAX:
-            raise InvalidArgument(f"each entry needs an id: a string of 1..{ENTRY_ID_MAX} "
-                                  "characters", {"field": "id"})
+            raise InvalidArgument(
+                f"each entry needs an id: a string of 1..{ENTRY_ID_MAX} characters", {"field": "id"}
+            )
         if eid in seen:
             raise InvalidArgument(f"entry id {eid!r} is used twice", {"field": "id", "id": eid})
         seen.add(eid)
@@ -501,13 +544,16 @@ async def get_messages(request: web.Request) -> web.Response:
 def _handle(request: web.Request) -> str:
     handle = request.match_info["receipt_handle"]
     if len(handle) > HANDLE_MAX:
-        raise InvalidArgument(f"receipt handles are at most {HANDLE_MAX} characters",
-                              {"field": "receipt_handle"})
+        raise InvalidArgument(
+            f"receipt handles are at most {HANDLE_MAX} characters", {"field": "receipt_handle"}
+        )
     return handle
 
 
-_NO_HANDLE = ("no such receipt handle on this queue (already deleted, or its visibility "
-              "timeout passed and the message is back in the queue)")
+_NO_HANDLE = (
+    "no such receipt handle on this queue (already deleted, or its visibility "
+    "timeout passed and the message is back in the queue)"
+)
 
 
 async def delete_message(request: web.Request) -> web.Response:
@@ -532,15 +578,21 @@ async def delete_message_batch(request: web.Request) -> web.Response:
         unknown = set(e) - {"id", "receipt_handle"}
         h = e.get("receipt_handle")
         if unknown or not isinstance(h, str) or not 1 <= len(h) <= HANDLE_MAX:
-            raise InvalidArgument(f"each entry is {{id, receipt_handle}} (a string of "
-                                  f"1..{HANDLE_MAX} characters)", {"id": e["id"]})
+            raise InvalidArgument(
+                f"each entry is {{id, receipt_handle}} (a string of 1..{HANDLE_MAX} characters)",
+                {"id": e["id"]},
+            )
         handles.append(h)
     done = c.gateway.delete_many(queue, handles)
     missing = NotFound(_NO_HANDLE, {"queue": queue})
-    return json_response({
-        "successful": [{"id": e["id"]} for e, ok in zip(entries, done, strict=True) if ok],
-        "failed": [_failure(e["id"], missing)
-                   for e, ok in zip(entries, done, strict=True) if not ok]})
+    return json_response(
+        {
+            "successful": [{"id": e["id"]} for e, ok in zip(entries, done, strict=True) if ok],
+            "failed": [
+                _failure(e["id"], missing) for e, ok in zip(entries, done, strict=True) if not ok
+            ],
+        }
+    )
 
 
 async def put_visibility(request: web.Request) -> web.Response:
@@ -552,12 +604,15 @@ async def put_visibility(request: web.Request) -> web.Response:
     data = await json_object(request)
     unknown = set(data) - {"visibility_timeout"}
     if unknown:
-        raise InvalidArgument(f"unknown field {sorted(unknown)[0]!r}",
-                              {"field": sorted(unknown)[0]})
+        raise InvalidArgument(
+            f"unknown field {sorted(unknown)[0]!r}", {"field": sorted(unknown)[0]}
+        )
     v = data.get("visibility_timeout")
     if type(v) is not int or not 0 <= v <= VISIBILITY_MAX:
-        raise InvalidArgument(f"visibility_timeout must be an integer 0..{VISIBILITY_MAX} "
-                              "(seconds)", {"field": "visibility_timeout"})
+        raise InvalidArgument(
+            f"visibility_timeout must be an integer 0..{VISIBILITY_MAX} (seconds)",
+            {"field": "visibility_timeout"},
+        )
     c.broker.get_queue(queue, None)
     if not c.gateway.change_visibility(queue, handle, v * 1000):
         raise NotFound(_NO_HANDLE, {"queue": queue})
@@ -570,6 +625,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/queues/{queue}/messages/batch", post_message_batch)
     app.router.add_post("/queues/{queue}/messages/batch-delete", delete_message_batch)
     app.router.add_delete("/queues/{queue}/messages/{receipt_handle}", delete_message)
-    app.router.add_put("/queues/{queue}/messages/{receipt_handle}/visibility",
-                       put_visibility)
+    app.router.add_put("/queues/{queue}/messages/{receipt_handle}/visibility", put_visibility)
     app.router.add_post("/exchanges/{exchange}/messages", post_exchange_message)

@@ -50,6 +50,7 @@ OPTION_NAMES = QueueOptions.__slots__
 
 def _version() -> str:
     from conveyor.broker.server import VERSION
+
     return VERSION
 
 
@@ -57,14 +58,26 @@ def queue_json(c: HttpContext, q: Queue) -> dict[str, Any]:
     st = q.statistics()
     opts = st.options
     return {
-        "name": st.name, "durable": st.durable, "exclusive": st.exclusive,
-        "auto_delete": st.auto_delete, "arguments": st.arguments,
+        "name": st.name,
+        "durable": st.durable,
+        "exclusive": st.exclusive,
+        "auto_delete": st.auto_delete,
+        "arguments": st.arguments,
         # messages: the ready count, as in every listing; ready: the same number (older name)
-        "ready": st.ready, "unacked": st.unacked, "messages": st.ready,
-        "delayed": st.delayed, "paged": st.paged, "consumers": st.consumers,
-        "counters": {"published": st.published, "delivered": st.delivered, "acked": st.acked,
-                     "dead_lettered": st.dead_lettered, "expired": st.expired,
-                     "dead_letter_dropped": st.dead_letter_dropped},
+        "ready": st.ready,
+        "unacked": st.unacked,
+        "messages": st.ready,
+        "delayed": st.delayed,
+        "paged": st.paged,
+        "consumers": st.consumers,
+        "counters": {
+            "published": st.published,
+            "delivered": st.delivered,
+            "acked": st.acked,
+            "dead_lettered": st.dead_lettered,
+            "expired": st.expired,
+            "dead_letter_dropped": st.dead_letter_dropped,
+        },
         "rates": c.stats.queue(st.name),
         "settings": {k: getattr(opts, k) for k in OPTION_NAMES},
         # streams: offsets and per-group committed offset and lag
@@ -92,18 +105,26 @@ async def overview(request: web.Request) -> web.Response:
     ready = sum(st.ready for st in stats)
     unacked = sum(st.unacked for st in stats)
     cfg = c.server.config
-    return json_response({
-        "product": "conveyor", "version": _version(),
-        "uptime_s": round(time.time() - b.started, 3),
-        "messages": {"ready": ready, "unacked": unacked, "total": ready + unacked,
-                     "dead_lettered": b.dead_lettered},
-        "rates": c.stats.rates,
-        "connections": len(_protocols(c)),
-        "consumers": sum(len(s.consumers) for s in b.sessions.values()),
-        "queues": len(b.queues), "exchanges": len(b.exchanges),
-        "memory": {"rss": process_rss()},
-        "disk": {"free": disk_free(cfg.data_dir), "data_dir": cfg.data_dir},
-    })
+    return json_response(
+        {
+            "product": "conveyor",
+            "version": _version(),
+            "uptime_s": round(time.time() - b.started, 3),
+            "messages": {
+                "ready": ready,
+                "unacked": unacked,
+                "total": ready + unacked,
+                "dead_lettered": b.dead_lettered,
+            },
+            "rates": c.stats.rates,
+            "connections": len(_protocols(c)),
+            "consumers": sum(len(s.consumers) for s in b.sessions.values()),
+            "queues": len(b.queues),
+            "exchanges": len(b.exchanges),
+            "memory": {"rss": process_rss()},
+            "disk": {"free": disk_free(cfg.data_dir), "data_dir": cfg.data_dir},
+        }
+    )
 
 
 # ---------------------------------------------------------------------- queues
@@ -139,8 +160,9 @@ async def put_queue(request: web.Request) -> web.Response:
     owner = p.subject if p.permissions is not None and not existed else None
     if owner is not None:
         c.broker.queue_owners.check(c.broker.limits, owner)
-    q = c.broker.declare_queue(None, name, durable=durable, auto_delete=auto_delete,
-                               arguments=arguments)
+    q = c.broker.declare_queue(
+        None, name, durable=durable, auto_delete=auto_delete, arguments=arguments
+    )
     if owner is not None:
         c.broker.queue_owners.add(q.name, owner)
     await committed(c.broker)
@@ -151,8 +173,12 @@ async def delete_queue(request: web.Request) -> web.Response:
     require_admin(request)
     c = ctx(request)
     name = queue_name(request)
-    n = c.broker.delete_queue(None, name, if_unused=request.query.get("if_unused") == "true",
-                              if_empty=request.query.get("if_empty") == "true")
+    n = c.broker.delete_queue(
+        None,
+        name,
+        if_unused=request.query.get("if_unused") == "true",
+        if_empty=request.query.get("if_empty") == "true",
+    )
     c.broker.pump()
     await committed(c.broker)
     return json_response({"queue": name, "messages": n})
@@ -172,10 +198,17 @@ def message_json(qm: Any) -> dict[str, Any]:
     body, encoding = encode_body(Pager.read(m))
     props = Pager.properties(m) or {}  # headers may be paged with the body
     mid = props.get("message_id")
-    return {"id": str(mid) if mid is not None else str(m.id or ""), "body": body,
-            "encoding": encoding, "exchange": m.exchange, "routing_key": m.routing_key,
-            "properties": props, "delivery_count": qm.delivery_count,
-            "redelivered": qm.redelivered, "delayed": qm.state == DELAYED}
+    return {
+        "id": str(mid) if mid is not None else str(m.id or ""),
+        "body": body,
+        "encoding": encoding,
+        "exchange": m.exchange,
+        "routing_key": m.routing_key,
+        "properties": props,
+        "delivery_count": qm.delivery_count,
+        "redelivered": qm.redelivered,
+        "delayed": qm.state == DELAYED,
+    }
 
 
 async def peek(request: web.Request) -> web.Response:
@@ -187,8 +220,13 @@ async def peek(request: web.Request) -> web.Response:
     p.require("read", "queue", q.name)
     count = int_query(request, "count", 10, 1, PEEK_MAX)
     msgs = list(itertools.islice(q.waiting(), count))
-    return json_response({"queue": q.name, "ready": q.statistics().ready,
-                          "messages": [message_json(qm) for qm in msgs]})
+    return json_response(
+        {
+            "queue": q.name,
+            "ready": q.statistics().ready,
+            "messages": [message_json(qm) for qm in msgs],
+        }
+    )
 
 
 def _death_record(props: dict[str, Any]) -> dict[str, Any] | None:
@@ -204,8 +242,9 @@ def _death_queue(props: dict[str, Any]) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def _dead_letters_into(broker: Broker, origin: Queue, source: Queue,
-                       record: dict[str, Any] | None) -> bool:
+def _dead_letters_into(
+    broker: Broker, origin: Queue, source: Queue, record: dict[str, Any] | None
+) -> bool:
     """Could ``origin`` (the queue an x-death record names) have dead-lettered into
     ``source``? Its dead-letter exchange must route (with its dead-letter routing key, or
     the record's) to ``source``. A record a client wrote naming any other queue fails, so
@@ -223,8 +262,9 @@ def _dead_letters_into(broker: Broker, origin: Queue, source: Queue,
         return False
 
 
-def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int,
-                  who: Principal = ANONYMOUS) -> dict[str, Any]:
+def redrive_queue(
+    broker: Broker, source: Queue, to: str | None, limit: int, who: Principal = ANONYMOUS
+) -> dict[str, Any]:
     """Move ready messages of ``source`` to ``to`` or to the queue of each message's
     newest x-death record (same body and properties, via the default exchange); the
     rest stay. Synchronous: the moves and removals reach the journal in one batch.
@@ -256,10 +296,13 @@ def redrive_queue(broker: Broker, source: Queue, to: str | None, limit: int,
             why = f"queue {dest!r} is exclusive to a connection"
         elif not who.can("write", dest):
             why = f"{who.subject!r} may not write queue {dest!r}"
-        elif to is None and not _dead_letters_into(broker, broker.queues[dest], source,
-                                                   _death_record(props)):
-            why = (f"x-death names queue {dest!r}, which does not dead-letter into "
-                   f"{source.name!r} (use ?to=QUEUE)")
+        elif to is None and not _dead_letters_into(
+            broker, broker.queues[dest], source, _death_record(props)
+        ):
+            why = (
+                f"x-death names queue {dest!r}, which does not dead-letter into "
+                f"{source.name!r} (use ?to=QUEUE)"
+            )
         if not why and dest is not None:
             body = Pager.read(m)
             try:
@@ -305,8 +348,14 @@ async def queue_history(request: web.Request) -> web.Response:
     rows = c.stats.history(q.name)
     st = q.statistics()
     rows.append(history_row(time.time() * 1000, st.ready, st.unacked, c.stats.queue(q.name)))
-    return json_response({"queue": q.name, "interval_s": HISTORY_INTERVAL,
-                          "max_samples": HISTORY_SAMPLES, "samples": rows})
+    return json_response(
+        {
+            "queue": q.name,
+            "interval_s": HISTORY_INTERVAL,
+            "max_samples": HISTORY_SAMPLES,
+            "samples": rows,
+        }
+    )
 
 
 # ---------------------------------------------------------------------- exchanges, bindings
@@ -319,8 +368,9 @@ def _name(value: Any, what: str, *, empty: bool = False) -> str:
     except UnicodeEncodeError:
         raise InvalidArgument(f"{what} is not valid Unicode text", {"field": what}) from None
     if size > NAME_MAX or (not value and not empty):
-        raise InvalidArgument(f"{what} must be {0 if empty else 1}..{NAME_MAX} bytes",
-                              {"field": what})
+        raise InvalidArgument(
+            f"{what} must be {0 if empty else 1}..{NAME_MAX} bytes", {"field": what}
+        )
     return value
 
 
@@ -357,8 +407,9 @@ async def put_exchange(request: web.Request) -> web.Response:
         raise InvalidArgument("arguments must be an object")
     p.require_declare("exchange", name, False)
     existed = name in c.broker.exchanges
-    c.broker.declare_exchange(name, etype, durable=durable, auto_delete=auto_delete,
-                              arguments=arguments)
+    c.broker.declare_exchange(
+        name, etype, durable=durable, auto_delete=auto_delete, arguments=arguments
+    )
     await committed(c.broker)
     return json_response(_exchange_json(c, name), status=200 if existed else 201)
 
@@ -420,8 +471,10 @@ async def _unbind(request: web.Request, data: dict[str, Any]) -> web.Response:
     c = ctx(request)
     exchange, queue, key = await _binding_request(request, data)
     if not _bound(c, exchange, queue, key):
-        raise NotFound(f"no binding of {queue!r} to {exchange!r} with key {key!r}",
-                       {"exchange": exchange, "queue": queue, "routing_key": key})
+        raise NotFound(
+            f"no binding of {queue!r} to {exchange!r} with key {key!r}",
+            {"exchange": exchange, "queue": queue, "routing_key": key},
+        )
     c.broker.unbind(None, exchange, queue, key)
     await committed(c.broker)
     return json_response(_binding_json(exchange, queue, key))
@@ -438,8 +491,9 @@ async def delete_binding_path(request: web.Request) -> web.Response:
     slash), names are percent-encoded path segments."""
     require_admin(request)
     m = request.match_info
-    return await _unbind(request, {"exchange": m["exchange"], "queue": m["queue"],
-                                   "routing_key": m["key"]})
+    return await _unbind(
+        request, {"exchange": m["exchange"], "queue": m["queue"], "routing_key": m["key"]}
+    )
 
 
 # ---------------------------------------------------------------------- the rest
@@ -449,11 +503,15 @@ async def whoami(request: web.Request) -> web.Response:
     p = principal(request)
     perms = p.permissions
     may = {a: ["*"] if perms is None else list(getattr(perms, a)) for a in ACTIONS}
-    return json_response({
-        "subject": p.subject, "anonymous": p.anonymous,
-        "management": perms is None or "*" in perms.configure,
-        "permissions": may, "expires_at": p.expires_at,
-    })
+    return json_response(
+        {
+            "subject": p.subject,
+            "anonymous": p.anonymous,
+            "management": perms is None or "*" in perms.configure,
+            "permissions": may,
+            "expires_at": p.expires_at,
+        }
+    )
 
 
 async def list_consumers(request: web.Request) -> web.Response:
@@ -477,8 +535,11 @@ async def list_connections(request: web.Request) -> web.Response:
         info["blocked"] = bool(info["blocked"])
         info["consumers"] = len(s.consumers) if s is not None else 0
         info["unacked"] = len(s.unacked) if s is not None else 0
-        info["tls"] = bool(p is not None and p.transport is not None
-                           and p.transport.get_extra_info("sslcontext") is not None)
+        info["tls"] = bool(
+            p is not None
+            and p.transport is not None
+            and p.transport.get_extra_info("sslcontext") is not None
+        )
         out.append(info)
     return json_response(out)
 

@@ -46,20 +46,25 @@ class _Ring:
             self.data.extend(row)
             return
         i = self.next * _WIDTH
-        self.data[i:i + _WIDTH] = array("d", row)
+        self.data[i : i + _WIDTH] = array("d", row)
         self.next = (self.next + 1) % HISTORY_SAMPLES
 
     def rows(self) -> list[tuple[float, ...]]:
         d = self.data
         n = len(d) // _WIDTH
         order = [(self.next + k) % n for k in range(n)] if n == HISTORY_SAMPLES else range(n)
-        return [tuple(d[i * _WIDTH:(i + 1) * _WIDTH]) for i in order]
+        return [tuple(d[i * _WIDTH : (i + 1) * _WIDTH]) for i in order]
 
 
-def history_row(t_ms: float, messages: int, unacked: int,
-                rates: dict[str, float]) -> dict[str, Any]:
-    return {"t": int(t_ms), "messages": messages, "unacked": unacked,
-            **{k: round(rates.get(k, 0.0), 2) for k in COUNTERS}}
+def history_row(
+    t_ms: float, messages: int, unacked: int, rates: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "t": int(t_ms),
+        "messages": messages,
+        "unacked": unacked,
+        **{k: round(rates.get(k, 0.0), 2) for k in COUNTERS},
+    }
 
 
 def _counts(broker: Broker) -> dict[str, tuple[int, int, int]]:
@@ -130,11 +135,11 @@ class Stats:
                 continue
             else:
                 prev = self._hist_last.get(name, counts)
-                rates = {k: max(0, c - p) / dt
-                         for k, c, p in zip(COUNTERS, counts, prev, strict=True)}
+                rates = {
+                    k: max(0, c - p) / dt for k, c, p in zip(COUNTERS, counts, prev, strict=True)
+                }
             q = queues[name]
-            ring.add((wall, q.ready, q.unacked, rates["publish"], rates["deliver"],
-                      rates["ack"]))
+            ring.add((wall, q.ready, q.unacked, rates["publish"], rates["deliver"], rates["ack"]))
         if due:
             self._hist_last = dict(cur)
             self._hist_at = now
@@ -144,8 +149,10 @@ class Stats:
         ring = self._rings.get(name)
         if ring is None:
             return []
-        return [history_row(t, int(m), int(u), dict(zip(COUNTERS, r, strict=True)))
-                for t, m, u, *r in ring.rows()]
+        return [
+            history_row(t, int(m), int(u), dict(zip(COUNTERS, r, strict=True)))
+            for t, m, u, *r in ring.rows()
+        ]
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -173,14 +180,18 @@ def basic_metrics(broker: Broker, stats: Stats, connections: int) -> str:
         "# TYPE conveyor_queues gauge",
         f"conveyor_queues {len(broker.queues)}",
     ]
-    for metric, attr, help_ in (("messages_ready", "ready", "Ready messages."),
-                                ("messages_unacked", "unacked", "Delivered, not acked."),
-                                ("published_total", "published", "Messages enqueued."),
-                                ("delivered_total", "delivered", "Messages delivered."),
-                                ("acked_total", "acked", "Messages acknowledged.")):
+    for metric, attr, help_ in (
+        ("messages_ready", "ready", "Ready messages."),
+        ("messages_unacked", "unacked", "Delivered, not acked."),
+        ("published_total", "published", "Messages enqueued."),
+        ("delivered_total", "delivered", "Messages delivered."),
+        ("acked_total", "acked", "Messages acknowledged."),
+    ):
         kind = "counter" if metric.endswith("_total") else "gauge"
-        lines += [f"# HELP conveyor_queue_{metric} {help_}",
-                  f"# TYPE conveyor_queue_{metric} {kind}"]
+        lines += [
+            f"# HELP conveyor_queue_{metric} {help_}",
+            f"# TYPE conveyor_queue_{metric} {kind}",
+        ]
         for name, q in sorted(broker.queues.items()):
             label = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
             lines.append(f'conveyor_queue_{metric}{{queue="{label}"}} {getattr(q, attr)}')

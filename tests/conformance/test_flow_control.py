@@ -24,8 +24,6 @@ def qname(prefix: str) -> str:
     return f"{prefix}-{next(_names)}"
 
 
-
-
 def settle(settled: dict[int, bool], f: wire.Frame) -> None:
     assert f.kind == "confirm", f"unexpected {f!r} (the connection must stay usable)"
     for s in range(f["first_seq"], f["last_seq"] + 1):
@@ -33,8 +31,9 @@ def settle(settled: dict[int, bool], f: wire.Frame) -> None:
         settled[s] = f["ack"]
 
 
-def read_confirms(c: Conn, last: int, timeout: float,
-                  settled: dict[int, bool] | None = None) -> dict[int, bool]:
+def read_confirms(
+    c: Conn, last: int, timeout: float, settled: dict[int, bool] | None = None
+) -> dict[int, bool]:
     """Settle seqs 1..last (recv() folds PUBLISH_CREDIT frames into c.credit_*)."""
     settled = {} if settled is None else settled
     deadline = time.monotonic() + timeout
@@ -92,8 +91,7 @@ def test_a_client_that_respects_its_credit_keeps_publishing(module_broker: Broke
         assert all(f["blocked"] == "" for f in c.credit_frames)
 
 
-def test_publishing_beyond_credit_is_read_slower_not_closed(
-        broker_factory: Any) -> None:
+def test_publishing_beyond_credit_is_read_slower_not_closed(broker_factory: Any) -> None:
     """A client ignoring its credit: every message is confirmed and enqueued, the
     connection stays open, and the server only takes its next request once the rate
     (1,000 messages/s here) has paid back what was overdrawn."""
@@ -138,5 +136,12 @@ def test_blocked_reason_on_the_wire_and_in_list_connections(broker_factory: Any)
         (me,) = [x for x in connections(c, 1) if x["id"] == c.open_ok["connection_id"]]
         assert me["blocked"] == "disk"
         assert (me["credit_messages"], me["published"]) == (0, 0)
-        assert set(me) >= {"id", "peer", "subject", "credit_messages", "credit_bytes",
-                           "blocked", "published"}
+        assert set(me) >= {
+            "id",
+            "peer",
+            "subject",
+            "credit_messages",
+            "credit_bytes",
+            "blocked",
+            "published",
+        }

@@ -60,8 +60,13 @@ CONN_S = 1.0  # bound on one hostile connection's sending and reading
 HANDSHAKE_S = 3.0  # waiting for OPEN_OK (the broker is busy fsyncing the good client)
 
 settings.register_profile(
-    "conveyor-fuzz", max_examples=EXAMPLES, deadline=None, database=None,
-    suppress_health_check=list(HealthCheck), print_blob=True)
+    "conveyor-fuzz",
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
 
 pytestmark = [
     pytest.mark.timeout(int(120 + 2 * BUDGET_S)),
@@ -78,18 +83,42 @@ _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 VOID = "fz-no-such-queue"  # large publishes go here: routed nowhere, nothing kept
 NAMES = ["", "fz-0", "fz-1", "fz-2", "amq.direct", "amq.topic", "amq.fanout", "amq.gen-x"]
 # Topic binding patterns made only of wildcards (and empty words): the matcher's edge cases.
-WILDCARDS = ["#", "*", "#.#", "*.*", "#.*", "*.#", "#.#.#", "*.#.*", ".", "..", "#..#",
-             ".".join(["*"] * 60), ".".join(["#"] * 60), ".".join(["#", "*"] * 40)]
+WILDCARDS = [
+    "#",
+    "*",
+    "#.#",
+    "*.*",
+    "#.*",
+    "*.#",
+    "#.#.#",
+    "*.#.*",
+    ".",
+    "..",
+    "#..#",
+    ".".join(["*"] * 60),
+    ".".join(["#"] * 60),
+    ".".join(["#", "*"] * 40),
+]
 names = st.one_of(st.sampled_from(NAMES), st.sampled_from(WILDCARDS), st.text(max_size=12))
-long_text = st.builds(lambda n, ch: ch * n, st.integers(200, 70_000),
-                      st.sampled_from(["a", "\u00e9", "\U0001f600"]))
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), wire.U64), st.floats(),
-                    st.text(max_size=16), st.binary(max_size=32))
+long_text = st.builds(
+    lambda n, ch: ch * n, st.integers(200, 70_000), st.sampled_from(["a", "\u00e9", "\U0001f600"])
+)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), wire.U64),
+    st.floats(),
+    st.text(max_size=16),
+    st.binary(max_size=32),
+)
 values = st.recursive(
     scalars,
-    lambda kids: st.lists(kids, max_size=4)
-    | st.dictionaries(st.one_of(st.text(max_size=8), st.integers(-3, 3)), kids, max_size=4),
-    max_leaves=12)
+    lambda kids: (
+        st.lists(kids, max_size=4)
+        | st.dictionaries(st.one_of(st.text(max_size=8), st.integers(-3, 3)), kids, max_size=4)
+    ),
+    max_leaves=12,
+)
 NESTING = wire.SPEC["protocol"]["max_nesting_depth"]
 
 
@@ -103,20 +132,31 @@ def nested(depth: int) -> Any:
 
 # Poisons inside tables: nesting at and past the limit (and near msgpack's own), non-str
 # keys in nested maps, and x-death headers of every wrong shape (dead-lettering reads it).
-deep_tables = st.one_of(
-    st.integers(NESTING - 2, NESTING + 2), st.integers(500, 1020)).map(
-    lambda d: {"deep": nested(d)})
-bin_key_tables = st.sampled_from([
-    {"a": {b"bin": 1}}, {"a": [{"ok": 1}, {b"k": [1]}]}, {"a": {"b": {3: "int key"}}},
-    {"a": [[{b"": 0}]]}])
-x_death_tables = st.sampled_from([5, "str", {"reason": "expired"}, [1, None, "x"],
-                                  [{"count": "many", "queue": ["l"], "reason": "expired"}],
-                                  [{"count": -1, "queue": {"k": 1}, "reason": ["r"]}]]).map(
-    lambda v: {"x-death": v})
+deep_tables = st.one_of(st.integers(NESTING - 2, NESTING + 2), st.integers(500, 1020)).map(
+    lambda d: {"deep": nested(d)}
+)
+bin_key_tables = st.sampled_from(
+    [
+        {"a": {b"bin": 1}},
+        {"a": [{"ok": 1}, {b"k": [1]}]},
+        {"a": {"b": {3: "int key"}}},
+        {"a": [[{b"": 0}]]},
+    ]
+)
+x_death_tables = st.sampled_from(
+    [
+        5,
+        "str",
+        {"reason": "expired"},
+        [1, None, "x"],
+        [{"count": "many", "queue": ["l"], "reason": "expired"}],
+        [{"count": -1, "queue": {"k": 1}, "reason": ["r"]}],
+    ]
+).map(lambda v: {"x-death": v})
 poison_tables = st.one_of(deep_tables, bin_key_tables, x_death_tables)
 tables = st.one_of(
-    st.dictionaries(st.one_of(st.text(max_size=12), long_text), values, max_size=4),
-    poison_tables)
+    st.dictionaries(st.one_of(st.text(max_size=12), long_text), values, max_size=4), poison_tables
+)
 many_headers = st.integers(100, 300).map(lambda n: {f"h{i}": i for i in range(n)})
 big_headers = st.integers(1, 200_000).map(lambda n: {"big": "x" * n})
 deep_value = st.integers(1, 1100).map(lambda d: (b"\x91" * d) + b"\x01")
@@ -126,8 +166,9 @@ def _value_for(ftype: str) -> st.SearchStrategy[Any]:
     """Values of a spec field type (mostly valid; tables may hold anything)."""
     if ftype in wire.INT_RANGES:
         lo, hi = wire.INT_RANGES[ftype]
-        return st.one_of(st.integers(lo, min(hi, 64)), st.integers(lo, hi),
-                         st.sampled_from([lo, hi]))
+        return st.one_of(
+            st.integers(lo, min(hi, 64)), st.integers(lo, hi), st.sampled_from([lo, hi])
+        )
     if ftype == "bool":
         return st.booleans()
     if ftype == "name":
@@ -158,7 +199,8 @@ def _valid_fields(spec: wire.FrameSpec) -> st.SearchStrategy[list[Any]]:
     full = st.tuples(*(_value_for(f.type) for f in spec.fields)).map(list)
     # A sender may omit trailing defaulted fields.
     return st.tuples(full, st.integers(spec.n_required, len(spec.fields))).map(
-        lambda t: t[0][: t[1]])
+        lambda t: t[0][: t[1]]
+    )
 
 
 def _pack(v: Any) -> bytes:
@@ -174,8 +216,20 @@ def _frame(code: int, body: bytes) -> bytes:
 
 def deep_publish(depth: int, seq: int = 0, queue: str = "fz-0") -> bytes:
     """PUBLISH(seq, "", queue, {headers: {"d": <depth nested arrays>}}, b"") by hand."""
-    body = (b"\x96" + _pack(seq) + _pack("") + _pack(queue) + b"\x81" + _pack("headers")
-            + b"\x81" + _pack("d") + b"\x91" * depth + b"\x01" + _pack(b"") + b"\xc2")
+    body = (
+        b"\x96"
+        + _pack(seq)
+        + _pack("")
+        + _pack(queue)
+        + b"\x81"
+        + _pack("headers")
+        + b"\x81"
+        + _pack("d")
+        + b"\x91" * depth
+        + b"\x01"
+        + _pack(b"")
+        + b"\xc2"
+    )
     return _frame(wire.ftype("publish"), body)
 
 
@@ -190,9 +244,22 @@ def mutated_frame(draw: st.DrawFn) -> bytes:
     """A client frame with wrong arity, a wrong-typed field, a non-array body, bad bytes."""
     spec = draw(st.sampled_from(CLIENT_SPECS))
     fields = draw(_valid_fields(spec))
-    how = draw(st.sampled_from(["short", "long", "retype", "not-array", "trailing",
-                                "truncated", "bad-utf8", "deep", "deep-headers",
-                                "out-of-range"]))
+    how = draw(
+        st.sampled_from(
+            [
+                "short",
+                "long",
+                "retype",
+                "not-array",
+                "trailing",
+                "truncated",
+                "bad-utf8",
+                "deep",
+                "deep-headers",
+                "out-of-range",
+            ]
+        )
+    )
     body: bytes
     if how == "short":
         body = _pack(fields[: draw(st.integers(0, max(0, spec.n_required - 1)))])
@@ -228,12 +295,25 @@ def mutated_frame(draw: st.DrawFn) -> bytes:
 @st.composite
 def odd_frame(draw: st.DrawFn) -> bytes:
     """Frames wrong at the framing level, or legal but large."""
-    how = draw(st.sampled_from(["random-body", "unknown-type", "server-frame", "zero-length",
-                                "oversized", "empty-body", "large", "exact-cap"]))
+    how = draw(
+        st.sampled_from(
+            [
+                "random-body",
+                "unknown-type",
+                "server-frame",
+                "zero-length",
+                "oversized",
+                "empty-body",
+                "large",
+                "exact-cap",
+            ]
+        )
+    )
     code = draw(st.sampled_from([s.code for s in CLIENT_SPECS]))
     if how == "random-body":
-        return _frame(code, _pack(draw(values)) if draw(st.booleans())
-                      else draw(st.binary(max_size=64)))
+        return _frame(
+            code, _pack(draw(values)) if draw(st.booleans()) else draw(st.binary(max_size=64))
+        )
     if how == "unknown-type":
         unknown = draw(st.integers(0, 255).filter(lambda c: c not in wire.BY_CODE))
         return _frame(unknown, _pack(draw(st.lists(scalars, max_size=3))))
@@ -261,9 +341,9 @@ preambles = st.one_of(
     st.just(wire.PREAMBLE),
     st.binary(max_size=16),
     st.tuples(st.integers(0, 7), st.integers(0, 255)).map(
-        lambda t: wire.PREAMBLE[: t[0]] + bytes([t[1]]) + wire.PREAMBLE[t[0] + 1:]),
-    st.tuples(st.integers(0, 255), st.integers(0, 255)).map(
-        lambda t: wire.MAGIC + bytes(t)),
+        lambda t: wire.PREAMBLE[: t[0]] + bytes([t[1]]) + wire.PREAMBLE[t[0] + 1 :]
+    ),
+    st.tuples(st.integers(0, 255), st.integers(0, 255)).map(lambda t: wire.MAGIC + bytes(t)),
 )
 
 
@@ -310,8 +390,9 @@ def scripts(draw: st.DrawFn) -> Script:
     return Script(stage, payload, cuts, ending)
 
 
-examples = st.tuples(st.lists(scripts(), min_size=1, max_size=3),
-                     st.lists(st.integers(0, 2), max_size=12))
+examples = st.tuples(
+    st.lists(scripts(), min_size=1, max_size=3), st.lists(st.integers(0, 2), max_size=12)
+)
 
 
 # ---------------------------------------------------------------------- running scripts
@@ -400,8 +481,9 @@ def run_example(port: int, conns: list[Script], order: list[int], stats: Stats) 
             stats.connections += 1
         for i, s in enumerate(conns):
             if s.stage == "open":  # a proper handshake first: the attack comes after OPEN_OK
-                socks[i].sendall(wire.PREAMBLE + wire.encode("auth", "anonymous", "",
-                                                             {"library": "fuzz"}, 0, 0))
+                socks[i].sendall(
+                    wire.PREAMBLE + wire.encode("auth", "anonymous", "", {"library": "fuzz"}, 0, 0)
+                )
                 received[i] = _read_until_open_ok(socks[i], time.monotonic() + HANDSHAKE_S)
                 stats.opened += 1
         queues = [s.chunks() for s in conns]
@@ -554,8 +636,9 @@ def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def _broker_with_good_client(broker_factory: Callable[..., BrokerProcess],
-                             queue: str) -> tuple[BrokerProcess, int, GoodClient]:
+def _broker_with_good_client(
+    broker_factory: Callable[..., BrokerProcess], queue: str
+) -> tuple[BrokerProcess, int, GoodClient]:
     """A broker for a fuzz run and the well-behaved client working beside it."""
     b = broker_factory("--handshake-timeout-ms", "3000")
     assert b.proc is not None
@@ -567,8 +650,8 @@ def _broker_with_good_client(broker_factory: Callable[..., BrokerProcess],
 
 # ---------------------------------------------------------------------- the test
 def test_hostile_inputs_do_not_hurt_the_broker_or_a_good_client(
-        broker_factory: Callable[..., BrokerProcess],
-        record_property: Callable[[str, object], None]) -> None:
+    broker_factory: Callable[..., BrokerProcess], record_property: Callable[[str, object], None]
+) -> None:
     b, pid, good = _broker_with_good_client(broker_factory, "fuzz-good")
     stats = Stats()
 
@@ -600,9 +683,11 @@ def test_hostile_inputs_do_not_hurt_the_broker_or_a_good_client(
     assert not good.is_alive(), "the good client did not finish"
     assert good.error is None, f"the good client failed: {good.error!r}"
     assert b.alive(), f"broker died; log tail:\n{b.log_text()[-3000:]}"
-    bad_lines = [line for line in b.log_text().splitlines()
-                 if line.startswith("Traceback") or line.split(" ")[2:3] in (["ERROR"],
-                                                                             ["CRITICAL"])]
+    bad_lines = [
+        line
+        for line in b.log_text().splitlines()
+        if line.startswith("Traceback") or line.split(" ")[2:3] in (["ERROR"], ["CRITICAL"])
+    ]
     assert not bad_lines, "\n".join(bad_lines[:20])
 
     # Every confirmed message was consumed exactly once, nothing was redelivered.
@@ -619,10 +704,12 @@ def test_hostile_inputs_do_not_hurt_the_broker_or_a_good_client(
     # good client's two connections (closed now); other fds (log segments, page files)
     # within a small slack. Connections whose failed AUTH is answered late take <= 5 s.
     assert wait_for(lambda: socket_count(pid) <= sock_base - 2, 15), (
-        f"broker sockets {socket_count(pid)} vs baseline {sock_base}: leaked connections")
+        f"broker sockets {socket_count(pid)} vs baseline {sock_base}: leaked connections"
+    )
     assert wait_for(lambda: fd_count(pid) <= fd_base - 2 + FD_SLACK, 5), (
         f"broker fds {fd_count(pid)} vs baseline {fd_base}:\n"
-        f"{sorted(os.listdir(f'/proc/{pid}/fd'), key=int)}")
+        f"{sorted(os.listdir(f'/proc/{pid}/fd'), key=int)}"
+    )
     fd_end, sock_end, rss_end = fd_count(pid), socket_count(pid), rss_bytes(pid)
     assert rss_end < rss_base + RSS_GROWTH_MAX, f"RSS {rss_base} -> {rss_end}"
 
@@ -642,19 +729,28 @@ def test_hostile_inputs_do_not_hurt_the_broker_or_a_good_client(
     stored = sum(q.get("messages", 0) for q in listing["items"])
 
     figures = {
-        "examples": stats.examples, "skipped_past_budget": stats.skipped,
-        "hostile_connections": stats.connections, "bytes_sent": stats.bytes_sent,
-        "opened_then_attacked": stats.opened, "refused_mid_send": stats.refused_early,
+        "examples": stats.examples,
+        "skipped_past_budget": stats.skipped,
+        "hostile_connections": stats.connections,
+        "bytes_sent": stats.bytes_sent,
+        "opened_then_attacked": stats.opened,
+        "refused_mid_send": stats.refused_early,
         "not_closed_within_1s_of_eof": stats.not_closed_after_eof,
         "error_codes_seen": dict(sorted(stats.errors.items())),
-        "endings": dict(stats.endings), "seconds": round(elapsed, 1),
-        "good_confirmed": len(good.confirmed), "good_consumed": len(good.consumed),
+        "endings": dict(stats.endings),
+        "seconds": round(elapsed, 1),
+        "good_confirmed": len(good.confirmed),
+        "good_consumed": len(good.consumed),
         "good_max_confirm_s": round(good.max_confirm_s, 3),
         "good_confirm_p99_s": round(p99(good.confirm_s), 4),
-        "queues_left": len(listing["items"]), "hostile_messages_stored": stored,
-        "fd_before": fd_base, "fd_after": fd_end, "sockets_before": sock_base,
+        "queues_left": len(listing["items"]),
+        "hostile_messages_stored": stored,
+        "fd_before": fd_base,
+        "fd_after": fd_end,
+        "sockets_before": sock_base,
         "sockets_after": sock_end,
-        "rss_before_mib": round(rss_base / 2**20, 1), "rss_after_mib": round(rss_end / 2**20, 1),
+        "rss_before_mib": round(rss_base / 2**20, 1),
+        "rss_after_mib": round(rss_end / 2**20, 1),
     }
     for k, v in figures.items():
         record_property(k, v)
@@ -673,17 +769,37 @@ def test_hostile_inputs_do_not_hurt_the_broker_or_a_good_client(
 MUT_FRAMES = int(os.environ.get("CONVEYOR_FUZZ_FRAMES", "20000"))
 MUT_BUDGET_S = float(os.environ.get("CONVEYOR_FUZZ_FRAMES_SECONDS", "60"))
 WARM_CONNECTIONS = 2000  # the RSS baseline of the memory check is taken after these
-VECTOR_FRAMES = [v for v in json.loads((wire.SPEC_DIR / "vectors" / "frames.json")
-                                       .read_text())["vectors"]
-                 if wire.FRAMES[v["type"]].direction in ("client", "both")]
+VECTOR_FRAMES = [
+    v
+    for v in json.loads((wire.SPEC_DIR / "vectors" / "frames.json").read_text())["vectors"]
+    if wire.FRAMES[v["type"]].direction in ("client", "both")
+]
 VECTOR_BODIES = [(wire.FRAMES[v["type"]], bytes.fromhex(v["hex"])) for v in VECTOR_FRAMES]
 # Field values swapped into decoded vectors: the poisons plus plain wrong types.
 POISON_VALUES: list[Any] = [
-    {"deep": nested(NESTING - 1)}, {"deep": nested(NESTING)}, {"deep": nested(NESTING + 1)},
-    {"a": {b"bin": 1}}, {"a": [{"ok": 1}, {b"k": 1}]}, {"a": {"b": {3: 1}}},
-    {"x-death": 5}, {"x-death": "s"}, {"x-death": [1, None]},
+    {"deep": nested(NESTING - 1)},
+    {"deep": nested(NESTING)},
+    {"deep": nested(NESTING + 1)},
+    {"a": {b"bin": 1}},
+    {"a": [{"ok": 1}, {b"k": 1}]},
+    {"a": {"b": {3: 1}}},
+    {"x-death": 5},
+    {"x-death": "s"},
+    {"x-death": [1, None]},
     {"x-death": [{"count": "n", "queue": ["l"], "reason": "expired"}]},
-    *WILDCARDS, -1, 2**64, 2**64 - 1, 0, None, 1.5, True, "", b"", "x" * 300, [], {},
+    *WILDCARDS,
+    -1,
+    2**64,
+    2**64 - 1,
+    0,
+    None,
+    1.5,
+    True,
+    "",
+    b"",
+    "x" * 300,
+    [],
+    {},
 ]
 # Frame sequences that set a poison off: dead-lettering a message with a bad x-death,
 # publishing through wildcard-only topic bindings.
@@ -695,13 +811,28 @@ def _scenario(rng: random.Random) -> list[bytes]:
     pick = rng.choice
     way = rng.random()
     if way < 0.4:  # dead-letter a message with a malformed x-death
-        x_death = pick([5, "s", [1, None], {"reason": "expired"},
-                        [{"count": "n", "queue": ["l"], "reason": "expired"}],
-                        [{"count": -1, "queue": {"k": 1}, "reason": ["r"]}]])
+        x_death = pick(
+            [
+                5,
+                "s",
+                [1, None],
+                {"reason": "expired"},
+                [{"count": "n", "queue": ["l"], "reason": "expired"}],
+                [{"count": -1, "queue": {"k": 1}, "reason": ["r"]}],
+            ]
+        )
         return [
             enc("queue_declare", 1, "fz-dlq", False, False, True, False, {}),
-            enc("queue_declare", 2, _MUT_QUEUE, False, False, False, False,
-                {"dead_letter_exchange": "", "dead_letter_routing_key": "fz-dlq"}),
+            enc(
+                "queue_declare",
+                2,
+                _MUT_QUEUE,
+                False,
+                False,
+                False,
+                False,
+                {"dead_letter_exchange": "", "dead_letter_routing_key": "fz-dlq"},
+            ),
             enc("publish", 0, "", _MUT_QUEUE, {"headers": {"x-death": x_death}}, b"p", False),
             # GET takes it in the same batch (a push delivery would come after the rejects)
             enc("get", 3, _MUT_QUEUE, 1, False),
@@ -719,8 +850,18 @@ def _scenario(rng: random.Random) -> list[bytes]:
     return [
         enc("queue_declare", 1, _MUT_QUEUE, False, False, True, False, {}),
         enc("bind", 2, "amq.topic", _MUT_QUEUE, pattern, {}),
-        *(enc("publish", 0, "amq.topic", pick(["", ".", "a", "a.b.c", "..", "a..b", "#"]),
-              {}, b"t", False) for _ in range(3)),
+        *(
+            enc(
+                "publish",
+                0,
+                "amq.topic",
+                pick(["", ".", "a", "a.b.c", "..", "a..b", "#"]),
+                {},
+                b"t",
+                False,
+            )
+            for _ in range(3)
+        ),
         enc("unbind", 3, "amq.topic", _MUT_QUEUE, pattern, {}),
         enc("queue_purge", 4, _MUT_QUEUE),
     ]
@@ -728,8 +869,12 @@ def _scenario(rng: random.Random) -> list[bytes]:
 
 # Poisons that are valid where they go (a connection survives them), by field type.
 VALID_POISONS: dict[str, list[Any]] = {
-    "table": [{"deep": nested(NESTING - 1)}, {"x-death": 5}, {"x-death": [1, None]},
-              {"x-death": [{"count": "n", "queue": ["l"], "reason": "expired"}]}],
+    "table": [
+        {"deep": nested(NESTING - 1)},
+        {"x-death": 5},
+        {"x-death": [1, None]},
+        {"x-death": [{"count": "n", "queue": ["l"], "reason": "expired"}]},
+    ],
     "name": WILDCARDS,
 }
 
@@ -737,8 +882,11 @@ VALID_POISONS: dict[str, list[Any]] = {
 def _valid_poison(rng: random.Random, spec: wire.FrameSpec, frame: bytes) -> bytes:
     """The vector with a table or name field replaced by a poison that is still valid."""
     fields = msgpack.unpackb(frame[5:], raw=False, strict_map_key=False)
-    slots = [i for i, f in enumerate(spec.fields[: len(fields)])
-             if f.type in VALID_POISONS or f.type == "props"]
+    slots = [
+        i
+        for i, f in enumerate(spec.fields[: len(fields)])
+        if f.type in VALID_POISONS or f.type == "props"
+    ]
     if slots:
         i = rng.choice(slots)
         ftype = spec.fields[i].type
@@ -771,8 +919,11 @@ def _mutate(rng: random.Random, clean: bool = False) -> bytes:
             fields[i] = rng.choice(POISON_VALUES)
         return _frame(spec.code, _pack(fields))
     if how < 0.7:
-        return deep_publish(rng.choice([NESTING, NESTING + 1, rng.randrange(2, 1100)]), 0,
-                            rng.choice(["tasks", _MUT_QUEUE, "fz-deep"]))
+        return deep_publish(
+            rng.choice([NESTING, NESTING + 1, rng.randrange(2, 1100)]),
+            0,
+            rng.choice(["tasks", _MUT_QUEUE, "fz-deep"]),
+        )
     body = bytearray(frame[5:])
     if how < 0.85 and body:  # flip bytes
         for _ in range(rng.randint(1, 3)):
@@ -810,8 +961,8 @@ def _mutated_connection(port: int, frames: list[bytes], stats: Counter[str]) -> 
 
 
 def test_mutated_vectors_over_many_connections(
-        broker_factory: Callable[..., BrokerProcess],
-        record_property: Callable[[str, object], None]) -> None:
+    broker_factory: Callable[..., BrokerProcess], record_property: Callable[[str, object], None]
+) -> None:
     b, pid, good = _broker_with_good_client(broker_factory, "fuzz-mut-good")
     rng = random.Random(int(os.environ.get("CONVEYOR_FUZZ_SEED", "1")))
     stats: Counter[str] = Counter()
@@ -826,7 +977,7 @@ def test_mutated_vectors_over_many_connections(
             clean = rng.random() < 0.5  # half the connections live through all their frames
             frames = [_mutate(rng, clean) for _ in range(n)]
             if rng.random() < 0.2:
-                frames[rng.randrange(n):rng.randrange(n) + 1] = _scenario(rng)
+                frames[rng.randrange(n) : rng.randrange(n) + 1] = _scenario(rng)
             _mutated_connection(b.port, frames, stats)
             if rss_warm is None and stats["connections"] >= WARM_CONNECTIONS:
                 rss_warm = rss_bytes(pid)
@@ -843,20 +994,26 @@ def test_mutated_vectors_over_many_connections(
     rss_cleaned = rss_bytes(pid)
     log_lines = b.log_text().splitlines()
     tracebacks = sum(line.startswith("Traceback") for line in log_lines)
-    fatal = sum("Fatal error on transport" in line or "Fatal error: protocol" in line
-                for line in log_lines)
+    fatal = sum(
+        "Fatal error on transport" in line or "Fatal error: protocol" in line for line in log_lines
+    )
     figures = {
-        "frames": stats["frames"], "connections": stats["connections"],
-        "seconds": round(elapsed, 1), "tracebacks": tracebacks, "fatal_transport_errors": fatal,
+        "frames": stats["frames"],
+        "connections": stats["connections"],
+        "seconds": round(elapsed, 1),
+        "tracebacks": tracebacks,
+        "fatal_transport_errors": fatal,
         "rss_before_mib": round(rss_before / 2**20, 1),
         "rss_after_mib": round(rss_after / 2**20, 1),
         "deleted_queues_exchanges": deleted,
         "rss_after_delete_mib": round(rss_cleaned / 2**20, 1),
         "rss_warm_mib": None if rss_warm is None else round(rss_warm / 2**20, 1),
-        "good_confirmed": len(good.confirmed), "good_confirm_p99_s": round(p99(good.confirm_s), 4),
+        "good_confirmed": len(good.confirmed),
+        "good_confirm_p99_s": round(p99(good.confirm_s), 4),
         "errors": {k: v for k, v in sorted(stats.items()) if k.startswith("error_")},
         "frames_received": stats["frames_received"],
-        "refused_mid_send": stats["refused_mid_send"], "send_timeouts": stats["send_timeouts"],
+        "refused_mid_send": stats["refused_mid_send"],
+        "send_timeouts": stats["send_timeouts"],
     }
     for k, v in figures.items():
         record_property(k, v)

@@ -63,10 +63,8 @@ def test_connection_ids_are_distinct(module_broker: BrokerProcess) -> None:
     assert len(ids) == 3
 
 
-@pytest.mark.parametrize(("minor", "version"),
-                         [(0, "1.0"), (1, "1.1"), (2, "1.2"), (7, "1.2")])
-def test_minor_version_is_accepted(module_broker: BrokerProcess, minor: int,
-                                   version: str) -> None:
+@pytest.mark.parametrize(("minor", "version"), [(0, "1.0"), (1, "1.1"), (2, "1.2"), (7, "1.2")])
+def test_minor_version_is_accepted(module_broker: BrokerProcess, minor: int, version: str) -> None:
     """Any minor of major 1 is accepted; HELLO.version is the lower of the two minors
     (PROTOCOL.md 18): a 1.0 client still gets "1.0", a newer one the server's "1.2"."""
     with Conn(module_broker.port, minor=minor) as c:
@@ -87,8 +85,9 @@ NEGOTIATION = [
 
 
 @pytest.mark.parametrize(("client", "expected"), NEGOTIATION, ids=[str(n[0]) for n in NEGOTIATION])
-def test_negotiation(module_broker: BrokerProcess, client: tuple[int, int],
-                     expected: tuple[int, int]) -> None:
+def test_negotiation(
+    module_broker: BrokerProcess, client: tuple[int, int], expected: tuple[int, int]
+) -> None:
     with Conn(module_broker.port) as c:
         ok = c.handshake("anonymous", "", {}, *client)
         assert (ok["max_frame_size"], ok["heartbeat_ms"]) == expected
@@ -151,14 +150,19 @@ def test_random_bytes_instead_of_preamble(module_broker: BrokerProcess, seed: in
         c.handshake()
 
 
-@pytest.mark.parametrize("kind, values", [
-    ("queue_declare", (1, "before-auth")),
-    ("heartbeat", ()),
-    ("close", (200, "bye")),
-    ("publish", (1, "", "q", {}, b"x")),
-], ids=["queue_declare", "heartbeat", "close", "publish"])
-def test_frames_before_auth_are_unexpected(module_broker: BrokerProcess, kind: str,
-                                           values: tuple[Any, ...]) -> None:
+@pytest.mark.parametrize(
+    "kind, values",
+    [
+        ("queue_declare", (1, "before-auth")),
+        ("heartbeat", ()),
+        ("close", (200, "bye")),
+        ("publish", (1, "", "q", {}, b"x")),
+    ],
+    ids=["queue_declare", "heartbeat", "close", "publish"],
+)
+def test_frames_before_auth_are_unexpected(
+    module_broker: BrokerProcess, kind: str, values: tuple[Any, ...]
+) -> None:
     with Conn(module_broker.port) as c:
         c.send(wire.PREAMBLE)
         c.expect("hello")

@@ -51,8 +51,9 @@ def test_invalid_frame_vectors_leave_broker_healthy(module_broker: BrokerProcess
 
 
 @pytest.mark.parametrize("vec", FRAME_VECTORS[:12], ids=lambda v: v["name"])
-def test_invalid_vector_after_valid_traffic(module_broker: BrokerProcess,
-                                            vec: dict[str, Any]) -> None:
+def test_invalid_vector_after_valid_traffic(
+    module_broker: BrokerProcess, vec: dict[str, Any]
+) -> None:
     """The same errors mid-session: after requests were answered, and with rid 0 always."""
     with open_conn(module_broker.port) as c:
         assert c.request("queue_declare", 7, "", False, True, True).kind == "queue_declare_ok"

@@ -16,7 +16,6 @@ def qname(prefix: str) -> str:
     return f"{prefix}-{next(_names)}"
 
 
-
 def publish_confirmed(c: Conn, queue: str, bodies: list[bytes], first_seq: int = 1) -> None:
     entries = [["", queue, {}, b, False] for b in bodies]
     c.send_frame("publish_batch", first_seq, entries)
@@ -24,8 +23,9 @@ def publish_confirmed(c: Conn, queue: str, bodies: list[bytes], first_seq: int =
     assert all(ack for _, ack in confirmed.items())
 
 
-def collect_confirms(c: Conn, first: int, last: int, others: list[Frame] | None = None
-                     ) -> dict[int, bool]:
+def collect_confirms(
+    c: Conn, first: int, last: int, others: list[Frame] | None = None
+) -> dict[int, bool]:
     """Read CONFIRMs until first..last is settled; check the ranges are ordered and disjoint."""
     settled: dict[int, bool] = {}
     expect_next = first
@@ -53,7 +53,8 @@ def recv_deliveries(c: Conn, n: int) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------- requests
 def test_pipelined_requests_replied_in_order_with_matching_rids(
-        module_broker: BrokerProcess) -> None:
+    module_broker: BrokerProcess,
+) -> None:
     q, x = qname("rr"), qname("rr-x")
     with open_conn(module_broker.port) as c:
         reqs = [
@@ -71,8 +72,17 @@ def test_pipelined_requests_replied_in_order_with_matching_rids(
         replies = [c.recv() for _ in reqs]
         assert [r["rid"] for r in replies] == [101, 102, 103, 104, 105, 106, 107, 108, 4294967295]
         kinds = [r.kind for r in replies]
-        assert kinds == ["queue_declare_ok", "error", "ok", "ok", "list_ok", "message_count_ok",
-                         "ok", "ok", "message_count_ok"]
+        assert kinds == [
+            "queue_declare_ok",
+            "error",
+            "ok",
+            "ok",
+            "list_ok",
+            "message_count_ok",
+            "ok",
+            "ok",
+            "message_count_ok",
+        ]
         assert replies[1]["code"] == wire.NOT_FOUND
         assert q in [item["name"] for item in replies[4]["items"]]
         # The failed request did not close the connection.
@@ -93,8 +103,10 @@ def test_request_errors_are_not_fatal(module_broker: BrokerProcess) -> None:
             (("get", 7, q, 0), wire.code("invalid-argument")),
             (("list", 8, "nonsense"), wire.code("invalid-argument")),
             (("cancel", 9, "no-such-ctag"), wire.NOT_FOUND),
-            (("queue_declare", 10, q, False, False, False, False, {"x-bogus": 1}),
-             wire.code("invalid-argument")),
+            (
+                ("queue_declare", 10, q, False, False, False, False, {"x-bogus": 1}),
+                wire.code("invalid-argument"),
+            ),
         ]
         for (kind, rid, *values), err in cases:
             reply = c.request(kind, rid, *values)
@@ -132,17 +144,27 @@ def test_publish_confirm_failure_cases(module_broker: BrokerProcess) -> None:
     with open_conn(module_broker.port) as c:
         declare(c, 1, q)
         props = {"content_type": "text/plain", "priority": 5, "headers": {"k": [1, None, 2.5]}}
-        c.send(b"".join([
-            wire.encode("publish", 1, "", q, {}, b"routed", False),
-            wire.encode("publish", 2, "", missing_q, props, b"returned", True),
-            wire.encode("publish", 3, missing_x, "rk", {}, b"nacked", False),
-            wire.encode("publish", 4, "", missing_q, {}, b"dropped", False),
-        ]))
+        c.send(
+            b"".join(
+                [
+                    wire.encode("publish", 1, "", q, {}, b"routed", False),
+                    wire.encode("publish", 2, "", missing_q, props, b"returned", True),
+                    wire.encode("publish", 3, missing_x, "rk", {}, b"nacked", False),
+                    wire.encode("publish", 4, "", missing_q, {}, b"dropped", False),
+                ]
+            )
+        )
         frames = [c.recv() for _ in range(4)]
         ret = next(f for f in frames if f.kind == "return")
-        assert ret.fields == {"seq": 2, "code": wire.NO_ROUTE, "message": ret["message"],
-                              "exchange": "", "routing_key": missing_q, "properties": props,
-                              "body": b"returned"}
+        assert ret.fields == {
+            "seq": 2,
+            "code": wire.NO_ROUTE,
+            "message": ret["message"],
+            "exchange": "",
+            "routing_key": missing_q,
+            "properties": props,
+            "body": b"returned",
+        }
         confirms = [f for f in frames if f.kind == "confirm"]
         settled = {}
         for f in confirms:
@@ -151,8 +173,11 @@ def test_publish_confirm_failure_cases(module_broker: BrokerProcess) -> None:
                 settled[s] = (f["ack"], f["code"])
         assert settled == {1: (True, 0), 2: (True, 0), 3: (False, wire.NOT_FOUND), 4: (True, 0)}
         # RETURN comes before the CONFIRM covering seq 2.
-        covering = next(i for i, f in enumerate(frames)
-                        if f.kind == "confirm" and f["first_seq"] <= 2 <= f["last_seq"])
+        covering = next(
+            i
+            for i, f in enumerate(frames)
+            if f.kind == "confirm" and f["first_seq"] <= 2 <= f["last_seq"]
+        )
         assert frames.index(ret) < covering
         nack = next(f for f in confirms if not f["ack"])
         assert (nack["first_seq"], nack["last_seq"]) == (3, 3)
@@ -322,8 +347,14 @@ def test_requeue_restores_original_order(module_broker: BrokerProcess) -> None:
         c.send_frame("reject", 3, True)  # o2
         reply = c.request("get", 3, q, 10, True)
         got = [(e["body"], e["redelivered"], e["delivery_count"]) for e in reply["entries"]]
-        assert got == [(b"o0", True, 2), (b"o1", True, 2), (b"o2", True, 2), (b"o3", True, 2),
-                       (b"o4", False, 1), (b"o5", False, 1)]
+        assert got == [
+            (b"o0", True, 2),
+            (b"o1", True, 2),
+            (b"o2", True, 2),
+            (b"o3", True, 2),
+            (b"o4", False, 1),
+            (b"o5", False, 1),
+        ]
         assert [e["delivery_tag"] for e in reply["entries"]] == list(range(5, 11))
 
 
@@ -345,8 +376,12 @@ def test_exclusive_queue_locked_for_other_connections(module_broker: BrokerProce
     with open_conn(module_broker.port) as owner, open_conn(module_broker.port) as other:
         assert owner.request("queue_declare", 1, q, False, True, False).kind == "queue_declare_ok"
         locked = wire.code("resource-locked")
-        for kind, values in [("queue_declare", (q, False, True, False)), ("get", (q,)),
-                             ("consume", (q,)), ("queue_purge", (q,))]:
+        for kind, values in [
+            ("queue_declare", (q, False, True, False)),
+            ("get", (q,)),
+            ("consume", (q,)),
+            ("queue_purge", (q,)),
+        ]:
             reply = other.request(kind, 2, *values)
             assert (reply.kind, reply["code"]) == ("error", locked), (kind, reply)
     with open_conn(module_broker.port) as c:  # deleted with its owner's connection
@@ -355,7 +390,8 @@ def test_exclusive_queue_locked_for_other_connections(module_broker: BrokerProce
 
 
 def test_small_negotiated_frame_size_is_respected_by_the_server(
-        module_broker: BrokerProcess) -> None:
+    module_broker: BrokerProcess,
+) -> None:
     """With max_frame_size 4096 the server never sends a larger frame (the decoder enforces
     the negotiated cap), splitting DELIVER_BATCH / GET_OK as needed."""
     q = qname("small")

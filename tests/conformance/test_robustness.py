@@ -43,8 +43,12 @@ def _one_bad_connection(port: int, i: int, rnd: random.Random) -> None:
             full = wire.encode("publish", 1, "", "x", {}, rnd.randbytes(2000))
             c.send(full[: rnd.randrange(1, len(full))])
         elif mode == 3:  # oversized length, header only
-            c.send(wire.HEADER.pack(rnd.randrange(wire.MAX_FRAME_SIZE_DEFAULT + 1, 2**32),
-                                    wire.ftype("publish_batch")))
+            c.send(
+                wire.HEADER.pack(
+                    rnd.randrange(wire.MAX_FRAME_SIZE_DEFAULT + 1, 2**32),
+                    wire.ftype("publish_batch"),
+                )
+            )
             c.expect_fatal(wire.FRAME_TOO_LARGE)
         elif mode == 4:  # a malformed-frame vector
             vec = FRAME_VECTORS[i % len(FRAME_VECTORS)]
@@ -56,8 +60,14 @@ def _one_bad_connection(port: int, i: int, rnd: random.Random) -> None:
             c.expect_fatal(wire.UNEXPECTED_FRAME)
 
 
-def _bad_worker(port: int, start: int, step: int, errors: list[BaseException],
-                done: list[int], stop: threading.Event) -> None:
+def _bad_worker(
+    port: int,
+    start: int,
+    step: int,
+    errors: list[BaseException],
+    done: list[int],
+    stop: threading.Event,
+) -> None:
     """Open bad connections one after another until told to stop."""
     rnd = random.Random(start)
     i = start
@@ -103,8 +113,10 @@ class GoodClient:
             entries = [["", self.queue, {"message_id": b.decode()}, b, False] for b in bodies]
             data = wire.encode("publish_batch", self.next_seq, entries)
         else:
-            data = b"".join(wire.encode("publish", self.next_seq + k, "", self.queue, {}, b, True)
-                            for k, b in enumerate(bodies))
+            data = b"".join(
+                wire.encode("publish", self.next_seq + k, "", self.queue, {}, b, True)
+                for k, b in enumerate(bodies)
+            )
         # A request in the same write: its reply must come back with its rid.
         rid = self.rid()
         data += wire.encode("queue_declare", rid, self.queue, False, False, False, True)
@@ -128,8 +140,10 @@ class GoodClient:
                 self.delivered.append(d["body"])
                 self.tags.append(d["delivery_tag"])
             # Ack what arrived (multiple), then top the credit back up.
-            self.c.send(wire.encode("ack", ds[-1]["delivery_tag"], True)
-                        + wire.encode("credit", self.ctag, len(ds)))
+            self.c.send(
+                wire.encode("ack", ds[-1]["delivery_tag"], True)
+                + wire.encode("credit", self.ctag, len(ds))
+            )
         elif f.kind == "queue_declare_ok":
             assert f["rid"] == self.pending_rid, f
             self.pending_rid = 0
@@ -137,8 +151,11 @@ class GoodClient:
             raise AssertionError(f"unexpected frame on the good connection: {f!r}")
 
     def settled(self) -> bool:
-        return (self.confirm_next == self.next_seq and len(self.delivered) == len(self.published)
-                and not self.pending_rid)
+        return (
+            self.confirm_next == self.next_seq
+            and len(self.delivered) == len(self.published)
+            and not self.pending_rid
+        )
 
     def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -146,7 +163,8 @@ class GoodClient:
             assert time.monotonic() < deadline, (
                 f"good connection stalled: confirmed <{self.confirm_next}, "
                 f"next seq {self.next_seq}, delivered {len(self.delivered)}/"
-                f"{len(self.published)}")
+                f"{len(self.published)}"
+            )
             self.handle(self.c.recv(max(0.01, deadline - time.monotonic())))
 
 
@@ -156,9 +174,12 @@ def test_bad_connections_do_not_disturb_a_good_one(broker: BrokerProcess) -> Non
     errors: list[BaseException] = []
     done: list[int] = []
     stop = threading.Event()
-    workers = [threading.Thread(target=_bad_worker,
-                                args=(broker.port, k, BAD_THREADS, errors, done, stop),
-                                daemon=True) for k in range(BAD_THREADS)]
+    workers = [
+        threading.Thread(
+            target=_bad_worker, args=(broker.port, k, BAD_THREADS, errors, done, stop), daemon=True
+        )
+        for k in range(BAD_THREADS)
+    ]
     for w in workers:
         w.start()
     rounds = 0

@@ -30,8 +30,6 @@ def qname(prefix: str) -> str:
     return f"run-{prefix}-{next(_names)}"
 
 
-
-
 def read_until_settled(c: Conn, first: int, last: int) -> tuple[dict[int, Frame], list[Frame]]:
     """Read until every seq first..last is confirmed or nacked. Returns the CONFIRM covering
     each seq and every frame read, in order. Checks ranges arrive in order and disjoint."""
@@ -72,11 +70,13 @@ def recv_delivery_frames(c: Conn, n: int) -> tuple[list[Frame], list[dict[str, A
 def run_eligible(f: Frame) -> bool:
     """A DELIVER_BATCH that a 1.1 client should have received as a DELIVER_RUN instead."""
     es = f["entries"]
-    return (len(es) >= 2
-            and all(not e["redelivered"] and e["delivery_count"] == 1 for e in es)
-            and len({(e["exchange"], e["routing_key"], repr(e["properties"])) for e in es}) == 1
-            and [e["delivery_tag"] for e in es] == list(range(es[0]["delivery_tag"],
-                                                             es[0]["delivery_tag"] + len(es))))
+    return (
+        len(es) >= 2
+        and all(not e["redelivered"] and e["delivery_count"] == 1 for e in es)
+        and len({(e["exchange"], e["routing_key"], repr(e["properties"])) for e in es}) == 1
+        and [e["delivery_tag"] for e in es]
+        == list(range(es[0]["delivery_tag"], es[0]["delivery_tag"] + len(es)))
+    )
 
 
 def consume(c: Conn, rid: int, queue: str, credit: int) -> str:
@@ -86,10 +86,14 @@ def consume(c: Conn, rid: int, queue: str, credit: int) -> str:
 
 
 # ---------------------------------------------------------------------- (a) 1.1 consumer
-@pytest.mark.parametrize("props", [PROPS, {}, {"headers": {"k": "v"}, "priority": 3}],
-                         ids=["props", "no-props", "headers"])
+@pytest.mark.parametrize(
+    "props",
+    [PROPS, {}, {"headers": {"k": "v"}, "priority": 3}],
+    ids=["props", "no-props", "headers"],
+)
 def test_publish_run_is_one_confirm_range_and_one_deliver_run(
-        module_broker: BrokerProcess, props: dict[str, Any]) -> None:
+    module_broker: BrokerProcess, props: dict[str, Any]
+) -> None:
     q = qname("a")
     bodies = [b"a-%d" % i for i in range(5)]
     with open_conn(module_broker.port) as pub:
@@ -101,8 +105,9 @@ def test_publish_run_is_one_confirm_range_and_one_deliver_run(
         assert message_count(pub, 2, q) == 5
     with open_conn(module_broker.port) as c:
         ctag = consume(c, 1, q, 10)
-        run = c.expect("deliver_run", consumer_tag=ctag, exchange="", routing_key=q,
-                       properties=props)
+        run = c.expect(
+            "deliver_run", consumer_tag=ctag, exchange="", routing_key=q, properties=props
+        )
         assert run["bodies"] == bodies
         first = run["first_tag"]
         assert first == 1  # the connection's first delivery; body i has tag first + i
@@ -259,7 +264,8 @@ def test_publish_run_to_missing_exchange_nacks_every_seq(module_broker: BrokerPr
 
 
 def test_publish_run_nacks_only_the_bodies_over_the_size_limit(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory("--max-message-size", "1000")
     q = qname("big")
     bodies = [b"s1", b"x" * 1001, b"s2", b"y" * 2000, b"s3"]
@@ -269,14 +275,20 @@ def test_publish_run_nacks_only_the_bodies_over_the_size_limit(
         settled, _ = read_until_settled(c, 1, 5)
         outcome = {s: (f["ack"], f["code"]) for s, f in settled.items()}
         too_large = wire.code("message-too-large")
-        assert outcome == {1: (True, 0), 2: (False, too_large), 3: (True, 0),
-                           4: (False, too_large), 5: (True, 0)}
+        assert outcome == {
+            1: (True, 0),
+            2: (False, too_large),
+            3: (True, 0),
+            4: (False, too_large),
+            5: (True, 0),
+        }
         reply = c.request("get", 2, q, 10, True)
         assert [e["body"] for e in reply["entries"]] == [b"s1", b"s2", b"s3"]
 
 
 def test_unroutable_mandatory_run_returns_each_body_then_confirms(
-        module_broker: BrokerProcess) -> None:
+    module_broker: BrokerProcess,
+) -> None:
     rk = qname("nowhere")
     bodies = [b"r-%d" % i for i in range(3)]
     with open_conn(module_broker.port) as c:
@@ -296,7 +308,8 @@ def test_unroutable_mandatory_run_returns_each_body_then_confirms(
         c.send_frame("publish_run", 4, "", rk, PROPS, False, bodies)
         settled, frames = read_until_settled(c, 4, 6)
         assert {f.kind for f in frames} == {"confirm"} and all(
-            f["ack"] for f in settled.values()), frames
+            f["ack"] for f in settled.values()
+        ), frames
         # first_seq 0, mandatory: one RETURN(seq 0) per body and nothing else.
         c.send_frame("publish_run", 0, "", rk, PROPS, True, bodies)
         got = [c.expect("return", seq=0, code=wire.NO_ROUTE) for _ in bodies]
@@ -305,14 +318,19 @@ def test_unroutable_mandatory_run_returns_each_body_then_confirms(
 
 
 # ---------------------------------------------------------------------- (e) malformed
-@pytest.mark.parametrize(("bodies", "where"), [
-    ([b"ok-0", b"ok-1", "not-bin", b"ok-3"], "publish_run.bodies[2]"),
-    ([7], "publish_run.bodies[0]"),
-    ([b"ok", None], "publish_run.bodies[1]"),
-    (b"not-an-array", "publish_run.bodies"),
-], ids=["str", "int", "nil", "bin-not-array"])
+@pytest.mark.parametrize(
+    ("bodies", "where"),
+    [
+        ([b"ok-0", b"ok-1", "not-bin", b"ok-3"], "publish_run.bodies[2]"),
+        ([7], "publish_run.bodies[0]"),
+        ([b"ok", None], "publish_run.bodies[1]"),
+        (b"not-an-array", "publish_run.bodies"),
+    ],
+    ids=["str", "int", "nil", "bin-not-array"],
+)
 def test_publish_run_with_a_non_bin_body_is_malformed(
-        module_broker: BrokerProcess, bodies: Any, where: str) -> None:
+    module_broker: BrokerProcess, bodies: Any, where: str
+) -> None:
     q = qname("e")
     with open_conn(module_broker.port) as c:
         declare(c, 1, q)
@@ -327,7 +345,8 @@ def test_publish_run_with_a_non_bin_body_is_malformed(
 
 # ---------------------------------------------------------------------- (f) no confirms
 def test_publish_run_with_first_seq_0_is_delivered_without_confirm(
-        module_broker: BrokerProcess) -> None:
+    module_broker: BrokerProcess,
+) -> None:
     q = qname("f")
     bodies = [b"f-%d" % i for i in range(3)]
     with open_conn(module_broker.port) as c:
@@ -363,8 +382,9 @@ def _inner(f: Frame) -> Frame:
 
 
 @pytest.mark.parametrize(("minor", "inner"), [(1, "deliver_run"), (0, "deliver_batch")])
-def test_compressed_publish_run_and_deliveries(module_broker: BrokerProcess, minor: int,
-                                               inner: str) -> None:
+def test_compressed_publish_run_and_deliveries(
+    module_broker: BrokerProcess, minor: int, inner: str
+) -> None:
     q = qname("z")
     bodies = [b"z%d-" % i + b"abcdefgh" * 64 for i in range(8)]  # well over 1 KiB in all
     auth = ("anonymous", "", {"library": "raw", "compression": ["zstd"]}, 0, 0)
@@ -388,7 +408,8 @@ def test_compressed_publish_run_and_deliveries(module_broker: BrokerProcess, min
 # ---------------------------------------------------------------------- empty
 @pytest.mark.parametrize("frame", ["publish_run", "publish_batch"])
 def test_empty_run_or_batch_is_invalid_argument_and_uses_no_seq(
-        module_broker: BrokerProcess, frame: str) -> None:
+    module_broker: BrokerProcess, frame: str
+) -> None:
     """The spec says at least one message: an empty one is ERROR 400 (rid 0), not fatal;
     nothing is published and the next publish still has seq 1."""
     q = qname("empty")

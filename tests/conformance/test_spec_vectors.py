@@ -99,7 +99,7 @@ def test_server_frame_vectors_fill_defaults_when_trailing_fields_omitted() -> No
         if any(isinstance(v, list) and v and isinstance(v[0], dict) for v in required):
             continue  # records given as objects; covered by the full vectors
         frame = wire.decode_one(wire.encode(spec.name, *required), _accepting_side(spec.direction))
-        for f in spec.fields[spec.n_required:]:
+        for f in spec.fields[spec.n_required :]:
             assert frame[f.name] == f.default, (spec.name, f.name)
 
 

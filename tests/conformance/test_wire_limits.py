@@ -52,8 +52,7 @@ def count(c: Conn, rid: int, queue: str) -> int:
 
 
 # ---------------------------------------------------------------------- 1, 2: sizes
-def test_hello_and_open_ok_announce_the_maximum_message_size(
-        module_broker: BrokerProcess) -> None:
+def test_hello_and_open_ok_announce_the_maximum_message_size(module_broker: BrokerProcess) -> None:
     """1.2: HELLO says the server's maximum message size, OPEN_OK this connection's,
     min(server's, max_frame_size - message_frame_overhead)."""
     with Conn(module_broker.port) as c:
@@ -69,14 +68,15 @@ def test_hello_and_open_ok_announce_the_maximum_message_size(
 
 
 def test_a_1_1_client_gets_hello_and_open_ok_without_the_1_2_fields(
-        module_broker: BrokerProcess) -> None:
+    module_broker: BrokerProcess,
+) -> None:
     """Strict 1.1 receivers refuse extra fields, so the server leaves them out."""
     with Conn(module_broker.port, minor=1) as c:
         c.send(c.preamble)
         raw = c.sock.recv(4096)
         length, code = wire.HEADER.unpack_from(raw)
         assert code == wire.ftype("hello")
-        assert len(msgpack.unpackb(raw[5:4 + length])) == 5
+        assert len(msgpack.unpackb(raw[5 : 4 + length])) == 5
         c.dec.feed(raw)  # the decoder checks it too
         c.send_frame("auth", *SMALL_AUTH)
         ok = c.expect("open_ok")
@@ -92,8 +92,16 @@ def test_deliver_never_exceeds_the_consumers_frame_size(module_broker: BrokerPro
     with open_conn(module_broker.port) as pub, Conn(module_broker.port) as sub:
         sub.handshake(*SMALL_AUTH)
         declare(pub, 1, dlq)
-        reply = pub.request("queue_declare", 2, q, False, False, False, False,
-                            {"dead_letter_exchange": "", "dead_letter_routing_key": dlq})
+        reply = pub.request(
+            "queue_declare",
+            2,
+            q,
+            False,
+            False,
+            False,
+            False,
+            {"dead_letter_exchange": "", "dead_letter_routing_key": dlq},
+        )
         assert reply.kind == "queue_declare_ok", reply
         pub.send_frame("publish", 1, "", q, {}, b"x" * 10_000, False)
         pub.expect("confirm", first_seq=1, last_seq=1, ack=True)
@@ -127,8 +135,11 @@ def test_deliver_batch_and_runs_fit_a_small_frame(module_broker: BrokerProcess) 
         declare(pub, 1, q)
         bodies = [bytes([65 + i]) * (limit - hsize) for i in range(6)]
         pub.send_frame("publish_run", 1, "", q, props, False, bodies[:3])
-        pub.send_frame("publish_batch", 4, [["", q, dict(props, priority=i), b, False]
-                                            for i, b in enumerate(bodies[3:])])
+        pub.send_frame(
+            "publish_batch",
+            4,
+            [["", q, dict(props, priority=i), b, False] for i, b in enumerate(bodies[3:])],
+        )
         got_confirms = 0
         while got_confirms < 6:
             f = pub.expect("confirm", ack=True)
@@ -181,22 +192,21 @@ def test_return_fits_the_publishers_frame_size(module_broker: BrokerProcess) -> 
         f = c.recv()
         assert (f.kind, f["ack"], f["code"]) == ("confirm", False, TOO_LARGE), f
         small = b"r" * (SMALL - OVERHEAD)
-        c.send_frame("publish", 2, "amq.direct", "nowhere", {"content_type": "t" * 255},
-                     small, True)
+        c.send_frame(
+            "publish", 2, "amq.direct", "nowhere", {"content_type": "t" * 255}, small, True
+        )
         ret = c.expect("return", seq=2, code=wire.NO_ROUTE)
         assert ret["body"] == small
         c.expect("confirm", first_seq=2, last_seq=2, ack=True)
 
 
 # ---------------------------------------------------------------------- 5: nesting, keys
-def test_headers_nested_deeper_than_the_limit_are_malformed(
-        module_broker: BrokerProcess) -> None:
+def test_headers_nested_deeper_than_the_limit_are_malformed(module_broker: BrokerProcess) -> None:
     """max_nesting_depth (32, the headers map being level 1): 32 is accepted, 33 is 501."""
     q = qname("deep")
     with open_conn(module_broker.port) as c:
         declare(c, 1, q)
-        c.send_frame("publish", 1, "", q, {"headers": {"d": nested(NESTING - 1)}}, b"ok",
-                     False)
+        c.send_frame("publish", 1, "", q, {"headers": {"d": nested(NESTING - 1)}}, b"ok", False)
         c.expect("confirm", first_seq=1, last_seq=1, ack=True)
         c.send_frame("publish", 2, "", q, {"headers": {"d": nested(NESTING)}}, b"x", False)
         err = c.expect_fatal(wire.MALFORMED_FRAME)
@@ -204,18 +214,29 @@ def test_headers_nested_deeper_than_the_limit_are_malformed(
 
 
 def test_headers_just_under_the_packer_limit_do_not_wedge_a_queue(
-        module_broker: BrokerProcess) -> None:
+    module_broker: BrokerProcess,
+) -> None:
     """Headers deep enough that the broker could size them but not store or deliver them
     (they used to be accepted, then delivery raised inside the pump, dropping a connection
     and wedging the consumer) are refused at the door; the consumer keeps receiving."""
     q = qname("packer")
+
     def pk(v: Any) -> bytes:
         return bytes(msgpack.packb(v))
 
     def publish_body(depth: int) -> bytes:
         # Encoded by hand: msgpack may refuse to nest the whole frame this deep.
-        return (b"\x96" + pk(1) + pk("") + pk(q) + b"\x81" + pk("headers")
-                + pk({"d": nested(depth)}) + pk(b"deep") + pk(False))
+        return (
+            b"\x96"
+            + pk(1)
+            + pk("")
+            + pk(q)
+            + b"\x81"
+            + pk("headers")
+            + pk({"d": nested(depth)})
+            + pk(b"deep")
+            + pk(False)
+        )
 
     deep = NESTING
     while True:  # the deepest headers whose PUBLISH msgpack still decodes
@@ -241,7 +262,8 @@ def test_headers_just_under_the_packer_limit_do_not_wedge_a_queue(
 
 @pytest.mark.parametrize("where", ["headers", "arguments"])
 def test_non_string_keys_nested_anywhere_are_malformed(
-        module_broker: BrokerProcess, where: str) -> None:
+    module_broker: BrokerProcess, where: str
+) -> None:
     """A bin key in a map nested inside a table (it used to be accepted, then HTTP peek
     and the gateway GET answered 500)."""
     q = qname("binkey")
@@ -258,7 +280,8 @@ def test_non_string_keys_nested_anywhere_are_malformed(
 
 # ---------------------------------------------------------------------- 6: pipelining
 def test_preamble_and_auth_in_one_write_get_hello_then_open_ok(
-        module_broker: BrokerProcess) -> None:
+    module_broker: BrokerProcess,
+) -> None:
     """A pipelining client sends the preamble and AUTH in one write: HELLO still comes
     first (it used to be skipped), then OPEN_OK and PUBLISH_CREDIT."""
     with Conn(module_broker.port) as c:
@@ -296,24 +319,37 @@ def test_sequence_numbers_must_increase(module_broker: BrokerProcess) -> None:
 
 # ---------------------------------------------------------------------- 3, 4: redeclare
 def test_redeclare_compares_effective_settings_and_names_the_difference(
-        module_broker: BrokerProcess) -> None:
+    module_broker: BrokerProcess,
+) -> None:
     q = qname("redeclare")
     with open_conn(module_broker.port) as c:
         declare(c, 1, q)
-        again = c.request("queue_declare", 2, q, False, False, False, False,
-                          {"max_priority": 0, "overflow": "drop-head"})
+        again = c.request(
+            "queue_declare",
+            2,
+            q,
+            False,
+            False,
+            False,
+            False,
+            {"max_priority": 0, "overflow": "drop-head"},
+        )
         assert again.kind == "queue_declare_ok", again  # defaults spelled out: the same
         limited = qname("redeclare-len")
-        reply = c.request("queue_declare", 3, limited, False, False, False, False,
-                          {"max_length": 5})
+        reply = c.request(
+            "queue_declare", 3, limited, False, False, False, False, {"max_length": 5}
+        )
         assert reply.kind == "queue_declare_ok", reply
         err = c.request("queue_declare", 4, limited, False, False, False, False, {})
         assert (err.kind, err["code"]) == ("error", wire.PRECONDITION_FAILED), err
         assert "max_length: 5 vs 0" in err["message"]
-        assert err["details"] == {"queue": limited, "setting": "max_length", "existing": 5,
-                                  "requested": 0}
-        err = c.request("queue_declare", 5, limited, True, False, False, False,
-                        {"max_length": 5})
+        assert err["details"] == {
+            "queue": limited,
+            "setting": "max_length",
+            "existing": 5,
+            "requested": 0,
+        }
+        err = c.request("queue_declare", 5, limited, True, False, False, False, {"max_length": 5})
         assert err["details"]["setting"] == "durable", err
         # passive: every other field is ignored
         ok = c.request("queue_declare", 6, limited, True, True, True, True, {"max_length": 1})
@@ -346,24 +382,39 @@ def test_close_ok_without_close_ends_the_connection(module_broker: BrokerProcess
 
 
 # ---------------------------------------------------------------------- x-death poison
-@pytest.mark.parametrize("x_death", [
-    5, "not-a-list", {"reason": "expired"}, [1, "two", None],
-    [{"count": "many", "queue": ["unhashable"], "reason": "expired"}],
-    [{"count": -3, "queue": {"k": 1}, "reason": ["x"], "time": "t"}],
-], ids=["int", "str", "map", "scalars", "bad-fields", "bad-types"])
+@pytest.mark.parametrize(
+    "x_death",
+    [
+        5,
+        "not-a-list",
+        {"reason": "expired"},
+        [1, "two", None],
+        [{"count": "many", "queue": ["unhashable"], "reason": "expired"}],
+        [{"count": -3, "queue": {"k": 1}, "reason": ["x"], "time": "t"}],
+    ],
+    ids=["int", "str", "map", "scalars", "bad-fields", "bad-types"],
+)
 def test_dead_lettering_a_message_with_a_malformed_x_death(
-        module_broker: BrokerProcess, x_death: Any) -> None:
+    module_broker: BrokerProcess, x_death: Any
+) -> None:
     """x-death is the broker's header, but a publisher may send anything under that key:
     dead-lettering such a message (here: rejected) must still work, keep the publisher's
     malformed records out, and never fail the connection (it used to answer 541)."""
     q, dlq = qname("xd"), qname("xd-dlq")
     with open_conn(module_broker.port) as c:
         declare(c, 1, dlq)
-        reply = c.request("queue_declare", 2, q, False, False, False, False,
-                          {"dead_letter_exchange": "", "dead_letter_routing_key": dlq})
+        reply = c.request(
+            "queue_declare",
+            2,
+            q,
+            False,
+            False,
+            False,
+            False,
+            {"dead_letter_exchange": "", "dead_letter_routing_key": dlq},
+        )
         assert reply.kind == "queue_declare_ok", reply
-        c.send_frame("publish", 1, "", q, {"headers": {"x-death": x_death, "k": "v"}}, b"p",
-                     False)
+        c.send_frame("publish", 1, "", q, {"headers": {"x-death": x_death, "k": "v"}}, b"p", False)
         c.expect("confirm", first_seq=1, last_seq=1, ack=True)
         consume(c, 3, q, credit=1)
         (d,) = deliveries(c.recv())

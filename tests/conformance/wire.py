@@ -44,8 +44,13 @@ REQUIRED = "REQUIRED"
 U16 = 0xFFFF
 U32 = 0xFFFF_FFFF
 U64 = 0xFFFF_FFFF_FFFF_FFFF
-INT_RANGES = {"rid": (1, U32), "u16": (0, U16), "u32": (0, U32), "u64": (0, U64),
-              "priority": (0, 9)}
+INT_RANGES = {
+    "rid": (1, U32),
+    "u16": (0, U16),
+    "u32": (0, U32),
+    "u64": (0, U64),
+    "priority": (0, 9),
+}
 STR_LIMITS = {"name": 255, "str": 65535}
 
 
@@ -83,8 +88,9 @@ def _field_specs(raw: list[list[Any]]) -> tuple[FieldSpec, ...]:
 
 
 FRAMES: dict[str, FrameSpec] = {
-    f["name"]: FrameSpec(f["name"], f["code"], f["direction"], _field_specs(f["fields"]),
-                         tuple(f.get("example", ())))
+    f["name"]: FrameSpec(
+        f["name"], f["code"], f["direction"], _field_specs(f["fields"]), tuple(f.get("example", ()))
+    )
     for f in SPEC["frame"]
 }
 BY_CODE: dict[int, FrameSpec] = {f.code: f for f in FRAMES.values()}
@@ -118,8 +124,7 @@ MALFORMED_FRAME = code("malformed-frame")
 FRAME_TOO_LARGE = code("frame-too-large")
 UNEXPECTED_FRAME = code("unexpected-frame")
 UNSUPPORTED_VERSION = code("unsupported-version")
-PROTOCOL_ERROR_CODES = frozenset(
-    e["code"] for e in SPEC["error"] if e.get("protocol_error", False))
+PROTOCOL_ERROR_CODES = frozenset(e["code"] for e in SPEC["error"] if e.get("protocol_error", False))
 
 
 class WireError(Exception):
@@ -266,8 +271,9 @@ def check_fields(fields: tuple[FieldSpec, ...], arr: Any, where: str) -> dict[st
         raise WireError(MALFORMED_FRAME, f"{where}: not an array: {arr!r:.80}")
     required = sum(1 for f in fields if f.required)
     if not required <= len(arr) <= len(fields):
-        raise WireError(MALFORMED_FRAME, f"{where}: {len(arr)} fields, expected "
-                                         f"{required}..{len(fields)}")
+        raise WireError(
+            MALFORMED_FRAME, f"{where}: {len(arr)} fields, expected {required}..{len(fields)}"
+        )
     out: dict[str, Any] = {}
     for i, f in enumerate(fields):
         if i < len(arr):
@@ -316,8 +322,8 @@ class Decoder:
                 raise WireError(MALFORMED_FRAME, f"unknown frame type {tcode:#04x}")
             if spec.direction not in (self.accept, "both"):
                 raise WireError(UNEXPECTED_FRAME, f"{spec.name} may not be sent by this peer")
-            body = bytes(self.buf[5:4 + length])
-            del self.buf[:4 + length]
+            body = bytes(self.buf[5 : 4 + length])
+            del self.buf[: 4 + length]
             out.append(decode_body(spec, body))
         return out
 
@@ -532,11 +538,19 @@ def deliveries(frame: Frame) -> list[dict[str, Any]]:
         return [dict(frame.fields)]
     if frame.kind == "deliver_run":  # first deliveries with consecutive tags (since 1.1)
         assert frame["bodies"], "DELIVER_RUN without bodies"
-        return [{"consumer_tag": frame["consumer_tag"], "delivery_tag": frame["first_tag"] + i,
-                 "redelivered": False, "exchange": frame["exchange"],
-                 "routing_key": frame["routing_key"], "properties": dict(frame["properties"]),
-                 "body": body, "delivery_count": 1}
-                for i, body in enumerate(frame["bodies"])]
+        return [
+            {
+                "consumer_tag": frame["consumer_tag"],
+                "delivery_tag": frame["first_tag"] + i,
+                "redelivered": False,
+                "exchange": frame["exchange"],
+                "routing_key": frame["routing_key"],
+                "properties": dict(frame["properties"]),
+                "body": body,
+                "delivery_count": 1,
+            }
+            for i, body in enumerate(frame["bodies"])
+        ]
     assert frame.kind == "deliver_batch", f"not a delivery: {frame!r}"
     assert frame["entries"], "DELIVER_BATCH without entries"
     return [dict(e, consumer_tag=frame["consumer_tag"]) for e in frame["entries"]]

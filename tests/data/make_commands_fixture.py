@@ -89,10 +89,10 @@ class _Client:
         out, self.frames = self.frames, []
         return out
 
-    def publish(self, exchange: str, key: str, *bodies: bytes,
-                props: dict[str, Any] | None = None) -> None:
-        self.send(*[Publish(next(self.seq), exchange, key, props or {}, b, False)
-                    for b in bodies])
+    def publish(
+        self, exchange: str, key: str, *bodies: bytes, props: dict[str, Any] | None = None
+    ) -> None:
+        self.send(*[Publish(next(self.seq), exchange, key, props or {}, b, False) for b in bodies])
 
     def tags(self, frames: list[Frame]) -> list[int]:
         out: list[int] = []
@@ -112,29 +112,34 @@ def drive() -> tuple[Broker, FrameStore]:
     broker.clock = lambda: CLOCK_MS
     c = _Client(broker)
     r = c.rid
-    c.send(ExchangeDeclare(next(r), "fx.topic", "topic", True, False, False, {}),
-           ExchangeDeclare(next(r), "fx.dlx", "fanout", True, False, False, {}),
-           ExchangeDeclare(next(r), "fx.gone", "direct", True, False, False, {}))
-    c.send(QueueDeclare(next(r), "fx.work", True, False, False, False, {}),
-           QueueDeclare(next(r), "fx.dead", True, False, False, False, {}),
-           QueueDeclare(next(r), "fx.retry", True, False, False, False,
-                        {"dead_letter_exchange": "fx.dlx"}),
-           QueueDeclare(next(r), "fx.dedup", True, False, False, False,
-                        {"dedup_window_ms": 60_000}),
-           QueueDeclare(next(r), "fx.purged", True, False, False, False, {}),
-           QueueDeclare(next(r), "fx.deleted", True, False, False, False, {}),
-           QueueDeclare(next(r), "fx.transient", False, False, False, False, {}))
-    c.send(Bind(next(r), "fx.topic", "fx.work", "a.#", {}),
-           Bind(next(r), "fx.topic", "fx.purged", "p.*", {}),
-           Bind(next(r), "fx.topic", "fx.purged", "unbound", {}),
-           Bind(next(r), "fx.dlx", "fx.dead", "", {}),
-           Bind(next(r), "fx.gone", "fx.work", "k", {}),
-           Bind(next(r), "fx.topic", "fx.deleted", "d", {}))
+    c.send(
+        ExchangeDeclare(next(r), "fx.topic", "topic", True, False, False, {}),
+        ExchangeDeclare(next(r), "fx.dlx", "fanout", True, False, False, {}),
+        ExchangeDeclare(next(r), "fx.gone", "direct", True, False, False, {}),
+    )
+    c.send(
+        QueueDeclare(next(r), "fx.work", True, False, False, False, {}),
+        QueueDeclare(next(r), "fx.dead", True, False, False, False, {}),
+        QueueDeclare(
+            next(r), "fx.retry", True, False, False, False, {"dead_letter_exchange": "fx.dlx"}
+        ),
+        QueueDeclare(next(r), "fx.dedup", True, False, False, False, {"dedup_window_ms": 60_000}),
+        QueueDeclare(next(r), "fx.purged", True, False, False, False, {}),
+        QueueDeclare(next(r), "fx.deleted", True, False, False, False, {}),
+        QueueDeclare(next(r), "fx.transient", False, False, False, False, {}),
+    )
+    c.send(
+        Bind(next(r), "fx.topic", "fx.work", "a.#", {}),
+        Bind(next(r), "fx.topic", "fx.purged", "p.*", {}),
+        Bind(next(r), "fx.topic", "fx.purged", "unbound", {}),
+        Bind(next(r), "fx.dlx", "fx.dead", "", {}),
+        Bind(next(r), "fx.gone", "fx.work", "k", {}),
+        Bind(next(r), "fx.topic", "fx.deleted", "d", {}),
+    )
     c.send(Unbind(next(r), "fx.topic", "fx.purged", "unbound", {}))
     # A run of publishes with one target (Broker.enqueue_many), then single ones.
     c.publish("fx.topic", "a.b", *[b"work-%d" % i for i in range(6)])
-    c.publish("fx.topic", "a.c", b"props", props={"headers": {"h": [1, "two"]},
-                                                  "priority": 3})
+    c.publish("fx.topic", "a.c", b"props", props={"headers": {"h": [1, "two"]}, "priority": 3})
     c.publish("fx.topic", "a.c", b"not logged", props={"persistent": False})
     c.publish("", "fx.retry", b"retry-1", b"retry-2")
     c.publish("", "fx.dedup", b"once", props={"message_id": "m-1"})

@@ -20,8 +20,9 @@ async def connect(url: str, **kw: Any) -> client.Connection:
     return await asyncio.wait_for(client.connect(url, **kw), WAIT + 5)
 
 
-async def take(consumer: client.Consumer, n: int, timeout: float = WAIT, *,
-               ack: bool = False) -> list[client.Message]:
+async def take(
+    consumer: client.Consumer, n: int, timeout: float = WAIT, *, ack: bool = False
+) -> list[client.Message]:
     """Exactly ``n`` messages from ``consumer`` (fails if they do not come in ``timeout``).
 
     With ``ack`` each message is acked as it arrives (needed when ``n`` > prefetch).
@@ -42,8 +43,9 @@ async def take(consumer: client.Consumer, n: int, timeout: float = WAIT, *,
     return out
 
 
-async def drain(consumer: client.Consumer, quiet: float = 0.3,
-                limit: int = 100_000) -> list[client.Message]:
+async def drain(
+    consumer: client.Consumer, quiet: float = 0.3, limit: int = 100_000
+) -> list[client.Message]:
     """Every message that arrives until ``quiet`` seconds pass with none."""
     out: list[client.Message] = []
     while len(out) < limit:
@@ -54,8 +56,9 @@ async def drain(consumer: client.Consumer, quiet: float = 0.3,
     return out
 
 
-async def wait_until(pred: Callable[[], Any], timeout: float = WAIT,
-                     interval: float = 0.02) -> None:
+async def wait_until(
+    pred: Callable[[], Any], timeout: float = WAIT, interval: float = 0.02
+) -> None:
     """Poll ``pred`` (sync or async) until it is truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -15,18 +15,28 @@ from tests.broker_process import BrokerProcess
 CLI = [sys.executable, "-m", "conveyor.cli.main"]
 
 
-async def http(b: BrokerProcess, method: str, path: str, *, json: Any = None,
-               token: str | None = None, host: str = "127.0.0.1",
-               params: dict[str, Any] | None = None) -> tuple[int, Any]:
+async def http(
+    b: BrokerProcess,
+    method: str,
+    path: str,
+    *,
+    json: Any = None,
+    token: str | None = None,
+    host: str = "127.0.0.1",
+    params: dict[str, Any] | None = None,
+) -> tuple[int, Any]:
     """(status, decoded JSON body or text or None)."""
     # What the dashboard sends too: anonymous state changes need this header.
     headers = {"X-Conveyor-Request": "1"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     timeout = aiohttp.ClientTimeout(total=15)
-    async with aiohttp.ClientSession(timeout=timeout) as s, s.request(
-            method, f"http://{host}:{b.http_port}{path}", json=json, headers=headers,
-            params=params) as r:
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as s,
+        s.request(
+            method, f"http://{host}:{b.http_port}{path}", json=json, headers=headers, params=params
+        ) as r,
+    ):
         if r.status == 204:
             return r.status, None
         if r.content_type == "application/json":
@@ -38,5 +48,6 @@ async def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[by
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for k in ("CONVEYOR_URL", "CONVEYOR_TOKEN", "MQ_TOKEN"):
         env.pop(k, None)
-    return await asyncio.to_thread(subprocess.run, [*CLI, *args], capture_output=True,
-                                   timeout=timeout, env=env, check=False)
+    return await asyncio.to_thread(
+        subprocess.run, [*CLI, *args], capture_output=True, timeout=timeout, env=env, check=False
+    )

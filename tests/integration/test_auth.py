@@ -31,8 +31,7 @@ def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for k in ("CONVEYOR_URL", "CONVEYOR_TOKEN", "MQ_TOKEN"):
         env.pop(k, None)
-    return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, env=env,
-                          check=False)
+    return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, env=env, check=False)
 
 
 def make_token(b: BrokerProcess, subject: str, *args: str) -> str:
@@ -64,9 +63,21 @@ async def test_anonymous_from_loopback_by_default(broker: BrokerProcess) -> None
 async def test_permissions_follow_the_token(broker: BrokerProcess) -> None:
     admin_token = make_token(broker, "admin", *ADMIN)
     admin = await connect(f"mq://{admin_token}@127.0.0.1:{broker.port}")  # token in the URL
-    shop = await connect(broker.url, token=make_token(
-        broker, "shop", "--write", "orders.*", "--write", "shop-*", "--read", "shop-*",
-        "--configure", "shop-*"))
+    shop = await connect(
+        broker.url,
+        token=make_token(
+            broker,
+            "shop",
+            "--write",
+            "orders.*",
+            "--write",
+            "shop-*",
+            "--read",
+            "shop-*",
+            "--configure",
+            "shop-*",
+        ),
+    )
     try:
         for ex in ("orders.eu", "billing"):
             await admin.declare_exchange(ex, "fanout")
@@ -150,8 +161,7 @@ async def test_expired_and_revoked_tokens_cannot_connect(broker: BrokerProcess) 
         await connect(broker.url, token="not-a-token")
 
 
-async def test_require_auth_refuses_anonymous(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+async def test_require_auth_refuses_anonymous(broker_factory: Callable[..., BrokerProcess]) -> None:
     b = broker_factory("--require-auth")
     with pytest.raises(AuthenticationFailed) as info:
         await connect(b.url)
@@ -173,7 +183,8 @@ async def _attempt(url: str, token: str) -> float:
 
 
 async def test_repeated_failures_are_slowed_down(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory()
     good = make_token(b, "svc", *ADMIN)
     first = await _attempt(b.url, "cvy1.bad.token")
@@ -193,7 +204,8 @@ async def test_repeated_failures_are_slowed_down(
 
 
 async def test_non_loopback_listener_requires_tokens_from_other_hosts(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory("--host", "0.0.0.0")
     assert "non-loopback" in b.log_text()
     conn = await connect(b.url)  # loopback peer: still anonymous
@@ -218,8 +230,26 @@ async def test_allow_anonymous_is_loud(broker_factory: Callable[..., BrokerProce
 
 def test_token_cli(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    p = cli("token", "create", "-s", "ci", "--write", "a.*", "--read", "q1", "--read", "q2",
-            "--ttl", "2h", "--rate-messages", "100", "--burst", "10", "--data-dir", str(data))
+    p = cli(
+        "token",
+        "create",
+        "-s",
+        "ci",
+        "--write",
+        "a.*",
+        "--read",
+        "q1",
+        "--read",
+        "q2",
+        "--ttl",
+        "2h",
+        "--rate-messages",
+        "100",
+        "--burst",
+        "10",
+        "--data-dir",
+        str(data),
+    )
     assert p.returncode == 0 and p.stderr == b"", p.stderr
     token = p.stdout.decode().strip()
     key = data / "auth" / "signing.key"
@@ -258,7 +288,8 @@ def test_token_cli(tmp_path: Path) -> None:
 
 
 def test_wire_level_hello_and_publish_refusals(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     """Raw frames: HELLO offers only "token" under --require-auth; a refused publish is a
     403 nack when confirmed (seq > 0) and ERROR(rid 0, 403) when not."""
     b = broker_factory("--require-auth")

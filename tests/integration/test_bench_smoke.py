@@ -37,8 +37,13 @@ COPIES = {"fanout": 4}
 
 
 def run_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def check_result(res: dict[str, Any], scenario: str, messages: int) -> None:
@@ -66,8 +71,9 @@ def check_result(res: dict[str, Any], scenario: str, messages: int) -> None:
 def test_scenario(scenario: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     extra = SCENARIOS[scenario]
-    p = run_bench("--scenario", scenario, "--runs", "1", "--json", str(out),
-                  "--time-limit", "40", *extra)
+    p = run_bench(
+        "--scenario", scenario, "--runs", "1", "--json", str(out), "--time-limit", "40", *extra
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(out.read_text())
     check_result(res, scenario, int(extra[1]))
@@ -83,8 +89,21 @@ def test_scenario(scenario: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("scenario", ["transient", "fanout", "latency"])
 def test_consumer_process_and_batches(scenario: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    p = run_bench("--scenario", scenario, "--messages", "500", "--runs", "2", "--batch", "50",
-                  "--processes", "--json", str(out), "--time-limit", "40")
+    p = run_bench(
+        "--scenario",
+        scenario,
+        "--messages",
+        "500",
+        "--runs",
+        "2",
+        "--batch",
+        "50",
+        "--processes",
+        "--json",
+        str(out),
+        "--time-limit",
+        "40",
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(out.read_text())
     check_result(res, scenario, 500)
@@ -94,15 +113,35 @@ def test_consumer_process_and_batches(scenario: str, tmp_path: Path) -> None:
 
 
 def test_unreachable_broker_fails_cleanly(tmp_path: Path) -> None:
-    p = run_bench("--scenario", "transient", "--messages", "10", "--runs", "1",
-                  "--url", "mq://127.0.0.1:1", "--timeout", "5", timeout=30)
+    p = run_bench(
+        "--scenario",
+        "transient",
+        "--messages",
+        "10",
+        "--runs",
+        "1",
+        "--url",
+        "mq://127.0.0.1:1",
+        "--timeout",
+        "5",
+        timeout=30,
+    )
     assert p.returncode == 1
     assert "FAILED" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_time_limit_fails_with_counts() -> None:
-    p = run_bench("--scenario", "transient", "--messages", "5000000", "--runs", "1",
-                  "--time-limit", "3", timeout=60)
+    p = run_bench(
+        "--scenario",
+        "transient",
+        "--messages",
+        "5000000",
+        "--runs",
+        "1",
+        "--time-limit",
+        "3",
+        timeout=60,
+    )
     assert p.returncode == 1
     assert "time limit of 3 s reached" in p.stderr and "missing" in p.stderr, p.stderr
 
@@ -111,9 +150,23 @@ def test_compare_without_aio_pika_exits_2(tmp_path: Path) -> None:
     # A module that fails to import stands in for a missing aio-pika.
     (tmp_path / "aio_pika.py").write_text("raise ImportError('hidden for this test')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
-    p = subprocess.run([sys.executable, str(BENCH), "--scenario", "transient", "--compare",
-                        "rabbitmq", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/"],
-                       capture_output=True, text=True, timeout=30, env=env, cwd=REPO)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--scenario",
+            "transient",
+            "--compare",
+            "rabbitmq",
+            "--amqp-url",
+            "amqp://guest:guest@127.0.0.1:1/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        cwd=REPO,
+    )
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install aio-pika" in lines[0]
@@ -122,9 +175,23 @@ def test_compare_without_aio_pika_exits_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_the_broker(sig: signal.Signals) -> None:
     proc = subprocess.Popen(
-        [sys.executable, str(BENCH), "--scenario", "transient", "--messages", "50000000",
-         "--runs", "1", "--window", "100"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        [
+            sys.executable,
+            str(BENCH),
+            "--scenario",
+            "transient",
+            "--messages",
+            "50000000",
+            "--runs",
+            "1",
+            "--window",
+            "100",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # "bench: broker pid N on URL ..."

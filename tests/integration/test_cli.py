@@ -33,15 +33,23 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run(broker: BrokerProcess | None, *args: str, stdin: bytes | None = None,
-        timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+def run(
+    broker: BrokerProcess | None, *args: str, stdin: bytes | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
     url = ["--url", broker.url] if broker is not None else []
-    return subprocess.run([*CLI, *args, *url], input=stdin, capture_output=True,
-                          timeout=timeout, env=_env(), check=False)
+    return subprocess.run(
+        [*CLI, *args, *url],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        env=_env(),
+        check=False,
+    )
 
 
-async def arun(broker: BrokerProcess, *args: str,
-               stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+async def arun(
+    broker: BrokerProcess, *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     """``run`` without blocking the event loop (for tests that hold a connection open)."""
     return await asyncio.to_thread(run, broker, *args, stdin=stdin)
 
@@ -70,8 +78,10 @@ def test_declare_publish_stdin_and_consume_in_order(broker: BrokerProcess) -> No
     assert ok(run(broker, "declare-queue", "lines")) == "lines\tmessages=0\tconsumers=0\n"
     lines = [f"line {i} {'x' * (i % 37)}" for i in range(10_000)]
     data = ("\n".join(lines) + "\n").encode()
-    assert ok(run(broker, "publish", "-k", "lines", stdin=data)) == \
-        "published 10000 messages to exchange '' with key 'lines' (all confirmed)\n"
+    assert (
+        ok(run(broker, "publish", "-k", "lines", stdin=data))
+        == "published 10000 messages to exchange '' with key 'lines' (all confirmed)\n"
+    )
     assert queues_json(broker)["lines"]["messages"] == 10_000
     assert ok(run(broker, "declare-queue", "lines")) == "lines\tmessages=10000\tconsumers=0\n"
 
@@ -83,8 +93,10 @@ def test_declare_publish_stdin_and_consume_in_order(broker: BrokerProcess) -> No
 
 def test_publish_body_count_and_consume(broker: BrokerProcess) -> None:
     ok(run(broker, "declare-queue", "five"))
-    assert ok(run(broker, "publish", "hello world", "-k", "five", "--count", "5")) == \
-        "published 5 messages to exchange '' with key 'five' (all confirmed)\n"
+    assert (
+        ok(run(broker, "publish", "hello world", "-k", "five", "--count", "5"))
+        == "published 5 messages to exchange '' with key 'five' (all confirmed)\n"
+    )
     assert queues_json(broker)["five"]["messages"] == 5
     out = ok(run(broker, "consume", "-q", "five", "--count", "3"))
     assert out == "hello world\n" * 3
@@ -103,19 +115,52 @@ def test_consume_timeout_on_empty_queue(broker: BrokerProcess) -> None:
 
 def test_consume_json_shows_properties(broker: BrokerProcess) -> None:
     ok(run(broker, "declare-queue", "props"))
-    ok(run(broker, "publish", "payload", "-k", "props", "--content-type", "text/plain",
-           "--message-id", "id-1", "--correlation-id", "corr-1", "--reply-to", "back",
-           "--header", "a=1", "--header", "b=x=y", "--priority", "3", "--ttl", "60000",
-           "--transient"))
+    ok(
+        run(
+            broker,
+            "publish",
+            "payload",
+            "-k",
+            "props",
+            "--content-type",
+            "text/plain",
+            "--message-id",
+            "id-1",
+            "--correlation-id",
+            "corr-1",
+            "--reply-to",
+            "back",
+            "--header",
+            "a=1",
+            "--header",
+            "b=x=y",
+            "--priority",
+            "3",
+            "--ttl",
+            "60000",
+            "--transient",
+        )
+    )
     ok(run(broker, "publish", "plain", "-k", "props"))
     out = ok(run(broker, "consume", "-q", "props", "--count", "2", "--json"))
     first, second = (json.loads(line) for line in out.splitlines())
     assert first == {
-        "body": "payload", "body_encoding": "utf-8", "exchange": "", "routing_key": "props",
-        "redelivered": False, "delivery_count": 1,
-        "properties": {"persistent": False, "content_type": "text/plain",
-                       "message_id": "id-1", "correlation_id": "corr-1", "reply_to": "back",
-                       "priority": 3, "ttl": 60000, "headers": {"a": "1", "b": "x=y"}},
+        "body": "payload",
+        "body_encoding": "utf-8",
+        "exchange": "",
+        "routing_key": "props",
+        "redelivered": False,
+        "delivery_count": 1,
+        "properties": {
+            "persistent": False,
+            "content_type": "text/plain",
+            "message_id": "id-1",
+            "correlation_id": "corr-1",
+            "reply_to": "back",
+            "priority": 3,
+            "ttl": 60000,
+            "headers": {"a": "1", "b": "x=y"},
+        },
     }
     assert second["body"] == "plain"
     assert second["properties"] == {"persistent": True}
@@ -134,12 +179,16 @@ async def test_consume_json_binary_body(broker: BrokerProcess) -> None:
 
 
 def test_exchange_bind_publish_consume(broker: BrokerProcess) -> None:
-    assert ok(run(broker, "declare-exchange", "events", "--type", "topic")) == \
-        "declared exchange events (topic)\n"
+    assert (
+        ok(run(broker, "declare-exchange", "events", "--type", "topic"))
+        == "declared exchange events (topic)\n"
+    )
     ok(run(broker, "declare-queue", "ev-orders"))
     ok(run(broker, "declare-queue", "ev-all"))
-    assert ok(run(broker, "bind", "-e", "events", "-q", "ev-orders", "-k", "order.*")) == \
-        "bound queue ev-orders to exchange events with key 'order.*'\n"
+    assert (
+        ok(run(broker, "bind", "-e", "events", "-q", "ev-orders", "-k", "order.*"))
+        == "bound queue ev-orders to exchange events with key 'order.*'\n"
+    )
     ok(run(broker, "bind", "-e", "events", "-q", "ev-all", "-k", "#"))
     ok(run(broker, "publish", "o1", "-e", "events", "-k", "order.created"))
     ok(run(broker, "publish", "u1", "-e", "events", "-k", "user.created"))
@@ -148,9 +197,13 @@ def test_exchange_bind_publish_consume(broker: BrokerProcess) -> None:
     assert ok(run(broker, "consume", "-q", "ev-all", "--timeout", "0.5")) == "o1\nu1\no2\n"
     bindings = json.loads(ok(run(broker, "bindings", "--json")))
     assert sorted((b["exchange"], b["queue"], b["routing_key"]) for b in bindings) == [
-        ("events", "ev-all", "#"), ("events", "ev-orders", "order.*")]
-    assert ok(run(broker, "unbind", "-e", "events", "-q", "ev-orders", "-k", "order.*")) == \
-        "unbound queue ev-orders from exchange events with key 'order.*'\n"
+        ("events", "ev-all", "#"),
+        ("events", "ev-orders", "order.*"),
+    ]
+    assert (
+        ok(run(broker, "unbind", "-e", "events", "-q", "ev-orders", "-k", "order.*"))
+        == "unbound queue ev-orders from exchange events with key 'order.*'\n"
+    )
     ok(run(broker, "publish", "o3", "-e", "events", "-k", "order.created"))
     assert ok(run(broker, "consume", "-q", "ev-orders", "--timeout", "0.5")) == ""
     assert ok(run(broker, "consume", "-q", "ev-all", "--timeout", "0.5")) == "o3\n"
@@ -176,24 +229,40 @@ async def test_queue_and_exchange_listings(broker: BrokerProcess) -> None:
         rows = json.loads(ok(await arun(broker, "queues", "--json")))
         assert [r["name"] for r in rows] == ["busy", "idle"]
         busy, idle = rows
-        assert {k: busy[k] for k in ("messages", "unacked", "consumers", "durable",
-                                     "exclusive", "auto_delete")} == {
-            "messages": 3, "unacked": 2, "consumers": 1, "durable": True,
-            "exclusive": False, "auto_delete": False}
-        assert {k: idle[k] for k in ("messages", "unacked", "consumers", "durable",
-                                     "auto_delete")} == {
-            "messages": 0, "unacked": 0, "consumers": 0, "durable": False, "auto_delete": True}
+        assert {
+            k: busy[k]
+            for k in ("messages", "unacked", "consumers", "durable", "exclusive", "auto_delete")
+        } == {
+            "messages": 3,
+            "unacked": 2,
+            "consumers": 1,
+            "durable": True,
+            "exclusive": False,
+            "auto_delete": False,
+        }
+        assert {
+            k: idle[k] for k in ("messages", "unacked", "consumers", "durable", "auto_delete")
+        } == {"messages": 0, "unacked": 0, "consumers": 0, "durable": False, "auto_delete": True}
 
         table = ok(await arun(broker, "queues")).splitlines()
-        assert table[0].split() == ["NAME", "TYPE", "MESSAGES", "UNACKED", "CONSUMERS",
-                                    "DURABLE", "EXCLUSIVE", "AUTO_DELETE"]
+        assert table[0].split() == [
+            "NAME",
+            "TYPE",
+            "MESSAGES",
+            "UNACKED",
+            "CONSUMERS",
+            "DURABLE",
+            "EXCLUSIVE",
+            "AUTO_DELETE",
+        ]
         assert [line.split() for line in table[1:]] == [
             ["busy", "classic", "3", "2", "1", "True", "False", "False"],
             ["idle", "classic", "0", "0", "0", "False", "False", "True"],
         ]
 
-        exchanges = {e["name"]: e for e in json.loads(ok(await arun(broker, "exchanges",
-                                                                    "--json")))}
+        exchanges = {
+            e["name"]: e for e in json.loads(ok(await arun(broker, "exchanges", "--json")))
+        }
         assert set(exchanges) == {"amq.direct", "amq.fanout", "amq.topic", "fx"}
         assert (exchanges["fx"]["type"], exchanges["fx"]["bindings"]) == ("fanout", 2)
         assert exchanges["amq.topic"]["bindings"] == 0
@@ -205,7 +274,8 @@ async def test_queue_and_exchange_listings(broker: BrokerProcess) -> None:
             m.ack()
         await consumer.cancel()
         busy = {q["name"]: q for q in json.loads(ok(await arun(broker, "queues", "--json")))}[
-            "busy"]
+            "busy"
+        ]
         assert (busy["messages"], busy["unacked"], busy["consumers"]) == (3, 0, 0)
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
@@ -261,8 +331,10 @@ def test_publish_unroutable_says_published_but_not_routed(broker: BrokerProcess)
     p = run(broker, "publish", "x", "-k", "nobody-home", "--count", "3")
     assert p.returncode == 5 and p.stdout == b""
     err = one_error_line(p)
-    assert err == ("mq-cli: published but not routed: 3 of 3 message(s) matched no queue "
-                   "(exchange '', routing key 'nobody-home'); 0 stored\n")
+    assert err == (
+        "mq-cli: published but not routed: 3 of 3 message(s) matched no queue "
+        "(exchange '', routing key 'nobody-home'); 0 stored\n"
+    )
     ok(run(broker, "declare-exchange", "fan", "--type", "fanout"))
     p = run(broker, "publish", "-e", "fan", stdin=b"a\nb\n")
     assert p.returncode == 5 and "2 of 2 message(s) matched no queue" in one_error_line(p)
@@ -274,14 +346,14 @@ def test_publish_unroutable_says_published_but_not_routed(broker: BrokerProcess)
 
 
 def test_partly_refused_stdin_publish_says_how_many_got_in(broker: BrokerProcess) -> None:
-    ok(run(broker, "declare-queue", "tiny", "--max-length", "1", "--overflow",
-           "reject-publish"))
+    ok(run(broker, "declare-queue", "tiny", "--max-length", "1", "--overflow", "reject-publish"))
     p = run(broker, "publish", "-k", "tiny", stdin=b"1\n2\n3\n4\n5\n")
     assert p.returncode == 1
     err = one_error_line(p)
     assert err.startswith("mq-cli: queue-full (409): ")
-    assert "(1 of 5 message(s) sent were confirmed stored before this; publishing stopped)" \
-        in err, err
+    assert (
+        "(1 of 5 message(s) sent were confirmed stored before this; publishing stopped)" in err
+    ), err
     assert queues_json(broker)["tiny"]["messages"] == 1
     out = ok(run(broker, "consume", "-q", "tiny", "--count", "1"))
     assert out == "1\n"
@@ -305,13 +377,18 @@ def _read_line(stream: Any, timeout: float = WAIT) -> bytes:
 
 
 def test_consume_into_a_closed_pipe_ends_quietly_and_acks_only_printed(
-        broker: BrokerProcess) -> None:
+    broker: BrokerProcess,
+) -> None:
     ok(run(broker, "declare-queue", "piped"))
     ok(run(broker, "publish", "first", "-k", "piped"))
     env = _env()
     env.pop("PYTHONUNBUFFERED")  # stdout buffered, as in a real pipeline
-    proc = subprocess.Popen([*CLI, "consume", "-q", "piped", "--url", broker.url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [*CLI, "consume", "-q", "piped", "--url", broker.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         assert proc.stdout is not None and proc.stderr is not None
         assert _read_line(proc.stdout) == b"first\n"  # flushed as it came, then acked
@@ -336,29 +413,47 @@ def test_consume_timeout_0_prints_ready_messages_then_exits(broker: BrokerProces
     assert queues_json(broker)["ready"]["messages"] == 0
     # Streams: the messages there are now, for the read's start.
     ok(run(broker, "declare-queue", "ready-s", "--type", "stream"))
-    assert ok(run(broker, "consume", "-q", "ready-s", "--offset", "first", "--timeout",
-                  "0")) == ""
+    assert ok(run(broker, "consume", "-q", "ready-s", "--offset", "first", "--timeout", "0")) == ""
     ok(run(broker, "publish", "-k", "ready-s", stdin=b"s1\ns2\ns3\n"))
-    assert ok(run(broker, "consume", "-q", "ready-s", "--offset", "first", "--timeout",
-                  "0")) == "s1\ns2\ns3\n"
-    assert ok(run(broker, "consume", "-q", "ready-s", "--offset", "next", "--timeout",
-                  "0")) == ""
+    assert (
+        ok(run(broker, "consume", "-q", "ready-s", "--offset", "first", "--timeout", "0"))
+        == "s1\ns2\ns3\n"
+    )
+    assert ok(run(broker, "consume", "-q", "ready-s", "--offset", "next", "--timeout", "0")) == ""
 
 
 def test_consume_new_group_starts_at_first_retained_message(broker: BrokerProcess) -> None:
     ok(run(broker, "declare-queue", "events", "--type", "stream"))
     ok(run(broker, "publish", "-k", "events", stdin=b"e1\ne2\ne3\n"))
     # A new group reads what the stream holds (before: it waited at "next" forever).
-    assert ok(run(broker, "consume", "-q", "events", "--group", "billing", "-n", "2",
-                  timeout=20)) == "e1\ne2\n"
+    assert (
+        ok(run(broker, "consume", "-q", "events", "--group", "billing", "-n", "2", timeout=20))
+        == "e1\ne2\n"
+    )
     # The same group resumes after its committed offset.
-    assert ok(run(broker, "consume", "-q", "events", "--group", "billing", "--timeout",
-                  "0")) == "e3\n"
-    assert ok(run(broker, "consume", "-q", "events", "--group", "billing", "--timeout",
-                  "0")) == ""
+    assert (
+        ok(run(broker, "consume", "-q", "events", "--group", "billing", "--timeout", "0")) == "e3\n"
+    )
+    assert ok(run(broker, "consume", "-q", "events", "--group", "billing", "--timeout", "0")) == ""
     # An explicit --offset still chooses where a new group starts.
-    assert ok(run(broker, "consume", "-q", "events", "--group", "audit", "--offset", "last",
-                  "-n", "1", timeout=20)) == "e3\n"
+    assert (
+        ok(
+            run(
+                broker,
+                "consume",
+                "-q",
+                "events",
+                "--group",
+                "audit",
+                "--offset",
+                "last",
+                "-n",
+                "1",
+                timeout=20,
+            )
+        )
+        == "e3\n"
+    )
     assert "auto.offset.reset=earliest" in ok(run(None, "consume", "--help"))
 
 
@@ -368,8 +463,13 @@ def test_closed_port_exits_3() -> None:
         port = s.getsockname()[1]
     # Nothing listens on the port any more.
     for args in (["queues"], ["publish", "x", "-k", "q"], ["consume", "-q", "q"]):
-        p = subprocess.run([*CLI, *args, "--url", f"mq://127.0.0.1:{port}"],
-                           capture_output=True, timeout=30, env=_env(), check=False)
+        p = subprocess.run(
+            [*CLI, *args, "--url", f"mq://127.0.0.1:{port}"],
+            capture_output=True,
+            timeout=30,
+            env=_env(),
+            check=False,
+        )
         assert p.returncode == 3, (args, p.stderr)
         err = one_error_line(p)
         assert "cannot connect" in err and str(port) in err
@@ -377,8 +477,9 @@ def test_closed_port_exits_3() -> None:
 
 def test_url_from_environment(broker: BrokerProcess) -> None:
     env = dict(_env(), CONVEYOR_URL=broker.url)
-    p = subprocess.run([*CLI, "declare-queue", "from-env"], capture_output=True, timeout=30,
-                       env=env, check=False)
+    p = subprocess.run(
+        [*CLI, "declare-queue", "from-env"], capture_output=True, timeout=30, env=env, check=False
+    )
     assert (p.returncode, p.stdout, p.stderr) == (0, b"from-env\tmessages=0\tconsumers=0\n", b"")
 
 
@@ -390,8 +491,9 @@ def _free_port() -> int:
 
 
 def _start_server(cmd: list[str], cwd: Path) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
-                            env=_env())
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=_env()
+    )
     assert proc.stdout is not None
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -418,13 +520,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def test_server_config_file(tmp_path: Path) -> None:
     port = _free_port()
     cfg = tmp_path / "conveyor.toml"
-    cfg.write_text(f'host = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "data"}"\n'
-                   'heartbeat-ms = 0\n')
+    cfg.write_text(
+        f'host = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "data"}"\nheartbeat-ms = 0\n'
+    )
     proc, bound = _start_server([*CLI, "server", "--config", str(cfg)], tmp_path)
     try:
         assert bound == port
-        p = subprocess.run([*CLI, "declare-queue", "cfg", "--url", f"mq://127.0.0.1:{port}"],
-                           capture_output=True, timeout=30, env=_env(), check=False)
+        p = subprocess.run(
+            [*CLI, "declare-queue", "cfg", "--url", f"mq://127.0.0.1:{port}"],
+            capture_output=True,
+            timeout=30,
+            env=_env(),
+            check=False,
+        )
         assert p.returncode == 0 and p.stdout.startswith(b"cfg\t")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
@@ -439,8 +547,14 @@ def test_server_config_errors(tmp_path: Path) -> None:
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("colour = 1\n")
     for cfg in (bad, unknown, tmp_path / "missing.toml"):
-        p = subprocess.run([*CLI, "server", "--config", str(cfg)], capture_output=True,
-                           timeout=30, env=_env(), cwd=tmp_path, check=False)
+        p = subprocess.run(
+            [*CLI, "server", "--config", str(cfg)],
+            capture_output=True,
+            timeout=30,
+            env=_env(),
+            cwd=tmp_path,
+            check=False,
+        )
         assert p.returncode == 2, (cfg, p.stderr)
         one_error_line(p)
     # Port already in use: one line, status 1.
@@ -448,8 +562,14 @@ def test_server_config_errors(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        p = subprocess.run([*CLI, "server", "--port", str(port)], capture_output=True,
-                           timeout=30, env=_env(), cwd=tmp_path, check=False)
+        p = subprocess.run(
+            [*CLI, "server", "--port", str(port)],
+            capture_output=True,
+            timeout=30,
+            env=_env(),
+            cwd=tmp_path,
+            check=False,
+        )
     assert p.returncode == 1
     assert re.search(r"cannot start the broker", p.stderr.decode())
     assert b"Traceback" not in p.stderr
@@ -457,8 +577,10 @@ def test_server_config_errors(tmp_path: Path) -> None:
 
 async def test_server_sigterm_with_connected_client(tmp_path: Path) -> None:
     proc, port = await asyncio.to_thread(
-        _start_server, [MQ_CLI, "server", "--port", "0", "--data-dir", str(tmp_path / "d")],
-        tmp_path)
+        _start_server,
+        [MQ_CLI, "server", "--port", "0", "--data-dir", str(tmp_path / "d")],
+        tmp_path,
+    )
     try:
         conn = await connect(f"mq://127.0.0.1:{port}")
         try:

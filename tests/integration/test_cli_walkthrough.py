@@ -33,10 +33,12 @@ def _env(config: Path | None, **extra: str) -> dict[str, str]:
     return env
 
 
-def mq(*args: str, config: Path | None = None,
-       timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout,
-                          env=_env(config), check=False)
+def mq(
+    *args: str, config: Path | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, timeout=timeout, env=_env(config), check=False
+    )
 
 
 async def amq(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -63,13 +65,32 @@ def lines(p: subprocess.CompletedProcess[bytes]) -> list[Any]:
 async def test_walkthrough(broker: BrokerProcess) -> None:
     u = ["--url", broker.url]
     assert one(await amq("declare-queue", "work", *u, "--json")) == {
-        "queue": "work", "messages": 0, "consumers": 0}
-    assert one(await amq("declare-queue", "parked", "--max-priority", "5", *u, "--json"))[
-        "queue"] == "parked"
-    assert one(await amq("publish", "job", "-k", "work", "-n", "3", "--message-id", "m-7",
-                         "--header", "tenant=acme", "--content-type", "text/plain",
-                         *u, "--json")) == {
-        "published": 3, "unrouted": 0, "exchange": "", "routing_key": "work"}
+        "queue": "work",
+        "messages": 0,
+        "consumers": 0,
+    }
+    assert (
+        one(await amq("declare-queue", "parked", "--max-priority", "5", *u, "--json"))["queue"]
+        == "parked"
+    )
+    assert one(
+        await amq(
+            "publish",
+            "job",
+            "-k",
+            "work",
+            "-n",
+            "3",
+            "--message-id",
+            "m-7",
+            "--header",
+            "tenant=acme",
+            "--content-type",
+            "text/plain",
+            *u,
+            "--json",
+        )
+    ) == {"published": 3, "unrouted": 0, "exchange": "", "routing_key": "work"}
 
     # peek: all three with their properties, none taken.
     peeked = lines(await amq("peek", "work", "-n", "10", *u, "--json"))
@@ -87,7 +108,11 @@ async def test_walkthrough(broker: BrokerProcess) -> None:
     assert got["redelivered"] is True and got["delivery_count"] == 2  # the peek was one
     # move 2 to another queue, properties kept.
     assert one(await amq("move", "work", "parked", "-n", "2", *u, "--json")) == {
-        "moved": 2, "skipped": 0, "source": "work", "target": "parked"}
+        "moved": 2,
+        "skipped": 0,
+        "source": "work",
+        "target": "parked",
+    }
     parked = lines(await amq("peek", "parked", *u, "--json"))
     assert [m["properties"]["message_id"] for m in parked] == ["m-7", "m-7"]
     assert parked[0]["properties"]["headers"] == {"tenant": "acme"}
@@ -97,52 +122,76 @@ async def test_walkthrough(broker: BrokerProcess) -> None:
     table = ok(await amq("queues", *u)).splitlines()
     assert table[0].split()[:3] == ["NAME", "TYPE", "MESSAGES"]
     assert {r.split()[0]: r.split()[1:3] for r in table[1:]} == {
-        "parked": ["priority", "2"], "work": ["classic", "0"]}
+        "parked": ["priority", "2"],
+        "work": ["classic", "0"],
+    }
 
     # queue details and consumers with a live consumer (and counters moving).
     async with await connect(broker.url) as conn:
         consumer = await conn.consume("parked", prefetch=1)
         await wait_until(lambda: consumer.get(0.05))
         d = one(await amq("queue", "parked", "--interval", "0.3", *u, "--json"))
-        assert (d["messages"], d["unacked"], d["consumers"], d["type"]) == (1, 1, 1,
-                                                                          "priority")
+        assert (d["messages"], d["unacked"], d["consumers"], d["type"]) == (1, 1, 1, "priority")
         assert d["arguments"] == {"max_priority": 5}
         assert d["published"] == 2 and d["delivered"] >= 1
         assert set(d["rates"]) == {"publish", "deliver", "ack"}
         [c] = d["consumer_list"]
         assert (c["queue"], c["unacked"]) == ("parked", 1)
         listed = json.loads(ok(await amq("consumers", *u, "--json")))
-        assert [(x["queue"], x["consumer_tag"]) for x in listed] == [("parked",
-                                                                      c["consumer_tag"])]
+        assert [(x["queue"], x["consumer_tag"]) for x in listed] == [("parked", c["consumer_tag"])]
         await consumer.cancel()  # its unacked message goes back
 
-    assert one(await amq("purge", "parked", *u, "--json")) == {"queue": "parked",
-                                                               "purged": 2}
+    assert one(await amq("purge", "parked", *u, "--json")) == {"queue": "parked", "purged": 2}
     assert one(await amq("delete-queue", "parked", *u, "--json")) == {
-        "queue": "parked", "deleted": True, "messages": 0}
+        "queue": "parked",
+        "deleted": True,
+        "messages": 0,
+    }
 
 
 async def test_subscribe_receives_a_topic_publish(broker: BrokerProcess) -> None:
-    proc = subprocess.Popen([*CLI, "subscribe", "amq.topic", "orders.*", "--count", "2",
-                             "--timeout", "20", "--json", "--url", broker.url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(None))
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "subscribe",
+            "amq.topic",
+            "orders.*",
+            "--count",
+            "2",
+            "--timeout",
+            "20",
+            "--json",
+            "--url",
+            broker.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(None),
+    )
     try:
         async with await connect(broker.url) as conn:
+
             async def bound() -> bool:
-                return any(b["exchange"] == "amq.topic" and b["routing_key"] == "orders.*"
-                           for b in await conn.list("bindings"))
+                return any(
+                    b["exchange"] == "amq.topic" and b["routing_key"] == "orders.*"
+                    for b in await conn.list("bindings")
+                )
+
             await wait_until(bound, timeout=WAIT * 2)
             [tmp] = [q for q in await conn.list("queues")]
             assert tmp["exclusive"] and tmp["auto_delete"] and not tmp["durable"]
             await conn.publish("amq.topic", "audit.x", b"not for us", mandatory=False)
             await conn.publish("amq.topic", "orders.new", b"first")
-            await conn.publish("amq.topic", "orders.paid", b"second",
-                               properties={"message_id": "o-2"})
+            await conn.publish(
+                "amq.topic", "orders.paid", b"second", properties={"message_id": "o-2"}
+            )
             out, err = await asyncio.to_thread(proc.communicate, timeout=30)
             assert proc.returncode == 0, err
             got = [json.loads(line) for line in out.decode().splitlines()]
             assert [(m["routing_key"], m["body"]) for m in got] == [
-                ("orders.new", "first"), ("orders.paid", "second")]
+                ("orders.new", "first"),
+                ("orders.paid", "second"),
+            ]
             assert got[1]["properties"]["message_id"] == "o-2"
             # The temporary queue went with the connection.
             await wait_until(lambda: _no_queues(conn))
@@ -170,17 +219,24 @@ async def test_request_gets_a_reply_from_a_responder(broker: BrokerProcess) -> N
 
         async def responder() -> None:
             async for msg in consumer:
-                await conn.publish("", msg.reply_to or "", msg.body.upper(),
-                                   properties={"correlation_id": msg.correlation_id,
-                                               "headers": {"served-by": "test"}})
+                await conn.publish(
+                    "",
+                    msg.reply_to or "",
+                    msg.body.upper(),
+                    properties={
+                        "correlation_id": msg.correlation_id,
+                        "headers": {"served-by": "test"},
+                    },
+                )
                 msg.ack()
 
         task = asyncio.create_task(responder())
         try:
             p = await amq("request", "", "rpc.upper", "hello", "--url", broker.url)
             assert ok(p) == "HELLO\n"
-            reply = one(await amq("request", "", "rpc.upper", "json", "--json",
-                                  "--url", broker.url))
+            reply = one(
+                await amq("request", "", "rpc.upper", "json", "--json", "--url", broker.url)
+            )
             assert reply["body"] == "JSON"
             assert reply["properties"]["headers"] == {"served-by": "test"}
         finally:
@@ -195,21 +251,41 @@ async def test_request_gets_a_reply_from_a_responder(broker: BrokerProcess) -> N
     assert p.returncode == 5 and b"no route" in p.stderr and b"Traceback" not in p.stderr
 
 
-def test_contexts_switch_url(tmp_path: Path,
-                             broker_factory: Callable[..., BrokerProcess]) -> None:
+def test_contexts_switch_url(tmp_path: Path, broker_factory: Callable[..., BrokerProcess]) -> None:
     a, b = broker_factory(), broker_factory("--require-auth")  # b: the context's token
-    token = ok(mq("token", "create", "--subject", "ops", "--configure", "*", "--write", "*",
-                  "--read", "*", "--data-dir", str(b.data_dir))).strip()
+    token = ok(
+        mq(
+            "token",
+            "create",
+            "--subject",
+            "ops",
+            "--configure",
+            "*",
+            "--write",
+            "*",
+            "--read",
+            "*",
+            "--data-dir",
+            str(b.data_dir),
+        )
+    ).strip()
     assert mq("queues", "--url", b.url).returncode == 1  # anonymous: refused
     cfg = tmp_path / "conf" / "contexts.toml"
-    assert one(mq("context", "add", "alpha", "--url", a.url, "--json", config=cfg))[
-        "current"] is True  # the first one added
-    assert one(mq("context", "add", "beta", "--url", b.url, "--token", token, "--json",
-                  config=cfg))["current"] is False
+    assert (
+        one(mq("context", "add", "alpha", "--url", a.url, "--json", config=cfg))["current"] is True
+    )  # the first one added
+    assert (
+        one(mq("context", "add", "beta", "--url", b.url, "--token", token, "--json", config=cfg))[
+            "current"
+        ]
+        is False
+    )
     assert cfg.stat().st_mode & 0o777 == 0o600
     ls = json.loads(ok(mq("context", "ls", "--json", config=cfg)))
     assert [(c["name"], c["url"], c["current"], c["token"]) for c in ls] == [
-        ("alpha", a.url, True, False), ("beta", b.url, False, True)]
+        ("alpha", a.url, True, False),
+        ("beta", b.url, False, True),
+    ]
     assert token not in ok(mq("context", "ls", config=cfg))
 
     ok(mq("declare-queue", "only-on-alpha", config=cfg))  # the current context: alpha
@@ -219,8 +295,7 @@ def test_contexts_switch_url(tmp_path: Path,
     assert one(mq("context", "use", "beta", "--json", config=cfg))["context"] == "beta"
     assert _names(mq("queues", "--json", config=cfg)) == set()
     ok(mq("declare-queue", "on-beta", config=cfg))
-    assert _names(mq("queues", "--json", "--context", "alpha", config=cfg)) == {
-        "only-on-alpha"}
+    assert _names(mq("queues", "--json", "--context", "alpha", config=cfg)) == {"only-on-alpha"}
     # An explicit --url wins over the current context.
     assert _names(mq("queues", "--json", "--url", a.url, config=cfg)) == {"only-on-alpha"}
     p = mq("queues", "--context", "gamma", config=cfg)
@@ -235,15 +310,23 @@ def _names(p: subprocess.CompletedProcess[bytes]) -> set[str]:
 def test_every_mutating_command_prints_one_line(broker: BrokerProcess) -> None:
     u = ["--url", broker.url]
     cmds: list[tuple[list[str], dict[str, Any]]] = [
-        (["declare-exchange", "ev", "--type", "topic"],
-         {"exchange": "ev", "type": "topic", "durable": True, "auto_delete": False}),
+        (
+            ["declare-exchange", "ev", "--type", "topic"],
+            {"exchange": "ev", "type": "topic", "durable": True, "auto_delete": False},
+        ),
         (["declare-queue", "evq"], {"queue": "evq", "messages": 0, "consumers": 0}),
-        (["bind", "-e", "ev", "-q", "evq", "-k", "a.#"],
-         {"bound": True, "exchange": "ev", "queue": "evq", "routing_key": "a.#"}),
-        (["publish", "x", "-e", "ev", "-k", "a.b"],
-         {"published": 1, "unrouted": 0, "exchange": "ev", "routing_key": "a.b"}),
-        (["unbind", "-e", "ev", "-q", "evq", "-k", "a.#"],
-         {"unbound": True, "exchange": "ev", "queue": "evq", "routing_key": "a.#"}),
+        (
+            ["bind", "-e", "ev", "-q", "evq", "-k", "a.#"],
+            {"bound": True, "exchange": "ev", "queue": "evq", "routing_key": "a.#"},
+        ),
+        (
+            ["publish", "x", "-e", "ev", "-k", "a.b"],
+            {"published": 1, "unrouted": 0, "exchange": "ev", "routing_key": "a.b"},
+        ),
+        (
+            ["unbind", "-e", "ev", "-q", "evq", "-k", "a.#"],
+            {"unbound": True, "exchange": "ev", "queue": "evq", "routing_key": "a.#"},
+        ),
         (["purge", "evq"], {"queue": "evq", "purged": 1}),
         (["delete-exchange", "ev"], {"exchange": "ev", "deleted": True}),
         (["delete-queue", "evq"], {"queue": "evq", "deleted": True, "messages": 0}),
@@ -258,8 +341,7 @@ def test_every_mutating_command_prints_one_line(broker: BrokerProcess) -> None:
 def test_completion_script() -> None:
     p = mq("completion", "bash")
     assert "_MQ_CLI_COMPLETE=bash_complete" in ok(p)
-    env = _env(None, _MQ_CLI_COMPLETE="bash_complete", COMP_WORDS="mq-cli pe",
-               COMP_CWORD="1")
+    env = _env(None, _MQ_CLI_COMPLETE="bash_complete", COMP_WORDS="mq-cli pe", COMP_CWORD="1")
     p2 = subprocess.run([*CLI], capture_output=True, env=env, timeout=30, check=False)
     # click's bash protocol: one "type,value" line per candidate.
     assert "plain,peek" in p2.stdout.decode().splitlines()
@@ -277,11 +359,23 @@ def test_client_queue_info_messages_alias(broker: BrokerProcess) -> None:
 
 
 def test_json_on_the_other_commands(tmp_path: Path, broker: BrokerProcess) -> None:
-    made = one(mq("token", "create", "-s", "ci", "--read", "*", "--json",
-                  "--data-dir", str(tmp_path / "d")))
+    made = one(
+        mq(
+            "token",
+            "create",
+            "-s",
+            "ci",
+            "--read",
+            "*",
+            "--json",
+            "--data-dir",
+            str(tmp_path / "d"),
+        )
+    )
     assert made["subject"] == "ci" and made["token"].startswith("cvy1.") and made["jti"]
-    assert one(mq("token", "revoke", "--jti", made["jti"], "--json",
-                  "--data-dir", str(tmp_path / "d"))) == {"revoked": made["jti"]}
+    assert one(
+        mq("token", "revoke", "--jti", made["jti"], "--json", "--data-dir", str(tmp_path / "d"))
+    ) == {"revoked": made["jti"]}
     files = one(mq("gen-certs", "--out", str(tmp_path / "certs"), "--json"))["files"]
     assert {Path(f).name for f in files} >= {"ca.pem", "server.pem", "client.pem"}
     frames = lines(mq("top", "--json", "-n", "2", "--interval", "0.1", "--url", broker.url))
@@ -289,8 +383,20 @@ def test_json_on_the_other_commands(tmp_path: Path, broker: BrokerProcess) -> No
     for q in ("dl", "dl2"):
         ok(mq("declare-queue", q, "--url", broker.url))
     ok(mq("publish", "x", "-k", "dl", "--url", broker.url))
-    assert one(mq("dlq-move", "--from", "dl", "--to", "dl2", "--timeout", "0.2", "--json",
-                  "--url", broker.url)) == {"moved": 1, "skipped": 0, "source": "dl"}
+    assert one(
+        mq(
+            "dlq-move",
+            "--from",
+            "dl",
+            "--to",
+            "dl2",
+            "--timeout",
+            "0.2",
+            "--json",
+            "--url",
+            broker.url,
+        )
+    ) == {"moved": 1, "skipped": 0, "source": "dl"}
 
 
 def test_queue_details_of_a_stream(broker: BrokerProcess) -> None:
@@ -315,16 +421,23 @@ def test_get_into_a_closed_pipe_takes_nothing(broker: BrokerProcess) -> None:
     ok(mq("declare-queue", "piped", *u))
     ok(mq("publish", "m", "-k", "piped", "-n", "200", *u))
     for cmd in ("get", "peek"):
-        p = subprocess.run(f"{' '.join(CLI)} {cmd} piped -n 200 --url {broker.url} | head -1",
-                           shell=True, capture_output=True, timeout=30, env=_env(None),
-                           executable="/bin/bash", check=False)
+        p = subprocess.run(
+            f"{' '.join(CLI)} {cmd} piped -n 200 --url {broker.url} | head -1",
+            shell=True,
+            capture_output=True,
+            timeout=30,
+            env=_env(None),
+            executable="/bin/bash",
+            check=False,
+        )
         assert p.stdout.startswith(b"#1 ") and b"Traceback" not in p.stderr, p.stderr
     d = one(mq("queue", "piped", "--interval", "0", "--json", *u))
     assert (d["messages"], d["unacked"]) == (200, 0)
 
 
 def test_env_url_beats_the_current_context_but_not_context_flag(
-        tmp_path: Path, broker_factory: Callable[..., BrokerProcess]) -> None:
+    tmp_path: Path, broker_factory: Callable[..., BrokerProcess]
+) -> None:
     a, b = broker_factory(), broker_factory()
     cfg = tmp_path / "contexts.toml"
     ok(mq("context", "add", "alpha", "--url", a.url, config=cfg))
@@ -332,8 +445,9 @@ def test_env_url_beats_the_current_context_but_not_context_flag(
     env = dict(_env(cfg), CONVEYOR_URL=b.url)
 
     def names(*args: str) -> set[str]:
-        p = subprocess.run([*CLI, "queues", "--json", *args], capture_output=True,
-                           timeout=30, env=env, check=False)
+        p = subprocess.run(
+            [*CLI, "queues", "--json", *args], capture_output=True, timeout=30, env=env, check=False
+        )
         return _names(p)
 
     assert names() == set()  # $CONVEYOR_URL: b

@@ -30,8 +30,9 @@ def numbered(n: int, prefix: str = "m") -> list[bytes]:
     return [f"{prefix}{i}".encode() for i in range(n)]
 
 
-async def collect(consumer: client.Consumer, n: int, *, max_messages: int | None = None,
-                  ack: bool = True) -> list[list[client.Message]]:
+async def collect(
+    consumer: client.Consumer, n: int, *, max_messages: int | None = None, ack: bool = True
+) -> list[list[client.Message]]:
     """Batches from ``consumer.batches()`` until ``n`` messages came (bounded by WAIT)."""
     batches: list[list[client.Message]] = []
 
@@ -59,7 +60,8 @@ async def settled_queue(conn: client.Connection, name: str) -> None:
 
 # ---------------------------------------------------------------------- batches
 async def test_batches_yield_every_message_in_order_and_ack_all_settles(
-        conn: client.Connection) -> None:
+    conn: client.Connection,
+) -> None:
     await conn.declare_queue("b-order")
     n = 1000
     consumer = await conn.consume("b-order", prefetch=50)  # credit must keep coming back
@@ -91,7 +93,8 @@ async def test_batches_respect_max_messages(conn: client.Connection) -> None:
 
 
 async def test_batches_mix_with_per_message_iteration_and_get_batch(
-        conn: client.Connection) -> None:
+    conn: client.Connection,
+) -> None:
     await conn.declare_queue("b-mix")
     consumer = await conn.consume("b-mix", prefetch=200)
     await conn.publish_batch(numbered(60), routing_key="b-mix")
@@ -169,8 +172,7 @@ async def test_ack_all_out_of_order_and_across_consumers(conn: client.Connection
     await settled_queue(conn, "b-x2")
 
 
-async def test_ack_all_is_all_or_nothing(conn: client.Connection,
-                                         connect_to: Any) -> None:
+async def test_ack_all_is_all_or_nothing(conn: client.Connection, connect_to: Any) -> None:
     await conn.declare_queue("b-aon")
     consumer = await conn.consume("b-aon", prefetch=20)
     await conn.publish_batch(numbered(5), routing_key="b-aon")
@@ -231,8 +233,7 @@ async def _take_all(consumer: client.Consumer, n: int) -> list[client.Message]:
     return msgs
 
 
-async def test_publishes_and_acks_interleaved_in_one_loop_turn(
-        conn: client.Connection) -> None:
+async def test_publishes_and_acks_interleaved_in_one_loop_turn(conn: client.Connection) -> None:
     """Acks queued between publishes go out before the later publishes (coalesced with
     them in the same writes); every publish is confirmed and arrives in order."""
     await conn.declare_queue("b-src")
@@ -248,8 +249,7 @@ async def test_publishes_and_acks_interleaved_in_one_loop_turn(
 
     async def ack_then_publish(m: client.Message, i: int) -> int:
         m.ack()
-        return await conn.publish_batch([b"q%d-%d" % (i, k) for k in range(3)],
-                                        routing_key="b-dst")
+        return await conn.publish_batch([b"q%d-%d" % (i, k) for k in range(3)], routing_key="b-dst")
 
     tasks = [asyncio.ensure_future(ack_then_publish(m, i)) for i, m in enumerate(msgs[40:])]
     await asyncio.wait_for(asyncio.gather(*futs, *tasks), WAIT)
@@ -257,7 +257,8 @@ async def test_publishes_and_acks_interleaved_in_one_loop_turn(
     dst = await conn.consume("b-dst", prefetch=500)
     got = await _take_all(dst, 200)
     expected = [b"p%d" % i for i in range(80)] + [
-        b"q%d-%d" % (i, k) for i in range(40) for k in range(3)]
+        b"q%d-%d" % (i, k) for i in range(40) for k in range(3)
+    ]
     assert [m.body for m in got] == expected
     dst.ack_all(got)
     await settled_queue(conn, "b-src")
@@ -292,7 +293,7 @@ def _client_decode(data: bytes, chunk: int | None = None) -> list[Any] | Conveyo
         if chunk is None:
             return proto._decode(data)
         for i in range(0, len(data), chunk):
-            out += proto._decode(data[i:i + chunk])
+            out += proto._decode(data[i : i + chunk])
         return out
     except ConveyorError as exc:
         return exc
@@ -303,16 +304,45 @@ def _normal(frames: list[Any]) -> list[Any]:
     out: list[Any] = []
     for f in frames:
         if isinstance(f, client.connection._Deliveries):
-            out.append(("deliver", f.consumer_tag, [
-                (m.delivery_tag, m.redelivered, m.exchange, m.routing_key, m.properties,
-                 m.body, m.delivery_count) for m in f.messages]))
+            out.append(
+                (
+                    "deliver",
+                    f.consumer_tag,
+                    [
+                        (
+                            m.delivery_tag,
+                            m.redelivered,
+                            m.exchange,
+                            m.routing_key,
+                            m.properties,
+                            m.body,
+                            m.delivery_count,
+                        )
+                        for m in f.messages
+                    ],
+                )
+            )
             assert f.tags == [m.delivery_tag for m in f.messages]
         elif isinstance(f, DeliverBatch):
             out.append(("deliver", f.consumer_tag, [tuple(e) for e in f.entries]))
         elif isinstance(f, Deliver):
-            out.append(("deliver", f.consumer_tag, [(
-                f.delivery_tag, f.redelivered, f.exchange, f.routing_key, f.properties,
-                f.body, f.delivery_count)]))
+            out.append(
+                (
+                    "deliver",
+                    f.consumer_tag,
+                    [
+                        (
+                            f.delivery_tag,
+                            f.redelivered,
+                            f.exchange,
+                            f.routing_key,
+                            f.properties,
+                            f.body,
+                            f.delivery_count,
+                        )
+                    ],
+                )
+            )
         else:  # Confirm or the client's _Confirmed
             out.append(("confirm", f.first_seq, f.last_seq, f.ack, f.code, f.message))
     return out
@@ -354,20 +384,40 @@ VALID_BATCHES: list[list[Any]] = [
     ["ctag", [E, E]],
     ["ctag", []],
     ["ctag", [_entry(props={"persistent": True}), _entry(props={"persistent": True})]],
-    ["ctag", [_entry(props={"persistent": False, "message_id": "x", "ttl": 5,
-                            "priority": 9, "timestamp": 2**64 - 1})] * 3],
+    [
+        "ctag",
+        [
+            _entry(
+                props={
+                    "persistent": False,
+                    "message_id": "x",
+                    "ttl": 5,
+                    "priority": 9,
+                    "timestamp": 2**64 - 1,
+                }
+            )
+        ]
+        * 3,
+    ],
     ["ctag", [_entry(props={"headers": {"a": 1, "b": [1, {"c": None}]}})] * 2],
     ["ctag", [[1], [2, True], [3, False, "e"], [4, True, "e", "k", {}, b"", 0]]],
     ["ctag", [_entry(ex="x" * 200, rk="é" * 60), _entry(tag=2**64 - 1, count=2**32 - 1)]],
     ["c" * 255, [E]],
-    ["ctag", [_entry(props={"persistent": True}), _entry(props={"persistent": False}),
-              _entry(props={"ttl": 1}), _entry(props={"ttl": 2})]],
+    [
+        "ctag",
+        [
+            _entry(props={"persistent": True}),
+            _entry(props={"persistent": False}),
+            _entry(props={"ttl": 1}),
+            _entry(props={"ttl": 2}),
+        ],
+    ],
 ]
 
 INVALID_BATCHES: list[Any] = [
     ["ctag", [E, _entry(tag=-1)]],
     ["ctag", [E, _entry(tag=True)]],
-    ["ctag", [E, _entry(tag=-2**63)]],
+    ["ctag", [E, _entry(tag=-(2**63))]],
     ["ctag", [E, _entry(red=1)]],
     ["ctag", [E, _entry(ex=5)]],
     ["ctag", [E, _entry(ex="x" * 256)]],
@@ -398,22 +448,37 @@ INVALID_BATCHES: list[Any] = [
 async def test_client_decodes_deliver_batch_like_the_generated_decoder(body: Any) -> None:
     _same_as_reference(_frames(DeliverBatch.TYPE, [body]))
     # and in a stream with other frames around it
-    _same_as_reference(_frames(Confirm.TYPE, [[1, 2, True, 0, ""]])
-                       + _frames(DeliverBatch.TYPE, [["ctag", [E]], body]))
+    _same_as_reference(
+        _frames(Confirm.TYPE, [[1, 2, True, 0, ""]])
+        + _frames(DeliverBatch.TYPE, [["ctag", [E]], body])
+    )
 
 
-@pytest.mark.parametrize("entry", [b[1][0] for b in VALID_BATCHES if b[1]]
-                         + [b[1][-1] for b in INVALID_BATCHES[:16]])
+@pytest.mark.parametrize(
+    "entry", [b[1][0] for b in VALID_BATCHES if b[1]] + [b[1][-1] for b in INVALID_BATCHES[:16]]
+)
 async def test_client_decodes_deliver_like_the_generated_decoder(entry: Any) -> None:
     _same_as_reference(_frames(Deliver.TYPE, [["ctag", *entry]]))
 
 
-@pytest.mark.parametrize("body", [
-    [1, 5, True, 0, ""], [1, 5], [1, 5, False, 404, "no exchange"], [1, 5, False],
-    [0, 2**64 - 1, True, 65535, "x" * 20000],
-    [-1, 5, True, 0, ""], [1, 5, 1, 0, ""], [1, 5, True, 65536, ""], [1, 5, True, 0, 7],
-    [1, 5, True, 0, "", "extra"], [1], [True, 5, True, 0, ""], [1, 5.0, True, 0, ""],
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        [1, 5, True, 0, ""],
+        [1, 5],
+        [1, 5, False, 404, "no exchange"],
+        [1, 5, False],
+        [0, 2**64 - 1, True, 65535, "x" * 20000],
+        [-1, 5, True, 0, ""],
+        [1, 5, 1, 0, ""],
+        [1, 5, True, 65536, ""],
+        [1, 5, True, 0, 7],
+        [1, 5, True, 0, "", "extra"],
+        [1],
+        [True, 5, True, 0, ""],
+        [1, 5.0, True, 0, ""],
+    ],
+)
 async def test_client_decodes_confirm_like_the_generated_decoder(body: Any) -> None:
     _same_as_reference(_frames(Confirm.TYPE, [body]))
 
@@ -422,7 +487,8 @@ async def test_client_decodes_confirm_like_the_generated_decoder(body: Any) -> N
 
 
 async def test_runs_carry_shared_fields_and_each_message_owns_its_properties(
-        conn: client.Connection) -> None:
+    conn: client.Connection,
+) -> None:
     """publish_batch of plain bodies goes out as PUBLISH_RUN and comes back as DELIVER_RUN
     (both sides speak 1.1 or later): tags, order, fields and properties are as for single
     publishes, and each message has its own properties dict."""
@@ -436,8 +502,10 @@ async def test_runs_carry_shared_fields_and_each_message_owns_its_properties(
     assert [m.body for m in msgs] == numbered(50)
     tags = [m.delivery_tag for m in msgs]
     assert tags == list(range(tags[0], tags[0] + 50))
-    assert all((m.exchange, m.routing_key, m.redelivered, m.delivery_count)
-               == ("", "runs", False, 1) for m in msgs)
+    assert all(
+        (m.exchange, m.routing_key, m.redelivered, m.delivery_count) == ("", "runs", False, 1)
+        for m in msgs
+    )
     assert all(m.properties == props for m in msgs)
     msgs[0].properties["headers"] = {"changed": True}
     msgs[1].properties["content_type"] = "x"
@@ -457,16 +525,23 @@ async def test_mixed_publishes_in_one_turn_still_batch(conn: client.Connection) 
     as PUBLISH_BATCH (no run); every one is confirmed and routed by its own fields."""
     for q in ("mix.a", "mix.b"):
         await conn.declare_queue(q, durable=False)
-    futs = [conn.publish_nowait("", "mix.a" if i % 3 else "mix.b", b"%d" % i,
-                                properties={"priority": i % 2} if i % 5 == 0 else None)
-            for i in range(30)]
+    futs = [
+        conn.publish_nowait(
+            "",
+            "mix.a" if i % 3 else "mix.b",
+            b"%d" % i,
+            properties={"priority": i % 2} if i % 5 == 0 else None,
+        )
+        for i in range(30)
+    ]
     await asyncio.wait_for(asyncio.gather(*futs), WAIT)
     a = await conn.get("mix.a", 100, no_ack=True)
     b = await conn.get("mix.b", 100, no_ack=True)
     assert [m.body for m in a] == [b"%d" % i for i in range(30) if i % 3]
     assert [m.body for m in b] == [b"%d" % i for i in range(30) if not i % 3]
     assert [m.properties.get("priority") for m in b] == [
-        i % 2 if i % 5 == 0 else None for i in range(30) if not i % 3]
+        i % 2 if i % 5 == 0 else None for i in range(30) if not i % 3
+    ]
 
 
 async def test_runs_larger_than_a_frame_are_split(conn: client.Connection) -> None:

@@ -39,7 +39,8 @@ def _fill_credit(conn: client.Connection, queue: str) -> int:
 
 
 async def test_close_waits_for_confirms_of_dropped_publish_nowait_futures(
-        broker: BrokerProcess) -> None:
+    broker: BrokerProcess,
+) -> None:
     errors = _record_loop_errors()
     async with await connect(broker.url) as conn:
         await conn.declare_queue("fire-forget")
@@ -54,7 +55,8 @@ async def test_close_waits_for_confirms_of_dropped_publish_nowait_futures(
 
 
 async def test_close_without_waiting_settles_publishes_as_in_doubt(
-        broker: BrokerProcess, caplog: pytest.LogCaptureFixture) -> None:
+    broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
     errors = _record_loop_errors()
     conn = await connect(broker.url)
     await conn.declare_queue("doubt")
@@ -70,8 +72,10 @@ async def test_close_without_waiting_settles_publishes_as_in_doubt(
         assert isinstance(exc, client.ConnectionClosed)  # existing handlers still catch it
         assert exc.details["in_doubt"] == len(doubted)
         lines = [r.getMessage() for r in caplog.records if "in doubt" in r.getMessage()]
-        assert lines == [f"connection closed by the application; {len(doubted)} "
-                         "publish(es) in doubt (not confirmed)"]
+        assert lines == [
+            f"connection closed by the application; {len(doubted)} "
+            "publish(es) in doubt (not confirmed)"
+        ]
     del futures, doubted
     gc.collect()
     assert errors == [], errors[:3]
@@ -112,7 +116,8 @@ async def test_close_fails_an_rpc_waiting_for_its_reply_at_once(broker: BrokerPr
 
 
 async def test_a_reply_of_the_wrong_type_fails_its_request_with_a_typed_error(
-        broker: BrokerProcess) -> None:
+    broker: BrokerProcess,
+) -> None:
     # Two requests under one request id (what a confused peer would produce): the GET_OK
     # that comes first must not complete the LIST waiting on that id.
     from conveyor.protocol import Get, encode

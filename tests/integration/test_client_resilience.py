@@ -85,10 +85,15 @@ async def test_lost_connection_fails_every_unconfirmed_publish(broker: BrokerPro
         tasks: list[asyncio.Task[Any]] = []
         killed_at = 0
         for wave in range(40):
-            tasks += [asyncio.create_task(conn.publish("", "inflight", b"w%d-%d" % (wave, i)))
-                      for i in range(200)]
-            tasks.append(asyncio.create_task(
-                conn.publish_batch([b"b%d" % i for i in range(100)], routing_key="inflight")))
+            tasks += [
+                asyncio.create_task(conn.publish("", "inflight", b"w%d-%d" % (wave, i)))
+                for i in range(200)
+            ]
+            tasks.append(
+                asyncio.create_task(
+                    conn.publish_batch([b"b%d" % i for i in range(100)], routing_key="inflight")
+                )
+            )
             await asyncio.sleep(0.002)
             if not killed_at and len(acked) > 2000:
                 broker.kill()
@@ -119,18 +124,17 @@ async def test_lost_connection_fails_every_unconfirmed_publish(broker: BrokerPro
         await asyncio.wait_for(conn.close(), WAIT)
 
 
-async def test_publishes_to_a_killed_stalled_broker_all_fail(broker: BrokerProcess,
-                                                             stopper: Any) -> None:
+async def test_publishes_to_a_killed_stalled_broker_all_fail(
+    broker: BrokerProcess, stopper: Any
+) -> None:
     conn = await connect(broker.url)
     acked = _record_confirms(conn)
     try:
         await conn.declare_queue("stalled")
         await conn.publish("", "stalled", b"confirmed")
         stopper.stop()
-        tasks = [asyncio.create_task(conn.publish("", "stalled", b"p%d" % i))
-                 for i in range(500)]
-        tasks.append(asyncio.create_task(
-            conn.publish_batch([b"b"] * 500, routing_key="stalled")))
+        tasks = [asyncio.create_task(conn.publish("", "stalled", b"p%d" % i)) for i in range(500)]
+        tasks.append(asyncio.create_task(conn.publish_batch([b"b"] * 500, routing_key="stalled")))
         done, _ = await asyncio.wait(tasks, timeout=0.3)
         assert not done  # nothing can be confirmed by a stopped broker
         broker.kill()
@@ -141,8 +145,9 @@ async def test_publishes_to_a_killed_stalled_broker_all_fail(broker: BrokerProce
         await asyncio.wait_for(conn.close(), WAIT)
 
 
-async def test_reconnect_restores_topology_and_consumers(broker: BrokerProcess,
-                                                         tmp_path: Path) -> None:
+async def test_reconnect_restores_topology_and_consumers(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
     conn = await connect(broker.url, reconnect=True, timeout=5)
     conn.reconnect_max_delay = 0.3
     replacement: BrokerProcess | None = None
@@ -173,13 +178,19 @@ async def test_reconnect_restores_topology_and_consumers(broker: BrokerProcess,
             assert conn.restore_errors == []
             exchanges = {e["name"]: e for e in await observer.list("exchanges")}
             assert exchanges["rex"]["type"] == "topic"
-            assert {(b["exchange"], b["queue"], b["routing_key"])
-                    for b in await observer.list("bindings")} == {("rex", "rq", "orders.*")}
+            assert {
+                (b["exchange"], b["queue"], b["routing_key"])
+                for b in await observer.list("bindings")
+            } == {("rex", "rq", "orders.*")}
 
             await conn.publish("rex", "orders.paid", b"after", mandatory=True)
             (m2,) = await take(consumer, 1)
             assert (m2.body, m2.routing_key, m2.redelivered, m2.delivery_count) == (
-                b"after", "orders.paid", False, 1)
+                b"after",
+                "orders.paid",
+                False,
+                1,
+            )
             assert consumer.tag == old_tag
             m2.ack()
             q = await queue_info(observer, "rq")
@@ -262,8 +273,7 @@ async def test_heartbeat_detects_a_silent_broker(broker: BrokerProcess, stopper:
         await asyncio.wait_for(conn.close(), WAIT)
 
 
-async def test_server_shutdown_closes_clients_with_connection_forced(
-        broker: BrokerProcess) -> None:
+async def test_server_shutdown_closes_clients_with_connection_forced(broker: BrokerProcess) -> None:
     conn = await connect(broker.url)
     try:
         await conn.declare_queue("bye")

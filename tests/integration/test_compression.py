@@ -23,8 +23,10 @@ N = 5000
 
 def body(i: int) -> bytes:
     """Compressible, distinct, ~300 bytes: what JSON events look like."""
-    return (b'{"order": %08d, "status": "shipped", "warehouse": "north-east-3", '
-            b'"items": [' % i + b'{"sku": "ABC-123", "qty": 1}, ' * 8 + b"]}")
+    return (
+        b'{"order": %08d, "status": "shipped", "warehouse": "north-east-3", '
+        b'"items": [' % i + b'{"sku": "ABC-123", "qty": 1}, ' * 8 + b"]}"
+    )
 
 
 def stream_dir_bytes(b: BrokerProcess, name: str) -> int:
@@ -35,8 +37,9 @@ def stream_dir_bytes(b: BrokerProcess, name: str) -> int:
 
 async def publish_all(conn: client.Connection, rk: str) -> None:
     for lo in range(0, N, 1000):
-        await conn.publish_batch([body(i) for i in range(lo, lo + 1000)], routing_key=rk,
-                                 timeout=60)
+        await conn.publish_batch(
+            [body(i) for i in range(lo, lo + 1000)], routing_key=rk, timeout=60
+        )
 
 
 async def read_stream(conn: client.Connection, name: str) -> list[bytes]:
@@ -81,7 +84,8 @@ def wire_counts(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 async def test_compressed_stream_is_smaller_on_disk_and_survives_restart(
-        broker: BrokerProcess) -> None:
+    broker: BrokerProcess,
+) -> None:
     conn = await connect(broker.url)
     try:
         await conn.declare_queue("plain", queue_type="stream")
@@ -112,7 +116,8 @@ async def test_compressed_stream_is_smaller_on_disk_and_survives_restart(
 
 
 async def test_wire_compression_classic_queue_and_stream(
-        broker: BrokerProcess, wire_counts: dict[str, int]) -> None:
+    broker: BrokerProcess, wire_counts: dict[str, int]
+) -> None:
     conn = await connect(broker.url, compression="zstd")
     try:
         assert conn.negotiated_compression == "zstd"
@@ -128,7 +133,8 @@ async def test_wire_compression_classic_queue_and_stream(
 
 
 async def test_without_compression_no_compressed_frames(
-        broker: BrokerProcess, wire_counts: dict[str, int]) -> None:
+    broker: BrokerProcess, wire_counts: dict[str, int]
+) -> None:
     conn = await connect(broker.url)
     try:
         assert conn.negotiated_compression == ""

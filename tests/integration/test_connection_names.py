@@ -45,16 +45,20 @@ async def test_connection_name_is_shown_everywhere(http_broker: BrokerProcess) -
         line = next(ln for ln in lines if ln.startswith(named.connection_id + " "))
         assert line.split()[1] == "billing-worker-1"
         p = await cli("connections", "--json", "--url", b.url)
-        assert {r["id"]: r["name"] for r in json.loads(p.stdout)}[named.connection_id] \
-            == "billing-worker-1"
+        assert {r["id"]: r["name"] for r in json.loads(p.stdout)}[
+            named.connection_id
+        ] == "billing-worker-1"
 
-        await wait_until(lambda: f"connection {named.connection_id} ('billing-worker-1') open"
-                         in b.log_text(), WAIT)
+        await wait_until(
+            lambda: f"connection {named.connection_id} ('billing-worker-1') open" in b.log_text(),
+            WAIT,
+        )
     finally:
         await asyncio.wait_for(named.close(), WAIT)
         await asyncio.wait_for(unnamed.close(), WAIT)
-    await wait_until(lambda: f"connection {named.connection_id} ('billing-worker-1') from "
-                     in b.log_text(), WAIT)  # the close line names it too
+    await wait_until(
+        lambda: f"connection {named.connection_id} ('billing-worker-1') from " in b.log_text(), WAIT
+    )  # the close line names it too
 
 
 async def test_connection_name_cannot_forge_log_lines(broker: BrokerProcess) -> None:
@@ -63,19 +67,20 @@ async def test_connection_name_cannot_forge_log_lines(broker: BrokerProcess) -> 
         row = next(r for r in await conn.list("connections") if r["id"] == conn.connection_id)
         assert row["name"].startswith("x?ERROR forged line")
         assert len(row["name"]) == 255
-        await wait_until(lambda: f"connection {conn.connection_id} (" in broker.log_text(),
-                         WAIT)
+        await wait_until(lambda: f"connection {conn.connection_id} (" in broker.log_text(), WAIT)
         assert "\nERROR forged line" not in broker.log_text()
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
 
 
 @pytest.mark.parametrize("name", [12345, ["a", "b"], {"n": 1}, None, b"bytes", True])
-def test_a_connection_name_that_is_not_a_string_is_no_name(broker: BrokerProcess,
-                                                           name: Any) -> None:
+def test_a_connection_name_that_is_not_a_string_is_no_name(
+    broker: BrokerProcess, name: Any
+) -> None:
     # client_properties are informational: a wrong type opens the connection unnamed.
-    with open_conn(broker.port, 5.0, "anonymous", "",
-                   {"library": "raw", "connection_name": name}, 0, 0) as c:
+    with open_conn(
+        broker.port, 5.0, "anonymous", "", {"library": "raw", "connection_name": name}, 0, 0
+    ) as c:
         f = c.request("list", 1, "connections")
         assert f.kind == "list_ok"
         assert c.open_ok is not None

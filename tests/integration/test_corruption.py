@@ -85,8 +85,9 @@ def restart(data_dir: Path, *extra: str) -> tuple[BrokerProcess, str]:
 
 TAILS = {
     # an unconfirmed publish whose write was cut short by the crash
-    "partial-record": frame_record(msgpack.packb(
-        [["p", 10**6, ["q"], "", "q", {}, b"never confirmed"]], use_bin_type=True))[:-7],
+    "partial-record": frame_record(
+        msgpack.packb([["p", 10**6, ["q"], "", "q", {}, b"never confirmed"]], use_bin_type=True)
+    )[:-7],
     "partial-header": b"\x00\x00\x01",
     # blocks allocated by the file system but never written
     "zero-filled": bytes(8192),
@@ -95,7 +96,8 @@ TAILS = {
 
 @pytest.mark.parametrize("tail", TAILS.values(), ids=TAILS.keys())
 async def test_torn_tail_is_truncated_and_confirmed_messages_survive(
-        broker_factory: Callable[..., BrokerProcess], tail: bytes) -> None:
+    broker_factory: Callable[..., BrokerProcess], tail: bytes
+) -> None:
     b = broker_factory()
     await publish_confirmed(b)
     b.kill()
@@ -126,7 +128,8 @@ async def test_torn_tail_is_truncated_and_confirmed_messages_survive(
 
 
 async def test_damage_mid_log_refuses_to_start_then_repair_quarantines(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory()
     await publish_confirmed(b)
     b.kill()
@@ -138,7 +141,7 @@ async def test_damage_mid_log_refuses_to_start_then_repair_quarantines(
     assert victim < len(records) - 2
     before = [body for _off, cmds in records[:victim] for body in published_in(cmds)]
     assert 0 < len(before) < len(ALL)
-    assert ALL[:len(before)] == before
+    assert ALL[: len(before)] == before
     lost = published_in(records[victim][1])
     kept = [body for body in ALL if body not in lost]
     off = records[victim][0]
@@ -188,7 +191,8 @@ async def test_damage_mid_log_refuses_to_start_then_repair_quarantines(
 
 
 async def test_damage_in_an_earlier_segment_refuses_to_start(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     """A damaged record at the end of a segment that is not the last one is not a torn
     tail (later segments were written after it)."""
     b = broker_factory()
@@ -216,7 +220,8 @@ async def test_damage_in_an_earlier_segment_refuses_to_start(
 
 
 async def test_graceful_restart_keeps_everything(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory()
     conn = await connect(b.url)
     await conn.declare_exchange("events", "topic")
@@ -251,7 +256,8 @@ async def test_graceful_restart_keeps_everything(
 
 
 async def test_acks_followed_by_a_confirmed_publish_survive_kill9(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory()
     await publish_confirmed(b)
     conn = await connect(b.url)
@@ -296,7 +302,8 @@ def refused_start(data_dir: Path, *extra: str) -> str:
 
 
 async def test_flipped_length_byte_mid_newest_segment_refuses_then_repair_keeps_all(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     """The damaged record looks like one running past the end of the file, but valid
     records follow it: refuse (naming file and offset) instead of truncating 90 confirmed
     messages away; --repair keeps the record, whose content is intact."""
@@ -336,7 +343,8 @@ NOT_A_RECORD = {
 
 @pytest.mark.parametrize("tail", NOT_A_RECORD.values(), ids=NOT_A_RECORD.keys())
 async def test_bytes_that_are_no_record_after_the_last_one_are_cut_and_kept(
-        broker_factory: Callable[..., BrokerProcess], tail: bytes) -> None:
+    broker_factory: Callable[..., BrokerProcess], tail: bytes
+) -> None:
     """A power loss can leave anything after the last record: the broker starts by
     itself, cuts it off and keeps the cut bytes in a *.torn file."""
     b = broker_factory()
@@ -379,15 +387,17 @@ async def publish_in_generations(b: BrokerProcess) -> None:
     b.kill()
 
 
-def snapshotting_broker(broker_factory: Callable[..., BrokerProcess],
-                        tmp_path: Path) -> BrokerProcess:
+def snapshotting_broker(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> BrokerProcess:
     cfg = tmp_path / "snap.toml"
     cfg.write_text("snapshot_interval_ms = 100\n")
     return broker_factory("--config", str(cfg))
 
 
 async def test_damaged_newest_snapshot_falls_back_to_the_previous_one(
-        broker_factory: Callable[..., BrokerProcess], tmp_path: Path) -> None:
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
     b = snapshotting_broker(broker_factory, tmp_path)
     await publish_in_generations(b)
     wal = b.data_dir / "wal"
@@ -422,8 +432,9 @@ async def fill_stream(b: BrokerProcess, n: int = 300, segment_bytes: int = 8192)
     """``n`` confirmed messages in stream "s", 30 per publish (so in many records)."""
     conn = await connect(b.url)
     try:
-        await conn.declare_queue("s", arguments={**STREAM_ARGS,
-                                                 "stream_segment_bytes": segment_bytes})
+        await conn.declare_queue(
+            "s", arguments={**STREAM_ARGS, "stream_segment_bytes": segment_bytes}
+        )
         for i in range(0, n, 30):
             bodies = [f"s{k:04d}".encode() + b"." * 60 for k in range(i, i + 30)]
             assert await conn.publish_batch(bodies, routing_key="s") == 30
@@ -451,13 +462,14 @@ def record_starts(path: Path) -> list[int]:
     out, pos = [], 0
     while pos < len(data):
         out.append(pos)
-        pos += 8 + int.from_bytes(data[pos:pos + 4], "big")
+        pos += 8 + int.from_bytes(data[pos : pos + 4], "big")
     return out
 
 
 @pytest.mark.parametrize("where", ["older-payload", "newest-length"])
 async def test_damaged_stream_segment_refuses_then_repair_is_defined(
-        broker_factory: Callable[..., BrokerProcess], where: str) -> None:
+    broker_factory: Callable[..., BrokerProcess], where: str
+) -> None:
     b = broker_factory()
     # "newest": one large segment, so the damaged record has many valid ones after it
     await fill_stream(b, segment_bytes=8192 if where == "older-payload" else 1 << 20)
@@ -501,7 +513,8 @@ async def test_damaged_stream_segment_refuses_then_repair_is_defined(
 
 @pytest.mark.parametrize("tail", NOT_A_RECORD.values(), ids=NOT_A_RECORD.keys())
 async def test_bytes_after_the_last_stream_record_are_cut_and_kept(
-        broker_factory: Callable[..., BrokerProcess], tail: bytes) -> None:
+    broker_factory: Callable[..., BrokerProcess], tail: bytes
+) -> None:
     b = broker_factory()
     await fill_stream(b)
     b.kill()
@@ -520,7 +533,8 @@ async def test_bytes_after_the_last_stream_record_are_cut_and_kept(
 
 
 async def test_damaged_snapshots_without_fallback_refuse_then_repair_rebuilds(
-        broker_factory: Callable[..., BrokerProcess], tmp_path: Path) -> None:
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
     """Both generations' entries damaged: the start is refused, naming the newest
     snapshot; --repair rebuilds from its head and the log after it and counts the
     messages it could not get back (it no longer refuses the same way)."""

@@ -52,8 +52,9 @@ class Ledger:
         self.acks = keep
 
 
-async def _round(b: BrokerProcess, ledger: Ledger, rnd: int, rng: random.Random,
-                 kill: bool) -> None:
+async def _round(
+    b: BrokerProcess, ledger: Ledger, rnd: int, rng: random.Random, kill: bool
+) -> None:
     conn = await client.connect(b.url, reconnect=False, timeout=10)
     await conn.declare_queue("crash")
     consumer = await conn.consume("crash", prefetch=100)
@@ -131,8 +132,9 @@ async def test_kill9_during_publish_and_consume_loses_nothing(tmp_path: Path) ->
     received = [body for body, _ in ledger.received]
     seen = set(received)
     lost = ledger.confirmed - seen
-    assert not lost, (f"seed {SEED}: {len(lost)} confirmed messages never delivered: "
-                      f"{sorted(lost)[:10]}")
+    assert not lost, (
+        f"seed {SEED}: {len(lost)} confirmed messages never delivered: {sorted(lost)[:10]}"
+    )
     # no durably acked message is delivered again after its ack became durable
     last_seen: dict[str, int] = {}
     for i, body in enumerate(received):
@@ -152,16 +154,19 @@ async def test_kill9_during_publish_and_consume_loses_nothing(tmp_path: Path) ->
     assert keys == sorted(keys), f"seed {SEED}: order broken among first deliveries"
     # the final round drained the queue: nothing confirmed is left behind
     assert ledger.confirmed, "no message was confirmed at all"
-    print(f"crash test seed {SEED}: {ROUNDS} kills, {len(ledger.confirmed)} confirmed, "
-          f"{len(received)} deliveries, {sum(1 for _, r in ledger.received if r)} redelivered, "
-          f"{len(ledger.durable_acked)} durable acks, 0 lost")
+    print(
+        f"crash test seed {SEED}: {ROUNDS} kills, {len(ledger.confirmed)} confirmed, "
+        f"{len(received)} deliveries, {sum(1 for _, r in ledger.received if r)} redelivered, "
+        f"{len(ledger.durable_acked)} durable acks, 0 lost"
+    )
 
 
 # ---------------------------------------------------------------------- mixed traffic
 # kill -9 loop over classic, dead-letter, priority and stream-group traffic, through the
 # client library. CONVEYOR_LONG=1 runs 110 kills instead of 20.
-MIXED_KILLS = int(os.environ.get("CONVEYOR_MIXED_KILLS",
-                                 "110" if os.environ.get("CONVEYOR_LONG") else "20"))
+MIXED_KILLS = int(
+    os.environ.get("CONVEYOR_MIXED_KILLS", "110" if os.environ.get("CONVEYOR_LONG") else "20")
+)
 QUEUED = ("c", "d", "p")  # classic, dead-lettering ("d" -> "d.dlq"), priority
 REJECT_EVERY = 3  # "d" rejects every third message: dead-lettered to "d.dlq"
 
@@ -190,8 +195,9 @@ class MixedLedger:
         self.counts[key] = max(last, m.delivery_count)
 
 
-async def _mixed_round(b: BrokerProcess, ledger: MixedLedger, rnd: int, rng: random.Random,
-                       kill: bool) -> None:
+async def _mixed_round(
+    b: BrokerProcess, ledger: MixedLedger, rnd: int, rng: random.Random, kill: bool
+) -> None:
     conn = await client.connect(b.url, reconnect=False, timeout=10)
     await conn.declare_exchange("dlx", "fanout")
     await conn.declare_queue("d.dlq")
@@ -202,8 +208,7 @@ async def _mixed_round(b: BrokerProcess, ledger: MixedLedger, rnd: int, rng: ran
     await conn.declare_queue("s", queue_type="stream")
     # Every consumer on the publishing connection: settlements of different queues
     # interleave on it (a reject after an out-of-order ack once lost the rejected message).
-    consumers: dict[str, Any] = {q: await conn.consume(q, prefetch=50)
-                                 for q in (*QUEUED, "d.dlq")}
+    consumers: dict[str, Any] = {q: await conn.consume(q, prefetch=50) for q in (*QUEUED, "d.dlq")}
     consumers["s"] = conn.stream("s", offset="first", group="g", prefetch=100)
     stop = asyncio.Event()
 
@@ -246,8 +251,7 @@ async def _mixed_round(b: BrokerProcess, ledger: MixedLedger, rnd: int, rng: ran
             except client.ConnectionClosed:
                 return
 
-    tasks = [asyncio.create_task(publish())] + [
-        asyncio.create_task(consume(q)) for q in consumers]
+    tasks = [asyncio.create_task(publish())] + [asyncio.create_task(consume(q)) for q in consumers]
     if kill:
         await asyncio.sleep(rng.uniform(0.05, 0.4))
         await asyncio.to_thread(b.kill)
@@ -280,12 +284,15 @@ async def test_kill9_loop_mixed_traffic_through_the_client(tmp_path: Path) -> No
     lost["d.dlq"] = rejected - ledger.seen["d.dlq"]
     n_lost = sum(len(v) for v in lost.values())
     confirmed = sum(len(v) for v in ledger.confirmed.values())
-    print(f"mixed crash test seed {SEED}: {MIXED_KILLS} kills, {confirmed} confirmed "
-          f"({', '.join(f'{q} {len(v)}' for q, v in ledger.confirmed.items())}), "
-          f"{ledger.deliveries} deliveries, {ledger.redelivered} redelivered, "
-          f"{len(rejected)} dead-lettered, {n_lost} lost, "
-          f"{len(ledger.regressions)} delivery_count regressions")
+    print(
+        f"mixed crash test seed {SEED}: {MIXED_KILLS} kills, {confirmed} confirmed "
+        f"({', '.join(f'{q} {len(v)}' for q, v in ledger.confirmed.items())}), "
+        f"{ledger.deliveries} deliveries, {ledger.redelivered} redelivered, "
+        f"{len(rejected)} dead-lettered, {n_lost} lost, "
+        f"{len(ledger.regressions)} delivery_count regressions"
+    )
     assert all(ledger.confirmed.values()), f"a queue had nothing confirmed: {confirmed}"
     assert not n_lost, f"seed {SEED}: confirmed messages lost: " + str(
-        {q: sorted(v)[:5] for q, v in lost.items() if v})
+        {q: sorted(v)[:5] for q, v in lost.items() if v}
+    )
     assert not ledger.regressions, f"seed {SEED}: {ledger.regressions[:10]}"

@@ -54,9 +54,15 @@ async def test_delivery_record_survives_a_kill_right_after_deliver(tmp_path: Pat
     finally:
         b.stop()
     # Round k must see one delivery more than round k-1 saw, and the flag with it.
-    regressions = [(rnd, got) for rnd, got in enumerate(seen)
-                   if got != ((seen[rnd - 1][0] if rnd else 0) + 1, rnd > 0)]
-    print(f"{ROUNDS} kills right after DELIVER: {len(regressions)} delivery_count "
-          f"regressions; counts {[c for c, _ in seen]}")
-    assert not regressions, (f"{len(regressions)} of {ROUNDS} rounds lost the delivery "
-                             f"record: {regressions}")
+    regressions = [
+        (rnd, got)
+        for rnd, got in enumerate(seen)
+        if got != ((seen[rnd - 1][0] if rnd else 0) + 1, rnd > 0)
+    ]
+    print(
+        f"{ROUNDS} kills right after DELIVER: {len(regressions)} delivery_count "
+        f"regressions; counts {[c for c, _ in seen]}"
+    )
+    assert not regressions, (
+        f"{len(regressions)} of {ROUNDS} rounds lost the delivery record: {regressions}"
+    )

@@ -36,12 +36,14 @@ except ImportError:  # pragma: no cover - depends on the environment
     async_playwright = None  # type: ignore[assignment]
 
 pytestmark = [
-    pytest.mark.skipif(async_playwright is None,
-                       reason="the playwright Python package is not installed "
-                              "(pip install -e '.[test]')"),
-    pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
-                       reason=f"no Chromium at {CHROMIUM} (apt-get install chromium, "
-                              "or set $CHROMIUM)"),
+    pytest.mark.skipif(
+        async_playwright is None,
+        reason="the playwright Python package is not installed (pip install -e '.[test]')",
+    ),
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK),
+        reason=f"no Chromium at {CHROMIUM} (apt-get install chromium, or set $CHROMIUM)",
+    ),
     pytest.mark.timeout(120),
 ]
 
@@ -50,23 +52,27 @@ MIN_PNG_BYTES = 10_000  # a 1280-wide page with tables and a chart is far larger
 
 
 @asynccontextmanager
-async def browser_page(base_url: str, width: int = 1280
-                       ) -> AsyncIterator[tuple[Page, list[str]]]:
+async def browser_page(base_url: str, width: int = 1280) -> AsyncIterator[tuple[Page, list[str]]]:
     """A fresh headless Chromium page; yields it and the list of page errors seen.
 
     Every request the page makes must go to the broker (no CDN: it may be offline)."""
     assert async_playwright is not None
     errors: list[str] = []
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                           args=["--no-sandbox"], timeout=30_000)
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"], timeout=30_000
+        )
         try:
             context = await browser.new_context(viewport={"width": width, "height": 900})
             context.set_default_timeout(WAIT_MS)
             page = await context.new_page()
             page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}")
-                    if m.type == "error" else None)
+            page.on(
+                "console",
+                lambda m: (
+                    errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None
+                ),
+            )
 
             def check_request(req: Any) -> None:
                 if not req.url.startswith((base_url, "data:")):
@@ -78,18 +84,17 @@ async def browser_page(base_url: str, width: int = 1280
             await browser.close()
 
 
-async def wait_js(page: Page, what: str, expr: str, arg: Any = None,
-                  timeout: float = WAIT) -> Any:
+async def wait_js(page: Page, what: str, expr: str, arg: Any = None, timeout: float = WAIT) -> Any:
     """Wait (bounded) until ``expr`` is truthy in the page; fail saying ``what``."""
     try:
-        handle = await page.wait_for_function(expr, arg=arg, timeout=timeout * 1000,
-                                              polling=100)
+        handle = await page.wait_for_function(expr, arg=arg, timeout=timeout * 1000, polling=100)
         return await handle.json_value()
     except PlaywrightError as exc:
         text = await page.inner_text("body")
-        raise AssertionError(f"dashboard did not show {what} within {timeout}s: "
-                             f"{exc.message.splitlines()[0]}\n--- page ---\n{text[:3000]}"
-                             ) from None
+        raise AssertionError(
+            f"dashboard did not show {what} within {timeout}s: "
+            f"{exc.message.splitlines()[0]}\n--- page ---\n{text[:3000]}"
+        ) from None
 
 
 CELL = """([queue, cls, want]) => {
@@ -130,7 +135,8 @@ async def shoot(page: Page, shots: Path, name: str, taken: list[Path]) -> None:
 
 
 async def test_dashboard_live_queues_dlq_redrive_and_connections(
-        broker_factory: Any, shots: Path) -> None:
+    broker_factory: Any, shots: Path
+) -> None:
     b: BrokerProcess = broker_factory("--http-port", "0")
     assert b.http_port, "broker printed no 'conveyor http listening' line"
     base = f"http://127.0.0.1:{b.http_port}/"
@@ -140,16 +146,18 @@ async def test_dashboard_live_queues_dlq_redrive_and_connections(
         async with browser_page(base) as (page, errors):
             await page.goto(base, wait_until="load")
             assert await page.title() == "Conveyor dashboard"
-            await wait_js(page, "the live status", "document.querySelector('#status')"
-                          ".dataset.state === 'ok'")
+            await wait_js(
+                page, "the live status", "document.querySelector('#status').dataset.state === 'ok'"
+            )
 
             # --- queue depth 0 -> N, with the rate chart and counters following.
             n = 60
             await conn.declare_queue("dash.orders")
             await wait_cell(page, "dash.orders", "ready", "0")
             chart_before = await page.eval_on_selector("#rate-chart", "c => c.toDataURL()")
-            samples_before = int(await page.eval_on_selector(
-                "#rate-chart", "c => c.dataset.samples"))
+            samples_before = int(
+                await page.eval_on_selector("#rate-chart", "c => c.dataset.samples")
+            )
             # Spread over ~3 s so the broker's 1 s rate samples (and the page's 1 s polls)
             # see a non-zero publish rate.
             for i in range(6):
@@ -157,15 +165,23 @@ async def test_dashboard_live_queues_dlq_redrive_and_connections(
                     await conn.publish("", "dash.orders", f"order {i}-{j}".encode())
                 await asyncio.sleep(0.5)
             await wait_cell(page, "dash.orders", "ready", str(n))
-            await wait_js(page, "a publish rate in the chart",
-                          "Number(document.querySelector('#rate-chart').dataset.maxRate) > 0")
-            await wait_js(page, f"{n} ready in the overview",
-                          "n => Number(document.querySelector('#ov-ready').textContent"
-                          ".replace(/,/g, '')) >= n", n)
+            await wait_js(
+                page,
+                "a publish rate in the chart",
+                "Number(document.querySelector('#rate-chart').dataset.maxRate) > 0",
+            )
+            await wait_js(
+                page,
+                f"{n} ready in the overview",
+                "n => Number(document.querySelector('#ov-ready').textContent"
+                ".replace(/,/g, '')) >= n",
+                n,
+            )
             assert await cell(page, "dash.orders", "unacked") == "0"
             assert await cell(page, "dash.orders", "consumers") == "0"
-            samples_after = int(await page.eval_on_selector(
-                "#rate-chart", "c => c.dataset.samples"))
+            samples_after = int(
+                await page.eval_on_selector("#rate-chart", "c => c.dataset.samples")
+            )
             assert samples_after > samples_before  # polled every second
             chart_after = await page.eval_on_selector("#rate-chart", "c => c.toDataURL()")
             assert chart_after != chart_before  # the lines were redrawn with the new rates
@@ -186,31 +202,48 @@ async def test_dashboard_live_queues_dlq_redrive_and_connections(
             await wait_cell(page, "dash.dlq", "ready", "3")
             await wait_cell(page, "dash.work", "ready", "0")
             # Marked as a DLQ (bound to dash.work's dead-letter exchange).
-            await wait_js(page, "the DLQ marker", "document.querySelector("
-                          "'#queue-table tr[data-queue=\"dash.dlq\"]').classList.contains('dlq')")
+            await wait_js(
+                page,
+                "the DLQ marker",
+                "document.querySelector("
+                "'#queue-table tr[data-queue=\"dash.dlq\"]').classList.contains('dlq')",
+            )
             assert await cell(page, "dash.work", "dlx") == "dash.dlx"
 
             await page.click('#nav a[data-page="queues"]')
             await page.click('#queue-table tr[data-queue="dash.dlq"] button.inspect')
-            await wait_js(page, "3 peeked messages",
-                          "document.querySelectorAll('#peek-table tbody tr').length === 3")
-            rows = await page.eval_on_selector_all("#peek-table tbody tr", """rows =>
+            await wait_js(
+                page,
+                "3 peeked messages",
+                "document.querySelectorAll('#peek-table tbody tr').length === 3",
+            )
+            rows = await page.eval_on_selector_all(
+                "#peek-table tbody tr",
+                """rows =>
                 rows.map(r => ({body: r.querySelector('.body').textContent,
                                 reason: r.querySelector('.death-reason').textContent,
-                                queue: r.querySelector('.death-queue').textContent}))""")
-            assert rows == [{"body": f"job {i}", "reason": "rejected", "queue": "dash.work"}
-                            for i in range(3)]
+                                queue: r.querySelector('.death-queue').textContent}))""",
+            )
+            assert rows == [
+                {"body": f"job {i}", "reason": "rejected", "queue": "dash.work"} for i in range(3)
+            ]
             assert await page.inner_text("#inspect-queue") == "dash.dlq"
             await shoot(page, shots, "dlq", taken)
 
             await page.click("#redrive")
-            await wait_js(page, "the redrive result",
-                          "document.querySelector('#inspect-result').textContent"
-                          ".startsWith('moved 3 message')")
+            await wait_js(
+                page,
+                "the redrive result",
+                "document.querySelector('#inspect-result').textContent"
+                ".startsWith('moved 3 message')",
+            )
             await wait_cell(page, "dash.dlq", "ready", "0")
             await wait_cell(page, "dash.work", "ready", "3")
-            await wait_js(page, "the emptied DLQ",
-                          "document.querySelectorAll('#peek-table tbody tr').length === 0")
+            await wait_js(
+                page,
+                "the emptied DLQ",
+                "document.querySelectorAll('#peek-table tbody tr').length === 0",
+            )
             info = await queue_info(conn, "dash.work")
             assert info is not None and info["messages"] == 3
             await shoot(page, shots, "redriven", taken)
@@ -218,34 +251,54 @@ async def test_dashboard_live_queues_dlq_redrive_and_connections(
             # --- connections: a second client appears, and its close button closes it.
             await page.click('#nav a[data-page="connections"]')
             ids = await page.eval_on_selector_all(
-                "#connection-table tbody tr", "rows => rows.map(r => r.dataset.connection)")
+                "#connection-table tbody tr", "rows => rows.map(r => r.dataset.connection)"
+            )
             assert len(ids) == 1
             other = await connect(b.url, reconnect=False, name="dash-worker")
             try:
-                new_id = await wait_js(page, "the second connection", """known => {
+                new_id = await wait_js(
+                    page,
+                    "the second connection",
+                    """known => {
                     const rows = [...document.querySelectorAll('#connection-table tbody tr')];
                     const fresh = rows.map(r => r.dataset.connection)
                                       .filter(id => !known.includes(id));
                     return fresh.length === 1 ? fresh[0] : null;
-                }""", ids)
-                await wait_js(page, "the second connection's name", """id =>
+                }""",
+                    ids,
+                )
+                await wait_js(
+                    page,
+                    "the second connection's name",
+                    """id =>
                     document.querySelector(`#connection-table tr[data-connection="${id}"] .name`)
-                      .textContent === "dash-worker" """, new_id)
+                      .textContent === "dash-worker" """,
+                    new_id,
+                )
                 close = page.locator(
-                    f'#connection-table tr[data-connection="{new_id}"] button.close')
+                    f'#connection-table tr[data-connection="{new_id}"] button.close'
+                )
                 await close.click()
                 assert await close.inner_text() == "Sure?"  # asks before closing
                 await close.click()
                 await wait_until(lambda: not other.is_open, WAIT)
-                await wait_js(page, "the closed connection gone", """id =>
+                await wait_js(
+                    page,
+                    "the closed connection gone",
+                    """id =>
                     document.querySelector(`#connection-table tr[data-connection="${id}"]`)
-                      === null""", new_id)
+                      === null""",
+                    new_id,
+                )
             finally:
                 await asyncio.wait_for(other.close(), WAIT)
             assert conn.is_open
-            assert await page.eval_on_selector_all(
-                "#connection-table tbody tr", "rows => rows.map(r => r.dataset.connection)"
-            ) == ids
+            assert (
+                await page.eval_on_selector_all(
+                    "#connection-table tbody tr", "rows => rows.map(r => r.dataset.connection)"
+                )
+                == ids
+            )
             await shoot(page, shots, "connections", taken)
             assert errors == []
     finally:
@@ -257,11 +310,14 @@ async def test_dashboard_live_queues_dlq_redrive_and_connections(
 
 
 async def test_dashboard_token_field_when_the_broker_requires_auth(
-        broker_factory: Any, shots: Path) -> None:
+    broker_factory: Any, shots: Path
+) -> None:
     b: BrokerProcess = broker_factory("--http-port", "0", "--require-auth")
     base = f"http://127.0.0.1:{b.http_port}/"
-    token = sign_token(load_or_create_key(key_path(b.data_dir)),
-                       new_claims("ops", 600, configure=["*"], write=["*"], read=["*"]))
+    token = sign_token(
+        load_or_create_key(key_path(b.data_dir)),
+        new_claims("ops", 600, configure=["*"], write=["*"], read=["*"]),
+    )
     conn = await connect(b.url, token=token)
     try:
         await conn.declare_queue("dash.secret")
@@ -269,15 +325,19 @@ async def test_dashboard_token_field_when_the_broker_requires_auth(
         async with browser_page(base) as (page, errors):
             await page.goto(base, wait_until="load")
             # Refused without a token: the page says so and offers the field.
-            await wait_js(page, "the token prompt",
-                          "document.querySelector('#status').dataset.state === 'auth'")
+            await wait_js(
+                page,
+                "the token prompt",
+                "document.querySelector('#status').dataset.state === 'auth'",
+            )
             assert await page.is_visible("#token")
-            assert await page.locator('#queue-table tbody tr').count() == 0
+            assert await page.locator("#queue-table tbody tr").count() == 0
             await page.fill("#token", token)
             await page.click("#token-save")
             await wait_cell(page, "dash.secret", "ready", "1")
-            await wait_js(page, "the live status",
-                          "document.querySelector('#status').dataset.state === 'ok'")
+            await wait_js(
+                page, "the live status", "document.querySelector('#status').dataset.state === 'ok'"
+            )
             stored = await page.evaluate("sessionStorage.getItem('conveyor.token')")
             assert stored == token
             assert await page.input_value("#token") == ""  # not left in the field
@@ -297,11 +357,28 @@ async def test_dashboard_token_field_when_the_broker_requires_auth(
 PAGES = [
     ("overview", ["#rate-chart", "#ov-queues"]),
     ("queues", ['#queue-table tr[data-queue="dash.q"] button.delete', "#queue-form"]),
-    ("queue/dash.q", ["#depth-chart", "#qrate-chart", "#qp-args tr.argument",
-                      "#qp-consumer-table tbody tr", "#publish-form", "#get-form",
-                      "#peek-table tbody tr", "#qp-actions button.purge"]),
-    ("exchanges", ['#exchange-table tr[data-exchange="dash.x"]', "#binding-table tbody tr",
-                   "#exchange-form", "#binding-form"]),
+    (
+        "queue/dash.q",
+        [
+            "#depth-chart",
+            "#qrate-chart",
+            "#qp-args tr.argument",
+            "#qp-consumer-table tbody tr",
+            "#publish-form",
+            "#get-form",
+            "#peek-table tbody tr",
+            "#qp-actions button.purge",
+        ],
+    ),
+    (
+        "exchanges",
+        [
+            '#exchange-table tr[data-exchange="dash.x"]',
+            "#binding-table tbody tr",
+            "#exchange-form",
+            "#binding-form",
+        ],
+    ),
     ("consumers", ["#consumer-table tbody tr"]),
     ("connections", ["#connection-table button.close"]),
     ("streams", ['#stream-table tr[data-group="g1"] .lag']),
@@ -329,8 +406,13 @@ async def seed_everything(conn: Any) -> None:
     await conn.declare_queue("dash.q", max_length=1000, message_ttl_ms=600000)
     await conn.bind("dash.x", "dash.q", "orders.#")
     for i in range(5):
-        await conn.publish("dash.x", f"orders.{i}", f"order {i}".encode(),
-                           headers={"tenant": "acme"}, content_type="text/plain")
+        await conn.publish(
+            "dash.x",
+            f"orders.{i}",
+            f"order {i}".encode(),
+            headers={"tenant": "acme"},
+            content_type="text/plain",
+        )
     await conn.declare_queue("dash.s", queue_type="stream")
     for i in range(4):
         await conn.publish("", "dash.s", f"s{i}".encode())
@@ -359,20 +441,31 @@ async def test_dashboard_every_page_at_1400_and_800(broker_factory: Any, shots: 
                 for name, sels in PAGES:
                     await page.goto(f"{base}#/{name}", wait_until="load")
                     await wait_js(page, "the live status", status_ok)
-                    await wait_js(page, f"page {name} loaded", "sels => sels.every(s => "
-                                  "document.querySelector(s) !== null)", sels)
+                    await wait_js(
+                        page,
+                        f"page {name} loaded",
+                        "sels => sels.every(s => document.querySelector(s) !== null)",
+                        sels,
+                    )
                     if name == "queue/dash.q":
                         # From /history at once: the ring's first row and now.
-                        await wait_js(page, "depth points at load", "Number(document."
-                                      "querySelector('#depth-chart').dataset.samples) >= 2")
+                        await wait_js(
+                            page,
+                            "depth points at load",
+                            "Number(document.querySelector('#depth-chart').dataset.samples) >= 2",
+                        )
                     problems = await page.evaluate(FITS, sels)
                     assert problems == [], (width, name, problems)
                     path = shots / f"dashboard-{width}-{name.replace('/', '-')}.png"
                     await page.screenshot(path=str(path), full_page=True)
                     taken.append((path, width))
                 assert errors == [], errors
-        assert await page_texts(base) == {"subject": "anonymous", "lag": "3",
-                                          "headers": True, "arguments": True}
+        assert await page_texts(base) == {
+            "subject": "anonymous",
+            "lag": "3",
+            "headers": True,
+            "arguments": True,
+        }
         await forms_and_buttons(b, base, conn)
     finally:
         await asyncio.wait_for(holder.close(), WAIT)
@@ -386,22 +479,30 @@ async def page_texts(base: str) -> dict[str, Any]:
     """What the access, streams and queue pages say."""
     async with browser_page(base, 1400) as (page, errors):
         await page.goto(f"{base}#/access", wait_until="load")
-        await wait_js(page, "whoami", "document.querySelector('#ac-subject').textContent "
-                      "!== '\u2013'")
+        await wait_js(
+            page, "whoami", "document.querySelector('#ac-subject').textContent !== '\u2013'"
+        )
         subject = await page.inner_text("#ac-subject")
         await page.goto(f"{base}#/streams", wait_until="load")
-        await wait_js(page, "the stream group", "document.querySelector("
-                      "'#stream-table tr[data-group=\"g1\"] .lag') !== null")
+        await wait_js(
+            page,
+            "the stream group",
+            "document.querySelector('#stream-table tr[data-group=\"g1\"] .lag') !== null",
+        )
         lag = await page.inner_text('#stream-table tr[data-group="g1"] .lag')
         await page.goto(f"{base}#/queue/dash.q", wait_until="load")
-        await wait_js(page, "peeked messages",
-                      "document.querySelectorAll('#peek-table tbody tr').length >= 4")
+        await wait_js(
+            page, "peeked messages", "document.querySelectorAll('#peek-table tbody tr').length >= 4"
+        )
         props = await page.inner_text("#peek-table tbody tr:first-child td.props")
         args = await page.inner_text("#qp-args")
         assert errors == [], errors
-    return {"subject": subject, "lag": lag,
-            "headers": 'header tenant="acme"' in props and 'content_type="text/plain"' in props,
-            "arguments": "max_length" in args and "1000" in args}
+    return {
+        "subject": subject,
+        "lag": lag,
+        "headers": 'header tenant="acme"' in props and 'content_type="text/plain"' in props,
+        "arguments": "max_length" in args and "1000" in args,
+    }
 
 
 async def forms_and_buttons(b: BrokerProcess, base: str, conn: Any) -> None:
@@ -411,9 +512,13 @@ async def forms_and_buttons(b: BrokerProcess, base: str, conn: Any) -> None:
         await page.fill("#xf-name", "dash.new")
         await page.select_option("#xf-type", "fanout")
         await page.click("#xf-create")
-        await wait_js(page, "the new exchange", "document.querySelector("
-                      "'#exchange-table tr[data-exchange=\"dash.new\"] .type')?.textContent"
-                      " === 'fanout'")
+        await wait_js(
+            page,
+            "the new exchange",
+            "document.querySelector("
+            "'#exchange-table tr[data-exchange=\"dash.new\"] .type')?.textContent"
+            " === 'fanout'",
+        )
         await page.fill("#bf-exchange", "dash.new")
         await page.fill("#bf-queue", "dash.q")
         await page.click("#bf-create")
@@ -430,24 +535,34 @@ async def forms_and_buttons(b: BrokerProcess, base: str, conn: Any) -> None:
         delete = page.locator('#exchange-table tr[data-exchange="dash.new"] button.delete')
         await delete.click()
         await delete.click()
-        await wait_js(page, "the exchange gone", "document.querySelector("
-                      "'#exchange-table tr[data-exchange=\"dash.new\"]') === null")
+        await wait_js(
+            page,
+            "the exchange gone",
+            "document.querySelector('#exchange-table tr[data-exchange=\"dash.new\"]') === null",
+        )
 
         # Publish with a header, get one (ack), purge, delete.
         await page.goto(f"{base}#/queue/dash.q", wait_until="load")
         await page.fill("#pf-body", "from the page")
         await page.fill("#pf-headers", '{"origin": "form"}')
         await page.click("#pf-send")
-        await wait_js(page, "the published message in the peek", """() =>
+        await wait_js(
+            page,
+            "the published message in the peek",
+            """() =>
             [...document.querySelectorAll('#peek-table td.props')]
-              .some(td => td.textContent.includes('header origin="form"'))""")
+              .some(td => td.textContent.includes('header origin="form"'))""",
+        )
         info = await queue_info(conn, "dash.q")
         assert info is not None and info["messages"] == 6
         await page.select_option("#gf-mode", "ack")
         await page.fill("#gf-count", "2")
         await page.click("#gf-get")
-        await wait_js(page, "the get result", "document.querySelector('#gf-result')"
-                      ".textContent.startsWith('2 message(s) taken')")
+        await wait_js(
+            page,
+            "the get result",
+            "document.querySelector('#gf-result').textContent.startsWith('2 message(s) taken')",
+        )
         assert await page.locator("#gf-messages .got").count() == 2
         info = await queue_info(conn, "dash.q")
         assert info is not None and info["messages"] == 4
@@ -455,8 +570,11 @@ async def forms_and_buttons(b: BrokerProcess, base: str, conn: Any) -> None:
         await purge.click()
         assert await purge.inner_text() == "Sure?"
         await purge.click()
-        await wait_js(page, "the purge", "document.querySelector('#qp-result')"
-                      ".textContent === 'purged 4 message(s)'")
+        await wait_js(
+            page,
+            "the purge",
+            "document.querySelector('#qp-result').textContent === 'purged 4 message(s)'",
+        )
         info = await queue_info(conn, "dash.q")
         assert info is not None and info["messages"] == 0
         delete = page.locator("#qp-actions button.delete")

@@ -43,7 +43,8 @@ async def _depth(conn: client.Connection, queue: str) -> int:
 
 @pytest.mark.parametrize("restart", ["kill", "graceful"])
 async def test_forged_x_death_harms_no_bystander(
-        broker_factory: Callable[..., BrokerProcess], restart: str) -> None:
+    broker_factory: Callable[..., BrokerProcess], restart: str
+) -> None:
     b = broker_factory()
     admin = await client.connect(b.url, reconnect=False, timeout=WAIT)
     bystander = await client.connect(b.url, reconnect=False, timeout=WAIT)
@@ -109,7 +110,8 @@ async def test_forged_x_death_harms_no_bystander(
         assert bodies == sorted([b"bystander-%d" % i for i in range(10)] + [b"poison"])
         for m in dead:
             assert [(d["queue"], d["reason"], d["count"]) for d in m.deaths] == [
-                ("shared", "delivery-limit", 1)]
+                ("shared", "delivery-limit", 1)
+            ]
             if m.body == b"poison":
                 assert set(m.headers) == {"app", "x-death"}
         conn.ack_all(dead)
@@ -122,7 +124,8 @@ async def test_forged_x_death_harms_no_bystander(
 
 
 async def test_gateway_publish_strips_x_headers(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     """The REST gateway goes through the same check as binary publishes."""
     b = broker_factory("--http-port", "0")
     conn = await client.connect(b.url, reconnect=False, timeout=WAIT)
@@ -131,20 +134,22 @@ async def test_gateway_publish_strips_x_headers(
         await conn.declare_queue("dlq")
         await conn.bind("dlx", "dlq")
         await conn.declare_queue("gw", dead_letter_exchange="dlx")
-        status, body = await http(b, "POST", "/queues/gw/messages",
-                                  json={"message": "m", "headers": dict(FORGED)})
+        status, body = await http(
+            b, "POST", "/queues/gw/messages", json={"message": "m", "headers": dict(FORGED)}
+        )
         assert status == 201, body
-        status, body = await http(b, "POST", "/queues/gw/messages",
-                                  json={"message": "only-x", "headers": {"x-death": []}})
+        status, body = await http(
+            b, "POST", "/queues/gw/messages", json={"message": "only-x", "headers": {"x-death": []}}
+        )
         assert status == 201, body
         msgs = await conn.get("gw", 10)
-        assert [(m.body, m.headers) for m in msgs] == [(b"m", {"app": "kept"}),
-                                                        (b"only-x", {})]
+        assert [(m.body, m.headers) for m in msgs] == [(b"m", {"app": "kept"}), (b"only-x", {})]
         for m in msgs:
             m.reject()  # dead-lettered with the broker's record only
         dead = await take(await conn.consume("dlq"), 2, timeout=5, ack=True)
         assert [[(d["queue"], d["reason"], d["count"]) for d in m.deaths] for m in dead] == [
-            [("gw", "rejected", 1)]] * 2
+            [("gw", "rejected", 1)]
+        ] * 2
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
 
@@ -166,10 +171,12 @@ def _forge_logged_headers(wal_dir: Path, marker: str, headers: dict[str, Any]) -
     return changed
 
 
-@pytest.mark.parametrize("x_death", [7, [7, "s", {"queue": "shared", "count": "x",
-                                                  "reason": "delivery-limit"}]])
+@pytest.mark.parametrize(
+    "x_death", [7, [7, "s", {"queue": "shared", "count": "x", "reason": "delivery-limit"}]]
+)
 async def test_malformed_x_death_already_in_the_log_is_contained(
-        broker_factory: Callable[..., BrokerProcess], x_death: Any) -> None:
+    broker_factory: Callable[..., BrokerProcess], x_death: Any
+) -> None:
     """No publish can store a bad x-death any more, but a log may hold one: when it is
     dead-lettered the bad record is ignored (a fresh history starts), every other
     message reaches the DLQ and the connection closes cleanly."""
@@ -200,10 +207,12 @@ async def test_malformed_x_death_already_in_the_log_is_contained(
         await wait_until(dead_lettered, 5)
         dead = await admin.get("dlq", 100)
         assert sorted(m.body for m in dead) == sorted(
-            [b"bystander-%d" % i for i in range(10)] + [b"legacy"])
+            [b"bystander-%d" % i for i in range(10)] + [b"legacy"]
+        )
         for m in dead:
             assert [(d["queue"], d["reason"], d["count"]) for d in m.deaths] == [
-                ("shared", "delivery-limit", 1)]
+                ("shared", "delivery-limit", 1)
+            ]
         admin.ack_all(dead)
     finally:
         for c in (consumer_conn, admin):

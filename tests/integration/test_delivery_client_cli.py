@@ -24,14 +24,24 @@ pytestmark = pytest.mark.timeout(90)
 
 # One value for every queue argument, as declare_queue keywords and as mq-cli flags.
 ALL_ARGUMENTS: dict[str, Any] = {
-    "ack_timeout_ms": 60_000, "delivery_limit": 5, "dead_letter_exchange": "dlx",
-    "dead_letter_routing_key": "dead", "message_ttl_ms": 3_600_000, "expires_ms": 86_400_000,
-    "max_priority": 5, "max_length": 1000, "max_length_bytes": 1 << 20,
-    "overflow": "reject-publish", "dedup_window_ms": 10_000, "single_active_consumer": True,
+    "ack_timeout_ms": 60_000,
+    "delivery_limit": 5,
+    "dead_letter_exchange": "dlx",
+    "dead_letter_routing_key": "dead",
+    "message_ttl_ms": 3_600_000,
+    "expires_ms": 86_400_000,
+    "max_priority": 5,
+    "max_length": 1000,
+    "max_length_bytes": 1 << 20,
+    "overflow": "reject-publish",
+    "dedup_window_ms": 10_000,
+    "single_active_consumer": True,
 }
 # The stream-only arguments (tests/integration/test_streams_client.py uses them).
 STREAM_ARGUMENTS: dict[str, Any] = {
-    "queue_type": "stream", "max_age_ms": 86_400_000, "stream_segment_bytes": 1 << 20,
+    "queue_type": "stream",
+    "max_age_ms": 86_400_000,
+    "stream_segment_bytes": 1 << 20,
     "stream_compression": "zstd",
 }
 
@@ -53,8 +63,7 @@ async def _dead_letter_setup(conn: client.Connection, limit: int = 0) -> None:
     await conn.declare_exchange("dlx", "direct")
     await conn.declare_queue("work.dlq")
     await conn.bind("dlx", "work.dlq", "work")
-    await conn.declare_queue("work", dead_letter_exchange="dlx",
-                             delivery_limit=limit or None)
+    await conn.declare_queue("work", dead_letter_exchange="dlx", delivery_limit=limit or None)
 
 
 async def _reject_all(conn: client.Connection, queue: str, n: int) -> None:
@@ -79,7 +88,12 @@ async def _wait_depth(conn: client.Connection, queue: str, n: int) -> None:
 
 def _check_death(d: dict[str, Any], reason: str, queue: str = "work") -> None:
     assert (d["reason"], d["queue"], d["exchange"], d["routing_key"], d["count"]) == (
-        reason, queue, "", queue, 1)
+        reason,
+        queue,
+        "",
+        queue,
+        1,
+    )
     assert abs(d["time"] - time.time() * 1000) < 60_000
 
 
@@ -106,8 +120,11 @@ async def test_declare_queue_typed_arguments_round_trip(conn: client.Connection)
     # Same settings again, as keywords or as the map (or both): fine.
     await conn.declare_queue("typed", **ALL_ARGUMENTS)
     await conn.declare_queue("typed", arguments=dict(ALL_ARGUMENTS))
-    await conn.declare_queue("typed", arguments={"max_length": 1000},
-                             **{k: v for k, v in ALL_ARGUMENTS.items() if k != "max_length"})
+    await conn.declare_queue(
+        "typed",
+        arguments={"max_length": 1000},
+        **{k: v for k, v in ALL_ARGUMENTS.items() if k != "max_length"},
+    )
     with pytest.raises(client.PreconditionFailed):
         await conn.declare_queue("typed", **{**ALL_ARGUMENTS, "delivery_limit": 6})
     with pytest.raises(client.PreconditionFailed):
@@ -199,8 +216,9 @@ async def test_deaths_after_delivery_limit(conn: client.Connection) -> None:
 def test_cli_declare_queue_every_argument_flag(broker: BrokerProcess) -> None:
     ok(run(broker, "declare-exchange", "dlx"))
     flags = _flags(ALL_ARGUMENTS)
-    assert ok(run(broker, "declare-queue", "flagged", *flags)) == \
-        "flagged\tmessages=0\tconsumers=0\n"
+    assert (
+        ok(run(broker, "declare-queue", "flagged", *flags)) == "flagged\tmessages=0\tconsumers=0\n"
+    )
     assert queues_json(broker)["flagged"]["arguments"] == ALL_ARGUMENTS
     ok(run(broker, "declare-queue", "flagged", *flags))  # same again: fine
     p = run(broker, "declare-queue", "flagged", *flags, "--max-length", "7")
@@ -213,15 +231,18 @@ def test_cli_declare_queue_every_argument_flag(broker: BrokerProcess) -> None:
 
 def test_cli_declare_queue_flag_values_checked_locally() -> None:
     # Usage errors (2) come before any connection: no broker needed.
-    for bad in (["--overflow", "drop-tail"], ["--max-priority", "10"],
-                ["--delivery-limit=-1"], ["--max-length", "many"]):
+    for bad in (
+        ["--overflow", "drop-tail"],
+        ["--max-priority", "10"],
+        ["--delivery-limit=-1"],
+        ["--max-length", "many"],
+    ):
         p = run(None, "declare-queue", "q", *bad, "--url", "mq://127.0.0.1:1")
         assert p.returncode == 2 and b"Traceback" not in p.stderr, (bad, p.stderr)
 
 
 def test_cli_publish_to_full_queue_is_refused(broker: BrokerProcess) -> None:
-    ok(run(broker, "declare-queue", "full", "--max-length", "1", "--overflow",
-           "reject-publish"))
+    ok(run(broker, "declare-queue", "full", "--max-length", "1", "--overflow", "reject-publish"))
     ok(run(broker, "publish", "a", "-k", "full"))
     p = run(broker, "publish", "b", "-k", "full")
     assert p.returncode == 1 and "queue-full (409)" in one_error_line(p)
@@ -281,8 +302,9 @@ async def test_cli_dlq_move_back_to_origin(broker: BrokerProcess) -> None:
 
         # --to places the stray one (and leaves the DLQ empty).
         await conn.declare_queue("elsewhere")
-        p = await arun(broker, "dlq-move", "--from", "work.dlq", "--to", "elsewhere",
-                       "--timeout", "0.2")
+        p = await arun(
+            broker, "dlq-move", "--from", "work.dlq", "--to", "elsewhere", "--timeout", "0.2"
+        )
         assert ok(p) == "moved 1, skipped 0\n"
         assert (await _depth(conn, "work.dlq"), await _depth(conn, "elsewhere")) == (0, 1)
         (stray,) = await conn.get("elsewhere")
@@ -292,8 +314,9 @@ async def test_cli_dlq_move_back_to_origin(broker: BrokerProcess) -> None:
         await asyncio.wait_for(conn.close(), WAIT)
 
 
-async def _dead_letter_into(conn: client.Connection, queue: str,
-                            msgs: list[tuple[bytes, dict[str, Any]]]) -> None:
+async def _dead_letter_into(
+    conn: client.Connection, queue: str, msgs: list[tuple[bytes, dict[str, Any]]]
+) -> None:
     """Publish ``msgs`` (body, publish kwargs) to ``queue`` and reject them: the broker
     dead-letters them (fanout "to-dlq") into "dlq" with an x-death record naming
     ``queue``."""
@@ -312,9 +335,14 @@ async def test_cli_dlq_move_routes_by_the_newest_death(broker: BrokerProcess) ->
         await conn.declare_exchange("to-dlq", "fanout")
         await conn.declare_queue("dlq", dead_letter_exchange="to-dlq")
         await conn.bind("to-dlq", "dlq")
-        await _dead_letter_into(conn, "orig-a", [
-            (b"a%d" % i, {"message_id": f"a{i}", "headers": {"n": i}, "persistent": i != 1})
-            for i in range(3)])
+        await _dead_letter_into(
+            conn,
+            "orig-a",
+            [
+                (b"a%d" % i, {"message_id": f"a{i}", "headers": {"n": i}, "persistent": i != 1})
+                for i in range(3)
+            ],
+        )
         await _dead_letter_into(conn, "orig-b", [(b"b", {})])
         await _dead_letter_into(conn, "gone", [(b"lost", {})])
         await conn.delete_queue("gone")
@@ -362,7 +390,10 @@ async def test_cli_dlq_move_routes_by_the_newest_death(broker: BrokerProcess) ->
         p = await arun(broker, "dlq-move", "--from", "dlq", "--to", "orig-b", "--timeout", "0")
         assert ok(p) == "moved 3, skipped 0\n"
         assert sorted(m.body for m in await conn.get("orig-b", 10, no_ack=True)) == [
-            b"bare", b"loop", b"lost"]
+            b"bare",
+            b"loop",
+            b"lost",
+        ]
         assert await _depth(conn, "dlq") == 0
 
         p = await arun(broker, "dlq-move", "--from", "dlq", "--to", "dlq")

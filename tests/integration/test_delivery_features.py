@@ -66,8 +66,7 @@ async def _depth(conn: client.Connection, queue: str) -> int:
     return int((await _info(conn, queue))["messages"])
 
 
-async def _wait_depth(conn: client.Connection, queue: str, n: int,
-                      timeout: float = WAIT) -> None:
+async def _wait_depth(conn: client.Connection, queue: str, n: int, timeout: float = WAIT) -> None:
     async def reached() -> bool:
         return await _depth(conn, queue) == n
 
@@ -82,10 +81,21 @@ def _death(m: client.Message, i: int = 0) -> dict[str, Any]:
     return dict(m.deaths[i])
 
 
-def _check_death(d: dict[str, Any], reason: str, queue: str, count: int = 1,
-                 exchange: str = "", routing_key: str | None = None) -> None:
+def _check_death(
+    d: dict[str, Any],
+    reason: str,
+    queue: str,
+    count: int = 1,
+    exchange: str = "",
+    routing_key: str | None = None,
+) -> None:
     assert (d["reason"], d["queue"], d["exchange"], d["routing_key"], d["count"]) == (
-        reason, queue, exchange, queue if routing_key is None else routing_key, count), d
+        reason,
+        queue,
+        exchange,
+        queue if routing_key is None else routing_key,
+        count,
+    ), d
     assert abs(d["time"] - time.time() * 1000) < 60_000, d
 
 
@@ -115,7 +125,8 @@ async def _get_one(conn: client.Connection, queue: str) -> client.Message:
 
 # ---------------------------------------------------------------------- delivery limit
 async def test_poison_message_dead_lettered_after_exactly_three_deliveries(
-        connect_to: Connect) -> None:
+    connect_to: Connect,
+) -> None:
     conn = await connect_to()
     await _dlq(conn)
     await conn.declare_queue("work", delivery_limit=3, dead_letter_exchange="dlx")
@@ -141,13 +152,11 @@ async def test_poison_message_dead_lettered_after_exactly_three_deliveries(
     dead.ack()
 
 
-async def test_delivery_limit_counts_ack_timeouts_and_lost_connections(
-        connect_to: Connect) -> None:
+async def test_delivery_limit_counts_ack_timeouts_and_lost_connections(connect_to: Connect) -> None:
     """Every way back to the queue counts: a nack, an ack timeout, a lost connection."""
     c1 = await connect_to()
     await _dlq(c1)
-    await c1.declare_queue("work", delivery_limit=3, ack_timeout_ms=300,
-                           dead_letter_exchange="dlx")
+    await c1.declare_queue("work", delivery_limit=3, ack_timeout_ms=300, dead_letter_exchange="dlx")
     await c1.publish("", "work", b"poison")
     first = await c1.consume("work", prefetch=1)
     (m1,) = await take(first, 1)
@@ -172,8 +181,9 @@ async def test_delivery_limit_counts_ack_timeouts_and_lost_connections(
 
 
 @pytest.mark.parametrize("how", RESTARTS)
-async def test_delivery_count_survives_restart(broker: BrokerProcess, connect_to: Connect,
-                                               how: str) -> None:
+async def test_delivery_count_survives_restart(
+    broker: BrokerProcess, connect_to: Connect, how: str
+) -> None:
     conn = await connect_to()
     consumer = await _poison_nacked_twice(conn)
     (m,) = await take(consumer, 1)  # the third delivery, held when the broker stops
@@ -196,8 +206,9 @@ async def test_delivery_count_survives_restart(broker: BrokerProcess, connect_to
 
 
 @pytest.mark.parametrize("how", RESTARTS)
-async def test_delivery_limit_applies_across_restart(broker: BrokerProcess,
-                                                     connect_to: Connect, how: str) -> None:
+async def test_delivery_limit_applies_across_restart(
+    broker: BrokerProcess, connect_to: Connect, how: str
+) -> None:
     conn = await connect_to()
     consumer = await _poison_nacked_twice(conn)
     await consumer.cancel()
@@ -221,11 +232,11 @@ async def test_dead_letter_routing_key_reasons_and_dropping(connect_to: Connect)
     await conn.declare_exchange("dlx", "direct")
     await conn.declare_queue("dlq")
     await conn.bind("dlx", "dlq", "dead")
-    await conn.declare_queue("work", dead_letter_exchange="dlx",
-                             dead_letter_routing_key="dead")
+    await conn.declare_queue("work", dead_letter_exchange="dlx", dead_letter_routing_key="dead")
     await conn.declare_queue("nodlx")  # no dead-letter exchange: refused ones are dropped
-    await conn.publish("", "work", b"w", ttl=60_000, delay=0, priority=2,
-                       headers={"app": 1}, correlation_id="c")
+    await conn.publish(
+        "", "work", b"w", ttl=60_000, delay=0, priority=2, headers={"app": 1}, correlation_id="c"
+    )
     await conn.publish("", "nodlx", b"n")
     (w,) = await conn.get("work")
     w.reject()
@@ -286,8 +297,7 @@ async def test_dead_letter_cycle_is_broken(connect_to: Connect) -> None:
     assert (a["dead_lettered"], b["dead_lettered"]) == (1, 1)
     assert await _depth(conn, "watch") == 1
     m = await _get_one(conn, "watch")
-    assert [(d["queue"], d["reason"]) for d in m.deaths] == [("b", "expired"),
-                                                             ("a", "expired")]
+    assert [(d["queue"], d["reason"]) for d in m.deaths] == [("b", "expired"), ("a", "expired")]
     m.ack()
 
 
@@ -298,8 +308,9 @@ async def _retry_recipe(conn: client.Connection, backoff_ms: int = 40) -> None:
     await conn.declare_exchange("work.retry", "fanout")
     await conn.declare_exchange("work.back", "fanout")
     await conn.declare_queue("work", dead_letter_exchange="work.retry", delivery_limit=2)
-    await conn.declare_queue("work.retry", message_ttl_ms=backoff_ms,
-                             dead_letter_exchange="work.back")
+    await conn.declare_queue(
+        "work.retry", message_ttl_ms=backoff_ms, dead_letter_exchange="work.back"
+    )
     await conn.bind("work.retry", "work.retry")
     await conn.bind("work.back", "work")
 
@@ -312,7 +323,8 @@ def _metric(text: str, name: str, queue: str) -> float:
 
 
 async def test_retry_with_back_off_ten_rounds_then_delivery_limit(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     """Rejected ten times, the message comes back after each back-off with one more
     rejection and one more expiry in its history (a cycle with a rejection in it is no
     loop). Then it comes back without a rejection (nacked with requeue) until
@@ -334,12 +346,13 @@ async def test_retry_with_back_off_ten_rounds_then_delivery_limit(
             if rnd == 1:
                 assert deaths == []
             else:
-                assert deaths == [("work.retry", "expired", rnd - 1),
-                                  ("work", "rejected", rnd - 1)], (rnd, deaths)
+                assert deaths == [
+                    ("work.retry", "expired", rnd - 1),
+                    ("work", "rejected", rnd - 1),
+                ], (rnd, deaths)
             m.reject()
         (m,) = await take(consumer, 1, timeout=5)
-        assert [(d["queue"], d["count"]) for d in m.deaths] == [("work.retry", 10),
-                                                               ("work", 10)]
+        assert [(d["queue"], d["count"]) for d in m.deaths] == [("work.retry", 10), ("work", 10)]
         m.nack()  # requeue: delivery 1 of 2
         (m,) = await take(consumer, 1, timeout=5)
         assert (m.delivery_count, m.redelivered) == (2, True)
@@ -355,15 +368,18 @@ async def test_retry_with_back_off_ten_rounds_then_delivery_limit(
         assert (work["dead_lettered"], retry["dead_lettered"]) == (10, 10)
         assert retry["dead_letter_dropped"] == 0
         text = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"{b.http_url}/metrics", timeout=WAIT).read())
+            lambda: urllib.request.urlopen(f"{b.http_url}/metrics", timeout=WAIT).read()
+        )
         scrape = text.decode()
         assert _metric(scrape, "conveyor_queue_dead_letter_dropped_total", "work") == 1
         assert "conveyor_messages_dead_letter_dropped_total 1.0" in scrape
         status, body = await http(b, "GET", "/api/queues/work")
         assert status == 200 and body["counters"]["dead_letter_dropped"] == 1, body
         log = b.log_text()
-        assert "queue 'work': message dead-lettered (delivery-limit) in an automatic " \
+        assert (
+            "queue 'work': message dead-lettered (delivery-limit) in an automatic "
             "cycle back to 'work.retry'; dropped" in log
+        )
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
 
@@ -392,7 +408,8 @@ async def test_reject_after_an_out_of_order_ack_is_dead_lettered(connect_to: Con
 
 # ---------------------------------------------------------------------- ack timeout
 async def test_ack_timeout_redelivers_to_another_consumer(
-        connect_to: Connect, caplog: pytest.LogCaptureFixture) -> None:
+    connect_to: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, "conveyor.client")
     slow_conn, other_conn = await connect_to(), await connect_to()
     await slow_conn.declare_queue("jobs", ack_timeout_ms=300)
@@ -481,8 +498,7 @@ async def test_ttl_queue_and_message_ttl_shorter_wins(connect_to: Connect) -> No
     conn.ack_all(dead)
 
 
-async def test_ttl_counts_from_when_a_delayed_message_becomes_visible(
-        connect_to: Connect) -> None:
+async def test_ttl_counts_from_when_a_delayed_message_becomes_visible(connect_to: Connect) -> None:
     conn = await connect_to()
     await conn.declare_queue("work")
     t0 = time.monotonic()
@@ -514,8 +530,9 @@ async def test_requeued_message_past_its_ttl_is_dead_lettered(connect_to: Connec
 
 
 @pytest.mark.parametrize("how", RESTARTS)
-async def test_ttl_still_expires_after_restart(broker: BrokerProcess, connect_to: Connect,
-                                               how: str) -> None:
+async def test_ttl_still_expires_after_restart(
+    broker: BrokerProcess, connect_to: Connect, how: str
+) -> None:
     conn = await connect_to()
     await _dlq(conn)
     await conn.declare_queue("work", dead_letter_exchange="dlx")
@@ -573,8 +590,10 @@ async def test_delayed_message_arrives_on_time(connect_to: Connect) -> None:
     info = await _info(conn, "later")
     (late,) = await take(consumer, 1, timeout=2)
     t_late = time.monotonic() - t0
-    print(f"delayed 500 ms: arrived after {t_late * 1000:.1f} ms; "
-          f"undelayed after {t_now * 1000:.1f} ms")
+    print(
+        f"delayed 500 ms: arrived after {t_late * 1000:.1f} ms; "
+        f"undelayed after {t_now * 1000:.1f} ms"
+    )
     assert now.body == b"now" and t_now < 0.3
     assert (info["delayed"], info["messages"]) == (1, 0)
     assert late.body == b"delayed" and late.delivery_count == 1
@@ -583,8 +602,9 @@ async def test_delayed_message_arrives_on_time(connect_to: Connect) -> None:
 
 
 @pytest.mark.parametrize("how", RESTARTS)
-async def test_delayed_message_survives_restart(broker: BrokerProcess, connect_to: Connect,
-                                                how: str) -> None:
+async def test_delayed_message_survives_restart(
+    broker: BrokerProcess, connect_to: Connect, how: str
+) -> None:
     conn = await connect_to()
     await conn.declare_queue("later")
     t0 = time.monotonic()
@@ -607,9 +627,9 @@ async def test_delayed_message_survives_restart(broker: BrokerProcess, connect_t
 
 
 @pytest.mark.parametrize("how", RESTARTS)
-async def test_purge_keeps_delayed_messages_across_restart(broker: BrokerProcess,
-                                                           connect_to: Connect,
-                                                           how: str) -> None:
+async def test_purge_keeps_delayed_messages_across_restart(
+    broker: BrokerProcess, connect_to: Connect, how: str
+) -> None:
     """Purge removes ready messages only: a delayed one stays, before and after a restart."""
     conn = await connect_to()
     await conn.declare_queue("later")
@@ -633,14 +653,21 @@ async def test_purge_keeps_delayed_messages_across_restart(broker: BrokerProcess
 def _prio_messages(spec: list[tuple[int, int]]) -> list[client.OutgoingMessage]:
     out = []
     for prio, n in spec:
-        out += [client.OutgoingMessage(f"p{prio}-{i}".encode(), routing_key="prio",
-                                       properties={"priority": prio}) for i in range(n)]
+        out += [
+            client.OutgoingMessage(
+                f"p{prio}-{i}".encode(), routing_key="prio", properties={"priority": prio}
+            )
+            for i in range(n)
+        ]
     return out
 
 
-async def _consume_one_by_one(conn: client.Connection, queue: str, n: int,
-                              each: Callable[[client.Message], Awaitable[None]] | None = None,
-                              ) -> list[client.Message]:
+async def _consume_one_by_one(
+    conn: client.Connection,
+    queue: str,
+    n: int,
+    each: Callable[[client.Message], Awaitable[None]] | None = None,
+) -> list[client.Message]:
     """Prefetch 1: every delivery is its own dispatch decision."""
     consumer = await conn.consume(queue, prefetch=1)
     out = []
@@ -688,8 +715,9 @@ async def test_priority_order_guard_rotates_and_caps(connect_to: Connect) -> Non
     assert guard[0] in (0, 1, 3) and guard[1] in (0, 1, 3) and guard[0] != guard[1], bodies
     # Apart from those, highest first, each lane in publish order.
     rest = [m for i, m in enumerate(got) if i not in (10, 21)]
-    assert [m.body for m in rest] == [m.body for m in sorted(rest, key=lambda m: -min(
-        _prio(m), 5))], bodies
+    assert [m.body for m in rest] == [
+        m.body for m in sorted(rest, key=lambda m: -min(_prio(m), 5))
+    ], bodies
     assert len(set(bodies)) == 34  # each exactly once
 
 
@@ -789,9 +817,14 @@ async def test_retried_publish_is_stored_once(connect_to: Connect) -> None:
     await conn.publish("", "orders", b"order 1", message_id="order-1", mandatory=True)
     retry = await connect_to()  # a publisher that reconnected and retried
     await retry.publish("", "orders", b"order 1 again", message_id="order-1")
-    await retry.publish_batch([client.OutgoingMessage(b"order 1", routing_key="orders",
-                                                      properties={"message_id": "order-1"})
-                               ] * 3)
+    await retry.publish_batch(
+        [
+            client.OutgoingMessage(
+                b"order 1", routing_key="orders", properties={"message_id": "order-1"}
+            )
+        ]
+        * 3
+    )
     info = await _info(conn, "orders")
     assert (info["messages"], info["published"]) == (1, 1)
     consumer = await conn.consume("orders", prefetch=10)
@@ -828,8 +861,9 @@ async def test_dedup_window_passes(connect_to: Connect) -> None:
 async def test_retry_into_a_full_queue_that_has_it_is_confirmed(connect_to: Connect) -> None:
     """The queue holds the message already: the retry is confirmed, not refused as full."""
     conn = await connect_to()
-    await conn.declare_queue("orders", max_length=1, overflow="reject-publish",
-                             dedup_window_ms=60_000)
+    await conn.declare_queue(
+        "orders", max_length=1, overflow="reject-publish", dedup_window_ms=60_000
+    )
     await conn.publish("", "orders", b"order 1", message_id="order-1")
     await conn.publish("", "orders", b"order 1", message_id="order-1")  # retry
     with pytest.raises(client.QueueFull):
@@ -840,8 +874,7 @@ async def test_retry_into_a_full_queue_that_has_it_is_confirmed(connect_to: Conn
 
 
 @pytest.mark.parametrize("how", RESTARTS)
-async def test_dedup_survives_restart(broker: BrokerProcess, connect_to: Connect,
-                                      how: str) -> None:
+async def test_dedup_survives_restart(broker: BrokerProcess, connect_to: Connect, how: str) -> None:
     conn = await connect_to()
     await conn.declare_queue("orders", dedup_window_ms=60_000)
     await conn.publish("", "orders", b"acked", message_id="acked")
@@ -860,8 +893,9 @@ async def test_dedup_survives_restart(broker: BrokerProcess, connect_to: Connect
     conn.ack_all(got)
 
 
-async def test_dedup_survives_restart_from_snapshot(broker_factory: Callable[..., BrokerProcess],
-                                                    ) -> None:
+async def test_dedup_survives_restart_from_snapshot(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     """The ids are kept in snapshots too (the log they were in is deleted)."""
     from tests.integration.helpers import connect
 
@@ -919,8 +953,9 @@ async def test_queue_expiry_deletes_unused_queue_only(connect_to: Connect) -> No
 
 
 @pytest.mark.parametrize("how", RESTARTS)
-async def test_queue_expiry_after_restart(broker: BrokerProcess, connect_to: Connect,
-                                          how: str) -> None:
+async def test_queue_expiry_after_restart(
+    broker: BrokerProcess, connect_to: Connect, how: str
+) -> None:
     conn = await connect_to()
     await conn.declare_queue("idle", expires_ms=600)
     await conn.publish("", "idle", b"x")
@@ -972,22 +1007,32 @@ async def test_single_active_consumer_takes_over_in_order(connect_to: Connect) -
 
 # ---------------------------------------------------------------------- restart: arguments
 @pytest.mark.parametrize("how", RESTARTS)
-async def test_queue_arguments_survive_restart(broker: BrokerProcess, connect_to: Connect,
-                                               how: str) -> None:
+async def test_queue_arguments_survive_restart(
+    broker: BrokerProcess, connect_to: Connect, how: str
+) -> None:
     args: dict[str, Any] = {
-        "ack_timeout_ms": 250, "delivery_limit": 2, "dead_letter_exchange": "dlx",
-        "message_ttl_ms": 60_000, "max_priority": 9, "max_length": 4,
-        "overflow": "reject-publish", "dedup_window_ms": 60_000,
+        "ack_timeout_ms": 250,
+        "delivery_limit": 2,
+        "dead_letter_exchange": "dlx",
+        "message_ttl_ms": 60_000,
+        "max_priority": 9,
+        "max_length": 4,
+        "overflow": "reject-publish",
+        "dedup_window_ms": 60_000,
         "single_active_consumer": True,
     }
     conn = await connect_to()
     await _dlq(conn)
     await conn.declare_queue("all", **args)
     await conn.declare_queue("small", max_length=1, dead_letter_exchange="dlx")
-    await conn.publish_batch([client.OutgoingMessage(b"p%d" % p, routing_key="all",
-                                                     properties={"priority": p,
-                                                                 "message_id": f"id{p}"})
-                              for p in (1, 5, 9)])
+    await conn.publish_batch(
+        [
+            client.OutgoingMessage(
+                b"p%d" % p, routing_key="all", properties={"priority": p, "message_id": f"id{p}"}
+            )
+            for p in (1, 5, 9)
+        ]
+    )
     await conn.publish("", "small", b"s0")
     await _restart(broker, how, conn)
 
@@ -1015,12 +1060,20 @@ async def test_queue_arguments_survive_restart(broker: BrokerProcess, connect_to
     await first.cancel()
     again = await take(second, 4, timeout=3)
     assert [(m.body, m.delivery_count) for m in again] == [
-        (b"p9", 2), (b"p5", 2), (b"p1", 2), (b"p0", 2)]
+        (b"p9", 2),
+        (b"p5", 2),
+        (b"p1", 2),
+        (b"p0", 2),
+    ]
     for m in again:
         m.nack()
     await _wait_depth(conn, "dlq", 5)
     dead = await conn.get("dlq", 10)
     assert [(m.body, m.deaths[0]["reason"]) for m in dead] == [
-        (b"s0", "max-length"), (b"p9", "delivery-limit"), (b"p5", "delivery-limit"),
-        (b"p1", "delivery-limit"), (b"p0", "delivery-limit")]
+        (b"s0", "max-length"),
+        (b"p9", "delivery-limit"),
+        (b"p5", "delivery-limit"),
+        (b"p1", "delivery-limit"),
+        (b"p0", "delivery-limit"),
+    ]
     conn.ack_all(dead)

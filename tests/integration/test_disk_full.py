@@ -30,7 +30,8 @@ def _segments(data: Path) -> list[Path]:
 
 
 async def test_write_errors_refuse_publishes_then_recover(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory()
     assert b.proc is not None
     conn = await client.connect(b.url, reconnect=False, timeout=10)
@@ -129,8 +130,7 @@ async def _declare(conn: client.Connection, kind: str, name: str) -> None:
         await conn.declare_queue(name, durable=True)
 
 
-async def _round(conn: client.Connection, name: str, keys: list[str],
-                 confirmed: set[str]) -> int:
+async def _round(conn: client.Connection, name: str, keys: list[str], confirmed: set[str]) -> int:
     """Publish one message per key, pipelined; confirmed keys go to ``confirmed``.
     Returns how many were nacked with 506 (any other outcome fails the test)."""
     futs = [conn.publish_nowait("", name, _body(k)) for k in keys]
@@ -146,8 +146,7 @@ async def _round(conn: client.Connection, name: str, keys: list[str],
     return nacked
 
 
-async def _resumes(conn: client.Connection, name: str, tag: str,
-                   confirmed: set[str]) -> None:
+async def _resumes(conn: client.Connection, name: str, tag: str, confirmed: set[str]) -> None:
     """After space came back: publishing succeeds by itself within seconds, and from then
     on every publish is confirmed (no error left over from the full disk)."""
     deadline = time.monotonic() + 15
@@ -194,7 +193,8 @@ async def _present(b: BrokerProcess, kind: str, name: str) -> set[str]:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_enospc_nacks_every_unstored_publish(
-        kind: str, small_fs: Path, fs_broker: Callable[..., BrokerProcess]) -> None:
+    kind: str, small_fs: Path, fs_broker: Callable[..., BrokerProcess]
+) -> None:
     """The disk fills up under the broker (a filler file; the guard off): every publish is
     confirmed and survives kill -9, or is nacked with 506; once space is back publishing
     resumes by itself, with no stale error."""
@@ -214,8 +214,7 @@ async def test_enospc_nacks_every_unstored_publish(
         filler = small_fs / "filler"
         fill(filler)
         for r in range(10):
-            nacked += await _round(conn, name, [f"full-{r}-{n}" for n in range(BATCH)],
-                                   confirmed)
+            nacked += await _round(conn, name, [f"full-{r}-{n}" for n in range(BATCH)], confirmed)
         assert nacked, "nothing was refused although the disk is full"
         filler.unlink()
         await _resumes(conn, name, "back", confirmed)
@@ -231,7 +230,8 @@ async def test_enospc_nacks_every_unstored_publish(
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_disk_free_guard_refuses_at_the_limit(
-        kind: str, small_fs: Path, fs_broker: Callable[..., BrokerProcess]) -> None:
+    kind: str, small_fs: Path, fs_broker: Callable[..., BrokerProcess]
+) -> None:
     """A publisher holding plenty of credit fills the disk: the guard nacks (506) once free
     space is below --disk-free-limit, so free space never drops below it by more than one
     batch; after space is freed publishes succeed again; confirmed ones survive kill -9."""
@@ -254,7 +254,8 @@ async def test_disk_free_guard_refuses_at_the_limit(
                 break
         assert nacked >= BATCH, f"the guard never refused; {lowest} bytes free"
         assert lowest >= GUARD - ROUND_BYTES - SLACK, (
-            f"free space fell to {lowest} bytes, guard {GUARD}, one batch {ROUND_BYTES}")
+            f"free space fell to {lowest} bytes, guard {GUARD}, one batch {ROUND_BYTES}"
+        )
         filler.unlink()
         await _resumes(conn, name, "freed", confirmed)
     finally:
@@ -267,7 +268,8 @@ async def test_disk_free_guard_refuses_at_the_limit(
 
 
 async def test_snapshot_on_a_full_disk_leaves_no_temp_file(
-        small_fs: Path, tmp_path: Path, fs_broker: Callable[..., BrokerProcess]) -> None:
+    small_fs: Path, tmp_path: Path, fs_broker: Callable[..., BrokerProcess]
+) -> None:
     """A snapshot that hits ENOSPC removes its snap-*.tmp at once (it used to hold the
     disk's last free space until the next start); the next one succeeds once space is
     back, and nothing confirmed is lost."""
@@ -282,8 +284,7 @@ async def test_snapshot_on_a_full_disk_leaves_no_temp_file(
     try:
         await conn.declare_queue("snap", durable=True)
         for r in range(12):  # 6 MiB: a snapshot of the queue needs as much
-            assert await _round(conn, "snap", [f"s{r}-{n}" for n in range(BATCH)],
-                                confirmed) == 0
+            assert await _round(conn, "snap", [f"s{r}-{n}" for n in range(BATCH)], confirmed) == 0
         fill(small_fs / "filler", leave=1 << 20)
         before = b.log_text().count("snapshot failed")
         # a little more in the log makes the next snapshot due; the log itself has room
@@ -319,7 +320,8 @@ async def test_snapshot_on_a_full_disk_leaves_no_temp_file(
 
 
 async def test_failed_stream_append_nacks_no_later_publish(
-        small_fs: Path, fs_broker: Callable[..., BrokerProcess]) -> None:
+    small_fs: Path, fs_broker: Callable[..., BrokerProcess]
+) -> None:
     """An append that no publisher waits for (an unconfirmed publish, seq 0) fails on the
     full disk: its error must not be handed to the next confirmed publish once space is
     back (streams write at once: the very first one is confirmed)."""

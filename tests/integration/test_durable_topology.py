@@ -20,8 +20,9 @@ async def declare_all(url: str, n: int) -> None:
 async def listing(url: str) -> tuple[set[str], set[tuple[str, str, str]]]:
     async with await connect(url) as conn:
         queues = {q["name"] for q in await conn.list("queues")}
-        bindings = {(b["exchange"], b["queue"], b["routing_key"])
-                    for b in await conn.list("bindings")}
+        bindings = {
+            (b["exchange"], b["queue"], b["routing_key"]) for b in await conn.list("bindings")
+        }
     return queues, bindings
 
 

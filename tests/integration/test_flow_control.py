@@ -28,8 +28,7 @@ async def _listing(conn: client.Connection, conn_id: str) -> dict[str, Any]:
     return me
 
 
-async def _consume_all(conn: client.Connection, queue: str, n: int,
-                       timeout: float) -> list[bytes]:
+async def _consume_all(conn: client.Connection, queue: str, n: int, timeout: float) -> list[bytes]:
     consumer = await conn.consume(queue, prefetch=1000)
     got: list[bytes] = []
     deadline = time.monotonic() + timeout
@@ -48,7 +47,8 @@ async def _consume_all(conn: client.Connection, queue: str, n: int,
 
 
 async def test_producer_limited_to_1000_per_second_takes_about_10s(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     """The issue's example: 10,000 messages as fast as possible at 1,000 messages/s."""
     b = broker_factory("--publish-rate-messages", "1000")
     producer = await connect(b.url, timeout=30)
@@ -103,7 +103,8 @@ async def test_producer_limited_to_1000_per_second_takes_about_10s(
 
 
 async def test_publish_batch_is_paced_by_credit(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     """One publish_batch call larger than the credit: sent as credit arrives, one result."""
     b = broker_factory("--publish-rate-messages", "2000", "--publish-credit-messages", "500")
     conn = await connect(b.url, timeout=30)
@@ -111,8 +112,9 @@ async def test_publish_batch_is_paced_by_credit(
         await conn.declare_queue("rate-batch", durable=False)
         assert conn.publish_credit[0] == 500
         start = time.monotonic()
-        n = await conn.publish_batch([b"b%d" % i for i in range(5000)], routing_key="rate-batch",
-                                     timeout=20)
+        n = await conn.publish_batch(
+            [b"b%d" % i for i in range(5000)], routing_key="rate-batch", timeout=20
+        )
         elapsed = time.monotonic() - start
         assert n == 5000
         # The bucket holds one second (2,000): (5000 - 2000) / 2000 = 1.5 s.
@@ -128,7 +130,8 @@ async def test_publish_batch_is_paced_by_credit(
 
 
 async def test_memory_watermark_blocks_publishers_without_disconnecting(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory("--memory-high-watermark", "1")  # every broker is above one byte
     conn = await connect(b.url)
     try:
@@ -150,8 +153,9 @@ async def test_memory_watermark_blocks_publishers_without_disconnecting(
 
 async def test_memory_watermark_raised_unblocks(tmp_path: Path) -> None:
     """In-process broker, so the test can raise the watermark while a publish waits."""
-    config = Config(host="127.0.0.1", port=0, data_dir=str(tmp_path),
-                    memory_high_watermark=1).validate()
+    config = Config(
+        host="127.0.0.1", port=0, data_dir=str(tmp_path), memory_high_watermark=1
+    ).validate()
     server = BrokerServer(config)
     await server.start()
     try:
@@ -177,7 +181,8 @@ async def test_memory_watermark_raised_unblocks(tmp_path: Path) -> None:
 
 
 async def test_disk_free_limit_blocks_publishers(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory("--disk-free-limit", str(1 << 60))
     conn = await connect(b.url)
     try:
@@ -192,7 +197,8 @@ async def test_disk_free_limit_blocks_publishers(
 
 
 async def test_full_reject_publish_queue_blocks_until_drained(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory("--publish-credit-messages", "20")
     conn = await connect(b.url)
     admin = await connect(b.url)
@@ -221,8 +227,7 @@ async def test_full_reject_publish_queue_blocks_until_drained(
             await asyncio.wait_for(c.close(), WAIT)
 
 
-async def test_drop_head_queue_never_blocks(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+async def test_drop_head_queue_never_blocks(broker_factory: Callable[..., BrokerProcess]) -> None:
     b = broker_factory("--publish-credit-messages", "20")
     conn = await connect(b.url)
     try:
@@ -238,8 +243,15 @@ async def test_cli_lists_connections(broker: BrokerProcess) -> None:
     conn = await connect(broker.url)
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "conveyor.cli.main", "connections", "--url", broker.url,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "conveyor.cli.main",
+            "connections",
+            "--url",
+            broker.url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(), WAIT)
         assert proc.returncode == 0, err
         text = out.decode()

@@ -78,8 +78,9 @@ def _close(socks: list[socket.socket]) -> None:
         s.close()
 
 
-async def _flood(b: BrokerProcess, n: int, payload: bytes,
-                 wait: float) -> tuple[int, int, int, list[bytes]]:
+async def _flood(
+    b: BrokerProcess, n: int, payload: bytes, wait: float
+) -> tuple[int, int, int, list[bytes]]:
     """``n`` connections each send ``payload`` and stall while the bystanders work;
     returns RSS before and during, how many stayed open after ``wait`` s, and what the
     closed ones received. The bystanders' figures are checked here."""
@@ -93,8 +94,10 @@ async def _flood(b: BrokerProcess, n: int, payload: bytes,
     finally:
         _close(socks)
         await by.stop()
-    print(f"\nbystanders {by.figures()}; RSS {rss_before >> 20} -> {rss_after >> 20} MiB; "
-          f"{still_open} of {n} still open")
+    print(
+        f"\nbystanders {by.figures()}; RSS {rss_before >> 20} -> {rss_after >> 20} MiB; "
+        f"{still_open} of {n} still open"
+    )
     by.check()
     return rss_before, rss_after, still_open, closed
 
@@ -105,7 +108,8 @@ async def test_preauth_frames_are_small(broker_factory: Callable[..., BrokerProc
     assert b.proc is not None
     header = struct.pack(">IB", 1 << 20, wire.ftype("auth"))
     rss_before, rss_after, still_open, closed = await _flood(
-        b, 300, PREAMBLE + header + b"\0" * (512 << 10), 5.0)
+        b, 300, PREAMBLE + header + b"\0" * (512 << 10), 5.0
+    )
     assert still_open == 0
     for data in closed:
         assert _last_error(data)["code"] == FRAME_TOO_LARGE
@@ -128,7 +132,8 @@ async def test_unauthenticated_connections_are_capped(
     body = MAX_FRAME_SIZE_PREAUTH - 100
     header = struct.pack(">IB", body, wire.ftype("auth"))
     rss_before, rss_after, still_open, closed = await _flood(
-        b, 600, PREAMBLE + header + b"\0" * (body // 2), 3.0)
+        b, 600, PREAMBLE + header + b"\0" * (body // 2), 3.0
+    )
     assert 0 < still_open <= cap
     err = _last_error(closed[0])
     assert err["code"] == RESOURCE_ERROR and err["details"]["limit"] == limit

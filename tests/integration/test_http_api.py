@@ -25,8 +25,7 @@ def hb(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
 
 
 async def make_token(b: BrokerProcess, subject: str, *args: str) -> str:
-    p = await cli("token", "create", "--subject", subject, "--data-dir", str(b.data_dir),
-                  *args)
+    p = await cli("token", "create", "--subject", subject, "--data-dir", str(b.data_dir), *args)
     assert p.returncode == 0, p.stderr
     return p.stdout.decode().strip()
 
@@ -63,8 +62,13 @@ async def test_overview_and_listings(hb: BrokerProcess) -> None:
         status, err = await http(hb, "GET", "/api/queues/nope")
         assert status == 404 and err["error"]["name"] == "not-found"
         _s, exchanges = await http(hb, "GET", "/api/exchanges")
-        assert {"name": "api-x", "type": "fanout", "durable": True, "auto_delete": False,
-                "bindings": 1} in exchanges
+        assert {
+            "name": "api-x",
+            "type": "fanout",
+            "durable": True,
+            "auto_delete": False,
+            "bindings": 1,
+        } in exchanges
         _s, bindings = await http(hb, "GET", "/api/bindings")
         assert bindings == [{"exchange": "api-x", "queue": "api-q", "routing_key": ""}]
         _s, consumers = await http(hb, "GET", "/api/consumers")
@@ -86,7 +90,9 @@ async def test_peek_does_not_consume(hb: BrokerProcess) -> None:
         status, body = await http(hb, "GET", "/api/queues/peek-q/peek", params={"count": 2})
         assert status == 200
         assert [(m["body"], m["encoding"]) for m in body["messages"]] == [
-            ("a", "utf-8"), ("/wA=", "base64")]
+            ("a", "utf-8"),
+            ("/wA=", "base64"),
+        ]
         assert body["messages"][0]["delivery_count"] == 0
         assert body["messages"][0]["redelivered"] is False
         info = await queue_info(conn, "peek-q")
@@ -100,16 +106,13 @@ async def test_peek_does_not_consume(hb: BrokerProcess) -> None:
 
 
 async def test_declare_purge_delete(hb: BrokerProcess) -> None:
-    status, q = await http(hb, "PUT", "/api/queues/decl-q",
-                           json={"arguments": {"max_length": 10}})
+    status, q = await http(hb, "PUT", "/api/queues/decl-q", json={"arguments": {"max_length": 10}})
     assert status == 201 and q["arguments"] == {"max_length": 10}
-    status, _ = await http(hb, "PUT", "/api/queues/decl-q",
-                           json={"arguments": {"max_length": 10}})
+    status, _ = await http(hb, "PUT", "/api/queues/decl-q", json={"arguments": {"max_length": 10}})
     assert status == 200
     status, err = await http(hb, "PUT", "/api/queues/decl-q", json={"durable": False})
     assert status == 409 and err["error"]["name"] == "precondition-failed"
-    status, err = await http(hb, "PUT", "/api/queues/bad-q",
-                             json={"arguments": {"nonsense": 1}})
+    status, err = await http(hb, "PUT", "/api/queues/bad-q", json={"arguments": {"nonsense": 1}})
     assert status == 400 and err["error"]["code"] == 400
     for i in range(4):
         await http(hb, "POST", "/queues/decl-q/messages", json={"message": str(i)})
@@ -145,8 +148,9 @@ async def test_redrive_moves_dead_letters_back(hb: BrokerProcess) -> None:
         headers = peek["messages"][0]["properties"]["headers"]
         assert headers["x-death"][0]["queue"] == "work"
         # One to an explicit target, the rest to the queue they died in.
-        status, body = await http(hb, "POST", "/api/queues/work.dlq/redrive",
-                                  params={"to": "elsewhere", "count": 1})
+        status, body = await http(
+            hb, "POST", "/api/queues/work.dlq/redrive", params={"to": "elsewhere", "count": 1}
+        )
         assert status == 200 and (body["moved"], body["skipped"]) == (1, 0)
         status, body = await http(hb, "POST", "/api/queues/work.dlq/redrive")
         assert status == 200 and (body["moved"], body["skipped"]) == (2, 0)
@@ -160,8 +164,7 @@ async def test_redrive_moves_dead_letters_back(hb: BrokerProcess) -> None:
         await conn.publish("", "work.dlq", b"orphan")
         status, body = await http(hb, "POST", "/api/queues/work.dlq/redrive")
         assert (body["moved"], body["skipped"]) == (0, 1)
-        status, _ = await http(hb, "POST", "/api/queues/work.dlq/redrive",
-                               params={"to": "missing"})
+        status, _ = await http(hb, "POST", "/api/queues/work.dlq/redrive", params={"to": "missing"})
         assert status == 404
     finally:
         await conn.close()
@@ -188,14 +191,16 @@ async def test_closing_a_connection_via_the_api(hb: BrokerProcess) -> None:
             await asyncio.wait_for(c.close(), 10)
 
 
-async def test_require_auth_and_permissions(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+async def test_require_auth_and_permissions(broker_factory: Callable[..., BrokerProcess]) -> None:
     b = broker_factory("--http-port", "0", "--require-auth")
     status, err = await http(b, "GET", "/api/overview")
     assert status == 401
-    assert err["error"] == {"code": 401, "name": "authentication-failed",
-                            "message": err["error"]["message"],
-                            "details": {"reason": "anonymous-refused"}}
+    assert err["error"] == {
+        "code": 401,
+        "name": "authentication-failed",
+        "message": err["error"]["message"],
+        "details": {"reason": "anonymous-refused"},
+    }
     admin = await make_token(b, "admin", *ADMIN)
     status, _ = await http(b, "GET", "/api/overview", token=admin)
     assert status == 200
@@ -206,24 +211,31 @@ async def test_require_auth_and_permissions(
     writer = await make_token(b, "shop", "--write", "orders")
     status, err = await http(b, "GET", "/api/queues", token=writer)
     assert status == 403 and err["error"]["name"] == "access-refused"
-    status, _ = await http(b, "POST", "/queues/orders/messages", json={"message": "x"},
-                           token=writer)
+    status, _ = await http(
+        b, "POST", "/queues/orders/messages", json={"message": "x"}, token=writer
+    )
     assert status == 201
     status, err = await http(b, "GET", "/queues/orders/messages", token=writer)
     assert status == 403 and err["error"]["code"] == 403
     reader = await make_token(b, "worker", "--read", "orders")
     status, body = await http(b, "GET", "/queues/orders/messages", token=reader)
     assert status == 200 and [m["body"] for m in body["messages"]] == ["x"]
-    status, _ = await http(b, "DELETE", "/queues/orders/messages/"
-                           f"{body['messages'][0]['receipt_handle']}", token=reader)
+    status, _ = await http(
+        b,
+        "DELETE",
+        f"/queues/orders/messages/{body['messages'][0]['receipt_handle']}",
+        token=reader,
+    )
     assert status == 204
-    status, _ = await http(b, "POST", "/queues/orders/messages", json={"message": "y"},
-                           token=reader)
+    status, _ = await http(
+        b, "POST", "/queues/orders/messages", json={"message": "y"}, token=reader
+    )
     assert status == 403
 
 
 async def test_token_required_from_non_loopback_peers(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory("--host", "0.0.0.0", "--http-port", "0")
     status, _ = await http(b, "GET", "/api/overview")  # loopback: anonymous is fine
     assert status == 200
@@ -240,21 +252,32 @@ async def test_token_required_from_non_loopback_peers(
 async def test_exchanges_and_bindings_managed_over_http(hb: BrokerProcess) -> None:
     """PUT/DELETE /api/exchanges/{x}, POST/DELETE /api/bindings: the broker routes by
     them (a binary client sees the effect), durable ones are logged, bad input is 4xx."""
-    status, ex = await http(hb, "PUT", "/api/exchanges/h-x",
-                            json={"type": "topic", "durable": True})
-    assert (status, ex) == (201, {"name": "h-x", "type": "topic", "durable": True,
-                                  "auto_delete": False, "bindings": 0})
+    status, ex = await http(
+        hb, "PUT", "/api/exchanges/h-x", json={"type": "topic", "durable": True}
+    )
+    assert (status, ex) == (
+        201,
+        {"name": "h-x", "type": "topic", "durable": True, "auto_delete": False, "bindings": 0},
+    )
     assert (await http(hb, "PUT", "/api/exchanges/h-x", json={"type": "topic"}))[0] == 200
     status, err = await http(hb, "PUT", "/api/exchanges/h-x", json={"type": "fanout"})
     assert status == 409 and err["error"]["name"] == "precondition-failed"
     assert (await http(hb, "PUT", "/api/queues/h-q"))[0] == 201
-    status, b = await http(hb, "POST", "/api/bindings",
-                           json={"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"})
+    status, b = await http(
+        hb, "POST", "/api/bindings", json={"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"}
+    )
     assert (status, b) == (201, {"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"})
-    assert (await http(hb, "POST", "/api/bindings",
-                       json={"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"}))[0] == 200
-    assert (await http(hb, "POST", "/api/bindings",
-                       json={"exchange": "h-x", "queue": "h-q"}))[0] == 201  # key ""
+    assert (
+        await http(
+            hb,
+            "POST",
+            "/api/bindings",
+            json={"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"},
+        )
+    )[0] == 200
+    assert (await http(hb, "POST", "/api/bindings", json={"exchange": "h-x", "queue": "h-q"}))[
+        0
+    ] == 201  # key ""
     _s, listed = await http(hb, "GET", "/api/bindings")
     assert {"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"} in listed
     conn = await connect(hb.url)
@@ -292,8 +315,12 @@ async def test_exchanges_and_bindings_managed_over_http(hb: BrokerProcess) -> No
         assert status == want, (method, path, body, status, err)
         assert isinstance(err, dict) and err["error"]["code"] >= 400, err
     # Unbind both ways: the body form and the path form (empty key: trailing slash).
-    status, b = await http(hb, "DELETE", "/api/bindings",
-                           json={"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"})
+    status, b = await http(
+        hb,
+        "DELETE",
+        "/api/bindings",
+        json={"exchange": "h-x", "queue": "h-q", "routing_key": "a.*"},
+    )
     assert (status, b["routing_key"]) == (200, "a.*")
     assert (await http(hb, "DELETE", "/api/bindings/h-x/h-q/"))[0] == 200
     _s, listed = await http(hb, "GET", "/api/bindings")
@@ -305,31 +332,44 @@ async def test_exchanges_and_bindings_managed_over_http(hb: BrokerProcess) -> No
 
 
 async def test_durable_exchange_and_binding_from_http_survive_a_restart(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory("--http-port", "0")
     assert (await http(b, "PUT", "/api/exchanges/d-x", json={"type": "fanout"}))[0] == 201
     assert (await http(b, "PUT", "/api/queues/d-q"))[0] == 201
-    assert (await http(b, "POST", "/api/bindings",
-                       json={"exchange": "d-x", "queue": "d-q"}))[0] == 201
+    assert (await http(b, "POST", "/api/bindings", json={"exchange": "d-x", "queue": "d-q"}))[
+        0
+    ] == 201
     b.kill()  # kill -9: the answers above waited for the log
     b.start()
     _s, exchanges = await http(b, "GET", "/api/exchanges")
-    assert {"name": "d-x", "type": "fanout", "durable": True, "auto_delete": False,
-            "bindings": 1} in exchanges
+    assert {
+        "name": "d-x",
+        "type": "fanout",
+        "durable": True,
+        "auto_delete": False,
+        "bindings": 1,
+    } in exchanges
     _s, bindings = await http(b, "GET", "/api/bindings")
     assert {"exchange": "d-x", "queue": "d-q", "routing_key": ""} in bindings
 
 
-async def test_queue_arguments_on_create_and_messages_is_the_ready_count(
-        hb: BrokerProcess) -> None:
-    args = {"max_length": 5, "overflow": "reject-publish", "message_ttl_ms": 60000,
-            "dead_letter_exchange": "amq.fanout", "max_priority": 4,
-            "single_active_consumer": True, "delivery_limit": 3}
+async def test_queue_arguments_on_create_and_messages_is_the_ready_count(hb: BrokerProcess) -> None:
+    args = {
+        "max_length": 5,
+        "overflow": "reject-publish",
+        "message_ttl_ms": 60000,
+        "dead_letter_exchange": "amq.fanout",
+        "max_priority": 4,
+        "single_active_consumer": True,
+        "delivery_limit": 3,
+    }
     status, q = await http(hb, "PUT", "/api/queues/a-q", json={"arguments": args})
     assert status == 201 and q["arguments"] == args
     assert q["settings"]["max_length"] == 5 and q["settings"]["overflow"] == "reject-publish"
-    status, err = await http(hb, "PUT", "/api/queues/a-bad",
-                             json={"arguments": {"max_priority": "high"}})
+    status, err = await http(
+        hb, "PUT", "/api/queues/a-bad", json={"arguments": {"max_priority": "high"}}
+    )
     assert status == 400, err
     status, err = await http(hb, "PUT", "/api/queues/a-bad2", json={"arguments": {"zz": 1}})
     assert status == 400, err
@@ -359,6 +399,7 @@ async def test_queue_history_from_the_broker(hb: BrokerProcess) -> None:
     """The broker keeps depth samples: a queue that existed before the page opened has
     points at once, the newest being now."""
     from conveyor.broker.http.stats import HISTORY_INTERVAL
+
     conn = await connect(hb.url)
     try:
         await conn.declare_queue("h-depth")
@@ -385,10 +426,16 @@ async def test_queue_history_from_the_broker(hb: BrokerProcess) -> None:
 
 async def test_whoami(hb: BrokerProcess) -> None:
     status, me = await http(hb, "GET", "/api/whoami")
-    assert (status, me) == (200, {"subject": "anonymous", "anonymous": True,
-                                  "management": True, "expires_at": 0,
-                                  "permissions": {"configure": ["*"], "write": ["*"],
-                                                  "read": ["*"]}})
+    assert (status, me) == (
+        200,
+        {
+            "subject": "anonymous",
+            "anonymous": True,
+            "management": True,
+            "expires_at": 0,
+            "permissions": {"configure": ["*"], "write": ["*"], "read": ["*"]},
+        },
+    )
     token = await make_token(hb, "reader", "--read", "logs.*", "--write", "logs.in")
     status, me = await http(hb, "GET", "/api/whoami", token=token)
     assert status == 200 and me["subject"] == "reader" and me["anonymous"] is False

@@ -35,8 +35,7 @@ async def _refused(coro: Any, code: int) -> client.ConveyorError:
 
 
 # ---------------------------------------------------------------------- per message
-async def test_header_count_and_size_limits(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+async def test_header_count_and_size_limits(broker_factory: Callable[..., BrokerProcess]) -> None:
     b = broker_factory("--max-headers", "4", "--max-header-bytes", "256")
     conn = await connect(b.url)
     try:
@@ -44,20 +43,29 @@ async def test_header_count_and_size_limits(
         await conn.publish("", "hdr", b"four", headers={f"h{i}": i for i in range(4)})
         err = await _refused(
             conn.publish("", "hdr", b"five", headers={f"h{i}": i for i in range(5)}),
-            INVALID_ARGUMENT)
+            INVALID_ARGUMENT,
+        )
         assert "max_headers" in err.message and not err.fatal
-        err = await _refused(conn.publish("", "hdr", b"big", headers={"h": "x" * 300}),
-                             MESSAGE_TOO_LARGE)
+        err = await _refused(
+            conn.publish("", "hdr", b"big", headers={"h": "x" * 300}), MESSAGE_TOO_LARGE
+        )
         assert "max_header_bytes" in err.message
         await conn.publish("", "hdr", b"fits", headers={"h": "x" * 200})
         # In a batch only the offending message is refused; the others are enqueued.
         with pytest.raises(client.ConveyorError):
-            await asyncio.wait_for(conn.publish_batch([
-                client.OutgoingMessage(b"b1"),
-                client.OutgoingMessage(b"b2", properties={
-                    "headers": {f"h{i}": i for i in range(9)}}),
-                client.OutgoingMessage(b"b3", properties={"headers": {"ok": 1}}),
-            ], routing_key="hdr"), WAIT)
+            await asyncio.wait_for(
+                conn.publish_batch(
+                    [
+                        client.OutgoingMessage(b"b1"),
+                        client.OutgoingMessage(
+                            b"b2", properties={"headers": {f"h{i}": i for i in range(9)}}
+                        ),
+                        client.OutgoingMessage(b"b3", properties={"headers": {"ok": 1}}),
+                    ],
+                    routing_key="hdr",
+                ),
+                WAIT,
+            )
         consumer = await conn.consume("hdr", prefetch=10)
         got = await take(consumer, 4, ack=True)
         assert [m.body for m in got] == [b"four", b"fits", b"b1", b"b3"]
@@ -114,8 +122,7 @@ async def test_max_queues(broker_factory: Callable[..., BrokerProcess]) -> None:
     assert b.alive()
 
 
-async def test_max_consumers_per_connection(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+async def test_max_consumers_per_connection(broker_factory: Callable[..., BrokerProcess]) -> None:
     b = broker_factory("--max-consumers-per-connection", "2")
     conn = await connect(b.url)
     other = await connect(b.url)

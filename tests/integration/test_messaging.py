@@ -86,8 +86,18 @@ async def test_topic_routing_with_several_bindings(conn: client.Connection) -> N
         await conn.declare_queue(queue)
         for key in keys:
             await conn.bind("logs", queue, key)
-    keys = ["kern.error", "app.error", "kern.info.disk", "kern", "app.info", "a.b.error",
-            "kern.info", "", "error", ".error"]
+    keys = [
+        "kern.error",
+        "app.error",
+        "kern.info.disk",
+        "kern",
+        "app.info",
+        "a.b.error",
+        "kern.info",
+        "",
+        "error",
+        ".error",
+    ]
     for key in keys:
         await conn.publish("logs", key, f"body:{key}".encode())
 
@@ -134,8 +144,8 @@ async def test_request_reply_via_rpc(conn: client.Connection, connect_to: Any) -
             async for req in requests:
                 seen.append((req.correlation_id, req.reply_to, req.body))
                 await responder_conn.publish(
-                    "", req.reply_to or "", b"reply:" + req.body,
-                    correlation_id=req.correlation_id)
+                    "", req.reply_to or "", b"reply:" + req.body, correlation_id=req.correlation_id
+                )
                 req.ack()
 
     task = asyncio.create_task(responder())
@@ -151,7 +161,8 @@ async def test_request_reply_via_rpc(conn: client.Connection, connect_to: Any) -
 
         # Concurrent calls each get their own reply, matched by correlation id.
         replies = await asyncio.gather(
-            *(conn.rpc("", "rpc-service", f"req{i}".encode(), timeout=WAIT) for i in range(20)))
+            *(conn.rpc("", "rpc-service", f"req{i}".encode(), timeout=WAIT) for i in range(20))
+        )
         assert [r.body for r in replies] == [f"reply:req{i}".encode() for i in range(20)]
         corrs = {c for c, _, _ in seen}
         assert len(corrs) == 21
@@ -173,8 +184,9 @@ async def test_rpc_to_no_queue_fails_at_once_with_no_route(conn: client.Connecti
         await asyncio.wait_for(conn.rpc("", "no-such-service", b"x", timeout=60), WAIT)
     await conn.declare_exchange("rpc-ex", "direct")
     with pytest.raises(client.NoRoute):
-        await asyncio.wait_for(conn.rpc("rpc-ex", "unbound", b"x", mandatory=True,
-                                        timeout=60), WAIT)
+        await asyncio.wait_for(
+            conn.rpc("rpc-ex", "unbound", b"x", mandatory=True, timeout=60), WAIT
+        )
     # mandatory=False opts out: the unroutable request is dropped, the call times out.
     with pytest.raises(client.RequestTimeout):
         await conn.rpc("rpc-ex", "unbound", b"x", mandatory=False, timeout=0.3)
@@ -183,7 +195,8 @@ async def test_rpc_to_no_queue_fails_at_once_with_no_route(conn: client.Connecti
 
 # ---------------------------------------------------------------------- consumers
 async def test_competing_consumers_share_fairly_exactly_once(
-        conn: client.Connection, connect_to: Any) -> None:
+    conn: client.Connection, connect_to: Any
+) -> None:
     n = 400
     await conn.declare_queue("work")
     conns = [await connect_to() for _ in range(4)]
@@ -393,11 +406,14 @@ async def test_publish_batch_5000(conn: client.Connection, connect_to: Any) -> N
 
     # Mixed OutgoingMessage entries are routed individually.
     await conn.declare_queue("bulk2")
-    n = await conn.publish_batch([
-        client.OutgoingMessage(b"a", routing_key="bulk"),
-        client.OutgoingMessage(b"b", routing_key="bulk2", properties={"message_id": "b"}),
-        b"c",
-    ], routing_key="bulk2")
+    n = await conn.publish_batch(
+        [
+            client.OutgoingMessage(b"a", routing_key="bulk"),
+            client.OutgoingMessage(b"b", routing_key="bulk2", properties={"message_id": "b"}),
+            b"c",
+        ],
+        routing_key="bulk2",
+    )
     assert n == 3
     assert bodies(await observer.get("bulk", 10, no_ack=True)) == [b"a"]
     got2 = await observer.get("bulk2", 10, no_ack=True)
@@ -423,11 +439,15 @@ async def test_mandatory_unroutable(conn: client.Connection) -> None:
     assert bodies(await conn.get("bystander", 10, no_ack=True)) == [b"kept"]
     # A batch with one unroutable mandatory message raises NoRoute; the others are queued.
     with pytest.raises(client.NoRoute):
-        await conn.publish_batch([
-            client.OutgoingMessage(b"1", routing_key="other-key"),
-            client.OutgoingMessage(b"2", routing_key="nowhere"),
-            client.OutgoingMessage(b"3", routing_key="other-key"),
-        ], exchange="lonely", mandatory=True)
+        await conn.publish_batch(
+            [
+                client.OutgoingMessage(b"1", routing_key="other-key"),
+                client.OutgoingMessage(b"2", routing_key="nowhere"),
+                client.OutgoingMessage(b"3", routing_key="other-key"),
+            ],
+            exchange="lonely",
+            mandatory=True,
+        )
     assert bodies(await conn.get("bystander", 10, no_ack=True)) == [b"1", b"3"]
 
 
@@ -510,7 +530,11 @@ async def test_get_pulls_batches(conn: client.Connection) -> None:
         m.ack()
     (again,) = await conn.get("pull", 10)
     assert (again.body, again.redelivered, again.delivery_count, again.delivery_tag) == (
-        b"m0", True, 2, 11)
+        b"m0",
+        True,
+        2,
+        11,
+    )
     again.ack()
     q = await queue_info(conn, "pull")
     assert q is not None and (q["messages"], q["unacked"]) == (0, 0)
@@ -535,8 +559,7 @@ async def test_purge(conn: client.Connection) -> None:
         await conn.purge("no-such-queue")
 
 
-async def test_delete_queue_cancels_consumers(conn: client.Connection,
-                                              connect_to: Any) -> None:
+async def test_delete_queue_cancels_consumers(conn: client.Connection, connect_to: Any) -> None:
     other: client.Connection = await connect_to()
     await conn.declare_queue("doomed")
     await conn.publish_batch(numbered(3), routing_key="doomed")
@@ -596,16 +619,24 @@ async def test_properties_arrive_unchanged(conn: client.Connection) -> None:
         "content_encoding": "utf-8",
         "type": "order.created",
         "app_id": "tests",
-        "headers": {"a": 1, "b": "two", "c": [1, 2, 3], "d": {"nested": True}, "e": b"\x00\xff",
-                    "f": -5, "g": 2**40},
+        "headers": {
+            "a": 1,
+            "b": "two",
+            "c": [1, 2, 3],
+            "d": {"nested": True},
+            "e": b"\x00\xff",
+            "f": -5,
+            "g": 2**40,
+        },
         "timestamp": 1_700_000_000_123,
         "ttl": 600_000,
         "priority": 7,
         "persistent": False,
     }
     await conn.publish("", "props", b'{"id": 1}', properties=props)
-    await conn.publish("", "props", b"kw", message_id="m2", priority=0,
-                       headers={"x": "y"}, ttl=60_000)  # (a ttl is honoured: not 1 ms)
+    await conn.publish(
+        "", "props", b"kw", message_id="m2", priority=0, headers={"x": "y"}, ttl=60_000
+    )  # (a ttl is honoured: not 1 ms)
     await conn.publish("", "props", b"")
     consumer = await conn.consume("props")
     m1, m2, m3 = await take(consumer, 3)
@@ -613,8 +644,12 @@ async def test_properties_arrive_unchanged(conn: client.Connection) -> None:
     assert m1.body == b'{"id": 1}'
     assert (m1.message_id, m1.correlation_id, m1.reply_to) == ("msg-1", "corr-42", "somewhere")
     assert m1.headers == props["headers"]
-    assert m2.properties == {"message_id": "m2", "priority": 0, "headers": {"x": "y"},
-                             "ttl": 60_000}
+    assert m2.properties == {
+        "message_id": "m2",
+        "priority": 0,
+        "headers": {"x": "y"},
+        "ttl": 60_000,
+    }
     assert (m3.body, m3.properties) == (b"", {})
     for m in (m1, m2, m3):
         m.ack()

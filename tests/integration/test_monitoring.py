@@ -24,8 +24,14 @@ CLI = [sys.executable, "-m", "conveyor.cli.main"]
 def cli(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("CONVEYOR_URL", None)
-    return subprocess.run([*CLI, *args, "--url", broker.url], capture_output=True, text=True,
-                          timeout=30, env=env, check=False)
+    return subprocess.run(
+        [*CLI, *args, "--url", broker.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
 
 
 async def _traffic(broker: BrokerProcess, queue: str, n: int, consume: int) -> None:
@@ -40,7 +46,8 @@ async def _traffic(broker: BrokerProcess, queue: str, n: int, consume: int) -> N
 
 
 async def test_json_logs_have_connection_open_and_close(
-        broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
     b = broker_factory("--log-format", "json")
     await _traffic(b, "jq", 3, 0)
     lines: list[dict[str, object]] = []
@@ -61,8 +68,7 @@ async def test_json_logs_have_connection_open_and_close(
     assert opened[0]["peer"] and opened[0]["id"] == closed[0]["id"]
     assert opened[0]["subject"]
     assert isinstance(closed[0]["duration"], float) and closed[0]["reason"]
-    assert any(ln.get("event") == "queue.declared" and ln.get("queue") == "jq"
-               for ln in lines)
+    assert any(ln.get("event") == "queue.declared" and ln.get("queue") == "jq" for ln in lines)
 
 
 async def test_stats_table_and_json(broker: BrokerProcess) -> None:
@@ -87,8 +93,11 @@ async def test_stats_rates_from_two_samples(broker: BrokerProcess) -> None:
     async with await connect(broker.url) as conn:
         await conn.declare_queue("rate-q", durable=False)
         proc = await asyncio.to_thread(
-            subprocess.Popen, [*CLI, "stats", "--interval", "1", "--json", "--url", broker.url],
-            stdout=subprocess.PIPE, text=True)
+            subprocess.Popen,
+            [*CLI, "stats", "--interval", "1", "--json", "--url", broker.url],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         # 100 messages/s until the command is done (however long it takes to start)
         while proc.poll() is None:
             await conn.publish_batch([b"r"] * 10, routing_key="rate-q")
@@ -113,19 +122,23 @@ def _has_http_listener() -> bool:
     from conveyor.cli.main import server
 
     return any(p.name == "http_port" for p in server.params) and hasattr(
-        BrokerProcess(__import__("pathlib").Path("/nonexistent")), "http_port")
+        BrokerProcess(__import__("pathlib").Path("/nonexistent")), "http_port"
+    )
 
 
-@pytest.mark.skipif(not _has_http_listener(), reason="the HTTP listener (--http-port) that "
-                    "serves GET /metrics is not in this tree yet")
+@pytest.mark.skipif(
+    not _has_http_listener(),
+    reason="the HTTP listener (--http-port) that serves GET /metrics is not in this tree yet",
+)
 async def test_metrics_scrape_over_http(broker_factory: Callable[..., BrokerProcess]) -> None:
     b = broker_factory("--http-port", "0")
     assert b.http_port
     await _traffic(b, "scrape-q", 4, 2)
 
     def get() -> tuple[str, str]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{b.http_port}/metrics",
-                                    timeout=WAIT) as resp:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{b.http_port}/metrics", timeout=WAIT
+        ) as resp:
             return resp.read().decode(), resp.headers.get("Content-Type", "")
 
     body, ctype = await asyncio.to_thread(get)
@@ -134,8 +147,11 @@ async def test_metrics_scrape_over_http(broker_factory: Callable[..., BrokerProc
     assert ctype.startswith("text/plain")
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+    }
     assert samples[("conveyor_queue_messages_ready", (("queue", "scrape-q"),))] == 2
     assert samples[("conveyor_queue_published_total", (("queue", "scrape-q"),))] == 4
     assert samples[("conveyor_queue_acked_total", (("queue", "scrape-q"),))] == 2

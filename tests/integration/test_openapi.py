@@ -34,8 +34,12 @@ from tests.integration.helpers import connect
 from tests.integration.http_helpers import http
 
 SPEC = Path(__file__).resolve().parents[2] / "spec" / "openapi.yaml"
-CHECKS: list[Any] = [not_a_server_error, status_code_conformance, content_type_conformance,
-                     response_schema_conformance]
+CHECKS: list[Any] = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 MAX_EXAMPLES = 25
 
 schema = schemathesis.openapi.from_path(SPEC).include(tag=["management", "gateway"])
@@ -46,8 +50,9 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def http_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    b = BrokerProcess(tmp_path_factory.mktemp("openapi") / "data", "--http-port", "0",
-                      "--fsync", "never").start()
+    b = BrokerProcess(
+        tmp_path_factory.mktemp("openapi") / "data", "--http-port", "0", "--fsync", "never"
+    ).start()
 
     async def seed() -> None:
         # Something to find: a queue with messages, a dead-letter queue, a consumer.
@@ -65,8 +70,9 @@ def http_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProc
                 await conn.publish("", "st-q", f"m{i}".encode())
                 await conn.publish("", "st-dlq", b"\xff" * i)
                 await conn.publish("", "st-stream", f"s{i}".encode())
-            async with conn.stream("st-stream", group="st-group", offset="first",
-                                   auto_commit=False) as s:
+            async with conn.stream(
+                "st-stream", group="st-group", offset="first", auto_commit=False
+            ) as s:
                 msg = await s.get(10)
                 assert msg is not None
                 msg.ack()
@@ -77,9 +83,12 @@ def http_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProc
     # A client connection (with a consumer) that stays open while the module runs, so the
     # connection and consumer listings have items for their schemas to check.
     env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_URL"}
-    held = subprocess.Popen([sys.executable, "-m", "conveyor.cli.main", "consume", "-q", "st-held",
-                             "--url", b.url], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    held = subprocess.Popen(
+        [sys.executable, "-m", "conveyor.cli.main", "consume", "-q", "st-held", "--url", b.url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not _get(b, "/api/consumers"):
@@ -100,21 +109,38 @@ def _get(b: BrokerProcess, path: str) -> Any:
 
 def test_schema_lists_every_route() -> None:
     paths = set(schemathesis.openapi.from_path(SPEC).raw_schema["paths"])
-    assert {"/api/overview", "/api/queues", "/api/queues/{name}", "/api/queues/{name}/peek",
-            "/api/queues/{name}/purge", "/api/queues/{name}/redrive", "/api/exchanges",
-            "/api/bindings", "/api/consumers", "/api/connections", "/api/connections/{id}",
-            "/queues/{queue}/messages", "/queues/{queue}/messages/{receipt_handle}",
-            "/queues/{queue}/messages/{receipt_handle}/visibility",
-            "/queues/{queue}/messages/batch", "/queues/{queue}/messages/batch-delete",
-            "/exchanges/{exchange}/messages", "/metrics", "/", "/api/queues/{name}/history",
-            "/api/exchanges/{name}", "/api/bindings/{exchange}/{queue}/{key}",
-            "/api/whoami"} <= paths
+    assert {
+        "/api/overview",
+        "/api/queues",
+        "/api/queues/{name}",
+        "/api/queues/{name}/peek",
+        "/api/queues/{name}/purge",
+        "/api/queues/{name}/redrive",
+        "/api/exchanges",
+        "/api/bindings",
+        "/api/consumers",
+        "/api/connections",
+        "/api/connections/{id}",
+        "/queues/{queue}/messages",
+        "/queues/{queue}/messages/{receipt_handle}",
+        "/queues/{queue}/messages/{receipt_handle}/visibility",
+        "/queues/{queue}/messages/batch",
+        "/queues/{queue}/messages/batch-delete",
+        "/exchanges/{exchange}/messages",
+        "/metrics",
+        "/",
+        "/api/queues/{name}/history",
+        "/api/exchanges/{name}",
+        "/api/bindings/{exchange}/{queue}/{key}",
+        "/api/whoami",
+    } <= paths
     assert len(OPERATIONS) == 27
 
 
 def test_queue_declare_documents_every_queue_argument() -> None:
     """PUT /api/queues/{name} takes the queue arguments of spec/protocol.toml."""
     import tomllib
+
     raw = schemathesis.openapi.from_path(SPEC).raw_schema
     documented = raw["components"]["schemas"]["QueueDeclare"]["properties"]["arguments"]
     toml = tomllib.loads((SPEC.parent / "protocol.toml").read_text())
@@ -125,9 +151,14 @@ def test_queue_declare_documents_every_queue_argument() -> None:
 def test_operation_conforms(operation: Any, http_broker: BrokerProcess) -> None:
     base_url = f"http://127.0.0.1:{http_broker.http_port}"
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy())
     def check(case: Any) -> None:
         case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=10)
@@ -142,41 +173,64 @@ def test_known_objects_conform(http_broker: BrokerProcess) -> None:
     h = {"X-Conveyor-Request": "1"}  # anonymous state changes need it (CSRF guard)
     cases = [
         op["GET /api/queues/{name}"].Case(path_parameters={"name": "st-q"}),
-        op["GET /api/queues/{name}/peek"].Case(path_parameters={"name": "st-dlq"},
-                                              query={"count": 3}),
-        op["GET /queues/{queue}/messages"].Case(path_parameters={"queue": "st-dlq"},
-                                               query={"batch_size": 2}),
-        op["GET /queues/{queue}/messages"].Case(path_parameters={"queue": "st-q"},
-                                               query={"wait_time_seconds": 2}),
+        op["GET /api/queues/{name}/peek"].Case(
+            path_parameters={"name": "st-dlq"}, query={"count": 3}
+        ),
+        op["GET /queues/{queue}/messages"].Case(
+            path_parameters={"queue": "st-dlq"}, query={"batch_size": 2}
+        ),
+        op["GET /queues/{queue}/messages"].Case(
+            path_parameters={"queue": "st-q"}, query={"wait_time_seconds": 2}
+        ),
         op["POST /queues/{queue}/messages/batch"].Case(
-            headers=h, path_parameters={"queue": "st-q"},
-            body={"entries": [{"id": "a", "message": "x", "correlation_id": "c"},
-                              {"id": "b", "message": "y", "priority": 99}]}),
+            headers=h,
+            path_parameters={"queue": "st-q"},
+            body={
+                "entries": [
+                    {"id": "a", "message": "x", "correlation_id": "c"},
+                    {"id": "b", "message": "y", "priority": 99},
+                ]
+            },
+        ),
         op["POST /queues/{queue}/messages/batch-delete"].Case(
-            headers=h, path_parameters={"queue": "st-q"},
-            body={"entries": [{"id": "a", "receipt_handle": "1.x"}]}),
+            headers=h,
+            path_parameters={"queue": "st-q"},
+            body={"entries": [{"id": "a", "receipt_handle": "1.x"}]},
+        ),
         op["POST /exchanges/{exchange}/messages"].Case(
-            headers=h, path_parameters={"exchange": "amq.topic"},
-            body={"routing_key": "k", "message": "hi", "type": "t"}),
-        op["POST /queues/{queue}/messages"].Case(headers=h, path_parameters={"queue": "st-q"},
-                                                body={"message": "hi", "delay": 0.5,
-                                                      "priority": 3, "ttl": 60}),
-        op["POST /api/queues/{name}/redrive"].Case(headers=h, path_parameters={"name": "st-dlq"},
-                                                  query={"to": "st-q", "count": 1}),
-        op["PUT /api/queues/{name}"].Case(headers=h, path_parameters={"name": "st-new"},
-                                         body={"arguments": {"max_priority": 3}}),
+            headers=h,
+            path_parameters={"exchange": "amq.topic"},
+            body={"routing_key": "k", "message": "hi", "type": "t"},
+        ),
+        op["POST /queues/{queue}/messages"].Case(
+            headers=h,
+            path_parameters={"queue": "st-q"},
+            body={"message": "hi", "delay": 0.5, "priority": 3, "ttl": 60},
+        ),
+        op["POST /api/queues/{name}/redrive"].Case(
+            headers=h, path_parameters={"name": "st-dlq"}, query={"to": "st-q", "count": 1}
+        ),
+        op["PUT /api/queues/{name}"].Case(
+            headers=h, path_parameters={"name": "st-new"}, body={"arguments": {"max_priority": 3}}
+        ),
         op["POST /api/queues/{name}/purge"].Case(headers=h, path_parameters={"name": "st-new"}),
         op["DELETE /api/queues/{name}"].Case(headers=h, path_parameters={"name": "st-new"}),
         op["GET /api/queues/{name}/history"].Case(path_parameters={"name": "st-q"}),
-        op["PUT /api/exchanges/{name}"].Case(headers=h, path_parameters={"name": "st-x2"},
-                                            body={"type": "fanout", "auto_delete": False}),
-        op["POST /api/bindings"].Case(headers=h, body={"exchange": "st-x2", "queue": "st-q",
-                                                       "routing_key": "k"}),
+        op["PUT /api/exchanges/{name}"].Case(
+            headers=h,
+            path_parameters={"name": "st-x2"},
+            body={"type": "fanout", "auto_delete": False},
+        ),
+        op["POST /api/bindings"].Case(
+            headers=h, body={"exchange": "st-x2", "queue": "st-q", "routing_key": "k"}
+        ),
         op["POST /api/bindings"].Case(headers=h, body={"exchange": "st-x2", "queue": "st-q"}),
-        op["DELETE /api/bindings"].Case(headers=h, body={"exchange": "st-x2", "queue": "st-q",
-                                                         "routing_key": "k"}),
+        op["DELETE /api/bindings"].Case(
+            headers=h, body={"exchange": "st-x2", "queue": "st-q", "routing_key": "k"}
+        ),
         op["DELETE /api/bindings/{exchange}/{queue}/{key}"].Case(
-            headers=h, path_parameters={"exchange": "st-x2", "queue": "st-q", "key": ""}),
+            headers=h, path_parameters={"exchange": "st-x2", "queue": "st-q", "key": ""}
+        ),
         op["DELETE /api/exchanges/{name}"].Case(headers=h, path_parameters={"name": "st-x2"}),
         op["GET /api/whoami"].Case(),
     ]
@@ -230,15 +284,21 @@ def _drifts(body: Any) -> Iterator[tuple[str, Any]]:
         yield f"{key} missing", missing
         wrong = copy.deepcopy(body)
         _first_object(wrong)[key] = (
-            "true" if isinstance(value, bool) else
-            True if isinstance(value, str | int | float | dict | list) else 1)
+            "true"
+            if isinstance(value, bool)
+            else True
+            if isinstance(value, str | int | float | dict | list)
+            else 1
+        )
         yield f"{key} of the wrong type", wrong
 
 
-@pytest.mark.parametrize(("operation", "path", "status"), DRIFT_CASES,
-                         ids=[c[1] for c in DRIFT_CASES])
-def test_response_schemas_are_strict(operation: str, path: str, status: int,
-                                     http_broker: BrokerProcess) -> None:
+@pytest.mark.parametrize(
+    ("operation", "path", "status"), DRIFT_CASES, ids=[c[1] for c in DRIFT_CASES]
+)
+def test_response_schemas_are_strict(
+    operation: str, path: str, status: int, http_broker: BrokerProcess
+) -> None:
     """additionalProperties false, every property required, exact types: a response that
     drifts from the spec (say "blocked": "" where it says boolean) fails validation."""
     op = schema[operation]["GET"]

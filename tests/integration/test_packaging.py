@@ -60,13 +60,13 @@ if __name__ == "__main__":
     print(conveyor.__version__, asyncio.run(main(sys.argv[1])))
 '''
 
-WRONG_SCRIPT = '''\
+WRONG_SCRIPT = """\
 from conveyor import connect
 
 
 async def main() -> None:
     conn: int = await connect("mq://127.0.0.1:1")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +79,32 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         src,
         symlinks=True,
         ignore=shutil.ignore_patterns(
-            ".git", "__pycache__", "*.egg-info", "build", "dist", ".*_cache", "data", "tests",
-            "venv", ".ci",
+            ".git",
+            "__pycache__",
+            "*.egg-info",
+            "build",
+            "dist",
+            ".*_cache",
+            "data",
+            "tests",
+            "venv",
+            ".ci",
         ),
     )
     out = base / "dist"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(src)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -112,7 +130,10 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     site = Path(
         subprocess.run(
             [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True, capture_output=True, text=True, timeout=30,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
         ).stdout.strip()
     )
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
@@ -177,9 +198,21 @@ def test_user_script_type_checks_with_real_types(venv: Path, tmp_path: Path) -> 
 
     def mypy(name: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [py, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path / "c"),
-             name],
-            cwd=work, capture_output=True, text=True, timeout=300, check=False,
+            [
+                py,
+                "-m",
+                "mypy",
+                "--strict",
+                "--no-incremental",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                name,
+            ],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
 
     ok = mypy("app.py")
@@ -195,8 +228,9 @@ def test_installed_broker_serves_openapi_and_messages(venv: Path, tmp_path: Path
     packaged spec), and the user script publishes and gets through the installed client."""
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
-    b = BrokerProcess(tmp_path / "data", "--http-port", "0",
-                      command=[str(venv / "bin" / "mq-cli")], cwd=elsewhere).start()
+    b = BrokerProcess(
+        tmp_path / "data", "--http-port", "0", command=[str(venv / "bin" / "mq-cli")], cwd=elsewhere
+    ).start()
     try:
         assert b.http_port, b.log_text()[-2000:]
         with urllib.request.urlopen(f"{b.http_url}/openapi.yaml", timeout=10) as resp:
@@ -206,14 +240,25 @@ def test_installed_broker_serves_openapi_and_messages(venv: Path, tmp_path: Path
         (elsewhere / "app.py").write_text(textwrap.dedent(USER_SCRIPT))
         run = subprocess.run(
             [str(venv / "bin" / "python"), "app.py", b.url],
-            cwd=elsewhere, capture_output=True, text=True, timeout=60, check=False,
+            cwd=elsewhere,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.strip().endswith("[b'm0', b'm1', b'm2']"), run.stdout
         probe = subprocess.run(
-            [str(venv / "bin" / "python"), "-c",
-             "import conveyor, conveyor.broker as b; print(conveyor.__file__, b.__file__)"],
-            cwd=elsewhere, capture_output=True, text=True, timeout=60, check=False,
+            [
+                str(venv / "bin" / "python"),
+                "-c",
+                "import conveyor, conveyor.broker as b; print(conveyor.__file__, b.__file__)",
+            ],
+            cwd=elsewhere,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         site = str(_site_packages(venv).resolve())
         files = probe.stdout.split()

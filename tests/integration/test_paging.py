@@ -32,8 +32,9 @@ async def fill(url: str) -> None:
     async with await connect(url) as conn:
         await conn.declare_queue("big")
         for start in range(0, COUNT, 200):
-            await conn.publish_batch([body(i) for i in range(start, start + 200)],
-                                     routing_key="big", timeout=30)
+            await conn.publish_batch(
+                [body(i) for i in range(start, start + 200)], routing_key="big", timeout=30
+            )
 
 
 async def drain(url: str) -> list[bytes]:
@@ -48,8 +49,9 @@ async def drain(url: str) -> list[bytes]:
     return got
 
 
-def test_backlog_larger_than_memory(broker_factory: Callable[..., BrokerProcess],
-                                    tmp_path: Path) -> None:
+def test_backlog_larger_than_memory(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
     cfg = tmp_path / "paging.toml"
     cfg.write_text(f"memory_budget = {4 * MIB}\nsnapshot_bytes = {16 * MIB}\n")
     b = broker_factory("--config", str(cfg))

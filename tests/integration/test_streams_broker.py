@@ -21,11 +21,10 @@ def _offsets(msgs: list[client.Message]) -> list[int]:
     return [m.properties["headers"]["x-stream-offset"] for m in msgs]
 
 
-async def _fill(conn: client.Connection, name: str, n: int, start: int = 0,
-                size: int = 0) -> None:
+async def _fill(conn: client.Connection, name: str, n: int, start: int = 0, size: int = 0) -> None:
     bodies = [(f"m{i}".encode() + b"." * size) for i in range(start, start + n)]
     for i in range(0, n, 100):
-        await asyncio.wait_for(conn.publish_batch(bodies[i:i + 100], routing_key=name), WAIT)
+        await asyncio.wait_for(conn.publish_batch(bodies[i : i + 100], routing_key=name), WAIT)
 
 
 async def test_two_groups_each_get_everything_in_order(conn: client.Connection) -> None:
@@ -78,7 +77,8 @@ async def test_errors(conn: client.Connection) -> None:
 
 
 async def test_members_share_and_disconnect_hands_over(
-        conn: client.Connection, connect_to: Callable[..., Awaitable[Any]]) -> None:
+    conn: client.Connection, connect_to: Callable[..., Awaitable[Any]]
+) -> None:
     await conn.declare_queue("s", arguments=STREAM)
     await _fill(conn, "s", 40)
     other = await connect_to()
@@ -97,8 +97,7 @@ async def test_members_share_and_disconnect_hands_over(
     await wait_until(lambda: _committed(conn, "s", "g", 40))
 
 
-async def test_kill9_keeps_messages_confirms_and_group_offsets(
-        broker: BrokerProcess) -> None:
+async def test_kill9_keeps_messages_confirms_and_group_offsets(broker: BrokerProcess) -> None:
     conn = await connect(broker.url)
     await conn.declare_queue("s", arguments=STREAM)
     await _fill(conn, "s", 300)  # every one confirmed
@@ -119,7 +118,8 @@ async def test_kill9_keeps_messages_confirms_and_group_offsets(
         assert _offsets(rest) == list(range(120, 300))  # resumed: no gap, offset ignored
         everything = await conn.consume("s", prefetch=300, arguments={"offset": "first"})
         assert [m.body for m in await take(everything, 300)] == [
-            f"m{i}".encode() for i in range(300)]
+            f"m{i}".encode() for i in range(300)
+        ]
         await _fill(conn, "s", 10, 300)  # appends continue after the recovered head
         assert _offsets(await take(g, 10, ack=True)) == list(range(300, 310))
     finally:
@@ -135,16 +135,18 @@ async def test_replay_from_timestamp(conn: client.Connection) -> None:
     msgs = await take(c, 40)
     stamps = [m.properties["headers"]["x-stream-timestamp"] for m in msgs]
     assert stamps == sorted(stamps) and stamps[20] > stamps[19]
-    t = await conn.consume("s", prefetch=100,
-                           arguments={"timestamp": stamps[20], "offset": "first"})
+    t = await conn.consume(
+        "s", prefetch=100, arguments={"timestamp": stamps[20], "offset": "first"}
+    )
     assert _offsets(await take(t, 20)) == list(range(20, 40))
     assert await drain(t, 0.2) == []
 
 
 async def test_retention_by_size_bounds_disk(conn: client.Connection) -> None:
     seg, limit = 8192, 40_000
-    await conn.declare_queue("s", arguments={**STREAM, "stream_segment_bytes": seg,
-                                             "max_length_bytes": limit})
+    await conn.declare_queue(
+        "s", arguments={**STREAM, "stream_segment_bytes": seg, "max_length_bytes": limit}
+    )
     for round_ in range(10):
         await _fill(conn, "s", 50, round_ * 50, size=300)
         info = await queue_info(conn, "s")

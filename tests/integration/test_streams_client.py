@@ -46,16 +46,19 @@ async def declare_stream(conn: client.Connection, name: str, **kw: Any) -> None:
     await conn.declare_queue(name, queue_type="stream", **kw)
     info = await queue_info(conn, name)
     assert info is not None and info.get("type") == "stream", (
-        f"broker side: declaring {name!r} with queue_type 'stream' made {info!r}")
+        f"broker side: declaring {name!r} with queue_type 'stream' made {info!r}"
+    )
 
 
-async def publish_range(conn: client.Connection, stream: str, start: int, stop: int,
-                        chunk: int = 5000, size: int = 0) -> None:
+async def publish_range(
+    conn: client.Connection, stream: str, start: int, stop: int, chunk: int = 5000, size: int = 0
+) -> None:
     pad = b"p" * max(0, size - 8)
     for lo in range(start, stop, chunk):
         hi = min(stop, lo + chunk)
-        await conn.publish_batch([body(i) + pad for i in range(lo, hi)], routing_key=stream,
-                                 timeout=60)
+        await conn.publish_batch(
+            [body(i) + pad for i in range(lo, hi)], routing_key=stream, timeout=60
+        )
 
 
 async def group_info(conn: client.Connection, stream: str, group: str) -> dict[str, Any]:
@@ -65,8 +68,9 @@ async def group_info(conn: client.Connection, stream: str, group: str) -> dict[s
     return groups.get(group) or {}
 
 
-async def wait_lag(conn: client.Connection, stream: str, group: str, lag: int,
-                   timeout: float = WAIT) -> dict[str, Any]:
+async def wait_lag(
+    conn: client.Connection, stream: str, group: str, lag: int, timeout: float = WAIT
+) -> dict[str, Any]:
     last: dict[str, Any] = {}
 
     async def done() -> bool:
@@ -77,13 +81,18 @@ async def wait_lag(conn: client.Connection, stream: str, group: str, lag: int,
     try:
         await wait_until(done, timeout, interval=0.05)
     except AssertionError:
-        raise AssertionError(f"group {group!r} of {stream!r}: lag {lag} expected, "
-                             f"LIST says {last}") from None
+        raise AssertionError(
+            f"group {group!r} of {stream!r}: lag {lag} expected, LIST says {last}"
+        ) from None
     return last
 
 
-async def read_all(conn: client.Connection, stream: str, n: int, **kw: Any,
-                   ) -> list[client.Message]:
+async def read_all(
+    conn: client.Connection,
+    stream: str,
+    n: int,
+    **kw: Any,
+) -> list[client.Message]:
     """``n`` messages of ``stream`` from a consumer without a group."""
     out: list[client.Message] = []
     async with conn.stream(stream, **kw) as s:
@@ -102,8 +111,9 @@ def stream_bytes(b: BrokerProcess) -> int:
 def cli(b: BrokerProcess, *args: str, timeout: float = 60) -> str:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("CONVEYOR_URL", None)
-    p = subprocess.run([*CLI, *args, "--url", b.url], capture_output=True, timeout=timeout,
-                       env=env, check=False)
+    p = subprocess.run(
+        [*CLI, *args, "--url", b.url], capture_output=True, timeout=timeout, env=env, check=False
+    )
     assert p.returncode == 0, (args, p.returncode, p.stderr.decode())
     return p.stdout.decode()
 
@@ -117,8 +127,9 @@ def test_stream_arguments_are_checked_before_sending() -> None:
     when = datetime.datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=utc)
     # Rounded up: the first message at or after a time between two milliseconds.
     assert stream_arguments(timestamp=when) == {"timestamp": 1714564800124}
-    assert timestamp_ms(datetime.datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=utc)) == \
-        1714564800123
+    assert (
+        timestamp_ms(datetime.datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=utc)) == 1714564800123
+    )
     assert timestamp_ms(1714564800123) == 1714564800123
     assert timestamp_ms(1714564800122.5) == 1714564800123
     for bad in ("oldest", -1, True, 2**64, 1.5):
@@ -132,16 +143,27 @@ def test_stream_arguments_are_checked_before_sending() -> None:
 
 def test_message_offset_and_timestamp_read_the_stream_headers() -> None:
     origin = client.message.Origin(None, None, 0)  # type: ignore[arg-type]
-    m = client.Message(origin, (1, False, "", "s", {"headers": {
-        "x-stream-offset": 5, "x-stream-timestamp": 1700000000000}}, b"x", 1))
+    m = client.Message(
+        origin,
+        (
+            1,
+            False,
+            "",
+            "s",
+            {"headers": {"x-stream-offset": 5, "x-stream-timestamp": 1700000000000}},
+            b"x",
+            1,
+        ),
+    )
     assert (m.offset, m.timestamp) == (5, 1700000000000)
     plain = client.Message(origin, (2, False, "", "q", {"timestamp": 3}, b"x", 1))
     assert (plain.offset, plain.timestamp) == (None, None)
 
 
 # ---------------------------------------------------------------------- groups
-async def _group_reader(conn: client.Connection, stream: str, group: str, n: int, *,
-                        prefetch: int, slow: bool) -> dict[str, Any]:
+async def _group_reader(
+    conn: client.Connection, stream: str, group: str, n: int, *, prefetch: int, slow: bool
+) -> dict[str, Any]:
     """Read ``n`` messages as ``group``; check each comes once, in offset order."""
     got = 0
     first_offset: int | None = None
@@ -156,7 +178,8 @@ async def _group_reader(conn: client.Connection, stream: str, group: str, n: int
         if first_offset is None:
             first_offset = off
         assert m.body[:8] == body(got), (
-            f"{group}: message #{got} is {m.body[:8]!r} (offset {off}, previous {prev})")
+            f"{group}: message #{got} is {m.body[:8]!r} (offset {off}, previous {prev})"
+        )
         assert prev is None or off > prev, f"{group}: offset {off} after {prev}"
         prev = off
         got += 1
@@ -183,28 +206,38 @@ async def _group_reader(conn: client.Connection, stream: str, group: str, n: int
     extra = await s.get(0.5)
     assert extra is None, f"{group}: a message past the end: {extra!r} {extra and extra.offset}"
     await s.cancel()
-    return {"group": group, "messages": got, "first_offset": first_offset, "last_offset": prev,
-            "seconds": round(time.monotonic() - t0, 2)}
+    return {
+        "group": group,
+        "messages": got,
+        "first_offset": first_offset,
+        "last_offset": prev,
+        "seconds": round(time.monotonic() - t0, 2),
+    }
 
 
 async def test_two_groups_at_different_speeds_each_get_every_message_once(
-        broker: BrokerProcess) -> None:
+    broker: BrokerProcess,
+) -> None:
     n = N_MESSAGES
-    async with await connect(broker.url) as pub, await connect(broker.url) as c1, \
-            await connect(broker.url) as c2:
+    async with (
+        await connect(broker.url) as pub,
+        await connect(broker.url) as c1,
+        await connect(broker.url) as c2,
+    ):
         await declare_stream(pub, "events")
         await publish_range(pub, "events", 0, n // 2)
-        fast = asyncio.create_task(_group_reader(c1, "events", "fast", n, prefetch=1000,
-                                                 slow=False))
-        slow = asyncio.create_task(_group_reader(c2, "events", "slow", n, prefetch=8,
-                                                 slow=True))
+        fast = asyncio.create_task(
+            _group_reader(c1, "events", "fast", n, prefetch=1000, slow=False)
+        )
+        slow = asyncio.create_task(_group_reader(c2, "events", "slow", n, prefetch=8, slow=True))
         await publish_range(pub, "events", n // 2, n)  # while both read
         budget = max(60.0, n / 2000)
         results = await asyncio.wait_for(asyncio.gather(fast, slow), budget)
         for r in results:
             assert r["messages"] == n
             assert r["last_offset"] - r["first_offset"] == n - 1, (
-                f"{r['group']}: offsets not contiguous: {r}")
+                f"{r['group']}: offsets not contiguous: {r}"
+            )
         assert results[0]["first_offset"] == results[1]["first_offset"]
         info = await queue_info(pub, "events")
         assert info is not None
@@ -234,9 +267,11 @@ async def test_two_groups_at_different_speeds_each_get_every_message_once(
             before = await _one(c1, "events", start.offset - 1)
             assert before.timestamp is not None and before.timestamp < mid.timestamp
         assert count == first + n - start.offset
-        print(f"\ntwo groups, {n} messages: {results}; replay from the middle "
-              f"(offset {start.offset}): {count} messages in "
-              f"{time.monotonic() - t_replay:.2f}s")
+        print(
+            f"\ntwo groups, {n} messages: {results}; replay from the middle "
+            f"(offset {start.offset}): {count} messages in "
+            f"{time.monotonic() - t_replay:.2f}s"
+        )
 
 
 async def _one(conn: client.Connection, stream: str, offset: int) -> client.Message:
@@ -250,8 +285,11 @@ async def _one(conn: client.Connection, stream: str, offset: int) -> client.Mess
 
 async def test_members_of_one_group_share_the_stream(broker: BrokerProcess) -> None:
     n = 2000
-    async with await connect(broker.url) as pub, await connect(broker.url) as ca, \
-            await connect(broker.url) as cb:
+    async with (
+        await connect(broker.url) as pub,
+        await connect(broker.url) as ca,
+        await connect(broker.url) as cb,
+    ):
         await declare_stream(pub, "shared")
         a = await ca.stream("shared", offset="first", group="workers", prefetch=50)
         b = await cb.stream("shared", offset="first", group="workers", prefetch=50)
@@ -264,7 +302,8 @@ async def test_members_of_one_group_share_the_stream(broker: BrokerProcess) -> N
                 if m is None:
                     continue
                 assert m.offset is not None and m.offset not in seen, (
-                    f"offset {m.offset} delivered to {seen.get(m.offset or -1)} and {name}")
+                    f"offset {m.offset} delivered to {seen.get(m.offset or -1)} and {name}"
+                )
                 seen[m.offset] = name
 
         await asyncio.wait_for(asyncio.gather(take(a, "a"), take(b, "b")), 60)
@@ -294,7 +333,11 @@ async def test_replay_from_an_offset_and_from_a_timestamp(broker: BrokerProcess)
         k = next(i for i in range(1000, 2000) if stamps[i] != stamps[i - 1])
         for ts, want in ((stamps[k - 1] + 1, k), (stamps[k], k)):
             got = await read_all(conn, "replay", 5, timestamp=ts, offset="first")
-            assert [m.offset for m in got] == offsets[want:want + 5], (ts, k, stamps[k - 2:k + 2])
+            assert [m.offset for m in got] == offsets[want : want + 5], (
+                ts,
+                k,
+                stamps[k - 2 : k + 2],
+            )
         # The same as a datetime (whole ms in UTC: exact).
         when = datetime.datetime.fromtimestamp(stamps[k] / 1000, datetime.UTC)
         got = await read_all(conn, "replay", 1, timestamp=when)
@@ -314,15 +357,15 @@ async def test_replay_from_an_offset_and_from_a_timestamp(broker: BrokerProcess)
 
 
 # ---------------------------------------------------------------------- resume
-async def test_group_resumes_exactly_after_its_commit_after_kill_9(
-        broker_factory: Any) -> None:
+async def test_group_resumes_exactly_after_its_commit_after_kill_9(broker_factory: Any) -> None:
     b: BrokerProcess = broker_factory()
     async with await connect(b.url) as conn:
         await declare_stream(conn, "orders")
         await publish_range(conn, "orders", 0, 5000)
         # Manual commits: the credit window must hold everything left unacked.
-        s = await conn.stream("orders", offset="first", group="billing", prefetch=1500,
-                              auto_commit=False)
+        s = await conn.stream(
+            "orders", offset="first", group="billing", prefetch=1500, auto_commit=False
+        )
         msgs: list[client.Message] = []
         while len(msgs) < 1500 and (m := await s.get(WAIT)) is not None:
             msgs.append(m)
@@ -339,12 +382,14 @@ async def test_group_resumes_exactly_after_its_commit_after_kill_9(
         assert m is not None
         assert m.offset == msgs[1000].offset and m.body == body(1000), (
             f"after kill -9 the group resumed at {m.offset} ({m.body!r}); committed up to "
-            f"{msgs[999].offset}")
+            f"{msgs[999].offset}"
+        )
 
 
 @pytest.mark.parametrize("pause", [COMMIT_DELAY, 0.0], ids=["quiet", "mid-flight"])
-async def test_group_resume_after_kill_9_mid_read_has_no_gap(broker_factory: Any,
-                                                              pause: float) -> None:
+async def test_group_resume_after_kill_9_mid_read_has_no_gap(
+    broker_factory: Any, pause: float
+) -> None:
     b: BrokerProcess = broker_factory()
     n, prefetch, cut = 20_000, 100, 7000
     async with await connect(b.url) as conn:
@@ -389,26 +434,28 @@ async def test_group_resume_after_kill_9_mid_read_has_no_gap(broker_factory: Any
             assert first >= recent - 1, (
                 f"resumed at #{first}: messages acked up to {killed_at - taken_at[first + 1]:.3f}"
                 f" s before the kill came again (#{recent - 1} was acked "
-                f"{killed_at - taken_at[recent]:.3f} s before it)")
+                f"{killed_at - taken_at[recent]:.3f} s before it)"
+            )
 
 
 # ---------------------------------------------------------------------- retention
 async def test_retention_by_size_bounds_disk_use(broker: BrokerProcess) -> None:
     limit, segment = 4 << 20, 1 << 20
     async with await connect(broker.url) as conn:
-        await declare_stream(conn, "metrics", max_length_bytes=limit,
-                             stream_segment_bytes=segment)
+        await declare_stream(conn, "metrics", max_length_bytes=limit, stream_segment_bytes=segment)
         size = 4096
         per_round = 1000  # ~4 MiB
         worst = 0
         for r in range(10):  # ~40 MiB through a 4 MiB stream
-            await publish_range(conn, "metrics", r * per_round, (r + 1) * per_round,
-                                chunk=250, size=size)
+            await publish_range(
+                conn, "metrics", r * per_round, (r + 1) * per_round, chunk=250, size=size
+            )
             used = stream_bytes(broker)
             worst = max(worst, used)
             assert used <= limit + segment, (
                 f"after {(r + 1) * per_round * size >> 20} MiB published: {used} bytes under "
-                f"{broker.data_dir / 'streams'} (limit {limit} + one segment {segment})")
+                f"{broker.data_dir / 'streams'} (limit {limit} + one segment {segment})"
+            )
         assert worst > limit // 2, f"the stream holds suspiciously little: {worst} bytes"
         info = await queue_info(conn, "metrics")
         assert info is not None
@@ -426,14 +473,27 @@ async def test_retention_by_size_bounds_disk_use(broker: BrokerProcess) -> None:
 
 # ---------------------------------------------------------------------- CLI
 async def test_cli_consume_offsets_times_and_groups(broker: BrokerProcess) -> None:
-    out = await asyncio.to_thread(cli, broker, "declare-queue", "audit", "--type", "stream",
-                                  "--max-age", "7d", "--stream-segment-bytes", "1048576")
+    out = await asyncio.to_thread(
+        cli,
+        broker,
+        "declare-queue",
+        "audit",
+        "--type",
+        "stream",
+        "--max-age",
+        "7d",
+        "--stream-segment-bytes",
+        "1048576",
+    )
     assert out.startswith("audit\t")
     async with await connect(broker.url) as conn:
         info = await queue_info(conn, "audit")
         assert info is not None and info.get("type") == "stream", info
-        assert info["arguments"] == {"queue_type": "stream", "max_age_ms": 7 * 86_400_000,
-                                     "stream_segment_bytes": 1 << 20}
+        assert info["arguments"] == {
+            "queue_type": "stream",
+            "max_age_ms": 7 * 86_400_000,
+            "stream_segment_bytes": 1 << 20,
+        }
         for k in range(3):
             await publish_range(conn, "audit", k * 40, (k + 1) * 40)
             await asyncio.sleep(0.05)
@@ -456,7 +516,7 @@ async def test_cli_consume_offsets_times_and_groups(broker: BrokerProcess) -> No
     k = next(i for i in range(41, 120) if stamps[i] != stamps[i - 1])
     iso = datetime.datetime.fromtimestamp(stamps[k] / 1000, datetime.UTC).isoformat()
     lines = await asyncio.to_thread(consume, "--offset", iso, "-n", "2")
-    assert [x["offset"] for x in lines] == offsets[k:k + 2], (iso, k)
+    assert [x["offset"] for x in lines] == offsets[k : k + 2], (iso, k)
     iso_z = iso.replace("+00:00", "Z")
     lines = await asyncio.to_thread(consume, "--offset", iso_z, "-n", "1")
     assert lines[0]["offset"] == offsets[k]
@@ -475,13 +535,18 @@ async def test_cli_consume_offsets_times_and_groups(broker: BrokerProcess) -> No
 
 
 def test_cli_rejects_a_bad_offset(tmp_path: Path) -> None:
-    p = subprocess.run([*CLI, "consume", "-q", "s", "--offset", "yesterday", "--url",
-                        "mq://127.0.0.1:1"], capture_output=True, timeout=30, check=False)
+    p = subprocess.run(
+        [*CLI, "consume", "-q", "s", "--offset", "yesterday", "--url", "mq://127.0.0.1:1"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     assert p.returncode == 2 and b"--offset" in p.stderr, p.stderr
 
 
 async def test_reader_without_a_group_resumes_where_it_was_after_a_reconnect(
-        broker_factory: Any) -> None:
+    broker_factory: Any,
+) -> None:
     b: BrokerProcess = broker_factory()
     async with await connect(b.url) as conn:
         await declare_stream(conn, "log")

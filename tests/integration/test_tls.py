@@ -31,16 +31,26 @@ OPENSSL = shutil.which("openssl")
 
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
-    for k in ("CONVEYOR_URL", "CONVEYOR_TLS_CA", "CONVEYOR_TLS_CERT", "CONVEYOR_TLS_KEY",
-              "CONVEYOR_TOKEN", "MQ_TLS_CA", "MQ_TLS_CERT", "MQ_TLS_KEY", "MQ_TOKEN"):
+    for k in (
+        "CONVEYOR_URL",
+        "CONVEYOR_TLS_CA",
+        "CONVEYOR_TLS_CERT",
+        "CONVEYOR_TLS_KEY",
+        "CONVEYOR_TOKEN",
+        "MQ_TLS_CA",
+        "MQ_TLS_CERT",
+        "MQ_TLS_KEY",
+        "MQ_TOKEN",
+    ):
         if k not in extra:
             env.pop(k, None)
     return env
 
 
 def cli(*args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, env=_env(**env),
-                          check=False)
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, timeout=timeout, env=_env(**env), check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +62,14 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tls_flags(certs: Path, *, mtls: bool = False) -> list[str]:
-    flags = ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
-             "--tls-port", "0"]
+    flags = [
+        "--tls-cert",
+        str(certs / "server.pem"),
+        "--tls-key",
+        str(certs / "server.key"),
+        "--tls-port",
+        "0",
+    ]
     return [*flags, "--tls-ca", str(certs / "ca.pem")] if mtls else flags
 
 
@@ -61,7 +77,11 @@ def s_client(port: int, *args: str) -> subprocess.CompletedProcess[bytes]:
     assert OPENSSL is not None
     return subprocess.run(
         [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-verify_return_error", *args],
-        input=b"", capture_output=True, timeout=20, check=False)
+        input=b"",
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
 
 
 def test_gen_certs_writes_a_ca_and_certificates(certs: Path) -> None:
@@ -75,7 +95,9 @@ def test_gen_certs_writes_a_ca_and_certificates(certs: Path) -> None:
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
     assert set(san.get_values_for_type(x509.IPAddress)) == {
-        ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
     days = (server.not_valid_after_utc - server.not_valid_before_utc).days
     assert 30 <= days <= 825
     # An existing set is not overwritten by accident.
@@ -85,7 +107,8 @@ def test_gen_certs_writes_a_ca_and_certificates(certs: Path) -> None:
 
 @pytest.mark.skipif(OPENSSL is None, reason="openssl not installed")
 def test_openssl_handshake_verifies_against_the_generated_ca(
-        certs: Path, broker_factory: Callable[..., BrokerProcess]) -> None:
+    certs: Path, broker_factory: Callable[..., BrokerProcess]
+) -> None:
     b = broker_factory(*tls_flags(certs))
     assert b.tls_port and b.port and b.tls_port != b.port
     p = s_client(b.tls_port, "-CAfile", str(certs / "ca.pem"), "-verify_ip", "127.0.0.1")
@@ -98,8 +121,9 @@ def test_openssl_handshake_verifies_against_the_generated_ca(
     assert "Verify return code: 0 (ok)" not in p.stdout.decode(errors="replace")
 
 
-async def test_python_client_over_mqs(certs: Path,
-                                      broker_factory: Callable[..., BrokerProcess]) -> None:
+async def test_python_client_over_mqs(
+    certs: Path, broker_factory: Callable[..., BrokerProcess]
+) -> None:
     b = broker_factory(*tls_flags(certs))
     ca = str(certs / "ca.pem")
     conn = await connect(b.tls_url, ca=ca)
@@ -132,14 +156,17 @@ async def test_python_client_over_mqs(certs: Path,
 
 def _raw_tls_hello(port: int, ctx: ssl.SSLContext) -> bytes:
     """Handshake, send the preamble, return what the broker answers (b"" = closed)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s,
+    ):
         s.sendall(PREAMBLE)
         return s.recv(1024)
 
 
 async def test_mutual_tls_requires_a_client_certificate(
-        certs: Path, broker_factory: Callable[..., BrokerProcess]) -> None:
+    certs: Path, broker_factory: Callable[..., BrokerProcess]
+) -> None:
     b = broker_factory(*tls_flags(certs, mtls=True))
     ca = str(certs / "ca.pem")
     with pytest.raises(client.ConnectionClosed):
@@ -148,8 +175,9 @@ async def test_mutual_tls_requires_a_client_certificate(
     other = certs.parent / "other-certs"
     assert cli("gen-certs", "--out", str(other)).returncode == 0
     with pytest.raises(client.ConnectionClosed):
-        await connect(b.tls_url, ca=ca, cert=str(other / "client.pem"),
-                      key=str(other / "client.key"))
+        await connect(
+            b.tls_url, ca=ca, cert=str(other / "client.pem"), key=str(other / "client.key")
+        )
     # Raw: no certificate, no HELLO.
     ctx = ssl.create_default_context(cafile=ca)
     try:
@@ -160,20 +188,29 @@ async def test_mutual_tls_requires_a_client_certificate(
     ctx.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
     answer = await asyncio.to_thread(_raw_tls_hello, b.tls_port, ctx)
     assert b"conveyor" in answer  # HELLO's server_properties
-    conn = await connect(b.tls_url, ca=ca, cert=str(certs / "client.pem"),
-                         key=str(certs / "client.key"))
+    conn = await connect(
+        b.tls_url, ca=ca, cert=str(certs / "client.pem"), key=str(certs / "client.key")
+    )
     try:
         await conn.declare_queue("mtls-q")
     finally:
         await asyncio.wait_for(conn.close(), WAIT)
     if OPENSSL is not None:
-        p = s_client(b.tls_port, "-CAfile", ca, "-cert", str(certs / "client.pem"),
-                     "-key", str(certs / "client.key"))
+        p = s_client(
+            b.tls_port,
+            "-CAfile",
+            ca,
+            "-cert",
+            str(certs / "client.pem"),
+            "-key",
+            str(certs / "client.key"),
+        )
         assert "Verify return code: 0 (ok)" in p.stdout.decode(errors="replace")
 
 
-async def test_no_plain_leaves_only_tls(certs: Path,
-                                        broker_factory: Callable[..., BrokerProcess]) -> None:
+async def test_no_plain_leaves_only_tls(
+    certs: Path, broker_factory: Callable[..., BrokerProcess]
+) -> None:
     b = broker_factory(*tls_flags(certs), "--no-plain")
     assert b.tls_port and not b.port
     conn = await connect(b.tls_url, ca=str(certs / "ca.pem"))
@@ -184,24 +221,45 @@ async def test_no_plain_leaves_only_tls(certs: Path,
 
 def test_server_refuses_impossible_tls_settings(certs: Path, tmp_path: Path) -> None:
     for args, why in (
-            (["--no-plain"], b"no listener"),
-            (["--tls-cert", str(certs / "server.pem")], b"together"),
-            (["--tls-ca", str(certs / "ca.pem")], b"tls_ca"),
-            (["--allow-anonymous", "--require-auth"], b"contradict")):
-        p = subprocess.run([*CLI, "server", "--port", "0", "--data-dir", str(tmp_path / "d"),
-                            *args], capture_output=True, timeout=30, env=_env(), check=False)
+        (["--no-plain"], b"no listener"),
+        (["--tls-cert", str(certs / "server.pem")], b"together"),
+        (["--tls-ca", str(certs / "ca.pem")], b"tls_ca"),
+        (["--allow-anonymous", "--require-auth"], b"contradict"),
+    ):
+        p = subprocess.run(
+            [*CLI, "server", "--port", "0", "--data-dir", str(tmp_path / "d"), *args],
+            capture_output=True,
+            timeout=30,
+            env=_env(),
+            check=False,
+        )
         assert p.returncode == 2, (args, p.stderr)
         assert why in p.stderr and p.stderr.count(b"\n") == 1, p.stderr
     # A key that does not belong to the certificate: one line, status 1.
-    p = subprocess.run([*CLI, "server", "--port", "0", "--data-dir", str(tmp_path / "d"),
-                        *tls_flags(certs)[:2], "--tls-key", str(certs / "client.key")],
-                       capture_output=True, timeout=30, env=_env(), check=False)
+    p = subprocess.run(
+        [
+            *CLI,
+            "server",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "d"),
+            *tls_flags(certs)[:2],
+            "--tls-key",
+            str(certs / "client.key"),
+        ],
+        capture_output=True,
+        timeout=30,
+        env=_env(),
+        check=False,
+    )
     assert p.returncode == 1 and b"cannot start the broker" in p.stderr
     assert b"Traceback" not in p.stderr
 
 
-def test_cli_client_commands_take_tls_flags(certs: Path,
-                                            broker_factory: Callable[..., BrokerProcess]) -> None:
+def test_cli_client_commands_take_tls_flags(
+    certs: Path, broker_factory: Callable[..., BrokerProcess]
+) -> None:
     b = broker_factory(*tls_flags(certs, mtls=True))
     ca, cert, key = (str(certs / n) for n in ("ca.pem", "client.pem", "client.key"))
     mtls = ["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key]
@@ -210,8 +268,20 @@ def test_cli_client_commands_take_tls_flags(certs: Path,
     p = cli("publish", "hello", "-k", "cli-tls", "--url", b.tls_url, *mtls)
     assert p.returncode == 0, p.stderr
     # From the environment.
-    p = cli("consume", "-q", "cli-tls", "-n", "1", "--timeout", "5", "--url", b.tls_url,
-            CONVEYOR_TLS_CA=ca, CONVEYOR_TLS_CERT=cert, CONVEYOR_TLS_KEY=key)
+    p = cli(
+        "consume",
+        "-q",
+        "cli-tls",
+        "-n",
+        "1",
+        "--timeout",
+        "5",
+        "--url",
+        b.tls_url,
+        CONVEYOR_TLS_CA=ca,
+        CONVEYOR_TLS_CERT=cert,
+        CONVEYOR_TLS_KEY=key,
+    )
     assert (p.returncode, p.stdout) == (0, b"hello\n"), p.stderr
     # Environment TLS settings do not get in the way of a plain URL ...
     p = cli("queues", "--url", b.url, CONVEYOR_TLS_CA=ca)

@@ -16,7 +16,8 @@ OVERHEAD = wire.SPEC["protocol"]["message_frame_overhead"]
 
 
 async def test_client_exposes_the_maximum_message_size(
-        conn: client.Connection, connect_to: Callable[..., Awaitable[Any]]) -> None:
+    conn: client.Connection, connect_to: Callable[..., Awaitable[Any]]
+) -> None:
     assert conn.max_message_size == SERVER_MAX
     small = await connect_to(max_frame_size=wire.MAX_FRAME_SIZE_FLOOR)
     assert small.max_message_size == wire.MAX_FRAME_SIZE_FLOOR - OVERHEAD
@@ -24,7 +25,8 @@ async def test_client_exposes_the_maximum_message_size(
 
 @pytest.mark.parametrize("how", ["publish", "publish_batch"])
 async def test_too_large_publish_is_refused_locally_with_a_clear_error(
-        conn: client.Connection, how: str) -> None:
+    conn: client.Connection, how: str
+) -> None:
     """A message over max_message_size whose frame would still fit (so it used to be
     sent and nacked by the broker) fails before anything is sent, naming the limit; the
     connection keeps working."""
@@ -43,7 +45,8 @@ async def test_too_large_publish_is_refused_locally_with_a_clear_error(
 
 
 async def test_compression_is_negotiated_in_the_auth_field(
-        connect_to: Callable[..., Awaitable[Any]]) -> None:
+    connect_to: Callable[..., Awaitable[Any]],
+) -> None:
     c = await connect_to(compression="zstd")
     assert c._proto is not None and c._proto.compress
     assert c._proto.open_ok is not None and c._proto.open_ok.compression == "zstd"

@@ -59,8 +59,7 @@ def test_anonymous_may_do_everything() -> None:
 
 
 def test_principal_checks_and_publish_cache() -> None:
-    p = Principal("shop", permissions=Permissions(write=("orders.*", "tasks"),
-                                                  read=("tasks",)))
+    p = Principal("shop", permissions=Permissions(write=("orders.*", "tasks"), read=("tasks",)))
     assert p.can("write", "orders.eu") and not p.can("write", "billing")
     p.check_publish("orders.eu", "any.key")
     p.check_publish("", "tasks")  # default exchange: write on the queue named by the key
@@ -89,8 +88,16 @@ def test_principal_cache_is_bounded() -> None:
 
 
 def test_token_round_trip(key: Ed25519PrivateKey) -> None:
-    claims = new_claims("svc", 3600, configure=("a*",), write=("b",), read=("c", "d"),
-                        rate_messages=100.0, rate_bytes=1e6, burst=50)
+    claims = new_claims(
+        "svc",
+        3600,
+        configure=("a*",),
+        write=("b",),
+        read=("c", "d"),
+        rate_messages=100.0,
+        rate_bytes=1e6,
+        burst=50,
+    )
     token = sign_token(key, claims)
     prefix, body, sig = token.split(".")
     assert prefix == "cvy1" and len(b64decode(sig)) == 64
@@ -102,7 +109,12 @@ def test_token_round_trip(key: Ed25519PrivateKey) -> None:
     assert got == claims
     p = got.principal()
     assert (p.subject, p.anonymous, p.rate_messages, p.rate_bytes, p.burst_messages) == (
-        "svc", False, 100.0, 1e6, 50)
+        "svc",
+        False,
+        100.0,
+        1e6,
+        50,
+    )
     assert p.token_id == claims.jti and p.expires_at == claims.exp
     assert p.can("configure", "abc") and not p.can("configure", "b")
 
@@ -122,8 +134,16 @@ def test_token_refusals(key: Ed25519PrivateKey, tmp_path: Path) -> None:
     forged = json.loads(b64decode(body))
     forged["perms"] = {"configure": ["*"], "write": ["*"], "read": ["*"]}
     assert reason(f"{prefix}.{b64encode(json.dumps(forged).encode())}.{sig}") == "bad-signature"
-    for bad in ("", "cvy1", "cvy1..", "cvy2." + good[5:], good + ".x", "cvy1.!!.!!",
-                f"{prefix}.{body}.{sig[:-4]}", "x" * 20000):
+    for bad in (
+        "",
+        "cvy1",
+        "cvy1..",
+        "cvy2." + good[5:],
+        good + ".x",
+        "cvy1.!!.!!",
+        f"{prefix}.{body}.{sig[:-4]}",
+        "x" * 20000,
+    ):
         assert reason(bad) == "malformed", bad
     assert reason(sign_token(key, new_claims("a", 60, now=time.time() - 120))) == "expired"
     # Claims are only parsed once the signature holds: a signed but odd token is malformed.
@@ -134,10 +154,17 @@ def test_token_refusals(key: Ed25519PrivateKey, tmp_path: Path) -> None:
 def test_claims_validation() -> None:
     base = {"sub": "a", "iat": 1, "exp": 2, "jti": "j", "perms": {}}
     assert auth.Claims.from_json(base).permissions == Permissions()
-    for bad in ({**base, "sub": ""}, {**base, "exp": "2"}, {**base, "jti": "a b"},
-                {**base, "perms": {"delete": []}}, {**base, "perms": {"read": "x"}},
-                {**base, "rate": {"messages": -1}}, {**base, "rate": {"burst": 1.5}},
-                {**base, "rate": {"other": 1}}, [1]):
+    for bad in (
+        {**base, "sub": ""},
+        {**base, "exp": "2"},
+        {**base, "jti": "a b"},
+        {**base, "perms": {"delete": []}},
+        {**base, "perms": {"read": "x"}},
+        {**base, "rate": {"messages": -1}},
+        {**base, "rate": {"burst": 1.5}},
+        {**base, "rate": {"other": 1}},
+        [1],
+    ):
         with pytest.raises(TokenError):
             auth.Claims.from_json(bad)
 
@@ -181,7 +208,11 @@ def test_inspect_reports_every_problem(key: Ed25519PrivateKey) -> None:
     verifier = TokenVerifier(key.public_key(), clock=lambda: 10**10)
     info = verifier.inspect(sign_token(key, new_claims("a", 60)))
     assert (info["signature"], info["expired"], info["revoked"], info["status"]) == (
-        "valid", True, False, "expired")
+        "valid",
+        True,
+        False,
+        "expired",
+    )
     assert info["claims"]["sub"] == "a"
 
 
@@ -205,10 +236,22 @@ def test_failure_throttle_table_is_bounded() -> None:
     assert len(t._scores) <= 100
 
 
-@pytest.mark.parametrize(("host", "loop"), [
-    ("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("::ffff:127.0.0.1", True),
-    ("localhost", True), ("0.0.0.0", False), ("::", False), ("10.1.2.3", False),
-    ("fe80::1%eth0", False), ("example.com", False), ("", False)])
+@pytest.mark.parametrize(
+    ("host", "loop"),
+    [
+        ("127.0.0.1", True),
+        ("127.9.9.9", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("fe80::1%eth0", False),
+        ("example.com", False),
+        ("", False),
+    ],
+)
 def test_is_loopback(host: str, loop: bool) -> None:
     assert auth.is_loopback(host) is loop
 
@@ -242,8 +285,11 @@ def test_authenticate_tokens(tmp_path: Path) -> None:
     key = auth.load_key(tmp_path / "auth" / "signing.key")
     p = a.authenticate("token", sign_token(key, new_claims("svc", 60, read=("q",))), "::1")
     assert p.subject == "svc" and p.can("read", "q") and not p.can("write", "q")
-    for token, why in ((sign_token(key, new_claims("svc", 60, now=0)), "expired"),
-                       ("cvy1.e30.AAAA", "malformed"), ("nope", "malformed")):
+    for token, why in (
+        (sign_token(key, new_claims("svc", 60, now=0)), "expired"),
+        ("cvy1.e30.AAAA", "malformed"),
+        ("nope", "malformed"),
+    ):
         with pytest.raises(AuthenticationFailed) as info:
             a.authenticate("token", token, "127.0.0.1")
         assert info.value.code == 401 and info.value.details["reason"] == why
@@ -252,20 +298,38 @@ def test_authenticate_tokens(tmp_path: Path) -> None:
 
 
 def test_config_security_settings(tmp_path: Path) -> None:
-    cfg = load(None, tls_cert="c.pem", tls_key="k.pem", tls_ca="ca.pem", tls_port=0,
-               plain=False, require_auth=True)
+    cfg = load(
+        None,
+        tls_cert="c.pem",
+        tls_key="k.pem",
+        tls_ca="ca.pem",
+        tls_port=0,
+        plain=False,
+        require_auth=True,
+    )
     assert (cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_port, cfg.plain) == (
-        "c.pem", "k.pem", "ca.pem", 0, False)
+        "c.pem",
+        "k.pem",
+        "ca.pem",
+        0,
+        False,
+    )
     assert Config().tls_port == 5681 and Config().plain and not Config().allow_anonymous
-    for bad in ({"plain": False}, {"tls_cert": "c.pem"}, {"tls_key": "k.pem"},
-                {"tls_ca": "ca.pem"}, {"tls_port": 70000, "tls_cert": "c", "tls_key": "k"},
-                {"allow_anonymous": True, "require_auth": True},
-                {"port": 7000, "tls_port": 7000, "tls_cert": "c", "tls_key": "k"}):
+    for bad in (
+        {"plain": False},
+        {"tls_cert": "c.pem"},
+        {"tls_key": "k.pem"},
+        {"tls_ca": "ca.pem"},
+        {"tls_port": 70000, "tls_cert": "c", "tls_key": "k"},
+        {"allow_anonymous": True, "require_auth": True},
+        {"port": 7000, "tls_port": 7000, "tls_cert": "c", "tls_key": "k"},
+    ):
         with pytest.raises(ConfigError):
             load(None, **bad)
     toml = tmp_path / "c.toml"
-    toml.write_text('tls-cert = "s.pem"\ntls-key = "s.key"\nplain = false\n'
-                    "allow-anonymous = true\n")
+    toml.write_text(
+        'tls-cert = "s.pem"\ntls-key = "s.key"\nplain = false\nallow-anonymous = true\n'
+    )
     cfg = load(str(toml))
     assert (cfg.tls_cert, cfg.plain, cfg.allow_anonymous) == ("s.pem", False, True)
     toml.write_text('plain = "no"\n')
@@ -300,15 +364,21 @@ def test_certificate_names_and_identities(tmp_path: Path) -> None:
     assert auth.certificate_name(cert) == "billing"
     assert auth.certificate_name(None) == "" and auth.certificate_name({}) == ""
     ids = tmp_path / "ids.toml"
-    ids.write_text('[identities.billing]\nwrite = ["billing.*"]\nrate_messages = 5\n'
-                   'burst = 2\n[identities."with space"]\nread = ["*"]\n')
+    ids.write_text(
+        '[identities.billing]\nwrite = ["billing.*"]\nrate_messages = 5\n'
+        'burst = 2\n[identities."with space"]\nread = ["*"]\n'
+    )
     found = auth.load_identities(ids)
     b = found["billing"]
     assert b.subject == "billing" and b.can("write", "billing.eu") and not b.can("read", "x")
     assert (b.rate_messages, b.burst_messages, b.token_id) == (5, 2, "")
     assert found["with space"].can("read", "anything")
-    for bad in ("x = 1\n", '[identities.a]\nwrite = "billing"\n',
-                "[identities.a]\nrate_messages = -1\n", "[identities.a]\nadmin = true\n"):
+    for bad in (
+        "x = 1\n",
+        '[identities.a]\nwrite = "billing"\n',
+        "[identities.a]\nrate_messages = -1\n",
+        "[identities.a]\nadmin = true\n",
+    ):
         ids.write_text(bad)
         with pytest.raises(ValueError):
             auth.load_identities(ids)
@@ -322,10 +392,20 @@ def test_certificate_names_and_identities(tmp_path: Path) -> None:
 
 
 def test_config_http_and_identity_settings() -> None:
-    for bad in ({"http_tls": True}, {"tls_client_subject_identity": True},
-                {"tls_identities": "ids.toml", "tls_cert": "c", "tls_key": "k"}):
+    for bad in (
+        {"http_tls": True},
+        {"tls_client_subject_identity": True},
+        {"tls_identities": "ids.toml", "tls_cert": "c", "tls_key": "k"},
+    ):
         with pytest.raises(ConfigError):
             load(None, **bad)
-    cfg = load(None, tls_cert="c", tls_key="k", tls_ca="ca", http_tls=True,
-               tls_client_subject_identity=True, http_allowed_hosts="mq.example")
+    cfg = load(
+        None,
+        tls_cert="c",
+        tls_key="k",
+        tls_ca="ca",
+        http_tls=True,
+        tls_client_subject_identity=True,
+        http_allowed_hosts="mq.example",
+    )
     assert cfg.http_tls and cfg.tls_client_subject_identity and cfg.http_allowed_hosts

@@ -100,9 +100,17 @@ class Conn:
     # convenience wrappers (each asserts success) ----------------------------------
     def declare_queue(self, name: str, **kw: Any) -> str:
         rid = self.rid()
-        reply = self.request(QueueDeclare(rid, name, kw.pop("durable", True),
-                                          kw.pop("exclusive", False),
-                                          kw.pop("auto_delete", False), False, {}))
+        reply = self.request(
+            QueueDeclare(
+                rid,
+                name,
+                kw.pop("durable", True),
+                kw.pop("exclusive", False),
+                kw.pop("auto_delete", False),
+                False,
+                {},
+            )
+        )
         assert isinstance(reply, QueueDeclareOk), reply
         assert reply.rid == rid
         return reply.queue
@@ -115,8 +123,15 @@ class Conn:
         rid = self.rid()
         assert self.request(Bind(rid, exchange, queue, key)) == Ok(rid)
 
-    def consume(self, queue: str, credit: int, tag: str = "", *, no_ack: bool = False,
-                exclusive: bool = False) -> tuple[str, list[Frame]]:
+    def consume(
+        self,
+        queue: str,
+        credit: int,
+        tag: str = "",
+        *,
+        no_ack: bool = False,
+        exclusive: bool = False,
+    ) -> tuple[str, list[Frame]]:
         """Start a consumer; return its tag and any deliveries written with CONSUME_OK."""
         rid = self.rid()
         out = self.send(Consume(rid, queue, tag, no_ack, exclusive, credit, {}))
@@ -155,9 +170,17 @@ def entries_of(frames: list[Frame], tag: str | None = None) -> list[DeliveryEntr
     for f in frames:
         if isinstance(f, Deliver):
             if tag is None or f.consumer_tag == tag:
-                out.append(DeliveryEntry(f.delivery_tag, f.redelivered, f.exchange,
-                                         f.routing_key, f.properties, f.body,
-                                         f.delivery_count))
+                out.append(
+                    DeliveryEntry(
+                        f.delivery_tag,
+                        f.redelivered,
+                        f.exchange,
+                        f.routing_key,
+                        f.properties,
+                        f.body,
+                        f.delivery_count,
+                    )
+                )
         elif isinstance(f, DeliverBatch):
             assert f.entries, "DELIVER_BATCH must carry at least one entry"
             if tag is None or f.consumer_tag == tag:
@@ -216,9 +239,12 @@ def test_exchange_redeclare_different_is_406(conn: Conn, redeclare: ExchangeDecl
     err = assert_error(reply, 2, 406)
     # The 406 names the setting that differs, with both values.
     setting = err.details["setting"]
-    assert err.details == {"exchange": "logs", "setting": setting,
-                           "existing": err.details["existing"],
-                           "requested": getattr(redeclare, setting)}
+    assert err.details == {
+        "exchange": "logs",
+        "setting": setting,
+        "existing": err.details["existing"],
+        "requested": getattr(redeclare, setting),
+    }
     assert err.details["existing"] != err.details["requested"]
     assert setting in err.message
     # the original is untouched
@@ -272,8 +298,12 @@ def test_queue_redeclare_different_is_406(conn: Conn, redeclare: QueueDeclare) -
     (reply,) = conn.send(redeclare)
     err = assert_error(reply, 2, 406)
     setting = err.details["setting"]
-    assert err.details == {"queue": "q", "setting": setting, "existing": not
-                           getattr(redeclare, setting), "requested": getattr(redeclare, setting)}
+    assert err.details == {
+        "queue": "q",
+        "setting": setting,
+        "existing": not getattr(redeclare, setting),
+        "requested": getattr(redeclare, setting),
+    }
 
 
 def test_queue_passive_missing_is_404(conn: Conn) -> None:
@@ -306,9 +336,11 @@ def ready_bodies(conn: Conn, queue: str) -> list[bytes]:
 def test_default_exchange_routes_by_queue_name(conn: Conn) -> None:
     conn.declare_queue("a")
     conn.declare_queue("b")
-    out = conn.send(Publish(1, "", "a", {}, b"to-a", False),
-                    Publish(2, "", "b", {}, b"to-b", False),
-                    Publish(3, "", "nobody", {}, b"lost", False))
+    out = conn.send(
+        Publish(1, "", "a", {}, b"to-a", False),
+        Publish(2, "", "b", {}, b"to-b", False),
+        Publish(3, "", "nobody", {}, b"lost", False),
+    )
     assert out == [Confirm(1, 3, True, 0, "")]
     assert ready_bodies(conn, "a") == [b"to-a"]
     assert ready_bodies(conn, "b") == [b"to-b"]
@@ -322,9 +354,11 @@ def test_direct_exchange(conn: Conn) -> None:
     conn.bind("d", "q2", "k2")
     conn.bind("d", "q3", "k1")
     conn.bind("d", "q3", "k1")  # idempotent: still enqueued once
-    out = conn.send(Publish(1, "d", "k1", {}, b"one", False),
-                    Publish(2, "d", "k2", {}, b"two", False),
-                    Publish(3, "d", "k3", {}, b"three", False))
+    out = conn.send(
+        Publish(1, "d", "k1", {}, b"one", False),
+        Publish(2, "d", "k2", {}, b"two", False),
+        Publish(3, "d", "k3", {}, b"three", False),
+    )
     assert out == [Confirm(1, 3, True, 0, "")]
     assert ready_bodies(conn, "q1") == [b"one"]
     assert ready_bodies(conn, "q2") == [b"two"]
@@ -370,16 +404,27 @@ def test_topic_exchange_patterns(conn: Conn) -> None:
     for q, pattern in patterns.items():
         conn.declare_queue(q)
         conn.bind("t", q, pattern)
-    keys = ["stock.usd.nyse", "stock.eur.lse", "stock", "app.db.error", "error", "x",
-            "a.b", "a.b.c", "stock.usd.nyse.error"]
-    out = conn.send(*[Publish(i + 1, "t", k, {}, k.encode(), False)
-                      for i, k in enumerate(keys)])
+    keys = [
+        "stock.usd.nyse",
+        "stock.eur.lse",
+        "stock",
+        "app.db.error",
+        "error",
+        "x",
+        "a.b",
+        "a.b.c",
+        "stock.usd.nyse.error",
+    ]
+    out = conn.send(*[Publish(i + 1, "t", k, {}, k.encode(), False) for i, k in enumerate(keys)])
     assert out == [Confirm(1, len(keys), True, 0, "")]
     assert ready_bodies(conn, "nyse") == [b"stock.usd.nyse"]
-    assert ready_bodies(conn, "stock") == [b"stock.usd.nyse", b"stock.eur.lse", b"stock",
-                                           b"stock.usd.nyse.error"]
-    assert ready_bodies(conn, "errors") == [b"app.db.error", b"error",
-                                            b"stock.usd.nyse.error"]
+    assert ready_bodies(conn, "stock") == [
+        b"stock.usd.nyse",
+        b"stock.eur.lse",
+        b"stock",
+        b"stock.usd.nyse.error",
+    ]
+    assert ready_bodies(conn, "errors") == [b"app.db.error", b"error", b"stock.usd.nyse.error"]
     assert ready_bodies(conn, "one") == [b"stock", b"error", b"x"]
     assert ready_bodies(conn, "exact") == [b"a.b"]
 
@@ -407,9 +452,11 @@ def test_unroutable_mandatory_returns_before_confirm(conn: Conn) -> None:
 
 def test_unroutable_mandatory_in_batch(conn: Conn) -> None:
     conn.declare_queue("q")
-    entries = [PublishEntry("", "q", {}, b"a", True),
-               PublishEntry("", "none", {}, b"b", True),
-               PublishEntry("", "q", {}, b"c", True)]
+    entries = [
+        PublishEntry("", "q", {}, b"a", True),
+        PublishEntry("", "none", {}, b"b", True),
+        PublishEntry("", "q", {}, b"c", True),
+    ]
     assert conn.send(PublishBatch(10, entries)) == [
         Return(11, 312, "no route", "", "none", {}, b"b"),
         Confirm(10, 12, True, 0, ""),
@@ -433,12 +480,16 @@ def test_publish_to_missing_exchange(conn: Conn) -> None:
     (err,) = conn.send(Publish(0, "nope", "k", {}, b"x", False))
     assert assert_error(err, 0, 404).details == {"exchange": "nope"}
     # nacks and acks are ranges in seq order
-    out = conn.send(Publish(2, "", "q", {}, b"a", False),
-                    Publish(3, "nope", "k", {}, b"b", False),
-                    Publish(4, "", "q", {}, b"c", False),
-                    Publish(5, "", "q", {}, b"d", False))
-    assert [(c.first_seq, c.last_seq, c.ack, c.code) for c in out  # type: ignore[attr-defined]
-            ] == [(2, 2, True, 0), (3, 3, False, 404), (4, 5, True, 0)]
+    out = conn.send(
+        Publish(2, "", "q", {}, b"a", False),
+        Publish(3, "nope", "k", {}, b"b", False),
+        Publish(4, "", "q", {}, b"c", False),
+        Publish(5, "", "q", {}, b"d", False),
+    )
+    assert [
+        (c.first_seq, c.last_seq, c.ack, c.code)
+        for c in out  # type: ignore[attr-defined]
+    ] == [(2, 2, True, 0), (3, 3, False, 404), (4, 5, True, 0)]
     assert ready_bodies(conn, "q") == [b"a", b"c", b"d"]
 
 
@@ -476,8 +527,14 @@ def test_consume_respects_credit(conn: Conn) -> None:
     assert bodies(more) == [b"m6", b"m7", b"m8"]
     assert conn.send() == []
     (info,) = conn.list("consumers")
-    assert info == {"queue": "q", "consumer_tag": tag, "connection": conn.id, "credit": 0,
-                    "unacked": 8, "no_ack": False}
+    assert info == {
+        "queue": "q",
+        "consumer_tag": tag,
+        "connection": conn.id,
+        "credit": 0,
+        "unacked": 8,
+        "no_ack": False,
+    }
     assert queue_info(conn, "q")["messages"] == 12
     # acking does not grant credit by itself
     assert conn.send(Ack(8, True)) == []
@@ -565,8 +622,16 @@ def test_competing_consumers_skip_consumers_without_credit(broker: Broker) -> No
     tb, _ = b.consume("work", 100)
     admin.publish_to_queue("work", msgs(10))
     assert bodies(entries_of(a.take(), ta)) == [b"m1", b"m3"]
-    assert bodies(entries_of(b.take(), tb)) == [b"m2", b"m4", b"m5", b"m6", b"m7", b"m8",
-                                                b"m9", b"m10"]
+    assert bodies(entries_of(b.take(), tb)) == [
+        b"m2",
+        b"m4",
+        b"m5",
+        b"m6",
+        b"m7",
+        b"m8",
+        b"m9",
+        b"m10",
+    ]
 
 
 # --------------------------------------------------------------------------- ack
@@ -604,8 +669,11 @@ def test_ack_tag_zero_multiple_acks_all(conn: Conn) -> None:
     assert conn.list("consumers")[0]["unacked"] == 0
 
 
-@pytest.mark.parametrize("bad", [Ack(99, False), Ack(0, False), Ack(99, True)],
-                         ids=["never-delivered", "zero", "multiple-nothing-below"])
+@pytest.mark.parametrize(
+    "bad",
+    [Ack(99, False), Ack(0, False), Ack(99, True)],
+    ids=["never-delivered", "zero", "multiple-nothing-below"],
+)
 def test_ack_unknown_tag_is_406_and_session_continues(conn: Conn, bad: Ack) -> None:
     conn.declare_queue("q")  # nothing delivered yet on this connection
     (err,) = conn.send(bad)
@@ -734,7 +802,10 @@ def test_close_requeues_get_deliveries(broker: Broker) -> None:
     a.session.close()
     again = b.get("q", 10)
     assert [(e.body, e.redelivered, e.delivery_count) for e in again.entries] == [
-        (b"m1", True, 2), (b"m2", True, 2), (b"m3", False, 1)]
+        (b"m1", True, 2),
+        (b"m2", True, 2),
+        (b"m3", False, 1),
+    ]
 
 
 def test_exclusive_queue_deleted_on_close(broker: Broker) -> None:
@@ -901,12 +972,16 @@ def test_message_too_large_is_nacked_413() -> None:
     broker = Broker(max_message_size=100)
     conn = Conn(broker)
     conn.declare_queue("q")
-    out = conn.send(Publish(1, "", "q", {}, b"x" * 100, False),
-                    Publish(2, "", "q", {}, b"x" * 101, False),
-                    Publish(3, "", "q", {"headers": {"k": "v" * 100}}, b"", False),
-                    Publish(4, "", "q", {}, b"ok", False))
-    assert [(c.first_seq, c.last_seq, c.ack, c.code) for c in out  # type: ignore[attr-defined]
-            ] == [(1, 1, True, 0), (2, 2, False, 413), (3, 3, False, 413), (4, 4, True, 0)]
+    out = conn.send(
+        Publish(1, "", "q", {}, b"x" * 100, False),
+        Publish(2, "", "q", {}, b"x" * 101, False),
+        Publish(3, "", "q", {"headers": {"k": "v" * 100}}, b"", False),
+        Publish(4, "", "q", {}, b"ok", False),
+    )
+    assert [
+        (c.first_seq, c.last_seq, c.ack, c.code)
+        for c in out  # type: ignore[attr-defined]
+    ] == [(1, 1, True, 0), (2, 2, False, 413), (3, 3, False, 413), (4, 4, True, 0)]
     assert all(isinstance(c, Confirm) for c in out)
     (err,) = conn.send(Publish(0, "", "q", {}, b"x" * 101, False))
     assert_error(err, 0, 413)
@@ -1035,18 +1110,42 @@ def test_list_kinds(broker: Broker) -> None:
 
     queues = a.list("queues")
     expected_queues = [
-        {"name": "q1", "durable": True, "exclusive": False, "auto_delete": False,
-         "messages": 2, "unacked": 1, "consumers": 1, "arguments": {}},
-        {"name": "q2", "durable": False, "exclusive": True, "auto_delete": False,
-         "messages": 0, "unacked": 0, "consumers": 1, "arguments": {}},
+        {
+            "name": "q1",
+            "durable": True,
+            "exclusive": False,
+            "auto_delete": False,
+            "messages": 2,
+            "unacked": 1,
+            "consumers": 1,
+            "arguments": {},
+        },
+        {
+            "name": "q2",
+            "durable": False,
+            "exclusive": True,
+            "auto_delete": False,
+            "messages": 0,
+            "unacked": 0,
+            "consumers": 1,
+            "arguments": {},
+        },
     ]
     assert [{k: q[k] for k in expected_queues[0]} for q in queues] == expected_queues
 
     exchanges = {e["name"]: e for e in a.list("exchanges")}
-    assert exchanges["logs"] == {"name": "logs", "type": "topic", "durable": True,
-                                 "auto_delete": False, "bindings": 2}
+    assert exchanges["logs"] == {
+        "name": "logs",
+        "type": "topic",
+        "durable": True,
+        "auto_delete": False,
+        "bindings": 2,
+    }
     assert {n: e["type"] for n, e in exchanges.items() if n.startswith("amq.")} == {
-        "amq.direct": "direct", "amq.topic": "topic", "amq.fanout": "fanout"}
+        "amq.direct": "direct",
+        "amq.topic": "topic",
+        "amq.fanout": "fanout",
+    }
 
     assert a.list("bindings") == [
         {"exchange": "logs", "queue": "q2", "routing_key": "#"},
@@ -1055,10 +1154,22 @@ def test_list_kinds(broker: Broker) -> None:
 
     consumers = sorted(a.list("consumers"), key=lambda c: c["consumer_tag"])
     assert consumers == [
-        {"queue": "q2", "consumer_tag": "ntag", "connection": a.id, "credit": 7,
-         "unacked": 0, "no_ack": True},
-        {"queue": "q1", "consumer_tag": "worker", "connection": b.id, "credit": 0,
-         "unacked": 1, "no_ack": False},
+        {
+            "queue": "q2",
+            "consumer_tag": "ntag",
+            "connection": a.id,
+            "credit": 7,
+            "unacked": 0,
+            "no_ack": True,
+        },
+        {
+            "queue": "q1",
+            "consumer_tag": "worker",
+            "connection": b.id,
+            "credit": 0,
+            "unacked": 1,
+            "no_ack": False,
+        },
     ]
 
 
@@ -1068,9 +1179,13 @@ def test_list_unknown_kind_is_400(conn: Conn) -> None:
 
 
 def test_replies_in_request_order(conn: Conn) -> None:
-    out = conn.send(QueueDeclare(1, "q"), QueueDeclare(2, "q", passive=True),
-                    QueueDeclare(3, "missing", passive=True), List(4, "bogus"),
-                    QueuePurge(5, "q"))
+    out = conn.send(
+        QueueDeclare(1, "q"),
+        QueueDeclare(2, "q", passive=True),
+        QueueDeclare(3, "missing", passive=True),
+        List(4, "bogus"),
+        QueuePurge(5, "q"),
+    )
     assert [getattr(f, "rid", None) for f in out] == [1, 2, 3, 4, 5]
     assert out[0] == QueueDeclareOk(1, "q", 0, 0)
     assert out[1] == QueueDeclareOk(2, "q", 0, 0)
@@ -1088,24 +1203,28 @@ def test_publish_batch_runs_keep_per_message_outcomes_in_order() -> None:
     conn.declare_queue("q")
     conn.declare_exchange("d", "direct")
     entries = [
-        PublishEntry("", "q", {"persistent": False}, b"a", False),        # 1
-        PublishEntry("", "q", {}, b"b", False),                           # 2
-        PublishEntry("nope", "k", {}, b"lost", False),                    # 3: 404
-        PublishEntry("", "q", {"headers": {"h": 1}}, b"c", False),        # 4
-        PublishEntry("", "q", {}, b"x" * 101, False),                     # 5: 413
-        PublishEntry("", "q", {"delay": 60_000}, b"later", False),        # 6: delayed
-        PublishEntry("", "q", {"ttl": 60_000}, b"d", False),              # 7
-        PublishEntry("d", "none", {}, b"ret", True),                      # 8: RETURN
-        PublishEntry("d", "none", {}, b"dropped", False),                 # 9
-        PublishEntry("", "q", {}, b"e", False),                           # 10
+        PublishEntry("", "q", {"persistent": False}, b"a", False),  # 1
+        PublishEntry("", "q", {}, b"b", False),  # 2
+        PublishEntry("nope", "k", {}, b"lost", False),  # 3: 404
+        PublishEntry("", "q", {"headers": {"h": 1}}, b"c", False),  # 4
+        PublishEntry("", "q", {}, b"x" * 101, False),  # 5: 413
+        PublishEntry("", "q", {"delay": 60_000}, b"later", False),  # 6: delayed
+        PublishEntry("", "q", {"ttl": 60_000}, b"d", False),  # 7
+        PublishEntry("d", "none", {}, b"ret", True),  # 8: RETURN
+        PublishEntry("d", "none", {}, b"dropped", False),  # 9
+        PublishEntry("", "q", {}, b"e", False),  # 10
     ]
     out = conn.send(PublishBatch(1, entries))
     assert [f for f in out if isinstance(f, Return)] == [
-        Return(8, 312, "no route", "d", "none", {}, b"ret")]
-    assert [(c.first_seq, c.last_seq, c.ack, c.code) for c in out
-            if isinstance(c, Confirm)] == [
-        (1, 2, True, 0), (3, 3, False, 404), (4, 4, True, 0), (5, 5, False, 413),
-        (6, 10, True, 0)]
+        Return(8, 312, "no route", "d", "none", {}, b"ret")
+    ]
+    assert [(c.first_seq, c.last_seq, c.ack, c.code) for c in out if isinstance(c, Confirm)] == [
+        (1, 2, True, 0),
+        (3, 3, False, 404),
+        (4, 4, True, 0),
+        (5, 5, False, 413),
+        (6, 10, True, 0),
+    ]
     info = queue_info(conn, "q")
     assert (info["messages"], info["delayed"], info["published"]) == (5, 1, 6)
     assert ready_bodies(conn, "q") == [b"a", b"b", b"c", b"d", b"e"]
@@ -1114,11 +1233,12 @@ def test_publish_batch_runs_keep_per_message_outcomes_in_order() -> None:
 
 
 def test_publish_batch_into_dedup_queue_stores_a_retry_once(conn: Conn) -> None:
-    conn.send(QueueDeclare(conn.rid(), "dd", durable=False,
-                           arguments={"dedup_window_ms": 60_000}))
-    entries = [PublishEntry("", "dd", {"message_id": "m1"}, b"one", False),
-               PublishEntry("", "dd", {"message_id": "m1"}, b"again", False),
-               PublishEntry("", "dd", {"message_id": "m2"}, b"two", False)]
+    conn.send(QueueDeclare(conn.rid(), "dd", durable=False, arguments={"dedup_window_ms": 60_000}))
+    entries = [
+        PublishEntry("", "dd", {"message_id": "m1"}, b"one", False),
+        PublishEntry("", "dd", {"message_id": "m1"}, b"again", False),
+        PublishEntry("", "dd", {"message_id": "m2"}, b"two", False),
+    ]
     assert conn.send(PublishBatch(1, entries)) == [Confirm(1, 3, True, 0, "")]
     assert ready_bodies(conn, "dd") == [b"one", b"two"]
 
@@ -1127,13 +1247,13 @@ def test_publish_batch_into_dedup_queue_stores_a_retry_once(conn: Conn) -> None:
 
 
 def test_publish_run_is_confirmed_once_and_delivered_as_a_run_to_a_1_1_client(
-        broker: Broker) -> None:
+    broker: Broker,
+) -> None:
     pub, sub = Conn(broker), Conn(broker)
     sub.session.runs = True  # its preamble said 1.1
     pub.declare_queue("q")
     props = {"persistent": False, "content_type": "text/plain"}
-    assert pub.send(PublishRun(7, "", "q", props, False, msgs(5))) == [
-        Confirm(7, 11, True, 0, "")]
+    assert pub.send(PublishRun(7, "", "q", props, False, msgs(5))) == [Confirm(7, 11, True, 0, "")]
     tag, out = sub.consume("q", 10)
     assert out == [DeliverRun(tag, 1, "", "q", props, msgs(5))]
     pub.send(PublishRun(12, "", "q", props, False, msgs(3, start=6)))
@@ -1146,8 +1266,9 @@ def test_publish_run_is_confirmed_once_and_delivered_as_a_run_to_a_1_1_client(
     old = Conn(broker)
     tag2, out2 = old.consume("q2", 10)
     assert [type(f) for f in out2] == [DeliverBatch]
-    assert entries_of(out2, tag2) == [DeliveryEntry(i + 1, False, "", "q2", props, b, 1)
-                                      for i, b in enumerate(msgs(3))]
+    assert entries_of(out2, tag2) == [
+        DeliveryEntry(i + 1, False, "", "q2", props, b, 1) for i, b in enumerate(msgs(3))
+    ]
 
 
 def test_deliver_run_only_for_first_deliveries_sharing_their_fields(broker: Broker) -> None:
@@ -1161,18 +1282,22 @@ def test_deliver_run_only_for_first_deliveries_sharing_their_fields(broker: Brok
     assert sub.send(Nack(3, True, True)) == []
     again = sub.send(Credit(tag, 3))
     assert [type(f) for f in again] == [DeliverBatch]
-    assert entries_of(again, tag) == [DeliveryEntry(4 + i, True, "", "q", {}, b, 2)
-                                      for i, b in enumerate(msgs(3))]
+    assert entries_of(again, tag) == [
+        DeliveryEntry(4 + i, True, "", "q", {}, b, 2) for i, b in enumerate(msgs(3))
+    ]
     sub.send(Ack(6, True))
     # different properties in one batch: entries, not a run
-    pub.send(Publish(0, "", "q", {"priority": 1}, b"p1", False),
-             Publish(0, "", "q", {}, b"p2", False))
+    pub.send(
+        Publish(0, "", "q", {"priority": 1}, b"p1", False), Publish(0, "", "q", {}, b"p2", False)
+    )
     mixed = sub.send(Credit(tag, 10))
     assert [type(f) for f in mixed] == [DeliverBatch]
     assert bodies(entries_of(mixed, tag)) == [b"p1", b"p2"]
     # equal (not identical) properties from separate publishes still make a run
-    pub.send(Publish(0, "", "q", {"type": "t"}, b"e1", False),
-             Publish(0, "", "q", {"type": "t"}, b"e2", False))
+    pub.send(
+        Publish(0, "", "q", {"type": "t"}, b"e1", False),
+        Publish(0, "", "q", {"type": "t"}, b"e2", False),
+    )
     assert sub.take() == [DeliverRun(tag, 9, "", "q", {"type": "t"}, [b"e1", b"e2"])]
 
 
@@ -1188,7 +1313,8 @@ def test_deliver_run_split_to_fit_frame_size() -> None:
     tags = [f.first_tag + i for f in out for i in range(len(f.bodies))]  # type: ignore[attr-defined]
     assert tags == list(range(1, 11))
     assert [b[:4] for f in out for b in f.bodies] == [  # type: ignore[attr-defined]
-        b"%04d" % i for i in range(10)]
+        b"%04d" % i for i in range(10)
+    ]
 
 
 def test_publish_run_outcomes_match_single_publishes() -> None:
@@ -1197,15 +1323,21 @@ def test_publish_run_outcomes_match_single_publishes() -> None:
     conn.declare_queue("q")
     conn.declare_exchange("d", "direct")
     nack = conn.send(PublishRun(1, "nope", "k", {}, False, [b"a", b"b"]))
-    assert [(c.first_seq, c.last_seq, c.ack, c.code) for c in nack  # type: ignore[attr-defined]
-            ] == [(1, 1, False, 404), (2, 2, False, 404)]  # as for single publishes
+    assert [
+        (c.first_seq, c.last_seq, c.ack, c.code)
+        for c in nack  # type: ignore[attr-defined]
+    ] == [(1, 1, False, 404), (2, 2, False, 404)]  # as for single publishes
     out = conn.send(PublishRun(3, "d", "none", {}, True, [b"r1", b"r2"]))
-    assert out == [Return(3, 312, "no route", "d", "none", {}, b"r1"),
-                   Return(4, 312, "no route", "d", "none", {}, b"r2"),
-                   Confirm(3, 4, True, 0, "")]
+    assert out == [
+        Return(3, 312, "no route", "d", "none", {}, b"r1"),
+        Return(4, 312, "no route", "d", "none", {}, b"r2"),
+        Confirm(3, 4, True, 0, ""),
+    ]
     big = conn.send(PublishRun(5, "", "q", {}, False, [b"ok", b"x" * 101, b"ok2"]))
-    assert [(c.first_seq, c.last_seq, c.ack, c.code) for c in big  # type: ignore[attr-defined]
-            ] == [(5, 5, True, 0), (6, 6, False, 413), (7, 7, True, 0)]
+    assert [
+        (c.first_seq, c.last_seq, c.ack, c.code)
+        for c in big  # type: ignore[attr-defined]
+    ] == [(5, 5, True, 0), (6, 6, False, 413), (7, 7, True, 0)]
     assert ready_bodies(conn, "q") == [b"ok", b"ok2"]
 
 

@@ -918,8 +918,7 @@ def _worst_props(headers: dict[str, Any]) -> dict[str, Any]:
     name = "n" * 255
     props: dict[str, Any] = {}
     for k, t in g.PROPERTY_TYPES.items():
-        props[k] = {"name": name, "u64": U64_MAX, "priority": 9, "bool": True,
-                    "table": headers}[t]
+        props[k] = {"name": name, "u64": U64_MAX, "priority": 9, "bool": True, "table": headers}[t]
     return props
 
 
@@ -940,8 +939,7 @@ def test_one_message_frames_fit_body_plus_headers_plus_the_overhead() -> None:
         "publish_run": (g.PublishRun.TYPE, [u64, name, name, props, True, [body]]),
         "return": (g.Return.TYPE, [u64, 312, "no route", name, name, props, body]),
         "deliver": (g.Deliver.TYPE, [name, u64, True, name, name, props, body, u32]),
-        "deliver_batch": (g.DeliverBatch.TYPE,
-                          [name, [[u64, True, name, name, props, body, u32]]]),
+        "deliver_batch": (g.DeliverBatch.TYPE, [name, [[u64, True, name, name, props, body, u32]]]),
         "deliver_run": (g.DeliverRun.TYPE, [name, u64, name, name, props, [body]]),
         "get_ok": (g.GetOk.TYPE, [u32, [[u64, True, name, name, props, body, u32]], u64]),
     }

@@ -72,23 +72,32 @@ def test_apply_table_has_one_function_per_op() -> None:
 # The records as core, session and the gateway wrote them before this module existed.
 _props: dict[str, Any] = {"headers": {"h": 1}, "message_id": "m"}
 CASES: list[tuple[Any, tuple[Any, ...]]] = [
-    (commands.exchange_declare("x", "topic", False, {"a": 1}),
-     ("xd", "x", "topic", False, {"a": 1})),
+    (
+        commands.exchange_declare("x", "topic", False, {"a": 1}),
+        ("xd", "x", "topic", False, {"a": 1}),
+    ),
     (commands.exchange_delete("x"), ("xr", "x")),
     (commands.queue_declare("q", True, {"max_length": 5}), ("qd", "q", True, {"max_length": 5})),
     (commands.queue_delete("q"), ("qr", "q")),
     (commands.queue_purge("q", 1_700_000_000_123), ("qp", "q", 1_700_000_000_123)),
     (commands.bind("x", "q", "a.#"), ("b", "x", "q", "a.#")),
     (commands.unbind("x", "q", "a.#"), ("u", "x", "q", "a.#")),
-    (commands.publish(7, ["q1", "q2"], "x", "k", _props, b"\x00body", 1_700_000_000_001),
-     ("p", 7, ["q1", "q2"], "x", "k", _props, b"\x00body", 1_700_000_000_001)),
+    (
+        commands.publish(7, ["q1", "q2"], "x", "k", _props, b"\x00body", 1_700_000_000_001),
+        ("p", 7, ["q1", "q2"], "x", "k", _props, b"\x00body", 1_700_000_000_001),
+    ),
     (commands.publish(8, ["q"], "", "q", {}, b"", 5), ("p", 8, ["q"], "", "q", {}, b"", 5)),
     (commands.deliver("q", [1, 2]), ("d", "q", [1, 2])),
     (commands.ack("q", [3]), ("a", "q", [3])),
     (commands.requeue("q", [4, 5]), ("r", "q", [4, 5])),
-    *[(r, ("p", 4 + i, ["q1"], "x", "k", {}, b"b%d" % i, 9)) for i, r in enumerate(
-        commands.publish_run(4, ["q1"], [Message("x", "k", {}, b"b%d" % i, ts=9)
-                                         for i in range(2)]))],
+    *[
+        (r, ("p", 4 + i, ["q1"], "x", "k", {}, b"b%d" % i, 9))
+        for i, r in enumerate(
+            commands.publish_run(
+                4, ["q1"], [Message("x", "k", {}, b"b%d" % i, ts=9) for i in range(2)]
+            )
+        )
+    ],
 ]
 
 
@@ -164,8 +173,14 @@ async def test_a_broker_serves_an_old_data_dir(tmp_path: Path) -> None:
             assert {"fx.topic", "fx.dlx"} <= exchanges and "fx.gone" not in exchanges
             consumer = await conn.consume("fx.work", prefetch=100, no_ack=True)
             got = await drain(consumer, quiet=0.5, limit=100)
-            assert [m.body for m in got] == [b"work-1", b"work-2", b"work-3", b"work-4",
-                                             b"work-5", b"props"]
+            assert [m.body for m in got] == [
+                b"work-1",
+                b"work-2",
+                b"work-3",
+                b"work-4",
+                b"work-5",
+                b"props",
+            ]
             assert [m.delivery_count for m in got] == [2, 2, 1, 1, 1, 1]  # this one counted
             assert [m.redelivered for m in got] == [True, True, False, False, False, False]
             assert got[-1].properties.get("headers") == {"h": [1, "two"]}
@@ -184,8 +199,12 @@ _SINKS = frozenset({"append", "extend", "_log", "log_ids"})
 
 def _is_record(node: ast.AST) -> bool:
     """A tuple or list literal opening with an op code string: a record built by hand."""
-    return (isinstance(node, (ast.Tuple, ast.List)) and len(node.elts) >= 2
-            and isinstance(node.elts[0], ast.Constant) and node.elts[0].value in _OPS)
+    return (
+        isinstance(node, (ast.Tuple, ast.List))
+        and len(node.elts) >= 2
+        and isinstance(node.elts[0], ast.Constant)
+        and node.elts[0].value in _OPS
+    )
 
 
 def _hand_built(tree: ast.AST) -> list[int]:
@@ -195,13 +214,20 @@ def _hand_built(tree: ast.AST) -> list[int]:
             name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
             if name not in _SINKS:
                 continue
-            if name == "log_ids" and node.args and any(
-                    isinstance(n, ast.Constant) and n.value in _OPS
-                    for n in ast.walk(node.args[0])):
+            if (
+                name == "log_ids"
+                and node.args
+                and any(
+                    isinstance(n, ast.Constant) and n.value in _OPS for n in ast.walk(node.args[0])
+                )
+            ):
                 lines.append(node.lineno)  # log_ids("a", ...): a bare letter
             for arg in node.args:
-                items = arg.elts if isinstance(arg, (ast.List, ast.Tuple)) \
-                    and not _is_record(arg) else [arg]
+                items = (
+                    arg.elts
+                    if isinstance(arg, (ast.List, ast.Tuple)) and not _is_record(arg)
+                    else [arg]
+                )
                 lines.extend(node.lineno for item in items if _is_record(item))
     return sorted(lines)
 

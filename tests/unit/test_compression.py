@@ -42,7 +42,7 @@ def test_round_trip_deliver_batch_through_decoder() -> None:
     assert len(wrapped) < len(plain) // 10
     dec = _client_decoder()
     # any fragmentation decodes to the same inner frame
-    frames = [f for i in range(0, len(wrapped), 7) for f in dec.feed(wrapped[i:i + 7])]
+    frames = [f for i in range(0, len(wrapped), 7) for f in dec.feed(wrapped[i : i + 7])]
     assert frames == _client_decoder().feed(plain)
     assert type(frames[0]) is g.DeliverBatch and len(frames[0].entries) == 200
 
@@ -62,8 +62,11 @@ def test_small_or_incompressible_frames_stay_plain() -> None:
     small = encode_fields(g.DeliverBatch.TYPE, _deliver_batch(2, 10))
     assert compress_frame(small) == small
     import os
-    noise = encode_fields(g.DeliverBatch.TYPE, ["t", [[1, False, "", "q", {}, os.urandom(4000), 1],
-                                                      [2, False, "", "q", {}, b"", 1]]])
+
+    noise = encode_fields(
+        g.DeliverBatch.TYPE,
+        ["t", [[1, False, "", "q", {}, os.urandom(4000), 1], [2, False, "", "q", {}, b"", 1]]],
+    )
     assert compress_frame(noise) == noise
 
 
@@ -117,8 +120,7 @@ def test_garbage_and_lying_content_size_are_malformed() -> None:
         _client_decoder().feed(_compressed(g.DeliverBatch.TYPE, good[:-8]))  # truncated
     # decompresses fine but is not the inner frame's field list
     with pytest.raises(g.MalformedFrame):
-        _client_decoder().feed(_compressed(g.DeliverBatch.TYPE,
-                                           zstandard.compress(b"\xc1" * 2000)))
+        _client_decoder().feed(_compressed(g.DeliverBatch.TYPE, zstandard.compress(b"\xc1" * 2000)))
 
 
 def test_stream_compression_argument() -> None:
@@ -129,8 +131,10 @@ def test_stream_compression_argument() -> None:
 
 
 def _entries(n: int, start: int = 0) -> list[tuple[int, str, str, dict[str, object], bytes]]:
-    return [(1000 + i, "", "s", {}, b'{"n": %d, "pad": "%s"}' % (i, b"abc" * 60))
-            for i in range(start, start + n)]
+    return [
+        (1000 + i, "", "s", {}, b'{"n": %d, "pad": "%s"}' % (i, b"abc" * 60))
+        for i in range(start, start + n)
+    ]
 
 
 def test_stream_records_compressed_then_plain_across_reopen(tmp_path: Path) -> None:
@@ -139,8 +143,10 @@ def test_stream_records_compressed_then_plain_across_reopen(tmp_path: Path) -> N
         log = stream_store.StreamLog(d, fsync="never", compression=comp).open()
         log.append(_entries(3000))
         log.close()
-    assert stream_store.StreamLog(zstd_dir).open().disk_bytes * 5 < \
-        stream_store.StreamLog(plain_dir).open().disk_bytes
+    assert (
+        stream_store.StreamLog(zstd_dir).open().disk_bytes * 5
+        < stream_store.StreamLog(plain_dir).open().disk_bytes
+    )
     # the setting changes across a reopen: both record types in one segment
     log = stream_store.StreamLog(zstd_dir, fsync="never", compression="none").open()
     log.append(_entries(500, 3000))

@@ -117,7 +117,13 @@ def test_statistics_is_a_frozen_snapshot_of_the_classic_queue() -> None:
     st = q.statistics()
     assert isinstance(st, QueueStatistics)
     assert (st.name, st.type, st.ready, st.unacked, st.delayed, st.consumers) == (
-        "q", "classic", 1, 1, 1, 0)
+        "q",
+        "classic",
+        1,
+        1,
+        1,
+        0,
+    )
     assert (st.published, st.delivered, st.stream) == (3, 1, None)
     assert st.head_ts == T0 + 1 and st.ready_bytes == q.ready_bytes
     assert st.type_fields() == {"type": "classic"}

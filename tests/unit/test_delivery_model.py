@@ -83,9 +83,16 @@ def test_dead_letter_drops_ttl_and_delay_and_keeps_the_rest() -> None:
     props = qm.message.properties
     assert "ttl" not in props and "delay" not in props and props["priority"] == 3
     assert props["headers"]["k"] == 1
-    assert props["headers"]["x-death"] == [{
-        "reason": "expired", "queue": "q", "exchange": "", "routing_key": "q", "count": 1,
-        "time": P + 30}]
+    assert props["headers"]["x-death"] == [
+        {
+            "reason": "expired",
+            "queue": "q",
+            "exchange": "",
+            "routing_key": "q",
+            "count": 1,
+            "time": P + 30,
+        }
+    ]
 
 
 # ---------------------------------------------------------------------- priority
@@ -116,7 +123,8 @@ def test_starvation_guard_one_at_a_time_and_in_one_batch() -> None:
         prios = _prios(got)
         assert [i for i, p in enumerate(prios) if p == 0] == GUARDED, batch
         assert [qm.message.body for qm in got if _prios([qm]) == [0]] == [
-            b"p0-%d" % i for i in range(20)]
+            b"p0-%d" % i for i in range(20)
+        ]
 
 
 def test_requeue_in_a_priority_queue_keeps_priority_and_lane_order() -> None:
@@ -163,8 +171,9 @@ def test_full_reject_publish_queue_confirms_a_retry_it_holds() -> None:
     from conveyor.protocol import QueueFull
 
     b, now = _broker()
-    q = b.declare_queue(None, "q", arguments={"max_length": 1, "overflow": "reject-publish",
-                                              "dedup_window_ms": 100})
+    q = b.declare_queue(
+        None, "q", arguments={"max_length": 1, "overflow": "reject-publish", "dedup_window_ms": 100}
+    )
     b.check_capacity(["q"], 1, "m")
     b.enqueue(_msg(b"1", message_id="m"), ["q"])
     b.check_capacity(["q"], 1, "m")  # full, but it holds "m": no refusal
@@ -179,15 +188,18 @@ def test_full_reject_publish_queue_confirms_a_retry_it_holds() -> None:
 
 # ---------------------------------------------------------------------- recovery
 TOPOLOGY: list[list[Any]] = [
-    ["xd", "dlx", "fanout", False, {}], ["qd", "dlq", False, {}], ["b", "dlx", "dlq", ""],
+    ["xd", "dlx", "fanout", False, {}],
+    ["qd", "dlq", False, {}],
+    ["b", "dlx", "dlq", ""],
     ["qd", "work", False, {"delivery_limit": 2, "dead_letter_exchange": "dlx"}],
 ]
 
 
 def _check_recovered(b: Broker) -> None:
     work, dlq = b.queues["work"], b.queues["dlq"]
-    assert [(qm.message.body, qm.delivery_count, qm.redelivered)
-            for qm in work.iter_messages()] == [(b"once", 1, True), (b"ready", 1, True)]
+    assert [
+        (qm.message.body, qm.delivery_count, qm.redelivered) for qm in work.iter_messages()
+    ] == [(b"once", 1, True), (b"ready", 1, True)]
     (dead,) = dlq.iter_messages()
     assert dead.message.body == b"spent" and dead.message.properties["message_id"] == "s"
     (death,) = dead.message.properties["headers"]["x-death"]
@@ -203,12 +215,19 @@ def _check_recovered(b: Broker) -> None:
 def test_recovery_dead_letters_messages_held_at_their_delivery_limit() -> None:
     r = Replay()
     r.apply(TOPOLOGY)
-    r.apply([["p", 1, ["work"], "", "work", {"message_id": "s"}, b"spent", T0],
-             ["p", 2, ["work"], "", "work", {}, b"once", T0],
-             ["p", 3, ["work"], "", "work", {}, b"ready", T0],
-             ["d", "work", [1]], ["r", "work", [1]], ["d", "work", [1]],  # 2nd, in flight
-             ["d", "work", [2]],  # 1st, in flight
-             ["d", "work", [3]], ["r", "work", [3]]])  # back, ready
+    r.apply(
+        [
+            ["p", 1, ["work"], "", "work", {"message_id": "s"}, b"spent", T0],
+            ["p", 2, ["work"], "", "work", {}, b"once", T0],
+            ["p", 3, ["work"], "", "work", {}, b"ready", T0],
+            ["d", "work", [1]],
+            ["r", "work", [1]],
+            ["d", "work", [1]],  # 2nd, in flight
+            ["d", "work", [2]],  # 1st, in flight
+            ["d", "work", [3]],
+            ["r", "work", [3]],
+        ]
+    )  # back, ready
     b = Broker(MemoryStore(), durable=True)
     r.build(b)
     _check_recovered(b)
@@ -216,15 +235,22 @@ def test_recovery_dead_letters_messages_held_at_their_delivery_limit() -> None:
 
 def test_recovery_from_snapshot_dead_letters_held_messages_at_their_limit() -> None:
     snap = {
-        "version": 2, "next_id": 4, "dedup": {},
+        "version": 2,
+        "next_id": 4,
+        "dedup": {},
         "exchanges": [["dlx", "fanout", False, {}]],
-        "queues": [["dlq", False, {}],
-                   ["work", False, {"delivery_limit": 2, "dead_letter_exchange": "dlx"}]],
+        "queues": [
+            ["dlq", False, {}],
+            ["work", False, {"delivery_limit": 2, "dead_letter_exchange": "dlx"}],
+        ],
         "bindings": [["dlx", "dlq", ""]],
         # id, delivery count, held unacked by a session
         "queue_messages": {"dlq": [], "work": [[1, 2, 1], [2, 1, 1], [3, 1, 0]]},
-        "entries": [[1, "", "work", {"message_id": "s"}, T0, b"spent"],
-                    [2, "", "work", {}, T0, b"once"], [3, "", "work", {}, T0, b"ready"]],
+        "entries": [
+            [1, "", "work", {"message_id": "s"}, T0, b"spent"],
+            [2, "", "work", {}, T0, b"once"],
+            [3, "", "work", {}, T0, b"ready"],
+        ],
     }
     r = Replay()
     r.load_snapshot(snap)

@@ -41,8 +41,7 @@ class Timer:
 class Harness:
     """One open connection's Session, with time under the test's control."""
 
-    def __init__(self, flow: FlowControl | None = None,
-                 principal: Principal | None = None) -> None:
+    def __init__(self, flow: FlowControl | None = None, principal: Principal | None = None) -> None:
         self.broker = Broker(max_message_size=1 << 20)
         if flow is not None:
             self.broker.flow = flow
@@ -86,8 +85,9 @@ class Harness:
         self.broker.pump()
 
     def publish(self, n: int, body: bytes = b"x", queue: str = "q", first_seq: int = 0) -> None:
-        self.send(PublishBatch(first_seq, [PublishEntry("", queue, {}, body, False)
-                                           for _ in range(n)]))
+        self.send(
+            PublishBatch(first_seq, [PublishEntry("", queue, {}, body, False) for _ in range(n)])
+        )
 
     def credits(self) -> list[PublishCredit]:
         out = [f for f in self.frames if isinstance(f, PublishCredit)]
@@ -194,8 +194,10 @@ def test_publishing_flat_out_at_a_rate_takes_the_expected_time() -> None:
 
 
 def test_principal_rate_overrides_the_default() -> None:
-    h = Harness(FlowControl(rate_messages=1000),
-                principal=Principal("svc", rate_messages=10, burst_messages=5))
+    h = Harness(
+        FlowControl(rate_messages=1000),
+        principal=Principal("svc", rate_messages=10, burst_messages=5),
+    )
     assert h.credits() == [PublishCredit(5, h.flow.window_bytes, "")]
     assert h.flow.rate_messages == 10
     h2 = Harness(FlowControl(rate_messages=1000), principal=Principal("free", rate_messages=0))
@@ -296,8 +298,11 @@ def test_watermarks_sample_real_values() -> None:
 def test_full_reject_publish_queue_withholds_credit_until_it_drains() -> None:
     h = Harness(FlowControl(credit_messages=20, credit_bytes=4096))
     h.credits()
-    h.send(QueueDeclare(1, "full", False, False, False, False,
-                        {"max_length": 5, "overflow": "reject-publish"}))
+    h.send(
+        QueueDeclare(
+            1, "full", False, False, False, False, {"max_length": 5, "overflow": "reject-publish"}
+        )
+    )
     h.publish(20, queue="full", first_seq=1)
     confirms = [f for f in h.frames if isinstance(f, Confirm)]
     assert any(not c.ack and c.code == 409 for c in confirms)

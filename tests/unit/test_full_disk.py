@@ -87,5 +87,7 @@ def test_groups_file_write_on_a_full_disk_leaves_no_temp_copy(tmp_path: Path) ->
             _write_atomic(path, b"x" * (1 << 20))
         assert info.value.errno == errno.ENOSPC
         assert sorted(p.name for p in mnt.iterdir() if p.name != "lost+found") == [
-            "filler", "groups"]
+            "filler",
+            "groups",
+        ]
         assert path.read_bytes() == b"old"

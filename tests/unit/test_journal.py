@@ -52,8 +52,7 @@ from conveyor.protocol import (
 
 def roundtrip(obj: Any) -> Any:
     """What the log gives back: msgpack encoded and decoded (tuples become lists)."""
-    return msgpack.unpackb(msgpack.packb(obj, use_bin_type=True), raw=False,
-                           strict_map_key=False)
+    return msgpack.unpackb(msgpack.packb(obj, use_bin_type=True), raw=False, strict_map_key=False)
 
 
 class LogStore:
@@ -127,16 +126,23 @@ class Client:
     def unbind(self, exchange: str, queue: str, key: str = "") -> None:
         assert isinstance(self.request(Unbind(self.rid(), exchange, queue, key)), Ok)
 
-    def publish(self, routing_key: str, *bodies: bytes, exchange: str = "",
-                props: dict[str, Any] | None = None) -> None:
+    def publish(
+        self,
+        routing_key: str,
+        *bodies: bytes,
+        exchange: str = "",
+        props: dict[str, Any] | None = None,
+    ) -> None:
         """Publish with confirms; asserts every one is confirmed."""
-        frames = [Publish(next(self._seq), exchange, routing_key, props or {}, b, False)
-                  for b in bodies]
+        frames = [
+            Publish(next(self._seq), exchange, routing_key, props or {}, b, False) for b in bodies
+        ]
         out = self.send(*frames)
         assert out and all(getattr(f, "ack", False) for f in out), out
 
-    def consume(self, queue: str, credit: int, *, no_ack: bool = False
-                ) -> tuple[str, list[DeliveryEntry]]:
+    def consume(
+        self, queue: str, credit: int, *, no_ack: bool = False
+    ) -> tuple[str, list[DeliveryEntry]]:
         out = self.send(Consume(self.rid(), queue, "", no_ack, False, credit, {}))
         assert isinstance(out[0], ConsumeOk), out
         return out[0].consumer_tag, entries_of(out[1:])
@@ -159,8 +165,17 @@ def entries_of(frames: list[Frame]) -> list[DeliveryEntry]:
     out: list[DeliveryEntry] = []
     for f in frames:
         if isinstance(f, Deliver):
-            out.append(DeliveryEntry(f.delivery_tag, f.redelivered, f.exchange, f.routing_key,
-                                     f.properties, f.body, f.delivery_count))
+            out.append(
+                DeliveryEntry(
+                    f.delivery_tag,
+                    f.redelivered,
+                    f.exchange,
+                    f.routing_key,
+                    f.properties,
+                    f.body,
+                    f.delivery_count,
+                )
+            )
         elif isinstance(f, DeliverBatch):
             out.extend(f.entries)
         else:
@@ -187,15 +202,27 @@ def summary(broker: Broker) -> Summary:
     """Everything a restart must reproduce, in comparable form."""
     return {
         "queues": {
-            name: {"auto_delete": q.auto_delete, "arguments": q.arguments,
-                   "messages": [(qm.message.body, qm.message.routing_key, qm.message.exchange,
-                                 qm.message.properties, qm.delivery_count, qm.redelivered)
-                                for qm in q.iter_messages()]}
+            name: {
+                "auto_delete": q.auto_delete,
+                "arguments": q.arguments,
+                "messages": [
+                    (
+                        qm.message.body,
+                        qm.message.routing_key,
+                        qm.message.exchange,
+                        qm.message.properties,
+                        qm.delivery_count,
+                        qm.redelivered,
+                    )
+                    for qm in q.iter_messages()
+                ],
+            }
             for name, q in sorted(broker.queues.items())
         },
         "exchanges": sorted((e.name, e.type, e.auto_delete) for e in broker.exchanges.values()),
-        "bindings": sorted((e.name, k, q) for e in broker.exchanges.values()
-                           for k, q in e.bindings),
+        "bindings": sorted(
+            (e.name, k, q) for e in broker.exchanges.values() for k, q in e.bindings
+        ),
         "queue_bindings": {name: sorted(q.bindings) for name, q in broker.queues.items()},
     }
 
@@ -208,8 +235,9 @@ def restart_view(broker: Broker) -> Summary:
     for name, q in broker.queues.items():
         if not q.logged:
             continue
-        held = [qm for s in broker.sessions.values() for qm, uq, _c in s.unacked.values()
-                if uq is q]
+        held = [
+            qm for s in broker.sessions.values() for qm, uq, _c in s.unacked.values() if uq is q
+        ]
         q2 = b2.declare_queue(None, name, auto_delete=q.auto_delete, arguments=q.arguments)
         for qm in sorted([*q.iter_messages(), *held], key=lambda qm: qm.message.id):
             if not qm.message.id:
@@ -219,8 +247,7 @@ def restart_view(broker: Broker) -> Summary:
             qm2.redelivered = qm.delivery_count > 0
     for e in broker.exchanges.values():
         if e.durable and not e.builtin:
-            b2.declare_exchange(e.name, e.type, auto_delete=e.auto_delete,
-                                arguments=e.arguments)
+            b2.declare_exchange(e.name, e.type, auto_delete=e.auto_delete, arguments=e.arguments)
     for e in broker.exchanges.values():
         if e.durable:
             for key, qname in e.bindings:
@@ -230,8 +257,10 @@ def restart_view(broker: Broker) -> Summary:
 
 
 def messages(broker: Broker, queue: str) -> list[tuple[bytes, int, bool]]:
-    return [(qm.message.body, qm.delivery_count, qm.redelivered)
-            for qm in broker.queues[queue].iter_messages()]
+    return [
+        (qm.message.body, qm.delivery_count, qm.redelivered)
+        for qm in broker.queues[queue].iter_messages()
+    ]
 
 
 @pytest.fixture
@@ -254,8 +283,15 @@ def c(broker: Broker) -> Client:
 
 def test_replay_commands_directly() -> None:
     r = Replay()
-    r.apply([["xd", "x", "fanout", False, {}], ["qd", "a", False, {}],
-             ["qd", "b", True, {}], ["b", "x", "a", ""], ["b", "x", "b", ""]])
+    r.apply(
+        [
+            ["xd", "x", "fanout", False, {}],
+            ["qd", "a", False, {}],
+            ["qd", "b", True, {}],
+            ["b", "x", "a", ""],
+            ["b", "x", "b", ""],
+        ]
+    )
     r.apply([["p", 1, ["a", "b"], "x", "", {}, b"one"], ["p", 2, ["a"], "x", "", {}, b"two"]])
     r.apply([["a", "a", [1]], ["d", "b", [1]], ["d", "b", [1]], ["r", "b", [1]]])
     assert r.commands == 11
@@ -273,9 +309,18 @@ def test_replay_commands_directly() -> None:
 
 def test_replay_ignores_commands_for_unknown_queues() -> None:
     r = Replay()
-    r.apply([["p", 5, ["gone"], "", "gone", {}, b"x"], ["d", "gone", [5]],
-             ["a", "gone", [5]], ["r", "gone", [5]], ["qp", "gone"], ["qr", "gone"],
-             ["xr", "nope"], ["u", "x", "q", "k"]])
+    r.apply(
+        [
+            ["p", 5, ["gone"], "", "gone", {}, b"x"],
+            ["d", "gone", [5]],
+            ["a", "gone", [5]],
+            ["r", "gone", [5]],
+            ["qp", "gone"],
+            ["qr", "gone"],
+            ["xr", "nope"],
+            ["u", "x", "q", "k"],
+        ]
+    )
     assert r.next_id == 6
     assert r.build(Broker(MemoryStore(), durable=True)) == 0
 
@@ -306,8 +351,7 @@ def test_publish_to_two_queues_then_ack_in_one(c: Client, store: LogStore) -> No
     assert summary(b2) == restart_view(c.broker)
 
 
-def test_delivered_twice_then_crash_is_redelivered_with_count(c: Client,
-                                                             store: LogStore) -> None:
+def test_delivered_twice_then_crash_is_redelivered_with_count(c: Client, store: LogStore) -> None:
     c.declare_queue("q")
     c.publish("q", b"a", b"b")
     tag, got = c.consume("q", 1)
@@ -442,8 +486,12 @@ def test_consumer_deliveries_and_connection_loss(broker: Broker, store: LogStore
     assert [e.body for e in got_b] == [b"m2"]
     b.ack(got_b[0].delivery_tag)
     before_close = replay(store.batches)
-    assert messages(before_close, "q") == [(b"m0", 1, True), (b"m1", 1, True),
-                                           (b"m3", 0, False), (b"m4", 0, False)]
+    assert messages(before_close, "q") == [
+        (b"m0", 1, True),
+        (b"m1", 1, True),
+        (b"m3", 0, False),
+        (b"m4", 0, False),
+    ]
     assert summary(before_close) == restart_view(broker)
     a.close()  # m0, m1 requeued (b has no credit left, so they stay ready)
     assert broker.queues["q"].ready == 4
@@ -465,16 +513,17 @@ def test_transient_messages_are_never_logged(c: Client, store: LogStore) -> None
         c.ack(e.delivery_tag)
     p1 = next(cmd[1] for cmd in store.commands() if cmd[0] == "p")
     # deliveries and acks of transient messages are not logged either
-    assert [cmd for cmd in store.commands() if cmd[0] in "da"] == [["d", "q", [p1]],
-                                                                     ["a", "q", [p1]]]
+    assert [cmd for cmd in store.commands() if cmd[0] in "da"] == [
+        ["d", "q", [p1]],
+        ["a", "q", [p1]],
+    ]
     c.publish("q", b"t3", props={"persistent": False})
     assert messages(replay(store.batches), "q") == []
     snap = snapshot_dict(c.broker)
     assert snap["entries"] == [] and snap["queue_messages"] == {"q": []}
 
 
-def test_non_durable_and_exclusive_queues_are_never_logged(c: Client,
-                                                           store: LogStore) -> None:
+def test_non_durable_and_exclusive_queues_are_never_logged(c: Client, store: LogStore) -> None:
     c.declare_exchange("fan", "fanout")
     c.declare_exchange("tmp", "fanout", durable=False)
     c.declare_queue("transient", durable=False)
@@ -568,8 +617,9 @@ def drive(broker: Broker) -> list[Client]:
     return [a, b, t]
 
 
-def test_snapshot_of_a_live_broker_equals_replaying_the_log(broker: Broker,
-                                                            store: LogStore) -> None:
+def test_snapshot_of_a_live_broker_equals_replaying_the_log(
+    broker: Broker, store: LogStore
+) -> None:
     drive(broker)
     broker.flush_journal()
     from_log = summary(replay(store.batches))
@@ -580,18 +630,22 @@ def test_snapshot_of_a_live_broker_equals_replaying_the_log(broker: Broker,
     # sanity: the scenario really has state in every queue
     q1 = from_log["queues"]["q1"]["messages"]
     assert [(m[0], m[4], m[5]) for m in q1] == [
-        (b"f2", 3, True), (b"f3", 1, True), (b"f4", 0, False), (b"f5", 0, False),
-        (b"f6", 0, False), (b"f7", 0, False), (b"late", 0, False)]
-    assert [m[0] for m in from_log["queues"]["q2"]["messages"]] == [b"f0", b"f1", b"f2",
-                                                                     b"late"]
+        (b"f2", 3, True),
+        (b"f3", 1, True),
+        (b"f4", 0, False),
+        (b"f5", 0, False),
+        (b"f6", 0, False),
+        (b"f7", 0, False),
+        (b"late", 0, False),
+    ]
+    assert [m[0] for m in from_log["queues"]["q2"]["messages"]] == [b"f0", b"f1", b"f2", b"late"]
     assert set(from_log["queues"]) == {"q1", "q2", "q3"}
     assert ("q3", "*.b", "amq.topic") not in from_log["bindings"]
     assert ("amq.topic", "*.b", "q3") in from_log["bindings"]
     assert snap["next_id"] == broker.next_message_id
 
 
-def test_snapshot_then_more_commands_equals_full_replay(broker: Broker,
-                                                        store: LogStore) -> None:
+def test_snapshot_then_more_commands_equals_full_replay(broker: Broker, store: LogStore) -> None:
     clients = drive(broker)
     broker.flush_journal()
     snap = roundtrip(snapshot_dict(broker))
@@ -613,7 +667,8 @@ def test_snapshot_then_more_commands_equals_full_replay(broker: Broker,
 
 
 def test_snapshot_lists_unacked_messages_with_their_delivery_counts(
-        c: Client, store: LogStore) -> None:
+    c: Client, store: LogStore
+) -> None:
     c.declare_queue("q")
     c.publish("q", b"a", b"b", b"c")
     (first,) = c.get("q")
@@ -624,15 +679,15 @@ def test_snapshot_lists_unacked_messages_with_their_delivery_counts(
     snap = snapshot_dict(c.broker)
     ids = {m[-1]: m[0] for m in snap["entries"]}
     # id, delivery count, held unacked by a session
-    assert snap["queue_messages"]["q"] == [[ids[b"a"], 2, 1], [ids[b"b"], 1, 1],
-                                           [ids[b"c"], 0, 0]]
+    assert snap["queue_messages"]["q"] == [[ids[b"a"], 2, 1], [ids[b"b"], 1, 1], [ids[b"c"], 0, 0]]
     b2 = replay([], roundtrip(snap))
     assert messages(b2, "q") == [(b"a", 2, True), (b"b", 1, True), (b"c", 0, False)]
     assert summary(b2) == summary(replay(store.batches))
 
 
 def test_snapshot_of_a_message_held_on_a_deleted_and_redeclared_queue(
-        c: Client, store: LogStore) -> None:
+    c: Client, store: LogStore
+) -> None:
     c.declare_queue("q")
     c.publish("q", b"old")
     c.get("q")  # held unacked
@@ -646,7 +701,8 @@ def test_snapshot_of_a_message_held_on_a_deleted_and_redeclared_queue(
 
 
 def test_purge_after_a_snapshot_keeps_messages_held_at_snapshot_time(
-        c: Client, store: LogStore) -> None:
+    c: Client, store: LogStore
+) -> None:
     """A message a consumer holds when the snapshot is taken is still unacked for a purge
     logged after the snapshot: the purge must not drop it (it comes back when the holder
     requeues it or its connection is lost)."""
@@ -667,10 +723,15 @@ def test_purge_after_a_snapshot_keeps_messages_held_at_snapshot_time(
 
 def test_snapshot_entries_without_the_held_flag_still_load() -> None:
     """Snapshots written before entries carried the held flag ([id, count])."""
-    snap = {"version": 1, "next_id": 3, "exchanges": [], "queues": [["q", False, {}]],
-            "bindings": [["amq.direct", "q", "k"]],
-            "entries": [[1, "", "q", {}, b"a"], [2, "", "q", {}, b"b"]],
-            "queue_messages": {"q": [[1, 1], [2, 0]]}}
+    snap = {
+        "version": 1,
+        "next_id": 3,
+        "exchanges": [],
+        "queues": [["q", False, {}]],
+        "bindings": [["amq.direct", "q", "k"]],
+        "entries": [[1, "", "q", {}, b"a"], [2, "", "q", {}, b"b"]],
+        "queue_messages": {"q": [[1, 1], [2, 0]]},
+    }
     b = replay([], snap)
     assert messages(b, "q") == [(b"a", 1, True), (b"b", 0, False)]
     assert b.next_message_id == 3

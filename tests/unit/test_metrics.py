@@ -162,36 +162,44 @@ def test_monitoring_files_use_exported_metric_names(tmp_path: Path) -> None:
     else:
         doc = yaml.safe_load(alerts)
         exprs = [r["expr"] for g in doc["groups"] for r in g["rules"]]
-        assert all(r.get("alert") and r.get("annotations") for g in doc["groups"]
-                   for r in g["rules"])
+        assert all(
+            r.get("alert") and r.get("annotations") for g in doc["groups"] for r in g["rules"]
+        )
     assert len(exprs) >= 5
     dash = json.loads((ROOT / "monitoring" / "grafana-dashboard.json").read_text())
     assert dash["panels"] and dash["title"]
     targets = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    targets += [v["query"]["query"] for v in dash["templating"]["list"]
-                if isinstance(v.get("query"), dict)]
+    targets += [
+        v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)
+    ]
     used: set[str] = set()
     for expr in exprs + targets:
         used |= set(re.findall(r"\b(conveyor_[a-z0-9_]+)", expr))
     unknown = sorted(used - names)
     assert not unknown, f"not exported by broker.metrics: {unknown}"
     # the alert rules cover what the runbook promises
-    for must in ("conveyor_queue_messages_ready", "conveyor_queue_consumer_lag_seconds",
-                 "conveyor_queue_consumers", "conveyor_resource_alarm",
-                 "conveyor_publishers_blocked", "conveyor_wal_fsync_duration_seconds_bucket"):
+    for must in (
+        "conveyor_queue_messages_ready",
+        "conveyor_queue_consumer_lag_seconds",
+        "conveyor_queue_consumers",
+        "conveyor_resource_alarm",
+        "conveyor_publishers_blocked",
+        "conveyor_wal_fsync_duration_seconds_bucket",
+    ):
         assert must in " ".join(exprs), must
 
 
-def test_slow_consumer_logged_once_then_rate_limited(
-        caplog: pytest.LogCaptureFixture) -> None:
+def test_slow_consumer_logged_once_then_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     b, _now = _broker()
     c = Conn(b)
     c.declare_queue("slowq")
     t = [0.0]
     watch = SlowConsumers(b, stall_seconds=5, repeat_seconds=60, clock=lambda: t[0])
     tag, _frames = c.consume("slowq", credit=1)
-    c.send(Publish(0, "", "slowq", {}, b"1", False),  # delivered: credit 0
-           *[Publish(0, "", "slowq", {}, b"w", False)] * 2)  # wait
+    c.send(
+        Publish(0, "", "slowq", {}, b"1", False),  # delivered: credit 0
+        *[Publish(0, "", "slowq", {}, b"w", False)] * 2,
+    )  # wait
     caplog.set_level(logging.INFO, "conveyor.consumers")
     assert watch.check() == []
     t[0] = 6
@@ -209,12 +217,17 @@ def test_slow_consumer_logged_once_then_rate_limited(
 
 
 def test_json_formatter_fields() -> None:
-    rec = logging.LogRecord("conveyor.server", logging.INFO, __file__, 1,
-                            "connection %s open", ("c-1",), None)
+    rec = logging.LogRecord(
+        "conveyor.server", logging.INFO, __file__, 1, "connection %s open", ("c-1",), None
+    )
     rec.event = "connection.open"
     rec.peer = "127.0.0.1:1"
     line = json.loads(JsonFormatter().format(rec))
     assert line["msg"] == "connection c-1 open"
     assert (line["level"], line["logger"], line["event"], line["peer"]) == (
-        "INFO", "conveyor.server", "connection.open", "127.0.0.1:1")
+        "INFO",
+        "conveyor.server",
+        "connection.open",
+        "127.0.0.1:1",
+    )
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])

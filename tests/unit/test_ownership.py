@@ -40,8 +40,12 @@ def violations(source: str, rel: str) -> list[str]:
         v = n.value
         if isinstance(v, ast.Name) and (v.id in ("self", "cls") or v.id in classes):
             continue
-        if isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "super" \
-                and not v.args:
+        if (
+            isinstance(v, ast.Call)
+            and isinstance(v.func, ast.Name)
+            and v.func.id == "super"
+            and not v.args
+        ):
             continue
         line = lines[n.lineno - 1]
         if MARK in line and line.split(MARK, 1)[1].strip():
@@ -56,20 +60,28 @@ def _where(v: str) -> tuple[str, int]:
 
 
 def _sources() -> list[tuple[str, str]]:
-    return [(p.relative_to(ROOT).as_posix(), p.read_text())
-            for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
+    return [
+        (p.relative_to(ROOT).as_posix(), p.read_text())
+        for pkg in PACKAGES
+        for p in sorted((ROOT / pkg).rglob("*.py"))
+    ]
 
 
 def test_no_module_uses_another_objects_underscore_attributes() -> None:
     found = [v for rel, src in _sources() for v in violations(src, rel)]
     assert not found, (
         f"{len(found)} access(es) to another object's underscore attribute "
-        "(add a method or property to the owner):\n" + "\n".join(sorted(found, key=_where)))
+        "(add a method or property to the owner):\n" + "\n".join(sorted(found, key=_where))
+    )
 
 
 def test_owner_ok_marks_are_few_and_say_why() -> None:
-    marks = [(rel, i + 1, ln) for rel, src in _sources()
-             for i, ln in enumerate(src.splitlines()) if MARK in ln]
+    marks = [
+        (rel, i + 1, ln)
+        for rel, src in _sources()
+        for i, ln in enumerate(src.splitlines())
+        if MARK in ln
+    ]
     for rel, no, ln in marks:
         assert ln.split(MARK, 1)[1].strip(), f"{rel}:{no}: {MARK} without a reason"
     assert len(marks) <= MAX_MARKS, "\n".join(f"{r}:{n}: {ln.strip()}" for r, n, ln in marks)
@@ -81,18 +93,23 @@ def test_the_check_can_fail() -> None:
         "    x = 1\n"
         "class A:\n"
         "    def f(self, other):\n"
-        "        self._a = other._b\n"            # line 5: other._b
+        "        self._a = other._b\n"  # line 5: other._b
         "        cls = type(self); cls._c\n"
         "        super()._d\n"
         "        _Local._e\n"
-        "        self.conn._f\n"                   # line 9: self.conn._f
+        "        self.conn._f\n"  # line 9: self.conn._f
         "        other.__dict__\n"
-        "        other.__mangled\n"                # line 11
+        "        other.__mangled\n"  # line 11
         "        other._g  # owner-ok: a reason\n"
-        "        other._h  # owner-ok:\n"          # line 13: no reason given
-        "        Imported._i\n"                    # line 14
-        "        f()._j\n"                         # line 15
+        "        other._h  # owner-ok:\n"  # line 13: no reason given
+        "        Imported._i\n"  # line 14
+        "        f()._j\n"  # line 15
     )
     assert violations(src, "m.py") == [
-        "m.py:5:other._b", "m.py:9:self.conn._f", "m.py:11:other.__mangled",
-        "m.py:13:other._h", "m.py:14:Imported._i", "m.py:15:f()._j"]
+        "m.py:5:other._b",
+        "m.py:9:self.conn._f",
+        "m.py:11:other.__mangled",
+        "m.py:13:other._h",
+        "m.py:14:Imported._i",
+        "m.py:15:f()._j",
+    ]

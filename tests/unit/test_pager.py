@@ -95,8 +95,7 @@ def test_purge_releases_the_budget(pager: Pager) -> None:
     assert pager.resident == 0 and q.ready == 0
 
 
-def test_snapshot_streams_paged_bodies_and_replay_pages_again(tmp_path: Path,
-                                                              pager: Pager) -> None:
+def test_snapshot_streams_paged_bodies_and_replay_pages_again(tmp_path: Path, pager: Pager) -> None:
     broker = Broker(pager=pager, durable=True)
     broker.declare_queue(None, "q")
     for i in range(500):
@@ -119,8 +118,9 @@ def test_snapshot_streams_paged_bodies_and_replay_pages_again(tmp_path: Path,
 
 
 def test_damaged_or_incomplete_snapshot_is_refused(tmp_path: Path) -> None:
-    path, size = write_snapshot(tmp_path, 1, {"next_id": 1},
-                                ([i, "", "q", {}, body(i)] for i in range(100)))
+    path, size = write_snapshot(
+        tmp_path, 1, {"next_id": 1}, ([i, "", "q", {}, body(i)] for i in range(100))
+    )
     data = path.read_bytes()
     path.write_bytes(data[: size - 5])  # no end record
     with pytest.raises(ValueError):
@@ -136,8 +136,9 @@ def test_headers_are_paged_with_the_body_and_come_back(tmp_path: Path, pager: Pa
     """Messages whose headers are most of their size: paged messages hold no headers in
     memory, and delivery, dead-lettering and snapshots (then replay) see them whole."""
     broker = Broker(pager=pager, durable=True)
-    broker.declare_queue(None, "q", arguments={"dead_letter_exchange": "",
-                                               "dead_letter_routing_key": "dlq"})
+    broker.declare_queue(
+        None, "q", arguments={"dead_letter_exchange": "", "dead_letter_routing_key": "dlq"}
+    )
     broker.declare_queue(None, "dlq")
 
     def headers(i: int) -> dict[str, object]:
@@ -165,8 +166,10 @@ def test_headers_are_paged_with_the_body_and_come_back(tmp_path: Path, pager: Pa
     assert q.remove(tail)
     broker.dead_letter(q, [tail], "expired")
     dead = broker.queues["dlq"].take(1)[0].message
-    assert dead.properties["headers"]["blob"] == b"h" * 2000 and "x-death" in dead.properties[
-        "headers"]
+    assert (
+        dead.properties["headers"]["blob"] == b"h" * 2000
+        and "x-death" in dead.properties["headers"]
+    )
     # A snapshot taken while they were paged has every header.
     pager2 = Pager(tmp_path / "pages2", BUDGET)
     replay = Replay(pager=pager2)

@@ -37,7 +37,8 @@ def test_ring_before_it_is_full() -> None:
 
 
 def test_stats_history_per_queue_is_bounded_in_queues_and_follows_deletes(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A queue gets a row the first time the sampler sees it, rows every interval after
     that, at most HISTORY_QUEUES queues have a history, and a deleted queue's goes."""
     monkeypatch.setattr(stats_mod, "HISTORY_QUEUES", 2)

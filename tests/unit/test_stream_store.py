@@ -20,8 +20,10 @@ from conveyor.protocol import InvalidArgument
 
 
 def _items(n: int, start_ts: int = 1000, size: int = 100) -> list[tuple[Any, ...]]:
-    return [(start_ts + i, "ex", f"k{i}", {"headers": {"i": i}}, bytes([i % 256]) * size)
-            for i in range(n)]
+    return [
+        (start_ts + i, "ex", f"k{i}", {"headers": {"i": i}}, bytes([i % 256]) * size)
+        for i in range(n)
+    ]
 
 
 def _log(tmp_path: Path, **kw: Any) -> StreamLog:
@@ -73,7 +75,7 @@ def test_seek_by_timestamp(tmp_path: Path) -> None:
     assert slog.seek_time(10_000 + 10 * 250) == 250
     assert slog.seek_time(10_000 + 10 * 250 - 5) == 250
     assert slog.seek_time(10_000 + 10 * 399) == 399
-    assert slog.seek_time(10 ** 9) == 400  # after the newest: the head
+    assert slog.seek_time(10**9) == 400  # after the newest: the head
 
 
 def test_torn_tail_is_truncated(tmp_path: Path) -> None:
@@ -160,6 +162,7 @@ def _deliver(out: list[tuple[Consumer, list[QueuedMessage]]]) -> Any:
     def deliver(c: Consumer, batch: list[QueuedMessage]) -> None:
         c.credit  # noqa: B018
         out.append((c, batch))
+
     return deliver
 
 
@@ -236,7 +239,7 @@ def _record_starts(path: Path) -> list[int]:
     out, pos = [], 0
     while pos < len(data):
         out.append(pos)
-        pos += 8 + int.from_bytes(data[pos:pos + 4], "big")
+        pos += 8 + int.from_bytes(data[pos : pos + 4], "big")
     return out
 
 
@@ -258,7 +261,8 @@ NOT_A_RECORD = {
 
 @pytest.mark.parametrize("tail", NOT_A_RECORD.values(), ids=NOT_A_RECORD.keys())
 def test_bytes_that_are_no_record_after_the_last_one_are_cut_and_kept(
-        tmp_path: Path, tail: bytes) -> None:
+    tmp_path: Path, tail: bytes
+) -> None:
     slog = _filled(tmp_path)
     path = slog.segments[-1].path
     good = path.stat().st_size
@@ -274,7 +278,8 @@ def test_bytes_that_are_no_record_after_the_last_one_are_cut_and_kept(
 
 @pytest.mark.parametrize("where", ["newest", "older"])
 def test_flipped_length_byte_refuses_then_repair_keeps_everything(
-        tmp_path: Path, where: str) -> None:
+    tmp_path: Path, where: str
+) -> None:
     slog = _filled(tmp_path)
     assert len(slog.segments) >= 2
     path = slog.segments[-1 if where == "newest" else 0].path
@@ -298,8 +303,7 @@ def test_flipped_length_byte_refuses_then_repair_keeps_everything(
     assert _all_offsets(_log(tmp_path, segment_bytes=64 << 10)) == list(range(1000))
 
 
-def test_damage_in_an_older_segment_refuses_instead_of_skipping_offsets(
-        tmp_path: Path) -> None:
+def test_damage_in_an_older_segment_refuses_instead_of_skipping_offsets(tmp_path: Path) -> None:
     """Damage early in an older segment (before its last index hint) is found on open:
     no reader silently skips the rest of that segment."""
     slog = _filled(tmp_path)
@@ -379,5 +383,5 @@ def test_any_flipped_byte_is_refused_or_cut_aside_never_lost(tmp_path: Path) -> 
             assert victim == len(starts) - 1, at
             assert _all_offsets(again) == list(range(149))
             torn = path.with_name(f"{path.name}.{starts[victim]}.torn")
-            assert torn.read_bytes() == bytes(damaged[starts[victim]:])
+            assert torn.read_bytes() == bytes(damaged[starts[victim] :])
             again.close()

@@ -67,7 +67,8 @@ def test_http_publishes_draw_from_the_subject_bucket() -> None:
 
 def test_connection_subject_with_a_local_user() -> None:
     assert connection_subject("anonymous", True, "127.0.0.1", 1000) == (
-        "anonymous@127.0.0.1/uid:1000")
+        "anonymous@127.0.0.1/uid:1000"
+    )
     assert connection_subject("svc", False, "127.0.0.1", 1000) == "svc"
 
 

@@ -467,8 +467,7 @@ def test_wildcard_runs_normalise_to_one_path() -> None:
     import random
 
     rng = random.Random(3)
-    patterns = {".".join(rng.choice("*#") for _ in range(rng.randint(1, 16)))
-                for _ in range(3000)}
+    patterns = {".".join(rng.choice("*#") for _ in range(rng.randint(1, 16))) for _ in range(3000)}
     for p in patterns:
         trie.add(p, "q")
     assert len(trie) == len(patterns)
@@ -482,9 +481,10 @@ def test_wildcard_runs_normalise_to_one_path() -> None:
     assert len(trie) == 0 and _node_count(trie) == 0
 
 
-@given(bindings=st.lists(st.lists(st.sampled_from(["*", "#", "a", "b"]), max_size=8),
-                         max_size=12),
-       key=st.lists(st.sampled_from(["a", "b", "*"]), max_size=10))
+@given(
+    bindings=st.lists(st.lists(st.sampled_from(["*", "#", "a", "b"]), max_size=8), max_size=12),
+    key=st.lists(st.sampled_from(["a", "b", "*"]), max_size=10),
+)
 @settings(max_examples=300, deadline=None)
 def test_wildcard_heavy_trie_agrees(bindings: list[list[str]], key: list[str]) -> None:
     trie: TopicTrie[int] = TopicTrie()

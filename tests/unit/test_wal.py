@@ -126,8 +126,9 @@ async def test_append_commit_recover_in_order(tmp_path: Path, fsync: str) -> Non
         assert await commit(store) is None
         assert store.records_written == 19
         # the callback means written: a reader sees the records before close()
-        assert ids_of([c for _, c in iter_segment(tmp_path / seg_name(1), last=True)]) \
-            == list(range(1, 20))
+        assert ids_of([c for _, c in iter_segment(tmp_path / seg_name(1), last=True)]) == list(
+            range(1, 20)
+        )
     finally:
         store.close()
     rec = recover(tmp_path)
@@ -158,7 +159,8 @@ async def test_write_through_writes_at_once_and_commit_still_syncs(tmp_path: Pat
         store.write_through()
         assert seg.stat().st_size > 0 and store.fsyncs == 0
         assert [r for _off, recs in iter_segment(seg, last=True) for r in recs] == [
-            list(r) for r in batch(1)]
+            list(r) for r in batch(1)
+        ]
         assert await commit(store) is None
         assert store.fsyncs == 1
         # while the writer thread syncs a batch, write_through writes after it, in order
@@ -207,9 +209,9 @@ async def test_close_writes_pending_records(tmp_path: Path) -> None:
     assert isinstance(got[-1], ConnectionError)
 
 
-
 async def test_close_waits_for_a_write_in_flight_and_writes_the_rest(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Shutdown while the writer thread is in a (slow) fdatasync: close() must not close
     the file under it, and must still write what was appended meanwhile."""
     store = WalStore(tmp_path, 1, fsync="always")
@@ -234,6 +236,7 @@ async def test_close_waits_for_a_write_in_flight_and_writes_the_rest(
     assert await first is None
     monkeypatch.undo()
     assert recover(tmp_path).records == [batch(1), batch(2)]
+
 
 async def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
     store = WalStore(tmp_path, 1, fsync="always")
@@ -271,7 +274,8 @@ async def test_group_commit_batches_commits_arriving_during_a_sync(tmp_path: Pat
 
     try:
         results = await asyncio.wait_for(
-            asyncio.gather(*(publisher(k) for k in range(1, n + 1))), WAIT * 2)
+            asyncio.gather(*(publisher(k) for k in range(1, n + 1))), WAIT * 2
+        )
         assert results == [None] * n
         assert store.fsyncs < n
     finally:
@@ -344,9 +348,13 @@ async def test_delete_segments_before(tmp_path: Path) -> None:
 
 
 def test_snapshot_round_trip(tmp_path: Path) -> None:
-    state = {"version": 1, "next_id": 9, "queues": [["q", False, {}]],
-             "messages": [[1, "", "q", {"persistent": True}, b"\x00\xffbody"]],
-             "queue_messages": {"q": [[1, 2]]}}
+    state = {
+        "version": 1,
+        "next_id": 9,
+        "queues": [["q", False, {}]],
+        "messages": [[1, "", "q", {"persistent": True}, b"\x00\xffbody"]],
+        "queue_messages": {"q": [[1, 2]]},
+    }
     path, size = write_snapshot(tmp_path, 7, state)
     assert path == tmp_path / snap_name(7)
     assert size == path.stat().st_size
@@ -474,7 +482,8 @@ NOT_A_RECORD = {
 
 @pytest.mark.parametrize("tail", NOT_A_RECORD.values(), ids=NOT_A_RECORD.keys())
 def test_bytes_that_are_no_record_after_the_last_one_are_a_torn_tail(
-        tmp_path: Path, tail: bytes) -> None:
+    tmp_path: Path, tail: bytes
+) -> None:
     path = write_segment(tmp_path, 1, list(range(1, 31)), tail)
     good = path.stat().st_size - len(tail)
     rec = recover(tmp_path)
@@ -499,7 +508,7 @@ def lengthen(path: Path, off: int, by: int) -> None:
     """Add ``by`` to the length field of the record at ``off`` (a flipped length byte)."""
     data = bytearray(path.read_bytes())
     length = HEADER.unpack_from(data, off)[0]
-    data[off:off + 4] = (length + by).to_bytes(4, "big")
+    data[off : off + 4] = (length + by).to_bytes(4, "big")
     path.write_bytes(bytes(data))
 
 
@@ -531,7 +540,7 @@ def test_repair_drops_a_damaged_span_and_keeps_what_follows(tmp_path: Path) -> N
     path = write_segment(tmp_path, 1, list(range(1, 11)))
     offs = offsets(path)
     data = bytearray(path.read_bytes())
-    data[offs[3]: offs[5]] = garbage(offs[5] - offs[3])  # records 4 and 5 overwritten
+    data[offs[3] : offs[5]] = garbage(offs[5] - offs[3])  # records 4 and 5 overwritten
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptLog) as info:
         recover(tmp_path)
@@ -543,7 +552,8 @@ def test_repair_drops_a_damaged_span_and_keeps_what_follows(tmp_path: Path) -> N
 
 
 def test_checksum_valid_record_of_unknown_type_at_the_end_is_not_a_torn_tail(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """A record whose checksum is right was written whole: not a crash mid-write."""
     write_segment(tmp_path, 1, [1, 2], frame_record(b"\x90", rtype=99))
     with pytest.raises(CorruptLog) as info:
@@ -699,7 +709,8 @@ class FailingWrite:
 
 @pytest.mark.parametrize("fsync", ["always", "interval", "never"])
 async def test_write_error_fails_commit_truncates_and_retries(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: str) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: str
+) -> None:
     store = WalStore(tmp_path, 1, fsync=fsync, interval_ms=10)
     seg = tmp_path / seg_name(1)
     try:
@@ -732,7 +743,8 @@ async def test_write_error_fails_commit_truncates_and_retries(
 
 
 async def test_write_error_retry_without_new_commits(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = WalStore(tmp_path, 1, fsync="always")
     try:
         fake = FailingWrite(wal.os.write, store._fd)
@@ -752,7 +764,8 @@ async def test_write_error_retry_without_new_commits(
 
 
 async def test_write_error_persisting_keeps_failing_until_cleared(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = WalStore(tmp_path, 1, fsync="never")
     calls = 0
     real = wal.os.write
@@ -783,7 +796,8 @@ async def test_write_error_persisting_keeps_failing_until_cleared(
 
 
 async def test_write_error_in_a_batch_spanning_a_rotation_writes_nothing_twice(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The first segment's part of a batch is written, the next segment's write fails:
     the retry must not write the first part again (duplicate records would replay
     deliveries and publishes twice)."""
@@ -817,7 +831,8 @@ async def test_write_error_in_a_batch_spanning_a_rotation_writes_nothing_twice(
 
 
 async def test_failure_opening_the_next_segment_leaves_the_store_usable(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = WalStore(tmp_path, 1, fsync="always")
     real_open = wal.os.open
     failures = []
@@ -852,13 +867,16 @@ async def test_failure_opening_the_next_segment_leaves_the_store_usable(
 def test_repaired_state_survives_the_next_restart(tmp_path: Path) -> None:
     """--repair replays the valid records of a quarantined segment; that state must be made
     durable, since the next start no longer reads the *.corrupt file."""
+
     def pub(i: int) -> list[list[Any]]:
         return [["p", i, ["q"], "", "q", {}, f"m{i}".encode()]]
 
     wal_dir = tmp_path / "wal"
     wal_dir.mkdir()
-    framed = [frame_record(msgpack.packb(b, use_bin_type=True))
-              for b in ([["qd", "q", False, {}]], pub(1), pub(2), pub(3))]
+    framed = [
+        frame_record(msgpack.packb(b, use_bin_type=True))
+        for b in ([["qd", "q", False, {}]], pub(1), pub(2), pub(3))
+    ]
     seg1 = wal_dir / seg_name(1)
     seg1.write_bytes(b"".join(framed))
     (wal_dir / seg_name(2)).write_bytes(frame_record(msgpack.packb(pub(4))))
@@ -911,9 +929,12 @@ def pub(i: int) -> list[list[Any]]:
 
 def queue_log(wal_dir: Path, ids: list[int]) -> None:
     wal_dir.mkdir(parents=True, exist_ok=True)
-    (wal_dir / seg_name(1)).write_bytes(b"".join(
-        frame_record(msgpack.packb(b, use_bin_type=True))
-        for b in ([["qd", "q", False, {}]], *(pub(i) for i in ids))))
+    (wal_dir / seg_name(1)).write_bytes(
+        b"".join(
+            frame_record(msgpack.packb(b, use_bin_type=True))
+            for b in ([["qd", "q", False, {}]], *(pub(i) for i in ids))
+        )
+    )
 
 
 def open_bodies(data_dir: Path, repair: bool = False) -> list[bytes]:
@@ -948,7 +969,8 @@ async def test_snapshots_keep_the_previous_generation(tmp_path: Path) -> None:
 
 
 async def test_a_snapshot_that_does_not_read_back_deletes_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     wal_dir = tmp_path / "wal"
     queue_log(wal_dir, [1, 2])
     d = Durability(Config(data_dir=str(tmp_path)))
@@ -974,12 +996,18 @@ async def test_a_snapshot_that_does_not_read_back_deletes_nothing(
 
 
 def test_damaged_snapshot_without_a_fallback_refuses_then_repair_rebuilds(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A data directory whose previous generation is gone: startup refuses; --repair keeps
     the snapshot's head and every entries record that checks out, and says what was lost."""
     monkeypatch.setattr(wal, "SNAP_CHUNK_BYTES", 200)
-    head = {"next_id": 31, "exchanges": [], "bindings": [], "queues": [["q", False, {}]],
-            "queue_messages": {"q": [[i, 0] for i in range(1, 31)]}}
+    head = {
+        "next_id": 31,
+        "exchanges": [],
+        "bindings": [],
+        "queues": [["q", False, {}]],
+        "queue_messages": {"q": [[i, 0] for i in range(1, 31)]},
+    }
     entries = [[i, "", "q", {}, 0, f"m{i}".encode() * 10] for i in range(1, 31)]
     write_segment(tmp_path / "wal", 5, [])
     path, _ = write_snapshot(tmp_path / "wal", 5, head, entries)
@@ -993,8 +1021,9 @@ def test_damaged_snapshot_without_a_fallback_refuses_then_repair_rebuilds(
 
     bodies = open_bodies(tmp_path, repair=True)
     assert 0 < len(bodies) < 30
-    assert bodies == [f"m{i}".encode() * 10 for i in range(1, 31)
-                      if f"m{i}".encode() * 10 in bodies]
+    assert bodies == [
+        f"m{i}".encode() * 10 for i in range(1, 31) if f"m{i}".encode() * 10 in bodies
+    ]
     assert (tmp_path / "wal" / (path.stem + ".corrupt")).read_bytes() == before[path.name]
     assert open_bodies(tmp_path) == bodies  # the repaired state was snapshotted
 
@@ -1046,9 +1075,10 @@ def test_any_flipped_byte_is_refused_or_cut_aside_never_lost(tmp_path: Path, see
             assert exc.offset == starts[victim] and victim < len(ids) - 1, (at, exc)
             assert path.read_bytes() == bytes(damaged)
             got = ids_of(recover(d, repair=True).records)
-            assert got in (ids, ids[:victim] + ids[victim + 1:]), (at, got)
+            assert got in (ids, ids[:victim] + ids[victim + 1 :]), (at, got)
         else:
             assert victim == len(ids) - 1, at  # only the last record can be a torn tail
             assert ids_of(rec.records) == ids[:-1]
-            assert torn_files(d) == {f"{path.name}.{starts[victim]}.torn":
-                                     bytes(damaged[starts[victim]:])}
+            assert torn_files(d) == {
+                f"{path.name}.{starts[victim]}.torn": bytes(damaged[starts[victim] :])
+            }
