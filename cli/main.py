@@ -150,7 +150,7 @@ def cli() -> None:
     "--fsync",
     default=None,
     type=click.Choice(["always", "interval", "never"]),
-    help="When confirmed messages reach the disk [always]; see README.",
+    help="When confirmed messages reach the disk [always]; see docs/durability.md.",
 )
 @click.option("--fsync-interval-ms", type=int, default=None, help="For --fsync interval [100].")
 @click.option(
@@ -176,7 +176,7 @@ def cli() -> None:
     default=None,
     help="Start even if a log or stream segment or a snapshot is corrupt: keep "
     "every valid record, drop the damaged ones (originals kept as "
-    "*.corrupt) and log what was dropped; see README, Durability.",
+    "*.corrupt) and log what was dropped; see docs/durability.md.",
 )
 @limit_options
 @flow_options
