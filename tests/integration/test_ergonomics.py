@@ -184,6 +184,7 @@ async def test_unknown_publish_keyword_is_still_a_runtime_error(conn: client.Con
 
 SNIPPET = """
 from conveyor import client
+
 async def main(conn: client.Connection, m: client.Message) -> None:
     await conn.publish("", "q", b"x", correlation_id="c", headers={"a": 1}, ttl=5)
     conn.publish_nowait("", "q", b"x", priority=3)
