@@ -19,6 +19,7 @@ import msgpack
 
 from conveyor.broker import commands
 from conveyor.broker.auth import ANONYMOUS, Principal
+from conveyor.broker.confirms import Confirms
 from conveyor.broker.core import Broker
 from conveyor.broker.deliveries import Deliveries, Unacked
 from conveyor.broker.flow import PublisherFlow
@@ -135,8 +136,8 @@ class Session:
         self.max_message_size = max(
             0, min(broker.max_message_size, max_frame_size - MESSAGE_FRAME_OVERHEAD)
         )
-        # Highest publish sequence number used so far: numbers must increase.
-        self._last_seq = 0
+        # Sequence checks, confirm ranges and nacks; CONFIRMs after the group commit.
+        self.confirms = Confirms(broker, self)
         # Set by the transport: closes this connection only, after a failure in flush.
         self.on_failure: Callable[[BaseException], None] | None = None
         # OPEN_OK negotiated zstd: DELIVER_BATCH frames over 1 KiB go out COMPRESSED.
@@ -154,9 +155,6 @@ class Session:
         self.deliveries = Deliveries()
         self.exclusive_queues: set[str] = set()
         self._ctag = 0
-        self._confirms: list[list[Any]] = []
-        self._conf_first = 0
-        self._conf_last = 0
         self.closed = False
         # AUTH.client_properties.connection_name (connection_name()): shown in logs and LIST.
         self.name = ""
@@ -373,21 +371,9 @@ class Session:
         self.out.extend([compress_frame(f) for f in frames] if self.compress else frames)
 
     # ------------------------------------------------------------------ publish
-    def _check_seq(self, frame: str, first: int, n: int) -> None:
-        """Sequence numbers strictly increase on a connection (spec/PROTOCOL.md 12): a
-        number at or below one already used is refused whole (400, rid 0), so a
-        publisher never gets a CONFIRM that goes backwards."""
-        if first <= self._last_seq:
-            raise InvalidArgument(
-                f"{frame}: sequence number {first} is not above the last one used, "
-                f"{self._last_seq}; nothing published",
-                {"frame": frame, "seq": first, "last_seq": self._last_seq},
-            )
-        self._last_seq = first + n - 1
-
     def _on_publish(self, f: Publish) -> None:
         if f.seq:
-            self._check_seq("publish", f.seq, 1)
+            self.confirms.check_seq("publish", f.seq, 1)
         self.published_bytes += len(f.body)
         self._publish(f.seq, f.exchange, f.routing_key, f.properties, f.body, f.mandatory)
 
@@ -398,7 +384,7 @@ class Session:
             raise _empty("publish_batch", "entries", seq)
         check_seq_range(seq, len(entries))  # 501 if the seqs pass 2^64-1
         if seq:
-            self._check_seq("publish_batch", seq, len(entries))
+            self.confirms.check_seq("publish_batch", seq, len(entries))
         self.published_bytes += sum([len(e.body) for e in entries])
         broker = self.broker
         if (
@@ -423,7 +409,7 @@ class Session:
             raise _empty("publish_run", "bodies", seq)
         check_seq_range(seq, len(bodies), "publish_run")
         if seq:
-            self._check_seq("publish_run", seq, len(bodies))
+            self.confirms.check_seq("publish_run", seq, len(bodies))
         self.published_bytes += sum(map(len, bodies))
         broker = self.broker
         props = f.properties
@@ -514,13 +500,7 @@ class Session:
         elif targets:
             self.broker.enqueue_many(run, targets, self._now)
         if first:
-            last = first + len(run) - 1
-            if first == self._conf_last + 1 and self._conf_first:
-                self._conf_last = last
-            else:
-                self._close_range()
-                self._conf_first = first
-                self._conf_last = last
+            self.confirms.ack(first, first + len(run) - 1)
 
     def _publish(
         self,
@@ -556,7 +536,7 @@ class Session:
                 broker.check_capacity(targets, size, properties.get("message_id"))
         except RequestError as exc:
             if seq:
-                self._nack(seq, exc)
+                self.confirms.nack(seq, exc)
             else:
                 self.send(Error(0, exc.code, exc.message, exc.details))
                 broker.count_error(exc.code)
@@ -567,50 +547,15 @@ class Session:
                 encode(Return(seq, 312, "no route", exchange, routing_key, properties, body))
             )
         if seq:
-            if seq == self._conf_last + 1 and self._conf_first:
-                self._conf_last = seq
-            else:
-                self._close_range()
-                self._conf_first = self._conf_last = seq
-
-    def _close_range(self) -> None:
-        if self._conf_first:
-            self._confirms.append([self._conf_first, self._conf_last, True, 0, ""])
-            self._conf_first = 0
-
-    def _nack(self, seq: int, exc: ConveyorError) -> None:
-        self.broker.count_error(exc.code, nack=True)
-        self._close_range()
-        self._confirms.append([seq, seq, False, exc.code, exc.message])
-        self._conf_last = seq
+            self.confirms.ack(seq, seq)
 
     def _end_batch(self) -> None:
-        """Confirms wait until the batch's log records are durable (group commit)."""
-        self._close_range()
-        self.broker.flush_journal()
-        if self._confirms:
-            confirms = self._confirms
-            self._confirms = []
-            self.broker.commit(lambda err: self._send_confirms(confirms, err))
+        """Confirms wait for the batch's log records (Confirms.end_batch); publish credit
+        is topped up once per batch."""
+        self.confirms.end_batch()
         flow = self.flow
         if flow.active and flow.seen != self.published:
             flow.after_batch()  # top up publish credit, or hold reading if overdrawn
-
-    def _send_confirms(self, confirms: list[list[Any]], err: BaseException | None) -> None:
-        if self.closed:
-            return
-        if err is not None:
-            # Not on disk: every ack in this batch becomes a nack the publisher can retry.
-            why = f"could not store the message: {err}"
-            self.broker.count_error(
-                ResourceError.code, nack=True, n=sum([c[1] - c[0] + 1 for c in confirms if c[2]])
-            )
-            confirms = [
-                [c[0], c[1], False, ResourceError.code, why] if c[2] else c for c in confirms
-            ]
-        self.out.extend([encode_fields(_CONFIRM, c) for c in confirms])
-        self.broker.mark_session(self)
-        self.broker.pump_soon()
 
     # ------------------------------------------------------------------ delivery
     def deliver(self, consumer: Consumer, batch: list[QueuedMessage]) -> None:
